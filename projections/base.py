@@ -1,0 +1,53 @@
+"""The shape every projection module fills in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from orderstream.readstore.base import CollectionSchema, Document
+
+
+class ProjectedEvent(Protocol):
+    """What a projection sees of an event: its type, its data as a dict at the
+    current schema version, and where it sits."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def stream(self) -> str: ...
+
+    @property
+    def revision(self) -> int: ...
+
+    @property
+    def position(self) -> int: ...
+
+    @property
+    def data(self) -> Mapping[str, Any]: ...
+
+    @property
+    def recorded_at_iso(self) -> str: ...
+
+
+class Projection(Protocol):
+    @property
+    def schema(self) -> CollectionSchema: ...
+
+    @property
+    def handles(self) -> frozenset[str]:
+        """Event type names this projection folds."""
+        ...
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """Stream categories it subscribes to."""
+        ...
+
+    def document_id(self, event: ProjectedEvent) -> str: ...
+
+    def fold(self, document: Document | None, event: ProjectedEvent) -> Document | None:
+        """The new document, or ``None`` to delete it. Must be pure and must not
+        mutate ``document``."""
+        ...

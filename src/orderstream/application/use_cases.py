@@ -1,0 +1,154 @@
+"""The write side's use cases, in the language of the business.
+
+Each method builds a domain command (filling in ``now`` and the ids), and
+hands it to the one :class:`CommandHandler`. The API and the saga activities
+call these and nothing lower.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from orderstream.application.commands import CommandContext, CommandHandler, CommandResult
+from orderstream.domain import inventory, orders, payments
+from orderstream.domain.common import InvalidCommand, Money
+
+ORDER_ID_NAMESPACE = uuid.UUID("a4a7f2de-3b59-4d0b-8a39-2f1c7e9b6a10")
+
+
+class UnknownProduct(InvalidCommand):
+    """An order line names a SKU that was never registered."""
+
+    code = "unknown-product"
+
+    def __init__(self, sku: str) -> None:
+        self.sku = sku
+        super().__init__(f"no product with SKU {sku!r}")
+
+
+@dataclass(frozen=True)
+class LineRequest:
+    sku: str
+    quantity: int
+
+
+def order_id_for(context: CommandContext) -> str:
+    """A new order's id: derived from the idempotency key (scoped by actor) when
+    there is one, so a retried POST lands on the same stream; random otherwise."""
+    if context.idempotency_key:
+        return str(uuid.uuid5(ORDER_ID_NAMESPACE, f"{context.actor}\x1f{context.idempotency_key}"))
+    return str(uuid.uuid4())
+
+
+class UseCases:
+    def __init__(self, handler: CommandHandler) -> None:
+        self.handler = handler
+
+    # ------------------------------------------------------------------ products
+
+    async def register_product(
+        self, sku: str, name: str, price: Money, context: CommandContext
+    ) -> CommandResult[inventory.Product]:
+        cmd = inventory.RegisterProduct(sku=sku, name=name, price=price, now=self.handler.clock())
+        return await self.handler.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
+
+    async def add_stock(
+        self, sku: str, quantity: int, context: CommandContext, *, expected: int | None = None
+    ) -> CommandResult[inventory.Product]:
+        cmd = inventory.AddStock(sku=sku, quantity=quantity, now=self.handler.clock())
+        return await self.handler.handle(
+            inventory.decider, inventory.stream_name(sku), cmd, expected=expected, context=context
+        )
+
+    async def reserve_stock(
+        self, sku: str, order_id: str, quantity: int, context: CommandContext
+    ) -> CommandResult[inventory.Product]:
+        cmd = inventory.ReserveStock(sku=sku, order_id=order_id, quantity=quantity, now=self.handler.clock())
+        return await self.handler.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
+
+    async def release_stock(
+        self, sku: str, order_id: str, reason: str, context: CommandContext
+    ) -> CommandResult[inventory.Product]:
+        cmd = inventory.ReleaseStock(sku=sku, order_id=order_id, reason=reason, now=self.handler.clock())
+        return await self.handler.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
+
+    async def commit_stock(
+        self, sku: str, order_id: str, context: CommandContext
+    ) -> CommandResult[inventory.Product]:
+        cmd = inventory.CommitStock(sku=sku, order_id=order_id, now=self.handler.clock())
+        return await self.handler.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
+
+    async def _priced_lines(self, lines: Sequence[LineRequest]) -> tuple[orders.OrderLine, ...]:
+        priced = []
+        for line in lines:
+            product = (await self.handler.load(inventory.decider, inventory.stream_name(line.sku))).state
+            if not product.registered or product.price is None:
+                raise UnknownProduct(line.sku)
+            priced.append(orders.OrderLine(sku=line.sku, quantity=line.quantity, unit_price=product.price))
+        return tuple(priced)
+
+    # -------------------------------------------------------------------- orders
+
+    async def place_order(
+        self,
+        *,
+        customer_id: str,
+        lines: Sequence[LineRequest],
+        shipping_address: orders.Address,
+        payment_token: str,
+        context: CommandContext,
+    ) -> CommandResult[orders.Order]:
+        order_id = order_id_for(context)
+        cmd = orders.PlaceOrder(
+            order_id=order_id,
+            customer_id=customer_id,
+            lines=await self._priced_lines(lines),
+            shipping_address=shipping_address,
+            payment_token=payment_token,
+            now=self.handler.clock(),
+        )
+        return await self.handler.handle(orders.decider, orders.stream_name(order_id), cmd, context=context)
+
+    async def change_order(
+        self,
+        order_id: str,
+        *,
+        shipping_address: orders.Address | None,
+        lines: Sequence[LineRequest] | None,
+        context: CommandContext,
+        expected: int | None = None,
+    ) -> CommandResult[orders.Order]:
+        priced = None if lines is None else await self._priced_lines(lines)
+        cmd = orders.ChangeOrder(
+            order_id=order_id, shipping_address=shipping_address, lines=priced, now=self.handler.clock()
+        )
+        return await self.handler.handle(
+            orders.decider, orders.stream_name(order_id), cmd, expected=expected, context=context
+        )
+
+    async def cancel_order(
+        self, order_id: str, reason: str, context: CommandContext, *, expected: int | None = None
+    ) -> CommandResult[orders.Order]:
+        cmd = orders.CancelOrder(order_id=order_id, reason=reason, now=self.handler.clock())
+        return await self.handler.handle(
+            orders.decider, orders.stream_name(order_id), cmd, expected=expected, context=context
+        )
+
+    async def order_command(
+        self, command: orders.OrderCommand, context: CommandContext
+    ) -> CommandResult[orders.Order]:
+        """Any order command (the saga's steps: reserve marks, confirm, ship, reject)."""
+        return await self.handler.handle(
+            orders.decider, orders.stream_name(command.order_id), command, context=context
+        )
+
+    # ------------------------------------------------------------------ payments
+
+    async def payment_command(
+        self, command: payments.PaymentCommand, context: CommandContext
+    ) -> CommandResult[payments.Payment]:
+        return await self.handler.handle(
+            payments.decider, payments.stream_name(command.payment_id), command, context=context
+        )

@@ -1,0 +1,1 @@
+"""Pure deciders, one module per aggregate. Imports nothing from the rest of orderstream."""

@@ -1,0 +1,268 @@
+"""The event store port: what every backend (SQLite, KurrentDB) promises.
+
+Vocabulary (one name per concept, used across the code base):
+
+- *stream*: ``"{category}-{id}"``, e.g. ``order-7f3c...``. The category is the part
+  before the first ``-``.
+- *revision*: position of an event inside its stream, starting at 0.
+- *position*: the global commit position. It orders every event in the store;
+  it grows but need not be contiguous (KurrentDB positions are byte offsets).
+- *expected*: what the writer believes the stream's revision is: an ``int``,
+  or one of :class:`StreamState`.
+
+The contract test suite in ``tests/contract/test_event_store.py`` is the
+executable form of this page; a backend is correct when it passes it.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import msgspec
+
+
+class StreamState(enum.Enum):
+    """Expectations that are not a concrete revision."""
+
+    NO_STREAM = "no_stream"
+    """The stream must not exist yet."""
+    STREAM_EXISTS = "stream_exists"
+    """The stream must have at least one event."""
+    ANY = "any"
+    """No check."""
+
+
+NO_STREAM = StreamState.NO_STREAM
+STREAM_EXISTS = StreamState.STREAM_EXISTS
+ANY = StreamState.ANY
+
+Expected = int | StreamState
+
+
+def category_of(stream: str) -> str:
+    """``order-123`` -> ``order``."""
+    return stream.split("-", 1)[0]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class EventStoreError(Exception):
+    """Base class of the errors a backend raises."""
+
+
+class WrongExpectedVersion(EventStoreError):
+    """The stream is not at the expected revision. Nothing was written."""
+
+    def __init__(self, stream: str, expected: Expected, actual: int | None) -> None:
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual  # current revision, None when the stream does not exist
+        shown = expected.value if isinstance(expected, StreamState) else expected
+        super().__init__(f"{stream}: expected revision {shown}, actual {actual}")
+
+
+class SubscriptionGroupNotFound(EventStoreError):
+    def __init__(self, group: str) -> None:
+        self.group = group
+        super().__init__(f"persistent subscription group {group!r} does not exist")
+
+
+class SubscriptionGroupExists(EventStoreError):
+    def __init__(self, group: str) -> None:
+        self.group = group
+        super().__init__(f"persistent subscription group {group!r} already exists")
+
+
+class EventStoreUnavailable(EventStoreError):
+    """The backend cannot be reached (network, server down)."""
+
+
+# --------------------------------------------------------------------------- events
+
+
+class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event to append. ``data`` and ``metadata`` are JSON bytes.
+
+    ``id`` makes appends idempotent: appending the same ids again with the same
+    expectation succeeds without writing them twice.
+    """
+
+    id: uuid.UUID
+    type: str
+    data: bytes
+    metadata: bytes = b"{}"
+    schema_version: int = 1
+
+
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as stored. ``recorded_at`` is timezone-aware UTC."""
+
+    id: uuid.UUID
+    stream: str
+    revision: int
+    position: int
+    type: str
+    schema_version: int
+    data: bytes
+    metadata: bytes
+    recorded_at: datetime
+
+    @property
+    def category(self) -> str:
+        return category_of(self.stream)
+
+    def metadata_dict(self) -> dict[str, Any]:
+        decoded = msgspec.json.decode(self.metadata) if self.metadata else {}
+        return decoded if isinstance(decoded, dict) else {}
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    """Revision and commit position of the last event of the append.
+
+    For an idempotent re-append these describe the events already stored.
+    """
+
+    revision: int
+    position: int
+
+
+class EventFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """Selects events from ``$all``. Empty tuples mean "everything"."""
+
+    categories: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+
+    def matches(self, stream: str, event_type: str) -> bool:
+        if self.categories and category_of(stream) not in self.categories:
+            return False
+        return not (self.types and event_type not in self.types)
+
+
+# ------------------------------------------------------------- persistent subscriptions
+
+
+class NackAction(enum.Enum):
+    RETRY = "retry"
+    """Deliver again later; after ``max_retry`` deliveries it is parked."""
+    PARK = "park"
+    """Move to the parked list now; the group goes on."""
+    SKIP = "skip"
+    """Drop it; the group goes on as if it had been acknowledged."""
+
+
+class SubscriptionSettings(msgspec.Struct, frozen=True, kw_only=True):
+    filter: EventFilter = EventFilter()
+    from_position: int | None = None
+    """Start after this position; ``None`` starts from the beginning of ``$all``."""
+    max_retry: int = 5
+    """Deliveries of one event before it is parked."""
+    ack_timeout_seconds: float = 30.0
+    """An event delivered but neither acked nor nacked in this time is retried."""
+
+
+class ParkedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    event: RecordedEvent
+    reason: str
+    attempts: int
+    parked_at: datetime
+
+
+class GroupInfo(msgspec.Struct, frozen=True, kw_only=True):
+    group: str
+    checkpoint: int | None
+    """Low-water mark: every matching event at or below it is acked, skipped or
+    parked. ``None`` when nothing has been processed yet."""
+    last_position: int | None
+    """Position of the newest event in the store, for lag."""
+    in_flight: int
+    parked: int
+    lag_events: int
+    """Matching events after the checkpoint (may be approximate on KurrentDB)."""
+
+
+class PersistentSubscription(Protocol):
+    """One consumer's connection to a group. Events of one stream are delivered
+    to one consumer at a time and in revision order."""
+
+    def __aiter__(self) -> AsyncIterator[RecordedEvent]: ...
+
+    async def ack(self, event: RecordedEvent) -> None: ...
+
+    async def nack(self, event: RecordedEvent, action: NackAction, reason: str = "") -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- the port
+
+
+class EventStore(Protocol):
+    async def append(self, stream: str, events: Sequence[NewEvent], expected: Expected) -> AppendResult:
+        """Append atomically or raise :class:`WrongExpectedVersion` and write nothing."""
+        ...
+
+    async def read_stream(
+        self,
+        stream: str,
+        *,
+        from_revision: int | None = None,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        """Events of one stream (empty if it does not exist). Forwards from
+        ``from_revision`` (default 0) or backwards from it (default: the end)."""
+        ...
+
+    async def stream_revision(self, stream: str) -> int | None:
+        """Current revision, ``None`` if the stream does not exist."""
+        ...
+
+    async def read_all(
+        self,
+        *,
+        after: int | None = None,
+        filter: EventFilter | None = None,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        """Events of ``$all`` with position greater than ``after``, in position order."""
+        ...
+
+    async def head_position(self) -> int | None:
+        """Position of the newest event, ``None`` for an empty store."""
+        ...
+
+    def subscribe(
+        self, *, after: int | None = None, filter: EventFilter | None = None
+    ) -> AsyncIterator[RecordedEvent]:
+        """Catch-up subscription: everything after ``after``, then live events,
+        until the consumer stops iterating."""
+        ...
+
+    async def create_subscription_group(self, group: str, settings: SubscriptionSettings) -> None:
+        """Raises :class:`SubscriptionGroupExists`."""
+        ...
+
+    async def ensure_subscription_group(self, group: str, settings: SubscriptionSettings) -> None:
+        """Create the group unless it exists."""
+        ...
+
+    async def delete_subscription_group(self, group: str) -> None: ...
+
+    async def connect_subscription_group(self, group: str) -> PersistentSubscription:
+        """Raises :class:`SubscriptionGroupNotFound`."""
+        ...
+
+    async def subscription_group_info(self, group: str) -> GroupInfo: ...
+
+    async def list_parked(self, group: str, *, limit: int = 100) -> list[ParkedEvent]: ...
+
+    async def replay_parked(self, group: str) -> int:
+        """Deliver every parked event of the group again; returns how many."""
+        ...
+
+    async def close(self) -> None: ...

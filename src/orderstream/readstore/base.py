@@ -1,0 +1,153 @@
+"""The read store port: documents per projection, queried by one query description.
+
+A *collection* is a projection's logical name (``"orders"``). Each backend keeps
+it in a physical table / index named after the projection version and points
+the logical name at it (an alias), so a rebuild can fill a new version while
+queries keep reading the old one, then switch atomically.
+
+Writes are idempotent and order-safe: every document carries the ``version``
+it was written at (the stream revision of the last event applied), and a write
+whose version is not greater than the stored one changes nothing.
+
+``tests/contract/test_read_store.py`` is the executable form of this page.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+Document = dict[str, Any]
+
+
+class FieldKind(enum.Enum):
+    KEYWORD = "keyword"
+    """Exact value: filter, sort, facet."""
+    TEXT = "text"
+    """Full-text searched by ``Query.text``."""
+    INTEGER = "integer"
+    """Filter (exact or range), sort."""
+    DATETIME = "datetime"
+    """ISO 8601 string; sort and range filter."""
+
+
+class CollectionSchema(msgspec.Struct, frozen=True, kw_only=True):
+    """What a backend must know to store and query a projection's documents."""
+
+    name: str
+    version: int
+    id_field: str
+    fields: Mapping[str, FieldKind]
+    """Top-level document fields that are queried. Other fields are stored as they are."""
+    default_sort: tuple[SortField, ...]
+
+    def physical_name(self, version: int | None = None) -> str:
+        return f"{self.name}_v{version if version is not None else self.version}"
+
+
+class SortField(msgspec.Struct, frozen=True):
+    field: str
+    descending: bool = False
+
+
+class Range(msgspec.Struct, frozen=True, kw_only=True):
+    gte: int | str | None = None
+    lte: int | str | None = None
+
+
+FilterValue = str | int | Sequence[str] | Range
+
+
+class Query(msgspec.Struct, frozen=True, kw_only=True):
+    """One query, translated by each backend.
+
+    ``filters``: field -> value (exact), list of values (any of), or :class:`Range`;
+    all filters must hold. ``text``: full-text over the TEXT fields. ``sort``:
+    fields in order; the id field is always the last tie-breaker so cursors are
+    stable. ``cursor``: the opaque ``next_cursor`` of the previous page.
+    ``facets``: KEYWORD fields to count values of, over all matches (not just the page).
+    """
+
+    filters: Mapping[str, FilterValue] = msgspec.field(default_factory=dict)
+    text: str | None = None
+    sort: tuple[SortField, ...] = ()
+    limit: int = 20
+    cursor: str | None = None
+    facets: tuple[str, ...] = ()
+
+
+class Page(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[Document]
+    next_cursor: str | None
+    facets: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    total: int | None = None
+
+
+class InvalidQuery(Exception):
+    """A filter or sort on a field the schema does not declare, a bad cursor, ..."""
+
+
+class WriteOutcome(enum.Enum):
+    WRITTEN = "written"
+    STALE = "stale"
+    """The stored document already has this version or a newer one: nothing changed."""
+
+
+class Upsert(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    version: int
+    document: Document
+
+
+class Delete(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    version: int
+
+
+WriteOp = Upsert | Delete
+
+
+class ReadStore(Protocol):
+    async def ensure_collection(self, schema: CollectionSchema, *, version: int | None = None) -> str:
+        """Create the physical table/index for ``version`` (default: the schema's)
+        if it is missing; the first one created also becomes the alias target.
+        Returns the physical name."""
+        ...
+
+    async def get(self, collection: str, doc_id: str) -> Document | None:
+        """Read through the alias."""
+        ...
+
+    async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
+        """The stored version of a document (``None`` if absent)."""
+        ...
+
+    async def write(
+        self, collection: str, ops: Sequence[WriteOp], *, physical: str | None = None
+    ) -> list[WriteOutcome]:
+        """Apply ops in order, each conditional on its version. ``physical``
+        writes to a specific table/index (rebuild) instead of the alias target."""
+        ...
+
+    async def query(self, collection: str, query: Query) -> Page: ...
+
+    async def switch_alias(self, collection: str, physical: str) -> str | None:
+        """Point the alias at ``physical`` atomically; returns the previous target."""
+        ...
+
+    async def alias_target(self, collection: str) -> str | None: ...
+
+    async def drop_physical(self, physical: str) -> None: ...
+
+    async def refresh(self, collection: str) -> None:
+        """Make every write so far visible to queries (no-op where writes are
+        visible at once)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+SortOrder = Literal["asc", "desc"]
