@@ -103,6 +103,8 @@ class EventRegistry:
 
     def upcast(self, type_name: str, version: int, raw: RawEvent) -> RawEvent:
         entry = self[type_name]
+        if version > entry.version:
+            raise EventDecodeError(f"{type_name} v{version} is newer than this code knows (v{entry.version})")
         while version < entry.version:
             step = entry.upcasters.get(version)
             if step is None:
@@ -118,6 +120,11 @@ class EventRegistry:
             if recorded.schema_version == entry.version:
                 return entry.decoder.decode(recorded.data)
             raw = msgspec.json.decode(recorded.data)
+            if not isinstance(raw, dict):  # upcasters work on a dict
+                raise EventDecodeError(
+                    f"{recorded.type} v{recorded.schema_version} at {recorded.stream}@{recorded.revision}: "
+                    "data is not a JSON object"
+                )
             return msgspec.convert(self.upcast(recorded.type, recorded.schema_version, raw), entry.cls)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise EventDecodeError(
@@ -126,15 +133,13 @@ class EventRegistry:
 
     def decode_raw(self, recorded: RecordedEvent) -> RawEvent:
         """The event's data as a dict at the current schema version (for projections)."""
-        raw = msgspec.json.decode(recorded.data)
+        try:
+            raw = msgspec.json.decode(recorded.data)
+        except msgspec.DecodeError as exc:
+            raise EventDecodeError(f"{recorded.type}: data is not JSON: {exc}") from exc
         if not isinstance(raw, dict):
             raise EventDecodeError(f"{recorded.type}: data is not a JSON object")
-        entry = self[recorded.type]
-        return (
-            self.upcast(recorded.type, recorded.schema_version, raw)
-            if recorded.schema_version < entry.version
-            else raw
-        )
+        return self.upcast(recorded.type, recorded.schema_version, raw)
 
 
 def _register_all(registry: EventRegistry, classes: Iterable[type[msgspec.Struct]]) -> None:

@@ -80,6 +80,22 @@ class CurrencyMismatch(InvalidCommand):
 S = TypeVar("S")
 C = TypeVar("C", contravariant=True)
 E = TypeVar("E")
+V = TypeVar("V", bound=msgspec.Struct)
+
+
+def conforming(value: V, what: str) -> V:
+    """``value`` itself if it meets its own schema (the ``Annotated`` limits), else
+    :class:`InvalidCommand`.
+
+    msgspec checks those limits when it decodes, not when a Struct is built in
+    Python; a decider that put such a value into an event could append it, and
+    the stream could then never be read back.
+    """
+    try:
+        msgspec.convert(msgspec.to_builtins(value), type(value))
+    except msgspec.ValidationError as exc:
+        raise InvalidCommand(f"{what}: {exc}") from None
+    return value
 
 
 class Decider(Protocol, Generic[C, E, S]):

@@ -15,7 +15,16 @@ from typing import Annotated, assert_never
 import msgspec
 from msgspec.structs import replace
 
-from orderstream.domain.common import AlreadyExists, DomainError, FunctionalDecider, Money, NotFound
+from orderstream.domain.common import (
+    AlreadyExists,
+    DomainError,
+    FunctionalDecider,
+    IllegalTransition,
+    InvalidCommand,
+    Money,
+    NotFound,
+    conforming,
+)
 
 CATEGORY = "product"
 MAX_STOCK_ADD = 1_000_000
@@ -134,6 +143,9 @@ class Product(msgspec.Struct, frozen=True, kw_only=True):
     """order id -> reserved quantity"""
     committed: frozenset[str] = frozenset()
     """order ids whose reservation was committed (shipped)"""
+    released: frozenset[str] = frozenset()
+    """order ids whose reservation was released (compensated): a late, retried
+    reservation for them must not hold stock again"""
 
     @property
     def reserved(self) -> int:
@@ -157,7 +169,7 @@ def evolve(state: Product, event: InventoryEvent) -> Product:
             return replace(state, reservations={**state.reservations, event.order_id: event.quantity})
         case StockReleased():
             rest = {k: v for k, v in state.reservations.items() if k != event.order_id}
-            return replace(state, reservations=rest)
+            return replace(state, reservations=rest, released=state.released | {event.order_id})
         case StockCommitted():
             rest = {k: v for k, v in state.reservations.items() if k != event.order_id}
             return replace(
@@ -174,19 +186,28 @@ def decide(command: InventoryCommand, state: Product) -> Sequence[InventoryEvent
         case RegisterProduct():
             if state.registered:
                 raise AlreadyExists("product", command.sku)
+            conforming(command.price, "price")
             return [
                 ProductRegistered(sku=command.sku, name=command.name, price=command.price, at=command.now)
             ]
         case _ if not state.registered:
             raise NotFound("product", command.sku)
         case AddStock():
+            if not 1 <= command.quantity <= MAX_STOCK_ADD:
+                raise InvalidCommand(f"{command.sku}: add between 1 and {MAX_STOCK_ADD} units at a time")
             if state.on_hand + command.quantity > MAX_ON_HAND:
                 raise StockLimitExceeded(command.sku, state.on_hand, command.quantity)
             return [StockAdded(sku=command.sku, quantity=command.quantity, at=command.now)]
         case ReserveStock():
+            if command.quantity < 1:
+                raise InvalidCommand(f"{command.sku}: reserve at least 1 unit")
             held = state.reservations.get(command.order_id)
             if held == command.quantity or command.order_id in state.committed:
                 return []  # already done: a retried step changes nothing
+            if command.order_id in state.released:
+                raise IllegalTransition(
+                    "released", f"reserve {command.sku} again for order {command.order_id}"
+                )
             available = state.available + (held or 0)
             if command.quantity > available:
                 raise InsufficientStock(command.sku, command.quantity, available)
@@ -213,7 +234,7 @@ def decide(command: InventoryCommand, state: Product) -> Sequence[InventoryEvent
                 return []
             held = state.reservations.get(command.order_id)
             if held is None:
-                raise DomainError(f"{command.sku}: no reservation for order {command.order_id} to commit")
+                raise IllegalTransition("not reserved", f"commit {command.sku} for order {command.order_id}")
             return [StockCommitted(sku=command.sku, order_id=command.order_id, quantity=held, at=command.now)]
     assert_never(command)
 

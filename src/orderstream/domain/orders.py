@@ -20,6 +20,7 @@ from orderstream.domain.common import (
     InvalidCommand,
     Money,
     NotFound,
+    conforming,
 )
 
 CATEGORY = "order"
@@ -265,6 +266,9 @@ def _check_lines(lines: Sequence[OrderLine]) -> None:
         raise InvalidCommand("each SKU may appear on one line only")
     if len({line.unit_price.currency for line in lines}) != 1:
         raise InvalidCommand("all lines of an order must be in one currency")
+    for number, line in enumerate(lines, 1):
+        conforming(line, f"line {number}")
+    conforming(total_of(lines), "order total")
 
 
 def _require(state: Order, order_id: str) -> Status:
@@ -279,6 +283,7 @@ def decide(command: OrderCommand, state: Order) -> Sequence[OrderEvent]:
             if state.status is not None:
                 raise AlreadyExists("order", command.order_id)
             _check_lines(command.lines)
+            conforming(command.shipping_address, "shipping address")
             return [
                 OrderPlaced(
                     order_id=command.order_id,
@@ -308,6 +313,7 @@ def decide(command: OrderCommand, state: Order) -> Sequence[OrderEvent]:
                     )
                 )
             if command.shipping_address is not None and command.shipping_address != state.shipping_address:
+                conforming(command.shipping_address, "shipping address")
                 changes.append(
                     OrderShippingAddressChanged(
                         order_id=command.order_id, shipping_address=command.shipping_address, at=command.now

@@ -13,7 +13,14 @@ from typing import Literal, assert_never
 import msgspec
 from msgspec.structs import replace
 
-from orderstream.domain.common import AlreadyExists, FunctionalDecider, IllegalTransition, Money, NotFound
+from orderstream.domain.common import (
+    AlreadyExists,
+    FunctionalDecider,
+    IllegalTransition,
+    Money,
+    NotFound,
+    conforming,
+)
 
 CATEGORY = "payment"
 
@@ -146,6 +153,7 @@ def decide(command: PaymentCommand, state: Payment) -> Sequence[PaymentEvent]:
             if state.order_id == command.order_id and state.amount == command.amount:
                 return []  # the same request again
             raise AlreadyExists("payment", command.payment_id)
+        conforming(command.amount, "amount")
         return [
             PaymentRequested(
                 payment_id=command.payment_id,
