@@ -1,0 +1,329 @@
+"""The Elasticsearch read store (production backend), on the official async client.
+
+Layout: one index per projection version, ``{prefix}{name}_v{version}``, and an
+alias ``{prefix}{name}`` that queries read through. A rebuild fills a new
+index and moves the alias in one ``_aliases`` call.
+
+Order safety: documents are indexed with ``version_type=external`` and the
+stream revision as the version, so a redelivered or older event is rejected
+by Elasticsearch itself (409, reported as ``STALE``), also when two projector
+processes race.
+
+Refresh strategy (read-your-writes): every bulk write asks for
+``refresh=wait_for`` and the indices refresh every 100 ms, so once a write
+returns, and the projector acknowledges the event, the document is visible
+to searches; ``GET`` by id is real-time in Elasticsearch anyway. The price is
+up to ~100 ms of latency per projector batch, not per event.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from elasticsearch import AsyncElasticsearch, BadRequestError, NotFoundError
+
+from orderstream.readstore.base import (
+    CollectionSchema,
+    Delete,
+    Document,
+    FieldKind,
+    FilterValue,
+    InvalidQuery,
+    Page,
+    Query,
+    Range,
+    SortField,
+    Upsert,
+    WriteOp,
+    WriteOutcome,
+)
+
+MAX_LIMIT = 1000
+REFRESH_INTERVAL = "100ms"
+
+_ES_TYPES = {
+    FieldKind.KEYWORD: {"type": "keyword"},
+    FieldKind.TEXT: {"type": "text", "analyzer": "standard"},
+    FieldKind.INTEGER: {"type": "long"},
+    FieldKind.DATETIME: {"type": "date"},
+}
+
+
+def index_mappings(schema: CollectionSchema) -> dict[str, Any]:
+    """Only the declared fields are indexed; the rest is kept in ``_source``."""
+    properties = {name: dict(_ES_TYPES[kind]) for name, kind in schema.fields.items()}
+    properties.setdefault(schema.id_field, {"type": "keyword"})
+    return {"dynamic": False, "properties": properties}
+
+
+def index_template(schema: CollectionSchema, prefix: str) -> dict[str, Any]:
+    """The composable index template for a projection's indices (also written
+    to ``infra/elasticsearch/templates/`` by ``orderstream projections templates``)."""
+    return {
+        "index_patterns": [f"{prefix}{schema.name}_v*"],
+        "priority": 200,
+        "template": {
+            "settings": {
+                "number_of_shards": 1,
+                "number_of_replicas": 0,
+                "refresh_interval": REFRESH_INTERVAL,
+            },
+            "mappings": index_mappings(schema),
+        },
+        "_meta": {"projection": schema.name, "managed_by": "orderstream"},
+    }
+
+
+def encode_cursor(values: Sequence[Any]) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode(list(values))).decode()
+
+
+def decode_cursor(cursor: str) -> list[Any]:
+    try:
+        values = msgspec.json.decode(base64.urlsafe_b64decode(cursor.encode()))
+    except (binascii.Error, msgspec.DecodeError, ValueError) as exc:
+        raise InvalidQuery("malformed cursor") from exc
+    if not isinstance(values, list):
+        raise InvalidQuery("malformed cursor")
+    return values
+
+
+def _check_scalar(field: str, kind: FieldKind, value: object) -> None:
+    if kind is FieldKind.INTEGER and (not isinstance(value, int) or isinstance(value, bool)):
+        raise InvalidQuery(f"{field} takes integers, not {value!r}")
+    if kind is FieldKind.DATETIME:
+        try:
+            datetime.fromisoformat(str(value))
+        except ValueError:
+            raise InvalidQuery(f"{field} takes ISO 8601 date-times, not {value!r}") from None
+    if kind is FieldKind.KEYWORD and not isinstance(value, (str, int)):
+        raise InvalidQuery(f"{field} takes strings, not {value!r}")
+
+
+def check_filter_value(field: str, kind: FieldKind, value: FilterValue) -> None:
+    """Refuse a filter value the field's kind cannot hold, before the server sees it."""
+    if isinstance(value, Range):
+        for bound in (value.gte, value.lte):
+            if bound is not None:
+                _check_scalar(field, kind, bound)
+    elif isinstance(value, (str, int)):
+        _check_scalar(field, kind, value)
+    else:
+        for item in value:
+            _check_scalar(field, kind, item)
+
+
+class ElasticsearchReadStore:
+    def __init__(self, client: AsyncElasticsearch, prefix: str) -> None:
+        self._es = client
+        self._prefix = prefix.lower()
+        self._schemas: dict[str, CollectionSchema] = {}
+
+    @classmethod
+    async def open(
+        cls, url: str, *, prefix: str = "orderstream-", request_timeout: float = 30.0
+    ) -> ElasticsearchReadStore:
+        client = AsyncElasticsearch(url, request_timeout=request_timeout)
+        return cls(client, prefix)
+
+    # ------------------------------------------------------------------ naming
+
+    def alias(self, collection: str) -> str:
+        return f"{self._prefix}{collection}"
+
+    def _physical(self, schema: CollectionSchema, version: int | None, suffix: str | None) -> str:
+        return f"{self._prefix}{schema.physical_name(version, suffix)}".lower()
+
+    def _schema(self, collection: str) -> CollectionSchema:
+        try:
+            return self._schemas[collection]
+        except KeyError:
+            raise InvalidQuery(f"unknown collection {collection!r}") from None
+
+    # -------------------------------------------------------------- collections
+
+    async def ensure_collection(
+        self, schema: CollectionSchema, *, version: int | None = None, suffix: str | None = None
+    ) -> str:
+        self._schemas[schema.name] = schema
+        await self._es.indices.put_index_template(
+            name=f"{self._prefix}{schema.name}", **index_template(schema, self._prefix)
+        )
+        physical = self._physical(schema, version, suffix)
+        if not await self._es.indices.exists(index=physical):
+            template = index_template(schema, self._prefix)["template"]
+            try:
+                await self._es.indices.create(
+                    index=physical, settings=template["settings"], mappings=template["mappings"]
+                )
+            except Exception as exc:  # created by a concurrent process in the meantime
+                if "resource_already_exists_exception" not in str(exc):
+                    raise
+        if await self.alias_target(schema.name) is None:
+            await self._es.indices.update_aliases(
+                actions=[{"add": {"index": physical, "alias": self.alias(schema.name)}}]
+            )
+        return physical
+
+    async def alias_target(self, collection: str) -> str | None:
+        try:
+            answer = await self._es.indices.get_alias(name=self.alias(collection))
+        except NotFoundError:
+            return None
+        targets = sorted(answer.body)
+        return targets[0] if targets else None
+
+    async def switch_alias(self, collection: str, physical: str) -> str | None:
+        previous = await self.alias_target(collection)
+        alias = self.alias(collection)
+        actions: list[dict[str, Any]] = [{"add": {"index": physical, "alias": alias}}]
+        if previous and previous != physical:
+            actions.insert(0, {"remove": {"index": previous, "alias": alias}})
+        await self._es.indices.update_aliases(actions=actions)
+        return previous
+
+    async def drop_physical(self, physical: str) -> None:
+        await self._es.indices.delete(index=physical, ignore_unavailable=True)
+
+    async def refresh(self, collection: str) -> None:
+        await self._es.indices.refresh(index=self.alias(collection))
+
+    # ------------------------------------------------------------------ writes
+
+    async def get(self, collection: str, doc_id: str, *, physical: str | None = None) -> Document | None:
+        try:
+            answer = await self._es.get(index=physical or self.alias(collection), id=doc_id)
+        except NotFoundError:
+            return None
+        source: Document = answer["_source"]
+        return source
+
+    async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
+        try:
+            answer = await self._es.get(index=physical or self.alias(collection), id=doc_id, source=False)
+        except NotFoundError:
+            return None
+        version: int = answer["_version"]
+        return version
+
+    async def write(
+        self, collection: str, ops: Sequence[WriteOp], *, physical: str | None = None
+    ) -> list[WriteOutcome]:
+        if not ops:
+            return []
+        index = physical or await self.alias_target(collection) or self.alias(collection)
+        body: list[dict[str, Any]] = []
+        for op in ops:
+            meta = {"_index": index, "_id": op.id, "version": op.version, "version_type": "external"}
+            if isinstance(op, Upsert):
+                body.append({"index": meta})
+                body.append(op.document)
+            else:
+                body.append({"delete": meta})
+        answer = await self._es.bulk(operations=body, refresh="wait_for")
+        outcomes = []
+        for op, item in zip(ops, answer["items"], strict=True):
+            result = item["index"] if isinstance(op, Upsert) else item["delete"]
+            status = result.get("status", 500)
+            if status in (200, 201):
+                outcomes.append(WriteOutcome.WRITTEN)
+            elif status == 409 or (isinstance(op, Delete) and status == 404):
+                outcomes.append(WriteOutcome.STALE if status == 409 else WriteOutcome.WRITTEN)
+            else:
+                raise RuntimeError(f"bulk {op.id}: {result.get('error')}")
+        return outcomes
+
+    # ------------------------------------------------------------------- query
+
+    def _check_field(self, schema: CollectionSchema, field: str, *kinds: FieldKind) -> FieldKind:
+        kind = FieldKind.KEYWORD if field == schema.id_field else schema.fields.get(field)
+        if kind is None or (kinds and kind not in kinds):
+            raise InvalidQuery(f"{schema.name}: cannot use field {field!r} here")
+        return kind
+
+    def _filters(self, schema: CollectionSchema, query: Query) -> list[dict[str, Any]]:
+        clauses: list[dict[str, Any]] = []
+        for field, value in query.filters.items():
+            kind = self._check_field(schema, field, FieldKind.KEYWORD, FieldKind.INTEGER, FieldKind.DATETIME)
+            check_filter_value(field, kind, value)
+            if isinstance(value, Range):
+                bounds = {k: v for k, v in (("gte", value.gte), ("lte", value.lte)) if v is not None}
+                clauses.append({"range": {field: bounds}})
+            elif isinstance(value, (str, int)):
+                clauses.append({"term": {field: value}})
+            else:
+                clauses.append({"terms": {field: list(value)}})
+        return clauses
+
+    def _sort(self, schema: CollectionSchema, query: Query) -> list[SortField]:
+        sort = list(query.sort or schema.default_sort)
+        for s in sort:
+            self._check_field(schema, s.field, FieldKind.KEYWORD, FieldKind.INTEGER, FieldKind.DATETIME)
+        if not any(s.field == schema.id_field for s in sort):
+            sort.append(SortField(schema.id_field))
+        return sort
+
+    async def query(self, collection: str, query: Query) -> Page:
+        schema = self._schema(collection)
+        if not 1 <= query.limit <= MAX_LIMIT:
+            raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}")
+        must: list[dict[str, Any]] = []
+        if query.text and query.text.strip():
+            text_fields = [name for name, kind in schema.fields.items() if kind is FieldKind.TEXT]
+            must.append(
+                {
+                    "multi_match": {
+                        "query": query.text,
+                        "fields": text_fields,
+                        "type": "bool_prefix",
+                        "operator": "and",
+                    }
+                }
+            )
+        bool_query = {"bool": {"filter": self._filters(schema, query), "must": must}}
+        sort = self._sort(schema, query)
+        es_sort = [{s.field: {"order": "desc" if s.descending else "asc", "missing": "_last"}} for s in sort]
+        aggs = {}
+        for facet in query.facets:
+            self._check_field(schema, facet, FieldKind.KEYWORD)
+            aggs[facet] = {"terms": {"field": facet, "size": 100}}
+        params: dict[str, Any] = {
+            "index": self.alias(collection),
+            "query": bool_query,
+            "sort": es_sort,
+            "size": query.limit + 1,
+            "track_total_hits": True,
+        }
+        if aggs:
+            params["aggs"] = aggs
+        if query.cursor:
+            values = decode_cursor(query.cursor)
+            if len(values) != len(sort):
+                raise InvalidQuery("cursor does not match the sort")
+            params["search_after"] = values
+        try:
+            answer = await self._es.search(**params)
+        except BadRequestError as exc:  # a query the checks above let through
+            raise InvalidQuery(str(exc.message)) from exc
+        hits = answer["hits"]["hits"]
+        more = len(hits) > query.limit
+        hits = hits[: query.limit]
+        next_cursor = encode_cursor(hits[-1]["sort"]) if more and hits else None
+        facets = {
+            name: {str(b["key"]): int(b["doc_count"]) for b in answer["aggregations"][name]["buckets"]}
+            for name in aggs
+        }
+        return Page(
+            items=[h["_source"] for h in hits],
+            next_cursor=next_cursor,
+            facets=facets,
+            total=int(answer["hits"]["total"]["value"]),
+        )
+
+    async def close(self) -> None:
+        await self._es.close()
