@@ -8,6 +8,12 @@ from typing import Any, Protocol
 from orderstream.readstore.base import CollectionSchema, Document
 
 
+class ProjectionError(ValueError):
+    """An event a projection cannot fold (bad data, a change to a document it never
+    saw created, an event type it does not handle). The runner nacks it for retry;
+    after the retry limit the event store parks it."""
+
+
 class ProjectedEvent(Protocol):
     """What a projection sees of an event: its type, its data as a dict at the
     current schema version, and where it sits."""

@@ -44,8 +44,10 @@ class CollectionSchema(msgspec.Struct, frozen=True, kw_only=True):
     """Top-level document fields that are queried. Other fields are stored as they are."""
     default_sort: tuple[SortField, ...]
 
-    def physical_name(self, version: int | None = None) -> str:
-        return f"{self.name}_v{version if version is not None else self.version}"
+    def physical_name(self, version: int | None = None, suffix: str | None = None) -> str:
+        """``orders_v3``; with a suffix (a rebuild of the same version) ``orders_v3_<suffix>``."""
+        base = f"{self.name}_v{version if version is not None else self.version}"
+        return f"{base}_{suffix}" if suffix else base
 
 
 class SortField(msgspec.Struct, frozen=True):
@@ -90,6 +92,11 @@ class InvalidQuery(Exception):
     """A filter or sort on a field the schema does not declare, a bad cursor, ..."""
 
 
+class CollectionNotFound(LookupError):
+    """A write or alias switch names a collection / physical table that was never ensured
+    (or was dropped)."""
+
+
 class WriteOutcome(enum.Enum):
     WRITTEN = "written"
     STALE = "stale"
@@ -103,6 +110,9 @@ class Upsert(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Delete(msgspec.Struct, frozen=True, kw_only=True):
+    """Conditional like :class:`Upsert`. The version is kept (a tombstone) so an
+    older event delivered after the delete stays STALE and cannot resurrect it."""
+
     id: str
     version: int
 
@@ -111,18 +121,21 @@ WriteOp = Upsert | Delete
 
 
 class ReadStore(Protocol):
-    async def ensure_collection(self, schema: CollectionSchema, *, version: int | None = None) -> str:
-        """Create the physical table/index for ``version`` (default: the schema's)
+    async def ensure_collection(
+        self, schema: CollectionSchema, *, version: int | None = None, suffix: str | None = None
+    ) -> str:
+        """Create the physical table/index ``schema.physical_name(version, suffix)``
         if it is missing; the first one created also becomes the alias target.
         Returns the physical name."""
         ...
 
-    async def get(self, collection: str, doc_id: str) -> Document | None:
-        """Read through the alias."""
+    async def get(self, collection: str, doc_id: str, *, physical: str | None = None) -> Document | None:
+        """Read through the alias (or from ``physical``, for a rebuild)."""
         ...
 
     async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
-        """The stored version of a document (``None`` if absent)."""
+        """The stored version of a document (``None`` if absent; a deleted
+        document may still report its tombstone's version)."""
         ...
 
     async def write(

@@ -1,0 +1,102 @@
+"""Read model ``products``: one document per SKU, for ``GET /products``.
+
+Document::
+
+    {"sku", "name", "price", "on_hand", "reserved", "available", "reservations",
+     "revision", "position", "updated_at", "search_text"}
+
+``reservations`` maps order id -> reserved quantity (as the aggregate does), so
+a release or commit takes back exactly what that order held; ``reserved`` is
+their sum and ``available = on_hand - reserved``.
+"""
+
+from __future__ import annotations
+
+from orderstream.readstore.base import CollectionSchema, Document, FieldKind, SortField
+from projections.base import ProjectedEvent, ProjectionError
+
+NAME = "products"
+CATEGORY = "product"
+
+SCHEMA = CollectionSchema(
+    name=NAME,
+    version=1,
+    id_field="sku",
+    fields={
+        "sku": FieldKind.KEYWORD,
+        "name": FieldKind.TEXT,
+        "search_text": FieldKind.TEXT,
+        "available": FieldKind.INTEGER,
+        "on_hand": FieldKind.INTEGER,
+    },
+    default_sort=(SortField("sku"),),
+)
+
+HANDLES = frozenset({"ProductRegistered", "StockAdded", "StockReserved", "StockReleased", "StockCommitted"})
+
+
+def _with_stock(doc: Document, on_hand: int, reservations: dict[str, int]) -> Document:
+    reserved = sum(reservations.values())
+    return {
+        **doc,
+        "on_hand": on_hand,
+        "reservations": reservations,
+        "reserved": reserved,
+        "available": on_hand - reserved,
+    }
+
+
+class ProductStockProjection:
+    """Pure fold of a product stream into its stock document."""
+
+    schema = SCHEMA
+    handles: frozenset[str] = HANDLES
+    categories: tuple[str, ...] = (CATEGORY,)
+
+    def document_id(self, event: ProjectedEvent) -> str:
+        category, _, sku = event.stream.partition("-")
+        if category != CATEGORY or not sku:
+            raise ProjectionError(f"{event.stream} is not a product stream")
+        return sku
+
+    def fold(self, document: Document | None, event: ProjectedEvent) -> Document | None:
+        sku = self.document_id(event)
+        data = event.data
+        at = data.get("at")
+        if event.type == "ProductRegistered":
+            price = data["price"]
+            doc: Document = _with_stock(
+                {
+                    "sku": sku,
+                    "name": data["name"],
+                    "price": {"amount": int(price["amount"]), "currency": price["currency"]},
+                },
+                0,
+                {},
+            )
+        elif event.type not in HANDLES:
+            raise ProjectionError(f"{NAME} does not handle {event.type}")
+        elif document is None:
+            raise ProjectionError(f"{event.type} for product {sku}, which was never registered")
+        else:
+            on_hand = int(document.get("on_hand", 0))
+            reservations = {str(k): int(v) for k, v in (document.get("reservations") or {}).items()}
+            quantity = int(data["quantity"])
+            if event.type == "StockAdded":
+                on_hand += quantity
+            elif event.type == "StockReserved":
+                reservations[str(data["order_id"])] = quantity
+            elif event.type == "StockReleased":
+                reservations.pop(str(data["order_id"]), None)
+            else:  # StockCommitted: the units leave the warehouse
+                reservations.pop(str(data["order_id"]), None)
+                on_hand -= quantity
+            doc = _with_stock(document, on_hand, reservations)
+        doc["revision"] = event.revision
+        doc["position"] = event.position
+        doc["updated_at"] = at if isinstance(at, str) else event.recorded_at_iso
+        doc["search_text"] = f"{doc['sku']} {doc.get('name', '')}".strip()
+        return doc
+
+
+projection = ProductStockProjection()
