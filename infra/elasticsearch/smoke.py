@@ -52,11 +52,17 @@ async def main(url: str) -> None:
         assert props["status"]["type"] == "keyword" and props["customer"]["type"] == "keyword", props
 
         # external versioning: a lower version must be rejected with 409
-        await es.index(index=v1, id="o-1", version=5, version_type="external",
-                       document={"status": "placed", "title": "Red Shoes", "seq": 0})
+        await es.index(
+            index=v1,
+            id="o-1",
+            version=5,
+            version_type="external",
+            document={"status": "placed", "title": "Red Shoes", "seq": 0},
+        )
         try:
-            await es.index(index=v1, id="o-1", version=3, version_type="external",
-                           document={"status": "stale", "seq": 0})
+            await es.index(
+                index=v1, id="o-1", version=3, version_type="external", document={"status": "stale", "seq": 0}
+            )
         except ConflictError as e:
             assert e.meta.status == 409
         else:
@@ -67,10 +73,21 @@ async def main(url: str) -> None:
         statuses = ["placed", "paid", "shipped"]
         actions = [
             {
-                "_op_type": "index", "_index": v1, "_id": f"o-{i}", "version": 10, "version_type": "external",
-                "_source": {"status": statuses[i % 3], "title": f"Order {i} blue widget",
-                            "notes": "Quick brown fox" if i % 2 else "lazy dog", "seq": i, "order_id": f"o-{i}",
-                            "total": i * 1.5, "created": "2026-01-01T00:00:00Z", "customer": f"c{i % 4}"},
+                "_op_type": "index",
+                "_index": v1,
+                "_id": f"o-{i}",
+                "version": 10,
+                "version_type": "external",
+                "_source": {
+                    "status": statuses[i % 3],
+                    "title": f"Order {i} blue widget",
+                    "notes": "Quick brown fox" if i % 2 else "lazy dog",
+                    "seq": i,
+                    "order_id": f"o-{i}",
+                    "total": i * 1.5,
+                    "created": "2026-01-01T00:00:00Z",
+                    "customer": f"c{i % 4}",
+                },
             }
             for i in range(1, 51)
         ]
@@ -78,9 +95,13 @@ async def main(url: str) -> None:
         assert ok == 50 and not errors, (ok, errors)
         await es.indices.refresh(index=v1)
 
-        r = await es.search(index=v1, query={"match": {"notes": "QUICK foxes fox"}}, size=0, track_total_hits=True)
+        r = await es.search(
+            index=v1, query={"match": {"notes": "QUICK foxes fox"}}, size=0, track_total_hits=True
+        )
         assert r["hits"]["total"]["value"] == 25, r["hits"]["total"]
-        r = await es.search(index=v1, query={"multi_match": {"query": "blue", "fields": ["title", "notes"]}}, size=0)
+        r = await es.search(
+            index=v1, query={"multi_match": {"query": "blue", "fields": ["title", "notes"]}}, size=0
+        )
         assert r["hits"]["total"]["value"] == 50, r["hits"]["total"]
 
         r = await es.search(index=v1, size=0, aggs={"by_status": {"terms": {"field": "status"}}})
@@ -91,8 +112,13 @@ async def main(url: str) -> None:
         after = None
         while True:
             kw = {"search_after": after} if after else {}
-            r = await es.search(index=v1, size=7, sort=[{"seq": "asc"}, {"order_id": "asc"}],
-                                query={"range": {"seq": {"gte": 1}}}, **kw)
+            r = await es.search(
+                index=v1,
+                size=7,
+                sort=[{"seq": "asc"}, {"order_id": "asc"}],
+                query={"range": {"seq": {"gte": 1}}},
+                **kw,
+            )
             hits = r["hits"]["hits"]
             if not hits:
                 break
@@ -105,16 +131,20 @@ async def main(url: str) -> None:
         await es.indices.put_alias(index=v1, name=alias)
         await es.indices.create(index=v2)
         await es.index(index=v2, id="x", document={"status": "paid"}, refresh=True)
-        await es.indices.update_aliases(actions=[
-            {"remove": {"index": v1, "alias": alias}},
-            {"add": {"index": v2, "alias": alias}},
-        ])
+        await es.indices.update_aliases(
+            actions=[
+                {"remove": {"index": v1, "alias": alias}},
+                {"add": {"index": v2, "alias": alias}},
+            ]
+        )
         got = await es.indices.get_alias(name=alias)
         assert list(got) == [v2], got
         r = await es.count(index=alias)
         assert r["count"] == 1, r
-        print("smoke OK: template, mappings, external version 409, bulk, refresh, match/multi_match, "
-              "terms agg, search_after, alias switch")
+        print(
+            "smoke OK: template, mappings, external version 409, bulk, refresh, match/multi_match, "
+            "terms agg, search_after, alias switch"
+        )
     finally:
         try:
             await es.options(ignore_status=404).indices.delete(index=f"{p}-v1,{p}-v2")
