@@ -1,0 +1,746 @@
+"""The embedded default event store: one SQLite file, WAL mode, ``synchronous=FULL``.
+
+Usage::
+
+    store = await SqliteEventStore.open(data_dir / "events.db")
+    try:
+        result = await store.append("order-7f3c", [event], NO_STREAM)
+    finally:
+        await store.close()
+
+Design
+------
+*Threads, not aiosqlite.* The stdlib :mod:`sqlite3` runs in our own threads:
+one dedicated writer thread owns the write connection; a small pool owns one
+read connection per thread (WAL lets readers run beside the writer). aiosqlite
+hops to its thread and back for every statement; here a whole write batch
+(BEGIN, every append's checks and inserts, COMMIT) is one synchronous call in
+the writer thread, so there are two thread hand-offs per *batch*, and the
+transaction never waits on the event loop while it holds SQLite's write lock.
+
+*Group commit.* ``append`` validates its input, puts a job on a thread-safe
+queue and awaits a future. The writer thread takes everything queued (up to
+:data:`MAX_BATCH` jobs) and runs it in one ``BEGIN IMMEDIATE ... COMMIT``, each
+job inside its own ``SAVEPOINT`` (a job that fails, e.g. with
+:class:`WrongExpectedVersion`, is rolled back alone), then hands the outcomes
+to the event loop (``call_soon_threadsafe``), which resolves the futures. While
+one batch is written and fsynced, the next one gathers, so N concurrent
+writers share one fsync. A future is resolved only after COMMIT returned: an
+acknowledged append is in the WAL on disk and survives a process crash.
+Persistent subscription bookkeeping (claims, acks, nacks) goes through the
+same writer; a batch holding no append runs with ``synchronous=NORMAL`` (in WAL
+mode still safe against a process crash; an OS crash may lose the last acks,
+which means redelivery, never loss).
+
+*Positions* are the ``INTEGER PRIMARY KEY AUTOINCREMENT`` of ``events``.
+SQLite serialises write transactions, so positions become visible in commit
+order: a reader never sees position P+1 before P, and catch-up readers need no
+gap handling.
+
+*Idempotent append.* If any event id of an append is already stored, the append
+succeeds without writing only when *all* ids are stored in this stream, at
+consecutive revisions in the given order, and the expectation matches what it
+was the first time (``NO_STREAM``: first revision 0; ``STREAM_EXISTS``: first
+revision > 0; revision r: first revision r + 1; ``ANY``: always). It then
+returns the original :class:`AppendResult`. Otherwise it raises
+:class:`WrongExpectedVersion`, or :class:`DuplicateEventId` when an id is
+stored in another stream (ids are unique in the whole store).
+
+*Empty append* checks the expectation and writes nothing. It returns the
+stream's current revision and the position of its last event, or ``-1, -1``
+for a stream that does not exist.
+
+*Subscriptions* (catch-up and persistent) wake on an in-process signal fired
+after every commit, and poll every ``poll_interval`` seconds (0.2 by default)
+so that writes from other processes on the same file are seen too.
+
+Persistent subscription groups
+------------------------------
+State lives in two tables (see :mod:`orderstream.eventstore.sqlite_schema`),
+so groups survive restarts and consumers in several processes can share one.
+
+- Each group has a *scan cursor*. A consumer's claim (a write transaction)
+  copies the matching events after the cursor into ``subscription_events``
+  (at most :data:`~orderstream.eventstore.sqlite_groups.WINDOW` unfinished
+  ones), then hands out up to ``prefetch`` pending events, each the oldest
+  pending event of a stream that has nothing in flight. So one stream is
+  delivered to one consumer at a time, in revision order; different streams go
+  out in parallel.
+- A claimed event is leased to the consumer until ``now + ack_timeout_seconds``.
+  A consumer that dies without acking loses the lease when it expires, and the
+  event goes to whichever consumer claims next. ``close()`` hands leases back at
+  once.
+- Every delivery counts as an attempt. ``nack(RETRY)`` (or an expired lease)
+  makes the event pending again, unless it has had ``max_retry`` deliveries:
+  then it is parked with the reason. ``PARK`` parks now; ``SKIP`` and ``ack``
+  delete the row (done).
+- A parked event does not block later events of its stream (as in KurrentDB):
+  the group goes on, and the parked event waits for an operator.
+  ``replay_parked`` makes parked events pending again with their attempts reset;
+  they are delivered in order with the rest of their stream, but no longer hold
+  back the checkpoint, so it never moves backwards.
+- ``checkpoint`` is the low-water mark: one less than the oldest unfinished
+  (pending or in-flight, not replayed) position, or the scan cursor when there
+  is none. Events that do not match the filter are never copied, so once the
+  cursor is past them they count as done. The figure comes from the tables in
+  one read transaction, so it is exact whichever consumers, in whichever
+  processes, acknowledged what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+from orderstream.eventstore import sqlite_groups as groups
+from orderstream.eventstore.base import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    EventFilter,
+    EventStoreError,
+    EventStoreUnavailable,
+    Expected,
+    GroupInfo,
+    NackAction,
+    NewEvent,
+    ParkedEvent,
+    RecordedEvent,
+    StreamState,
+    SubscriptionSettings,
+    WrongExpectedVersion,
+    category_of,
+)
+from orderstream.eventstore.sqlite_schema import EVENT_COLUMNS, connect, create_schema, filter_sql, to_event
+
+T = TypeVar("T")
+
+MAX_BATCH = 512
+"""Jobs (appends, acks, claims) written in one transaction at most."""
+
+READ_BATCH = 500
+"""Events a catch-up subscription reads per query."""
+
+
+class EventStoreClosed(EventStoreError):
+    """The store was closed; nothing more can be appended or read."""
+
+
+class DuplicateEventId(EventStoreError):
+    """An event id of the append is already stored in another stream. Nothing was written."""
+
+    def __init__(self, stream: str, event_id: str, other_stream: str) -> None:
+        self.stream = stream
+        self.event_id = event_id
+        self.other_stream = other_stream
+        super().__init__(f"{stream}: event id {event_id} is already stored in stream {other_stream}")
+
+
+# A prepared event: id, type, schema_version, data (JSON text), metadata (JSON text).
+_Row = tuple[str, str, int, str, str]
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """What the writer did since the store was opened (for benchmarks and metrics)."""
+
+    transactions: int = 0
+    """Committed write transactions: one fsync each when they held an append."""
+    jobs: int = 0
+    """Appends and subscription-group writes they held."""
+    appends: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Job(Generic[T]):
+    run: Callable[[sqlite3.Connection], T]
+    future: asyncio.Future[T]
+    appends: bool
+
+
+class _Signal:
+    """Wakes every waiter. Take :meth:`token` *before* looking, then wait on it: a
+    fire between the look and the wait is not lost."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def token(self) -> asyncio.Event:
+        return self._event
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    @staticmethod
+    async def wait(token: asyncio.Event, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await token.wait()
+        except TimeoutError:
+            pass
+
+
+class SqliteEventStore:
+    """:class:`~orderstream.eventstore.base.EventStore` on one SQLite file. Build it with :meth:`open`."""
+
+    def __init__(
+        self,
+        path: str,
+        connection: sqlite3.Connection,
+        *,
+        readers: int,
+        poll_interval: float,
+        prefetch: int,
+    ) -> None:
+        self.path = path
+        self.poll_interval = poll_interval
+        self.prefetch = prefetch
+        self.stats = WriterStats()
+        self._loop = asyncio.get_running_loop()
+        self._connection = connection
+        self._sync_full = True
+        self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._writer_done: asyncio.Future[None] = self._loop.create_future()
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="orderstream-sqlite-reader")
+        self._local = threading.local()
+        self._reader_connections: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._appended = _Signal()
+        self._changed = _Signal()
+        self._closed = False
+        # A daemon thread: a program that forgets close() still exits (what was acknowledged is on disk).
+        self._writer = threading.Thread(target=self._write_loop, name=f"sqlite-writer:{path}", daemon=True)
+        self._writer.start()
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        readers: int = 4,
+        poll_interval: float = 0.2,
+        prefetch: int = 16,
+    ) -> SqliteEventStore:
+        """Open (creating file, parent folder and schema if needed) the store at ``path``.
+
+        ``poll_interval``: how often subscriptions look for events written by
+        other processes. ``prefetch``: events a persistent-subscription consumer
+        claims at a time.
+        """
+        location = os.fspath(path)
+        if location == ":memory:" or location.startswith("file:"):
+            raise ValueError("SqliteEventStore needs a file path (WAL mode and several connections)")
+        try:
+            connection = await asyncio.to_thread(_open_writer, location)
+        except sqlite3.Error as exc:
+            raise EventStoreUnavailable(f"cannot open event store {location}: {exc}") from exc
+        return cls(location, connection, readers=readers, poll_interval=poll_interval, prefetch=prefetch)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Write every append queued so far, then close. Live subscriptions end."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)  # after every job queued so far
+        try:
+            await asyncio.shield(self._writer_done)
+        finally:
+            self._appended.fire()
+            self._changed.fire()
+            await asyncio.to_thread(self._readers.shutdown, True)
+            with self._reader_lock:
+                for connection in self._reader_connections:
+                    connection.close()
+                self._reader_connections.clear()
+
+    # ------------------------------------------------------------------ writing
+
+    async def append(self, stream: str, events: Sequence[NewEvent], expected: Expected) -> AppendResult:
+        rows = _prepare(stream, events, expected)
+        category = category_of(stream)
+        return await self._submit(
+            lambda conn: _append_tx(conn, stream, category, rows, expected), appends=True
+        )
+
+    def _submit(self, run: Callable[[sqlite3.Connection], T], *, appends: bool = False) -> asyncio.Future[T]:
+        if self._closed:
+            raise EventStoreClosed(f"event store {self.path} is closed")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._jobs.put(_Job(run, future, appends))
+        return future
+
+    def _write_loop(self) -> None:
+        """Writer thread: take everything queued, write it in one transaction, hand the outcomes
+        back to the event loop; until close() queues ``None``."""
+        try:
+            stopping = False
+            while not stopping:
+                item = self._jobs.get()
+                batch: list[_Job[Any]] = []
+                while True:
+                    if item is None:
+                        stopping = True  # queued last by close(): everything before it is in batch
+                        break
+                    if not item.future.cancelled():  # a racy read, but only an optimisation
+                        batch.append(item)
+                    if len(batch) >= MAX_BATCH:
+                        break
+                    try:
+                        item = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                if not batch:
+                    continue
+                try:
+                    outcomes, changed = self._execute(batch)
+                except Exception as exc:  # the transaction as a whole failed: none of it was written
+                    self._loop.call_soon_threadsafe(self._failed, batch, exc)
+                else:
+                    self._loop.call_soon_threadsafe(self._finish, batch, outcomes, changed)
+        finally:
+            self._connection.close()
+            with contextlib.suppress(RuntimeError):  # the event loop is gone already
+                self._loop.call_soon_threadsafe(_resolve, self._writer_done)
+
+    def _failed(self, batch: list[_Job[Any]], exc: Exception) -> None:
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(EventStoreUnavailable(f"write to {self.path} failed: {exc}"))
+
+    def _finish(self, batch: list[_Job[Any]], outcomes: list[tuple[bool, Any]], changed: bool) -> None:
+        self.stats.transactions += 1
+        self.stats.jobs += len(batch)
+        appended = False
+        for job, (ok, value) in zip(batch, outcomes, strict=True):
+            self.stats.appends += job.appends
+            appended = appended or (ok and job.appends)
+            if job.future.done():
+                continue
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+        if appended:
+            self._appended.fire()
+        if changed or appended:
+            self._changed.fire()
+
+    def _execute(self, batch: list[_Job[Any]]) -> tuple[list[tuple[bool, Any]], bool]:
+        """Writer thread: one transaction, one savepoint per job, one fsync."""
+        conn = self._connection
+        durable = any(job.appends for job in batch)
+        if durable != self._sync_full:
+            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._sync_full = durable
+        before = conn.total_changes
+        outcomes: list[tuple[bool, Any]] = []
+        alone = len(batch) == 1  # no savepoint needed: a failure rolls the transaction back
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for job in batch:
+                if not alone:
+                    conn.execute("SAVEPOINT job")
+                try:
+                    value = job.run(conn)
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back (I/O error, disk full)
+                    if alone:
+                        conn.execute("ROLLBACK")
+                    else:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    outcomes.append((False, _translate(exc)))
+                else:
+                    if not alone:
+                        conn.execute("RELEASE job")
+                    outcomes.append((True, value))
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes, conn.total_changes != before
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise EventStoreClosed(f"event store {self.path} is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self._in_reader, run)
+
+    def _in_reader(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if conn is None:
+            conn = connect(self.path, writer=False)
+            self._local.connection = conn
+            with self._reader_lock:
+                self._reader_connections.append(conn)
+        try:
+            return run(conn)
+        except sqlite3.Error as exc:
+            raise EventStoreUnavailable(f"read from {self.path} failed: {exc}") from exc
+
+    async def read_stream(
+        self,
+        stream: str,
+        *,
+        from_revision: int | None = None,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        if from_revision is not None and from_revision < 0:
+            raise ValueError("from_revision must be >= 0")
+        _check_limit(limit)
+        if backwards:
+            sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE stream = ? AND revision <= ?"
+            sql += " ORDER BY revision DESC LIMIT ?"
+            start = from_revision if from_revision is not None else 2**62
+        else:
+            sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE stream = ? AND revision >= ?"
+            sql += " ORDER BY revision LIMIT ?"
+            start = from_revision or 0
+        params = (stream, start, -1 if limit is None else limit)
+        return await self._read(lambda conn: [to_event(row) for row in conn.execute(sql, params)])
+
+    async def stream_revision(self, stream: str) -> int | None:
+        def run(conn: sqlite3.Connection) -> int | None:
+            revision: int | None = conn.execute(
+                "SELECT max(revision) FROM events WHERE stream = ?", (stream,)
+            ).fetchone()[0]
+            return revision
+
+        return await self._read(run)
+
+    async def read_all(
+        self,
+        *,
+        after: int | None = None,
+        filter: EventFilter | None = None,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        _check_limit(limit)
+        events, _ = await self._read(lambda conn: _read_all(conn, after, filter, limit))
+        return events
+
+    async def head_position(self) -> int | None:
+        def run(conn: sqlite3.Connection) -> int | None:
+            head: int | None = conn.execute("SELECT max(position) FROM events").fetchone()[0]
+            return head
+
+        return await self._read(run)
+
+    async def subscribe(
+        self, *, after: int | None = None, filter: EventFilter | None = None
+    ) -> AsyncIterator[RecordedEvent]:
+        cursor = after
+        while not self._closed:
+            token = self._appended.token()
+            try:
+                events, scanned = await self._read(
+                    lambda conn: _read_all(conn, cursor, filter, READ_BATCH)  # noqa: B023
+                )
+            except EventStoreClosed:
+                return
+            for event in events:
+                yield event
+            cursor = scanned
+            if len(events) < READ_BATCH:
+                await _Signal.wait(token, self.poll_interval)
+
+    # ------------------------------------------------------------------ persistent subscriptions
+
+    async def create_subscription_group(self, group: str, settings: SubscriptionSettings) -> None:
+        await self._submit(lambda conn: groups.create_tx(conn, group, settings, exist_ok=False))
+
+    async def ensure_subscription_group(self, group: str, settings: SubscriptionSettings) -> None:
+        await self._submit(lambda conn: groups.create_tx(conn, group, settings, exist_ok=True))
+
+    async def delete_subscription_group(self, group: str) -> None:
+        await self._submit(lambda conn: groups.delete_tx(conn, group))
+
+    async def connect_subscription_group(self, group: str) -> SqlitePersistentSubscription:
+        await self._read(lambda conn: groups.load_group(conn, group))
+        return SqlitePersistentSubscription(self, group)
+
+    async def subscription_group_info(self, group: str) -> GroupInfo:
+        return await self._read(lambda conn: groups.info(conn, group))
+
+    async def list_parked(self, group: str, *, limit: int = 100) -> list[ParkedEvent]:
+        _check_limit(limit)
+        return await self._read(lambda conn: groups.list_parked(conn, group, limit))
+
+    async def replay_parked(self, group: str) -> int:
+        return await self._submit(lambda conn: groups.replay_parked_tx(conn, group))
+
+
+class SqlitePersistentSubscription:
+    """One consumer of a group. Iterate it for events; ack or nack each one.
+
+    Leaving the ``async for`` loop does not give the events up: only
+    :meth:`close` does, or the ack timeout (a consumer that vanished).
+    """
+
+    def __init__(self, store: SqliteEventStore, group: str) -> None:
+        self.group = group
+        self.consumer_id = uuid.uuid4().hex
+        self._store = store
+        self._buffer: deque[groups.Claimed] = deque()
+        self._claiming: asyncio.Future[list[groups.Claimed]] | None = None
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[RecordedEvent]:
+        while True:
+            event = await self._next()
+            if event is None:
+                return
+            yield event
+
+    async def _next(self) -> RecordedEvent | None:
+        store = self._store
+        while not (self._closed or store._closed):
+            while self._buffer:
+                claimed = self._buffer.popleft()
+                if claimed.lease_expires > time.time():
+                    return claimed.event
+                # Its lease ran out while it waited here: it belongs to whoever claims it next.
+            token = store._changed.token()
+            try:
+                if self._claiming is None:
+                    now = time.time()
+                    if not await store._read(lambda conn: groups.has_work(conn, self.group, now)):  # noqa: B023
+                        await _Signal.wait(token, store.poll_interval)
+                        continue
+                    self._claiming = self._claim()
+                # Shielded: if this iterator is cancelled, the claimed events still land in the buffer.
+                await asyncio.shield(self._claiming)
+            except EventStoreClosed:
+                return None
+            if not self._buffer:
+                await _Signal.wait(token, store.poll_interval)
+        return None
+
+    def _claim(self) -> asyncio.Future[list[groups.Claimed]]:
+        group, consumer, limit = self.group, self.consumer_id, self._store.prefetch
+        future = self._store._submit(lambda conn: groups.claim_tx(conn, group, consumer, limit, time.time()))
+
+        def done(future: asyncio.Future[list[groups.Claimed]]) -> None:
+            self._claiming = None
+            if not future.cancelled() and future.exception() is None:
+                self._buffer.extend(future.result())
+
+        future.add_done_callback(done)
+        return future
+
+    async def ack(self, event: RecordedEvent) -> None:
+        await self._settle(event, None, "")
+
+    async def nack(self, event: RecordedEvent, action: NackAction, reason: str = "") -> None:
+        await self._settle(event, action, reason)
+
+    async def _settle(self, event: RecordedEvent, action: NackAction | None, reason: str) -> None:
+        group, consumer, position = self.group, self.consumer_id, event.position
+        await self._store._submit(
+            lambda conn: groups.settle_tx(conn, group, consumer, position, action, reason)
+        )
+
+    async def close(self) -> None:
+        """Stop consuming and hand this consumer's in-flight events to the others now."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        group, consumer = self.group, self.consumer_id
+        with contextlib.suppress(EventStoreClosed):  # closed store: the leases simply expire
+            await self._store._submit(lambda conn: groups.release_tx(conn, group, consumer))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _open_writer(path: str) -> sqlite3.Connection:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    connection = connect(path, writer=True)
+    try:
+        create_schema(connection)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 0:
+        raise ValueError("limit must be >= 0")
+
+
+def _prepare(stream: str, events: Sequence[NewEvent], expected: Expected) -> list[_Row]:
+    if not isinstance(stream, str) or not stream:
+        raise ValueError("stream must be a non-empty string")
+    if isinstance(expected, bool) or not isinstance(expected, int | StreamState):
+        raise TypeError(f"expected must be a revision or a StreamState, not {expected!r}")
+    if isinstance(expected, int) and expected < 0:
+        raise ValueError("an expected revision is >= 0 (use NO_STREAM for a new stream)")
+    rows: list[_Row] = []
+    for event in events:
+        try:
+            data = event.data.decode()
+            metadata = event.metadata.decode() if event.metadata else "{}"
+        except UnicodeDecodeError as exc:
+            raise EventStoreError(f"{stream}: event {event.id} data and metadata must be UTF-8 JSON") from exc
+        rows.append((str(event.id), event.type, event.schema_version, data, metadata))
+    return rows
+
+
+def _append_tx(
+    conn: sqlite3.Connection, stream: str, category: str, rows: list[_Row], expected: Expected
+) -> AppendResult:
+    ids = [row[0] for row in rows]
+    check_ids = 0 < len(ids) <= 500
+    marks = ", ".join("?" * len(ids)) if check_ids else ""
+    actual, last_position, any_stored = conn.execute(
+        # One statement: the stream's last revision and position, and whether an id is stored already.
+        "SELECT (SELECT revision FROM events WHERE stream = ? ORDER BY revision DESC LIMIT 1),"
+        " (SELECT position FROM events WHERE stream = ? ORDER BY revision DESC LIMIT 1),"
+        + (f" EXISTS (SELECT 1 FROM events WHERE id IN ({marks}))" if check_ids else " 1"),
+        [stream, stream, *(ids if check_ids else ())],
+    ).fetchone()
+    if rows and any_stored:
+        stored = _stored(conn, ids)
+        if stored:
+            return _idempotent(stream, rows, expected, actual, stored)
+    _check_expected(stream, expected, actual)
+    if not rows:
+        return AppendResult(-1, -1) if actual is None else AppendResult(actual, last_position)
+    first = 0 if actual is None else actual + 1
+    recorded_at = datetime.now(UTC).isoformat()
+    values = [
+        (id_, stream, category, first + i, type_, version, data, metadata, recorded_at)
+        for i, (id_, type_, version, data, metadata) in enumerate(rows)
+    ]
+    if len(values) == 1:
+        position = conn.execute(_INSERT, values[0]).lastrowid
+    else:
+        conn.executemany(_INSERT, values)
+        position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+    assert position is not None
+    return AppendResult(first + len(rows) - 1, position)
+
+
+_INSERT = (
+    "INSERT INTO events (id, stream, category, revision, type, schema_version, data, metadata, recorded_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _stored(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[str, int, int]]:
+    """Event id -> (stream, revision, position) of those already stored."""
+    found: dict[str, tuple[str, int, int]] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        for id_, stream, revision, position in conn.execute(
+            f"SELECT id, stream, revision, position FROM events WHERE id IN ({marks})", chunk
+        ):
+            found[id_] = (stream, revision, position)
+    return found
+
+
+def _idempotent(
+    stream: str,
+    rows: list[_Row],
+    expected: Expected,
+    actual: int | None,
+    stored: dict[str, tuple[str, int, int]],
+) -> AppendResult:
+    for id_, (other, _, _) in stored.items():
+        if other != stream:
+            raise DuplicateEventId(stream, id_, other)
+    if len(stored) == len(rows):
+        revisions = [stored[row[0]][1] for row in rows]
+        first = revisions[0]
+        if revisions == list(range(first, first + len(rows))) and _matched_first_time(expected, first):
+            return AppendResult(revisions[-1], stored[rows[-1][0]][2])
+    raise WrongExpectedVersion(stream, expected, actual)
+
+
+def _matched_first_time(expected: Expected, first: int) -> bool:
+    """Whether ``expected`` held when the stored events were appended at revision ``first``."""
+    if expected is ANY:
+        return True
+    if expected is NO_STREAM:
+        return first == 0
+    if expected is STREAM_EXISTS:
+        return first > 0
+    return first == expected + 1 if isinstance(expected, int) else False
+
+
+def _check_expected(stream: str, expected: Expected, actual: int | None) -> None:
+    if expected is ANY:
+        return
+    if expected is NO_STREAM:
+        ok = actual is None
+    elif expected is STREAM_EXISTS:
+        ok = actual is not None
+    else:
+        ok = actual == expected
+    if not ok:
+        raise WrongExpectedVersion(stream, expected, actual)
+
+
+def _read_all(
+    conn: sqlite3.Connection, after: int | None, event_filter: EventFilter | None, limit: int | None
+) -> tuple[list[RecordedEvent], int | None]:
+    """Events after ``after`` and the position up to which ``$all`` was looked at."""
+    head: int | None = conn.execute("SELECT max(position) FROM events").fetchone()[0]
+    start = after if after is not None else 0
+    if head is None or head <= start or limit == 0:
+        return [], after
+    where, params = filter_sql(event_filter)
+    rows = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? AND position <= ?{where}"
+        " ORDER BY position LIMIT ?",
+        [start, head, *params, -1 if limit is None else limit],
+    ).fetchall()
+    scanned = rows[-1][0] if limit is not None and len(rows) == limit else head
+    return [to_event(row) for row in rows], scanned
+
+
+def _translate(exc: Exception) -> Exception:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return EventStoreError(f"rejected by the event store: {exc}")
+    if isinstance(exc, sqlite3.Error):
+        return EventStoreUnavailable(f"event store error: {exc}")
+    return exc

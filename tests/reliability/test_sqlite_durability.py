@@ -1,0 +1,399 @@
+"""Durability and multi-process behaviour of the SQLite event store.
+
+- An acknowledged append survives the process being SIGKILLed.
+- ``close()`` writes every append that was queued before it.
+- Persistent subscription groups survive a restart and can be shared by
+  consumers in different processes; catch-up subscriptions see events written
+  by another process.
+- SQLite-specific details the port leaves open: atomicity of one append inside
+  a shared (group-committed) transaction, ids unique across streams, readable
+  JSON in the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from orderstream.eventstore.base import (
+    ANY,
+    NO_STREAM,
+    AppendResult,
+    EventFilter,
+    EventStoreError,
+    NewEvent,
+    RecordedEvent,
+    SubscriptionSettings,
+)
+from orderstream.eventstore.sqlite import DuplicateEventId, EventStoreClosed, SqliteEventStore
+
+WAIT = 20.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def event(n: int = 0, data: bytes | None = None) -> NewEvent:
+    return NewEvent(id=uuid.uuid4(), type="Happened", data=data or msgspec.json.encode({"n": n}))
+
+
+@contextlib.asynccontextmanager
+async def opened(path: Path) -> AsyncIterator[SqliteEventStore]:
+    store = await SqliteEventStore.open(path)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def child(code: str, *args: str) -> asyncio.subprocess.Process:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, *args, stdout=asyncio.subprocess.PIPE, env=env
+    )
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]]) -> None:
+    """Poll ``check`` until it holds (the caller bounds the wait)."""
+    while True:
+        outcome = check()
+        if await outcome if inspect.isawaitable(outcome) else outcome:
+            return
+        await asyncio.sleep(0.02)
+
+
+async def checkpoint_is(store: SqliteEventStore, group: str, position: int) -> bool:
+    return (await store.subscription_group_info(group)).checkpoint == position
+
+
+async def read_line(process: asyncio.subprocess.Process) -> str:
+    assert process.stdout is not None
+    line = await process.stdout.readline()
+    if not line:
+        raise AssertionError(f"child ended early with {await process.wait()}")
+    return line.decode().strip()
+
+
+# ----------------------------------------------------------------------------- crash
+
+WRITER = """
+import asyncio, json, sys, uuid
+from orderstream.eventstore.base import NO_STREAM, NewEvent
+from orderstream.eventstore.sqlite import SqliteEventStore
+
+async def writer(store, stream):
+    revision = None
+    for n in range(10**9):
+        batch = [NewEvent(id=uuid.uuid4(), type="Happened", data=b'{"n": %d}' % n) for _ in range(1 + n % 3)]
+        result = await store.append(stream, batch, NO_STREAM if revision is None else revision)
+        revision = result.revision
+        print(json.dumps({"stream": stream, "revision": result.revision, "position": result.position,
+                          "ids": [str(e.id) for e in batch]}), flush=True)
+
+async def main():
+    store = await SqliteEventStore.open(sys.argv[1])
+    await asyncio.gather(*(writer(store, f"order-{i}") for i in range(8)))
+
+asyncio.run(main())
+"""
+
+
+async def test_acknowledged_appends_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    process = await child(WRITER, str(path))
+    acknowledged: list[dict[str, object]] = []
+    try:
+        async with asyncio.timeout(WAIT):
+            while len(acknowledged) < 400:
+                acknowledged.append(json.loads(await read_line(process)))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        assert process.stdout is not None
+        rest = (await process.stdout.read()).decode()
+        await process.wait()
+    for line in rest.splitlines(keepends=True):
+        if line.endswith("\n"):  # a line cut by the kill was never fully acknowledged
+            acknowledged.append(json.loads(line))
+    assert process.returncode == -signal.SIGKILL
+
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    async with opened(path) as store:
+        everything = await store.read_all()
+        streams = {e.stream for e in everything}
+        for stream in streams:
+            stored = await store.read_stream(stream)
+            assert [e.revision for e in stored] == list(range(len(stored))), stream
+        assert len({e.id for e in everything}) == len(everything)
+        assert len({e.position for e in everything}) == len(everything)
+        by_id = {str(e.id): e for e in everything}
+        for ack in acknowledged:
+            ack_ids = ack["ids"]
+            assert isinstance(ack_ids, list)
+            stored_batch = [by_id[i] for i in ack_ids]  # KeyError: an acknowledged event is lost
+            assert {e.stream for e in stored_batch} == {ack["stream"]}
+            last = stored_batch[-1]
+            assert (last.revision, last.position) == (ack["revision"], ack["position"])
+            revisions = [e.revision for e in stored_batch]
+            assert revisions == list(range(revisions[0], revisions[0] + len(revisions)))
+    assert len(acknowledged) >= 400
+
+
+async def test_close_writes_every_append_queued_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    store = await SqliteEventStore.open(path)
+    batches = [[event(n), event(n)] for n in range(300)]
+    tasks = [
+        asyncio.create_task(store.append(f"order-{n % 30}", batch, ANY)) for n, batch in enumerate(batches)
+    ]
+    await asyncio.sleep(0)  # every task has queued its append; some are being written
+
+    await store.close()
+
+    async with asyncio.timeout(WAIT):
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [r for r in results if not isinstance(r, AppendResult)]
+    assert failures == []
+    with pytest.raises(EventStoreClosed):
+        await store.append("order-0", [event()], ANY)
+    async with opened(path) as reopened:
+        stored = {e.id: e for e in await reopened.read_all()}
+    for batch, result in zip(batches, results, strict=True):
+        assert isinstance(result, AppendResult)
+        assert stored[batch[-1].id].position == result.position
+        assert batch[0].id in stored
+
+
+async def test_close_ends_live_subscriptions(tmp_path: Path) -> None:
+    store = await SqliteEventStore.open(tmp_path / "events.db")
+    await store.append("order-1", [event()], NO_STREAM)
+    await store.create_subscription_group("g", SubscriptionSettings())
+    consumer = await store.connect_subscription_group("g")
+    seen: list[RecordedEvent] = []
+
+    async def follow() -> None:
+        async for recorded in store.subscribe():
+            seen.append(recorded)
+
+    async def consume() -> None:
+        async for recorded in consumer:
+            seen.append(recorded)
+
+    tasks = [asyncio.create_task(follow()), asyncio.create_task(consume())]
+    async with asyncio.timeout(WAIT):
+        await until(lambda: len(seen) >= 2)
+        await store.close()
+        await asyncio.gather(*tasks)  # both iterators end without an error
+
+
+# ----------------------------------------------------------------------------- restarts and processes
+
+
+async def test_a_group_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    async with opened(path) as store:
+        await store.create_subscription_group(
+            "g", SubscriptionSettings(filter=EventFilter(categories=("order",)))
+        )
+        for n in range(5):
+            await store.append(f"order-{n}", [event(n)], NO_STREAM)
+        consumer = await store.connect_subscription_group("g")
+        received: list[RecordedEvent] = []
+        async with asyncio.timeout(WAIT):
+            async for recorded in consumer:
+                received.append(recorded)
+                if len(received) == 5:
+                    break
+        for recorded in received[:3]:
+            await consumer.ack(recorded)
+        await consumer.close()
+
+    async with opened(path) as store:
+        info = await store.subscription_group_info("g")
+        assert info.checkpoint == received[2].position
+        assert info.lag_events == 2
+        consumer = await store.connect_subscription_group("g")
+        again: list[RecordedEvent] = []
+        async with asyncio.timeout(WAIT):
+            async for recorded in consumer:
+                again.append(recorded)
+                await consumer.ack(recorded)
+                if len(again) == 2:
+                    break
+        assert [e.id for e in again] == [e.id for e in received[3:]]
+        assert (await store.subscription_group_info("g")).checkpoint == received[4].position
+        await consumer.close()
+
+
+CONSUMER = """
+import asyncio, sys
+from orderstream.eventstore.sqlite import SqliteEventStore
+
+async def main():
+    store = await SqliteEventStore.open(sys.argv[1])
+    consumer = await store.connect_subscription_group("shared")
+    print("ready", flush=True)
+    async for recorded in consumer:
+        print(recorded.id, recorded.stream, recorded.revision, flush=True)
+        await consumer.ack(recorded)
+
+asyncio.run(main())
+"""
+
+
+async def test_consumers_in_two_processes_share_a_group(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    async with opened(path) as store:
+        await store.create_subscription_group("shared", SubscriptionSettings(ack_timeout_seconds=60))
+        process = await child(CONSUMER, str(path))
+        try:
+            async with asyncio.timeout(WAIT):
+                assert await read_line(process) == "ready"
+            there: list[tuple[str, str, int]] = []
+
+            async def collect_there() -> None:
+                while True:
+                    id_, stream, revision = (await read_line(process)).split()
+                    there.append((id_, stream, int(revision)))
+
+            collector = asyncio.create_task(collect_there())
+            here: list[RecordedEvent] = []
+            consumer = await store.connect_subscription_group("shared")
+
+            async def consume_here() -> None:
+                async for recorded in consumer:
+                    here.append(recorded)
+                    await asyncio.sleep(0.05)  # slower than the other process: both get work
+                    await consumer.ack(recorded)
+
+            consuming = asyncio.create_task(consume_here())
+            for revision in range(5):
+                for s in range(8):
+                    await store.append(
+                        f"order-{s}", [event(revision)], revision - 1 if revision else NO_STREAM
+                    )
+            last = await store.head_position()
+            assert last is not None
+            async with asyncio.timeout(WAIT * 2):
+                await until(lambda: checkpoint_is(store, "shared", last))
+            consuming.cancel()
+            collector.cancel()
+            await consumer.close()
+        finally:
+            process.kill()
+            await process.wait()
+
+        delivered = [str(e.id) for e in here] + [id_ for id_, _, _ in there]
+        assert len(delivered) == len(set(delivered)) == 40  # each event once, across both processes
+        assert here, "this process got no events"
+        assert there, "the other process got no events"
+        for s in range(8):  # each process sees a stream's events in revision order
+            assert [e.revision for e in here if e.stream == f"order-{s}"] == sorted(
+                e.revision for e in here if e.stream == f"order-{s}"
+            )
+            mine = [revision for _, stream, revision in there if stream == f"order-{s}"]
+            assert mine == sorted(mine)
+        info = await store.subscription_group_info("shared")
+        assert (info.in_flight, info.lag_events, info.parked) == (0, 0, 0)
+
+
+APPENDER = """
+import asyncio, sys, uuid
+from orderstream.eventstore.base import ANY, NewEvent
+from orderstream.eventstore.sqlite import SqliteEventStore
+
+async def main():
+    store = await SqliteEventStore.open(sys.argv[1])
+    for n in range(3):
+        await store.append("order-elsewhere", [NewEvent(id=uuid.uuid4(), type="Happened", data=b"{}")], ANY)
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_subscription_sees_events_appended_by_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    async with opened(path) as store:
+        seen: list[RecordedEvent] = []
+
+        async def follow() -> None:
+            async for recorded in store.subscribe():
+                seen.append(recorded)
+
+        task = asyncio.create_task(follow())
+        try:
+            process = await child(APPENDER, str(path))
+            assert await process.wait() == 0
+            async with asyncio.timeout(WAIT):
+                await until(lambda: len(seen) >= 3)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert [e.revision for e in seen] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- SQLite specifics
+
+
+async def test_one_bad_append_fails_alone_inside_a_shared_transaction(tmp_path: Path) -> None:
+    async with opened(tmp_path / "events.db") as store:
+        bad = [event(0), event(1, data=b"not json"), event(2)]
+        before = store.stats.transactions
+        # Keep the writer busy so that the three appends queue up and share the next transaction.
+        busy = store._submit(lambda conn: time.sleep(0.2))
+        outcomes = await asyncio.gather(
+            store.append("order-1", [event()], NO_STREAM),
+            store.append("order-2", bad, NO_STREAM),
+            store.append("order-3", [event()], NO_STREAM),
+            return_exceptions=True,
+        )
+        await busy
+        assert store.stats.transactions - before <= 2  # so order-2 shared a transaction with another job
+        assert isinstance(outcomes[0], AppendResult)
+        assert isinstance(outcomes[1], EventStoreError)
+        assert isinstance(outcomes[2], AppendResult)
+        assert await store.read_stream("order-2") == []  # atomic: not even the first event
+        assert await store.stream_revision("order-3") == 0
+
+
+async def test_an_event_id_is_unique_across_streams(tmp_path: Path) -> None:
+    async with opened(tmp_path / "events.db") as store:
+        shared = event()
+        await store.append("order-1", [shared], NO_STREAM)
+        with pytest.raises(DuplicateEventId) as raised:
+            await store.append("order-2", [event(), shared], NO_STREAM)
+        assert raised.value.other_stream == "order-1"
+        assert await store.stream_revision("order-2") is None
+
+
+async def test_the_file_is_readable_with_plain_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    async with opened(path) as store:
+        await store.append(
+            "order-1",
+            [NewEvent(id=uuid.uuid4(), type="Placed", data=b'{"total": 5}', metadata=b'{"actor": "a"}')],
+            NO_STREAM,
+        )
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        row = raw.execute(
+            "SELECT stream, category, revision, type, data, metadata, recorded_at FROM events"
+        ).fetchone()
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    stream, category, revision, type_, data, metadata, recorded_at = row
+    assert (stream, category, revision, type_) == ("order-1", "order", 0, "Placed")
+    assert json.loads(data) == {"total": 5}
+    assert json.loads(metadata) == {"actor": "a"}
+    assert recorded_at.endswith("+00:00")
