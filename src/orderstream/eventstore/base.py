@@ -99,7 +99,7 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
     schema_version: int = 1
 
 
-class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """An event as stored. ``recorded_at`` is timezone-aware UTC."""
 
     id: uuid.UUID
