@@ -1,0 +1,172 @@
+"""The saga's HTTP surface: the payment provider's webhook, and the fulfilment
+status of an order.
+
+``create_app`` picks up :data:`route_handlers`. The status route finds the
+:class:`~workflows.order_fulfilment.client.FulfilmentClient` in
+``container.extensions["fulfilment_client"]`` (set by the saga hook,
+``workflows.worker``); without one it answers 503.
+
+The webhook appends ``PaymentAuthorised`` / ``PaymentDeclined`` through the
+payment decider; the saga trigger turns that event into the workflow's
+``payment_result`` signal. The event store stays the source of truth, and the
+webhook works (and is recorded) even while Temporal is down.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+
+from orderstream.api.common import CORRELATION_HEADER, ETAG_HEADER, WRITE_SECURITY, OrderIdPath, written
+from orderstream.api.plumbing import command_context, require_writer
+from orderstream.api.problems import ApiError, problem_responses
+from orderstream.api.schemas import WriteResult
+from orderstream.application.use_cases import UseCases
+from orderstream.bootstrap import Container
+from orderstream.domain import payments
+from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient, FulfilmentReport
+
+PaymentIdPath = Annotated[
+    str,
+    Parameter(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        max_length=100,
+        description="The payment's id (`payment_id` in `GET /orders/{id}/fulfilment`).",
+    ),
+]
+Note = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class PaymentWebhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The payment provider's final answer for a pending authorisation."""
+
+    status: Literal["authorised", "declined"]
+    authorisation_code: Note | None = None
+    """The provider's authorisation code (``authorised``)."""
+    reason: Note | None = None
+    """Why it was declined (``declined``)."""
+
+
+class FulfilmentOutcomeView(msgspec.Struct, frozen=True, kw_only=True):
+    status: Literal["shipped", "rejected", "cancelled", "compensated"]
+    reason: str | None
+    tracking_number: str | None
+    compensations: list[str]
+    compensation_failures: list[str]
+
+
+class FulfilmentView(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the order's saga stands, from the workflow itself."""
+
+    order_id: str
+    workflow_id: str
+    run_id: str
+    status: str
+    """The workflow's: running, completed, failed, cancelled, terminated, timed_out."""
+    step: str
+    """The step running now, or how it ended (shipped, rejected, cancelled, compensated)."""
+    outcome: FulfilmentOutcomeView | None
+    """Set once the saga has ended. Only ``shipped`` is a success; the others were compensated."""
+    completed_steps: list[str]
+    compensations: list[str]
+    payment_id: str
+    """Where the payment provider's webhook goes: ``POST /payments/{payment_id}/webhook``."""
+    payment_deadline: str | None
+    """While waiting for a pending authorisation: until when (ISO 8601 UTC)."""
+    web_ui_url: str | None
+    """The workflow in the Temporal Web UI."""
+
+
+def fulfilment_view(report: FulfilmentReport) -> FulfilmentView:
+    outcome = None
+    if report.outcome is not None:
+        o = report.outcome
+        outcome = FulfilmentOutcomeView(
+            status=o.status,
+            reason=o.reason,
+            tracking_number=o.tracking_number,
+            compensations=list(o.compensations),
+            compensation_failures=list(o.compensation_failures),
+        )
+    return FulfilmentView(
+        order_id=report.order_id,
+        workflow_id=report.workflow_id,
+        run_id=report.run_id,
+        status=report.status,
+        step=report.step,
+        outcome=outcome,
+        completed_steps=list(report.completed_steps),
+        compensations=list(report.compensations),
+        payment_id=report.payment_id,
+        payment_deadline=report.payment_deadline,
+        web_ui_url=report.web_ui_url,
+    )
+
+
+def fulfilment_client(container: Container) -> FulfilmentClient:
+    """The process's :class:`FulfilmentClient`, put in ``container.extensions`` by
+    the saga hook (``workflows.worker``); 503 in a process without Temporal."""
+    client = container.extensions.get(FULFILMENT_CLIENT_KEY)
+    if not isinstance(client, FulfilmentClient):
+        raise ApiError(
+            503, "unavailable", "Sagas are not available in this process (no Temporal connection)."
+        )
+    return client
+
+
+class FulfilmentController(Controller):
+    path = "/"
+    tags = ["fulfilment"]
+
+    @post(
+        "/payments/{payment_id:str}/webhook",
+        operation_id="paymentWebhook",
+        summary="The payment provider's result for a pending authorisation",
+        description=(
+            "Records the result on the payment (`PaymentAuthorised` / `PaymentDeclined`); the order's "
+            "fulfilment saga is told through the event. Repeating the same result is harmless; a "
+            "different result after the first, or a result for a payment that is no longer pending "
+            "(e.g. voided after the deadline), is a 409."
+        ),
+        status_code=200,
+        guards=[require_writer],
+        security=WRITE_SECURITY,
+        response_headers=[ETAG_HEADER, CORRELATION_HEADER],
+        responses=problem_responses(400, 401, 404, 409, 413, 422),
+    )
+    async def payment_webhook(
+        self,
+        request: Request[Any, Any, Any],
+        payment_id: PaymentIdPath,
+        data: PaymentWebhook,
+        use_cases: UseCases,
+    ) -> Response[WriteResult]:
+        now = use_cases.handler.clock()
+        command: payments.PaymentCommand
+        if data.status == "authorised":
+            command = payments.AuthorisePayment(
+                payment_id=payment_id, authorisation_code=data.authorisation_code or "webhook", now=now
+            )
+        else:
+            command = payments.DeclinePayment(
+                payment_id=payment_id, reason=data.reason or "declined by the payment provider", now=now
+            )
+        result = await use_cases.payment_command(command, command_context(request))
+        return written(payment_id, result)
+
+    @get(
+        "/orders/{order_id:str}/fulfilment",
+        operation_id="getOrderFulfilment",
+        summary="The order's fulfilment saga: step, outcome, compensations, Web UI link",
+        response_headers=[CORRELATION_HEADER],
+        responses=problem_responses(400, 404, 503),
+    )
+    async def get_fulfilment(self, order_id: OrderIdPath, container: Container) -> FulfilmentView:
+        return fulfilment_view(await fulfilment_client(container).report(order_id))
+
+
+route_handlers = [FulfilmentController]
+"""Picked up by ``create_app`` (``default_extra_route_handlers``)."""

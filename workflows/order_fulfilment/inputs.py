@@ -1,0 +1,183 @@
+"""What crosses the Temporal boundary for the order-fulfilment saga.
+
+Plain, frozen dataclasses of ``str``/``int``/``float``/``list`` only, so the
+SDK's default JSON converter carries them and the Web UI shows them readably.
+Fields may be added later with defaults; never rename or remove one while
+workflows that use it are running.
+
+This module imports nothing but the standard library: the saga trigger, the
+API and the workflow sandbox all import it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+WORKFLOW_TYPE = "OrderFulfilment"
+WORKFLOW_ID_PREFIX = "order-fulfilment-"
+DEFAULT_TASK_QUEUE = "orderstream-order-fulfilment"
+SAGA_ACTOR = "saga:order-fulfilment"
+"""The ``actor`` in the metadata of every event the saga appends; the trigger
+ignores payment and cancellation events whose actor is the saga itself."""
+
+DEFAULT_PAYMENT_DEADLINE_SECONDS = 15 * 60.0
+
+# Signal and query names (the public surface of a running saga).
+SIGNAL_PAYMENT_RESULT = "payment_result"
+SIGNAL_CANCEL = "cancel"
+QUERY_STATUS = "status"
+
+# ApplicationError types raised by the activities for final domain errors.
+ERR_INSUFFICIENT_STOCK = "InsufficientStock"
+ERR_ILLEGAL_TRANSITION = "IllegalTransition"
+ERR_NOT_FOUND = "NotFound"
+ERR_DOMAIN = "DomainError"
+"""Any other broken business rule; final like the three above."""
+
+# ApplicationError types the workflow fails with when it compensated.
+FAILURE_TYPES: dict[str, str] = {
+    "rejected": "FulfilmentRejected",
+    "cancelled": "FulfilmentCancelled",
+    "compensated": "FulfilmentCompensated",
+}
+COMPENSATION_FAILED = "CompensationFailed"
+
+_PAYMENT_ID_NAMESPACE = uuid.UUID("0d8f6c3e-6a43-4b8e-9f0c-5e2b7a91c4d2")
+_TRACKING_NAMESPACE = uuid.UUID("6b2e9d14-2f7a-4c55-8e31-9a0f4c7d8b63")
+
+OutcomeStatus = Literal["shipped", "rejected", "cancelled", "compensated"]
+PaymentResult = Literal["authorised", "declined"]
+
+
+def workflow_id_for(order_id: str) -> str:
+    """One saga per order: the id a redelivered ``OrderPlaced`` collides with."""
+    return f"{WORKFLOW_ID_PREFIX}{order_id}"
+
+
+def payment_id_for(order_id: str) -> str:
+    """The order's payment id (stream ``payment-{payment_id}``), derived so that
+    anyone holding the order id can find the payment."""
+    return str(uuid.uuid5(_PAYMENT_ID_NAMESPACE, order_id))
+
+
+def tracking_number_for(workflow_id: str) -> str:
+    """Deterministic, so a replayed or retried ship step ships the same parcel."""
+    return "TRK-" + uuid.uuid5(_TRACKING_NAMESPACE, workflow_id).hex[:12].upper()
+
+
+@dataclass(frozen=True)
+class Line:
+    sku: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class Amount:
+    """Money in integer minor units."""
+
+    amount: int
+    currency: str
+
+
+@dataclass(frozen=True)
+class FulfilmentInput:
+    order_id: str
+    payment_id: str
+    lines: list[Line]
+    amount: Amount
+    payment_token: str
+    correlation_id: str
+    """From the ``OrderPlaced`` event's metadata; every event the saga appends carries it."""
+    causation_id: str
+    """The ``OrderPlaced`` event's id."""
+    payment_deadline_seconds: float = DEFAULT_PAYMENT_DEADLINE_SECONDS
+    """How long a pending authorisation may wait for the webhook's result."""
+
+
+@dataclass(frozen=True)
+class StepRef:
+    """Identifies one saga step to an activity: the command's idempotency key is
+    ``f"{workflow_id}/{step}"``, so a retried activity appends nothing twice."""
+
+    workflow_id: str
+    step: str
+    correlation_id: str
+    causation_id: str
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.workflow_id}/{self.step}"
+
+
+# ------------------------------------------------------------------ activity arguments
+
+
+@dataclass(frozen=True)
+class StockArgs:
+    ref: StepRef
+    order_id: str
+    sku: str
+    quantity: int = 0
+    """Used by ``reserve_stock`` only."""
+    reason: str = ""
+    """Used by ``release_stock`` only."""
+
+
+@dataclass(frozen=True)
+class OrderArgs:
+    ref: StepRef
+    order_id: str
+    payment_id: str = ""
+    """``mark_payment_authorised``."""
+    tracking_number: str = ""
+    """``ship_order``."""
+    reason: str = ""
+    """``reject_order`` / ``cancel_order``."""
+
+
+@dataclass(frozen=True)
+class PaymentArgs:
+    ref: StepRef
+    payment_id: str
+    order_id: str
+    amount: Amount
+    token: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AuthorisationResult:
+    status: Literal["approved", "declined", "pending"]
+    reason: str | None = None
+
+
+# ------------------------------------------------------------------------- outcome
+
+
+@dataclass
+class FulfilmentOutcome:
+    """How the saga ended. Returned when ``shipped``; otherwise the workflow
+    fails with an ApplicationError whose type is ``FAILURE_TYPES[status]`` (or
+    ``CompensationFailed``) and whose first detail is this object."""
+
+    status: OutcomeStatus
+    reason: str | None = None
+    tracking_number: str | None = None
+    compensations: list[str] = field(default_factory=list)
+    compensation_failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FulfilmentStatus:
+    """The answer of the ``status`` query."""
+
+    order_id: str
+    payment_id: str
+    step: str
+    completed_steps: list[str] = field(default_factory=list)
+    compensations: list[str] = field(default_factory=list)
+    outcome: FulfilmentOutcome | None = None
+    payment_deadline: str | None = None
+    """ISO 8601 UTC, while waiting for a pending authorisation."""

@@ -1,0 +1,68 @@
+"""A standalone order-fulfilment worker process.
+
+    python -m workflows.order_fulfilment.worker \\
+        --temporal-address localhost:7233 --event-store sqlite:///data/events.db
+
+It polls the task queue with the ``OrderFulfilment`` workflow and its
+activities (over the given event store, with the sandbox payment gateway)
+until SIGTERM / SIGINT. ``orderstream worker`` / ``serve`` run the same worker
+through the bootstrap hook in :mod:`workflows.worker`; this entry point needs
+no read store and no settings, which makes it handy for tests that kill a
+worker with SIGKILL mid-saga.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from orderstream.application.commands import CommandHandler
+from orderstream.application.payment_gateway import SandboxPaymentGateway
+from orderstream.application.use_cases import UseCases
+from orderstream.bootstrap import open_event_store
+from orderstream.events import registry
+from workflows.order_fulfilment.inputs import DEFAULT_TASK_QUEUE
+from workflows.runtime import build_worker, connect
+
+READY = "order-fulfilment worker ready"
+"""Printed on stdout once the worker polls."""
+
+
+async def serve(address: str, event_store_url: str, task_queue: str, transient_failures: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    store = await open_event_store(event_store_url)
+    try:
+        client = await connect(address)
+        use_cases = UseCases(CommandHandler(store, registry))
+        gateway = SandboxPaymentGateway(transient_failures=transient_failures)
+        async with build_worker(client, use_cases, gateway, task_queue):
+            print(READY, flush=True)
+            await stop.wait()
+    finally:
+        await store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--temporal-address", required=True, help="host:port of the Temporal frontend")
+    parser.add_argument("--event-store", required=True, help="sqlite:///path or kurrentdb://host:2113")
+    parser.add_argument("--task-queue", default=DEFAULT_TASK_QUEUE)
+    parser.add_argument("--transient-failures", type=int, default=2, help="sandbox: tok_error failures")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    asyncio.run(serve(args.temporal_address, args.event_store, args.task_queue, args.transient_failures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""The ``OrderFulfilment`` saga.
+
+Forward steps (each an activity that sends one command through the command
+handler)::
+
+    reserve-stock/{sku} (every line)  ->  mark-stock-reserved  ->  request-payment
+    ->  authorise-payment  [-> wait for the payment_result signal, with a deadline]
+    ->  mark-payment-authorised  ->  confirm-order  ->  ship-order      (pivot)
+    ->  capture-payment  ->  commit-stock/{sku}
+
+Each compensation is registered before its step runs; on a failure, a decline,
+a missed deadline or the customer's cancellation they run in reverse:
+``void-payment``, ``release-stock/{sku}``..., then the order is closed
+(``reject-order`` when stock was short, ``cancel-order`` otherwise, nothing when
+the customer already cancelled it).
+
+``ship-order`` is the pivot: once the parcel is on its way nothing is undone,
+a late ``cancel`` signal is ignored (the order decider refuses it anyway) and
+the remaining steps are retried until they succeed.
+
+Outcome: ``shipped`` is the only successful end (the run returns a
+:class:`FulfilmentOutcome`). Any compensated end fails the workflow with a
+non-retryable ``ApplicationError`` of type ``FulfilmentRejected``,
+``FulfilmentCancelled`` or ``FulfilmentCompensated`` (``CompensationFailed`` if a
+compensation itself failed), the outcome as its first detail. The ``status``
+query returns the step, the completed steps, the compensations run and the
+outcome at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows.order_fulfilment.activities import FulfilmentActivities
+    from workflows.order_fulfilment.inputs import (
+        COMPENSATION_FAILED,
+        ERR_ILLEGAL_TRANSITION,
+        ERR_INSUFFICIENT_STOCK,
+        ERR_NOT_FOUND,
+        FAILURE_TYPES,
+        QUERY_STATUS,
+        SIGNAL_CANCEL,
+        SIGNAL_PAYMENT_RESULT,
+        WORKFLOW_TYPE,
+        AuthorisationResult,
+        FulfilmentInput,
+        FulfilmentOutcome,
+        FulfilmentStatus,
+        Line,
+        OrderArgs,
+        OutcomeStatus,
+        PaymentArgs,
+        StepRef,
+        StockArgs,
+        tracking_number_for,
+    )
+
+A = TypeVar("A")
+T = TypeVar("T")
+Acts = FulfilmentActivities
+
+# ---------------------------------------------------------------- policies (defined once)
+
+STEP_TIMEOUT = timedelta(seconds=30)
+"""start_to_close of every activity: one command, or one gateway call and one command."""
+
+STEP_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=8,
+)
+"""Forward steps before the pivot: transient errors are retried for about 25 s,
+then the saga gives up and compensates. Final domain errors are never retried."""
+
+MUST_COMPLETE_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=60),
+    maximum_attempts=0,
+)
+"""Compensations and the steps after the pivot: retried until they succeed;
+only a final domain error stops them."""
+
+
+class SagaAborted(Exception):
+    """Internal: stop the forward steps and compensate."""
+
+    def __init__(self, status: OutcomeStatus, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class _Compensation:
+    name: str
+    run: Callable[[str], Awaitable[str]]
+    """Called with the reason the saga aborted; returns a note for the status."""
+
+
+def _failure(err: ActivityError) -> tuple[str | None, dict[str, Any]]:
+    """``(type, details)`` of the ApplicationError behind an activity failure."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        first = cause.details[0] if cause.details else None
+        return cause.type, first if isinstance(first, dict) else {}
+    return None, {}
+
+
+def _message(err: BaseException) -> str:
+    cause = err.cause if isinstance(err, ActivityError) and err.cause is not None else err
+    message = getattr(cause, "message", None)
+    return message if isinstance(message, str) and message else str(cause)
+
+
+@workflow.defn(name=WORKFLOW_TYPE)
+class OrderFulfilment:
+    @workflow.init
+    def __init__(self, inp: FulfilmentInput) -> None:
+        self._inp = inp
+        self._state = FulfilmentStatus(order_id=inp.order_id, payment_id=inp.payment_id, step="starting")
+        self._compensations: list[_Compensation] = []
+        self._payment_result: str | None = None
+        self._cancel_reason: str | None = None
+        self._shipped = False
+        self._abort_status: OutcomeStatus | None = None
+
+    # ------------------------------------------------------------------ handlers
+
+    @workflow.signal(name=SIGNAL_PAYMENT_RESULT)
+    def payment_result(self, status: str) -> None:
+        """``authorised`` or ``declined``: the webhook's answer for a pending
+        payment. The first result wins; later ones are ignored."""
+        if status not in ("authorised", "declined"):
+            workflow.logger.warning("ignoring payment_result %r", status)
+        elif self._payment_result is None:
+            self._payment_result = status
+
+    @workflow.signal(name=SIGNAL_CANCEL)
+    def cancel(self, reason: str) -> None:
+        """The customer cancelled the order (``OrderCancelled`` was appended).
+        After shipment the order decider refuses that, so a late signal is ignored."""
+        if self._shipped:
+            workflow.logger.info("order already shipped: ignoring cancel (%s)", reason)
+        elif self._cancel_reason is None:
+            self._cancel_reason = reason or "cancelled by the customer"
+
+    @workflow.query(name=QUERY_STATUS)
+    def status(self) -> FulfilmentStatus:
+        return self._state
+
+    # ---------------------------------------------------------------------- run
+
+    @workflow.run
+    async def run(self, inp: FulfilmentInput) -> FulfilmentOutcome:
+        try:
+            await self._forward()
+        except SagaAborted as abort:
+            await self._compensate_and_fail(abort.status, abort.reason)
+        except ActivityError as err:
+            if self._shipped:
+                raise  # past the pivot nothing is undone: the workflow fails for an operator
+            await self._compensate_and_fail("compensated", f"{self._state.step} failed: {_message(err)}")
+        except asyncio.CancelledError:
+            # Cancelled through Temporal (CLI, Web UI): undo, then end as cancelled.
+            await self._compensate("compensated", "saga cancelled through Temporal")
+            raise
+        outcome = FulfilmentOutcome(status="shipped", tracking_number=self._tracking_number)
+        self._finish(outcome)
+        return outcome
+
+    async def _forward(self) -> None:
+        inp = self._inp
+        # Closing the order is the last compensation, so it is registered first.
+        self._register("close-order", self._close_order)
+
+        for line in inp.lines:
+            self._register(f"release-stock/{line.sku}", self._releaser(line))
+            step = f"reserve-stock/{line.sku}"
+            await self._step(step, Acts.reserve_stock, self._stock_args(step, line, quantity=line.quantity))
+
+        step = "mark-stock-reserved"
+        await self._step(step, Acts.mark_stock_reserved, self._order_args(step))
+
+        self._register("void-payment", self._void_payment)
+        step = "request-payment"
+        await self._step(step, Acts.request_payment, self._payment_args(step))
+        step = "authorise-payment"
+        answer = await self._step(step, Acts.authorise_payment, self._payment_args(step))
+        await self._payment_decision(answer)
+
+        step = "mark-payment-authorised"
+        await self._step(step, Acts.mark_payment_authorised, self._order_args(step))
+        step = "confirm-order"
+        await self._step(step, Acts.confirm_order, self._order_args(step))
+        step = "ship-order"
+        await self._step(step, Acts.ship_order, self._order_args(step))
+
+        # The pivot: the parcel is on its way and nothing is undone from here on.
+        self._shipped = True
+        self._compensations.clear()
+        step = "capture-payment"
+        await self._step(step, Acts.capture_payment, self._payment_args(step), retry=MUST_COMPLETE_RETRY)
+        for line in inp.lines:
+            step = f"commit-stock/{line.sku}"
+            await self._step(step, Acts.commit_stock, self._stock_args(step, line), retry=MUST_COMPLETE_RETRY)
+
+    # --------------------------------------------------------------------- steps
+
+    @property
+    def _tracking_number(self) -> str:
+        return tracking_number_for(workflow.info().workflow_id)
+
+    def _ref(self, step: str) -> StepRef:
+        inp = self._inp
+        return StepRef(workflow.info().workflow_id, step, inp.correlation_id, inp.causation_id)
+
+    def _stock_args(self, step: str, line: Line, *, quantity: int = 0, reason: str = "") -> StockArgs:
+        return StockArgs(self._ref(step), self._inp.order_id, line.sku, quantity=quantity, reason=reason)
+
+    def _order_args(self, step: str, *, reason: str = "") -> OrderArgs:
+        inp = self._inp
+        return OrderArgs(
+            self._ref(step),
+            inp.order_id,
+            payment_id=inp.payment_id,
+            tracking_number=self._tracking_number,
+            reason=reason,
+        )
+
+    def _payment_args(self, step: str, *, reason: str = "") -> PaymentArgs:
+        inp = self._inp
+        return PaymentArgs(
+            self._ref(step), inp.payment_id, inp.order_id, inp.amount, token=inp.payment_token, reason=reason
+        )
+
+    async def _call(
+        self, fn: Callable[[Any, A], Awaitable[T]], args: A, *, retry: RetryPolicy = STEP_RETRY
+    ) -> T:
+        return await workflow.execute_activity_method(
+            fn, args, start_to_close_timeout=STEP_TIMEOUT, retry_policy=retry
+        )
+
+    async def _step(
+        self,
+        name: str,
+        fn: Callable[[Any, A], Awaitable[T]],
+        args: A,
+        *,
+        retry: RetryPolicy = STEP_RETRY,
+    ) -> T:
+        """Run one forward step, unless the customer cancelled meanwhile."""
+        self._check_cancelled()
+        self._state.step = name
+        try:
+            result = await self._call(fn, args, retry=retry)
+        except ActivityError as err:
+            kind, details = _failure(err)
+            if kind == ERR_ILLEGAL_TRANSITION and details.get("status") == "cancelled" and not self._shipped:
+                # The customer's cancellation landed before its signal reached us.
+                raise SagaAborted("cancelled", self._cancelled_reason()) from err
+            if kind in (ERR_INSUFFICIENT_STOCK, ERR_NOT_FOUND) and name.startswith("reserve-stock/"):
+                raise SagaAborted("rejected", _message(err)) from err
+            raise
+        self._state.completed_steps.append(name)
+        return result
+
+    def _check_cancelled(self) -> None:
+        if self._cancel_reason is not None and not self._shipped:
+            raise SagaAborted("cancelled", self._cancelled_reason())
+
+    def _cancelled_reason(self) -> str:
+        return f"cancelled by the customer: {self._cancel_reason or 'the order was cancelled'}"
+
+    async def _payment_decision(self, answer: AuthorisationResult) -> None:
+        if answer.status == "approved":
+            return
+        if answer.status == "declined":
+            raise SagaAborted("compensated", f"payment declined: {answer.reason or 'declined'}")
+        # Pending: the webhook's result arrives as the payment_result signal.
+        seconds = self._inp.payment_deadline_seconds
+        self._state.step = "await-payment-result"
+        self._state.payment_deadline = (workflow.now() + timedelta(seconds=seconds)).isoformat()
+        try:
+            await workflow.wait_condition(
+                lambda: self._payment_result is not None or self._cancel_reason is not None,
+                timeout=timedelta(seconds=seconds),
+                timeout_summary="payment-deadline",
+            )
+        except TimeoutError:
+            raise SagaAborted(
+                "compensated", f"payment deadline passed: not authorised within {seconds:g} s"
+            ) from None
+        finally:
+            self._state.payment_deadline = None
+        self._check_cancelled()
+        if self._payment_result == "declined":
+            raise SagaAborted("compensated", "payment declined (webhook)")
+        self._state.completed_steps.append("await-payment-result")
+
+    # ------------------------------------------------------------- compensations
+
+    def _register(self, name: str, run: Callable[[str], Awaitable[str]]) -> None:
+        self._compensations.append(_Compensation(name, run))
+
+    def _releaser(self, line: Line) -> Callable[[str], Awaitable[str]]:
+        async def release(reason: str) -> str:
+            args = self._stock_args(f"release-stock/{line.sku}", line, reason=reason)
+            return await self._call(Acts.release_stock, args, retry=MUST_COMPLETE_RETRY)
+
+        return release
+
+    async def _void_payment(self, reason: str) -> str:
+        args = self._payment_args("void-payment", reason=reason)
+        return await self._call(Acts.void_payment, args, retry=MUST_COMPLETE_RETRY)
+
+    async def _close_order(self, reason: str) -> str:
+        if self._abort_status == "cancelled":
+            return "already cancelled by the customer"
+        if self._abort_status == "rejected":
+            args = self._order_args("reject-order", reason=reason)
+            return await self._call(Acts.reject_order, args, retry=MUST_COMPLETE_RETRY)
+        args = self._order_args("cancel-order", reason=reason)
+        return await self._call(Acts.cancel_order, args, retry=MUST_COMPLETE_RETRY)
+
+    async def _compensate(self, status: OutcomeStatus, reason: str) -> FulfilmentOutcome:
+        """Run the registered compensations in reverse. A failing one is recorded
+        and the others still run."""
+        self._abort_status = status
+        outcome = FulfilmentOutcome(status=status, reason=reason)
+        self._state.step = "compensating"
+        for comp in reversed(self._compensations):
+            try:
+                note = await comp.run(reason)
+            except ActivityError as err:
+                workflow.logger.error("compensation %s failed: %s", comp.name, _message(err))
+                outcome.compensation_failures.append(f"{comp.name}: {_message(err)}")
+                continue
+            entry = f"{comp.name}: {note}" if note else comp.name
+            self._state.compensations.append(entry)
+            outcome.compensations.append(entry)
+        self._compensations.clear()
+        self._finish(outcome)
+        return outcome
+
+    async def _compensate_and_fail(self, status: OutcomeStatus, reason: str) -> None:
+        outcome = await self._compensate(status, reason)
+        kind = COMPENSATION_FAILED if outcome.compensation_failures else FAILURE_TYPES[status]
+        raise ApplicationError(
+            f"order {self._inp.order_id} {status}: {reason}", outcome, type=kind, non_retryable=True
+        )
+
+    def _finish(self, outcome: FulfilmentOutcome) -> None:
+        self._state.outcome = outcome
+        self._state.step = outcome.status

