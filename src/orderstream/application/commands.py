@@ -13,7 +13,9 @@ store's idempotent append turns into one write.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import random
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -125,12 +127,17 @@ class CommandHandler:
         clock: Clock = utc_now,
         max_attempts: int = 8,
         on_conflict: Callable[[str], None] | None = None,
+        retry_backoff: float = 0.002,
     ) -> None:
         self.event_store = event_store
         self.registry = registry
         self.clock = clock
         self.max_attempts = max_attempts
         self._on_conflict = on_conflict
+        self.retry_backoff = retry_backoff
+        """Base of the jittered exponential back-off after a lost race (seconds).
+        Without it every loser reloads at the same moment and only one of them
+        can win each round, so a burst larger than ``max_attempts`` fails."""
 
     async def load(self, decider: Decider[C, E, S], stream: str, *, up_to: int | None = None) -> Loaded[S]:
         """Fold the stream (up to and including revision ``up_to``) into state."""
@@ -161,7 +168,7 @@ class CommandHandler:
         up to ``max_attempts`` times.
         """
         context = context or CommandContext()
-        for _attempt in range(self.max_attempts):
+        for attempt in range(self.max_attempts):
             loaded = await self.load(decider, stream)
             earlier = self._find_replay(loaded, stream, context)
             if earlier is not None:
@@ -183,6 +190,8 @@ class CommandHandler:
                     raise
                 if self._on_conflict:
                     self._on_conflict(stream)
+                if self.retry_backoff > 0:
+                    await asyncio.sleep(random.uniform(0, min(self.retry_backoff * 2**attempt, 0.1)))
                 continue
             state = loaded.state
             for event in events:

@@ -1,0 +1,111 @@
+"""Pieces the controllers share: parameter types, write responses, documented headers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Response
+from litestar.datastructures import ResponseHeader
+from litestar.params import HeaderParameter, PathParameter, QueryParameter
+
+from orderstream.api.plumbing import etag
+from orderstream.api.schemas import SKU_PATTERN, WriteResult
+from orderstream.application.commands import CommandResult
+
+ORDER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+IfMatch = Annotated[
+    str | None,
+    HeaderParameter(
+        name="If-Match",
+        required=False,
+        max_length=64,
+        description=(
+            'The revision you last read, as an entity tag: `"3"` (a bare `3` is accepted too). '
+            "The write happens only if the resource is still at that revision, else 412 with "
+            "`current_revision`. Absent or `*`: no check (the server retries a lost race itself)."
+        ),
+    ),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        required=False,
+        max_length=255,
+        description=(
+            "Any unique string (a UUID) per intended operation. Repeating the request with the same "
+            "key returns the first answer and appends nothing; the same key with a different body is "
+            "refused with 422."
+        ),
+    ),
+]
+MinPosition = Annotated[
+    int | None,
+    QueryParameter(
+        required=False,
+        ge=0,
+        description=(
+            "Read your own write: the `position` a write answered with. The query waits (bounded) "
+            "until the read model has applied every event up to it, else answers 503 with Retry-After."
+        ),
+    ),
+]
+Limit = Annotated[int, QueryParameter(ge=1, le=100, description="Page size, 1 to 100.")]
+Cursor = Annotated[
+    str | None,
+    QueryParameter(required=False, max_length=2000, description="`next_cursor` of the previous page."),
+]
+SearchText = Annotated[
+    str | None, QueryParameter(required=False, max_length=200, description="Full-text search.")
+]
+SkuPath = Annotated[str, PathParameter(pattern=SKU_PATTERN, max_length=64, description="The product's SKU.")]
+OrderIdPath = Annotated[
+    str, PathParameter(pattern=ORDER_ID_PATTERN, max_length=100, description="The order's id.")
+]
+
+ETAG_HEADER = ResponseHeader(
+    name="ETag",
+    documentation_only=True,
+    description='The stream revision after the write, as an entity tag (`"3"`); send it back as If-Match.',
+)
+READ_ETAG_HEADER = ResponseHeader(
+    name="ETag",
+    documentation_only=True,
+    description='The revision of the document, as an entity tag (`"3"`); usable as If-Match.',
+)
+LOCATION_HEADER = ResponseHeader(
+    name="Location", documentation_only=True, description="Where the created resource can be read."
+)
+REPLAYED_HEADER = ResponseHeader(
+    name="Idempotent-Replayed",
+    documentation_only=True,
+    description="`true` when the answer is the replay of an earlier request with the same Idempotency-Key.",
+)
+CORRELATION_HEADER = ResponseHeader(
+    name="X-Correlation-ID",
+    documentation_only=True,
+    description="The request's X-Correlation-ID, or a new one; it is in the metadata of every event written.",
+)
+
+WRITE_SECURITY: list[dict[str, list[str]]] = [{"BearerToken": []}]
+
+
+def written(ident: str, result: CommandResult[Any], *, location: str | None = None) -> Response[WriteResult]:
+    """The answer to a command: body ``{"id", "revision", "position"}``, ``ETag``, and
+    for a creation 201 with ``Location``."""
+    headers = {"ETag": etag(result.revision)}
+    if location is not None:
+        headers["Location"] = location
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(
+        WriteResult(id=ident, revision=result.revision, position=result.position),
+        status_code=201 if location is not None else 200,
+        headers=headers,
+    )
+
+
+def id_of(stream: str) -> str:
+    """``order-7f3c`` -> ``7f3c``."""
+    return stream.split("-", 1)[1]

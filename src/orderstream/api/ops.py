@@ -1,0 +1,102 @@
+"""``/health``, ``/ready``, ``/metrics``: for load balancers, orchestrators and Prometheus."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from litestar import Controller, Response, get
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+
+from orderstream.api.schemas import Health, ProjectionReadiness, Readiness
+from orderstream.bootstrap import Container
+
+log = logging.getLogger("orderstream.api")
+
+PROBE_TIMEOUT = 2.0
+
+
+async def refresh_projection_metrics(container: NamedDependency[Container]) -> dict[str, ProjectionReadiness]:
+    """Ask every runner for its status; update the gauges on the way."""
+    out: dict[str, ProjectionReadiness] = {}
+    for name, runner in container.runners.items():
+        try:
+            st = await asyncio.wait_for(runner.status(), PROBE_TIMEOUT)
+        except Exception as exc:
+            log.warning("projection %s status failed: %s", name, exc)
+            out[name] = ProjectionReadiness(error=type(exc).__name__)
+            continue
+        container.metrics.set_projection(name, st.checkpoint, st.lag_events)
+        out[name] = ProjectionReadiness(
+            version=st.version,
+            checkpoint=st.checkpoint,
+            head_position=st.head_position,
+            lag_events=st.lag_events,
+            lag_seconds=round(st.lag_seconds, 3),
+            parked=st.parked,
+            physical=st.physical,
+        )
+    return out
+
+
+class OpsController(Controller):
+    path = "/"
+    tags = ["operations"]
+
+    @get("/health", operation_id="health", summary="Liveness: the process answers")
+    async def health(self) -> Health:
+        return Health("ok")
+
+    @get(
+        "/ready",
+        operation_id="ready",
+        summary="Readiness: the stores answer; each projection's checkpoint and lag",
+        description="200 when the event store and the read store answer, 503 otherwise.",
+        responses={
+            503: ResponseSpec(
+                data_container=Readiness,
+                description="A store does not answer (same body).",
+                generate_examples=False,
+            )
+        },
+    )
+    async def ready(self, container: NamedDependency[Container]) -> Response[Readiness]:
+        head: int | None = None
+        event_store_ok = read_store_ok = True
+        try:
+            head = await asyncio.wait_for(container.event_store.head_position(), PROBE_TIMEOUT)
+        except Exception as exc:
+            log.warning("readiness: event store: %s", exc)
+            event_store_ok = False
+        try:
+            for name in container.runners:
+                await asyncio.wait_for(container.read_store.alias_target(name), PROBE_TIMEOUT)
+        except Exception as exc:
+            log.warning("readiness: read store: %s", exc)
+            read_store_ok = False
+        projections = await refresh_projection_metrics(container) if event_store_ok else {}
+        ok = event_store_ok and read_store_ok
+        body = Readiness(
+            status="ready" if ok else "unavailable",
+            event_store="ok" if event_store_ok else "unavailable",
+            read_store="ok" if read_store_ok else "unavailable",
+            head_position=head,
+            projections=projections,
+        )
+        return Response(body, status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE)
+
+    @get(
+        "/metrics",
+        operation_id="metrics",
+        summary="Prometheus metrics (text exposition format)",
+        media_type="text/plain; version=0.0.4; charset=utf-8",
+    )
+    async def metrics(self, container: NamedDependency[Container]) -> Response[bytes]:
+        try:
+            await refresh_projection_metrics(container)
+        except Exception as exc:  # a scrape still answers with what it has
+            log.warning("metrics: projection status failed: %s", exc)
+        body, content_type = container.metrics.render()
+        return Response(body, media_type=content_type)

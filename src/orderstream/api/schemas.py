@@ -1,0 +1,253 @@
+"""Request and response schemas of the HTTP API (the public contract).
+
+Requests are decoded strictly (no type coercion) and refuse unknown fields at
+every level; every field has limits, so the OpenAPI document is precise enough
+for a generated client and for schema-based fuzzing. Responses are separate
+Structs: the API never exposes domain types, so the domain can change without
+changing the contract.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from orderstream.domain import inventory, orders
+
+SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_LINES = orders.MAX_LINES
+MAX_QUANTITY = orders.MAX_QUANTITY
+MAX_STOCK_ADD = inventory.MAX_STOCK_ADD
+MAX_PAGE = 100
+
+Sku = Annotated[
+    str,
+    Meta(
+        pattern=SKU_PATTERN,
+        min_length=1,
+        max_length=64,
+        description="Stock keeping unit: letters, digits, '.', '_' or '-', starting with a letter or digit.",
+        examples=["SKU-RED-42"],
+    ),
+]
+Name = Annotated[str, Meta(min_length=1, max_length=200, examples=["Red mug"])]
+Text = Annotated[str, Meta(min_length=1, max_length=200)]
+OptionalText = Annotated[str, Meta(max_length=200)]
+CustomerId = Annotated[
+    str,
+    Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}$", max_length=100, examples=["cust-0001"]),
+]
+Amount = Annotated[int, Meta(ge=0, le=10**12, description="Integer minor units (cents).", examples=[1250])]
+Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.", examples=["EUR"])]
+Quantity = Annotated[int, Meta(ge=1, le=MAX_QUANTITY, description=f"1 to {MAX_QUANTITY} units.")]
+StockQuantity = Annotated[int, Meta(ge=1, le=MAX_STOCK_ADD, description=f"1 to {MAX_STOCK_ADD} units.")]
+Country = Annotated[str, Meta(pattern=r"^[A-Z]{2}$", description="ISO 3166-1 alpha-2.", examples=["NL"])]
+PostalCode = Annotated[str, Meta(min_length=1, max_length=20)]
+PaymentToken = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=200,
+        description="Sandbox tokens: tok_approve, tok_decline, tok_pending, tok_error.",
+        examples=["tok_approve"],
+    ),
+]
+Revision = Annotated[int, Meta(ge=0, description="Stream revision (0 = first event).")]
+Position = Annotated[int, Meta(ge=0, description="Global commit position in the event store.")]
+
+OrderStatus = Literal[
+    "placed", "stock_reserved", "payment_authorised", "confirmed", "shipped", "rejected", "cancelled"
+]
+
+
+# ------------------------------------------------------------------------ shared shapes
+
+
+class Money(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An amount of money: ``{"amount": <integer minor units>, "currency": "EUR"}``."""
+
+    amount: Amount
+    currency: Currency
+
+
+class ShippingAddress(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    name: Text
+    line1: Text
+    city: Text
+    postal_code: PostalCode
+    country: Country
+    line2: OptionalText | None = None
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class ProductRegistration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sku: Sku
+    name: Name
+    price: Money
+
+
+class StockAddition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    quantity: StockQuantity
+
+
+class OrderLineRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sku: Sku
+    quantity: Quantity
+
+
+Lines = Annotated[
+    list[OrderLineRequest],
+    Meta(min_length=1, max_length=MAX_LINES, description=f"1 to {MAX_LINES} lines, one per SKU."),
+]
+
+
+class PaymentMethod(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    token: PaymentToken
+
+
+class OrderPlacement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    customer_id: CustomerId
+    lines: Lines
+    shipping_address: ShippingAddress
+    payment_method: PaymentMethod
+
+
+class OrderChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Give at least one of the two; the lines replace the order's lines as a whole."""
+
+    shipping_address: ShippingAddress | None = None
+    lines: Lines | None = None
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+class WriteResult(msgspec.Struct, frozen=True):
+    """The answer to every command. ``revision`` is also in the ``ETag`` header;
+    pass ``position`` as ``min_position`` to read your own write."""
+
+    id: str
+    revision: Revision
+    position: Position
+
+
+class ProductView(msgspec.Struct, frozen=True, kw_only=True):
+    sku: str
+    name: str
+    price: Money
+    on_hand: int
+    reserved: int
+    available: int
+    revision: Revision
+
+
+class ProductPage(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[ProductView]
+    next_cursor: str | None
+
+
+class OrderLineView(msgspec.Struct, frozen=True, kw_only=True):
+    sku: str
+    quantity: int
+    unit_price: Money
+    subtotal: Money | None = None
+
+
+class StatusChange(msgspec.Struct, frozen=True, kw_only=True):
+    status: OrderStatus
+    at: datetime
+    revision: Revision
+
+
+class OrderView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    customer_id: str
+    status: OrderStatus
+    lines: list[OrderLineView]
+    total: Money
+    shipping_address: ShippingAddress
+    revision: Revision
+    placed_at: datetime
+    updated_at: datetime
+    position: Position
+    """Commit position of the last event applied to this document."""
+    payment_id: str | None = None
+    tracking_number: str | None = None
+    cancel_reason: str | None = None
+    reject_reason: str | None = None
+    status_history: list[StatusChange] = msgspec.field(default_factory=list)
+
+
+class StatusFacets(msgspec.Struct, frozen=True):
+    status: dict[str, int]
+    """Number of matching orders per status (over all pages)."""
+
+
+class OrderPage(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[OrderView]
+    next_cursor: str | None
+    facets: StatusFacets
+
+
+class EventView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    type: str
+    schema_version: int
+    revision: Revision
+    position: Position
+    recorded_at: datetime
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+class OrderEvents(msgspec.Struct, frozen=True, kw_only=True):
+    events: list[EventView]
+
+
+class OrderStateSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """The write side's view of an order, folded from the event store."""
+
+    status: OrderStatus
+    customer_id: str
+    lines: list[OrderLineView]
+    total: Money | None
+    shipping_address: ShippingAddress | None
+    payment_id: str | None
+    cancel_reason: str | None
+
+
+class OrderStateView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    revision: Revision
+    current_revision: Revision
+    state: OrderStateSnapshot
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: Literal["ok"]
+
+
+class ProjectionReadiness(msgspec.Struct, frozen=True, kw_only=True):
+    version: int | None = None
+    checkpoint: int | None = None
+    """Every event at or below this commit position is applied."""
+    head_position: int | None = None
+    lag_events: int | None = None
+    lag_seconds: float | None = None
+    parked: int | None = None
+    physical: str | None = None
+    """The table/index the collection's alias points at."""
+    error: str | None = None
+
+
+class Readiness(msgspec.Struct, frozen=True, kw_only=True):
+    status: Literal["ready", "unavailable"]
+    event_store: Literal["ok", "unavailable"]
+    read_store: Literal["ok", "unavailable"]
+    head_position: int | None
+    projections: dict[str, ProjectionReadiness]

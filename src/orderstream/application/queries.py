@@ -1,0 +1,239 @@
+"""Query handling: read models for get/list/search, the event store for history.
+
+Read-your-writes: every write answers with the commit ``position`` of its last
+event. A query given ``min_position`` waits (at most the consistency timeout)
+until the projection it reads has applied every event up to that position,
+and raises :class:`NotYetConsistent` if it has not; the API answers that with
+503 and ``Retry-After`` rather than with a stale document, because a stale
+answer to a client that asked to see its own write would silently break the
+client's logic, while a 503 tells it exactly what to do.
+
+A single document can answer sooner: a document already written at a
+position at or beyond ``min_position`` has applied every event of its stream
+up to it (projections apply a stream's events in revision order), so no wait
+is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+
+from orderstream.application.commands import CommandHandler, Loaded
+from orderstream.domain import orders
+from orderstream.domain.common import NotFound
+from orderstream.eventstore.base import EventStore, RecordedEvent
+from orderstream.readstore.base import Document, InvalidQuery, Page, Query, ReadStore, SortField
+
+ORDERS = "orders"
+PRODUCTS = "products"
+MAX_LIMIT = 100
+MAX_TEXT = 200
+ORDER_SORT_FIELDS = frozenset({"placed_at", "updated_at", "total_amount", "customer_id", "status"})
+PRODUCT_SORT_FIELDS = frozenset({"sku", "available", "on_hand"})
+STATUSES: frozenset[str] = frozenset(
+    {"placed", "stock_reserved", "payment_authorised", "confirmed", "shipped", "rejected", "cancelled"}
+)
+
+
+class NotYetConsistent(Exception):
+    """The projection did not reach ``position`` within the consistency timeout."""
+
+    def __init__(self, projection: str, position: int, reached: int | None) -> None:
+        self.projection = projection
+        self.position = position
+        self.reached = reached
+        super().__init__(f"{projection} has reached position {reached}, not yet {position}")
+
+
+class RevisionNotFound(NotFound):
+    """The order exists but has no event at the requested revision (yet)."""
+
+    def __init__(self, ident: str, revision: int, current_revision: int) -> None:
+        self.revision = revision
+        self.current_revision = current_revision
+        super().__init__("order", ident)
+        self.args = (f"order {ident} has no revision {revision} (current revision: {current_revision})",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PositionTracker(Protocol):
+    """What queries need of a projection runner."""
+
+    async def wait_for_position(self, position: int, timeout: float) -> bool:  # noqa: ASYNC109
+        """True once every event at or below ``position`` is applied; False on timeout."""
+        ...
+
+    async def reached_position(self) -> int | None:
+        """The projection's low-water mark now."""
+        ...
+
+
+@dataclass(frozen=True)
+class OrderState:
+    order_id: str
+    revision: int
+    current_revision: int
+    state: orders.Order
+
+
+def parse_sort(raw: str | None, allowed: frozenset[str]) -> tuple[SortField, ...]:
+    """``"-placed_at,total_amount"`` -> sort fields; ``-`` means descending."""
+    if raw is None or not raw.strip():
+        return ()
+    fields = []
+    for part in raw.split(","):
+        part = part.strip()
+        descending = part.startswith("-")
+        name = part.lstrip("+-")
+        if name not in allowed:
+            raise InvalidQuery(f"cannot sort by {name!r}; sortable: {', '.join(sorted(allowed))}")
+        fields.append(SortField(name, descending=descending))
+    if len({f.field for f in fields}) != len(fields):
+        raise InvalidQuery("a sort field appears twice")
+    return tuple(fields)
+
+
+def _check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}")
+    return limit
+
+
+def _check_text(q: str | None) -> str | None:
+    if q is None or not q.strip():
+        return None
+    if len(q) > MAX_TEXT:
+        raise InvalidQuery(f"q is limited to {MAX_TEXT} characters")
+    return q
+
+
+class Queries:
+    def __init__(
+        self,
+        *,
+        event_store: EventStore,
+        read_store: ReadStore,
+        handler: CommandHandler,
+        trackers: Mapping[str, PositionTracker],
+        consistency_timeout: float,
+    ) -> None:
+        self.event_store = event_store
+        self.read_store = read_store
+        self.handler = handler
+        self.trackers = trackers
+        self.consistency_timeout = consistency_timeout
+
+    # ----------------------------------------------------------------- consistency
+
+    async def wait_for(self, collection: str, position: int | None) -> None:
+        """Return once ``collection``'s projection has applied everything up to ``position``."""
+        if position is None:
+            return
+        tracker = self.trackers.get(collection)
+        if tracker is None:
+            raise NotYetConsistent(collection, position, None)
+        if await tracker.wait_for_position(position, self.consistency_timeout):
+            return
+        raise NotYetConsistent(collection, position, await tracker.reached_position())
+
+    async def _get(self, collection: str, doc_id: str, min_position: int | None) -> Document | None:
+        doc = await self.read_store.get(collection, doc_id)
+        if min_position is None or (doc is not None and int(doc.get("position", -1)) >= min_position):
+            return doc
+        await self.wait_for(collection, min_position)
+        return await self.read_store.get(collection, doc_id)
+
+    # ---------------------------------------------------------------------- orders
+
+    async def get_order(self, order_id: str, *, min_position: int | None = None) -> Document:
+        doc = await self._get(ORDERS, order_id, min_position)
+        if doc is None:
+            raise NotFound("order", order_id)
+        return doc
+
+    async def list_orders(
+        self,
+        *,
+        customer_id: str | None = None,
+        status: Sequence[str] = (),
+        q: str | None = None,
+        sort: str | None = None,
+        cursor: str | None = None,
+        limit: int = 20,
+        min_position: int | None = None,
+    ) -> Page:
+        unknown = sorted(set(status) - STATUSES)
+        if unknown:
+            raise InvalidQuery(f"unknown status {', '.join(unknown)}; known: {', '.join(sorted(STATUSES))}")
+        filters: dict[str, Any] = {}
+        if customer_id:
+            filters["customer_id"] = customer_id
+        if status:
+            filters["status"] = list(dict.fromkeys(status))
+        query = Query(
+            filters=filters,
+            text=_check_text(q),
+            sort=parse_sort(sort, ORDER_SORT_FIELDS),
+            cursor=cursor or None,
+            limit=_check_limit(limit),
+            facets=("status",),
+        )
+        await self.wait_for(ORDERS, min_position)
+        return await self.read_store.query(ORDERS, query)
+
+    async def order_events(self, order_id: str) -> list[RecordedEvent]:
+        events = await self.event_store.read_stream(orders.stream_name(order_id))
+        if not events:
+            raise NotFound("order", order_id)
+        return events
+
+    async def order_state(self, order_id: str, revision: int | None = None) -> OrderState:
+        """The order folded from its events up to ``revision`` (default: all)."""
+        stream = orders.stream_name(order_id)
+        current = await self.event_store.stream_revision(stream)
+        if current is None:
+            raise NotFound("order", order_id)
+        if revision is not None and revision > current:
+            raise RevisionNotFound(order_id, revision, current)
+        loaded: Loaded[orders.Order] = await self.handler.load(orders.decider, stream, up_to=revision)
+        if loaded.revision is None or loaded.state.status is None:
+            raise NotFound("order", order_id)
+        return OrderState(order_id, loaded.revision, max(current, loaded.revision), loaded.state)
+
+    # -------------------------------------------------------------------- products
+
+    async def get_product(self, sku: str, *, min_position: int | None = None) -> Document:
+        doc = await self._get(PRODUCTS, sku, min_position)
+        if doc is None:
+            raise NotFound("product", sku)
+        return doc
+
+    async def list_products(
+        self,
+        *,
+        q: str | None = None,
+        sort: str | None = None,
+        cursor: str | None = None,
+        limit: int = 20,
+        min_position: int | None = None,
+    ) -> Page:
+        query = Query(
+            text=_check_text(q),
+            sort=parse_sort(sort, PRODUCT_SORT_FIELDS),
+            cursor=cursor or None,
+            limit=_check_limit(limit),
+        )
+        await self.wait_for(PRODUCTS, min_position)
+        return await self.read_store.query(PRODUCTS, query)
+
+
+def event_data(event: RecordedEvent) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An event's data and metadata as stored (JSON objects)."""
+    data = msgspec.json.decode(event.data) if event.data else {}
+    return (data if isinstance(data, dict) else {"value": data}), event.metadata_dict()

@@ -1,0 +1,245 @@
+"""The composition root: the one place that builds real clients and wires them.
+
+Nothing is built at import time. ``await build(settings)`` opens the stores
+chosen by URL and returns a :class:`Container`; ``await container.close()``
+closes them (the event store writes every acknowledged append first).
+
+Extension hook (sagas). ``container.background_services`` is a list of
+:class:`BackgroundService` (anything with ``name`` and ``async run(stop)``)
+that ``orderstream serve`` runs beside the API and the projection runners and
+stops on shutdown. ``orderstream serve`` and ``orderstream worker`` fill it
+from ``workflows.worker.background_services(container)`` when that module
+exists (see :func:`saga_services`); ``container.extensions`` holds objects such
+hooks want to share with route handlers (e.g. a Temporal client under
+``"temporal_client"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from orderstream.application.projection_runner import ProjectionRunner
+from orderstream.application.queries import Queries
+from orderstream.application.use_cases import UseCases
+from orderstream.config import ConfigError, Settings, scheme_of, sqlite_path
+from orderstream.events import EventRegistry
+from orderstream.events import registry as default_registry
+from orderstream.eventstore.base import EventStore
+from orderstream.metrics import MeteredCommandHandler, Metrics
+from orderstream.readstore.base import ReadStore
+from projections.base import Projection
+
+log = logging.getLogger("orderstream")
+
+SAGA_HOOK_MODULE = "workflows.worker"
+SAGA_HOOK_FUNCTION = "background_services"
+
+
+class BackgroundService(Protocol):
+    """A long-running part of the process: runs until ``stop`` is set, then returns."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+@dataclass
+class FunctionService:
+    """Adapts ``async def fn(stop)`` to :class:`BackgroundService`."""
+
+    name: str
+    fn: Callable[[asyncio.Event], Awaitable[None]]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.fn(stop)
+
+
+# ------------------------------------------------------------------------- backends
+
+
+async def open_event_store(url: str) -> EventStore:
+    """``sqlite:///path`` (embedded) or ``kurrentdb://`` / ``esdb://`` (server)."""
+    scheme = scheme_of(url)
+    if scheme == "sqlite":
+        from orderstream.eventstore.sqlite import SqliteEventStore
+
+        return await SqliteEventStore.open(sqlite_path(url))
+    if scheme in ("kurrentdb", "esdb", "esdb+discover", "kurrentdb+discover"):
+        from orderstream.eventstore.kurrentdb import KurrentDBEventStore
+
+        return await KurrentDBEventStore.open(url)
+    raise ConfigError(f"unsupported event store URL: {url!r}")
+
+
+async def open_read_store(url: str) -> ReadStore:
+    """``sqlite:///path`` (embedded) or ``http(s)://host:9200`` (Elasticsearch; an
+    optional ``?prefix=name-`` query parameter sets the index prefix)."""
+    scheme = scheme_of(url)
+    if scheme == "sqlite":
+        from orderstream.readstore.sqlite import SqliteReadStore
+
+        return await SqliteReadStore.open(sqlite_path(url))
+    if scheme in ("http", "https"):
+        from orderstream.readstore.elasticsearch import ElasticsearchReadStore
+
+        parts = urlsplit(url)
+        params = parse_qs(parts.query)
+        prefix = params.pop("prefix", [None])[0]
+        clean = urlunsplit(parts._replace(query=urlencode(params, doseq=True)))
+        if prefix is not None:
+            return await ElasticsearchReadStore.open(clean, prefix=prefix)
+        return await ElasticsearchReadStore.open(clean)
+    raise ConfigError(f"unsupported read store URL: {url!r}")
+
+
+# ------------------------------------------------------------------------- container
+
+
+@dataclass(eq=False)
+class Container:
+    settings: Settings
+    event_store: EventStore
+    read_store: ReadStore
+    registry: EventRegistry
+    metrics: Metrics
+    handler: MeteredCommandHandler
+    use_cases: UseCases
+    queries: Queries
+    runners: dict[str, ProjectionRunner]
+    """Projection runners by collection name. Built always (queries use them to
+    wait for positions, across processes too); run only where asked."""
+    background_services: list[BackgroundService] = field(default_factory=list)
+    """Extra services ``serve`` runs beside the API and the runners (the saga hook)."""
+    extensions: dict[str, Any] = field(default_factory=dict)
+    _closed: bool = False
+
+    @property
+    def projection_services(self) -> list[BackgroundService]:
+        return [FunctionService(f"projection:{name}", r.run) for name, r in self.runners.items()]
+
+    async def close(self) -> None:
+        """Close the read store, then the event store (which flushes pending appends)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.read_store.close()
+        finally:
+            await self.event_store.close()
+
+
+async def build(
+    settings: Settings,
+    *,
+    projections: tuple[Projection, ...] | None = None,
+    registry: EventRegistry = default_registry,
+) -> Container:
+    """Open the stores and wire everything. The caller owns ``container.close()``."""
+    if projections is None:
+        from projections.registry import ALL_PROJECTIONS
+
+        projections = ALL_PROJECTIONS
+    event_store = await open_event_store(settings.event_store_url)
+    try:
+        read_store = await open_read_store(settings.read_store_url)
+    except BaseException:
+        await event_store.close()
+        raise
+    metrics = Metrics()
+    handler = MeteredCommandHandler(event_store, registry, metrics=metrics)
+    runners = {
+        p.schema.name: ProjectionRunner(event_store, read_store, p, registry=registry) for p in projections
+    }
+    queries = Queries(
+        event_store=event_store,
+        read_store=read_store,
+        handler=handler,
+        trackers=runners,
+        consistency_timeout=settings.consistency_timeout,
+    )
+    return Container(
+        settings=settings,
+        event_store=event_store,
+        read_store=read_store,
+        registry=registry,
+        metrics=metrics,
+        handler=handler,
+        use_cases=UseCases(handler),
+        queries=queries,
+        runners=runners,
+    )
+
+
+def _saga_module() -> Any:
+    """``workflows.worker`` if it exists. A module that exists but fails to import
+    is an error, not a silent skip."""
+    if importlib.util.find_spec(SAGA_HOOK_MODULE.split(".")[0]) is None:
+        return None
+    if importlib.util.find_spec(SAGA_HOOK_MODULE) is None:
+        return None
+    return importlib.import_module(SAGA_HOOK_MODULE)
+
+
+async def saga_services(container: Container) -> list[BackgroundService]:
+    """The saga hook: ``workflows.worker.background_services(container)`` (async,
+    returning a list of :class:`BackgroundService`), if that module exists."""
+    hook = getattr(_saga_module(), SAGA_HOOK_FUNCTION, None)
+    if hook is None:
+        return []
+    services: list[BackgroundService] = list(await hook(container))
+    return services
+
+
+async def attach_api_extensions(container: Container) -> None:
+    """For a process that serves the API without running the sagas:
+    ``workflows.worker.attach_fulfilment_client(container)`` (connects to
+    ``TEMPORAL_ADDRESS`` if set). Failing to connect is logged, not fatal: the
+    fulfilment route answers 503 until then."""
+    attach = getattr(_saga_module(), "attach_fulfilment_client", None)
+    if attach is None:
+        return
+    try:
+        await attach(container)
+    except Exception as exc:
+        log.warning("sagas unavailable to the API (%s): GET /orders/{id}/fulfilment answers 503", exc)
+
+
+async def run_services(services: list[BackgroundService], stop: asyncio.Event) -> None:
+    """Run every service until ``stop`` is set; a service that crashes is logged
+    and sets ``stop`` (the process shuts down rather than limp on without it)."""
+
+    async def guarded(service: BackgroundService) -> None:
+        try:
+            await service.run(stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; shutting down", service.name)
+            stop.set()
+
+    tasks = [asyncio.create_task(guarded(s), name=s.name) for s in services]
+    try:
+        await stop.wait()
+    finally:
+        stop.set()
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=10)
+            for task in pending:
+                log.warning("%s did not stop in time; cancelling", task.get_name())
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+def describe(container: Container) -> Mapping[str, Any]:
+    return {**container.settings.describe(), "projections": sorted(container.runners)}

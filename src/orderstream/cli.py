@@ -1,0 +1,524 @@
+"""``orderstream``: run the service and operate it.
+
+    orderstream serve [--host 127.0.0.1] [--port 8000] [--data-dir DIR]   API + projections (+ sagas)
+    orderstream api                                                        the API only
+    orderstream project                                                    the projection runners only
+    orderstream worker                                                     the saga services only
+    orderstream projections status | rebuild NAME | parked NAME | replay-parked NAME
+    orderstream events read STREAM | tail
+
+Every command takes the store options (``--data-dir``, ``--event-store``,
+``--read-store``, ``--temporal-address``), which override the environment
+variables of :mod:`orderstream.config`.
+
+Shutdown (SIGINT / SIGTERM): the HTTP server stops accepting connections and
+finishes the requests in flight, then the projection runners and other
+services stop, then the event store is closed, which writes every append it
+has acknowledged. A second signal does not cut this short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import msgspec
+
+from orderstream.bootstrap import (
+    BackgroundService,
+    Container,
+    attach_api_extensions,
+    build,
+    run_services,
+    saga_services,
+)
+from orderstream.config import ConfigError, Settings
+from orderstream.eventstore.base import EventFilter, RecordedEvent
+
+log = logging.getLogger("orderstream")
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def store_options(fn: F) -> F:
+    """The options every command shares; each overrides its environment variable."""
+    options = [
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Data directory for the embedded stores [env ORDERSTREAM_DATA_DIR; ./data].",
+        ),
+        click.option("--event-store", "event_store_url", default=None, help="[env ORDERSTREAM_EVENT_STORE]"),
+        click.option("--read-store", "read_store_url", default=None, help="[env ORDERSTREAM_READ_STORE]"),
+        click.option("--temporal-address", default=None, help="[env TEMPORAL_ADDRESS]"),
+        click.option(
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+            default="info",
+            show_default=True,
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def settings_from(options: dict[str, Any]) -> Settings:
+    level = str(options.pop("log_level", "info")).upper()
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return Settings.from_env(**options)
+    except (ConfigError, TypeError) as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGINT / SIGTERM set ``stop`` (graceful shutdown) instead of killing the process."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, _on_signal, stop, sig)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop.is_set():
+        log.info("%s: shutting down gracefully", sig.name)
+    stop.set()
+
+
+@contextlib.asynccontextmanager
+async def opened(settings: Settings) -> AsyncIterator[Container]:
+    container = await build(settings)
+    try:
+        yield container
+    finally:
+        await container.close()
+
+
+def _runner(container: Container, name: str) -> Any:
+    runner = container.runners.get(name)
+    if runner is None:
+        known = ", ".join(sorted(container.runners))
+        raise click.BadParameter(f"no projection {name!r} (known: {known})", param_hint="NAME")
+    return runner
+
+
+def event_json(event: RecordedEvent) -> str:
+    data: Any = msgspec.json.decode(event.data) if event.data else None
+    return json.dumps(
+        {
+            "id": str(event.id),
+            "stream": event.stream,
+            "revision": event.revision,
+            "position": event.position,
+            "type": event.type,
+            "schema_version": event.schema_version,
+            "recorded_at": event.recorded_at.isoformat(),
+            "data": data,
+            "metadata": event.metadata_dict(),
+        },
+        ensure_ascii=False,
+    )
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+class EmbeddedServer:
+    """A uvicorn server run inside our event loop, beside the other services.
+
+    uvicorn's own signal capture is switched off (it would re-raise the signal
+    after serving, killing the process before the event store is closed); the
+    signals set our ``stop`` event, which tells the server to exit.
+    """
+
+    def __init__(self, app: Any, host: str, port: int, *, access_log: bool) -> None:
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Generator[None, None, None]:
+                yield
+
+        self.config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            lifespan="on",
+            access_log=access_log,
+            log_config=None,
+            timeout_graceful_shutdown=30,
+        )
+        self.server = _Server(self.config)
+
+    @property
+    def started(self) -> bool:
+        return bool(self.server.started)
+
+    def bound_port(self) -> int:
+        for server in self.server.servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return int(self.config.port)
+
+    async def serve(self) -> None:
+        await self.server.serve()
+
+    def exit(self) -> None:
+        self.server.should_exit = True
+
+
+async def run_process(
+    settings: Settings,
+    *,
+    host: str | None,
+    port: int | None,
+    projections: bool,
+    sagas: bool,
+    access_log: bool = False,
+    announce: Callable[[str], None] = click.echo,
+) -> None:
+    """The one process shape behind ``serve``, ``api``, ``project`` and ``worker``."""
+    stop = asyncio.Event()
+    with stop_on_signals(stop):
+        async with opened(settings) as container:
+            services: list[BackgroundService] = []
+            if projections:
+                services += container.projection_services
+            if sagas:
+                extra = await saga_services(container)
+                container.background_services.extend(extra)
+                services += container.background_services
+            services_task = asyncio.create_task(run_services(services, stop), name="orderstream-services")
+            server: EmbeddedServer | None = None
+            server_task: asyncio.Task[None] | None = None
+            if host is not None and port is not None:
+                from orderstream.api.app import create_app
+
+                if not sagas:
+                    await attach_api_extensions(container)
+
+                server = EmbeddedServer(create_app(container), host, port, access_log=access_log)
+                server_task = asyncio.create_task(server.serve(), name="orderstream-http")
+                await _announce_when_started(server, server_task, announce)
+            names = ", ".join(s.name for s in services) or "none"
+            announce(f"background services: {names}")
+            try:
+                waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait()), services_task}
+                if server_task is not None:
+                    waiters.add(server_task)
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # 1. stop accepting, finish in-flight requests
+                if server is not None and server_task is not None:
+                    server.exit()
+                    with contextlib.suppress(Exception):
+                        await server_task
+                # 2. stop the runners and other services
+                stop.set()
+                await services_task
+            # 3. ``opened`` closes the stores: the event store writes every acknowledged append
+        announce("stopped")
+
+
+async def _announce_when_started(
+    server: EmbeddedServer, task: asyncio.Task[None], announce: Callable[[str], None]
+) -> None:
+    while not server.started:
+        if task.done():
+            task.result()  # raises what stopped the server (e.g. the port is in use)
+            raise click.ClickException("the HTTP server stopped during startup")
+        await asyncio.sleep(0.02)
+    url = f"http://{server.config.host}:{server.bound_port()}"
+    announce(f"orderstream listening on {url}")
+    announce(f"API docs: {url}/schema  (OpenAPI: {url}/schema/openapi.json)")
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="orderstream")
+def main() -> None:
+    """orderstream: an event-sourced CQRS order service."""
+
+
+def _http_options(fn: F) -> F:
+    fn = click.option("--access-log/--no-access-log", default=False, help="Log every request.")(fn)
+    fn = click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)(fn)
+    fn = click.option("--host", default="127.0.0.1", show_default=True)(fn)
+    return fn
+
+
+@main.command()
+@_http_options
+@click.option(
+    "--sagas/--no-sagas",
+    default=True,
+    show_default=True,
+    help="Run the saga services (Temporal worker and trigger) too.",
+)
+@store_options
+def serve(host: str, port: int, access_log: bool, sagas: bool, **options: Any) -> None:
+    """The API, every projection runner and the saga services in one process."""
+    settings = settings_from(options)
+    run(run_process(settings, host=host, port=port, projections=True, sagas=sagas, access_log=access_log))
+
+
+@main.command()
+@_http_options
+@store_options
+def api(host: str, port: int, access_log: bool, **options: Any) -> None:
+    """The API only (run the projections with `orderstream project`)."""
+    settings = settings_from(options)
+    run(run_process(settings, host=host, port=port, projections=False, sagas=False, access_log=access_log))
+
+
+@main.command()
+@store_options
+def project(**options: Any) -> None:
+    """The projection runners only."""
+    settings = settings_from(options)
+    run(run_process(settings, host=None, port=None, projections=True, sagas=False))
+
+
+@main.command()
+@store_options
+def worker(**options: Any) -> None:
+    """The saga services only (Temporal worker and saga trigger)."""
+    settings = settings_from(options)
+    run(run_process(settings, host=None, port=None, projections=False, sagas=True))
+
+
+# ------------------------------------------------------------------------ projections
+
+
+@main.group()
+def projections() -> None:
+    """Inspect and operate the read-model projections."""
+
+
+@projections.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@store_options
+def projections_status(as_json: bool, **options: Any) -> None:
+    """Checkpoint, lag and parked events of every projection."""
+    settings = settings_from(options)
+
+    async def go() -> list[Any]:
+        async with opened(settings) as container:
+            return [await r.status() for r in container.runners.values()]
+
+    statuses = run(go())
+    if as_json:
+        for st in statuses:
+            click.echo(msgspec.json.encode(st).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="projections")
+    for column in ("name", "version", "physical", "checkpoint", "head", "lag (events)", "lag (s)", "parked"):
+        table.add_column(column)
+    for st in statuses:
+        table.add_row(
+            st.name,
+            str(st.version),
+            str(st.physical),
+            str(st.checkpoint),
+            str(st.head_position),
+            str(st.lag_events),
+            f"{st.lag_seconds:.1f}",
+            str(st.parked),
+        )
+    Console().print(table)
+
+
+@projections.command("rebuild")
+@click.argument("name")
+@store_options
+def projections_rebuild(name: str, **options: Any) -> None:
+    """Rebuild NAME into a new table/index and switch to it (no downtime)."""
+    settings = settings_from(options)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    async def go() -> Any:
+        async with opened(settings) as container:
+            runner = _runner(container, name)
+            with Progress(
+                TextColumn(f"rebuilding {name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("position"),
+                TimeElapsedColumn(),
+            ) as progress:
+                task = progress.add_task(name, total=None)
+
+                def report(position: int, head: int) -> None:
+                    progress.update(task, completed=position, total=max(head, position, 1))
+
+                return await runner.rebuild(report)
+
+    result = run(go())
+    click.echo(
+        f"{name}: rebuilt {result.physical} from {result.events} events "
+        f"({result.failed} failed); previous: {result.previous}"
+    )
+
+
+@projections.command("parked")
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@store_options
+def projections_parked(name: str, limit: int, **options: Any) -> None:
+    """The events NAME's subscription group has parked (JSON lines)."""
+    settings = settings_from(options)
+
+    async def go() -> list[Any]:
+        async with opened(settings) as container:
+            runner = _runner(container, name)
+            return list(await container.event_store.list_parked(runner.group, limit=limit))
+
+    for parked in run(go()):
+        line = json.loads(event_json(parked.event))
+        line.update(reason=parked.reason, attempts=parked.attempts, parked_at=parked.parked_at.isoformat())
+        click.echo(json.dumps(line, ensure_ascii=False))
+
+
+@projections.command("replay-parked")
+@click.argument("name")
+@store_options
+def projections_replay_parked(name: str, **options: Any) -> None:
+    """Deliver NAME's parked events again (after fixing what made them fail)."""
+    settings = settings_from(options)
+
+    async def go() -> int:
+        async with opened(settings) as container:
+            runner = _runner(container, name)
+            return int(await container.event_store.replay_parked(runner.group))
+
+    click.echo(f"{name}: {run(go())} parked events queued for redelivery")
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@main.group()
+def events() -> None:
+    """Read the event store (JSON lines)."""
+
+
+@events.command("read")
+@click.argument("stream")
+@click.option("--from-revision", type=click.IntRange(0), default=None)
+@click.option("--backwards", is_flag=True)
+@click.option("--limit", type=click.IntRange(1), default=None)
+@store_options
+def events_read(
+    stream: str, from_revision: int | None, backwards: bool, limit: int | None, **options: Any
+) -> None:
+    """Print the events of STREAM (e.g. order-7f3c...)."""
+    settings = settings_from(options)
+
+    async def go() -> list[RecordedEvent]:
+        async with opened(settings) as container:
+            return await container.event_store.read_stream(
+                stream, from_revision=from_revision, backwards=backwards, limit=limit
+            )
+
+    for event in run(go()):
+        click.echo(event_json(event))
+
+
+@events.command("tail")
+@click.option("--after", type=int, default=None, help="Start after this position (default: the head).")
+@click.option("--from-start", is_flag=True, help="Start at the beginning of the store.")
+@click.option("--category", "categories", multiple=True, help="Only these stream categories (repeatable).")
+@click.option("--type", "types", multiple=True, help="Only these event types (repeatable).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Stop after this many events.")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="Wait for new events.")
+@store_options
+def events_tail(
+    after: int | None,
+    from_start: bool,
+    categories: tuple[str, ...],
+    types: tuple[str, ...],
+    limit: int | None,
+    follow: bool,
+    **options: Any,
+) -> None:
+    """Print events of ``$all`` as they are appended (Ctrl-C stops)."""
+    settings = settings_from(options)
+    event_filter = EventFilter(categories=categories, types=types)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        with stop_on_signals(stop):
+            async with opened(settings) as container:
+                store = container.event_store
+                start = None if from_start else (after if after is not None else await store.head_position())
+                printed = 0
+                if not follow:
+                    page = await store.read_all(after=start, filter=event_filter, limit=limit)
+                    for event in page:
+                        click.echo(event_json(event))
+                    return
+                stream = store.subscribe(after=start, filter=event_filter)
+                iterator = stream.__aiter__()
+                while not stop.is_set():
+                    next_event = asyncio.ensure_future(iterator.__anext__())
+                    stopper = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait({next_event, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    stopper.cancel()
+                    if not next_event.done():
+                        next_event.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                            await next_event
+                        break
+                    try:
+                        event = next_event.result()
+                    except StopAsyncIteration:
+                        break
+                    click.echo(event_json(event))
+                    printed += 1
+                    if limit is not None and printed >= limit:
+                        break
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+
+    run(go())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

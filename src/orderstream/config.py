@@ -1,0 +1,187 @@
+"""Settings from environment variables; every one can be overridden by a CLI option.
+
+- ``ORDERSTREAM_DATA_DIR`` (``./data``): where the embedded SQLite files live.
+- ``ORDERSTREAM_EVENT_STORE`` (``sqlite:///{data_dir}/events.db``): or
+  ``kurrentdb://host:2113?tls=false`` / ``esdb://...``.
+- ``ORDERSTREAM_READ_STORE`` (``sqlite:///{data_dir}/read.db``): or ``http(s)://host:9200``
+  (Elasticsearch; ``?prefix=name-`` sets the index prefix).
+- ``TEMPORAL_ADDRESS`` (unset): ``host:7233``; unset, ``serve`` starts the dev server itself.
+- ``ORDERSTREAM_API_TOKENS`` (unset): ``token=actor,token2=actor2``; when set, writes need
+  ``Authorization: Bearer <token>`` and the actor goes into the events' metadata;
+  unset is development mode (actor ``anonymous``). Reads are always open.
+- ``ORDERSTREAM_CONSISTENCY_TIMEOUT`` (``5``): seconds a query with ``min_position``
+  waits for the projection.
+- ``ORDERSTREAM_MAX_BODY_BYTES`` (``65536``): larger request bodies get 413.
+
+SQLite URLs follow the SQLAlchemy convention: everything after ``sqlite:///`` is
+the path, so ``sqlite:///data/events.db`` is relative and ``sqlite:////srv/events.db``
+absolute.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = "./data"
+DEFAULT_CONSISTENCY_TIMEOUT = 5.0
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+
+EVENT_STORE_SCHEMES = ("sqlite", "kurrentdb", "esdb", "esdb+discover", "kurrentdb+discover")
+READ_STORE_SCHEMES = ("sqlite", "http", "https")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable."""
+
+
+def parse_tokens(raw: str | None) -> dict[str, str]:
+    """``"tok1=alice, tok2=bob"`` -> ``{"tok1": "alice", "tok2": "bob"}``."""
+    tokens: dict[str, str] = {}
+    if not raw or not raw.strip():
+        return tokens
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        token, sep, actor = part.partition("=")
+        token, actor = token.strip(), actor.strip()
+        if not sep or not token or not actor:
+            raise ConfigError(f"ORDERSTREAM_API_TOKENS: expected 'token=actor', got {part!r}")
+        if token in tokens:
+            raise ConfigError("ORDERSTREAM_API_TOKENS: a token appears twice")
+        tokens[token] = actor
+    return tokens
+
+
+def scheme_of(url: str) -> str:
+    scheme, sep, _rest = url.partition("://")
+    return scheme.lower() if sep else ""
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///data/x.db`` -> ``data/x.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``."""
+    prefix = "sqlite:///"
+    if not url.lower().startswith(prefix) or len(url) == len(prefix):
+        raise ConfigError(f"not a SQLite file URL (sqlite:///path): {url!r}")
+    return Path(url[len(prefix) :])
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: not a number: {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name}: must be positive, got {raw!r}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: not an integer: {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name}: must be positive, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    event_store_url: str = ""
+    """Empty: ``sqlite:///{data_dir}/events.db``."""
+    read_store_url: str = ""
+    """Empty: ``sqlite:///{data_dir}/read.db``."""
+    temporal_address: str | None = None
+    api_tokens: Mapping[str, str] = field(default_factory=dict)
+    """token -> actor. Empty: development mode, every caller is ``anonymous``."""
+    consistency_timeout: float = DEFAULT_CONSISTENCY_TIMEOUT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        # Fill the URL defaults from the data dir, then check what we were given.
+        if not self.event_store_url:
+            object.__setattr__(self, "event_store_url", f"sqlite:///{self.data_dir}/events.db")
+        if not self.read_store_url:
+            object.__setattr__(self, "read_store_url", f"sqlite:///{self.data_dir}/read.db")
+        if scheme_of(self.event_store_url) not in EVENT_STORE_SCHEMES:
+            raise ConfigError(
+                f"ORDERSTREAM_EVENT_STORE: unsupported URL {self.event_store_url!r} "
+                "(use sqlite:///path or kurrentdb://host:2113?tls=false)"
+            )
+        if scheme_of(self.read_store_url) not in READ_STORE_SCHEMES:
+            raise ConfigError(
+                f"ORDERSTREAM_READ_STORE: unsupported URL {self.read_store_url!r} "
+                "(use sqlite:///path or http://host:9200)"
+            )
+        if not self.consistency_timeout > 0:
+            raise ConfigError("consistency timeout must be positive")
+        if self.max_body_bytes <= 0:
+            raise ConfigError("max body bytes must be positive")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_tokens)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read the environment, then apply ``overrides`` (CLI options; ``None`` = not given).
+
+        A data dir given as an override also moves the default store URLs, unless
+        those were set explicitly.
+        """
+        env = os.environ if env is None else env
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(given) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        values: dict[str, Any] = {
+            "data_dir": Path(env.get("ORDERSTREAM_DATA_DIR") or DEFAULT_DATA_DIR),
+            "event_store_url": env.get("ORDERSTREAM_EVENT_STORE", ""),
+            "read_store_url": env.get("ORDERSTREAM_READ_STORE", ""),
+            "temporal_address": env.get("TEMPORAL_ADDRESS") or None,
+            "api_tokens": parse_tokens(env.get("ORDERSTREAM_API_TOKENS")),
+            "consistency_timeout": _float(
+                env, "ORDERSTREAM_CONSISTENCY_TIMEOUT", DEFAULT_CONSISTENCY_TIMEOUT
+            ),
+            "max_body_bytes": _int(env, "ORDERSTREAM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+        }
+        if "data_dir" in given:
+            given["data_dir"] = Path(given["data_dir"])
+        if "api_tokens" in given and isinstance(given["api_tokens"], str):
+            given["api_tokens"] = parse_tokens(given["api_tokens"])
+        values.update(given)
+        return cls(**values)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings without secrets (tokens shown as actors only)."""
+        return {
+            "data_dir": str(self.data_dir),
+            "event_store": _redact(self.event_store_url),
+            "read_store": _redact(self.read_store_url),
+            "temporal_address": self.temporal_address,
+            "auth": sorted(set(self.api_tokens.values())) if self.api_tokens else "off (dev mode)",
+            "consistency_timeout": self.consistency_timeout,
+            "max_body_bytes": self.max_body_bytes,
+        }
+
+
+def _redact(url: str) -> str:
+    """Hide a password in ``scheme://user:password@host``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

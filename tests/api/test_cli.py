@@ -1,0 +1,172 @@
+"""The ``orderstream`` process: serve, graceful shutdown, and the operator commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orderstream.bootstrap import build
+from orderstream.config import Settings
+from orderstream.domain import orders
+from tests.api.helpers import order_body
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERSTREAM_", "TEMPORAL_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def orderstream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orderstream.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        check=False,
+    )
+
+
+def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orderstream.cli",
+            "serve",
+            "--no-sagas",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        if found:
+            return process, found.group(1)
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    raise AssertionError("orderstream serve did not start")
+
+
+async def test_sigterm_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    process, url = start_server(data_dir)
+    acknowledged: list[str] = []
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            r = await client.post(
+                "/products", json={"sku": "SKU-1", "name": "Mug", "price": {"amount": 100, "currency": "EUR"}}
+            )
+            assert r.status_code == 201
+            assert (await client.post("/products/SKU-1/stock", json={"quantity": 100000})).status_code == 200
+
+            async def place(i: int) -> None:
+                await asyncio.sleep(i * 0.002)
+                try:
+                    r = await client.post("/orders", json=order_body(customer_id=f"c-{i}"))
+                except httpx.HTTPError:
+                    return  # refused once the server stopped accepting: never acknowledged
+                if r.status_code == 201:
+                    acknowledged.append(r.json()["id"])
+
+            async def terminate() -> None:
+                await asyncio.sleep(0.15)
+                process.send_signal(signal.SIGTERM)
+
+            await asyncio.gather(*(place(i) for i in range(150)), terminate())
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.stdout is not None
+    assert "stopped" in process.stdout.read()
+    assert acknowledged, "no request got through before the shutdown"
+
+    container = await build(Settings(data_dir=data_dir))
+    try:
+        for order_id in acknowledged:
+            events = await container.event_store.read_stream(orders.stream_name(order_id))
+            assert [e.type for e in events] == ["OrderPlaced"], order_id
+    finally:
+        await container.close()
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["serve", "--help"], ["projections", "--help"], ["events", "--help"]]
+)
+def test_help(args: list[str]) -> None:
+    result = orderstream(*args)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+async def test_operator_commands(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    container = await build(Settings(data_dir=data_dir))
+    try:
+        from orderstream.application.commands import CommandContext
+        from orderstream.domain.common import Money
+
+        await container.use_cases.register_product("SKU-1", "Mug", Money(100, "EUR"), CommandContext())
+        await container.use_cases.add_stock("SKU-1", 5, CommandContext())
+    finally:
+        await container.close()
+    common = ["--data-dir", str(data_dir), "--log-level", "warning"]
+
+    read = orderstream("events", "read", "product-SKU-1", *common)
+    assert read.returncode == 0, read.stderr
+    lines = [json.loads(line) for line in read.stdout.splitlines()]
+    assert [line["type"] for line in lines] == ["ProductRegistered", "StockAdded"]
+
+    tail = orderstream("events", "tail", "--from-start", "--no-follow", "--type", "StockAdded", *common)
+    assert [json.loads(line)["type"] for line in tail.stdout.splitlines()] == ["StockAdded"]
+
+    follow = orderstream("events", "tail", "--from-start", "--limit", "2", *common)
+    assert follow.returncode == 0, follow.stderr
+    assert len(follow.stdout.splitlines()) == 2
+
+    rebuilt = orderstream("projections", "rebuild", "products", *common)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "rebuilt" in rebuilt.stdout
+
+    status = orderstream("projections", "status", "--json", *common)
+    assert status.returncode == 0, status.stderr
+    by_name = {s["name"]: s for s in map(json.loads, status.stdout.splitlines())}
+    assert set(by_name) == {"orders", "products"}
+    assert by_name["products"]["physical"].startswith("products_v1")
+
+    parked = orderstream("projections", "parked", "products", *common)
+    assert parked.returncode == 0, parked.stderr
+    assert parked.stdout == ""
+    replay = orderstream("projections", "replay-parked", "products", *common)
+    assert replay.returncode == 0, replay.stderr
+    assert "0 parked events" in replay.stdout
+
+    unknown = orderstream("projections", "rebuild", "nope", *common)
+    assert unknown.returncode == 2
+    assert "known: orders, products" in unknown.stderr

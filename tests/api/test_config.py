@@ -1,0 +1,79 @@
+"""Settings from the environment, overridden by CLI options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orderstream.bootstrap import open_event_store, open_read_store
+from orderstream.config import ConfigError, Settings, parse_tokens, sqlite_path
+
+
+def test_defaults_follow_the_data_dir() -> None:
+    settings = Settings.from_env({})
+    assert settings.data_dir == Path("./data")
+    assert settings.event_store_url == "sqlite:///data/events.db"
+    assert settings.read_store_url == "sqlite:///data/read.db"
+    assert settings.api_tokens == {}
+    assert settings.consistency_timeout == 5.0
+    assert settings.max_body_bytes == 64 * 1024
+    assert settings.temporal_address is None
+
+
+def test_environment_and_overrides() -> None:
+    env = {
+        "ORDERSTREAM_DATA_DIR": "/srv/os",
+        "ORDERSTREAM_READ_STORE": "http://127.0.0.1:9200",
+        "TEMPORAL_ADDRESS": "127.0.0.1:7233",
+        "ORDERSTREAM_API_TOKENS": "t1=alice, t2=bob",
+        "ORDERSTREAM_CONSISTENCY_TIMEOUT": "2.5",
+        "ORDERSTREAM_MAX_BODY_BYTES": "1024",
+    }
+    settings = Settings.from_env(env)
+    assert settings.event_store_url == "sqlite:////srv/os/events.db"
+    assert sqlite_path(settings.event_store_url) == Path("/srv/os/events.db")
+    assert settings.read_store_url == "http://127.0.0.1:9200"
+    assert settings.api_tokens == {"t1": "alice", "t2": "bob"}
+    assert settings.consistency_timeout == 2.5
+    assert settings.max_body_bytes == 1024
+    overridden = Settings.from_env(env, data_dir="/elsewhere", event_store_url=None)
+    assert overridden.event_store_url == "sqlite:////elsewhere/events.db"
+    assert "t1" not in str(overridden.describe())
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ORDERSTREAM_EVENT_STORE": "postgres://x"},
+        {"ORDERSTREAM_READ_STORE": "ftp://x"},
+        {"ORDERSTREAM_API_TOKENS": "no-actor"},
+        {"ORDERSTREAM_API_TOKENS": "t=a,t=b"},
+        {"ORDERSTREAM_CONSISTENCY_TIMEOUT": "soon"},
+        {"ORDERSTREAM_CONSISTENCY_TIMEOUT": "0"},
+        {"ORDERSTREAM_MAX_BODY_BYTES": "-1"},
+    ],
+)
+def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert any(name in str(caught.value) for name in env) or "ORDERSTREAM" in str(caught.value)
+
+
+def test_tokens() -> None:
+    assert parse_tokens(None) == {}
+    assert parse_tokens(" ") == {}
+    assert parse_tokens("a=x,b=y,") == {"a": "x", "b": "y"}
+
+
+async def test_backends_open_by_url(tmp_path: Path) -> None:
+    events = await open_event_store(f"sqlite:///{tmp_path}/e.db")
+    read = await open_read_store(f"sqlite:///{tmp_path}/r.db")
+    try:
+        assert await events.head_position() is None
+        assert await read.alias_target("orders") is None
+    finally:
+        await read.close()
+        await events.close()
+    with pytest.raises(ConfigError):
+        await open_event_store("mysql://nope")

@@ -1,0 +1,120 @@
+"""Idempotency-Key replays, and optimistic concurrency under a burst of writers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from orderstream.bootstrap import Container
+from orderstream.domain import inventory, orders
+from tests.api.helpers import ADDRESS, assert_problem, order_body, place_order, register_product
+
+
+async def test_same_key_twice_returns_the_same_answer_and_appends_once(
+    client: httpx.AsyncClient, container: Container
+) -> None:
+    await register_product(client)
+    body = order_body(("SKU-1", 3))
+    first = await client.post("/orders", json=body, headers={"Idempotency-Key": "order-attempt-1"})
+    assert first.status_code == 201, first.text
+    head = await container.event_store.head_position()
+    second = await client.post("/orders", json=body, headers={"Idempotency-Key": "order-attempt-1"})
+    assert second.status_code == 201, second.text
+    assert second.json() == first.json()
+    assert second.headers["location"] == first.headers["location"]
+    assert second.headers["etag"] == first.headers["etag"]
+    assert second.headers["idempotent-replayed"] == "true"
+    assert await container.event_store.head_position() == head
+    stream = await container.event_store.read_stream(orders.stream_name(first.json()["id"]))
+    assert [e.type for e in stream] == ["OrderPlaced"]
+
+
+async def test_same_key_with_another_body_is_422(client: httpx.AsyncClient, container: Container) -> None:
+    await register_product(client)
+    await client.post("/orders", json=order_body(("SKU-1", 1)), headers={"Idempotency-Key": "k-2"})
+    head = await container.event_store.head_position()
+    other = await client.post("/orders", json=order_body(("SKU-1", 2)), headers={"Idempotency-Key": "k-2"})
+    assert_problem(other, 422, "idempotency-key-reused")
+    assert await container.event_store.head_position() == head
+
+
+async def test_concurrent_retries_with_one_key_append_once(
+    client: httpx.AsyncClient, container: Container
+) -> None:
+    await register_product(client)
+    body = order_body()
+    answers = await asyncio.gather(
+        *(client.post("/orders", json=body, headers={"Idempotency-Key": "burst"}) for _ in range(20))
+    )
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert len({(a.json()["revision"], a.json()["position"]) for a in answers}) == 1
+    events = await container.event_store.read_stream(orders.stream_name(answers[0].json()["id"]))
+    assert len(events) == 1
+
+
+async def test_stock_idempotency_key(client: httpx.AsyncClient, container: Container) -> None:
+    await register_product(client, stock=0)
+    first = await client.post(
+        "/products/SKU-1/stock", json={"quantity": 5}, headers={"Idempotency-Key": "s-1"}
+    )
+    again = await client.post(
+        "/products/SKU-1/stock", json={"quantity": 5}, headers={"Idempotency-Key": "s-1"}
+    )
+    assert first.json() == again.json()
+    other = await client.post(
+        "/products/SKU-1/stock", json={"quantity": 6}, headers={"Idempotency-Key": "s-1"}
+    )
+    assert_problem(other, 422, "idempotency-key-reused")
+    events = await container.event_store.read_stream(inventory.stream_name("SKU-1"))
+    assert [e.type for e in events] == ["ProductRegistered", "StockAdded"]
+
+
+async def test_100_concurrent_patches_with_one_if_match(
+    client: httpx.AsyncClient, container: Container
+) -> None:
+    await register_product(client)
+    order_id = (await place_order(client))["id"]
+    stream = orders.stream_name(order_id)
+    before = await container.event_store.read_stream(stream)
+
+    async def change(i: int) -> httpx.Response:
+        address = {**ADDRESS, "line1": f"{i} Concurrency Lane"}
+        return await client.patch(
+            f"/orders/{order_id}", json={"shipping_address": address}, headers={"If-Match": '"0"'}
+        )
+
+    answers = await asyncio.gather(*(change(i) for i in range(100)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses.count(200) == 1, statuses
+    assert statuses.count(412) == 99, statuses
+    for answer in answers:
+        if answer.status_code == 412:
+            assert assert_problem(answer, 412)["current_revision"] == 1
+        else:
+            assert answer.headers["etag"] == '"1"'
+    after = await container.event_store.read_stream(stream)
+    assert len(after) == len(before) + 1
+
+
+async def test_concurrent_writers_without_if_match(client: httpx.AsyncClient, container: Container) -> None:
+    """Without If-Match the server retries lost races itself (with jittered back-off);
+    a writer that still loses after every attempt gets a 409 with Retry-After, and
+    exactly the acknowledged writes are in the store."""
+    await register_product(client, stock=0)
+    answers = await asyncio.gather(
+        *(client.post("/products/SKU-1/stock", json={"quantity": 1}) for _ in range(20))
+    )
+    ok = [a for a in answers if a.status_code == 200]
+    for answer in answers:
+        if answer.status_code != 200:
+            assert_problem(answer, 409, "concurrency-conflict")
+            assert answer.headers["retry-after"]
+    assert len(ok) >= 8  # a writer that lost 8 races saw 8 other writes succeed
+    assert sorted(a.json()["revision"] for a in ok) == list(range(1, len(ok) + 1))
+    events = await container.event_store.read_stream(inventory.stream_name("SKU-1"))
+    assert len(events) == 1 + len(ok)
+    last = max(a.json()["position"] for a in ok)
+    product = await client.get("/products/SKU-1", params={"min_position": last})
+    assert product.json()["on_hand"] == len(ok)

@@ -1,0 +1,93 @@
+"""GET /orders and GET /products: filters, full text, sort, cursor pagination, facets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tests.api.helpers import order_body, place_order, register_product
+
+
+async def _seed(client: httpx.AsyncClient) -> tuple[list[str], int]:
+    await register_product(client, "SKU-1", price=100, name="Red mug")
+    await register_product(client, "SKU-2", price=250, name="Blue teapot")
+    ids = []
+    position = 0
+    for i in range(7):
+        body = order_body(("SKU-1", i + 1), customer_id="alice" if i % 2 == 0 else "bob")
+        if i == 3:
+            body["shipping_address"]["city"] = "Rotterdam"
+        written = await place_order(client, body)
+        ids.append(written["id"])
+        position = written["position"]
+    for order_id in ids[:2]:
+        cancelled = await client.delete(f"/orders/{order_id}")
+        position = cancelled.json()["position"]
+    return ids, position
+
+
+async def _all_pages(client: httpx.AsyncClient, params: dict[str, Any]) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(20):
+        page = await client.get("/orders", params={**params, **({"cursor": cursor} if cursor else {})})
+        assert page.status_code == 200, page.text
+        items.extend(page.json()["items"])
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            return items
+    raise AssertionError("pagination did not end")
+
+
+async def test_filter_facets_text_sort_and_cursor(client: httpx.AsyncClient) -> None:
+    ids, position = await _seed(client)
+
+    everything = await client.get("/orders", params={"min_position": position, "limit": 100})
+    body = everything.json()
+    assert len(body["items"]) == 7
+    assert body["next_cursor"] is None
+    assert body["facets"]["status"] == {"placed": 5, "cancelled": 2}
+    # default: newest first
+    placed_at = [o["placed_at"] for o in body["items"]]
+    assert placed_at == sorted(placed_at, reverse=True)
+
+    cancelled = (await client.get("/orders", params={"status": "cancelled"})).json()
+    assert sorted(o["id"] for o in cancelled["items"]) == sorted(ids[:2])
+    assert cancelled["facets"]["status"] == {"cancelled": 2}
+    several = (await client.get("/orders", params=[("status", "cancelled"), ("status", "placed")])).json()
+    assert len(several["items"]) == 7
+
+    alice = (await client.get("/orders", params={"customer_id": "alice"})).json()
+    assert {o["customer_id"] for o in alice["items"]} == {"alice"}
+    assert len(alice["items"]) == 4
+
+    rotterdam = (await client.get("/orders", params={"q": "rotterdam"})).json()
+    assert [o["id"] for o in rotterdam["items"]] == [ids[3]]
+
+    by_total = (await client.get("/orders", params={"sort": "total_amount", "limit": 100})).json()
+    totals = [o["total"]["amount"] for o in by_total["items"]]
+    assert totals == sorted(totals)
+    by_total_desc = (await client.get("/orders", params={"sort": "-total_amount", "limit": 100})).json()
+    assert [o["total"]["amount"] for o in by_total_desc["items"]] == sorted(totals, reverse=True)
+
+    paged = await _all_pages(client, {"limit": 3, "sort": "-placed_at"})
+    assert len(paged) == 7
+    assert len({o["id"] for o in paged}) == 7
+    assert [o["id"] for o in paged] == [o["id"] for o in body["items"]]
+
+
+async def test_products_list_search_and_pages(client: httpx.AsyncClient) -> None:
+    last = {}
+    for i in range(5):
+        last = await register_product(client, f"SKU-{i}", name="Blue teapot" if i == 3 else f"Mug {i}")
+    first = await client.get("/products", params={"limit": 2, "min_position": last["position"]})
+    assert first.status_code == 200
+    assert [p["sku"] for p in first.json()["items"]] == ["SKU-0", "SKU-1"]
+    cursor = first.json()["next_cursor"]
+    assert cursor
+    second = (await client.get("/products", params={"limit": 2, "cursor": cursor})).json()
+    assert [p["sku"] for p in second["items"]] == ["SKU-2", "SKU-3"]
+    found = (await client.get("/products", params={"q": "teapot"})).json()
+    assert [p["sku"] for p in found["items"]] == ["SKU-3"]
+    assert found["items"][0]["available"] == 100
