@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 
 from orderstream.bootstrap import Container
+from orderstream.readstore.elasticsearch import ElasticsearchReadStore
 from tests.api.helpers import place_order, register_product
 
 
@@ -29,7 +30,14 @@ async def test_ready_shows_projection_positions(client: httpx.AsyncClient) -> No
 
 
 async def test_ready_is_503_when_a_store_is_down(client: httpx.AsyncClient, container: Container) -> None:
-    await container.read_store.close()
+    if isinstance(container.read_store, ElasticsearchReadStore):
+        # A closed Elasticsearch client reconnects on the next call; a node that does
+        # not answer is what "down" means there: nothing listens on port 9.
+        working = container.read_store
+        container.read_store = await ElasticsearchReadStore.open("http://127.0.0.1:9", request_timeout=2)
+        await working.close()
+    else:
+        await container.read_store.close()
     response = await client.get("/ready")
     assert response.status_code == 503
     assert response.json()["read_store"] == "unavailable"

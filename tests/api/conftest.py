@@ -1,0 +1,64 @@
+"""The API suite runs once per read store: SQLite always, Elasticsearch when a node
+is given (``ORDERSTREAM_TEST_ES_URL``; ``make test`` starts one), else skipped
+with the message that says how.
+
+Each Elasticsearch run gets its own index prefix, so tests on one node stay apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from orderstream.api.app import create_app
+from orderstream.bootstrap import Container, build
+from orderstream.config import Settings
+from tests.conftest import MakeClient, client_for
+from tests.contract.conftest import ES_HOW
+
+
+@pytest.fixture(params=["sqlite", "elasticsearch"])
+def read_store_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "sqlite":
+        return ""  # Settings' default: sqlite:///{data_dir}/read.db
+    url = os.environ.get("ORDERSTREAM_TEST_ES_URL")
+    if not url:
+        pytest.skip(ES_HOW)
+    return f"{url.rstrip('/')}?prefix=api-{uuid.uuid4().hex[:10]}-"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, read_store_url: str) -> Settings:
+    return Settings(data_dir=tmp_path / "data", read_store_url=read_store_url)
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, read_store_url: str) -> MakeClient:
+    """As in tests/conftest.py, on this run's read store."""
+    counter = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def make(
+        *, projections: bool = True, **overrides: Any
+    ) -> AsyncIterator[tuple[httpx.AsyncClient, Container]]:
+        overrides.setdefault("data_dir", tmp_path / f"data-{next(counter)}")
+        if read_store_url:
+            overrides.setdefault("read_store_url", f"{read_store_url}{next(counter)}-")
+        built = await build(Settings(**overrides))
+        try:
+            background = built.projection_services if projections else []
+            application = create_app(built, extra_route_handlers=(), background=background)
+            async with client_for(application) as http:
+                yield http, built
+        finally:
+            await built.close()
+
+    return make
