@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import JSONBody, PathParameter
 
 from orderstream.api.common import CORRELATION_HEADER, ETAG_HEADER, WRITE_SECURITY, OrderIdPath, written
 from orderstream.api.plumbing import command_context, require_writer
@@ -31,7 +32,7 @@ from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentC
 
 PaymentIdPath = Annotated[
     str,
-    Parameter(
+    PathParameter(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
         max_length=100,
         description="The payment's id (`payment_id` in `GET /orders/{id}/fulfilment`).",
@@ -141,8 +142,8 @@ class FulfilmentController(Controller):
         self,
         request: Request[Any, Any, Any],
         payment_id: PaymentIdPath,
-        data: PaymentWebhook,
-        use_cases: UseCases,
+        data: JSONBody[PaymentWebhook],
+        use_cases: NamedDependency[UseCases],
     ) -> Response[WriteResult]:
         now = use_cases.handler.clock()
         command: payments.PaymentCommand
@@ -164,7 +165,9 @@ class FulfilmentController(Controller):
         response_headers=[CORRELATION_HEADER],
         responses=problem_responses(400, 404, 503),
     )
-    async def get_fulfilment(self, order_id: OrderIdPath, container: Container) -> FulfilmentView:
+    async def get_fulfilment(
+        self, order_id: OrderIdPath, container: NamedDependency[Container]
+    ) -> FulfilmentView:
         return fulfilment_view(await fulfilment_client(container).report(order_id))
 
 
