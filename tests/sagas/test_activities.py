@@ -13,6 +13,7 @@ from temporalio.exceptions import ApplicationError
 from orderstream.application.commands import CommandContext, CommandHandler
 from orderstream.application.payment_gateway import SandboxPaymentGateway
 from orderstream.application.use_cases import LineRequest, UseCases
+from orderstream.domain import inventory
 from orderstream.domain.common import Money
 from orderstream.events import registry
 from orderstream.eventstore.sqlite import SqliteEventStore
@@ -20,7 +21,9 @@ from tests.sagas.conftest import ADDRESS
 from workflows.order_fulfilment.activities import FulfilmentActivities
 from workflows.order_fulfilment.inputs import (
     Amount,
+    Line,
     OrderArgs,
+    OrderLines,
     PaymentArgs,
     StepRef,
     StockArgs,
@@ -67,7 +70,7 @@ async def test_a_retried_step_appends_nothing_twice(
     amount = Amount(1000, "EUR")
     for _attempt in range(3):  # as if the worker died before reporting each completion
         await acts.reserve_stock(StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=2))
-        await acts.mark_stock_reserved(OrderArgs(_ref("mark-stock-reserved"), order_id))
+        await acts.mark_stock_reserved(OrderArgs(_ref("mark-stock-reserved"), order_id, [Line("MUG", 2)]))
         await acts.request_payment(PaymentArgs(_ref("request-payment"), pid, order_id, amount, "tok_approve"))
         answer = await acts.authorise_payment(
             PaymentArgs(_ref("authorise-payment"), pid, order_id, amount, "tok_approve")
@@ -127,3 +130,70 @@ async def test_closing_an_order_someone_else_closed_is_fine(acts: FulfilmentActi
     await acts.use_cases.cancel_order(order_id, "customer", CommandContext(actor="test"))
     note = await acts.cancel_order(OrderArgs(_ref("cancel-order"), order_id, reason="saga"))
     assert note == "already cancelled"
+
+
+async def test_load_order_lines_reads_the_current_lines_and_total(acts: FulfilmentActivities) -> None:
+    order_id = await _order(acts)
+    await acts.use_cases.register_product("CUP", "cup", Money(300, "EUR"), CommandContext(actor="test"))
+    args = OrderArgs(_ref("load-order-lines/2"), order_id)
+    assert await acts.load_order_lines(args) == OrderLines([Line("MUG", 2)], Amount(1000, "EUR"))
+
+    await acts.use_cases.change_order(
+        order_id,
+        shipping_address=None,
+        lines=[LineRequest("MUG", 1), LineRequest("CUP", 2)],
+        context=CommandContext(actor="test"),
+    )
+    assert await acts.load_order_lines(args) == OrderLines(
+        [Line("MUG", 1), Line("CUP", 2)], Amount(1100, "EUR")
+    )
+
+
+async def test_loading_the_lines_of_a_cancelled_order_is_a_final_illegal_transition(
+    acts: FulfilmentActivities,
+) -> None:
+    order_id = await _order(acts)
+    await acts.use_cases.cancel_order(order_id, "customer", CommandContext(actor="test"))
+    with pytest.raises(ApplicationError) as caught:
+        await acts.load_order_lines(OrderArgs(_ref("load-order-lines/2"), order_id))
+    assert (caught.value.type, caught.value.non_retryable) == ("IllegalTransition", True)
+    assert caught.value.details[0]["status"] == "cancelled"
+
+
+async def test_marking_stale_lines_is_a_final_lines_changed_error(
+    acts: FulfilmentActivities, store: SqliteEventStore
+) -> None:
+    order_id = await _order(acts)
+    await acts.use_cases.change_order(
+        order_id, shipping_address=None, lines=[LineRequest("MUG", 3)], context=CommandContext(actor="test")
+    )
+    with pytest.raises(ApplicationError) as caught:
+        await acts.mark_stock_reserved(OrderArgs(_ref("mark-stock-reserved"), order_id, [Line("MUG", 2)]))
+    assert (caught.value.type, caught.value.non_retryable) == ("LinesChanged", True)
+    assert caught.value.details[0] == {
+        "code": "lines-changed",
+        "reserved": [{"sku": "MUG", "quantity": 2}],
+        "current": [{"sku": "MUG", "quantity": 3}],
+    }
+    # The next round, under its own key, is accepted; the refused one appended nothing.
+    await acts.mark_stock_reserved(OrderArgs(_ref("mark-stock-reserved/2"), order_id, [Line("MUG", 3)]))
+    order = [e.type for e in await store.read_stream(f"order-{order_id}")]
+    assert order == ["OrderPlaced", "OrderLinesChanged", "OrderStockReserved"]
+
+
+async def test_each_round_resizes_the_reservation_under_its_own_key(
+    acts: FulfilmentActivities, store: SqliteEventStore
+) -> None:
+    order_id = await _order(acts)
+    for _attempt in range(2):  # every activity retried once after it took effect
+        await acts.reserve_stock(StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=2))
+    for _attempt in range(2):
+        await acts.reserve_stock(StockArgs(_ref("reserve-stock/2/MUG"), order_id, "MUG", quantity=3))
+
+    product = (await acts.use_cases.handler.load(inventory.decider, inventory.stream_name("MUG"))).state
+    assert (product.on_hand, product.reserved) == (3, 3)
+    reserved = [e for e in await store.read_stream("product-MUG") if e.type == "StockReserved"]
+    assert [e.metadata_dict()["idempotency_key"] for e in reserved] == [
+        "order-fulfilment-x/reserve-stock/MUG",
+        "order-fulfilment-x/reserve-stock/2/MUG",
+    ]

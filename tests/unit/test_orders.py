@@ -13,6 +13,7 @@ from orderstream.domain.orders import (
     CancelOrder,
     ChangeOrder,
     ConfirmOrder,
+    LinesChanged,
     MarkPaymentAuthorised,
     MarkStockReserved,
     OrderCancelled,
@@ -29,6 +30,7 @@ from orderstream.domain.orders import (
     PlaceOrder,
     RejectOrder,
     ShipOrder,
+    StockLine,
 )
 from tests.unit.given_when_then import spec
 
@@ -93,11 +95,20 @@ place = PlaceOrder(
 change_lines = ChangeOrder(order_id=ORDER, lines=NEW_LINES, now=NOW)
 change_address = ChangeOrder(order_id=ORDER, shipping_address=OFFICE, now=NOW)
 cancel = CancelOrder(order_id=ORDER, reason="no longer needed", now=NOW)
-mark_stock_reserved = MarkStockReserved(order_id=ORDER, now=NOW)
+mark_stock_reserved = MarkStockReserved(order_id=ORDER, lines=orders.stock_lines(LINES), now=NOW)
 mark_payment_authorised = MarkPaymentAuthorised(order_id=ORDER, payment_id=PAYMENT, now=NOW)
 confirm = ConfirmOrder(order_id=ORDER, now=NOW)
 ship = ShipOrder(order_id=ORDER, tracking_number="TRACK-9", now=NOW)
 reject = RejectOrder(order_id=ORDER, reason="out of stock: BOOK-1", now=NOW)
+
+
+def marking(*lines: tuple[str, int]) -> MarkStockReserved:
+    """``MarkStockReserved`` for these ``(sku, quantity)`` lines."""
+    reserved = tuple(StockLine(sku=sku, quantity=quantity) for sku, quantity in lines)
+    return MarkStockReserved(order_id=ORDER, lines=reserved, now=NOW)
+
+
+lines_changed = OrderLinesChanged(order_id=ORDER, lines=NEW_LINES, total=eur(3650), at=T1)
 
 
 def placing(lines: tuple[OrderLine, ...], address: Address = HOME) -> PlaceOrder:
@@ -301,6 +312,45 @@ class TestPlaced:
     def test_stock_can_be_marked_reserved(self) -> None:
         given(placed).when(mark_stock_reserved).then(OrderStockReserved(order_id=ORDER, at=NOW))
 
+    def test_stock_reserved_for_the_same_lines_in_another_order_is_fine(self) -> None:
+        given(placed).when(marking(("PEN-7", 1), ("BOOK-1", 2))).then(
+            OrderStockReserved(order_id=ORDER, at=NOW)
+        )
+
+    def test_stock_reserved_for_lines_the_customer_changed_is_refused(self) -> None:
+        # The saga reserved the lines of OrderPlaced; the customer changed them meanwhile.
+        error = given(placed, lines_changed).when(mark_stock_reserved).then_raises(LinesChanged)
+        assert error.code == "lines-changed"
+        assert error.reserved == orders.stock_lines(LINES)
+        assert error.current == orders.stock_lines(NEW_LINES)
+        assert str(error) == (
+            "order ord-1: stock was reserved for 2 x BOOK-1, 1 x PEN-7, "
+            "but the order's lines are now 1 x BOOK-1, 3 x MUG-3"
+        )
+
+    def test_stock_reserved_for_the_changed_lines_is_accepted(self) -> None:
+        state = (
+            given(placed, lines_changed)
+            .when(marking(("BOOK-1", 1), ("MUG-3", 3)))
+            .then(OrderStockReserved(order_id=ORDER, at=NOW))
+        )
+        assert (state.status, state.lines) == ("stock_reserved", NEW_LINES)
+
+    @pytest.mark.parametrize(
+        "reserved",
+        [
+            (("BOOK-1", 3), ("PEN-7", 1)),
+            (("BOOK-1", 2),),
+            (("BOOK-1", 2), ("PEN-7", 1), ("MUG-3", 1)),
+            (("BOOK-1", 2), ("PEN-8", 1)),
+            (),
+        ],
+        ids=["another quantity", "a line missing", "a line too many", "another SKU", "no lines"],
+    )
+    def test_stock_reserved_for_other_lines_is_refused(self, reserved: tuple[tuple[str, int], ...]) -> None:
+        error = given(placed).when(marking(*reserved)).then_raises(LinesChanged)
+        assert error.current == orders.stock_lines(LINES)
+
     def test_it_can_be_rejected(self) -> None:
         state = given(placed).when(reject).then(OrderRejected(order_id=ORDER, reason=reject.reason, at=NOW))
         assert state.status == "rejected"
@@ -318,6 +368,9 @@ class TestStockReserved:
 
     def test_marking_stock_reserved_again_is_nothing(self) -> None:
         given(*self.history).when(mark_stock_reserved).then_nothing()
+
+    def test_marking_it_again_for_other_lines_is_refused(self) -> None:
+        given(*self.history).when(marking(("BOOK-1", 1))).then_raises(LinesChanged)
 
     def test_payment_can_be_marked_authorised(self) -> None:
         state = (

@@ -8,9 +8,12 @@ nothing twice. The gateway calls are keyed by the payment id.
 
 Errors: a broken business rule is final, so it becomes a non-retryable
 ``ApplicationError`` whose ``type`` the workflow matches (``InsufficientStock``,
-``IllegalTransition``, ``NotFound``, ``DomainError``) with the facts in its
-details. Anything else (event store down, lost write races, gateway outage)
-propagates and is retried by the activity's retry policy.
+``IllegalTransition``, ``NotFound``, ``LinesChanged``, ``DomainError``) with the
+facts in its details. Anything else (event store down, lost write races,
+gateway outage) propagates and is retried by the activity's retry policy.
+
+Reads: ``load_order_lines`` folds the order's stream through the command
+handler (no read model, so no projection lag); reading is idempotent by nature.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ from workflows.order_fulfilment.inputs import (
     ERR_DOMAIN,
     ERR_ILLEGAL_TRANSITION,
     ERR_INSUFFICIENT_STOCK,
+    ERR_LINES_CHANGED,
     ERR_NOT_FOUND,
     SAGA_ACTOR,
     Amount,
     AuthorisationResult,
+    Line,
     OrderArgs,
+    OrderLines,
     PaymentArgs,
     StepRef,
     StockArgs,
@@ -65,6 +71,12 @@ def final_error(exc: DomainError) -> ApplicationError:
         case NotFound():
             kind = ERR_NOT_FOUND
             details |= {"what": exc.what, "id": exc.ident}
+        case orders.LinesChanged():
+            kind = ERR_LINES_CHANGED
+            details |= {
+                "reserved": [{"sku": x.sku, "quantity": x.quantity} for x in exc.reserved],
+                "current": [{"sku": x.sku, "quantity": x.quantity} for x in exc.current],
+            }
         case _:
             kind = ERR_DOMAIN
     return ApplicationError(str(exc), details, type=kind, non_retryable=True)
@@ -90,6 +102,7 @@ class FulfilmentActivities:
             self.reserve_stock,
             self.release_stock,
             self.commit_stock,
+            self.load_order_lines,
             self.mark_stock_reserved,
             self.mark_payment_authorised,
             self.confirm_order,
@@ -139,9 +152,34 @@ class FulfilmentActivities:
         except DomainError as exc:
             raise final_error(exc) from exc
 
+    @activity.defn(name="load_order_lines")
+    async def load_order_lines(self, args: OrderArgs) -> OrderLines:
+        """The lines and total of the order as it stands (read through the command
+        handler, from the event store: no read model lag). Only a ``placed``
+        order's lines are worth reserving; any other status is a final
+        ``IllegalTransition`` (``cancelled`` is how the saga learns of a
+        cancellation that beat its signal)."""
+        loaded = await self.use_cases.handler.load(orders.decider, orders.stream_name(args.order_id))
+        state = loaded.state
+        try:
+            if state.status is None:
+                raise NotFound("order", args.order_id)
+            if state.status != "placed" or state.total is None:
+                raise IllegalTransition(state.status, "reserve stock for the order's lines")
+        except DomainError as exc:
+            raise final_error(exc) from exc
+        return OrderLines(
+            lines=[Line(line.sku, line.quantity) for line in state.lines],
+            amount=Amount(state.total.amount, state.total.currency),
+        )
+
     @activity.defn(name="mark_stock_reserved")
     async def mark_stock_reserved(self, args: OrderArgs) -> None:
-        await self._order(orders.MarkStockReserved(order_id=args.order_id, now=self._now()), args.ref)
+        """Refused with the final ``LinesChanged`` error when ``args.lines`` are no
+        longer the order's lines."""
+        lines = tuple(orders.StockLine(sku=line.sku, quantity=line.quantity) for line in args.lines)
+        cmd = orders.MarkStockReserved(order_id=args.order_id, lines=lines, now=self._now())
+        await self._order(cmd, args.ref)
 
     @activity.defn(name="mark_payment_authorised")
     async def mark_payment_authorised(self, args: OrderArgs) -> None:

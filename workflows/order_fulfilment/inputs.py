@@ -23,6 +23,9 @@ SAGA_ACTOR = "saga:order-fulfilment"
 ignores payment and cancellation events whose actor is the saga itself."""
 
 DEFAULT_PAYMENT_DEADLINE_SECONDS = 15 * 60.0
+MAX_RESERVE_ROUNDS = 3
+"""How often the saga reserves stock for an order whose lines keep changing
+before it gives up and compensates."""
 
 # Signal and query names (the public surface of a running saga).
 SIGNAL_PAYMENT_RESULT = "payment_result"
@@ -33,8 +36,11 @@ QUERY_STATUS = "status"
 ERR_INSUFFICIENT_STOCK = "InsufficientStock"
 ERR_ILLEGAL_TRANSITION = "IllegalTransition"
 ERR_NOT_FOUND = "NotFound"
+ERR_LINES_CHANGED = "LinesChanged"
+"""``mark_stock_reserved``: the customer changed the order's lines while the saga
+reserved stock; the saga reserves the current lines and marks again."""
 ERR_DOMAIN = "DomainError"
-"""Any other broken business rule; final like the three above."""
+"""Any other broken business rule; final like the ones above."""
 
 # ApplicationError types the workflow fails with when it compensated.
 FAILURE_TYPES: dict[str, str] = {
@@ -129,6 +135,8 @@ class StockArgs:
 class OrderArgs:
     ref: StepRef
     order_id: str
+    lines: list[Line] = field(default_factory=list)
+    """``mark_stock_reserved``: the lines the saga holds stock for."""
     payment_id: str = ""
     """``mark_payment_authorised``."""
     tracking_number: str = ""
@@ -145,6 +153,14 @@ class PaymentArgs:
     amount: Amount
     token: str = ""
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class OrderLines:
+    """``load_order_lines``: what a placed order holds now."""
+
+    lines: list[Line]
+    amount: Amount
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,19 @@ handler)::
     ->  mark-payment-authorised  ->  confirm-order  ->  ship-order      (pivot)
     ->  capture-payment  ->  commit-stock/{sku}
 
+The customer may change the lines while the order is ``placed``, i.e. while the
+saga reserves the lines of ``OrderPlaced``. ``mark-stock-reserved`` names the
+lines reserved and the order decider refuses it (``LinesChanged``) unless they
+are the order's lines; the saga then reads the current lines
+(``load-order-lines/{n}``), reserves them (``reserve-stock/{n}/{sku}``: a new
+quantity resizes the reservation, a held one is skipped) and marks again
+(``mark-stock-reserved/{n}``), at most ``MAX_RESERVE_ROUNDS`` times. SKUs no
+longer on the order are released (``release-stock/{sku}``) only once the order
+accepted the mark, so a SKU dropped and added back is never lost to the
+inventory's "released: do not reserve again" rule. A stock shortage is final
+only for the order's current lines. Payment, capture and commit use the lines
+and total the order accepted, not those of ``OrderPlaced``.
+
 Each compensation is registered before its step runs; on a failure, a decline,
 a missed deadline or the customer's cancellation they run in reverse:
 ``void-payment``, ``release-stock/{sku}``..., then the order is closed
@@ -30,7 +43,7 @@ outcome at any time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -45,18 +58,22 @@ with workflow.unsafe.imports_passed_through():
         COMPENSATION_FAILED,
         ERR_ILLEGAL_TRANSITION,
         ERR_INSUFFICIENT_STOCK,
+        ERR_LINES_CHANGED,
         ERR_NOT_FOUND,
         FAILURE_TYPES,
+        MAX_RESERVE_ROUNDS,
         QUERY_STATUS,
         SIGNAL_CANCEL,
         SIGNAL_PAYMENT_RESULT,
         WORKFLOW_TYPE,
+        Amount,
         AuthorisationResult,
         FulfilmentInput,
         FulfilmentOutcome,
         FulfilmentStatus,
         Line,
         OrderArgs,
+        OrderLines,
         OutcomeStatus,
         PaymentArgs,
         StepRef,
@@ -117,6 +134,21 @@ def _failure(err: ActivityError) -> tuple[str | None, dict[str, Any]]:
     return None, {}
 
 
+def _in_round(step: str, round_: int) -> str:
+    """Round 1 of the reservation keeps the plain step names; a later round puts
+    its number after the step's kind (``reserve-stock/2/MUG``,
+    ``mark-stock-reserved/2``), so its commands carry idempotency keys of their
+    own (the same key would replay the earlier round's result)."""
+    if round_ == 1:
+        return step
+    kind, slash, rest = step.partition("/")
+    return f"{kind}/{round_}{slash}{rest}"
+
+
+def _same_lines(left: Sequence[Line], right: Sequence[Line]) -> bool:
+    return sorted((x.sku, x.quantity) for x in left) == sorted((x.sku, x.quantity) for x in right)
+
+
 def _message(err: BaseException) -> str:
     cause = err.cause if isinstance(err, ActivityError) and err.cause is not None else err
     message = getattr(cause, "message", None)
@@ -134,6 +166,12 @@ class OrderFulfilment:
         self._cancel_reason: str | None = None
         self._shipped = False
         self._abort_status: OutcomeStatus | None = None
+        self._held: dict[str, int] = {}
+        """SKU -> quantity reserved for the order so far (every round)."""
+        self._lines: list[Line] = list(inp.lines)
+        self._amount: Amount = inp.amount
+        """The lines and total the order accepted with ``mark-stock-reserved``
+        (until then, those of ``OrderPlaced``): what is charged and committed."""
 
     # ------------------------------------------------------------------ handlers
 
@@ -180,17 +218,10 @@ class OrderFulfilment:
         return outcome
 
     async def _forward(self) -> None:
-        inp = self._inp
         # Closing the order is the last compensation, so it is registered first.
         self._register("close-order", self._close_order)
 
-        for line in inp.lines:
-            self._register(f"release-stock/{line.sku}", self._releaser(line))
-            step = f"reserve-stock/{line.sku}"
-            await self._step(step, Acts.reserve_stock, self._stock_args(step, line, quantity=line.quantity))
-
-        step = "mark-stock-reserved"
-        await self._step(step, Acts.mark_stock_reserved, self._order_args(step))
+        await self._reserve_stock()
 
         self._register("void-payment", self._void_payment)
         step = "request-payment"
@@ -211,9 +242,80 @@ class OrderFulfilment:
         self._compensations.clear()
         step = "capture-payment"
         await self._step(step, Acts.capture_payment, self._payment_args(step), retry=MUST_COMPLETE_RETRY)
-        for line in inp.lines:
+        for line in self._lines:
             step = f"commit-stock/{line.sku}"
-            await self._step(step, Acts.commit_stock, self._stock_args(step, line), retry=MUST_COMPLETE_RETRY)
+            args = self._stock_args(step, line.sku)
+            await self._step(step, Acts.commit_stock, args, retry=MUST_COMPLETE_RETRY)
+
+    # ------------------------------------------------------------- stock reservation
+
+    async def _reserve_stock(self) -> None:
+        """Hold stock for the order's lines and have the order accept exactly
+        those lines, re-reading them when the customer changed them meanwhile."""
+        lines: Sequence[Line] = self._inp.lines
+        amount = self._inp.amount
+        for round_ in range(1, MAX_RESERVE_ROUNDS + 1):
+            last = round_ == MAX_RESERVE_ROUNDS
+            try:
+                if await self._reserve_round(round_, lines):
+                    break
+            except SagaAborted as abort:
+                # Short of stock (or an unknown product): final only when these are
+                # still the order's lines; the customer may have changed them.
+                if abort.status != "rejected" or last:
+                    raise
+                current = await self._load_lines(round_ + 1)
+                if _same_lines(current.lines, lines):
+                    raise
+            else:
+                if last:
+                    raise SagaAborted(
+                        "compensated",
+                        f"the order's lines kept changing while stock was reserved ({round_} attempts)",
+                    )
+                current = await self._load_lines(round_ + 1)
+            lines, amount = current.lines, current.amount
+        self._lines, self._amount = list(lines), amount
+        await self._release_dropped()
+
+    async def _reserve_round(self, round_: int, lines: Sequence[Line]) -> bool:
+        """Reserve ``lines`` and mark the stock reserved; ``False`` when the order
+        refused the mark because its lines are no longer ``lines``."""
+        for line in lines:
+            if self._held.get(line.sku) == line.quantity:
+                continue  # held since an earlier round
+            self._register_once(f"release-stock/{line.sku}", self._releaser(line.sku))
+            step = _in_round(f"reserve-stock/{line.sku}", round_)
+            args = self._stock_args(step, line.sku, quantity=line.quantity)
+            await self._step(step, Acts.reserve_stock, args)
+            self._held[line.sku] = line.quantity
+        step = _in_round("mark-stock-reserved", round_)
+        try:
+            await self._step(step, Acts.mark_stock_reserved, self._order_args(step, lines=lines))
+        except ActivityError as err:
+            if _failure(err)[0] == ERR_LINES_CHANGED:
+                return False
+            raise
+        return True
+
+    async def _load_lines(self, round_: int) -> OrderLines:
+        step = _in_round("load-order-lines", round_)
+        return await self._step(step, Acts.load_order_lines, self._order_args(step))
+
+    async def _release_dropped(self) -> None:
+        """Give back what earlier rounds held for SKUs no longer on the order.
+        Only now: the order's lines are fixed once it is ``stock_reserved``."""
+        wanted = {line.sku for line in self._lines}
+        for comp in [c for c in self._compensations if c.name.startswith("release-stock/")]:
+            sku = comp.name.removeprefix("release-stock/")
+            if sku in wanted:
+                continue
+            if sku in self._held:
+                reason = "no longer on the order (its lines changed)"
+                args = self._stock_args(comp.name, sku, reason=reason)
+                await self._step(comp.name, Acts.release_stock, args)
+                del self._held[sku]
+            self._compensations.remove(comp)
 
     # --------------------------------------------------------------------- steps
 
@@ -225,14 +327,15 @@ class OrderFulfilment:
         inp = self._inp
         return StepRef(workflow.info().workflow_id, step, inp.correlation_id, inp.causation_id)
 
-    def _stock_args(self, step: str, line: Line, *, quantity: int = 0, reason: str = "") -> StockArgs:
-        return StockArgs(self._ref(step), self._inp.order_id, line.sku, quantity=quantity, reason=reason)
+    def _stock_args(self, step: str, sku: str, *, quantity: int = 0, reason: str = "") -> StockArgs:
+        return StockArgs(self._ref(step), self._inp.order_id, sku, quantity=quantity, reason=reason)
 
-    def _order_args(self, step: str, *, reason: str = "") -> OrderArgs:
+    def _order_args(self, step: str, *, reason: str = "", lines: Sequence[Line] = ()) -> OrderArgs:
         inp = self._inp
         return OrderArgs(
             self._ref(step),
             inp.order_id,
+            lines=list(lines),
             payment_id=inp.payment_id,
             tracking_number=self._tracking_number,
             reason=reason,
@@ -241,7 +344,12 @@ class OrderFulfilment:
     def _payment_args(self, step: str, *, reason: str = "") -> PaymentArgs:
         inp = self._inp
         return PaymentArgs(
-            self._ref(step), inp.payment_id, inp.order_id, inp.amount, token=inp.payment_token, reason=reason
+            self._ref(step),
+            inp.payment_id,
+            inp.order_id,
+            self._amount,
+            token=inp.payment_token,
+            reason=reason,
         )
 
     async def _call(
@@ -313,9 +421,13 @@ class OrderFulfilment:
     def _register(self, name: str, run: Callable[[str], Awaitable[str]]) -> None:
         self._compensations.append(_Compensation(name, run))
 
-    def _releaser(self, line: Line) -> Callable[[str], Awaitable[str]]:
+    def _register_once(self, name: str, run: Callable[[str], Awaitable[str]]) -> None:
+        if all(comp.name != name for comp in self._compensations):
+            self._register(name, run)
+
+    def _releaser(self, sku: str) -> Callable[[str], Awaitable[str]]:
         async def release(reason: str) -> str:
-            args = self._stock_args(f"release-stock/{line.sku}", line, reason=reason)
+            args = self._stock_args(f"release-stock/{sku}", sku, reason=reason)
             return await self._call(Acts.release_stock, args, retry=MUST_COMPLETE_RETRY)
 
         return release

@@ -15,6 +15,7 @@ from msgspec.structs import replace
 
 from orderstream.domain.common import (
     AlreadyExists,
+    DomainError,
     FunctionalDecider,
     IllegalTransition,
     InvalidCommand,
@@ -57,6 +58,43 @@ class OrderLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def subtotal(self) -> Money:
         return self.unit_price.times(self.quantity)
+
+
+class StockLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A line as a stock reservation sees it: which product and how many (no price)."""
+
+    sku: str
+    quantity: int
+
+
+def stock_lines(lines: Sequence[OrderLine]) -> tuple[StockLine, ...]:
+    return tuple(StockLine(sku=line.sku, quantity=line.quantity) for line in lines)
+
+
+def same_stock(left: Sequence[StockLine], right: Sequence[StockLine]) -> bool:
+    """The same SKUs in the same quantities; the order of the lines does not matter."""
+    return sorted((x.sku, x.quantity) for x in left) == sorted((x.sku, x.quantity) for x in right)
+
+
+def _describe(lines: Sequence[StockLine]) -> str:
+    return ", ".join(f"{line.quantity} x {line.sku}" for line in lines) or "nothing"
+
+
+class LinesChanged(DomainError):
+    """``MarkStockReserved`` names other lines than the order has now: the customer
+    changed them while the stock was being reserved. Whoever reserved must
+    reserve the current lines (``current``) and mark again."""
+
+    code = "lines-changed"
+
+    def __init__(self, order_id: str, reserved: Sequence[StockLine], current: Sequence[StockLine]) -> None:
+        self.order_id = order_id
+        self.reserved = tuple(reserved)
+        self.current = tuple(current)
+        super().__init__(
+            f"order {order_id}: stock was reserved for {_describe(reserved)}, "
+            f"but the order's lines are now {_describe(current)}"
+        )
 
 
 def total_of(lines: Sequence[OrderLine]) -> Money:
@@ -168,7 +206,11 @@ class CancelOrder(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class MarkStockReserved(msgspec.Struct, frozen=True, kw_only=True):
+    """Stock is held for ``lines``; refused with :class:`LinesChanged` unless
+    they are the order's current lines (SKU and quantity)."""
+
     order_id: str
+    lines: tuple[StockLine, ...]
     now: datetime
 
 
@@ -331,10 +373,15 @@ def decide(command: OrderCommand, state: Order) -> Sequence[OrderEvent]:
             ]
         case MarkStockReserved():
             status = _require(state, command.order_id)
+            if status not in ("placed", "stock_reserved"):
+                raise IllegalTransition(status, "mark stock reserved")
+            current = stock_lines(state.lines)
+            if not same_stock(command.lines, current):
+                # The lines changed after the reservation began: the order's
+                # lines (what ships, what is charged) and the stock held must agree.
+                raise LinesChanged(command.order_id, command.lines, current)
             if status == "stock_reserved":
                 return []
-            if status != "placed":
-                raise IllegalTransition(status, "mark stock reserved")
             return [OrderStockReserved(order_id=command.order_id, at=command.now)]
         case MarkPaymentAuthorised():
             status = _require(state, command.order_id)
