@@ -9,6 +9,7 @@ import httpx
 from orderstream.bootstrap import Container
 from orderstream.domain import inventory, orders
 from tests.api.helpers import ADDRESS, assert_problem, order_body, place_order, register_product
+from tests.conftest import MakeClient
 
 
 async def test_same_key_twice_returns_the_same_answer_and_appends_once(
@@ -52,6 +53,49 @@ async def test_concurrent_retries_with_one_key_append_once(
     assert len({(a.json()["revision"], a.json()["position"]) for a in answers}) == 1
     events = await container.event_store.read_stream(orders.stream_name(answers[0].json()["id"]))
     assert len(events) == 1
+
+
+async def test_concurrent_requests_with_one_key_and_different_bodies(
+    client: httpx.AsyncClient, container: Container
+) -> None:
+    """Racing requests that share a key but not a body: one is the request, the
+    others are refused with 422; never two answers of 201 for one stored order."""
+    await register_product(client)
+    bodies = [order_body(("SKU-1", n)) for n in range(1, 9)]
+    answers = await asyncio.gather(
+        *(client.post("/orders", json=b, headers={"Idempotency-Key": "contested"}) for b in bodies)
+    )
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201] + [422] * 7, [a.text for a in answers]
+    winner = next(a for a in answers if a.status_code == 201)
+    events = await container.event_store.read_stream(orders.stream_name(winner.json()["id"]))
+    assert [e.type for e in events] == ["OrderPlaced"]
+    quantity = next(b for b, a in zip(bodies, answers, strict=True) if a.status_code == 201)["lines"][0][
+        "quantity"
+    ]
+    order = await client.get(
+        f"/orders/{winner.json()['id']}", params={"min_position": winner.json()["position"]}
+    )
+    assert order.json()["lines"][0]["quantity"] == quantity
+
+
+async def test_stock_key_of_one_actor_is_not_another_actors_replay(make_client: MakeClient) -> None:
+    """Keys are scoped by actor: the same key from two callers is two requests."""
+    tokens = {"alice-token": "alice", "bob-token": "bob"}
+    async with make_client(api_tokens=tokens) as (client, container):
+        client.headers["Authorization"] = "Bearer alice-token"
+        await register_product(client, stock=0)
+        for token in ("alice-token", "bob-token"):
+            answer = await client.post(
+                "/products/SKU-1/stock",
+                json={"quantity": 5},
+                headers={"Idempotency-Key": "shared", "Authorization": f"Bearer {token}"},
+            )
+            assert answer.status_code == 200, answer.text
+            assert "idempotent-replayed" not in answer.headers
+        stream = await container.event_store.read_stream(inventory.stream_name("SKU-1"))
+        added = [e for e in stream if e.type == "StockAdded"]
+        assert [e.metadata_dict()["actor"] for e in added] == ["alice", "bob"]
 
 
 async def test_stock_idempotency_key(client: httpx.AsyncClient, container: Container) -> None:

@@ -92,8 +92,16 @@ def request_digest(payload: object) -> str:
     return hashlib.sha256(msgspec.json.encode(payload, order="deterministic")).hexdigest()[:32]
 
 
-def derived_event_id(key: str, stream: str, index: int) -> uuid.UUID:
-    return uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{key}\x1f{stream}\x1f{index}")
+def derived_event_id(context: CommandContext, stream: str, index: int) -> uuid.UUID:
+    """The id of the ``index``-th event a keyed command appends to ``stream``.
+
+    Scoped by actor (one client cannot replay, or pre-empt, another's key; the
+    saga's step keys live apart from HTTP keys) and by the request's digest (two
+    different requests racing with one key append different ids, so the store
+    cannot mistake the second for a retry of the first)."""
+    assert context.idempotency_key is not None
+    scope = f"{context.actor}\x1f{context.idempotency_key}\x1f{context.request_hash or ''}"
+    return uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{scope}\x1f{stream}\x1f{index}")
 
 
 @dataclass(frozen=True)
@@ -203,25 +211,29 @@ class CommandHandler:
         metadata = context.metadata()
         out = []
         for i, event in enumerate(events):
-            if context.idempotency_key:
-                event_id = derived_event_id(context.idempotency_key, stream, i)
-            else:
-                event_id = uuid.uuid4()
+            event_id = derived_event_id(context, stream, i) if context.idempotency_key else uuid.uuid4()
             out.append(self.registry.to_new_event(event, event_id=event_id, metadata=metadata))
         return out
 
     def _find_replay(
         self, loaded: Loaded[S], stream: str, context: CommandContext
     ) -> CommandResult[S] | None:
+        """The earlier answer to this actor's key on this stream, if there is one.
+
+        The same key with another request (a different digest) is refused: the
+        first request's events are found by their metadata, not by id."""
         key = context.idempotency_key
         if not key or not loaded.events:
             return None
-        first_id = derived_event_id(key, stream, 0)
-        mine = [e for e in loaded.events if e.metadata_dict().get("idempotency_key") == key]
-        if not mine or mine[0].id != first_id:
+        mine = []
+        for event in loaded.events:
+            meta = event.metadata_dict()
+            if meta.get("idempotency_key") == key and meta.get("actor") == context.actor:
+                mine.append((event, meta))
+        if not mine:
             return None
-        if context.request_hash and mine[0].metadata_dict().get("request_hash") != context.request_hash:
+        if any(meta.get("request_hash") != context.request_hash for _, meta in mine):
             raise IdempotencyKeyReused(key)
-        last = mine[-1]
+        last = mine[-1][0]
         assert loaded.revision is not None
         return CommandResult(stream, last.revision, last.position, loaded.state, (), replayed=True)
