@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -120,9 +120,13 @@ def fts_match_expression(text: str) -> str | None:
     return " ".join(phrases)
 
 
+SqliteInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""A cursor is client input: an integer SQLite cannot bind is an invalid cursor, not a 500."""
+
+
 class _Cursor(msgspec.Struct, array_like=True, frozen=True):
     sort: str
-    values: list[int | float | str | None]
+    values: list[SqliteInt | float | str | None]
     id: str
 
 
