@@ -13,7 +13,7 @@ from orderstream.readstore.sqlite import SqliteReadStore
 from tests.contract.test_read_store import SCHEMA, C, thing
 
 
-@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 2**64 - 1], ids=["2^63", "-2^63-1", "2^64-1"])
+@pytest.mark.parametrize("value", [2**63, 2**64 - 1], ids=["2^63", "2^64-1"])
 async def test_a_cursor_with_an_integer_sqlite_cannot_bind_is_invalid(tmp_path: Path, value: int) -> None:
     store = await SqliteReadStore.open(tmp_path / "read.db")
     try:
