@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import importlib
 import importlib.util
 from collections.abc import AsyncIterator, Sequence
@@ -28,15 +29,28 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Parameter,
+    Reference,
+    Schema,
+    SecurityScheme,
+    Tag,
+)
+from litestar.params import ParameterKwarg
+from litestar.routes import HTTPRoute
 from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
 
 import orderstream
 from orderstream.api.ops import OpsController
 from orderstream.api.orders import OrderController
-from orderstream.api.plumbing import make_before_send, strict_body
-from orderstream.api.problems import exception_handlers
+from orderstream.api.plumbing import make_allow_fixer, make_before_send, strict_request
+from orderstream.api.problems import PROBLEM_JSON, exception_handlers, problem_description
 from orderstream.api.products import ProductController
 from orderstream.application.queries import Queries
 from orderstream.application.use_cases import UseCases
@@ -169,7 +183,7 @@ def create_app(
             "queries": Provide(provide_queries, sync_to_thread=False),
         },
         exception_handlers=exception_handlers,
-        before_request=strict_body,
+        before_request=strict_request,
         before_send=[make_before_send(container.metrics)],
         request_max_body_size=container.settings.max_body_bytes,
         openapi_config=openapi_config(),
@@ -181,6 +195,20 @@ def create_app(
         logging_config=None,
     )
     close_request_schemas(app)
+    tighten_parameter_schemas(app)
+    document_unsupported_media_type(app)
+    # Litestar 2.x answers OPTIONS on a path served by several handlers with the
+    # methods of the first one only (litestar-org/litestar#4169): answer with the
+    # route's real methods, as the 405 answers already do.
+    app.before_send.append(
+        make_allow_fixer(
+            {
+                route.path_format: {getattr(method, "value", method) for method in route.methods}
+                for route in app.routes
+                if isinstance(route, HTTPRoute)
+            }
+        )
+    )
     return app
 
 
@@ -236,3 +264,93 @@ def close_request_schemas(app: Litestar) -> None:
         short = name.rsplit("_", 1)[-1]
         if name in names or short in names:
             schema.additional_properties = False
+
+
+_PARAMETER_CONSTRAINTS = {
+    "ge": "minimum",
+    "le": "maximum",
+    "gt": "exclusive_minimum",
+    "lt": "exclusive_maximum",
+    "min_length": "min_length",
+    "max_length": "max_length",
+    "min_items": "min_items",
+    "max_items": "max_items",
+    "pattern": "pattern",
+}
+_CARRIED_KEYWORDS = (*_PARAMETER_CONSTRAINTS.values(), "description", "default", "examples", "format", "enum")
+
+
+def _without_null(schema: Schema) -> Schema:
+    """``{"oneOf": [X, {"type": "null"}], "maxLength": 5}`` -> ``X`` with ``maxLength: 5``."""
+    if not schema.one_of:
+        return schema
+    branches = [s for s in schema.one_of if not (isinstance(s, Schema) and s.type == OpenAPIType.NULL)]
+    if len(branches) != 1 or len(branches) == len(schema.one_of) or not isinstance(branches[0], Schema):
+        return schema
+    inner = copy.copy(branches[0])
+    for key in _CARRIED_KEYWORDS:
+        value = getattr(schema, key)
+        if value is not None and getattr(inner, key) is None:
+            setattr(inner, key, value)
+    return inner
+
+
+def _operations(app: Litestar) -> dict[str, Operation]:
+    found: dict[str, Operation] = {}
+    for item in (app.openapi_schema.paths or {}).values():
+        for method in ("get", "put", "post", "delete", "options", "head", "patch", "trace"):
+            operation = getattr(item, method, None)
+            if isinstance(operation, Operation) and operation.operation_id:
+                found[operation.operation_id] = operation
+    return found
+
+
+def tighten_parameter_schemas(app: Litestar) -> None:
+    """Make the documented query, path and header parameters say exactly what is accepted.
+
+    Litestar documents an optional parameter (``int | None = None``) as
+    ``oneOf: [integer, null]``, but a query string or a header cannot carry a
+    JSON ``null``: absence is what ``required: false`` already says, and a
+    fuzzer that sends the text ``null`` only finds a 400. It also drops a
+    constraint whose value is falsy (``ge=0`` never becomes ``minimum: 0``), so
+    a negative ``min_position`` looked valid. Here each optional parameter's
+    schema becomes its non-null branch, and every constraint the handler
+    declares is written down.
+    """
+    operations = _operations(app)
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            operation = (
+                operations.get(handler.operation_id) if isinstance(handler.operation_id, str) else None
+            )
+            if operation is None or not operation.parameters:
+                continue
+            declared: dict[str, ParameterKwarg] = {}
+            for name, field in handler.parsed_fn_signature.parameters.items():
+                kwarg = field.kwarg_definition
+                if isinstance(kwarg, ParameterKwarg):
+                    declared[kwarg.name or name] = kwarg
+            for parameter in operation.parameters:
+                if not isinstance(parameter, Parameter) or not isinstance(parameter.schema, Schema):
+                    continue
+                schema = copy.copy(_without_null(parameter.schema))
+                kwarg = declared.get(parameter.name)
+                if kwarg is not None:
+                    for attribute, keyword in _PARAMETER_CONSTRAINTS.items():
+                        value = getattr(kwarg, attribute)
+                        if value is not None and getattr(schema, keyword) is None:
+                            setattr(schema, keyword, value)
+                parameter.schema = schema
+
+
+def document_unsupported_media_type(app: Litestar) -> None:
+    """Every operation that takes a JSON body answers 415 to a body of another
+    media type (see :func:`orderstream.api.plumbing.strict_body`): say so, also on
+    the routes that other modules add."""
+    for operation in _operations(app).values():
+        if operation.request_body is None or operation.responses is None or "415" in operation.responses:
+            continue
+        operation.responses["415"] = OpenAPIResponse(
+            description=problem_description(415),
+            content={PROBLEM_JSON: OpenAPIMediaType(schema=Reference(ref="#/components/schemas/Problem"))},
+        )

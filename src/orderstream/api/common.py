@@ -8,11 +8,13 @@ from litestar import Response
 from litestar.datastructures import ResponseHeader
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 
-from orderstream.api.plumbing import etag
+from orderstream.api.plumbing import IDEMPOTENCY_KEY_PATTERN, IF_MATCH_PATTERN, etag
 from orderstream.api.schemas import SKU_PATTERN, WriteResult
 from orderstream.application.commands import CommandResult
 
 ORDER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+={0,2}$"
+"""Cursors are URL-safe base64 (the SQLite store drops the padding, Elasticsearch's keeps it)."""
 
 IfMatch = Annotated[
     str | None,
@@ -20,6 +22,8 @@ IfMatch = Annotated[
         name="If-Match",
         required=False,
         max_length=64,
+        # Documented only: the handler parses it, so a bad one is a 400 `invalid-header`.
+        schema_extra={"pattern": IF_MATCH_PATTERN},
         description=(
             'The revision you last read, as an entity tag: `"3"` (a bare `3` is accepted too). '
             "The write happens only if the resource is still at that revision, else 412 with "
@@ -33,6 +37,7 @@ IdempotencyKey = Annotated[
         name="Idempotency-Key",
         required=False,
         max_length=255,
+        schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
         description=(
             "Any unique string (a UUID) per intended operation. Repeating the request with the same "
             "key returns the first answer and appends nothing; the same key with a different body is "
@@ -54,7 +59,12 @@ MinPosition = Annotated[
 Limit = Annotated[int, QueryParameter(ge=1, le=100, description="Page size, 1 to 100.")]
 Cursor = Annotated[
     str | None,
-    QueryParameter(required=False, max_length=2000, description="`next_cursor` of the previous page."),
+    QueryParameter(
+        required=False,
+        max_length=2000,
+        pattern=CURSOR_PATTERN,
+        description="`next_cursor` of the previous page (opaque; one from another query is a 400).",
+    ),
 ]
 SearchText = Annotated[
     str | None, QueryParameter(required=False, max_length=200, description="Full-text search.")

@@ -43,7 +43,7 @@ from orderstream.api.schemas import (
     StatusFacets,
     WriteResult,
 )
-from orderstream.application.queries import Queries, event_data
+from orderstream.application.queries import ORDER_SORT_FIELDS, Queries, event_data
 from orderstream.application.use_cases import LineRequest, UseCases
 from orderstream.domain import orders
 from orderstream.readstore.base import Document
@@ -58,12 +58,13 @@ StatusFilter = Annotated[
         required=False, description="Only orders in these statuses (repeat the parameter for several)."
     ),
 ]
+_SORT_FIELD = rf"[+-]?({'|'.join(sorted(ORDER_SORT_FIELDS))})"
 Sort = Annotated[
     str | None,
     QueryParameter(
         required=False,
         max_length=200,
-        pattern=r"^[+-]?[a-z_]+(,[+-]?[a-z_]+)*$",
+        pattern=rf"^{_SORT_FIELD}(,{_SORT_FIELD})*$",
         description=(
             "Comma-separated fields, `-` for descending: placed_at, updated_at, total_amount, "
             "customer_id, status. Default `-placed_at`."

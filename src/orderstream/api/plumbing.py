@@ -3,35 +3,50 @@ auth, correlation ids and request metrics.
 
 Strict bodies. Litestar converts a decoded body into the handler's ``data``
 type with coercion turned on (``"5"`` would pass as ``5``). The API promises
-that wrong types are refused, so :func:`strict_body` (a ``before_request``
-hook) decodes the raw body with msgspec in strict mode against the same type
-first: malformed JSON raises ``msgspec.DecodeError`` (400), anything else that
-does not match the schema ``msgspec.ValidationError`` (422). Litestar then
-converts the already valid body again (the OpenAPI document still comes from
-the handler's ``data`` annotation).
+that wrong types are refused, so :func:`strict_body` (run by the
+``before_request`` hook :func:`strict_request`) decodes the raw body with
+msgspec in strict mode against the same type first: malformed JSON raises
+``msgspec.DecodeError`` (400), anything else that does not match the schema
+``msgspec.ValidationError`` (422). Litestar then converts the already valid
+body again (the OpenAPI document still comes from the handler's ``data``
+annotation). A body that is not sent as ``application/json`` is a 415.
+
+One exception to "no coercion": JSON Schema, in which the OpenAPI document is
+written, counts a number with a zero fractional part (``2.0``, ``1e3``) as an
+``integer``, so such a number is accepted where an integer is expected; ``2.5``
+and ``"2"`` are still refused.
+
+Strict query strings: :func:`strict_query` refuses what Litestar's parameter
+parsing lets through (a repeated scalar parameter, ``null`` for a number).
 """
 
 from __future__ import annotations
 
 import hmac
 import re
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 from litestar import Request
 from litestar.connection import ASGIConnection
+from litestar.enums import ParamType
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import ParameterKwarg
 from litestar.types import Message, Scope
 
 from orderstream.api.correlation import correlation_id
-from orderstream.api.problems import FieldError, bad_request
+from orderstream.api.problems import ApiError, FieldError, bad_request
 from orderstream.application.commands import CommandContext, request_digest
 from orderstream.metrics import Metrics
 
-_IDEMPOTENCY_OK = re.compile(r"^[\x21-\x7e]{1,255}$")
-_ETAG = re.compile(r'^"?(\d{1,18})"?$')
-MAX_REVISION = 2**62
+IF_MATCH_PATTERN = r'^(\*|"[0-9]{1,18}"|[0-9]{1,18})$'
+"""What ``If-Match`` accepts (also written into the OpenAPI document); 18 digits keep
+every revision below the event stores' limits."""
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$"
+"""1 to 255 visible ASCII characters (also written into the OpenAPI document)."""
+_IDEMPOTENCY_OK = re.compile(IDEMPOTENCY_KEY_PATTERN)
+_IF_MATCH = re.compile(IF_MATCH_PATTERN)
 
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
@@ -43,13 +58,68 @@ def _decoder(annotation: Any) -> msgspec.json.Decoder[Any]:
     return decoder
 
 
+async def strict_request(request: Request[Any, Any, Any]) -> None:
+    """``before_request``: :func:`strict_query`, then :func:`strict_body`."""
+    strict_query(request)
+    await strict_body(request)
+
+
+def strict_query(request: Request[Any, Any, Any]) -> None:
+    """Refuse what Litestar's lenient query parsing would let through: a scalar
+    parameter given more than once (Litestar keeps one value and ignores the
+    others, unchecked), and the text ``null`` for an optional non-text parameter
+    (Litestar reads ``?min_position=null`` as absent). Both are 400s."""
+    errors: list[FieldError] = []
+    for name, field in request.route_handler.parsed_fn_signature.parameters.items():
+        kwarg = field.kwarg_definition
+        if not isinstance(kwarg, ParameterKwarg) or kwarg.param_type is not ParamType.QUERY:
+            continue
+        key = kwarg.name or name
+        values = request.query_params.getall(key, [])
+        if len(values) > 1 and not field.is_non_string_sequence:
+            errors.append(FieldError(message="given more than once", path=key, source="query"))
+        elif (
+            values and values[0] == "null" and str not in (get_args(field.annotation) or (field.annotation,))
+        ):
+            errors.append(FieldError(message="'null' is not a value; leave it out", path=key, source="query"))
+    if errors:
+        raise bad_request("invalid-parameter", "A parameter is missing or invalid.", errors=errors)
+
+
 async def strict_body(request: Request[Any, Any, Any]) -> None:
-    """``before_request``: validate the body strictly against the handler's ``data`` type."""
+    """Validate the body strictly against the handler's ``data`` type.
+
+    A body sent with a ``Content-Type`` other than JSON (a form, ``text/plain``) is
+    a 415: only ``application/json`` is documented, and a browser may send the
+    others cross-site without asking first."""
     param = request.route_handler.parsed_fn_signature.parameters.get("data")
     if param is None:
         return
+    if "content-type" in request.headers:
+        media_type = request.content_type[0].lower()
+        if media_type != "application/json":
+            raise ApiError(
+                415,
+                "unsupported-media-type",
+                f"The request body must be JSON (Content-Type: application/json), not {media_type[:80]!r}.",
+            )
     body = await request.body()  # 413 past request_max_body_size
-    _decoder(param.annotation).decode(body)  # raises DecodeError (400) / ValidationError (422)
+    try:
+        _decoder(param.annotation).decode(body)  # raises DecodeError (400) / ValidationError (422)
+    except msgspec.ValidationError:
+        # Valid JSON: retry with integral floats as integers (JSON Schema's ``integer``).
+        raw = msgspec.json.decode(body)
+        msgspec.convert(_integral_floats_as_ints(raw), param.annotation, strict=True)
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    return value
 
 
 # -------------------------------------------------------------------------- headers
@@ -64,10 +134,7 @@ def parse_if_match(value: str | None) -> int | None:
     if value is None:
         return None
     value = value.strip()
-    if value == "*":
-        return None
-    match = _ETAG.match(value)
-    if match is None or int(match[1]) > MAX_REVISION:
+    if _IF_MATCH.match(value) is None:
         raise bad_request(
             "invalid-header",
             'If-Match must be one strong entity tag holding a revision, e.g. If-Match: "3".',
@@ -75,7 +142,7 @@ def parse_if_match(value: str | None) -> int | None:
                 FieldError(message=f"not a revision tag: {value[:40]!r}", path="If-Match", source="header")
             ],
         )
-    return int(match[1])
+    return None if value == "*" else int(value.strip('"'))
 
 
 def etag(revision: int) -> str:
@@ -144,7 +211,7 @@ def command_context(
     )
 
 
-# --------------------------------------------------------------------------- send hook
+# --------------------------------------------------------------------------- send hooks
 
 
 def make_before_send(metrics: Metrics) -> Any:
@@ -163,3 +230,21 @@ def make_before_send(metrics: Metrics) -> Any:
         ).inc()
 
     return before_send
+
+
+def make_allow_fixer(methods_by_path: dict[str, set[str]]) -> Any:
+    """A ``before_send`` hook: the ``Allow`` header of an automatic OPTIONS answer
+    lists every method of the route (``methods_by_path``: route path format ->
+    methods), not only those of the handler registered first."""
+
+    async def fix_allow(message: Message, scope: Scope) -> None:
+        if message["type"] != "http.response.start" or scope.get("method") != "OPTIONS":
+            return
+        methods = methods_by_path.get(scope.get("path_template") or "")
+        if not methods:
+            return
+        headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+        headers.append((b"allow", ", ".join(sorted(methods)).encode("latin-1")))
+        message["headers"] = headers
+
+    return fix_allow

@@ -15,6 +15,7 @@ with its traceback and answered with a plain 500.
 - 409: :class:`IllegalTransition`, :class:`AlreadyExists`, a race lost too often.
 - 412: a stale ``If-Match`` (:class:`WrongExpectedVersion`), with ``current_revision``.
 - 413: the body is over the limit.
+- 415: a body whose ``Content-Type`` is not JSON.
 - 422: wrong types, unknown fields, limits; :class:`InvalidCommand` and other business
   rules; an ``Idempotency-Key`` reused with another body.
 - 503: :class:`NotYetConsistent` (with ``Retry-After``); the event store is unavailable.
@@ -134,6 +135,7 @@ _TITLES: dict[str, str] = {
     "concurrency-conflict": "Concurrent modification",
     "stale-revision": "Stale If-Match revision",
     "body-too-large": "Request body too large",
+    "unsupported-media-type": "Unsupported media type",
     "idempotency-key-reused": "Idempotency-Key reused with a different request",
     "not-yet-consistent": "Read model not yet consistent",
     "unavailable": "Service unavailable",
@@ -375,6 +377,7 @@ _DESCRIPTIONS = {
     409: "Illegal state transition, already exists, or a concurrent change (problem details).",
     412: "Stale If-Match: the problem carries `current_revision`.",
     413: "The request body is larger than the limit (problem details).",
+    415: "The request body is not sent as `application/json` (problem details).",
     422: "The body does not match the schema, or a business rule refused it (problem details).",
     503: (
         "Not available now; retry after `Retry-After` seconds (problem details). When the read model "
@@ -382,6 +385,11 @@ _DESCRIPTIONS = {
         "`min_position` and `reached_position`."
     ),
 }
+
+
+def problem_description(status: int) -> str:
+    """The OpenAPI description of a problem answer with this status."""
+    return _DESCRIPTIONS[status]
 
 
 def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
