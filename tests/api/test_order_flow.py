@@ -212,3 +212,19 @@ async def test_min_position_beyond_the_head_is_already_reached(client: httpx.Asy
         f"/orders/{written['id']}", params={"min_position": written["position"] + 1000}
     )
     assert response.status_code == 200
+
+
+async def test_the_history_route_does_not_show_the_payment_token(
+    client: httpx.AsyncClient, container: Container
+) -> None:
+    await register_product(client)
+    written = await place_order(client, order_body(token="tok_live_4242_secret"))
+    history = await client.get(f"/orders/{written['id']}/events")
+    assert history.status_code == 200
+    assert "tok_live_4242_secret" not in history.text
+    placed = history.json()["events"][0]
+    assert placed["type"] == "OrderPlaced"
+    assert placed["data"]["payment_token"] == "[redacted]"
+    # The event store keeps it: the saga needs it to ask the gateway.
+    stored = await container.event_store.read_stream(f"order-{written['id']}")
+    assert b"tok_live_4242_secret" in stored[0].data

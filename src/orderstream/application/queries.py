@@ -233,7 +233,16 @@ class Queries:
         return await self.read_store.query(PRODUCTS, query)
 
 
+SECRET_FIELDS = frozenset({"payment_token", "token"})
+"""Event fields never shown through the API (the history route is readable
+without a token). They stay in the event store for the saga and operators."""
+REDACTED = "[redacted]"
+
+
 def event_data(event: RecordedEvent) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An event's data and metadata as stored (JSON objects)."""
+    """An event's data and metadata as stored (JSON objects), secrets redacted."""
     data = msgspec.json.decode(event.data) if event.data else {}
-    return (data if isinstance(data, dict) else {"value": data}), event.metadata_dict()
+    if not isinstance(data, dict):
+        return {"value": data}, event.metadata_dict()
+    shown = {k: (REDACTED if k in SECRET_FIELDS and v else v) for k, v in data.items()}
+    return shown, event.metadata_dict()
