@@ -125,6 +125,26 @@ async def test_compensations_are_no_ops_when_nothing_is_held(acts: FulfilmentAct
     assert unknown == "nothing reserved (unknown product)"
 
 
+async def test_a_replayed_release_says_it_released(acts: FulfilmentActivities) -> None:
+    """A release retried after its event was appended (lost completion) appends
+    nothing again, and its note still says the stock was released."""
+    order_id = await _order(acts)
+    await acts.reserve_stock(StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=2))
+    args = StockArgs(_ref("release-stock/MUG"), order_id, "MUG", reason="declined")
+
+    first = await acts.release_stock(args)
+    again = await acts.release_stock(args)
+
+    assert (first, again) == ("released", "released (replayed)")
+    events = await acts.use_cases.handler.event_store.read_stream(inventory.stream_name("MUG"))
+    assert Counter(e.type for e in events)["StockReleased"] == 1
+    stock = await acts.use_cases.handler.load(inventory.decider, inventory.stream_name("MUG"))
+    assert stock.state.reserved == 0
+    # A later release under another key finds nothing held.
+    other = await acts.release_stock(StockArgs(_ref("release-stock/2/MUG"), order_id, "MUG", reason="r"))
+    assert other == "nothing reserved"
+
+
 async def test_closing_an_order_someone_else_closed_is_fine(acts: FulfilmentActivities) -> None:
     order_id = await _order(acts)
     await acts.use_cases.cancel_order(order_id, "customer", CommandContext(actor="test"))

@@ -126,7 +126,11 @@ class FulfilmentActivities:
 
     @activity.defn(name="release_stock")
     async def release_stock(self, args: StockArgs) -> str:
-        """Compensation; releasing what is not held is a no-op."""
+        """Compensation; releasing what is not held is a no-op.
+
+        A replayed key (a retry after the release was appended, e.g. the worker
+        died before reporting it) appends nothing, but the release did happen:
+        a release with nothing held appends nothing, so it leaves no key to replay."""
         try:
             result = await self.use_cases.release_stock(
                 args.sku, args.order_id, args.reason, context_for(args.ref)
@@ -135,6 +139,8 @@ class FulfilmentActivities:
             return "nothing reserved (unknown product)"
         except DomainError as exc:
             raise final_error(exc) from exc
+        if result.replayed:
+            return "released (replayed)"
         return "released" if result.appended else "nothing reserved"
 
     @activity.defn(name="commit_stock")

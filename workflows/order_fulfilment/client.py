@@ -4,10 +4,16 @@ Used by ``GET /orders/{id}/fulfilment``. The running (or closed) workflow
 answers the ``status`` query; when it cannot (no worker polls the task queue,
 or the query times out) the report falls back to Temporal's description of
 the execution and, for a closed one, its result or failure.
+
+When Temporal cannot be reached (connection refused, server unavailable or
+overloaded, no answer within :data:`QUERY_TIMEOUT`) the report raises
+:class:`FulfilmentUnavailable`, which the API answers with 503 problem details
+and ``Retry-After``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,6 +24,7 @@ from temporalio.converter import value_to_type
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from orderstream.application.errors import ServiceUnavailable
 from orderstream.domain.common import NotFound
 from workflows.order_fulfilment.inputs import (
     QUERY_STATUS,
@@ -32,6 +39,31 @@ log = logging.getLogger("orderstream.saga")
 QUERY_TIMEOUT = timedelta(seconds=5)
 FULFILMENT_CLIENT_KEY = "fulfilment_client"
 """Where the saga hook puts the process's :class:`FulfilmentClient` in ``container.extensions``."""
+
+UNAVAILABLE_RPC_STATUSES = frozenset(
+    {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED}
+)
+"""Temporal is down, unreachable, too slow or overloaded: worth retrying later."""
+
+
+class FulfilmentUnavailable(ServiceUnavailable):
+    """Temporal cannot answer now (the API answers 503 with ``Retry-After``)."""
+
+    def __init__(self, order_id: str, cause: BaseException) -> None:
+        super().__init__("The saga service (Temporal)", cause)
+        self.order_id = order_id
+        self.reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means Temporal cannot be reached now (not a bug or a refusal)."""
+    if isinstance(exc, RPCError):
+        return exc.status in UNAVAILABLE_RPC_STATUSES
+    if isinstance(exc, TimeoutError):
+        return True
+    # A lazily connected client that cannot connect raises a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and str(exc).startswith("Failed client connect")
+
 
 _STATUS_NAMES = {
     WorkflowExecutionStatus.RUNNING: "running",
@@ -74,14 +106,21 @@ class FulfilmentClient:
         return f"{self.web_ui_url}/namespaces/{self.namespace}/workflows/{workflow_id}"
 
     async def report(self, order_id: str) -> FulfilmentReport:
-        """Raises :class:`NotFound` when no saga was started for the order."""
+        """Raises :class:`NotFound` when no saga was started for the order, and
+        :class:`FulfilmentUnavailable` when Temporal cannot be reached."""
         workflow_id = workflow_id_for(order_id)
         handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(workflow_id)
         try:
-            description = await handle.describe(rpc_timeout=QUERY_TIMEOUT)
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
+            # The client retries an unavailable server on its own; bound the whole call.
+            async with asyncio.timeout(QUERY_TIMEOUT.total_seconds()):
+                description = await handle.describe(rpc_timeout=QUERY_TIMEOUT)
+        except (RPCError, TimeoutError, RuntimeError) as exc:
+            if isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND:
                 raise NotFound("order fulfilment", order_id) from None
+            if _unreachable(exc):
+                unavailable = FulfilmentUnavailable(order_id, exc)
+                log.warning("fulfilment of %s: Temporal unavailable (%s)", order_id, unavailable.reason)
+                raise unavailable from exc
             raise
         status = _STATUS_NAMES.get(description.status, "unknown") if description.status else "unknown"
         report = FulfilmentReport(
@@ -110,9 +149,10 @@ class FulfilmentClient:
 
     async def _query(self, handle: WorkflowHandle[Any, Any]) -> FulfilmentStatus | None:
         try:
-            status: FulfilmentStatus = await handle.query(
-                QUERY_STATUS, result_type=FulfilmentStatus, rpc_timeout=QUERY_TIMEOUT
-            )
+            async with asyncio.timeout(QUERY_TIMEOUT.total_seconds()):
+                status: FulfilmentStatus = await handle.query(
+                    QUERY_STATUS, result_type=FulfilmentStatus, rpc_timeout=QUERY_TIMEOUT
+                )
         except Exception as exc:  # no worker, timeout, query failed: fall back to describe
             log.info("status query of %s failed: %s", handle.id, exc)
             return None
@@ -120,7 +160,8 @@ class FulfilmentClient:
 
     async def _closed_outcome(self, handle: WorkflowHandle[Any, Any]) -> FulfilmentOutcome | None:
         try:
-            result = await handle.result(rpc_timeout=QUERY_TIMEOUT)
+            async with asyncio.timeout(QUERY_TIMEOUT.total_seconds()):
+                result = await handle.result(rpc_timeout=QUERY_TIMEOUT)
         except WorkflowFailureError as exc:
             cause = exc.cause
             if isinstance(cause, ApplicationError) and cause.details:

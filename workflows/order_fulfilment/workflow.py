@@ -29,7 +29,11 @@ the customer already cancelled it).
 
 ``ship-order`` is the pivot: once the parcel is on its way nothing is undone,
 a late ``cancel`` signal is ignored (the order decider refuses it anyway) and
-the remaining steps are retried until they succeed.
+the remaining steps are retried until they succeed. From ``ship-order`` on, a
+cancellation through Temporal (Web UI, CLI) is held off too: those steps run
+shielded to their end and the saga completes ``shipped`` (the outcome's
+``reason`` says the cancellation was ignored); only if ``ship-order`` itself
+fails is the cancellation honoured (compensate, end *Canceled*).
 
 Outcome: ``shipped`` is the only successful end (the run returns a
 :class:`FulfilmentOutcome`). Any compensated end fails the workflow with a
@@ -84,6 +88,8 @@ with workflow.unsafe.imports_passed_through():
 A = TypeVar("A")
 T = TypeVar("T")
 Acts = FulfilmentActivities
+
+TEMPORAL_CANCEL_REASON = "saga cancelled through Temporal"
 
 # ---------------------------------------------------------------- policies (defined once)
 
@@ -165,6 +171,8 @@ class OrderFulfilment:
         self._payment_result: str | None = None
         self._cancel_reason: str | None = None
         self._shipped = False
+        self._cancel_held_off = False
+        """A cancellation through Temporal arrived while :meth:`_shielded` steps ran."""
         self._abort_status: OutcomeStatus | None = None
         self._held: dict[str, int] = {}
         """SKU -> quantity reserved for the order so far (every round)."""
@@ -210,10 +218,14 @@ class OrderFulfilment:
                 raise  # past the pivot nothing is undone: the workflow fails for an operator
             await self._compensate_and_fail("compensated", f"{self._state.step} failed: {_message(err)}")
         except asyncio.CancelledError:
-            # Cancelled through Temporal (CLI, Web UI): undo, then end as cancelled.
-            await self._compensate("compensated", "saga cancelled through Temporal")
+            # Cancelled through Temporal (CLI, Web UI) before ship-order: undo, then
+            # end as cancelled. (From ship-order on, the cancellation is held off.)
+            await self._compensate("compensated", TEMPORAL_CANCEL_REASON)
             raise
-        outcome = FulfilmentOutcome(status="shipped", tracking_number=self._tracking_number)
+        reason = None
+        if self._cancel_held_off:
+            reason = "cancellation through Temporal ignored: the order was shipped, nothing is undone"
+        outcome = FulfilmentOutcome(status="shipped", reason=reason, tracking_number=self._tracking_number)
         self._finish(outcome)
         return outcome
 
@@ -234,6 +246,10 @@ class OrderFulfilment:
         await self._step(step, Acts.mark_payment_authorised, self._order_args(step))
         step = "confirm-order"
         await self._step(step, Acts.confirm_order, self._order_args(step))
+        await self._shielded(self._ship_and_settle())
+
+    async def _ship_and_settle(self) -> None:
+        """The pivot and the steps that must follow it (run shielded)."""
         step = "ship-order"
         await self._step(step, Acts.ship_order, self._order_args(step))
 
@@ -246,6 +262,35 @@ class OrderFulfilment:
             step = f"commit-stock/{line.sku}"
             args = self._stock_args(step, line.sku)
             await self._step(step, Acts.commit_stock, args, retry=MUST_COMPLETE_RETRY)
+
+    async def _shielded(self, steps: Awaitable[None]) -> None:
+        """Run ``steps`` to their end even if the workflow is cancelled through
+        Temporal meanwhile (Web UI, CLI, ``handle.cancel()``).
+
+        Once ``ship-order`` was sent, the order may be shipped: cancelling its
+        activity would not stop the command, and undoing a shipped order is not
+        possible. So the cancellation is not passed on to these steps' activities;
+        they run on (capture and commit retried until they succeed) and the saga
+        ends ``shipped``. Only if ``ship-order`` itself failed (the order is not
+        shipped) is the held-off cancellation honoured: compensate, end cancelled.
+        """
+        task = asyncio.ensure_future(steps)
+        while True:
+            try:
+                await asyncio.shield(task)
+                return
+            except asyncio.CancelledError:
+                if task.done():
+                    raise  # the steps themselves were cancelled: nothing to hold off
+                self._cancel_held_off = True
+                workflow.logger.info(
+                    "cancellation through Temporal during %s: held off until the steps end",
+                    self._state.step,
+                )
+            except ActivityError:
+                if self._cancel_held_off and not self._shipped:
+                    raise asyncio.CancelledError(TEMPORAL_CANCEL_REASON) from None
+                raise
 
     # ------------------------------------------------------------- stock reservation
 

@@ -44,6 +44,7 @@ from msgspec import UNSET, UnsetType
 
 from orderstream.api.correlation import correlation_id
 from orderstream.application.commands import ConcurrencyRetriesExhausted, IdempotencyKeyReused
+from orderstream.application.errors import ServiceUnavailable
 from orderstream.application.queries import NotYetConsistent, RevisionNotFound
 from orderstream.domain.common import AlreadyExists, DomainError, IllegalTransition, NotFound
 from orderstream.eventstore.base import EventStoreUnavailable, WrongExpectedVersion
@@ -295,6 +296,15 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
             return problem_response(request, 422, exc.code, str(exc))
         case InvalidQuery():
             return problem_response(request, 400, "invalid-query", str(exc))
+        case ServiceUnavailable():
+            log.warning("%s", exc)
+            return problem_response(
+                request,
+                503,
+                "unavailable",
+                f"{exc.service} cannot be reached; retry later.",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         case EventStoreUnavailable():
             log.warning("event store unavailable: %s", exc)
             return problem_response(

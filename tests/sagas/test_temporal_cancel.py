@@ -1,0 +1,150 @@
+"""Cancelling the workflow through Temporal (Web UI, CLI, ``handle.cancel()``)
+from ``ship-order`` on: the cancellation is held off, the pivot's steps run to
+their end. (Before ``ship-order`` it compensates: see
+``test_order_fulfilment.test_cancelling_the_workflow_through_temporal_compensates``.)"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.worker import Replayer, Worker
+
+from orderstream.application.payment_gateway import PaymentGatewayUnavailable, SandboxPaymentGateway
+from orderstream.domain.common import Money
+from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
+from workflows.order_fulfilment.activities import FulfilmentActivities
+from workflows.order_fulfilment.inputs import OrderArgs, payment_id_for, tracking_number_for, workflow_id_for
+from workflows.order_fulfilment.workflow import TEMPORAL_CANCEL_REASON, OrderFulfilment
+
+pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
+
+HELD_OFF = "cancellation through Temporal ignored: the order was shipped, nothing is undone"
+
+
+class SlowFlakyCapture(SandboxPaymentGateway):
+    """Capture takes a while, and its first attempt fails transiently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captures = 0
+
+    async def capture(self, payment_id: str, amount: Money) -> None:
+        self.captures += 1
+        await asyncio.sleep(1.0)
+        if self.captures == 1:
+            raise PaymentGatewayUnavailable("capture timed out")
+        await super().capture(payment_id, amount)
+
+
+class SlowShipping(FulfilmentActivities):
+    """``ship-order`` takes a while (long enough to cancel the workflow meanwhile)."""
+
+    @activity.defn(name="ship_order")
+    async def ship_order(self, args: OrderArgs) -> None:
+        await asyncio.sleep(1.0)
+        await super().ship_order(args)
+
+
+class ShippingRefused(FulfilmentActivities):
+    """``ship-order`` takes a while, then fails for good: the order is not shipped."""
+
+    @activity.defn(name="ship_order")
+    async def ship_order(self, args: OrderArgs) -> None:
+        await asyncio.sleep(1.0)
+        raise ApplicationError("the carrier refused the parcel", {}, type="DomainError", non_retryable=True)
+
+
+async def _assert_replays(handle: WorkflowHandle[Any, Any]) -> None:
+    replayed = await Replayer(workflows=[OrderFulfilment]).replay_workflow(
+        await handle.fetch_history(), raise_on_replay_failure=False
+    )
+    assert replayed.replay_failure is None, replayed.replay_failure
+
+
+async def _assert_shipped_and_settled(saga: SagaHarness, order_id: str) -> None:
+    handle = saga.handle(order_id)
+    result = await asyncio.wait_for(handle.result(), WAIT)
+    assert result["status"] == "shipped"
+    assert result["reason"] == HELD_OFF
+    assert result["tracking_number"] == tracking_number_for(workflow_id_for(order_id))
+    assert result["compensations"] == []
+    assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+    assert (await saga.order(order_id)).status == "shipped"
+    mug = await saga.stock("MUG")
+    assert (mug.on_hand, mug.reserved) == (8, 0)
+    assert (await saga.payment(order_id)).status == "captured"
+    assert (await saga.counts(f"payment-{payment_id_for(order_id)}"))["PaymentCaptured"] == 1
+    assert (await saga.counts(f"order-{order_id}"))["OrderShipped"] == 1
+    assert (await saga.counts("product-MUG"))["StockCommitted"] == 1
+    status = await saga.status(order_id)
+    assert status["step"] == "shipped"
+    assert status["completed_steps"][-3:] == ["ship-order", "capture-payment", "commit-stock/MUG"]
+    assert status["compensations"] == []
+    view = (await saga.http.get(f"/orders/{order_id}/fulfilment")).json()
+    assert (view["status"], view["step"], view["outcome"]["status"]) == ("completed", "shipped", "shipped")
+    await _assert_replays(handle)
+
+
+async def test_cancelled_while_capturing_still_captures_and_commits(make_saga: SagaFactory) -> None:
+    saga = await make_saga(worker=False)
+    saga.gateway = gateway = SlowFlakyCapture()
+    saga.start_worker()
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    await saga.reach_step(order_id, "capture-payment")
+
+    await saga.handle(order_id).cancel()  # an operator, after the pivot
+
+    await _assert_shipped_and_settled(saga, order_id)
+    assert gateway.captures == 2  # the failed attempt was retried despite the cancellation
+
+
+async def test_cancelled_while_shipping_ships_captures_and_commits(make_saga: SagaFactory) -> None:
+    saga = await make_saga(worker=False)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    acts = SlowShipping(saga.container.use_cases, saga.gateway)
+    worker = Worker(
+        saga.env.client, task_queue=saga.task_queue, workflows=[OrderFulfilment], activities=acts.all()
+    )
+    async with worker:
+        await saga.reach_step(order_id, "ship-order")
+        await saga.handle(order_id).cancel()
+
+        await _assert_shipped_and_settled(saga, order_id)
+
+
+async def test_cancelled_while_shipping_fails_compensates_and_ends_cancelled(make_saga: SagaFactory) -> None:
+    saga = await make_saga(worker=False)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    acts = ShippingRefused(saga.container.use_cases, saga.gateway)
+    worker = Worker(
+        saga.env.client, task_queue=saga.task_queue, workflows=[OrderFulfilment], activities=acts.all()
+    )
+    async with worker:
+        await saga.reach_step(order_id, "ship-order")
+        handle = saga.handle(order_id)
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError) as failed:
+            await asyncio.wait_for(handle.result(), WAIT)
+
+        assert isinstance(failed.value.cause, CancelledError)
+        assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+        order = await saga.order(order_id)
+        assert (order.status, order.cancel_reason) == ("cancelled", TEMPORAL_CANCEL_REASON)
+        assert (await saga.stock("MUG")).reserved == 0
+        assert (await saga.payment(order_id)).status == "voided"
+        status = await saga.status(order_id)
+        assert status["step"] == "compensated"
+        assert status["compensations"] == [
+            "void-payment: voided",
+            "release-stock/MUG: released",
+            "close-order: cancelled",
+        ]
+        await _assert_replays(handle)
