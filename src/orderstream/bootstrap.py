@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from orderstream.application.projection_runner import ProjectionRunner
 from orderstream.application.queries import Queries
+from orderstream.application.snapshots import SnapshotStore
 from orderstream.application.use_cases import UseCases
 from orderstream.config import ConfigError, Settings, scheme_of, sqlite_path
 from orderstream.events import EventRegistry
@@ -127,14 +128,18 @@ class Container:
         return [FunctionService(f"projection:{name}", r.run) for name, r in self.runners.items()]
 
     async def close(self) -> None:
-        """Close the read store, then the event store (which flushes pending appends)."""
+        """Wait for the command handler's snapshot writes, close the read store, then
+        the event store (which flushes pending appends)."""
         if self._closed:
             return
         self._closed = True
         try:
-            await self.read_store.close()
+            await self.handler.close()
         finally:
-            await self.event_store.close()
+            try:
+                await self.read_store.close()
+            finally:
+                await self.event_store.close()
 
 
 async def build(
@@ -156,6 +161,9 @@ async def build(
         raise
     metrics = Metrics()
     handler = MeteredCommandHandler(event_store, registry, metrics=metrics)
+    # Set after construction: MeteredCommandHandler (metrics.py) does not forward a
+    # ``snapshots=`` argument to CommandHandler.
+    handler.snapshots = SnapshotStore(event_store, every=settings.snapshot_every)
     runners = {
         p.schema.name: ProjectionRunner(event_store, read_store, p, registry=registry) for p in projections
     }

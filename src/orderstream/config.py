@@ -12,6 +12,9 @@
 - ``ORDERSTREAM_CONSISTENCY_TIMEOUT`` (``5``): seconds a query with ``min_position``
   waits for the projection.
 - ``ORDERSTREAM_MAX_BODY_BYTES`` (``65536``): larger request bodies get 413.
+- ``ORDERSTREAM_SNAPSHOT_EVERY`` (``100``): write an aggregate snapshot when a command
+  leaves its stream this many events past the latest one; ``0`` turns snapshots off
+  (no writes, and loads fold whole streams). See ``docs/snapshots.md``.
 
 SQLite URLs follow the SQLAlchemy convention: everything after ``sqlite:///`` is
 the path, so ``sqlite:///data/events.db`` is relative and ``sqlite:////srv/events.db``
@@ -29,6 +32,7 @@ from typing import Any
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_CONSISTENCY_TIMEOUT = 5.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_SNAPSHOT_EVERY = 100
 
 EVENT_STORE_SCHEMES = ("sqlite", "kurrentdb", "esdb", "esdb+discover", "kurrentdb+discover")
 READ_STORE_SCHEMES = ("sqlite", "http", "https")
@@ -96,6 +100,20 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    """A non-negative integer (``0`` meaning "off")."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: not an integer: {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name}: must be 0 (off) or positive, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     data_dir: Path = Path(DEFAULT_DATA_DIR)
@@ -108,6 +126,8 @@ class Settings:
     """token -> actor. Empty: development mode, every caller is ``anonymous``."""
     consistency_timeout: float = DEFAULT_CONSISTENCY_TIMEOUT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
+    """Events between aggregate snapshots; 0: no snapshots."""
 
     def __post_init__(self) -> None:
         # Fill the URL defaults from the data dir, then check what we were given.
@@ -129,6 +149,8 @@ class Settings:
             raise ConfigError("consistency timeout must be positive")
         if self.max_body_bytes <= 0:
             raise ConfigError("max body bytes must be positive")
+        if self.snapshot_every < 0:
+            raise ConfigError("ORDERSTREAM_SNAPSHOT_EVERY: must be 0 (off) or positive")
 
     @property
     def auth_enabled(self) -> bool:
@@ -156,6 +178,7 @@ class Settings:
                 env, "ORDERSTREAM_CONSISTENCY_TIMEOUT", DEFAULT_CONSISTENCY_TIMEOUT
             ),
             "max_body_bytes": _int(env, "ORDERSTREAM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+            "snapshot_every": _count(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY),
         }
         if "data_dir" in given:
             given["data_dir"] = Path(given["data_dir"])
@@ -174,6 +197,7 @@ class Settings:
             "auth": sorted(set(self.api_tokens.values())) if self.api_tokens else "off (dev mode)",
             "consistency_timeout": self.consistency_timeout,
             "max_body_bytes": self.max_body_bytes,
+            "snapshot_every": self.snapshot_every,
         }
 
 

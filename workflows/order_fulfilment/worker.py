@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from orderstream.application.commands import CommandHandler
 from orderstream.application.payment_gateway import SandboxPaymentGateway
+from orderstream.application.snapshots import SnapshotStore
 from orderstream.application.use_cases import UseCases
 from orderstream.bootstrap import open_event_store
 from orderstream.events import registry
@@ -42,7 +43,7 @@ async def serve(address: str, event_store_url: str, task_queue: str, transient_f
     store = await open_event_store(event_store_url)
     try:
         client = await connect(address)
-        use_cases = UseCases(CommandHandler(store, registry))
+        use_cases = UseCases(CommandHandler(store, registry, snapshots=SnapshotStore(store)))
         gateway = SandboxPaymentGateway(transient_failures=transient_failures)
         async with build_worker(client, use_cases, gateway, task_queue):
             print(READY, flush=True)

@@ -1,0 +1,357 @@
+"""Snapshots in operation: written in the background every N events, never trusted
+blindly, and idempotency keys that outlive the events a load still reads.
+
+Real ``SqliteEventStore`` in ``tmp_path``; the one stand-in is
+:class:`SnapshotsFail`, which wraps the real store and refuses appends to snapshot
+streams (a full disk for snapshots only), to show a failed write never reaches
+the command.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from orderstream.application.commands import (
+    CommandContext,
+    CommandHandler,
+    IdempotencyKeyReused,
+    request_digest,
+)
+from orderstream.application.snapshots import SnapshotStore, snapshot_stream, state_schema_id
+from orderstream.application.use_cases import UseCases
+from orderstream.bootstrap import build
+from orderstream.config import ConfigError, Settings
+from orderstream.domain import inventory
+from orderstream.domain.common import Money
+from orderstream.events import registry
+from orderstream.eventstore.base import ANY, AppendResult, EventFilter, EventStoreError, Expected, NewEvent
+from orderstream.eventstore.sqlite import SqliteEventStore
+
+SKU = "SKU-1"
+STREAM = inventory.stream_name(SKU)
+EUR = Money(1999, "EUR")
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
+    store = await SqliteEventStore.open(tmp_path / "events.db")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def keyed(key: str, quantity: int, actor: str = "alice") -> CommandContext:
+    return CommandContext(
+        actor=actor, idempotency_key=key, request_hash=request_digest({"quantity": quantity})
+    )
+
+
+async def register(use_cases: UseCases) -> None:
+    await use_cases.register_product(SKU, "Widget", EUR, CommandContext(actor="admin"))
+
+
+async def snapshot_revisions(store: SqliteEventStore, stream: str = STREAM) -> list[int]:
+    events = await store.read_stream(snapshot_stream(stream))
+    return [msgspec.json.decode(e.data)["revision"] for e in events]
+
+
+async def bulk_stock(store: SqliteEventStore, count: int) -> None:
+    """``count`` keyed StockAdded events appended directly (fast), as other clients' commands."""
+    for start in range(0, count, 250):
+        batch = [
+            registry.to_new_event(
+                inventory.StockAdded(sku=SKU, quantity=1, at=NOW),
+                event_id=uuid.uuid4(),
+                metadata={"actor": "bob", "idempotency_key": f"bulk-{n}", "request_hash": "0" * 32},
+            )
+            for n in range(start, min(count, start + 250))
+        ]
+        await store.append(STREAM, batch, ANY)
+
+
+# ------------------------------------------------------------------------- the policy
+
+
+async def test_a_snapshot_is_written_every_n_events_off_the_commands_path(store: SqliteEventStore) -> None:
+    snapshots = SnapshotStore(store, every=10)
+    use_cases = UseCases(CommandHandler(store, registry, snapshots=snapshots))
+    await register(use_cases)
+    for n in range(1, 36):
+        result = await use_cases.add_stock(SKU, 1, CommandContext(actor="alice"))
+        assert result.revision == n
+        if n == 9:
+            # The command has answered, and its snapshot is still only scheduled.
+            assert snapshots.in_flight == [STREAM]
+            assert await snapshot_revisions(store) == []
+            await snapshots.drain()
+            assert await snapshot_revisions(store) == [9]
+    await snapshots.close()
+    assert await snapshot_revisions(store) == [9, 19, 29]
+    assert snapshots.stats.failed == 0
+    loaded = await CommandHandler(store, registry, snapshots=snapshots).load(inventory.decider, STREAM)
+    assert loaded.snapshot is not None
+    assert loaded.snapshot.revision == 29
+    assert [e.revision for e in loaded.events] == list(range(30, 36))
+    assert loaded.state.on_hand == 35
+
+
+class SnapshotsFail:
+    """The real store, except that appends to snapshot streams fail."""
+
+    def __init__(self, inner: SqliteEventStore) -> None:
+        self.inner = inner
+
+    async def append(self, stream: str, events: Sequence[NewEvent], expected: Expected) -> AppendResult:
+        if stream.startswith("snapshot-"):
+            raise EventStoreError("disk full (snapshots only)")
+        return await self.inner.append(stream, events, expected)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_failed_snapshot_write_is_logged_and_never_reaches_the_command(
+    store: SqliteEventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    failing: Any = SnapshotsFail(store)
+    snapshots = SnapshotStore(failing, every=3)
+    use_cases = UseCases(CommandHandler(failing, registry, snapshots=snapshots))
+    await register(use_cases)
+    with caplog.at_level(logging.ERROR, logger="orderstream.snapshots"):
+        for _ in range(8):
+            await use_cases.add_stock(SKU, 2, CommandContext())
+            await snapshots.drain()
+    await snapshots.close()
+    assert snapshots.stats.failed >= 2  # and each later append tried again
+    assert "snapshot of product-SKU-1" in caplog.text
+    assert await store.stream_revision(STREAM) == 8
+    assert await snapshot_revisions(store) == []
+
+
+async def test_snapshot_every_zero_writes_and_reads_none(store: SqliteEventStore) -> None:
+    on = CommandHandler(store, registry, snapshots=SnapshotStore(store, every=2))
+    await register(UseCases(on))
+    for _ in range(4):
+        await UseCases(on).add_stock(SKU, 1, CommandContext())
+    await on.close()
+    assert await snapshot_revisions(store)
+    off_store = SnapshotStore(store, every=0)
+    off = CommandHandler(store, registry, snapshots=off_store)
+    for _ in range(4):
+        await UseCases(off).add_stock(SKU, 1, CommandContext())
+    assert (await off.load(inventory.decider, STREAM)).snapshot is None
+    await off.close()
+    assert off_store.stats.written == 0
+
+
+# ----------------------------------------------------------------- never trusted blindly
+
+
+async def history_with_snapshot(store: SqliteEventStore) -> CommandHandler:
+    handler = CommandHandler(store, registry, snapshots=SnapshotStore(store, every=50))
+    use_cases = UseCases(handler)
+    await register(use_cases)
+    for n in range(60):
+        await use_cases.add_stock(SKU, n + 1, CommandContext())
+    await handler.close()
+    assert await snapshot_revisions(store) == [49]
+    return CommandHandler(store, registry, snapshots=SnapshotStore(store, every=50))
+
+
+async def put_snapshot(store: SqliteEventStore, data: bytes, event_type: str = "Snapshot") -> None:
+    event = NewEvent(id=uuid.uuid4(), type=event_type, data=data, metadata=b"{}")
+    await store.append(snapshot_stream(STREAM), [event], ANY)
+
+
+def valid_data(**changes: Any) -> dict[str, Any]:
+    return {
+        "revision": 55,
+        "position": 0,
+        "schema": state_schema_id(inventory.Product),
+        "state": {"registered": True, "sku": SKU, "name": "Forged", "on_hand": 10**6},
+        "keys": [],
+    } | changes
+
+
+@pytest.mark.parametrize(
+    ("why", "data", "event_type"),
+    [
+        ("another schema", valid_data(schema="0" * 32), "Snapshot"),
+        ("not a snapshot object", None, "Snapshot"),
+        ("state does not decode", valid_data(state={"on_hand": "many"}), "Snapshot"),
+        ("a missing field", {k: v for k, v in valid_data().items() if k != "schema"}, "Snapshot"),
+        ("not of this history (position)", valid_data(), "Snapshot"),
+        ("another event type", valid_data(), "SnapshotV0"),
+    ],
+)
+async def test_a_snapshot_that_cannot_be_trusted_is_ignored(
+    store: SqliteEventStore, why: str, data: dict[str, Any] | None, event_type: str
+) -> None:
+    handler = await history_with_snapshot(store)
+    reference = await CommandHandler(store, registry).load(inventory.decider, STREAM)
+    if data is not None and why.startswith("not of this history"):
+        data["position"] = reference.position  # revision 55 never had the head's position
+    raw = b'["revision", 55]' if data is None else msgspec.json.encode(data)
+    await put_snapshot(store, raw, event_type)
+    loaded = await handler.load(inventory.decider, STREAM)
+    assert loaded.snapshot is None, why
+    assert loaded.state == reference.state
+    assert loaded.state.name == "Widget"
+    assert (loaded.revision, loaded.position) == (reference.revision, reference.position)
+    assert handler.snapshots is not None
+    assert handler.snapshots.stats.ignored == 1
+
+
+async def test_up_to_below_the_snapshot_folds_from_the_start(store: SqliteEventStore) -> None:
+    handler = await history_with_snapshot(store)
+    full = CommandHandler(store, registry)
+    for up_to in (0, 20, 48):
+        loaded = await handler.load(inventory.decider, STREAM, up_to=up_to)
+        assert loaded.snapshot is None
+        assert loaded.state == (await full.load(inventory.decider, STREAM, up_to=up_to)).state
+        assert loaded.revision == up_to
+    for up_to in (49, 50, 60):
+        loaded = await handler.load(inventory.decider, STREAM, up_to=up_to)
+        assert loaded.snapshot is not None
+        assert loaded.state == (await full.load(inventory.decider, STREAM, up_to=up_to)).state
+        assert loaded.revision == up_to
+    assert handler.snapshots is not None
+    assert handler.snapshots.stats.ignored == 0
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+async def test_a_key_used_500_events_before_the_snapshot_still_replays(store: SqliteEventStore) -> None:
+    snapshots = SnapshotStore(store, every=100)
+    handler = CommandHandler(store, registry, snapshots=snapshots)
+    use_cases = UseCases(handler)
+    await register(use_cases)
+    first = await use_cases.add_stock(SKU, 5, keyed("k-old", 5))
+    assert first.revision == 1
+    await bulk_stock(store, 600)
+    for n in range(3):  # commands that take the stream past snapshots
+        await use_cases.add_stock(SKU, 1, keyed(f"k-new-{n}", 1))
+        await snapshots.drain()
+    loaded = await handler.load(inventory.decider, STREAM)
+    assert loaded.snapshot is not None
+    assert loaded.snapshot.revision - first.revision >= 500
+    assert all(e.revision > loaded.snapshot.revision for e in loaded.events)  # k-old is not read
+    head = await store.stream_revision(STREAM)
+    assert head is not None
+
+    again = await use_cases.add_stock(SKU, 5, keyed("k-old", 5))
+    assert again.replayed
+    assert (again.revision, again.position) == (first.revision, first.position)
+    assert again.appended == ()
+    with pytest.raises(IdempotencyKeyReused):
+        await use_cases.add_stock(SKU, 6, keyed("k-old", 6))
+    other_actor = await use_cases.add_stock(SKU, 5, keyed("k-old", 5, actor="carol"))
+    assert not other_actor.replayed  # keys are scoped by actor
+    assert await store.stream_revision(STREAM) == head + 1
+
+    # Keys of the events after the snapshot are found in the tail, as before.
+    tail_key = await use_cases.add_stock(SKU, 1, keyed("k-new-2", 1))
+    assert tail_key.replayed
+    with pytest.raises(IdempotencyKeyReused):
+        await use_cases.add_stock(SKU, 2, keyed("k-new-2", 2))
+    # And the bulk clients' keys, which arrived between snapshots, are in the snapshot.
+    bulk = await handler.handle(
+        inventory.decider,
+        STREAM,
+        inventory.AddStock(sku=SKU, quantity=1, now=handler.clock()),
+        context=CommandContext(actor="bob", idempotency_key="bulk-17", request_hash="0" * 32),
+    )
+    assert bulk.replayed
+    assert bulk.revision == 2 + 17
+    await handler.close()
+
+
+async def test_keys_older_than_the_window_are_found_the_slow_way(store: SqliteEventStore) -> None:
+    """A snapshot keeps the newest ``key_window`` keys; an older key is still honoured,
+    by reading the events before the snapshot when the decision or the store says
+    that the command may have run before."""
+    snapshots = SnapshotStore(store, every=10, key_window=20)
+    handler = CommandHandler(store, registry, snapshots=snapshots)
+    use_cases = UseCases(handler)
+    await register(use_cases)
+    first = await use_cases.add_stock(SKU, 5, keyed("k-0", 5))
+    reserve = inventory.ReserveStock(sku=SKU, order_id="o-1", quantity=2, now=NOW)
+    reserved = await handler.handle(inventory.decider, STREAM, reserve, context=keyed("k-reserve", 2))
+    release = inventory.ReleaseStock(sku=SKU, order_id="o-1", reason="timeout", now=NOW)
+    await handler.handle(inventory.decider, STREAM, release, context=keyed("k-release", 0))
+    for n in range(1, 60):
+        await use_cases.add_stock(SKU, 5, keyed(f"k-{n}", 5))
+        await snapshots.drain()
+    loaded = await handler.load(inventory.decider, STREAM)
+    assert loaded.snapshot is not None
+    assert len(loaded.snapshot.records()) == 20
+    assert not loaded.snapshot.keys_complete
+    assert loaded.snapshot.lookup("alice", "k-0") is None
+    head = await store.stream_revision(STREAM)
+    assert head is not None
+
+    assert (await use_cases.add_stock(SKU, 5, keyed("k-55", 5))).replayed  # in the window
+    # Decided again, it appends: the store refuses the key's ids, the handler finds them.
+    late = await use_cases.add_stock(SKU, 5, keyed("k-0", 5))
+    assert late.replayed
+    assert (late.revision, late.position) == (first.revision, first.position)
+    # Decided again, it is refused (released since): the earlier answer all the same.
+    again = await handler.handle(inventory.decider, STREAM, reserve, context=keyed("k-reserve", 2))
+    assert again.replayed
+    assert again.revision == reserved.revision
+    assert await store.stream_revision(STREAM) == head
+    # The bound: reuse with another body is refused only within the window (another
+    # body derives other ids, so nothing tells the store it is not a new request).
+    with pytest.raises(IdempotencyKeyReused):
+        await use_cases.add_stock(SKU, 6, keyed("k-55", 6))
+    reused = await use_cases.add_stock(SKU, 6, keyed("k-0", 6))
+    assert not reused.replayed
+    assert reused.revision == head + 1
+    await handler.close()
+
+
+# ----------------------------------------------------------------- wiring and neighbours
+
+
+async def test_the_container_snapshots_and_waits_on_close(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, snapshot_every=5)
+    container = await build(settings, projections=())
+    await container.use_cases.register_product(SKU, "Widget", EUR, CommandContext())
+    for _ in range(12):
+        await container.use_cases.add_stock(SKU, 1, CommandContext())
+    await container.close()  # waits for the snapshot writes in flight
+
+    container = await build(settings, projections=())
+    try:
+        assert await snapshot_revisions(container.event_store) == [4, 9]  # type: ignore[arg-type]
+        # Readers of $all by category (projections, the saga trigger, events tail
+        # --category) never see snapshots; an unfiltered reader sees plain JSON.
+        by_category = await container.event_store.read_all(filter=EventFilter(categories=("product",)))
+        assert {e.category for e in by_category} == {"product"}
+        everything = await container.event_store.read_all()
+        snaps = [e for e in everything if e.category == "snapshot"]
+        assert len(snaps) == 2
+        assert all(isinstance(msgspec.json.decode(e.data), dict) for e in snaps)
+        assert all(e.type not in registry for e in snaps)
+    finally:
+        await container.close()
+
+
+def test_the_setting_reads_zero_as_off_and_refuses_negatives() -> None:
+    assert Settings.from_env({}).snapshot_every == 100
+    assert Settings.from_env({"ORDERSTREAM_SNAPSHOT_EVERY": "0"}).snapshot_every == 0
+    assert Settings.from_env({"ORDERSTREAM_SNAPSHOT_EVERY": "250"}).snapshot_every == 250
+    for bad in ("-1", "ten"):
+        with pytest.raises(ConfigError, match="ORDERSTREAM_SNAPSHOT_EVERY"):
+            Settings.from_env({"ORDERSTREAM_SNAPSHOT_EVERY": bad})
