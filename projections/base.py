@@ -51,6 +51,16 @@ class Projection(Protocol):
         """Stream categories it subscribes to."""
         ...
 
+    @property
+    def contiguous(self) -> bool:
+        """True when each document is fed by exactly one stream and its version is
+        that stream's revision, so a document at version ``v`` has folded every
+        event of its stream (of a handled type) up to ``v``. The runner then never
+        folds an event onto a document that missed earlier events of its stream: it
+        reads the missing ones from the event store and folds them first (a live
+        runner and a rebuild writing the same table cannot leave holes)."""
+        ...
+
     def document_id(self, event: ProjectedEvent) -> str: ...
 
     def fold(self, document: Document | None, event: ProjectedEvent) -> Document | None:

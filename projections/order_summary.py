@@ -136,6 +136,8 @@ class OrderSummaryProjection:
     schema = SCHEMA
     handles: frozenset[str] = frozenset({"OrderPlaced", *_STEPS})
     categories: tuple[str, ...] = (CATEGORY,)
+    contiguous = True
+    """One stream per document; the document's version is the stream revision."""
 
     def document_id(self, event: ProjectedEvent) -> str:
         category, _, order_id = event.stream.partition("-")

@@ -52,6 +52,8 @@ class ProductStockProjection:
     schema = SCHEMA
     handles: frozenset[str] = HANDLES
     categories: tuple[str, ...] = (CATEGORY,)
+    contiguous = True
+    """One stream per document; the document's version is the stream revision."""
 
     def document_id(self, event: ProjectedEvent) -> str:
         category, _, sku = event.stream.partition("-")

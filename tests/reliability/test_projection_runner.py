@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from orderstream.application.projection_runner import ProjectionRunner
 from orderstream.domain import inventory
 from orderstream.domain.common import Money
 from orderstream.events import registry
-from orderstream.eventstore.base import ANY, NewEvent
+from orderstream.eventstore.base import ANY, NewEvent, SubscriptionGroupNotFound
 from orderstream.eventstore.sqlite import SqliteEventStore
 from orderstream.readstore.base import CollectionSchema, Document, Query, WriteOp, WriteOutcome
 from orderstream.readstore.sqlite import SqliteReadStore
@@ -57,6 +57,7 @@ class Versioned:
         self.schema: CollectionSchema = msgspec.structs.replace(inner.schema, version=version)
         self.handles = inner.handles
         self.categories = inner.categories
+        self.contiguous = inner.contiguous
 
     def document_id(self, event: ProjectedEvent) -> str:
         return self.inner.document_id(event)
@@ -133,6 +134,21 @@ def within(seconds: float) -> Iterator[None]:
     started = time.monotonic()
     yield
     assert time.monotonic() - started < seconds
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = WAIT) -> None:
+    async with asyncio.timeout(seconds):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.02)
+
+
+async def parked_count(stores: Stores, group: str, count: int) -> bool:
+    try:
+        return len(await stores.events.list_parked(group)) == count
+    except SubscriptionGroupNotFound:  # the runner has not created it yet
+        return False
 
 
 # ------------------------------------------------------------------------------- tests
@@ -246,8 +262,18 @@ async def test_a_poison_event_is_parked_and_the_rest_goes_on(stores: Stores) -> 
         await stores.events.append(inventory.stream_name("A"), [bad], ANY)
         await add_stock(stores.events, "A", 4)
         await register(stores.events, "B")
-        await add_stock(stores.events, "B", 5)
-        assert await runner.wait_for_position(await head(stores.events), WAIT)
+        last = await add_stock(stores.events, "B", 5)
+
+        async def settled() -> bool:
+            status = await runner.status()
+            return status.parked == 1 and status.checkpoint is not None and status.checkpoint >= last
+
+        await eventually(settled)
+        # A parked event is not applied: the projection has not reached it (nor anything after).
+        assert not await runner.wait_for_position(last, 0.3)
+        parked_at = (await stores.events.list_parked(runner.group))[0].event.position
+        assert await runner.wait_for_position(parked_at - 1, 0.0)
+        assert await runner.reached_position() == parked_at - 1
 
         assert (await product(stores, "B"))["on_hand"] == 5
         assert (await product(stores, "A"))["on_hand"] == 4  # later events of its stream still apply
@@ -322,6 +348,58 @@ async def test_a_same_version_rebuild_is_followed_by_the_live_runner(stores: Sto
         assert (await runner.status()).physical == result.physical
 
 
+class SlowSwitch:
+    """The real read store, but the alias switch takes a while (an Elasticsearch alias
+    update under load) and, once switched, reads are slow (the catch-up replay has a
+    backlog): the live runner gets to the new table before the rebuild's catch-up."""
+
+    def __init__(self, inner: SqliteReadStore) -> None:
+        self.inner = inner
+        self.switched = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def switch_alias(self, collection: str, physical: str) -> str | None:
+        await asyncio.sleep(0.5)
+        old = await self.inner.switch_alias(collection, physical)
+        self.switched = True
+        return old
+
+    async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
+        if self.switched:
+            await asyncio.sleep(0.3)
+        return await self.inner.get_version(collection, doc_id, physical=physical)
+
+
+async def test_a_same_version_rebuild_beside_a_live_runner_and_writers_loses_nothing(stores: Stores) -> None:
+    live = runner_for(stores)
+    await register(stores.events, "A")
+    async with running(live):
+        for _ in range(30):
+            await add_stock(stores.events, "A", 1)
+        assert await live.wait_for_position(await head(stores.events), WAIT)
+
+        async def writer() -> int:
+            written = 0
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 2.0
+            while loop.time() < end:
+                await add_stock(stores.events, "A", 1)
+                written += 1
+                await asyncio.sleep(0.02)
+            return written
+
+        writing = asyncio.create_task(writer())
+        rebuilder = ProjectionRunner(stores.events, SlowSwitch(stores.reads), product_stock.projection)  # type: ignore[arg-type]
+        result = await rebuilder.rebuild()
+        written = await writing
+        assert await live.wait_for_position(await head(stores.events), WAIT)
+        assert await stores.reads.alias_target(PRODUCTS) == result.physical
+        doc = await product(stores, "A")
+        assert (doc["revision"], doc["on_hand"]) == (30 + written, 30 + written)
+
+
 async def test_starting_a_bumped_runner_rebuilds_first(stores: Stores) -> None:
     v1 = runner_for(stores)
     await register(stores.events, "A")
@@ -385,9 +463,50 @@ async def test_a_document_the_store_refuses_is_parked_alone(stores: Stores) -> N
     for sku in ("A", "BAD", "C"):
         await register(stores.events, sku)
     async with running(runner):
-        assert await runner.wait_for_position(await head(stores.events), WAIT)
+        await eventually(lambda: parked_count(stores, runner.group, 1))
+        assert not await runner.wait_for_position(await head(stores.events), 0.1)  # BAD is not applied
     assert await stores.reads.get(PRODUCTS, "A") is not None
     assert await stores.reads.get(PRODUCTS, "C") is not None
     assert await stores.reads.get(PRODUCTS, "BAD") is None
     parked = await stores.events.list_parked(runner.group)
     assert [p.event.stream for p in parked] == ["product-BAD"]
+
+
+class TimedOutage:
+    """A read store whose writes fail until a moment (an outage of a few seconds)."""
+
+    def __init__(self, inner: SqliteReadStore, seconds: float) -> None:
+        self.inner = inner
+        self.until = time.monotonic() + seconds
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def write(
+        self, collection: str, ops: Sequence[WriteOp], *, physical: str | None = None
+    ) -> list[WriteOutcome]:
+        if time.monotonic() < self.until:
+            raise OSError("read store unreachable")
+        return await self.inner.write(collection, ops, physical=physical)
+
+
+async def test_an_outage_of_several_ack_timeouts_parks_nothing_and_is_not_reported_applied(
+    stores: Stores,
+) -> None:
+    await register(stores.events, "A")
+    await add_stock(stores.events, "A", 2)
+    await register(stores.events, "B")
+    outage = TimedOutage(stores.reads, 4.0)
+    runner = ProjectionRunner(  # type: ignore[arg-type]
+        stores.events, outage, product_stock.projection, max_retry=2, ack_timeout_seconds=0.5
+    )
+    async with running(runner):
+        position = await head(stores.events)
+        assert not await runner.wait_for_position(position, 3.0)  # six ack timeouts into the outage
+        assert await stores.events.list_parked(runner.group) == []
+        assert await runner.wait_for_position(position, WAIT)
+        assert time.monotonic() >= outage.until
+    assert await stores.events.list_parked(runner.group) == []
+    assert (await product(stores, "A"))["on_hand"] == 2
+    assert (await product(stores, "B"))["on_hand"] == 0
+    assert (await runner.status()).parked == 0

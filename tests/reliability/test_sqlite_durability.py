@@ -34,6 +34,7 @@ from orderstream.eventstore.base import (
     AppendResult,
     EventFilter,
     EventStoreError,
+    NackAction,
     NewEvent,
     RecordedEvent,
     SubscriptionSettings,
@@ -397,3 +398,50 @@ async def test_the_file_is_readable_with_plain_sqlite(tmp_path: Path) -> None:
     assert json.loads(data) == {"total": 5}
     assert json.loads(metadata) == {"actor": "a"}
     assert recorded_at.endswith("+00:00")
+
+
+async def test_keep_alive_renews_leases_without_counting_deliveries(tmp_path: Path) -> None:
+    async with opened(tmp_path / "events.db") as store:
+        group = "slow"
+        settings = SubscriptionSettings(
+            filter=EventFilter(categories=("c",)), max_retry=2, ack_timeout_seconds=0.3
+        )
+        await store.create_subscription_group(group, settings)
+        await store.append("c-1", [event(0), event(1)], NO_STREAM)
+        await store.append("c-2", [event(2)], NO_STREAM)
+        slow = await store.connect_subscription_group(group)
+        other = await store.connect_subscription_group(group)
+        try:
+            stream = slow.__aiter__()
+            first = await asyncio.wait_for(anext(stream), WAIT)
+            # Held for ten ack timeouts, renewed all along: nobody else gets it, and the
+            # claimed event waiting in the consumer's buffer stays its own too.
+            others: list[RecordedEvent] = []
+
+            async def consume_other() -> None:
+                async for received in other:
+                    others.append(received)
+                    await other.ack(received)
+
+            other_task = asyncio.create_task(consume_other())
+            for _ in range(30):
+                await slow.keep_alive()
+                await asyncio.sleep(0.1)
+            other_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await other_task
+            await other.close()
+            assert others == []
+            info = await store.subscription_group_info(group)
+            assert (info.parked, info.in_flight) == (0, 2)
+            # The renewed deliveries did not count: one nack (RETRY) does not park it.
+            await slow.nack(first, NackAction.RETRY, "later")
+            again = await asyncio.wait_for(anext(stream), WAIT)
+            while again.id != first.id:  # the buffered event of the other stream may come first
+                await slow.ack(again)
+                again = await asyncio.wait_for(anext(stream), WAIT)
+            await slow.ack(again)
+            assert await store.list_parked(group) == []
+        finally:
+            await slow.close()
+            await other.close()

@@ -16,9 +16,21 @@ does not hold a stream back behind a parked event either; replaying the parked
 event after a fix finds it already passed, so fix such a document by a rebuild.
 
 Read-store failures are not the events' fault: the batch is retried with
-backoff for as long as the store is down (the events stay in flight). Only a
-document the store refuses while others of the batch are written counts as a
-poison document: its events are nacked like a failed fold.
+backoff for as long as the store is down (the events stay in flight, and a
+heartbeat renews their leases every third of the ack timeout, so they are
+neither redelivered nor parked while this runner lives). Only a document the
+store refuses while others of the batch are written counts as a poison
+document: its events are nacked like a failed fold.
+
+Gaps. For a ``contiguous`` projection (one stream per document, version = stream
+revision) an event is never folded onto a document that missed earlier events of
+its stream: the missing ones are read from the event store and folded first.
+This is what keeps a same-version rebuild and the live runner, which take turns
+on the new table around the alias switch, from leaving holes.
+
+"Reached position P" means applied: a parked event is not, so the projection has
+not reached its position (nor any later one) until it is replayed and applied,
+although the group's checkpoint counts it as done.
 
 Versions and rebuilds. The group is named after the projection version
 (``projection-orders-v2``) and the runner writes to the physical table/index the
@@ -327,7 +339,20 @@ class ProjectionRunner:
             else:
                 await queue.put(_END)
 
+        async def heartbeat() -> None:
+            # Events wait in flight while a batch is retried (a read store outage) and
+            # in the queue behind it: renew their leases so that they are not taken
+            # back, counted as failed deliveries and parked while this runner is alive.
+            interval = max(self.ack_timeout_seconds / 3, 0.01)
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await subscription.keep_alive()
+                except Exception as exc:
+                    log.warning("%s: renewing leases failed: %s", self.name, exc)
+
         pump_task = asyncio.create_task(pump(), name=f"projection-{self.name}-pump")
+        heartbeat_task = asyncio.create_task(heartbeat(), name=f"projection-{self.name}-heartbeat")
         stop_task = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -365,8 +390,10 @@ class ProjectionRunner:
         finally:
             stop_task.cancel()
             pump_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump_task
+            heartbeat_task.cancel()
+            for task in (pump_task, heartbeat_task):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _process(
         self, subscription: PersistentSubscription, batch: list[RecordedEvent], stop: asyncio.Event
@@ -499,15 +526,24 @@ class ProjectionRunner:
             document = documents[doc_id]
             carried: list[RecordedEvent] = []
             applied = 0
+            # The next stream revision this document has not dealt with (applied or failed).
+            following = 0 if version is None else version + 1
             for recorded, view in items:
+                if self.projection.contiguous and view.revision > following:
+                    # The document missed events of its stream (a live runner and a rebuild
+                    # took turns on this table): fold them first, never over the hole.
+                    document, version, count = await self._fill_gap(document, version, following, view)
+                    applied += count
                 try:
-                    folded, version, count = fold_events(self.projection, document, version, [view])
+                    folded, version_after, count = fold_events(self.projection, document, version, [view])
                     if count and folded is not None:
                         _encoder.encode(folded)  # a document that is not JSON fails its event here
                 except Exception as exc:
                     plan.failed.append((recorded, f"fold failed: {type(exc).__name__}: {exc}"))
+                    following = max(following, view.revision + 1)
                     continue
-                document = folded
+                document, version = folded, version_after
+                following = max(following, view.revision + 1)
                 applied += count
                 carried.append(recorded)
             if applied and version is not None:
@@ -521,31 +557,87 @@ class ProjectionRunner:
                 plan.done.extend(carried)
         return plan
 
+    async def _fill_gap(
+        self, document: Document | None, version: int | None, start: int, event: EventView
+    ) -> tuple[Document | None, int | None, int]:
+        """Fold the events of ``event``'s stream from revision ``start`` up to (not
+        including) ``event`` onto ``document`` (of a contiguous projection).
+
+        One that cannot be folded is passed over, as in a batch: it fails (and is
+        parked) on its own delivery. A read that fails raises: the batch is retried."""
+        missing = await self.event_store.read_stream(
+            event.stream, from_revision=start, limit=event.revision - start
+        )
+        applied = 0
+        for recorded in missing:
+            if recorded.revision >= event.revision:
+                break
+            if recorded.type not in self.projection.handles:
+                continue
+            try:
+                view = EventView.from_recorded(recorded, self.registry)
+                folded, version_after, count = fold_events(self.projection, document, version, [view])
+                if count and folded is not None:
+                    _encoder.encode(folded)
+            except Exception as exc:
+                log.warning(
+                    "%s: %s@%d (%s) passed over while filling a gap: %s",
+                    self.name,
+                    recorded.stream,
+                    recorded.revision,
+                    recorded.type,
+                    exc,
+                )
+                continue
+            document, version = folded, version_after
+            applied += count
+        if missing:
+            log.info(
+                "%s: %s was at revision %s, folded %d missed event(s) before revision %d",
+                self.name,
+                event.stream,
+                start - 1,
+                applied,
+                event.revision,
+            )
+        return document, version, applied
+
     # --------------------------------------------------------------- observation
 
-    async def _checkpoint(self) -> tuple[int | None, bool]:
+    async def _applied_mark(self) -> int | None:
+        """Every event of this projection at or below the mark is applied (``None``:
+        nothing is known to be). The group's checkpoint counts parked events as done
+        (as KurrentDB does); a parked event is not applied, so the mark stays below
+        the oldest one."""
         try:
             info = await self.event_store.subscription_group_info(self.group)
         except SubscriptionGroupNotFound:
-            return None, False
-        return info.checkpoint, True
+            return None
+        mark = info.checkpoint
+        if info.parked:
+            parked = await self.event_store.list_parked(self.group, limit=min(info.parked, 1000))
+            if parked:
+                oldest = min(p.event.position for p in parked)
+                if mark is None or oldest <= mark:
+                    mark = oldest - 1
+        return mark
 
     async def reached_position(self) -> int | None:
-        """The group's low-water mark now (``None``: nothing processed yet)."""
-        return (await self._checkpoint())[0]
+        """The applied low-water mark now (``None``: nothing processed yet)."""
+        return await self._applied_mark()
 
     async def _reached(self, position: int) -> bool:
-        checkpoint, _ = await self._checkpoint()
-        if checkpoint is not None and checkpoint >= position:
+        mark = await self._applied_mark()
+        if mark is not None and mark >= position:
             return True
-        # Below the checkpoint everything is done; above it, is anything at or
-        # below ``position`` still waiting? (Non-matching events never wait.)
-        waiting = await self.event_store.read_all(after=checkpoint, filter=self.filter, limit=1)
+        # Below the mark everything is applied; above it, is anything at or below
+        # ``position`` still waiting (or parked)? (Non-matching events never wait.)
+        waiting = await self.event_store.read_all(after=mark, filter=self.filter, limit=1)
         return not waiting or waiting[0].position > position
 
     async def wait_for_position(self, position: int, timeout: float) -> bool:  # noqa: ASYNC109 (the API shape)
         """True once every event of this projection at or below ``position`` is
-        applied (the group's low-water mark), False if that takes longer than
+        applied (parked ones are not), False if that takes longer than
         ``timeout`` seconds. Woken by this runner's batches, else polls."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)

@@ -195,6 +195,15 @@ class PersistentSubscription(Protocol):
 
     async def nack(self, event: RecordedEvent, action: NackAction, reason: str = "") -> None: ...
 
+    async def keep_alive(self) -> None:
+        """This consumer is alive and still working on what it was given: renew the
+        lease of every event delivered to it and not yet settled, without counting a
+        delivery. A consumer whose work may outlast ``ack_timeout_seconds`` (a read
+        store outage) calls it more often than that; the ack timeout then only takes
+        events away from consumers that died or stopped calling it. (KurrentDB cannot
+        renew a message timeout: there it is a no-op.)"""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -415,6 +415,11 @@ class KurrentDBPersistentSubscription:
         else:
             self._settled(event)
 
+    async def keep_alive(self) -> None:
+        """A no-op: KurrentDB has no way to renew a message timeout (the group's
+        ``message_timeout`` must cover the longest a consumer works on an event)."""
+        return None
+
     async def close(self) -> None:
         if self._closed:
             return

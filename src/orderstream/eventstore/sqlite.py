@@ -69,7 +69,9 @@ so groups survive restarts and consumers in several processes can share one.
 - A claimed event is leased to the consumer until ``now + ack_timeout_seconds``.
   A consumer that dies without acking loses the lease when it expires, and the
   event goes to whichever consumer claims next. ``close()`` hands leases back at
-  once.
+  once. ``keep_alive()`` renews every lease the consumer holds (no delivery is
+  counted): a consumer that works on events longer than the ack timeout (a
+  projection waiting out a read-store outage) keeps them.
 - Every delivery counts as an attempt. ``nack(RETRY)`` (or an expired lease)
   makes the event pending again, unless it has had ``max_retry`` deliveries:
   then it is parked with the reason. ``PARK`` parks now; ``SKIP`` and ``ack``
@@ -91,6 +93,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import queue
 import sqlite3
@@ -564,6 +567,20 @@ class SqlitePersistentSubscription:
 
     async def nack(self, event: RecordedEvent, action: NackAction, reason: str = "") -> None:
         await self._settle(event, action, reason)
+
+    async def keep_alive(self) -> None:
+        """Renew the leases of every event this consumer holds, the claimed ones still
+        waiting in its buffer included; no delivery is counted."""
+        group, consumer = self.group, self.consumer_id
+        lease_expires, renewed = await self._store._submit(
+            lambda conn: groups.touch_tx(conn, group, consumer, time.time())
+        )
+        self._buffer = deque(
+            dataclasses.replace(claimed, lease_expires=max(claimed.lease_expires, lease_expires))
+            if claimed.event.position in renewed
+            else claimed
+            for claimed in self._buffer
+        )
 
     async def _settle(self, event: RecordedEvent, action: NackAction | None, reason: str) -> None:
         group, consumer, position = self.group, self.consumer_id, event.position

@@ -249,6 +249,22 @@ def settle_tx(
         )
 
 
+def touch_tx(conn: sqlite3.Connection, name: str, consumer: str, now: float) -> tuple[float, set[int]]:
+    """Renew the leases of every event in flight at ``consumer`` (it is alive and still
+    working on them); no delivery is counted. Returns the new expiry and the positions
+    renewed.
+
+    A lease that ran out but was not taken back yet (only a claim expires leases) is
+    renewed too: nobody else can have the event meanwhile."""
+    lease_expires = now + load_group(conn, name).ack_timeout_seconds
+    renewed = conn.execute(
+        "UPDATE subscription_events SET lease_expires = ?"
+        " WHERE group_name = ? AND consumer = ? AND state = 'inflight' RETURNING position",
+        (lease_expires, name, consumer),
+    ).fetchall()
+    return lease_expires, {row[0] for row in renewed}
+
+
 def release_tx(conn: sqlite3.Connection, name: str, consumer: str) -> None:
     """A consumer that closes hands its in-flight events back (the delivery still counts)."""
     conn.execute(
