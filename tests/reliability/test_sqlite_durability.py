@@ -445,3 +445,44 @@ async def test_keep_alive_renews_leases_without_counting_deliveries(tmp_path: Pa
         finally:
             await slow.close()
             await other.close()
+
+
+async def test_keep_alive_does_not_revive_a_lease_that_ran_out(tmp_path: Path) -> None:
+    """A consumer stalled past the ack timeout drops the buffered event whose lease ran
+    out; its next heartbeat must not renew that lease, or the event (and the rest of its
+    stream) would be held for ever by a consumer that will never process it."""
+    async with opened(tmp_path / "events.db") as store:
+        group = "stalled"
+        settings = SubscriptionSettings(
+            filter=EventFilter(categories=("c",)), max_retry=5, ack_timeout_seconds=0.5
+        )
+        await store.create_subscription_group(group, settings)
+        await store.append("c-1", [event(0), event(1)], NO_STREAM)
+        await store.append("c-2", [event(2)], NO_STREAM)
+        consumer = await store.connect_subscription_group(group)
+        try:
+            stream = consumer.__aiter__()
+            await consumer.ack(await asyncio.wait_for(anext(stream), WAIT))  # c-2@0 waits in the buffer
+            # The event loop itself stalls for longer than the ack timeout (on purpose).
+            time.sleep(0.6)  # noqa: ASYNC251
+            heartbeat = asyncio.ensure_future(consumer.keep_alive())
+            pending = asyncio.ensure_future(anext(stream))
+            await heartbeat
+            seen: list[tuple[str, int]] = []
+            await store.append("c-2", [event(3)], 0)
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline and len(seen) < 3:
+                done, _ = await asyncio.wait({pending}, timeout=0.15)
+                if done:
+                    received = pending.result()
+                    seen.append((received.stream, received.revision))
+                    await consumer.ack(received)
+                    pending = asyncio.ensure_future(anext(stream))
+                await consumer.keep_alive()
+            pending.cancel()
+            assert ("c-2", 0) in seen
+            assert ("c-2", 1) in seen
+            info = await store.subscription_group_info(group)
+            assert (info.in_flight, info.parked) == (0, 0)
+        finally:
+            await consumer.close()

@@ -254,13 +254,15 @@ def touch_tx(conn: sqlite3.Connection, name: str, consumer: str, now: float) -> 
     working on them); no delivery is counted. Returns the new expiry and the positions
     renewed.
 
-    A lease that ran out but was not taken back yet (only a claim expires leases) is
-    renewed too: nobody else can have the event meanwhile."""
+    A lease that already ran out is NOT renewed: the consumer drops such an event from
+    its buffer (it belongs to whoever claims it next), so renewing it would hold an event
+    nobody processes, and with it the rest of its stream, for ever."""
     lease_expires = now + load_group(conn, name).ack_timeout_seconds
     renewed = conn.execute(
         "UPDATE subscription_events SET lease_expires = ?"
-        " WHERE group_name = ? AND consumer = ? AND state = 'inflight' RETURNING position",
-        (lease_expires, name, consumer),
+        " WHERE group_name = ? AND consumer = ? AND state = 'inflight' AND lease_expires > ?"
+        " RETURNING position",
+        (lease_expires, name, consumer, now),
     ).fetchall()
     return lease_expires, {row[0] for row in renewed}
 
