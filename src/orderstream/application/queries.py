@@ -16,6 +16,7 @@ is needed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -143,11 +144,31 @@ class Queries:
         raise NotYetConsistent(collection, position, await tracker.reached_position())
 
     async def _get(self, collection: str, doc_id: str, min_position: int | None) -> Document | None:
+        """One document, at least as fresh as ``min_position``.
+
+        Fresh enough when the projection has applied everything up to the position,
+        or when the document itself has: its ``position`` is that of the last event
+        folded into it, and a projection's document follows one stream in revision
+        order, so every event of that stream at or below the position is in it. The
+        document is re-read while waiting, so an event parked in another stream
+        (which holds the projection-wide mark back) does not fail this read."""
         doc = await self.read_store.get(collection, doc_id)
-        if min_position is None or (doc is not None and int(doc.get("position", -1)) >= min_position):
+        if min_position is None or _fresh(doc, min_position):
             return doc
-        await self.wait_for(collection, min_position)
-        return await self.read_store.get(collection, doc_id)
+        tracker = self.trackers.get(collection)
+        if tracker is None:
+            raise NotYetConsistent(collection, min_position, None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.consistency_timeout
+        while True:
+            remaining = deadline - loop.time()
+            if await tracker.wait_for_position(min_position, min(DOCUMENT_RECHECK, max(0.0, remaining))):
+                return await self.read_store.get(collection, doc_id)
+            doc = await self.read_store.get(collection, doc_id)
+            if _fresh(doc, min_position):
+                return doc
+            if loop.time() >= deadline:
+                raise NotYetConsistent(collection, min_position, await tracker.reached_position())
 
     # ---------------------------------------------------------------------- orders
 
@@ -231,6 +252,14 @@ class Queries:
         )
         await self.wait_for(PRODUCTS, min_position)
         return await self.read_store.query(PRODUCTS, query)
+
+
+DOCUMENT_RECHECK = 0.1
+"""Seconds between re-reads of a document while a ``min_position`` read waits."""
+
+
+def _fresh(doc: Document | None, min_position: int) -> bool:
+    return doc is not None and int(doc.get("position", -1)) >= min_position
 
 
 SECRET_FIELDS = frozenset({"payment_token", "token"})
