@@ -26,6 +26,7 @@ from orderstream.application.payment_gateway import SandboxPaymentGateway
 from orderstream.application.snapshots import SnapshotStore
 from orderstream.application.use_cases import UseCases
 from orderstream.bootstrap import open_event_store
+from orderstream.config import Settings
 from orderstream.events import registry
 from workflows.order_fulfilment.inputs import DEFAULT_TASK_QUEUE
 from workflows.runtime import build_worker, connect
@@ -41,14 +42,18 @@ async def serve(address: str, event_store_url: str, task_queue: str, transient_f
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     store = await open_event_store(event_store_url)
+    # The same snapshot interval as the other processes (ORDERSTREAM_SNAPSHOT_EVERY; 0 = off).
+    every = Settings.from_env(event_store_url=event_store_url).snapshot_every
+    handler = CommandHandler(store, registry, snapshots=SnapshotStore(store, every=every))
     try:
         client = await connect(address)
-        use_cases = UseCases(CommandHandler(store, registry, snapshots=SnapshotStore(store)))
+        use_cases = UseCases(handler)
         gateway = SandboxPaymentGateway(transient_failures=transient_failures)
         async with build_worker(client, use_cases, gateway, task_queue):
             print(READY, flush=True)
             await stop.wait()
     finally:
+        await handler.close()  # snapshot writes in flight finish before the store closes
         await store.close()
 
 
