@@ -22,17 +22,20 @@ from orderstream.api.app import create_app
 from orderstream.bootstrap import Container, build
 from orderstream.config import Settings
 from tests.conftest import MakeClient, client_for
-from tests.contract.conftest import ES_HOW
+from tests.contract.conftest import ES_HOW, drop_es_prefix
 
 
 @pytest.fixture(params=["sqlite", "elasticsearch"])
-def read_store_url(request: pytest.FixtureRequest) -> str:
+async def read_store_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     if request.param == "sqlite":
-        return ""  # Settings' default: sqlite:///{data_dir}/read.db
+        yield ""  # Settings' default: sqlite:///{data_dir}/read.db
+        return
     url = os.environ.get("ORDERSTREAM_TEST_ES_URL")
     if not url:
         pytest.skip(ES_HOW)
-    return f"{url.rstrip('/')}?prefix=api-{uuid.uuid4().hex[:10]}-"
+    prefix = f"api-{uuid.uuid4().hex[:10]}-"
+    yield f"{url.rstrip('/')}?prefix={prefix}"
+    await drop_es_prefix(url, prefix)  # make_client's stores add suffixes to it: all go
 
 
 @pytest.fixture

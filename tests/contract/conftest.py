@@ -44,6 +44,27 @@ def _docker_available() -> bool:
     return True
 
 
+async def drop_es_prefix(url: str, prefix: str) -> None:
+    """Delete the indices and index templates a test created under ``prefix``, so
+    repeated runs on one node stay far below its shard limit (1,000 by default).
+    Names are resolved first: wildcard deletes are refused by default in 8.x."""
+    from elasticsearch import AsyncElasticsearch, NotFoundError
+
+    client = AsyncElasticsearch(url)
+    try:
+        indices = await client.indices.get(index=f"{prefix}*", expand_wildcards="all")
+        for name in indices.body:
+            await client.indices.delete(index=name, ignore_unavailable=True)
+        try:
+            templates = await client.indices.get_index_template(name=f"{prefix}*")
+        except NotFoundError:
+            return
+        for template in templates.body.get("index_templates", []):
+            await client.indices.delete_index_template(name=template["name"])
+    finally:
+        await client.close()
+
+
 @pytest.fixture(scope="session")
 def kurrentdb_url() -> str:
     url = os.environ.get("ORDERSTREAM_TEST_KURRENTDB_URL")
@@ -92,13 +113,14 @@ async def read_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         from orderstream.readstore.elasticsearch import ElasticsearchReadStore
 
         # A fresh index prefix per test keeps tests independent on one node.
-        store = await ElasticsearchReadStore.open(
-            request.getfixturevalue("es_url"), prefix=f"test-{uuid.uuid4().hex[:8]}-"
-        )
+        prefix = f"test-{uuid.uuid4().hex[:8]}-"
+        store = await ElasticsearchReadStore.open(request.getfixturevalue("es_url"), prefix=prefix)
     try:
         yield store
     finally:
         await store.close()
+        if request.param == "elasticsearch":
+            await drop_es_prefix(request.getfixturevalue("es_url"), prefix)
 
 
 @pytest.fixture

@@ -23,20 +23,23 @@ from orderstream.application.commands import CommandContext
 from orderstream.bootstrap import Container, build
 from orderstream.config import Settings
 from orderstream.domain.common import Money
-from tests.contract.conftest import ES_HOW
+from tests.contract.conftest import ES_HOW, drop_es_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 SKUS = [f"SKU-{i}" for i in range(6)]
 
 
 @pytest.fixture(params=["sqlite", "elasticsearch"])
-def read_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+async def read_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/read.db"
+        yield f"sqlite:///{tmp_path}/read.db"
+        return
     url = os.environ.get("ORDERSTREAM_TEST_ES_URL")
     if not url:
         pytest.skip(ES_HOW)
-    return f"{url.rstrip('/')}?prefix=procs-{uuid.uuid4().hex[:10]}-"
+    prefix = f"procs-{uuid.uuid4().hex[:10]}-"
+    yield f"{url.rstrip('/')}?prefix={prefix}"
+    await drop_es_prefix(url, prefix)
 
 
 @pytest.fixture
