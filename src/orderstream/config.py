@@ -87,7 +87,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
+    """An integer of at least ``minimum`` (``minimum=0``: ``0`` means "off")."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -95,22 +96,9 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name}: not an integer: {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name}: must be positive, got {raw!r}")
-    return value
-
-
-def _count(env: Mapping[str, str], name: str, default: int) -> int:
-    """A non-negative integer (``0`` meaning "off")."""
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: not an integer: {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name}: must be 0 (off) or positive, got {raw!r}")
+    if value < minimum:
+        wanted = "0 (off) or positive" if minimum == 0 else f"at least {minimum}"
+        raise ConfigError(f"{name}: must be {wanted}, got {raw!r}")
     return value
 
 
@@ -178,7 +166,7 @@ class Settings:
                 env, "ORDERSTREAM_CONSISTENCY_TIMEOUT", DEFAULT_CONSISTENCY_TIMEOUT
             ),
             "max_body_bytes": _int(env, "ORDERSTREAM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
-            "snapshot_every": _count(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY),
+            "snapshot_every": _int(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY, minimum=0),
         }
         if "data_dir" in given:
             given["data_dir"] = Path(given["data_dir"])
