@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.figures import Figure
 from orderstream.eventstore.base import ANY, NO_STREAM, Expected, NewEvent
 from orderstream.eventstore.sqlite import SqliteEventStore
 from orderstream.eventstore.sqlite_schema import connect, create_schema
@@ -47,23 +48,6 @@ ROUNDS = 4
 
 def new_event() -> NewEvent:
     return NewEvent(id=uuid.uuid4(), type="OrderPlaced", data=DATA, metadata=METADATA)
-
-
-@dataclass
-class Figure:
-    """Counts and seconds accumulated over rounds."""
-
-    count: int = 0
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.count / self.seconds if self.seconds else float("nan")
-
-    def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000
 
 
 # ---------------------------------------------------------------------- references

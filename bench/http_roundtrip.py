@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.figures import Figure
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import Container, build
@@ -63,24 +63,6 @@ ADDRESS = {
 }
 
 console = Console()
-
-
-@dataclass
-class Figure:
-    count: int = 0
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-
-    @property
-    def rate(self) -> float:
-        return self.count / self.seconds if self.seconds else float("nan")
-
-    def ms(self, fraction: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000
 
 
 async def drive(
@@ -312,7 +294,7 @@ def report(orders: int, concurrency: int, figures: dict[str, Figure]) -> None:
         table.add_column(column)
 
     def cell(f: Figure) -> str:
-        text = f"{f.rate:,.0f}/s\np50 {f.ms(0.5):.1f} ms\np99 {f.ms(0.99):.1f} ms"
+        text = f"{f.rate:,.0f}/s\np50 {f.percentile(0.5):.1f} ms\np99 {f.percentile(0.99):.1f} ms"
         return text + (f"  ({f.errors} errors)" if f.errors else "")
 
     def row(name: str, ours: Figure, reference: str, ref: Figure) -> None:
@@ -321,7 +303,7 @@ def report(orders: int, concurrency: int, figures: dict[str, Figure]) -> None:
             cell(ours),
             reference,
             cell(ref),
-            f"{ours.rate / ref.rate:.2f}x rate\n{ours.ms(0.5) / ref.ms(0.5):.1f}x p50",
+            f"{ours.rate / ref.rate:.2f}x rate\n{ours.percentile(0.5) / ref.percentile(0.5):.1f}x p50",
         )
 
     row("POST /orders", figures["post"], "UseCases.place_order in-process", figures["place"])

@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from rich.console import Console, JustifyMethod
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.figures import Figure
 from orderstream.application.projection_runner import EventView, ProjectionRunner
 from orderstream.domain import inventory, orders
 from orderstream.domain.common import Money
@@ -235,21 +236,6 @@ async def folded_documents(store: SqliteEventStore, projection: Projection) -> l
 
 
 # ---------------------------------------------------------------------- measurements
-
-
-@dataclass
-class Figure:
-    count: int = 0
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.count / self.seconds if self.seconds else float("nan")
-
-    def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000
 
 
 async def raw_writes(
