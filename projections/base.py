@@ -14,6 +14,14 @@ class ProjectionError(ValueError):
     after the retry limit the event store parks it."""
 
 
+def stream_id(event: ProjectedEvent, category: str) -> str:
+    """The aggregate id of ``{category}-{id}``; any other stream is a :class:`ProjectionError`."""
+    found, _, ident = event.stream.partition("-")
+    if found != category or not ident:
+        raise ProjectionError(f"{event.stream} is not a stream of category {category!r}")
+    return ident
+
+
 class ProjectedEvent(Protocol):
     """What a projection sees of an event: its type, its data as a dict at the
     current schema version, and where it sits."""

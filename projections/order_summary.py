@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from orderstream.readstore.base import CollectionSchema, Document, FieldKind, SortField
-from projections.base import ProjectedEvent, ProjectionError
+from projections.base import ProjectedEvent, ProjectionError, stream_id
 
 NAME = "orders"
 CATEGORY = "order"
@@ -140,10 +140,7 @@ class OrderSummaryProjection:
     """One stream per document; the document's version is the stream revision."""
 
     def document_id(self, event: ProjectedEvent) -> str:
-        category, _, order_id = event.stream.partition("-")
-        if category != CATEGORY or not order_id:
-            raise ProjectionError(f"{event.stream} is not an order stream")
-        return order_id
+        return stream_id(event, CATEGORY)
 
     def fold(self, document: Document | None, event: ProjectedEvent) -> Document | None:
         order_id = self.document_id(event)

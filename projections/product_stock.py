@@ -13,7 +13,7 @@ their sum and ``available = on_hand - reserved``.
 from __future__ import annotations
 
 from orderstream.readstore.base import CollectionSchema, Document, FieldKind, SortField
-from projections.base import ProjectedEvent, ProjectionError
+from projections.base import ProjectedEvent, ProjectionError, stream_id
 
 NAME = "products"
 CATEGORY = "product"
@@ -56,10 +56,7 @@ class ProductStockProjection:
     """One stream per document; the document's version is the stream revision."""
 
     def document_id(self, event: ProjectedEvent) -> str:
-        category, _, sku = event.stream.partition("-")
-        if category != CATEGORY or not sku:
-            raise ProjectionError(f"{event.stream} is not a product stream")
-        return sku
+        return stream_id(event, CATEGORY)
 
     def fold(self, document: Document | None, event: ProjectedEvent) -> Document | None:
         sku = self.document_id(event)
