@@ -159,8 +159,8 @@ async def test_a_long_product_history_loads_from_snapshots_exactly_as_a_full_fol
         assert [e.revision for e in loaded.events] == list(range(1_000, up_to + 1))
     state = (await snapped.load(inventory.decider, stream)).state
     assert state.reservations
-    assert state.committed
-    assert state.released
+    assert state.orders_committed
+    assert state.orders_released
 
 
 async def test_orders_and_payments_written_by_commands_load_alike_with_snapshots(

@@ -130,7 +130,7 @@ class FulfilmentActivities:
 
         A replayed key (a retry after the release was appended, e.g. the worker
         died before reporting it) appends nothing, but the release did happen:
-        a release with nothing held appends nothing, so it leaves no key to replay."""
+        a release with nothing held appends only the inventory's guard (quantity 0)."""
         try:
             result = await self.use_cases.release_stock(
                 args.sku, args.order_id, args.reason, context_for(args.ref)
@@ -141,7 +141,9 @@ class FulfilmentActivities:
             raise final_error(exc) from exc
         if result.replayed:
             return "released (replayed)"
-        return "released" if result.appended else "nothing reserved"
+        # A release of nothing held appends StockReleased(quantity=0): the
+        # inventory's guard against a late reservation for this order.
+        return "released" if any(event.quantity for event in result.appended) else "nothing reserved"
 
     @activity.defn(name="commit_stock")
     async def commit_stock(self, args: StockArgs) -> None:
