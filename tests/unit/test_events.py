@@ -396,3 +396,29 @@ def test_a_version_before_the_first_is_an_event_decode_error() -> None:
     data = (FIXTURES / "OrderPlaced.v1.json").read_bytes()
     with pytest.raises(EventDecodeError):
         registry.decode(recorded("OrderPlaced", data, 0))
+
+
+@pytest.mark.parametrize(
+    ("last", "expected"),
+    [
+        ("StockReleased", {"on_hand": 25, "orders_released": 1, "orders_committed": 0, "guarded": True}),
+        ("StockCommitted", {"on_hand": 23, "orders_released": 0, "orders_committed": 1, "guarded": False}),
+    ],
+)
+def test_a_stored_product_history_folds_into_the_bounded_state(last: str, expected: dict[str, Any]) -> None:
+    """Product events stored before the state stopped keeping every finished order
+    fold into the new state: counters, and a release guard, but no set of order ids."""
+    names = ["ProductRegistered", "StockAdded", "StockReserved", last]
+    state = inventory.initial_state
+    for name in names:
+        event = registry.decode(load_fixture(FIXTURES / f"{name}.v1.json"))
+        assert isinstance(event, get_args(inventory.InventoryEvent))
+        state = inventory.evolve(state, event)
+    order = "0b5a4c9e-6f1e-4d1a-9a51-2f1c3f8f9b10"
+    assert (state.on_hand, state.reserved, dict(state.reservations)) == (expected["on_hand"], 0, {})
+    assert (state.orders_released, state.orders_committed) == (
+        expected["orders_released"],
+        expected["orders_committed"],
+    )
+    assert (order in state.released_at) is expected["guarded"]
+    assert state.latest_at == T0
