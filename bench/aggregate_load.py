@@ -227,8 +227,6 @@ def _pending(loaded: Loaded[inventory.Product]) -> PendingSnapshot[inventory.Pro
         revision=loaded.revision,
         position=loaded.position,
         base=None,
-        events=loaded.events,
-        appended=None,
     )
 
 
