@@ -407,6 +407,22 @@ async def test_an_append_stores_its_idempotency_records_found_in_one_look_up(
     assert await event_store.find_idempotency("alice", f"a-{unique}", f"order-other-{unique}") is None
 
 
+async def test_many_records_are_found_together(event_store: EventStore, unique: str) -> None:
+    stream = f"order-{unique}"
+    await event_store.append(
+        stream,
+        events(3),
+        NO_STREAM,
+        idempotency=[claim(f"a-{unique}", 0), claim(f"b-{unique}", 1, actor="bob"), claim(f"c-{unique}", 2)],
+    )
+    wanted = [("alice", f"a-{unique}"), ("bob", f"b-{unique}"), ("alice", f"b-{unique}"), ("alice", "never")]
+    found = await event_store.find_idempotency_many(stream, wanted)
+    assert set(found) == {("alice", f"a-{unique}"), ("bob", f"b-{unique}")}
+    assert [found[k].revision for k in wanted[:2]] == [0, 1]
+    assert found[("bob", f"b-{unique}")] == await event_store.find_idempotency("bob", f"b-{unique}", stream)
+    assert await event_store.find_idempotency_many(f"order-other-{unique}", wanted) == {}
+
+
 async def test_a_taken_key_refuses_the_append_and_writes_nothing(
     event_store: EventStore, unique: str
 ) -> None:

@@ -339,6 +339,10 @@ async def test_keys_of_a_store_written_before_the_idempotency_table_still_replay
         assert (again.revision, again.position) == (first.revision, first.position)
         with pytest.raises(IdempotencyKeyReused):
             await use_cases.add_stock(SKU, 6, keyed("k-old", 6))
+        # Also when looked up with others (a batch of commands).
+        found = await store.find_idempotency_many(STREAM, [("alice", "k-old"), ("alice", "k-none")])
+        assert list(found) == [("alice", "k-old")]
+        assert found[("alice", "k-old")].revision == first.revision
         new = await use_cases.add_stock(SKU, 1, keyed("k-new", 1))
         assert (await use_cases.add_stock(SKU, 1, keyed("k-new", 1))).revision == new.revision
         assert await store.stream_revision(STREAM) == first.revision + 1

@@ -375,7 +375,7 @@ class CommandHandler:
     ) -> list[Outcome[S]]:
         """One attempt: load -> replay checks -> expected revision -> decide -> append."""
         loaded = await self.load(decider, stream)
-        earlier = [await self._replay(loaded, stream, r.context, search_metadata) for r in requests]
+        earlier = await self._replays(loaded, stream, requests, search_metadata)
         if expected is not None and loaded.revision != expected and not all(earlier):
             raise WrongExpectedVersion(stream, expected, loaded.revision)
         state = loaded.state
@@ -459,24 +459,36 @@ class CommandHandler:
             outcomes[i] = answer
         return outcomes
 
-    async def _replay(
-        self, loaded: Loaded[S], stream: str, context: CommandContext, search_metadata: bool
-    ) -> Outcome[S] | None:
-        """The earlier answer to this actor's key on this stream, if there is one
-        (one look-up; with ``search_metadata`` also the slow search of the events);
+    async def _replays(
+        self, loaded: Loaded[S], stream: str, requests: Sequence[Request[C, S]], search_metadata: bool
+    ) -> list[Outcome[S] | None]:
+        """Per request, the earlier answer to its key on this stream (one look-up for the
+        whole batch; with ``search_metadata`` also the slow search of the events), or
         :class:`IdempotencyKeyReused` when the key answered another request."""
-        key = context.idempotency_key
-        if not key:
-            return None
-        record = await self.event_store.find_idempotency(context.actor, key, stream)
-        if record is None and search_metadata:
-            record = await self._record_from_metadata(stream, context.actor, key)
-        if record is None:
-            return None
-        try:
-            return self._replayed(record, context, stream, loaded.state)
-        except IdempotencyKeyReused as refused:
-            return refused
+        keys = [(r.context.actor, r.context.idempotency_key or "") for r in requests]
+        keyed = [pair for pair in keys if pair[1]]
+        if not keyed:
+            return [None] * len(requests)
+        if len(keyed) == 1:
+            ((actor, key),) = keyed
+            record = await self.event_store.find_idempotency(actor, key, stream)
+            records = {} if record is None else {(actor, key): record}
+        else:
+            records = await self.event_store.find_idempotency_many(stream, keyed)
+        answers: list[Outcome[S] | None] = []
+        for request, (actor, key) in zip(requests, keys, strict=True):
+            context = request.context
+            record = records.get((actor, key)) if key else None
+            if key and record is None and search_metadata:
+                record = await self._record_from_metadata(stream, actor, key)
+            if record is None:
+                answers.append(None)
+                continue
+            try:
+                answers.append(self._replayed(record, context, stream, loaded.state))
+            except IdempotencyKeyReused as refused:
+                answers.append(refused)
+        return answers
 
     @staticmethod
     def _replayed(

@@ -269,6 +269,13 @@ class EventStore(Protocol):
         key was never used there."""
         ...
 
+    async def find_idempotency_many(
+        self, stream: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        """The records of several (actor, key) pairs on ``stream`` (a batch of commands),
+        in one read where the backend can; pairs never used there are absent."""
+        ...
+
     async def read_stream(
         self,
         stream: str,

@@ -176,6 +176,14 @@ class KurrentDBEventStore:
         found = await self.read_stream(idempotency_stream(actor, key, stream), limit=1)
         return _record_decoder.decode(found[0].data) if found else None
 
+    async def find_idempotency_many(
+        self, stream: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        """One read per key (one stream each), run concurrently."""
+        wanted = list(dict.fromkeys(keys))
+        records = await asyncio.gather(*(self.find_idempotency(actor, key, stream) for actor, key in wanted))
+        return {pair: record for pair, record in zip(wanted, records, strict=True) if record is not None}
+
     async def _record_idempotency(
         self, stream: str, claim: IdempotencyClaim, result: AppendResult, count: int
     ) -> None:

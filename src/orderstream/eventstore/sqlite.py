@@ -305,6 +305,12 @@ class SqliteEventStore:
     async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
         return await self._read(lambda conn: _find_idempotency(conn, actor, key, stream))
 
+    async def find_idempotency_many(
+        self, stream: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        wanted = list(dict.fromkeys(keys))
+        return await self._read(lambda conn: _find_idempotency_many(conn, stream, wanted)) if wanted else {}
+
     def _submit(self, run: Callable[[sqlite3.Connection], T], *, appends: bool = False) -> asyncio.Future[T]:
         if self._closed:
             raise EventStoreClosed(f"event store {self.path} is closed")
@@ -738,6 +744,34 @@ def _find_idempotency(
             actor=actor, key=key, stream=stream, request_hash=row[0], revision=row[1], position=row[2]
         )
     return _find_legacy_idempotency(conn, actor, key, stream)
+
+
+def _find_idempotency_many(
+    conn: sqlite3.Connection, stream: str, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], IdempotencyRecord]:
+    found: dict[tuple[str, str], IdempotencyRecord] = {}
+    for start in range(0, len(keys), 400):  # 2 parameters each, under SQLite's 999
+        chunk = keys[start : start + 400]
+        pairs = ", ".join("(?, ?)" for _ in chunk)
+        rows = conn.execute(
+            "SELECT actor, key, request_hash, revision, position FROM idempotency"
+            f" WHERE stream = ? AND (actor, key) IN (VALUES {pairs})",
+            [stream, *(part for pair in chunk for part in pair)],
+        )
+        for actor, key, request_hash, revision, position in rows:
+            found[(actor, key)] = IdempotencyRecord(
+                actor=actor,
+                key=key,
+                stream=stream,
+                request_hash=request_hash,
+                revision=revision,
+                position=position,
+            )
+    if conn.execute("SELECT 1 FROM idempotency_legacy").fetchone() is not None:
+        for actor, key in keys:
+            if (actor, key) not in found and (legacy := _find_legacy_idempotency(conn, actor, key, stream)):
+                found[(actor, key)] = legacy
+    return found
 
 
 def _find_legacy_idempotency(
