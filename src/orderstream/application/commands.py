@@ -54,6 +54,7 @@ from orderstream.domain.common import Decider, DomainError
 from orderstream.events import EventRegistry
 from orderstream.eventstore.base import (
     NO_STREAM,
+    AppendResult,
     EventStore,
     IdempotencyClaim,
     IdempotencyKeyTaken,
@@ -317,7 +318,7 @@ class CommandHandler:
         events = list(decider.decide(command, state))
         if not events:
             raise DomainError(f"{stream}: nothing to do on a stream that does not exist")
-        claims = [self._claim(context, len(events) - 1)] if context.idempotency_key else []
+        claims = [_claim(context, len(events) - 1)] if context.idempotency_key else []
         try:
             result = await self.event_store.append(
                 stream, self._to_new_events(events, stream, context), NO_STREAM, idempotency=claims
@@ -378,86 +379,24 @@ class CommandHandler:
         earlier = await self._replays(loaded, stream, requests, search_metadata)
         if expected is not None and loaded.revision != expected and not all(earlier):
             raise WrongExpectedVersion(stream, expected, loaded.revision)
-        state = loaded.state
-        outcomes: list[Outcome[S] | None] = list(earlier)
-        decided: list[tuple[int, list[Any], S]] = []  # (request index, its events, state after them)
-        new_events: list[NewEvent] = []
-        claims: list[IdempotencyClaim] = []
-        first_with_key: dict[tuple[str, str], int] = {}
-        repeats: dict[int, int] = {}  # a request -> the earlier one of the batch with its key
-        for i, request in enumerate(requests):
-            if outcomes[i] is not None:
-                continue
-            try:
-                repeated = self._repeat_in_batch(request.context, requests, first_with_key, i)
-            except IdempotencyKeyReused as refused:
-                outcomes[i] = refused
-                continue
-            if repeated is not None:
-                repeats[i] = repeated
-                continue
-            try:
-                command = request.command(state) if callable(request.command) else request.command
-                events = list(decider.decide(command, state))
-            except DomainError as refused:
-                outcomes[i] = refused
-                continue
-            for event in events:
-                state = decider.evolve(state, event)
-            new_events += self._to_new_events(events, stream, request.context)
-            if events and request.context.idempotency_key:
-                claims.append(self._claim(request.context, len(new_events) - 1))
-            decided.append((i, events, state))
-        if not new_events:
-            outcomes = self._mirror(outcomes, repeats)
-            return [self._noop(o, loaded, stream) for o in outcomes]
+        batch = _Batch(stream, loaded, earlier)
+        for request in requests:
+            batch.decide(decider, request, self._to_new_events)
+        if not batch.new_events:
+            return batch.answers(None)
         expectation = NO_STREAM if loaded.revision is None else loaded.revision
         try:
-            result = await self.event_store.append(stream, new_events, expectation, idempotency=claims)
+            result = await self.event_store.append(
+                stream, batch.new_events, expectation, idempotency=batch.claims
+            )
         except WrongExpectedVersion as conflict:
-            if claims and conflict.actual == loaded.revision and not search_metadata:
+            if batch.claims and conflict.actual == loaded.revision and not search_metadata:
                 raise _DerivedIdsStored from conflict  # the stream did not move: our ids are stored
             raise
-        self._snapshot_later(decider, stream, loaded.snapshot, state, result.revision, result.position)
-        first = result.revision - len(new_events) + 1
-        written = 0
-        for i, events, after in decided:
-            written += len(events)
-            if first + written - 1 < 0:  # decided nothing before the stream began
-                outcomes[i] = DomainError(f"{stream}: nothing to do on a stream that does not exist")
-            else:
-                outcomes[i] = CommandResult(stream, first + written - 1, result.position, after, events)
-        return [o for o in self._mirror(outcomes, repeats) if o is not None]
+        self._snapshot_later(decider, stream, loaded.snapshot, batch.state, result.revision, result.position)
+        return batch.answers(result)
 
     # ------------------------------------------------------------------ pieces
-
-    @staticmethod
-    def _repeat_in_batch(
-        context: CommandContext,
-        requests: Sequence[Request[C, S]],
-        first_with_key: dict[tuple[str, str], int],
-        index: int,
-    ) -> int | None:
-        """The earlier request of the batch with this one's key (a concurrent duplicate:
-        it gets that one's answer), or ``None``. Another request under the same key is
-        refused, as it would be one append later."""
-        if not context.idempotency_key:
-            return None
-        earlier = first_with_key.setdefault((context.actor, context.idempotency_key), index)
-        if earlier == index:
-            return None
-        if requests[earlier].context.request_hash != context.request_hash:
-            raise IdempotencyKeyReused(context.idempotency_key)
-        return earlier
-
-    @staticmethod
-    def _mirror(outcomes: list[Outcome[S] | None], repeats: dict[int, int]) -> list[Outcome[S] | None]:
-        for i, earlier in repeats.items():
-            answer = outcomes[earlier]
-            if isinstance(answer, CommandResult):
-                answer = dataclasses.replace(answer, appended=(), replayed=True)
-            outcomes[i] = answer
-        return outcomes
 
     async def _replays(
         self, loaded: Loaded[S], stream: str, requests: Sequence[Request[C, S]], search_metadata: bool
@@ -519,22 +458,6 @@ class CommandHandler:
             found = msgspec.structs.replace(found, request_hash="!mixed")  # matches no request
         return found
 
-    @staticmethod
-    def _claim(context: CommandContext, last: int) -> IdempotencyClaim:
-        assert context.idempotency_key is not None
-        return IdempotencyClaim(
-            actor=context.actor, key=context.idempotency_key, request_hash=context.request_hash, last=last
-        )
-
-    @staticmethod
-    def _noop(outcome: Outcome[S] | None, loaded: Loaded[S], stream: str) -> Outcome[S]:
-        """A command that decided nothing (in a batch where none decided anything)."""
-        if outcome is not None:
-            return outcome
-        if loaded.revision is None or loaded.position is None:
-            return DomainError(f"{stream}: nothing to do on a stream that does not exist")
-        return CommandResult(stream, loaded.revision, loaded.position, loaded.state, ())
-
     def _to_new_events(self, events: Sequence[Any], stream: str, context: CommandContext) -> list[NewEvent]:
         metadata = context.metadata()
         out = []
@@ -563,3 +486,89 @@ class CommandHandler:
             base=base,
         )
         self.snapshots.after_append(pending)
+
+
+def _claim(context: CommandContext, last: int) -> IdempotencyClaim:
+    assert context.idempotency_key is not None
+    return IdempotencyClaim(
+        actor=context.actor, key=context.idempotency_key, request_hash=context.request_hash, last=last
+    )
+
+
+class _Batch(Generic[S]):
+    """The decisions of one attempt at a batch: the state evolving through them, the
+    events and idempotency claims of the one append, and each request's outcome."""
+
+    def __init__(self, stream: str, loaded: Loaded[S], earlier: list[Outcome[S] | None]) -> None:
+        self.stream = stream
+        self.loaded = loaded
+        self.state = loaded.state
+        self.outcomes = list(earlier)
+        """Per request: replayed or refused already, or (after :meth:`answers`) its result."""
+        self.new_events: list[NewEvent] = []
+        self.claims: list[IdempotencyClaim] = []
+        self._decided: list[tuple[int, Sequence[Any], S]] = []  # (request, its events, state after)
+        self._first_with_key: dict[tuple[str, str], int] = {}
+        self._repeats: dict[int, int] = {}  # a request -> the earlier one of the batch with its key
+        self._requests: list[Request[Any, S]] = []
+
+    def decide(
+        self,
+        decider: Decider[C, E, S],
+        request: Request[C, S],
+        to_new_events: Callable[[Sequence[Any], str, CommandContext], list[NewEvent]],
+    ) -> None:
+        """Decide the next request against the state so far (unless it was answered)."""
+        index = len(self._requests)
+        self._requests.append(request)
+        if self.outcomes[index] is not None or self._repeated(request.context, index):
+            return
+        try:
+            command = request.command(self.state) if callable(request.command) else request.command
+            events = decider.decide(command, self.state)
+        except DomainError as refused:
+            self.outcomes[index] = refused
+            return
+        for event in events:
+            self.state = decider.evolve(self.state, event)
+        self.new_events += to_new_events(events, self.stream, request.context)
+        if events and request.context.idempotency_key:
+            self.claims.append(_claim(request.context, len(self.new_events) - 1))
+        self._decided.append((index, events, self.state))
+
+    def _repeated(self, context: CommandContext, index: int) -> bool:
+        """A key seen earlier in this batch: the same request gets that one's answer (a
+        concurrent duplicate), another request is refused (as one append later)."""
+        if not context.idempotency_key:
+            return False
+        earlier = self._first_with_key.setdefault((context.actor, context.idempotency_key), index)
+        if earlier == index:
+            return False
+        if self._requests[earlier].context.request_hash != context.request_hash:
+            self.outcomes[index] = IdempotencyKeyReused(context.idempotency_key)
+        else:
+            self._repeats[index] = earlier
+        return True
+
+    def answers(self, appended: AppendResult | None) -> list[Outcome[S]]:
+        """Every request's outcome, once the batch's events are ``appended`` (``None``:
+        the batch decided no events)."""
+        loaded = self.loaded
+        first = 0 if appended is None else appended.revision - len(self.new_events) + 1
+        written = 0
+        for index, events, after in self._decided:
+            written += len(events)
+            revision = loaded.revision if appended is None else first + written - 1
+            position = loaded.position if appended is None else appended.position
+            if revision is None or position is None or revision < 0:
+                self.outcomes[index] = DomainError(
+                    f"{self.stream}: nothing to do on a stream that does not exist"
+                )
+            else:
+                self.outcomes[index] = CommandResult(self.stream, revision, position, after, events)
+        for index, earlier in self._repeats.items():
+            answer = self.outcomes[earlier]
+            if isinstance(answer, CommandResult):
+                answer = dataclasses.replace(answer, appended=(), replayed=True)
+            self.outcomes[index] = answer
+        return [outcome for outcome in self.outcomes if outcome is not None]
