@@ -434,8 +434,6 @@ def _pending(loaded: Loaded[inventory.Product], stream: str = STREAM) -> Pending
         revision=loaded.revision,
         position=loaded.position,
         base=None,
-        events=loaded.events,
-        appended=None,
     )
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
+from orderstream.application.commands import CommandHandler
 from orderstream.application.projection_runner import ProjectionRunner
 from orderstream.application.queries import Queries
 from orderstream.application.snapshots import SnapshotStore
@@ -160,10 +161,15 @@ async def build(
         await event_store.close()
         raise
     metrics = Metrics()
-    handler = MeteredCommandHandler(event_store, registry, metrics=metrics)
-    # Set after construction: MeteredCommandHandler (metrics.py) does not forward a
-    # ``snapshots=`` argument to CommandHandler.
-    handler.snapshots = SnapshotStore(event_store, every=settings.snapshot_every)
+    handler = MeteredCommandHandler(
+        CommandHandler(
+            event_store,
+            registry,
+            on_conflict=metrics.conflict_retried,
+            snapshots=SnapshotStore(event_store, every=settings.snapshot_every),
+        ),
+        metrics,
+    )
     runners = {
         p.schema.name: ProjectionRunner(event_store, read_store, p, registry=registry) for p in projections
     }

@@ -16,8 +16,10 @@ so that tests and tools can build many apps in one process.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,11 +39,13 @@ from orderstream.application.commands import (
     CommandResult,
     ConcurrencyRetriesExhausted,
     E,
+    Loaded,
+    Outcome,
+    Request,
     S,
-    utc_now,
 )
+from orderstream.application.snapshots import SnapshotStore
 from orderstream.domain.common import Decider, DomainError
-from orderstream.events import EventRegistry
 from orderstream.eventstore.base import EventStore, WrongExpectedVersion, category_of
 
 COMMAND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -112,26 +116,31 @@ def outcome_of(exc: BaseException) -> str:
     return "error"
 
 
-class MeteredCommandHandler(CommandHandler):
-    """The command handler, timed and counted. Serves HTTP and saga activities alike."""
+class MeteredCommandHandler:
+    """The command handler, timed and counted: a wrapper that forwards every call to
+    ``inner`` and observes its outcome. Serves HTTP and saga activities alike.
 
-    def __init__(
-        self,
-        event_store: EventStore,
-        registry: EventRegistry,
-        *,
-        metrics: Metrics,
-        clock: Clock = utc_now,
-        max_attempts: int = 8,
-    ) -> None:
-        super().__init__(
-            event_store,
-            registry,
-            clock=clock,
-            max_attempts=max_attempts,
-            on_conflict=metrics.conflict_retried,
-        )
+    Build the handler with ``on_conflict=metrics.conflict_retried`` to count the
+    races it retried (they happen inside ``inner``)."""
+
+    def __init__(self, inner: CommandHandler, metrics: Metrics) -> None:
+        self.inner = inner
         self.metrics = metrics
+        self.clock: Clock = inner.clock
+
+    @property
+    def snapshots(self) -> SnapshotStore | None:
+        return self.inner.snapshots
+
+    @property
+    def event_store(self) -> EventStore:
+        return self.inner.event_store
+
+    async def load(self, decider: Decider[C, E, S], stream: str, *, up_to: int | None = None) -> Loaded[S]:
+        return await self.inner.load(decider, stream, up_to=up_to)
+
+    async def close(self) -> None:
+        await self.inner.close()
 
     async def handle(
         self,
@@ -142,22 +151,71 @@ class MeteredCommandHandler(CommandHandler):
         expected: int | None = None,
         context: CommandContext | None = None,
     ) -> CommandResult[S]:
-        name = type(command).__name__ if not callable(command) else f"{decider.category}:computed"
+        with self._observe(_name(decider, command), stream) as observe:
+            result = await self.inner.handle(decider, stream, command, expected=expected, context=context)
+            observe(result)
+            return result
+
+    async def create(
+        self, decider: Decider[C, E, S], stream: str, command: C, *, context: CommandContext | None = None
+    ) -> CommandResult[S]:
+        with self._observe(_name(decider, command), stream) as observe:
+            result = await self.inner.create(decider, stream, command, context=context)
+            observe(result)
+            return result
+
+    async def handle_batch(
+        self, decider: Decider[C, E, S], stream: str, requests: Sequence[Request[C, S]]
+    ) -> list[Outcome[S]]:
+        """Each command of the batch is observed with the batch's duration."""
+        started = time.perf_counter()
+        try:
+            outcomes = await self.inner.handle_batch(decider, stream, requests)
+        except BaseException as exc:
+            seconds = time.perf_counter() - started
+            for request in requests:
+                self._record(_name(decider, request.command), outcome_of(exc), seconds)
+            raise
+        seconds = time.perf_counter() - started
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, DomainError):
+                self._record(_name(decider, request.command), outcome_of(outcome), seconds)
+            else:
+                self._count(stream, outcome)
+                self._record(_name(decider, request.command), _result_outcome(outcome), seconds)
+        return outcomes
+
+    @contextlib.contextmanager
+    def _observe(self, name: str, stream: str) -> Iterator[Callable[[CommandResult[Any]], None]]:
         started = time.perf_counter()
         outcome = "error"
+
+        def observe(result: CommandResult[Any]) -> None:
+            nonlocal outcome
+            outcome = _result_outcome(result)
+            self._count(stream, result)
+
         try:
-            result = await super().handle(decider, stream, command, expected=expected, context=context)
+            yield observe
         except BaseException as exc:
             outcome = outcome_of(exc)
             if isinstance(exc, WrongExpectedVersion):
                 self.metrics.concurrency_conflicts.labels(outcome="rejected").inc()
             raise
-        else:
-            outcome = "replayed" if result.replayed else ("ok" if result.appended else "noop")
-            if result.appended:
-                self.metrics.events_appended.labels(category=category_of(stream)).inc(len(result.appended))
-            return result
         finally:
-            self.metrics.command_duration.labels(command=name, outcome=outcome).observe(
-                time.perf_counter() - started
-            )
+            self._record(name, outcome, time.perf_counter() - started)
+
+    def _count(self, stream: str, result: CommandResult[Any]) -> None:
+        if result.appended:
+            self.metrics.events_appended.labels(category=category_of(stream)).inc(len(result.appended))
+
+    def _record(self, name: str, outcome: str, seconds: float) -> None:
+        self.metrics.command_duration.labels(command=name, outcome=outcome).observe(seconds)
+
+
+def _name(decider: Decider[Any, Any, Any], command: object) -> str:
+    return type(command).__name__ if not callable(command) else f"{decider.category}:computed"
+
+
+def _result_outcome(result: CommandResult[Any]) -> str:
+    return "replayed" if result.replayed else ("ok" if result.appended else "noop")

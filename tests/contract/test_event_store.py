@@ -28,6 +28,9 @@ from orderstream.eventstore.base import (
     EventStore,
     EventStoreError,
     Expected,
+    IdempotencyClaim,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
     NackAction,
     NewEvent,
     PersistentSubscription,
@@ -37,6 +40,7 @@ from orderstream.eventstore.base import (
     SubscriptionSettings,
     WrongExpectedVersion,
 )
+from orderstream.eventstore.sqlite import SqliteEventStore
 
 WAIT = 10.0
 """Upper bound of every wait for something that should happen."""
@@ -359,6 +363,104 @@ async def test_of_100_concurrent_appends_with_the_same_expectation_exactly_one_w
     stored = await event_store.read_stream(stream)
     assert [e.revision for e in stored] == [0, 1, 2]
     assert ids(stored[1:]) == ids(attempts[winners[0]])
+
+
+# =================================================================== idempotency records
+
+
+def claim(key: str, last: int, *, actor: str = "alice", request_hash: str | None = "h1") -> IdempotencyClaim:
+    return IdempotencyClaim(actor=actor, key=key, request_hash=request_hash, last=last)
+
+
+async def test_an_append_stores_its_idempotency_records_found_in_one_look_up(
+    event_store: EventStore, unique: str
+) -> None:
+    stream = f"order-{unique}"
+    assert await event_store.find_idempotency("alice", f"k-{unique}", stream) is None
+    await event_store.append(stream, [event()], NO_STREAM)
+    batch = events(4)
+    # Two keyed commands in one append: the first wrote events 0-1, the second 2-3.
+    result = await event_store.append(
+        stream, batch, 0, idempotency=[claim(f"a-{unique}", 1), claim(f"b-{unique}", 3, request_hash=None)]
+    )
+    stored = await event_store.read_stream(stream)
+    first = await event_store.find_idempotency("alice", f"a-{unique}", stream)
+    second = await event_store.find_idempotency("alice", f"b-{unique}", stream)
+    assert first == IdempotencyRecord(
+        actor="alice",
+        key=f"a-{unique}",
+        stream=stream,
+        request_hash="h1",
+        revision=2,
+        position=stored[2].position,
+    )
+    assert second == IdempotencyRecord(
+        actor="alice",
+        key=f"b-{unique}",
+        stream=stream,
+        request_hash=None,
+        revision=4,
+        position=result.position,
+    )
+    # Scoped by actor and by stream.
+    assert await event_store.find_idempotency("bob", f"a-{unique}", stream) is None
+    assert await event_store.find_idempotency("alice", f"a-{unique}", f"order-other-{unique}") is None
+
+
+async def test_many_records_are_found_together(event_store: EventStore, unique: str) -> None:
+    stream = f"order-{unique}"
+    await event_store.append(
+        stream,
+        events(3),
+        NO_STREAM,
+        idempotency=[claim(f"a-{unique}", 0), claim(f"b-{unique}", 1, actor="bob"), claim(f"c-{unique}", 2)],
+    )
+    wanted = [("alice", f"a-{unique}"), ("bob", f"b-{unique}"), ("alice", f"b-{unique}"), ("alice", "never")]
+    found = await event_store.find_idempotency_many(stream, wanted)
+    assert set(found) == {("alice", f"a-{unique}"), ("bob", f"b-{unique}")}
+    assert [found[k].revision for k in wanted[:2]] == [0, 1]
+    assert found[("bob", f"b-{unique}")] == await event_store.find_idempotency("bob", f"b-{unique}", stream)
+    assert await event_store.find_idempotency_many(f"order-other-{unique}", wanted) == {}
+
+
+async def test_a_taken_key_refuses_the_append_and_writes_nothing(
+    event_store: EventStore, unique: str
+) -> None:
+    stream = f"order-{unique}"
+    await event_store.append(stream, [event()], NO_STREAM, idempotency=[claim(f"k-{unique}", 0)])
+    with pytest.raises(IdempotencyKeyTaken) as taken:
+        await event_store.append(
+            stream, [event()], 0, idempotency=[claim(f"k-{unique}", 0, request_hash="h2")]
+        )
+    assert taken.value.record.revision == 0
+    assert taken.value.record.request_hash == "h1"
+    if isinstance(event_store, SqliteEventStore):  # atomic there; see docs/command-path.md for KurrentDB
+        assert await event_store.stream_revision(stream) == 0
+
+
+async def test_a_conflicting_append_stores_no_record(event_store: EventStore, unique: str) -> None:
+    stream = f"order-{unique}"
+    await event_store.append(stream, [event()], NO_STREAM)
+    with pytest.raises(WrongExpectedVersion):
+        await event_store.append(stream, [event()], NO_STREAM, idempotency=[claim(f"k-{unique}", 0)])
+    assert await event_store.find_idempotency("alice", f"k-{unique}", stream) is None
+
+
+async def test_a_claim_outside_the_append_is_refused(event_store: EventStore, unique: str) -> None:
+    with pytest.raises(ValueError, match="idempotency claim"):
+        await event_store.append(f"order-{unique}", events(2), NO_STREAM, idempotency=[claim("k", 2)])
+    assert await event_store.stream_revision(f"order-{unique}") is None
+
+
+async def test_an_idempotent_re_append_keeps_the_first_record(event_store: EventStore, unique: str) -> None:
+    stream = f"order-{unique}"
+    batch = events(2)
+    first = await event_store.append(stream, batch, NO_STREAM, idempotency=[claim(f"k-{unique}", 1)])
+    again = await event_store.append(stream, batch, NO_STREAM, idempotency=[claim(f"k-{unique}", 1)])
+    assert again == first
+    record = await event_store.find_idempotency("alice", f"k-{unique}", stream)
+    assert record is not None
+    assert (record.revision, record.position) == (first.revision, first.position)
 
 
 # =================================================================== reading

@@ -1,5 +1,6 @@
 """Snapshots in operation: written in the background every N events, never trusted
-blindly, and idempotency keys that outlive the events a load still reads.
+blindly, and idempotency keys that outlive the events a load still reads (the store
+keeps them apart from snapshots; old stores' keys are still found).
 
 Real ``SqliteEventStore`` in ``tmp_path``; the one stand-in is
 :class:`SnapshotsFail`, which wraps the real store and refuses appends to snapshot
@@ -10,6 +11,7 @@ the command.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -27,12 +29,17 @@ from orderstream.application.commands import (
 )
 from orderstream.application.snapshots import SnapshotStore, snapshot_stream, state_schema_id
 from orderstream.application.use_cases import UseCases
-from orderstream.bootstrap import build
-from orderstream.config import ConfigError, Settings
 from orderstream.domain import inventory
 from orderstream.domain.common import Money
 from orderstream.events import registry
-from orderstream.eventstore.base import ANY, AppendResult, EventFilter, EventStoreError, Expected, NewEvent
+from orderstream.eventstore.base import (
+    ANY,
+    AppendResult,
+    EventStoreError,
+    Expected,
+    IdempotencyClaim,
+    NewEvent,
+)
 from orderstream.eventstore.sqlite import SqliteEventStore
 
 SKU = "SKU-1"
@@ -66,17 +73,23 @@ async def snapshot_revisions(store: SqliteEventStore, stream: str = STREAM) -> l
 
 
 async def bulk_stock(store: SqliteEventStore, count: int) -> None:
-    """``count`` keyed StockAdded events appended directly (fast), as other clients' commands."""
+    """``count`` keyed StockAdded events appended directly (fast), as other clients'
+    commands: each with its idempotency record, as the handler appends them."""
     for start in range(0, count, 250):
+        numbers = range(start, min(count, start + 250))
         batch = [
             registry.to_new_event(
                 inventory.StockAdded(sku=SKU, quantity=1, at=NOW),
                 event_id=uuid.uuid4(),
                 metadata={"actor": "bob", "idempotency_key": f"bulk-{n}", "request_hash": "0" * 32},
             )
-            for n in range(start, min(count, start + 250))
+            for n in numbers
         ]
-        await store.append(STREAM, batch, ANY)
+        claims = [
+            IdempotencyClaim(actor="bob", key=f"bulk-{n}", request_hash="0" * 32, last=i)
+            for i, n in enumerate(numbers)
+        ]
+        await store.append(STREAM, batch, ANY, idempotency=claims)
 
 
 # ------------------------------------------------------------------------- the policy
@@ -111,10 +124,17 @@ class SnapshotsFail:
     def __init__(self, inner: SqliteEventStore) -> None:
         self.inner = inner
 
-    async def append(self, stream: str, events: Sequence[NewEvent], expected: Expected) -> AppendResult:
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        expected: Expected,
+        *,
+        idempotency: Sequence[IdempotencyClaim] = (),
+    ) -> AppendResult:
         if stream.startswith("snapshot-"):
             raise EventStoreError("disk full (snapshots only)")
-        return await self.inner.append(stream, events, expected)
+        return await self.inner.append(stream, events, expected, idempotency=idempotency)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -260,12 +280,12 @@ async def test_a_key_used_500_events_before_the_snapshot_still_replays(store: Sq
     assert not other_actor.replayed  # keys are scoped by actor
     assert await store.stream_revision(STREAM) == head + 1
 
-    # Keys of the events after the snapshot are found in the tail, as before.
+    # Keys of the events after the snapshot are found alike: the store keeps them all.
     tail_key = await use_cases.add_stock(SKU, 1, keyed("k-new-2", 1))
     assert tail_key.replayed
     with pytest.raises(IdempotencyKeyReused):
         await use_cases.add_stock(SKU, 2, keyed("k-new-2", 2))
-    # And the bulk clients' keys, which arrived between snapshots, are in the snapshot.
+    # And the bulk clients' keys, written between snapshots.
     bulk = await handler.handle(
         inventory.decider,
         STREAM,
@@ -277,81 +297,77 @@ async def test_a_key_used_500_events_before_the_snapshot_still_replays(store: Sq
     await handler.close()
 
 
-async def test_keys_older_than_the_window_are_found_the_slow_way(store: SqliteEventStore) -> None:
-    """A snapshot keeps the newest ``key_window`` keys; an older key is still honoured,
-    by reading the events before the snapshot when the decision or the store says
-    that the command may have run before."""
-    snapshots = SnapshotStore(store, every=10, key_window=20)
-    handler = CommandHandler(store, registry, snapshots=snapshots)
-    use_cases = UseCases(handler)
-    await register(use_cases)
-    first = await use_cases.add_stock(SKU, 5, keyed("k-0", 5))
-    reserve = inventory.ReserveStock(sku=SKU, order_id="o-1", quantity=2, now=NOW)
-    reserved = await handler.handle(inventory.decider, STREAM, reserve, context=keyed("k-reserve", 2))
-    release = inventory.ReleaseStock(sku=SKU, order_id="o-1", reason="timeout", now=NOW)
-    await handler.handle(inventory.decider, STREAM, release, context=keyed("k-release", 0))
-    for n in range(1, 60):
-        await use_cases.add_stock(SKU, 5, keyed(f"k-{n}", 5))
-        await snapshots.drain()
-    loaded = await handler.load(inventory.decider, STREAM)
-    assert loaded.snapshot is not None
-    assert len(loaded.snapshot.records()) == 20
-    assert not loaded.snapshot.keys_complete
-    assert loaded.snapshot.lookup("alice", "k-0") is None
-    head = await store.stream_revision(STREAM)
-    assert head is not None
-
-    assert (await use_cases.add_stock(SKU, 5, keyed("k-55", 5))).replayed  # in the window
-    # Decided again, it appends: the store refuses the key's ids, the handler finds them.
-    late = await use_cases.add_stock(SKU, 5, keyed("k-0", 5))
-    assert late.replayed
-    assert (late.revision, late.position) == (first.revision, first.position)
-    # Decided again, it is refused (released since): the earlier answer all the same.
-    again = await handler.handle(inventory.decider, STREAM, reserve, context=keyed("k-reserve", 2))
-    assert again.replayed
-    assert again.revision == reserved.revision
-    assert await store.stream_revision(STREAM) == head
-    # The bound: reuse with another body is refused only within the window (another
-    # body derives other ids, so nothing tells the store it is not a new request).
-    with pytest.raises(IdempotencyKeyReused):
-        await use_cases.add_stock(SKU, 6, keyed("k-55", 6))
-    reused = await use_cases.add_stock(SKU, 6, keyed("k-0", 6))
-    assert not reused.replayed
-    assert reused.revision == head + 1
-    await handler.close()
-
-
-# ----------------------------------------------------------------- wiring and neighbours
-
-
-async def test_the_container_snapshots_and_waits_on_close(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, snapshot_every=5)
-    container = await build(settings, projections=())
-    await container.use_cases.register_product(SKU, "Widget", EUR, CommandContext())
-    for _ in range(12):
-        await container.use_cases.add_stock(SKU, 1, CommandContext())
-    await container.close()  # waits for the snapshot writes in flight
-
-    container = await build(settings, projections=())
+def downgrade_to_schema_1(path: Path) -> None:
+    """Make ``path`` what a store written before the idempotency table looks like."""
+    conn = sqlite3.connect(path)
     try:
-        assert await snapshot_revisions(container.event_store) == [4, 9]  # type: ignore[arg-type]
-        # Readers of $all by category (projections, the saga trigger, events tail
-        # --category) never see snapshots; an unfiltered reader sees plain JSON.
-        by_category = await container.event_store.read_all(filter=EventFilter(categories=("product",)))
-        assert {e.category for e in by_category} == {"product"}
-        everything = await container.event_store.read_all()
-        snaps = [e for e in everything if e.category == "snapshot"]
-        assert len(snaps) == 2
-        assert all(isinstance(msgspec.json.decode(e.data), dict) for e in snaps)
-        assert all(e.type not in registry for e in snaps)
+        conn.executescript("DROP TABLE idempotency; DROP TABLE idempotency_legacy; PRAGMA user_version = 1;")
     finally:
-        await container.close()
+        conn.close()
 
 
-def test_the_setting_reads_zero_as_off_and_refuses_negatives() -> None:
-    assert Settings.from_env({}).snapshot_every == 100
-    assert Settings.from_env({"ORDERSTREAM_SNAPSHOT_EVERY": "0"}).snapshot_every == 0
-    assert Settings.from_env({"ORDERSTREAM_SNAPSHOT_EVERY": "250"}).snapshot_every == 250
-    for bad in ("-1", "ten"):
-        with pytest.raises(ConfigError, match="ORDERSTREAM_SNAPSHOT_EVERY"):
-            Settings.from_env({"ORDERSTREAM_SNAPSHOT_EVERY": bad})
+async def test_keys_of_a_store_written_before_the_idempotency_table_still_replay(tmp_path: Path) -> None:
+    """Old stores kept keys only in event metadata: after the upgrade those keys are
+    found by the slow search (of their stream's events up to the upgrade), and the
+    keys used since have their records."""
+    path = tmp_path / "old.db"
+    old = await SqliteEventStore.open(path)
+    await old.append(
+        STREAM,
+        [
+            registry.to_new_event(
+                inventory.ProductRegistered(sku=SKU, name="Widget", price=EUR, at=NOW),
+                event_id=uuid.uuid4(),
+                metadata={"actor": "admin"},
+            )
+        ],
+        ANY,
+    )
+    context = keyed("k-old", 5)
+    handler = CommandHandler(old, registry)
+    first = await handler.handle(
+        inventory.decider, STREAM, inventory.AddStock(sku=SKU, quantity=5, now=NOW), context=context
+    )
+    await old.close()
+    downgrade_to_schema_1(path)  # as if "first" had been written by the old code
+
+    store = await SqliteEventStore.open(path)
+    try:
+        use_cases = UseCases(CommandHandler(store, registry))
+        again = await use_cases.add_stock(SKU, 5, keyed("k-old", 5))
+        assert again.replayed
+        assert (again.revision, again.position) == (first.revision, first.position)
+        with pytest.raises(IdempotencyKeyReused):
+            await use_cases.add_stock(SKU, 6, keyed("k-old", 6))
+        # Also when looked up with others (a batch of commands).
+        found = await store.find_idempotency_many(STREAM, [("alice", "k-old"), ("alice", "k-none")])
+        assert list(found) == [("alice", "k-old")]
+        assert found[("alice", "k-old")].revision == first.revision
+        new = await use_cases.add_stock(SKU, 1, keyed("k-new", 1))
+        assert (await use_cases.add_stock(SKU, 1, keyed("k-new", 1))).revision == new.revision
+        assert await store.stream_revision(STREAM) == first.revision + 1
+    finally:
+        await store.close()
+
+
+async def test_events_stored_without_their_record_are_found_by_their_ids(
+    store: SqliteEventStore, tmp_path: Path
+) -> None:
+    """The gap a backend without multi-stream transactions can leave (KurrentDB: the
+    events appended, the process gone before the idempotency record): the store
+    refuses the key's derived ids again, and the handler then finds the earlier
+    answer in the stream's metadata instead of appending twice."""
+    use_cases = UseCases(CommandHandler(store, registry))
+    await register(use_cases)
+    first = await use_cases.add_stock(SKU, 5, keyed("k-gap", 5))
+    await use_cases.add_stock(SKU, 1, CommandContext())
+    conn = sqlite3.connect(tmp_path / "events.db")
+    with conn:
+        conn.execute("DELETE FROM idempotency WHERE key = 'k-gap'")
+    conn.close()
+    assert await store.find_idempotency("alice", "k-gap", STREAM) is None
+
+    again = await use_cases.add_stock(SKU, 5, keyed("k-gap", 5))
+    assert again.replayed
+    assert (again.revision, again.position) == (first.revision, first.position)
+    assert await store.stream_revision(STREAM) == 2

@@ -12,26 +12,22 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import pytest
 
 from orderstream.application.commands import CommandContext, CommandHandler, Loaded
 from orderstream.application.snapshots import (
-    MIXED_HASHES,
-    IdempotencyRecord,
     PendingSnapshot,
     SnapshotStore,
-    merge_records,
-    records_of,
     snapshot_stream,
     state_schema_id,
 )
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import Money
 from orderstream.events import registry
-from orderstream.eventstore.base import ANY, RecordedEvent
+from orderstream.eventstore.base import ANY
 from orderstream.eventstore.sqlite import SqliteEventStore
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -116,8 +112,6 @@ async def snapshot_at(store: SqliteEventStore, handler: CommandHandler, decider:
             revision=loaded.revision,
             position=loaded.position,
             base=loaded.snapshot,
-            events=loaded.events,
-            appended=None,
         )
     )
 
@@ -235,56 +229,37 @@ def test_each_state_type_has_its_own_stable_schema_id() -> None:
     assert state_schema_id(Product) != state_schema_id(inventory.Product)
 
 
-# ------------------------------------------------------------------ idempotency records
+def _state(version: int | None, doc: str) -> type[msgspec.Struct]:
+    namespace: dict[str, Any] = {"__doc__": doc, "__annotations__": {"on_hand": int}, "on_hand": 0}
+    if version is not None:
+        namespace["__annotations__"]["SNAPSHOT_VERSION"] = ClassVar[int]
+        namespace["SNAPSHOT_VERSION"] = version
+    return type("Stock", (msgspec.Struct,), namespace)
 
 
-def recorded(revision: int, meta: dict[str, Any]) -> RecordedEvent:
-    return RecordedEvent(
-        id=uuid.uuid4(),
-        stream="product-X",
-        revision=revision,
-        position=100 + revision,
-        type="StockAdded",
-        schema_version=1,
-        data=b"{}",
-        metadata=msgspec.json.encode(meta),
-        recorded_at=NOW,
-    )
+def test_the_schema_id_is_the_explicit_version_and_the_structure_not_the_prose() -> None:
+    plain = _state(None, "Stock on hand.")
+    reworded = _state(None, "How many units are on the shelf (reworded).")
+    assert state_schema_id(plain) == state_schema_id(reworded)  # a docstring edit keeps snapshots
+    assert state_schema_id(plain).startswith("v1:")  # no declared version: 1
+    assert state_schema_id(_state(1, "Stock on hand.")) == state_schema_id(plain)
+    bumped = _state(2, "Stock on hand.")
+    assert state_schema_id(bumped).startswith("v2:")
+    assert state_schema_id(bumped) != state_schema_id(plain)  # same shape, new meaning: invalidated
 
 
-def test_records_keep_the_last_event_of_each_actors_key() -> None:
-    events = [
-        recorded(0, {"actor": "a", "idempotency_key": "k1", "request_hash": "h1"}),
-        recorded(1, {"actor": "a", "idempotency_key": "k1", "request_hash": "h1"}),
-        recorded(2, {"actor": "b", "idempotency_key": "k1", "request_hash": "h2"}),
-        recorded(3, {"actor": "a"}),
-        recorded(4, {"idempotency_key": "k9"}),  # no actor: never matches a command, as before
-    ]
-    found = records_of(events)
-    assert found == {
-        ("a", "k1"): IdempotencyRecord(actor="a", key="k1", request_hash="h1", revision=1, position=101),
-        ("b", "k1"): IdempotencyRecord(actor="b", key="k1", request_hash="h2", revision=2, position=102),
-    }
+async def test_a_snapshot_of_an_older_version_is_ignored(store: SqliteEventStore) -> None:
+    stream = inventory.stream_name("SKU-V")
+    await append_history(store, stream, product_history("SKU-V", 30))
+    await snapshot_at(store, CommandHandler(store, registry), inventory.decider, stream)
+    snapshots = SnapshotStore(store, every=10)
+    assert await snapshots.read(inventory.Product, stream) is not None
 
+    class Product(inventory.Product, frozen=True, kw_only=True):  # the same shape, a bumped version
+        SNAPSHOT_VERSION: ClassVar[int] = 99
 
-def test_a_key_seen_with_two_digests_matches_no_request() -> None:
-    events = [
-        recorded(0, {"actor": "a", "idempotency_key": "k", "request_hash": "h1"}),
-        recorded(1, {"actor": "a", "idempotency_key": "k", "request_hash": "h2"}),
-    ]
-    assert records_of(events)[("a", "k")].request_hash == MIXED_HASHES
-
-
-def test_merged_records_keep_the_newest_window() -> None:
-    older = [
-        IdempotencyRecord(actor="a", key=f"k{n}", request_hash="h", revision=n, position=n) for n in range(5)
-    ]
-    newer = [
-        IdempotencyRecord(actor="a", key="k1", request_hash="h", revision=7, position=7),
-        IdempotencyRecord(actor="a", key="k9", request_hash="h", revision=9, position=9),
-    ]
-    merged = merge_records(older, newer, window=4)
-    assert [(r.key, r.revision) for r in merged] == [("k3", 3), ("k4", 4), ("k1", 7), ("k9", 9)]
+    assert await snapshots.read(Product, stream) is None
+    assert snapshots.stats.ignored == 1
 
 
 async def test_a_snapshot_is_readable_json_in_its_own_stream(store: SqliteEventStore) -> None:
@@ -296,13 +271,10 @@ async def test_a_snapshot_is_readable_json_in_its_own_stream(store: SqliteEventS
     assert event.category == "snapshot"
     assert event.type == "Snapshot"
     data = msgspec.json.decode(event.data)
-    assert set(data) == {"revision", "position", "schema", "state", "keys", "keys_complete"}
+    assert set(data) == {"revision", "position", "schema", "state"}  # no idempotency records
     assert data["revision"] == 39
     assert data["schema"] == state_schema_id(inventory.Product)
     assert data["state"]["sku"] == "SKU-J"
-    assert all(set(k) == {"actor", "key", "request_hash", "revision", "position"} for k in data["keys"])
-    assert data["keys"]
-    assert data["keys_complete"] is True
 
 
 def test_snapshots_are_not_domain_events() -> None:

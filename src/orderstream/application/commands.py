@@ -1,50 +1,64 @@
-"""Command handling: load, evolve, decide, append with the expected revision.
+"""Command handling: load, replay check, check the expected revision, decide, append.
 
-One handler serves the HTTP API and the saga's activities alike.
+One handler serves the HTTP API and the saga's activities alike. The path of a
+command is a straight line (:meth:`CommandHandler.handle_batch`)::
 
-Idempotency without a side table. With an idempotency key, the ids of the
-events a command appends are derived from the key (``uuid5``), and the key and
-a hash of the request travel in each event's metadata. Replaying the command
-then finds its own events in the stream it has just loaded and answers with
-their revision and position, after a restart too; two concurrent requests with
-one key append the same ids at the same expected revision, which the event
-store's idempotent append turns into one write.
+    load (snapshot + tail) -> replay check (one idempotency look-up per keyed command)
+    -> check the expected revision -> decide -> append (with the idempotency records)
 
-Snapshots (:mod:`orderstream.application.snapshots`). With a
-:class:`SnapshotStore`, a load starts from the stream's latest usable snapshot
-and folds only the events after it; the snapshot carries the idempotency
-records of the keyed commands before it (a bounded window), which a replay
-consults beside the tail events. After an append that puts the stream
-``every`` events past its latest snapshot, a new one is written in the
-background; :meth:`CommandHandler.close` waits for it.
+and a lost race (``WrongExpectedVersion`` without an ``If-Match``) redoes the line
+from a fresh load, a bounded number of times with jittered exponential back-off
+(tenacity). The core decides a *batch* of commands for one stream: each against
+the state the ones before it left, a :class:`DomainError` failing only its own
+command, and all their events go in ONE append. A single command is a batch of
+one; :class:`~orderstream.application.stream_batcher.StreamBatcher` makes bigger
+batches of a hot stream's concurrent commands.
+
+Idempotency. A command with an idempotency key appends events whose ids are
+derived from the key (``uuid5``), and its append carries an
+:class:`~orderstream.eventstore.base.IdempotencyClaim`: the store keeps the
+record (actor, key, stream -> request hash, revision, position) atomically with
+the events (SQLite: the same transaction; KurrentDB: see docs/command-path.md).
+A replay looks the record up and answers with the first request's revision and
+position; the same key with another request is refused
+(:class:`IdempotencyKeyReused`). Two concurrent requests with one key append
+the same ids at the same expected revision, which the store's idempotent append
+turns into one write. When the store refuses a key's derived ids although no
+record was found (a KurrentDB append whose record was lost to a crash), the
+stream's events are searched by their metadata: the slow path, taken only then.
+
+Metrics are a wrapper (:class:`orderstream.metrics.MeteredCommandHandler`).
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import hashlib
-import random
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
-
-from orderstream.application.snapshots import (
-    IdempotencyRecord,
-    PendingSnapshot,
-    Snapshot,
-    SnapshotStore,
-    state_schema_id,
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
 )
+
+from orderstream.application.snapshots import PendingSnapshot, Snapshot, SnapshotStore, state_schema_id
 from orderstream.domain.common import Decider, DomainError
 from orderstream.events import EventRegistry
 from orderstream.eventstore.base import (
     NO_STREAM,
+    AppendResult,
     EventStore,
-    Expected,
+    IdempotencyClaim,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
     NewEvent,
     RecordedEvent,
     WrongExpectedVersion,
@@ -79,6 +93,11 @@ class ConcurrencyRetriesExhausted(Exception):
         self.stream = stream
         self.attempts = attempts
         super().__init__(f"{stream}: still conflicting after {attempts} attempts")
+
+
+class _DerivedIdsStored(Exception):
+    """The store refused a keyed command's derived ids with no record to explain it:
+    retry with the slow metadata search on."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,11 +156,56 @@ class CommandResult(Generic[S]):
     stream: str
     revision: int
     position: int
+    """Commit position of the append that wrote the command's events (the last
+    event of that append: a batch shares one), or of the replayed command's."""
     state: S
     appended: Sequence[Any]
     """The domain events this call appended (empty for a no-op or a replayed key)."""
     replayed: bool = False
     """True when an idempotency key matched an earlier request."""
+
+
+@dataclass(frozen=True)
+class Request(Generic[C, S]):
+    """One command of a batch, with its context."""
+
+    command: C | Callable[[S], C]
+    """The command, or a function of the current state that builds it."""
+    context: CommandContext = field(default_factory=CommandContext)
+
+
+Outcome = CommandResult[S] | DomainError
+"""What one command of a batch came to: its result or the business rule it broke."""
+
+
+class Commands(Protocol):
+    """What the use cases need of a command handler (the handler or its metered wrapper)."""
+
+    clock: Clock
+
+    async def load(
+        self, decider: Decider[C, E, S], stream: str, *, up_to: int | None = None
+    ) -> Loaded[S]: ...
+
+    async def handle(
+        self,
+        decider: Decider[C, E, S],
+        stream: str,
+        command: C | Callable[[S], C],
+        *,
+        expected: int | None = None,
+        context: CommandContext | None = None,
+    ) -> CommandResult[S]: ...
+
+    async def handle_batch(
+        self, decider: Decider[C, E, S], stream: str, requests: Sequence[Request[C, S]]
+    ) -> list[Outcome[S]]: ...
+
+    async def create(
+        self, decider: Decider[C, E, S], stream: str, command: C, *, context: CommandContext | None = None
+    ) -> CommandResult[S]: ...
+
+    async def close(self) -> None: ...
 
 
 class CommandHandler:
@@ -206,6 +270,8 @@ class CommandHandler:
         if self.snapshots is not None:
             await self.snapshots.close()
 
+    # ------------------------------------------------------------------ the path
+
     async def handle(
         self,
         decider: Decider[C, E, S],
@@ -223,55 +289,174 @@ class CommandHandler:
         before deciding; without it a lost race is retried from a fresh load
         up to ``max_attempts`` times.
         """
+        request: Request[C, S] = Request(command, context or CommandContext())
+        (outcome,) = await self._with_retry(decider, stream, [request], expected)
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
+
+    async def handle_batch(
+        self, decider: Decider[C, E, S], stream: str, requests: Sequence[Request[C, S]]
+    ) -> list[Outcome[S]]:
+        """Decide every request in order against the evolving state and append all
+        their events in one append; one outcome per request, in order."""
+        return await self._with_retry(decider, stream, requests, None)
+
+    async def create(
+        self, decider: Decider[C, E, S], stream: str, command: C, *, context: CommandContext | None = None
+    ) -> CommandResult[S]:
+        """A command that starts a stream no one else can know yet (a new random or
+        key-derived order id): decided on the initial state and appended with
+        ``NO_STREAM``, without reading the stream first. If it exists after all (a
+        retried key), the ordinary path answers: a replay, or the decider's refusal."""
         context = context or CommandContext()
-        for attempt in range(self.max_attempts):
-            loaded = await self.load(decider, stream)
-            earlier = self._find_replay(loaded, stream, context)
-            if earlier is not None:
-                return earlier
-            if expected is not None and loaded.revision != expected:
-                raise WrongExpectedVersion(stream, expected, loaded.revision)
-            cmd = command(loaded.state) if callable(command) else command
-            try:
-                events = list(decider.decide(cmd, loaded.state))
-            except DomainError:
-                # A key older than the snapshot's window may have answered before.
-                if (earlier := await self._find_replay_before(loaded, stream, context)) is not None:
-                    return earlier
+        if context.idempotency_key:
+            record = await self.event_store.find_idempotency(context.actor, context.idempotency_key, stream)
+            if record is not None:
+                return self._replayed(record, context, stream, decider.initial_state())
+        state = decider.initial_state()
+        events = list(decider.decide(command, state))
+        if not events:
+            raise DomainError(f"{stream}: nothing to do on a stream that does not exist")
+        claims = [_claim(context, len(events) - 1)] if context.idempotency_key else []
+        try:
+            result = await self.event_store.append(
+                stream, self._to_new_events(events, stream, context), NO_STREAM, idempotency=claims
+            )
+        except (WrongExpectedVersion, IdempotencyKeyTaken):
+            return await self.handle(decider, stream, command, context=context)
+        for event in events:
+            state = decider.evolve(state, event)
+        self._snapshot_later(decider, stream, None, state, result.revision, result.position)
+        return CommandResult(stream, result.revision, result.position, state, events)
+
+    async def _with_retry(
+        self,
+        decider: Decider[C, E, S],
+        stream: str,
+        requests: Sequence[Request[C, S]],
+        expected: int | None,
+    ) -> list[Outcome[S]]:
+        retried: tuple[type[BaseException], ...] = (IdempotencyKeyTaken, _DerivedIdsStored)
+        if expected is None:
+            retried += (WrongExpectedVersion,)
+        search_metadata = False
+
+        def lost_race(state: RetryCallState) -> None:
+            nonlocal search_metadata
+            failure = state.outcome.exception() if state.outcome is not None else None
+            search_metadata = search_metadata or isinstance(failure, _DerivedIdsStored)
+            if isinstance(failure, WrongExpectedVersion) and self._on_conflict is not None:
+                self._on_conflict(stream)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(retried),
+            stop=stop_after_attempt(self.max_attempts),
+            wait=wait_random_exponential(multiplier=self.retry_backoff, max=0.1),
+            before_sleep=lost_race,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._once(decider, stream, requests, expected, search_metadata)
+        except (WrongExpectedVersion, _DerivedIdsStored, IdempotencyKeyTaken) as conflict:
+            if expected is not None and isinstance(conflict, WrongExpectedVersion):
                 raise
-            if not events:
-                if (earlier := await self._find_replay_before(loaded, stream, context)) is not None:
-                    return earlier
-                if loaded.revision is None or loaded.position is None:
-                    raise DomainError(f"{stream}: nothing to do on a stream that does not exist")
-                return CommandResult(stream, loaded.revision, loaded.position, loaded.state, ())
-            new_events = self._to_new_events(events, stream, context)
-            expectation: Expected = NO_STREAM if loaded.revision is None else loaded.revision
-            try:
-                result = await self.event_store.append(stream, new_events, expectation)
-            except WrongExpectedVersion as conflict:
-                if conflict.actual == loaded.revision and context.idempotency_key:
-                    # The stream did not move: the store refused the key's derived ids,
-                    # stored earlier (before the snapshot's window of keys).
-                    earlier = await self._find_replay_before(loaded, stream, context, certain=True)
-                    if earlier is not None:
-                        return earlier
-                if expected is not None:
-                    raise
-                if self._on_conflict:
-                    self._on_conflict(stream)
-                if self.retry_backoff > 0:
-                    await asyncio.sleep(random.uniform(0, min(self.retry_backoff * 2**attempt, 0.1)))
+            raise ConcurrencyRetriesExhausted(stream, self.max_attempts) from conflict
+        raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
+
+    async def _once(
+        self,
+        decider: Decider[C, E, S],
+        stream: str,
+        requests: Sequence[Request[C, S]],
+        expected: int | None,
+        search_metadata: bool,
+    ) -> list[Outcome[S]]:
+        """One attempt: load -> replay checks -> expected revision -> decide -> append."""
+        loaded = await self.load(decider, stream)
+        earlier = await self._replays(loaded, stream, requests, search_metadata)
+        if expected is not None and loaded.revision != expected and not all(earlier):
+            raise WrongExpectedVersion(stream, expected, loaded.revision)
+        batch = _Batch(stream, loaded, earlier)
+        for request in requests:
+            batch.decide(decider, request, self._to_new_events)
+        if not batch.new_events:
+            return batch.answers(None)
+        expectation = NO_STREAM if loaded.revision is None else loaded.revision
+        try:
+            result = await self.event_store.append(
+                stream, batch.new_events, expectation, idempotency=batch.claims
+            )
+        except WrongExpectedVersion as conflict:
+            if batch.claims and conflict.actual == loaded.revision and not search_metadata:
+                raise _DerivedIdsStored from conflict  # the stream did not move: our ids are stored
+            raise
+        self._snapshot_later(decider, stream, loaded.snapshot, batch.state, result.revision, result.position)
+        return batch.answers(result)
+
+    # ------------------------------------------------------------------ pieces
+
+    async def _replays(
+        self, loaded: Loaded[S], stream: str, requests: Sequence[Request[C, S]], search_metadata: bool
+    ) -> list[Outcome[S] | None]:
+        """Per request, the earlier answer to its key on this stream (one look-up for the
+        whole batch; with ``search_metadata`` also the slow search of the events), or
+        :class:`IdempotencyKeyReused` when the key answered another request."""
+        keys = [(r.context.actor, r.context.idempotency_key or "") for r in requests]
+        keyed = [pair for pair in keys if pair[1]]
+        if not keyed:
+            return [None] * len(requests)
+        if len(keyed) == 1:
+            ((actor, key),) = keyed
+            record = await self.event_store.find_idempotency(actor, key, stream)
+            records = {} if record is None else {(actor, key): record}
+        else:
+            records = await self.event_store.find_idempotency_many(stream, keyed)
+        answers: list[Outcome[S] | None] = []
+        for request, (actor, key) in zip(requests, keys, strict=True):
+            context = request.context
+            record = records.get((actor, key)) if key else None
+            if key and record is None and search_metadata:
+                record = await self._record_from_metadata(stream, actor, key)
+            if record is None:
+                answers.append(None)
                 continue
-            state = loaded.state
-            for event in events:
-                state = decider.evolve(state, event)
-            if self.snapshots is not None:
-                self._snapshot_later(
-                    decider, stream, loaded, state, result.revision, result.position, context
+            try:
+                answers.append(self._replayed(record, context, stream, loaded.state))
+            except IdempotencyKeyReused as refused:
+                answers.append(refused)
+        return answers
+
+    @staticmethod
+    def _replayed(
+        record: IdempotencyRecord, context: CommandContext, stream: str, state: S
+    ) -> CommandResult[S]:
+        if record.request_hash != context.request_hash:
+            raise IdempotencyKeyReused(record.key)
+        return CommandResult(stream, record.revision, record.position, state, (), replayed=True)
+
+    async def _record_from_metadata(self, stream: str, actor: str, key: str) -> IdempotencyRecord | None:
+        """The slow path: the key's last event in the stream, found by its metadata."""
+        found: IdempotencyRecord | None = None
+        hashes: set[str | None] = set()
+        for event in await self.event_store.read_stream(stream):
+            meta = event.metadata_dict()
+            if meta.get("idempotency_key") == key and meta.get("actor") == actor:
+                digest = meta.get("request_hash")
+                hashes.add(digest if isinstance(digest, str) else None)
+                found = IdempotencyRecord(
+                    actor=actor,
+                    key=key,
+                    stream=stream,
+                    request_hash=digest if isinstance(digest, str) else None,
+                    revision=event.revision,
+                    position=event.position,
                 )
-            return CommandResult(stream, result.revision, result.position, state, events)
-        raise ConcurrencyRetriesExhausted(stream, self.max_attempts)
+        if found is not None and len(hashes) > 1:
+            found = msgspec.structs.replace(found, request_hash="!mixed")  # matches no request
+        return found
 
     def _to_new_events(self, events: Sequence[Any], stream: str, context: CommandContext) -> list[NewEvent]:
         metadata = context.metadata()
@@ -285,74 +470,105 @@ class CommandHandler:
         self,
         decider: Decider[C, E, S],
         stream: str,
-        loaded: Loaded[S],
+        base: Snapshot | None,
         state: S,
         revision: int,
         position: int,
-        context: CommandContext,
     ) -> None:
-        assert self.snapshots is not None
-        appended = None
-        if context.idempotency_key:
-            appended = IdempotencyRecord(
-                actor=context.actor,
-                key=context.idempotency_key,
-                request_hash=context.request_hash,
-                revision=revision,
-                position=position,
-            )
+        if self.snapshots is None:
+            return
         pending = PendingSnapshot(
             stream=stream,
             state=state,
             schema=state_schema_id(type(decider.initial_state())),
             revision=revision,
             position=position,
-            base=loaded.snapshot,
-            events=loaded.events,
-            appended=appended,
+            base=base,
         )
         self.snapshots.after_append(pending)
 
-    async def _find_replay_before(
-        self, loaded: Loaded[S], stream: str, context: CommandContext, *, certain: bool = False
-    ) -> CommandResult[S] | None:
-        """The earlier answer to this key among the events before the snapshot, when
-        the snapshot's records may have forgotten it (its window dropped keys), or
-        when the store said the key's events exist (``certain``). Reads those events'
-        metadata: the slow path a full fold always took."""
-        snapshot = loaded.snapshot
-        key = context.idempotency_key
-        if not key or snapshot is None or (snapshot.keys_complete and not certain):
-            return None
-        before = await self.event_store.read_stream(stream, limit=snapshot.revision + 1)
-        return self._find_replay(
-            Loaded(loaded.state, loaded.revision, loaded.position, before), stream, context
-        )
 
-    def _find_replay(
-        self, loaded: Loaded[S], stream: str, context: CommandContext
-    ) -> CommandResult[S] | None:
-        """The earlier answer to this actor's key on this stream, if there is one.
+def _claim(context: CommandContext, last: int) -> IdempotencyClaim:
+    assert context.idempotency_key is not None
+    return IdempotencyClaim(
+        actor=context.actor, key=context.idempotency_key, request_hash=context.request_hash, last=last
+    )
 
-        The same key with another request (a different digest) is refused: the
-        first request's events are found by their metadata, not by id; those
-        before the snapshot by the snapshot's idempotency records."""
-        key = context.idempotency_key
-        if not key:
-            return None
-        earlier = loaded.snapshot.lookup(context.actor, key) if loaded.snapshot is not None else None
-        if earlier is not None and earlier.request_hash != context.request_hash:
-            raise IdempotencyKeyReused(key)
-        mine = []
-        for event in loaded.events:
-            meta = event.metadata_dict()
-            if meta.get("idempotency_key") == key and meta.get("actor") == context.actor:
-                mine.append((event, meta))
-        if any(meta.get("request_hash") != context.request_hash for _, meta in mine):
-            raise IdempotencyKeyReused(key)
-        if mine:
-            last = mine[-1][0]
-            return CommandResult(stream, last.revision, last.position, loaded.state, (), replayed=True)
-        if earlier is not None:
-            return CommandResult(stream, earlier.revision, earlier.position, loaded.state, (), replayed=True)
-        return None
+
+class _Batch(Generic[S]):
+    """The decisions of one attempt at a batch: the state evolving through them, the
+    events and idempotency claims of the one append, and each request's outcome."""
+
+    def __init__(self, stream: str, loaded: Loaded[S], earlier: list[Outcome[S] | None]) -> None:
+        self.stream = stream
+        self.loaded = loaded
+        self.state = loaded.state
+        self.outcomes = list(earlier)
+        """Per request: replayed or refused already, or (after :meth:`answers`) its result."""
+        self.new_events: list[NewEvent] = []
+        self.claims: list[IdempotencyClaim] = []
+        self._decided: list[tuple[int, Sequence[Any], S]] = []  # (request, its events, state after)
+        self._first_with_key: dict[tuple[str, str], int] = {}
+        self._repeats: dict[int, int] = {}  # a request -> the earlier one of the batch with its key
+        self._requests: list[Request[Any, S]] = []
+
+    def decide(
+        self,
+        decider: Decider[C, E, S],
+        request: Request[C, S],
+        to_new_events: Callable[[Sequence[Any], str, CommandContext], list[NewEvent]],
+    ) -> None:
+        """Decide the next request against the state so far (unless it was answered)."""
+        index = len(self._requests)
+        self._requests.append(request)
+        if self.outcomes[index] is not None or self._repeated(request.context, index):
+            return
+        try:
+            command = request.command(self.state) if callable(request.command) else request.command
+            events = decider.decide(command, self.state)
+        except DomainError as refused:
+            self.outcomes[index] = refused
+            return
+        for event in events:
+            self.state = decider.evolve(self.state, event)
+        self.new_events += to_new_events(events, self.stream, request.context)
+        if events and request.context.idempotency_key:
+            self.claims.append(_claim(request.context, len(self.new_events) - 1))
+        self._decided.append((index, events, self.state))
+
+    def _repeated(self, context: CommandContext, index: int) -> bool:
+        """A key seen earlier in this batch: the same request gets that one's answer (a
+        concurrent duplicate), another request is refused (as one append later)."""
+        if not context.idempotency_key:
+            return False
+        earlier = self._first_with_key.setdefault((context.actor, context.idempotency_key), index)
+        if earlier == index:
+            return False
+        if self._requests[earlier].context.request_hash != context.request_hash:
+            self.outcomes[index] = IdempotencyKeyReused(context.idempotency_key)
+        else:
+            self._repeats[index] = earlier
+        return True
+
+    def answers(self, appended: AppendResult | None) -> list[Outcome[S]]:
+        """Every request's outcome, once the batch's events are ``appended`` (``None``:
+        the batch decided no events)."""
+        loaded = self.loaded
+        first = 0 if appended is None else appended.revision - len(self.new_events) + 1
+        written = 0
+        for index, events, after in self._decided:
+            written += len(events)
+            revision = loaded.revision if appended is None else first + written - 1
+            position = loaded.position if appended is None else appended.position
+            if revision is None or position is None or revision < 0:
+                self.outcomes[index] = DomainError(
+                    f"{self.stream}: nothing to do on a stream that does not exist"
+                )
+            else:
+                self.outcomes[index] = CommandResult(self.stream, revision, position, after, events)
+        for index, earlier in self._repeats.items():
+            answer = self.outcomes[earlier]
+            if isinstance(answer, CommandResult):
+                answer = dataclasses.replace(answer, appended=(), replayed=True)
+            self.outcomes[index] = answer
+        return [outcome for outcome in self.outcomes if outcome is not None]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from orderstream.application.commands import CommandHandler, Loaded
+from orderstream.application.commands import Commands, Loaded
 from orderstream.domain import orders
 from orderstream.domain.common import NotFound
 from orderstream.eventstore.base import EventStore, RecordedEvent
@@ -120,7 +120,7 @@ class Queries:
         *,
         event_store: EventStore,
         read_store: ReadStore,
-        handler: CommandHandler,
+        handler: Commands,
         trackers: Mapping[str, PositionTracker],
         consistency_timeout: float,
     ) -> None:

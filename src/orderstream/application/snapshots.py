@@ -6,23 +6,23 @@ The KurrentDB convention, which works on every backend: the snapshots of stream
 trigger subscribe by their own categories and never see them). The data is
 readable JSON::
 
-    {"revision": 199, "position": 5321, "schema": "3f9c...", "state": {...},
-     "keys": [{"actor": ..., "key": ..., "request_hash": ..., "revision": ..., "position": ...}]}
+    {"revision": 199, "position": 5321, "schema": "v1:3f9c...", "state": {...}}
 
 A snapshot is an optimisation, never a source of truth. It is used only when
 
-- its ``schema`` is the current schema id of the decider's state type (a hash of
-  the state Struct's msgspec JSON schema), so a changed state shape falls back to
-  a full fold instead of decoding old data into new meanings;
+- its ``schema`` is the current :func:`state_schema_id` of the decider's state
+  type: the explicit ``SNAPSHOT_VERSION`` declared on the state type (bump it when
+  the meaning of a field changes) and a digest of the state's structure (field
+  names, types, defaults; docstrings do not count), so a changed state falls back
+  to a full fold instead of decoding old data into new meanings;
 - its data decodes into that type;
 - the stream's event at ``revision`` still has commit position ``position`` (the
   handler checks this when it reads the tail), so a snapshot that does not
   belong to this history is ignored too.
 
-``keys`` carries the idempotency records of the stream's keyed commands (the
-last event of each), the newest :data:`DEFAULT_KEY_WINDOW` by revision: the
-idempotency window of a stream that has snapshots. Commands since the latest
-snapshot are found in the tail events, as before.
+Idempotency records are not in snapshots: the event store keeps them
+(:meth:`~orderstream.eventstore.base.EventStore.find_idempotency`). Snapshots
+written by older versions carry a ``keys`` field; it is ignored.
 
 Writing is off the command's critical path: :meth:`SnapshotStore.after_append`
 starts a background task (at most one per stream, a bounded number at once,
@@ -35,15 +35,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import uuid
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from orderstream.eventstore.base import ANY, EventStore, NewEvent, RecordedEvent
+from orderstream.eventstore.base import ANY, EventStore, NewEvent
 
 log = logging.getLogger("orderstream.snapshots")
 
@@ -52,18 +50,11 @@ S = TypeVar("S")
 SNAPSHOT_CATEGORY = "snapshot"
 SNAPSHOT_EVENT_TYPE = "Snapshot"
 DEFAULT_SNAPSHOT_EVERY = 100
-DEFAULT_KEY_WINDOW = 1_000
-"""Idempotency records kept per stream in a snapshot (the idempotency window)."""
 DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_MAX_PENDING = 1_000
+SNAPSHOT_VERSION_ATTRIBUTE = "SNAPSHOT_VERSION"
+"""The class variable of a state type that holds its explicit snapshot version."""
 SNAPSHOT_NAMESPACE = uuid.UUID("0b6f5b8e-7d2a-4c43-9a1e-5f3c2d7e8a90")
-MIXED_HASHES = "!mixed"
-"""``request_hash`` of a record whose key was seen with several digests (not a hex
-digest, so it never matches a request: the key is refused, as a full fold would)."""
-
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9 ._:~/-]*$")
-"""Keys whose JSON encoding is the key itself in every encoder: for these a byte
-search of the stored records can rule a key out without decoding them."""
 
 
 def snapshot_stream(stream: str) -> str:
@@ -76,15 +67,27 @@ _state_decoders: dict[object, msgspec.json.Decoder[Any]] = {}
 
 
 def state_schema_id(state_type: object) -> str:
-    """A digest of the state type's msgspec JSON schema (computed once per type).
+    """``v{SNAPSHOT_VERSION}:{structural digest}`` of a state type (computed once per type).
 
-    It changes with any field, type, default or constraint of the state (and of
-    the Structs inside it), so snapshots of an older shape are ignored."""
+    The version is explicit: ``SNAPSHOT_VERSION`` on the state type (1 when absent),
+    bumped by hand when a field keeps its shape but changes its meaning. The digest
+    covers the msgspec JSON schema without its prose (``title``/``description``), so
+    an added or retyped field invalidates old snapshots and a reworded docstring
+    does not."""
     found = _schema_ids.get(state_type)
     if found is None:
-        schema = msgspec.json.encode(msgspec.json.schema(state_type), order="deterministic")
-        found = _schema_ids[state_type] = hashlib.sha256(schema).hexdigest()[:32]
+        version = getattr(state_type, SNAPSHOT_VERSION_ATTRIBUTE, 1)
+        schema = msgspec.json.encode(_without_prose(msgspec.json.schema(state_type)), order="deterministic")
+        found = _schema_ids[state_type] = f"v{version}:{hashlib.sha256(schema).hexdigest()[:32]}"
     return found
+
+
+def _without_prose(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _without_prose(v) for k, v in schema.items() if k not in ("title", "description")}
+    if isinstance(schema, list):
+        return [_without_prose(v) for v in schema]
+    return schema
 
 
 def _state_decoder(state_type: object) -> msgspec.json.Decoder[Any]:
@@ -94,31 +97,16 @@ def _state_decoder(state_type: object) -> msgspec.json.Decoder[Any]:
     return found
 
 
-class IdempotencyRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The last event a keyed command appended to the stream."""
-
-    actor: str
-    key: str
-    request_hash: str | None
-    revision: int
-    position: int
-
-
 class SnapshotData(msgspec.Struct, kw_only=True):
-    """The ``Snapshot`` event's data. ``state`` and ``keys`` stay raw JSON until needed."""
+    """The ``Snapshot`` event's data. ``state`` stays raw JSON until needed."""
 
     revision: int
     position: int
     schema: str
     state: msgspec.Raw
-    keys: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"[]"))
-    keys_complete: bool = True
-    """False once the window dropped a key: a key not among ``keys`` may still be
-    in the events before the snapshot."""
 
 
 _data_decoder = msgspec.json.Decoder(SnapshotData)
-_records_decoder = msgspec.json.Decoder(list[IdempotencyRecord])
 _encoder = msgspec.json.Encoder()
 
 
@@ -129,60 +117,6 @@ class Snapshot:
     stream: str
     revision: int
     position: int
-    keys: bytes
-    """The idempotency records as stored (JSON array); decoded on demand."""
-    keys_complete: bool = True
-    """Whether ``keys`` holds every keyed command before the snapshot."""
-
-    def records(self) -> list[IdempotencyRecord]:
-        return _records_decoder.decode(self.keys)
-
-    def lookup(self, actor: str, key: str) -> IdempotencyRecord | None:
-        """The record of this actor's key, if the snapshot has one."""
-        if _PLAIN_KEY.match(key) and key.encode() not in self.keys:
-            return None  # the common case (a new key) without decoding thousands of records
-        for record in self.records():
-            if record.key == key and record.actor == actor:
-                return record
-        return None
-
-
-def records_of(events: Iterable[RecordedEvent]) -> dict[tuple[str, str], IdempotencyRecord]:
-    """Idempotency records from events' metadata: per (actor, key), the last event."""
-    found: dict[tuple[str, str], IdempotencyRecord] = {}
-    for event in events:
-        meta = event.metadata_dict()
-        key = meta.get("idempotency_key")
-        actor = meta.get("actor")
-        if not isinstance(key, str) or not isinstance(actor, str):
-            continue
-        digest = meta.get("request_hash")
-        earlier = found.get((actor, key))
-        if earlier is not None and earlier.request_hash != digest:
-            digest = MIXED_HASHES
-        found[(actor, key)] = IdempotencyRecord(
-            actor=actor,
-            key=key,
-            request_hash=digest if isinstance(digest, str) else None,
-            revision=event.revision,
-            position=event.position,
-        )
-    return found
-
-
-def merge_records(
-    older: Iterable[IdempotencyRecord], newer: Iterable[IdempotencyRecord], window: int
-) -> list[IdempotencyRecord]:
-    """``older`` updated by ``newer``; the newest ``window`` by revision, oldest first
-    (fewer than both together when the window dropped some)."""
-    merged: dict[tuple[str, str], IdempotencyRecord] = {(r.actor, r.key): r for r in older}
-    for record in newer:
-        earlier = merged.get((record.actor, record.key))
-        if earlier is not None and earlier.request_hash != record.request_hash:
-            record = msgspec.structs.replace(record, request_hash=MIXED_HASHES)
-        merged[(record.actor, record.key)] = record
-    ordered = sorted(merged.values(), key=lambda r: r.revision)
-    return ordered[-window:] if window > 0 else []
 
 
 @dataclass
@@ -197,8 +131,7 @@ class SnapshotStats:
 
 @dataclass(frozen=True)
 class PendingSnapshot(Generic[S]):
-    """What a background write needs: the state at ``revision`` and where its
-    idempotency records come from."""
+    """What a background write needs: the state at ``revision``."""
 
     stream: str
     state: S
@@ -206,11 +139,7 @@ class PendingSnapshot(Generic[S]):
     revision: int
     position: int
     base: Snapshot | None
-    """The snapshot the command loaded from (its records are carried over)."""
-    events: Sequence[RecordedEvent]
-    """The events the command folded after ``base`` (all of them without one)."""
-    appended: IdempotencyRecord | None
-    """The command's own record, if it had a key."""
+    """The snapshot the command loaded from (for the "is one due" policy)."""
 
 
 @dataclass(eq=False)
@@ -220,7 +149,6 @@ class SnapshotStore:
     event_store: EventStore
     every: int = DEFAULT_SNAPSHOT_EVERY
     """Snapshot when the stream is this many events past its latest snapshot; 0: never."""
-    key_window: int = DEFAULT_KEY_WINDOW
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     max_pending: int = DEFAULT_MAX_PENDING
     stats: SnapshotStats = field(default_factory=SnapshotStats)
@@ -267,8 +195,7 @@ class SnapshotStore:
         except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.ignored(stream, f"{exc}")
             return None
-        snapshot = Snapshot(stream, data.revision, data.position, bytes(data.keys), data.keys_complete)
-        return snapshot, state
+        return Snapshot(stream, data.revision, data.position), state
 
     def ignored(self, stream: str, why: str) -> None:
         self.stats.ignored += 1
@@ -314,21 +241,11 @@ class SnapshotStore:
 
     async def write(self, pending: PendingSnapshot[Any]) -> None:
         """Append the snapshot now (the background task's body; tests and tools may call it)."""
-        older = pending.base.records() if pending.base is not None else []
-        newer = list(records_of(pending.events).values())
-        if pending.appended is not None:
-            newer.append(pending.appended)
-        records = merge_records(older, newer, self.key_window)
-        complete = (pending.base is None or pending.base.keys_complete) and len(records) == len(
-            {(r.actor, r.key) for r in (*older, *newer)}
-        )
         data = SnapshotData(
             revision=pending.revision,
             position=pending.position,
             schema=pending.schema,
             state=msgspec.Raw(_encoder.encode(pending.state)),
-            keys=msgspec.Raw(_encoder.encode(records)),
-            keys_complete=complete,
         )
         scope = f"{pending.stream}\x1f{pending.revision}\x1f{pending.schema}"
         event = NewEvent(

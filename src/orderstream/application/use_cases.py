@@ -3,6 +3,14 @@
 Each method builds a domain command (filling in ``now`` and the ids), and
 hands it to the one :class:`CommandHandler`. The API and the saga activities
 call these and nothing lower.
+
+Two shortcuts keep the hot paths lean:
+
+- the product stream's commands without ``If-Match`` go through a
+  :class:`StreamBatcher`: concurrent reservations of one SKU become one append
+  instead of a race (see :mod:`orderstream.application.stream_batcher`);
+- placing an order creates its stream without reading it first
+  (:meth:`CommandHandler.create`), and prices come from :class:`PriceCache`.
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orderstream.application.commands import CommandContext, CommandHandler, CommandResult
+from orderstream.application.commands import CommandContext, CommandResult, Commands
+from orderstream.application.stream_batcher import StreamBatcher
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import InvalidCommand, Money
 
@@ -42,9 +51,35 @@ def order_id_for(context: CommandContext) -> str:
     return str(uuid.uuid4())
 
 
-class UseCases:
-    def __init__(self, handler: CommandHandler) -> None:
+class PriceCache:
+    """Unit prices of registered products, kept in this process.
+
+    Safe because a product's price never changes once it is registered
+    (``inventory.decide`` refuses a second ``RegisterProduct`` and nothing else
+    sets ``price``): a cached price is never stale. Only registered products are
+    cached, so an unknown SKU is looked up (and refused) every time and a product
+    registered later is found."""
+
+    def __init__(self, handler: Commands) -> None:
         self.handler = handler
+        self._prices: dict[str, Money] = {}
+
+    async def price(self, sku: str) -> Money:
+        found = self._prices.get(sku)
+        if found is None:
+            product = (await self.handler.load(inventory.decider, inventory.stream_name(sku))).state
+            if not product.registered or product.price is None:
+                raise UnknownProduct(sku)
+            found = self._prices[sku] = product.price
+        return found
+
+
+class UseCases:
+    def __init__(self, handler: Commands) -> None:
+        self.handler = handler
+        self.products = StreamBatcher(handler)
+        """The product streams' single writer (commands without ``If-Match``)."""
+        self.prices = PriceCache(handler)
 
     # ------------------------------------------------------------------ products
 
@@ -58,6 +93,10 @@ class UseCases:
         self, sku: str, quantity: int, context: CommandContext, *, expected: int | None = None
     ) -> CommandResult[inventory.Product]:
         cmd = inventory.AddStock(sku=sku, quantity=quantity, now=self.handler.clock())
+        if expected is None:
+            return await self.products.handle(
+                inventory.decider, inventory.stream_name(sku), cmd, context=context
+            )
         return await self.handler.handle(
             inventory.decider, inventory.stream_name(sku), cmd, expected=expected, context=context
         )
@@ -66,27 +105,25 @@ class UseCases:
         self, sku: str, order_id: str, quantity: int, context: CommandContext
     ) -> CommandResult[inventory.Product]:
         cmd = inventory.ReserveStock(sku=sku, order_id=order_id, quantity=quantity, now=self.handler.clock())
-        return await self.handler.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
+        return await self.products.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
 
     async def release_stock(
         self, sku: str, order_id: str, reason: str, context: CommandContext
     ) -> CommandResult[inventory.Product]:
         cmd = inventory.ReleaseStock(sku=sku, order_id=order_id, reason=reason, now=self.handler.clock())
-        return await self.handler.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
+        return await self.products.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
 
     async def commit_stock(
         self, sku: str, order_id: str, context: CommandContext
     ) -> CommandResult[inventory.Product]:
         cmd = inventory.CommitStock(sku=sku, order_id=order_id, now=self.handler.clock())
-        return await self.handler.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
+        return await self.products.handle(inventory.decider, inventory.stream_name(sku), cmd, context=context)
 
     async def _priced_lines(self, lines: Sequence[LineRequest]) -> tuple[orders.OrderLine, ...]:
         priced = []
         for line in lines:
-            product = (await self.handler.load(inventory.decider, inventory.stream_name(line.sku))).state
-            if not product.registered or product.price is None:
-                raise UnknownProduct(line.sku)
-            priced.append(orders.OrderLine(sku=line.sku, quantity=line.quantity, unit_price=product.price))
+            price = await self.prices.price(line.sku)
+            priced.append(orders.OrderLine(sku=line.sku, quantity=line.quantity, unit_price=price))
         return tuple(priced)
 
     # -------------------------------------------------------------------- orders
@@ -109,7 +146,7 @@ class UseCases:
             payment_token=payment_token,
             now=self.handler.clock(),
         )
-        return await self.handler.handle(orders.decider, orders.stream_name(order_id), cmd, context=context)
+        return await self.handler.create(orders.decider, orders.stream_name(order_id), cmd, context=context)
 
     async def change_order(
         self,

@@ -82,6 +82,16 @@ class EventStoreUnavailable(EventStoreError):
     """The backend cannot be reached (network, server down)."""
 
 
+class IdempotencyKeyTaken(EventStoreError):
+    """An append carried an idempotency record for an (actor, key, stream) that has
+    one already (a concurrent request with the same key won). Nothing was written;
+    the caller looks the record up again and answers from it."""
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        self.record = record
+        super().__init__(f"{record.stream}: idempotency key {record.key!r} of {record.actor!r} is taken")
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -119,6 +129,32 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     def metadata_dict(self) -> dict[str, Any]:
         decoded = msgspec.json.decode(self.metadata) if self.metadata else {}
         return decoded if isinstance(decoded, dict) else {}
+
+
+class IdempotencyClaim(msgspec.Struct, frozen=True, kw_only=True):
+    """An idempotency record to store atomically with an append: the keyed command
+    whose last event is ``events[last]`` of that append (a batch of commands carries
+    one claim per keyed command)."""
+
+    actor: str
+    key: str
+    request_hash: str | None
+    last: int
+    """Index, in the append's events, of the command's last event."""
+
+
+class IdempotencyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What a keyed command appended: its last event's revision and position.
+
+    Keys are scoped by actor and stream (the ids derived from a key are too), so a
+    saga step that writes to two streams under one key keeps two records."""
+
+    actor: str
+    key: str
+    stream: str
+    request_hash: str | None
+    revision: int
+    position: int
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -211,8 +247,33 @@ class PersistentSubscription(Protocol):
 
 
 class EventStore(Protocol):
-    async def append(self, stream: str, events: Sequence[NewEvent], expected: Expected) -> AppendResult:
-        """Append atomically or raise :class:`WrongExpectedVersion` and write nothing."""
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        expected: Expected,
+        *,
+        idempotency: Sequence[IdempotencyClaim] = (),
+    ) -> AppendResult:
+        """Append atomically or raise :class:`WrongExpectedVersion` and write nothing.
+
+        Each claim in ``idempotency`` becomes an :class:`IdempotencyRecord` with the
+        revision and position of its command's last event (atomically with the events
+        where the backend can; see each backend). A claim whose (actor, key, stream)
+        has a record already raises :class:`IdempotencyKeyTaken`. An idempotent
+        re-append (its event ids stored already) writes no record."""
+        ...
+
+    async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
+        """The record of this actor's key on ``stream``, in one read; ``None`` when the
+        key was never used there."""
+        ...
+
+    async def find_idempotency_many(
+        self, stream: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        """The records of several (actor, key) pairs on ``stream`` (a batch of commands),
+        in one read where the backend can; pairs never used there are absent."""
         ...
 
     async def read_stream(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import hashlib
 import logging
 import sys
 import time
@@ -37,12 +38,16 @@ from kurrentdbclient.exceptions import (
 )
 
 from orderstream.eventstore.base import (
+    NO_STREAM,
     AppendResult,
     EventFilter,
     EventStoreError,
     EventStoreUnavailable,
     Expected,
     GroupInfo,
+    IdempotencyClaim,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
     NewEvent,
     ParkedEvent,
     RecordedEvent,
@@ -146,7 +151,69 @@ class KurrentDBEventStore:
 
     # ----------------------------------------------------------------------- writing
 
-    async def append(self, stream: str, events: Sequence[NewEvent], expected: Expected) -> AppendResult:
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        expected: Expected,
+        *,
+        idempotency: Sequence[IdempotencyClaim] = (),
+    ) -> AppendResult:
+        """See the port. Idempotency records are NOT atomic with the events here: each
+        one is appended after them to its own ``idempotency-{digest}`` stream with
+        ``NO_STREAM`` (docs/command-path.md). A crash in between leaves events whose
+        ids were derived from the key and no record: the command handler's replay of
+        that key then finds the events by their ids and metadata (the slow path)."""
+        for claim in idempotency:
+            if not 0 <= claim.last < len(events):
+                raise ValueError(f"{stream}: idempotency claim for event {claim.last} of {len(events)}")
+        result = await self._append_events(stream, events, expected)
+        for claim in idempotency:
+            await self._record_idempotency(stream, claim, result, len(events))
+        return result
+
+    async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
+        found = await self.read_stream(idempotency_stream(actor, key, stream), limit=1)
+        return _record_decoder.decode(found[0].data) if found else None
+
+    async def find_idempotency_many(
+        self, stream: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        """One read per key (one stream each), run concurrently."""
+        wanted = list(dict.fromkeys(keys))
+        records = await asyncio.gather(*(self.find_idempotency(actor, key, stream) for actor, key in wanted))
+        return {pair: record for pair, record in zip(wanted, records, strict=True) if record is not None}
+
+    async def _record_idempotency(
+        self, stream: str, claim: IdempotencyClaim, result: AppendResult, count: int
+    ) -> None:
+        revision = result.revision - (count - 1 - claim.last)
+        position = result.position
+        if revision != result.revision:  # not the append's last event: look its position up
+            position = (await self.read_stream(stream, from_revision=revision, limit=1))[0].position
+        record = IdempotencyRecord(
+            actor=claim.actor,
+            key=claim.key,
+            stream=stream,
+            request_hash=claim.request_hash,
+            revision=revision,
+            position=position,
+        )
+        data = msgspec.json.encode(record)
+        side = idempotency_stream(claim.actor, claim.key, stream)
+        event = NewEvent(
+            id=uuid.uuid5(_RECORD_NAMESPACE, f"{side}\x1f{revision}"), type="IdempotencyRecord", data=data
+        )
+        try:
+            await self._append_events(side, [event], NO_STREAM)
+        except WrongExpectedVersion:
+            taken = await self.find_idempotency(claim.actor, claim.key, stream)
+            if taken is not None and taken != record:
+                raise IdempotencyKeyTaken(taken) from None
+
+    async def _append_events(
+        self, stream: str, events: Sequence[NewEvent], expected: Expected
+    ) -> AppendResult:
         current_version = to_client_expected(expected)
         if not events:
             return await self._check_expectation(stream, expected)
@@ -640,3 +707,13 @@ if TYPE_CHECKING:
         store: KurrentDBEventStore, sub: KurrentDBPersistentSubscription
     ) -> tuple[EventStore, PersistentSubscription, ConsumerBackend]:
         return store, sub, store
+
+
+_RECORD_NAMESPACE = uuid.UUID("5d0c1f7e-93a4-4b7a-8c2e-6a1f0e9d3b47")
+_record_decoder = msgspec.json.Decoder(IdempotencyRecord)
+
+
+def idempotency_stream(actor: str, key: str, stream: str) -> str:
+    """``idempotency-{digest}``: one stream per (actor, key, stream), written once."""
+    digest = hashlib.sha256(f"{actor}\x1f{key}\x1f{stream}".encode()).hexdigest()[:40]
+    return f"idempotency-{digest}"

@@ -120,6 +120,9 @@ from orderstream.eventstore.base import (
     EventStoreUnavailable,
     Expected,
     GroupInfo,
+    IdempotencyClaim,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
     NackAction,
     NewEvent,
     ParkedEvent,
@@ -284,12 +287,29 @@ class SqliteEventStore:
 
     # ------------------------------------------------------------------ writing
 
-    async def append(self, stream: str, events: Sequence[NewEvent], expected: Expected) -> AppendResult:
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        expected: Expected,
+        *,
+        idempotency: Sequence[IdempotencyClaim] = (),
+    ) -> AppendResult:
         rows = _prepare(stream, events, expected)
+        claims = _check_claims(stream, idempotency, len(rows))
         category = category_of(stream)
         return await self._submit(
-            lambda conn: _append_tx(conn, stream, category, rows, expected), appends=True
+            lambda conn: _append_tx(conn, stream, category, rows, expected, claims), appends=True
         )
+
+    async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
+        return await self._read(lambda conn: _find_idempotency(conn, actor, key, stream))
+
+    async def find_idempotency_many(
+        self, stream: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        wanted = list(dict.fromkeys(keys))
+        return await self._read(lambda conn: _find_idempotency_many(conn, stream, wanted)) if wanted else {}
 
     def _submit(self, run: Callable[[sqlite3.Connection], T], *, appends: bool = False) -> asyncio.Future[T]:
         if self._closed:
@@ -642,7 +662,12 @@ def _prepare(stream: str, events: Sequence[NewEvent], expected: Expected) -> lis
 
 
 def _append_tx(
-    conn: sqlite3.Connection, stream: str, category: str, rows: list[_Row], expected: Expected
+    conn: sqlite3.Connection,
+    stream: str,
+    category: str,
+    rows: list[_Row],
+    expected: Expected,
+    claims: Sequence[IdempotencyClaim] = (),
 ) -> AppendResult:
     ids = [row[0] for row in rows]
     check_ids = 0 < len(ids) <= 500
@@ -673,7 +698,122 @@ def _append_tx(
         conn.executemany(_INSERT, values)
         position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
     assert position is not None
+    if claims:
+        # One transaction, one writer: the append's positions are consecutive.
+        _insert_claims(conn, stream, claims, first, position - len(rows) + 1)
     return AppendResult(first + len(rows) - 1, position)
+
+
+def _insert_claims(
+    conn: sqlite3.Connection,
+    stream: str,
+    claims: Sequence[IdempotencyClaim],
+    first_revision: int,
+    first_position: int,
+) -> None:
+    """Store each claim's record beside the events (the caller's savepoint undoes
+    both if a key is taken)."""
+    for claim in claims:
+        inserted = conn.execute(
+            "INSERT INTO idempotency (actor, key, stream, request_hash, revision, position)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (
+                claim.actor,
+                claim.key,
+                stream,
+                claim.request_hash,
+                first_revision + claim.last,
+                first_position + claim.last,
+            ),
+        ).rowcount
+        if not inserted:
+            taken = _find_idempotency(conn, claim.actor, claim.key, stream)
+            assert taken is not None
+            raise IdempotencyKeyTaken(taken)
+
+
+def _find_idempotency(
+    conn: sqlite3.Connection, actor: str, key: str, stream: str
+) -> IdempotencyRecord | None:
+    row = conn.execute(
+        "SELECT request_hash, revision, position FROM idempotency WHERE actor = ? AND key = ? AND stream = ?",
+        (actor, key, stream),
+    ).fetchone()
+    if row is not None:
+        return IdempotencyRecord(
+            actor=actor, key=key, stream=stream, request_hash=row[0], revision=row[1], position=row[2]
+        )
+    return _find_legacy_idempotency(conn, actor, key, stream)
+
+
+def _find_idempotency_many(
+    conn: sqlite3.Connection, stream: str, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], IdempotencyRecord]:
+    found: dict[tuple[str, str], IdempotencyRecord] = {}
+    for start in range(0, len(keys), 400):  # 2 parameters each, under SQLite's 999
+        chunk = keys[start : start + 400]
+        pairs = ", ".join("(?, ?)" for _ in chunk)
+        rows = conn.execute(
+            "SELECT actor, key, request_hash, revision, position FROM idempotency"
+            f" WHERE stream = ? AND (actor, key) IN (VALUES {pairs})",
+            [stream, *(part for pair in chunk for part in pair)],
+        )
+        for actor, key, request_hash, revision, position in rows:
+            found[(actor, key)] = IdempotencyRecord(
+                actor=actor,
+                key=key,
+                stream=stream,
+                request_hash=request_hash,
+                revision=revision,
+                position=position,
+            )
+    if conn.execute("SELECT 1 FROM idempotency_legacy").fetchone() is not None:
+        for actor, key in keys:
+            if (actor, key) not in found and (legacy := _find_legacy_idempotency(conn, actor, key, stream)):
+                found[(actor, key)] = legacy
+    return found
+
+
+def _find_legacy_idempotency(
+    conn: sqlite3.Connection, actor: str, key: str, stream: str
+) -> IdempotencyRecord | None:
+    """The slow fallback for a store upgraded from schema 1: the stream's events up to
+    the upgrade, searched by their metadata (the last event of the key wins; a key
+    seen with several request hashes matches no request)."""
+    legacy = conn.execute("SELECT up_to FROM idempotency_legacy").fetchone()
+    if legacy is None:
+        return None  # created with the idempotency table: every key has its record
+    rows = conn.execute(
+        "SELECT revision, position, json_extract(metadata, '$.request_hash') FROM events"
+        " WHERE stream = ? AND position <= ?"
+        " AND json_extract(metadata, '$.idempotency_key') = ? AND json_extract(metadata, '$.actor') = ?"
+        " ORDER BY revision",
+        (stream, legacy[0], key, actor),
+    ).fetchall()
+    if not rows:
+        return None
+    hashes = {row[2] for row in rows}
+    revision, position, request_hash = rows[-1]
+    return IdempotencyRecord(
+        actor=actor,
+        key=key,
+        stream=stream,
+        request_hash=request_hash if len(hashes) == 1 else MIXED_HASHES,
+        revision=revision,
+        position=position,
+    )
+
+
+MIXED_HASHES = "!mixed"
+"""``request_hash`` of a legacy key seen with several digests: not a hex digest, so it
+matches no request and the key is refused."""
+
+
+def _check_claims(stream: str, claims: Sequence[IdempotencyClaim], events: int) -> Sequence[IdempotencyClaim]:
+    for claim in claims:
+        if not 0 <= claim.last < events:
+            raise ValueError(f"{stream}: idempotency claim for event {claim.last} of an append of {events}")
+    return claims
 
 
 _INSERT = (

@@ -18,7 +18,9 @@ import msgspec
 
 from orderstream.eventstore.base import EventFilter, RecordedEvent
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: events and subscription groups. 2: the ``idempotency`` table (created on open
+of a version-1 file; see :func:`create_schema`)."""
 
 BUSY_TIMEOUT_SECONDS = 30.0
 """How long a connection waits for another process's write transaction."""
@@ -74,6 +76,25 @@ CREATE INDEX IF NOT EXISTS subscription_events_by_stream
     ON subscription_events (group_name, stream, state, position);
 CREATE INDEX IF NOT EXISTS subscription_events_by_state
     ON subscription_events (group_name, state, position);
+
+-- One row per keyed command: written in the same transaction as its events.
+-- (revision, position) are those of the command's last event.
+CREATE TABLE IF NOT EXISTS idempotency (
+    actor        TEXT    NOT NULL,
+    key          TEXT    NOT NULL,
+    stream       TEXT    NOT NULL,
+    request_hash TEXT,
+    revision     INTEGER NOT NULL,
+    position     INTEGER NOT NULL,
+    PRIMARY KEY (actor, key, stream)
+) WITHOUT ROWID;
+
+-- Set once, when a store written before the idempotency table is upgraded: its
+-- keyed commands up to this position are known only by their events' metadata.
+CREATE TABLE IF NOT EXISTS idempotency_legacy (
+    only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+    up_to    INTEGER NOT NULL
+);
 """
 
 
@@ -111,6 +132,7 @@ def connect(path: str, *, writer: bool) -> sqlite3.Connection:
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables, or bring an older file up to :data:`SCHEMA_VERSION`."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -118,9 +140,17 @@ def create_schema(conn: sqlite3.Connection) -> None:
             raise sqlite3.DatabaseError(
                 f"event store schema version {version} is newer than this code ({SCHEMA_VERSION})"
             )
+        upgrading = version == 1
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
+        if upgrading:
+            # Keys stored before this version live only in event metadata: remember up
+            # to where, so that a look-up scans those events (and no later ones).
+            conn.execute(
+                "INSERT OR IGNORE INTO idempotency_legacy (only_row, up_to)"
+                " SELECT 1, max(position) FROM events HAVING max(position) IS NOT NULL"
+            )
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
