@@ -98,7 +98,7 @@ def settings_from(options: dict[str, Any]) -> Settings:
     level = str(options.pop("log_level", "info")).upper()
     logging.basicConfig(
         level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
