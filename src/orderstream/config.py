@@ -15,6 +15,12 @@
 - ``ORDERSTREAM_SNAPSHOT_EVERY`` (``100``): write an aggregate snapshot when a command
   leaves its stream this many events past the latest one; ``0`` turns snapshots off
   (no writes, and loads fold whole streams). See ``docs/snapshots.md``.
+- ``ORDERSTREAM_API_WORKERS`` (``1``): HTTP processes of ``orderstream api`` and
+  ``serve`` (``--workers``). Each is a whole API process (its own event loop,
+  stores and group-commit writer) on one shared port; they share the SQLite
+  files, whose writes SQLite serialises across processes. The default stays 1:
+  a second process pays off only where a core is free for it (see the README,
+  "Running API workers"), and the operator knows that, the code does not.
 
 SQLite URLs follow the SQLAlchemy convention: everything after ``sqlite:///`` is
 the path, so ``sqlite:///data/events.db`` is relative and ``sqlite:////srv/events.db``
@@ -33,6 +39,8 @@ DEFAULT_DATA_DIR = "./data"
 DEFAULT_CONSISTENCY_TIMEOUT = 5.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_SNAPSHOT_EVERY = 100
+DEFAULT_API_WORKERS = 1
+MAX_API_WORKERS = 64
 
 EVENT_STORE_SCHEMES = ("sqlite", "kurrentdb", "esdb", "esdb+discover", "kurrentdb+discover")
 READ_STORE_SCHEMES = ("sqlite", "http", "https")
@@ -116,6 +124,8 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
     """Events between aggregate snapshots; 0: no snapshots."""
+    api_workers: int = DEFAULT_API_WORKERS
+    """HTTP server processes sharing the port (``--workers``)."""
 
     def __post_init__(self) -> None:
         # Fill the URL defaults from the data dir, then check what we were given.
@@ -139,6 +149,8 @@ class Settings:
             raise ConfigError("max body bytes must be positive")
         if self.snapshot_every < 0:
             raise ConfigError("ORDERSTREAM_SNAPSHOT_EVERY: must be 0 (off) or positive")
+        if not 1 <= self.api_workers <= MAX_API_WORKERS:
+            raise ConfigError(f"ORDERSTREAM_API_WORKERS: must be 1 to {MAX_API_WORKERS}")
 
     @property
     def auth_enabled(self) -> bool:
@@ -167,6 +179,7 @@ class Settings:
             ),
             "max_body_bytes": _int(env, "ORDERSTREAM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             "snapshot_every": _int(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY, minimum=0),
+            "api_workers": _int(env, "ORDERSTREAM_API_WORKERS", DEFAULT_API_WORKERS),
         }
         if "data_dir" in given:
             given["data_dir"] = Path(given["data_dir"])
@@ -186,6 +199,7 @@ class Settings:
             "consistency_timeout": self.consistency_timeout,
             "max_body_bytes": self.max_body_bytes,
             "snapshot_every": self.snapshot_every,
+            "api_workers": self.api_workers,
         }
 
 

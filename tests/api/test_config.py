@@ -29,6 +29,7 @@ def test_environment_and_overrides() -> None:
         "ORDERSTREAM_API_TOKENS": "t1=alice, t2=bob",
         "ORDERSTREAM_CONSISTENCY_TIMEOUT": "2.5",
         "ORDERSTREAM_MAX_BODY_BYTES": "1024",
+        "ORDERSTREAM_API_WORKERS": "3",
     }
     settings = Settings.from_env(env)
     assert settings.event_store_url == "sqlite:////srv/os/events.db"
@@ -37,7 +38,9 @@ def test_environment_and_overrides() -> None:
     assert settings.api_tokens == {"t1": "alice", "t2": "bob"}
     assert settings.consistency_timeout == 2.5
     assert settings.max_body_bytes == 1024
-    overridden = Settings.from_env(env, data_dir="/elsewhere", event_store_url=None)
+    assert settings.api_workers == 3
+    overridden = Settings.from_env(env, data_dir="/elsewhere", event_store_url=None, api_workers=2)
+    assert overridden.api_workers == 2
     assert overridden.event_store_url == "sqlite:////elsewhere/events.db"
     assert "t1" not in str(overridden.describe())
 
@@ -52,6 +55,8 @@ def test_environment_and_overrides() -> None:
         {"ORDERSTREAM_CONSISTENCY_TIMEOUT": "soon"},
         {"ORDERSTREAM_CONSISTENCY_TIMEOUT": "0"},
         {"ORDERSTREAM_MAX_BODY_BYTES": "-1"},
+        {"ORDERSTREAM_API_WORKERS": "0"},
+        {"ORDERSTREAM_API_WORKERS": "65"},
     ],
 )
 def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str]) -> None:

@@ -1,10 +1,18 @@
 """The request's correlation id: the client's ``X-Correlation-ID`` if it is sane,
 else a new UUID. Computed once per request, kept in the ASGI scope state, echoed
 on every answer (errors and unknown routes too) and written into the metadata
-of every event the request appends."""
+of every event the request appends.
+
+A new id is a version-4 UUID from a per-process pseudo-random generator, not
+``uuid.uuid4()``: a correlation id is a tracing label, not a secret, and
+``uuid4`` reads ``os.urandom`` (a system call) on every request, which under load
+showed up as 4% of the event loop's time in the profile (issue 7).
+"""
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import uuid
 from typing import Any
@@ -13,6 +21,12 @@ from litestar.types import Scope
 
 HEADER = "X-Correlation-ID"
 _OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_random = random.Random()  # seeded from os.urandom
+os.register_at_fork(after_in_child=_random.seed)  # a forked worker must not repeat its parent's ids
+
+
+def new_id() -> str:
+    return str(uuid.UUID(int=_random.getrandbits(128), version=4))
 
 
 def correlation_id(scope: Scope) -> str:
@@ -25,6 +39,6 @@ def correlation_id(scope: Scope) -> str:
         if name.lower() == b"x-correlation-id":
             given = value.decode("latin-1").strip()
             break
-    cid = given if given and _OK.match(given) else str(uuid.uuid4())
+    cid = given if given and _OK.match(given) else new_id()
     state["correlation_id"] = cid
     return cid

@@ -147,9 +147,7 @@ class OrderController(Controller):
         use_cases: NamedDependency[UseCases],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[WriteResult]:
-        context = command_context(
-            request, idempotency_key=idempotency_key, request_body=msgspec.to_builtins(data)
-        )
+        context = command_context(request, idempotency_key=idempotency_key, request_body=data)
         result = await use_cases.place_order(
             customer_id=data.customer_id,
             lines=_lines(data.lines),

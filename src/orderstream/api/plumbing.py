@@ -5,11 +5,14 @@ Strict bodies. Litestar converts a decoded body into the handler's ``data``
 type with coercion turned on (``"5"`` would pass as ``5``). The API promises
 that wrong types are refused, so :func:`strict_body` (run by the
 ``before_request`` hook :func:`strict_request`) decodes the raw body with
-msgspec in strict mode against the same type first: malformed JSON raises
+msgspec in strict mode against the same type: malformed JSON raises
 ``msgspec.DecodeError`` (400), anything else that does not match the schema
-``msgspec.ValidationError`` (422). Litestar then converts the already valid
-body again (the OpenAPI document still comes from the handler's ``data``
-annotation). A body that is not sent as ``application/json`` is a 415.
+``msgspec.ValidationError`` (422). The decoded Struct is then handed to
+Litestar as the request's parsed JSON (``ScopeState.json``), so the body is
+decoded once, straight into the Struct, and Litestar's own conversion of
+``data`` finds the Struct already built and passes it through. The OpenAPI
+document still comes from the handler's ``data`` annotation. A body that is
+not sent as ``application/json`` is a 415.
 
 One exception to "no coercion": JSON Schema, in which the OpenAPI document is
 written, counts a number with a zero fractional part (``2.0``, ``1e3``) as an
@@ -22,6 +25,7 @@ parsing lets through (a repeated scalar parameter, ``null`` for a number).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 from typing import Any, get_args
@@ -34,6 +38,7 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import ParameterKwarg
 from litestar.types import Message, Scope
+from litestar.utils.scope.state import ScopeState
 
 from orderstream.api.correlation import correlation_id
 from orderstream.api.problems import ApiError, FieldError, bad_request
@@ -69,21 +74,31 @@ def strict_query(request: Request[Any, Any, Any]) -> None:
     parameter given more than once (Litestar keeps one value and ignores the
     others, unchecked), and the text ``null`` for an optional non-text parameter
     (Litestar reads ``?min_position=null`` as absent). Both are 400s."""
+    checks = _query_checks(request.route_handler)
+    if not checks or not request.scope["query_string"]:
+        return
     errors: list[FieldError] = []
-    for name, field in request.route_handler.parsed_fn_signature.parameters.items():
-        kwarg = field.kwarg_definition
-        if not isinstance(kwarg, ParameterKwarg) or kwarg.param_type is not ParamType.QUERY:
-            continue
-        key = kwarg.name or name
+    for key, repeatable, text in checks:
         values = request.query_params.getall(key, [])
-        if len(values) > 1 and not field.is_non_string_sequence:
+        if len(values) > 1 and not repeatable:
             errors.append(FieldError(message="given more than once", path=key, source="query"))
-        elif (
-            values and values[0] == "null" and str not in (get_args(field.annotation) or (field.annotation,))
-        ):
+        elif values and values[0] == "null" and not text:
             errors.append(FieldError(message="'null' is not a value; leave it out", path=key, source="query"))
     if errors:
         raise bad_request("invalid-parameter", "A parameter is missing or invalid.", errors=errors)
+
+
+@functools.cache
+def _query_checks(handler: BaseRouteHandler) -> tuple[tuple[str, bool, bool], ...]:
+    """A handler's query parameters as ``(name, may repeat, may be the text "null")``,
+    worked out once per handler instead of on every request."""
+    checks = []
+    for name, field in handler.parsed_fn_signature.parameters.items():
+        kwarg = field.kwarg_definition
+        if isinstance(kwarg, ParameterKwarg) and kwarg.param_type is ParamType.QUERY:
+            text = str in (get_args(field.annotation) or (field.annotation,))
+            checks.append((kwarg.name or name, field.is_non_string_sequence, text))
+    return tuple(checks)
 
 
 async def strict_body(request: Request[Any, Any, Any]) -> None:
@@ -105,11 +120,13 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
             )
     body = await request.body()  # 413 past request_max_body_size
     try:
-        _decoder(param.annotation).decode(body)  # raises DecodeError (400) / ValidationError (422)
+        data = _decoder(param.annotation).decode(body)  # raises DecodeError (400) / ValidationError (422)
     except msgspec.ValidationError:
         # Valid JSON: retry with integral floats as integers (JSON Schema's ``integer``).
         raw = msgspec.json.decode(body)
-        msgspec.convert(_integral_floats_as_ints(raw), param.annotation, strict=True)
+        data = msgspec.convert(_integral_floats_as_ints(raw), param.annotation, strict=True)
+    # Litestar's body extractor reads the parsed JSON from here: it gets the Struct, not builtins.
+    ScopeState.from_scope(request.scope).json = data
 
 
 def _integral_floats_as_ints(value: Any) -> Any:
@@ -174,8 +191,9 @@ def _actor_for(token: str, tokens: dict[str, str]) -> str | None:
     return found if token else None
 
 
-def require_writer(connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler) -> None:
-    """Guard of every write route.
+async def require_writer(connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler) -> None:
+    """Guard of every write route. Async on purpose: Litestar runs a synchronous
+    guard in a worker thread, a hand-off per request for a few dictionary look-ups.
 
     With tokens configured (``app.state.api_tokens``: token -> actor) a write
     needs ``Authorization: Bearer <token>`` and runs as that token's actor;
@@ -200,14 +218,18 @@ def require_writer(connection: ASGIConnection[Any, Any, Any, Any], _handler: Bas
 def command_context(
     request: Request[Any, Any, Any], *, idempotency_key: str | None = None, request_body: object = None
 ) -> CommandContext:
-    """Who asks (the guard's actor), the correlation id and the idempotency key."""
+    """Who asks (the guard's actor), the correlation id and the idempotency key.
+
+    ``request_body`` (the decoded Structs, as sent) is digested only when a key is
+    given; it is turned into builtins first so the digest stays the one that the
+    events of earlier keyed requests were derived from."""
     actor = request.state.get("actor", "anonymous")
     key = check_idempotency_key(idempotency_key)
     return CommandContext(
         actor=actor,
         correlation_id=correlation_id(request.scope),
         idempotency_key=key,
-        request_hash=request_digest(request_body) if key is not None else None,
+        request_hash=request_digest(msgspec.to_builtins(request_body)) if key is not None else None,
     )
 
 

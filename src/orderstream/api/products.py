@@ -90,7 +90,7 @@ class ProductController(Controller):
         context = command_context(
             request,
             idempotency_key=idempotency_key,
-            request_body={"sku": sku, "body": msgspec.to_builtins(data)},
+            request_body={"sku": sku, "body": data},
         )
         result = await use_cases.add_stock(sku, data.quantity, context, expected=expected)
         return written(sku, result)
