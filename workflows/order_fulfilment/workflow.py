@@ -115,6 +115,16 @@ MUST_COMPLETE_RETRY = RetryPolicy(
 only a final domain error stops them."""
 
 
+LOCAL_STEPS_PATCH = "local-activity-steps"
+"""Runs started since this patch call every step as a *local* activity: it runs
+in the worker that holds the workflow task and is recorded as a marker, instead
+of a schedule/start/complete round trip through the server per step. A step
+is one quick command (or one gateway call and one command), the case local
+activities are for; the 9 to 10 steps of an order were about 40 server
+requests, which made the dev server the saga's ceiling (docs/sagas.md). Runs
+started before it replay their remote activities unchanged."""
+
+
 class SagaAborted(Exception):
     """Internal: stop the forward steps and compensate."""
 
@@ -171,6 +181,7 @@ class OrderFulfilment:
         self._payment_result: str | None = None
         self._cancel_reason: str | None = None
         self._shipped = False
+        self._local_steps = False
         self._cancel_held_off = False
         """A cancellation through Temporal arrived while :meth:`_shielded` steps ran."""
         self._abort_status: OutcomeStatus | None = None
@@ -209,6 +220,7 @@ class OrderFulfilment:
 
     @workflow.run
     async def run(self, inp: FulfilmentInput) -> FulfilmentOutcome:
+        self._local_steps = workflow.patched(LOCAL_STEPS_PATCH)
         try:
             await self._forward()
         except SagaAborted as abort:
@@ -400,6 +412,10 @@ class OrderFulfilment:
     async def _call(
         self, fn: Callable[[Any, A], Awaitable[T]], args: A, *, retry: RetryPolicy = STEP_RETRY
     ) -> T:
+        if self._local_steps:
+            return await workflow.execute_local_activity_method(
+                fn, args, start_to_close_timeout=STEP_TIMEOUT, retry_policy=retry
+            )
         return await workflow.execute_activity_method(
             fn, args, start_to_close_timeout=STEP_TIMEOUT, retry_policy=retry
         )
