@@ -28,6 +28,7 @@ from orderstream.application.errors import ServiceUnavailable
 from orderstream.domain.common import NotFound
 from workflows.order_fulfilment.inputs import (
     QUERY_STATUS,
+    WORKFLOW_TYPE,
     FulfilmentOutcome,
     FulfilmentStatus,
     payment_id_for,
@@ -99,6 +100,13 @@ class FulfilmentClient:
         self.client = client
         self.web_ui_url = web_ui_url.rstrip("/") if web_ui_url else None
         self.namespace = namespace
+
+    async def running_workflows(self) -> int:
+        """Sagas still running, from Temporal's visibility store (one count
+        query; visibility may trail the workflows by a moment)."""
+        query = f"WorkflowType = '{WORKFLOW_TYPE}' AND ExecutionStatus = 'Running'"
+        counted = await self.client.count_workflows(query, rpc_timeout=QUERY_TIMEOUT)
+        return counted.count
 
     def link(self, workflow_id: str) -> str | None:
         if not self.web_ui_url:

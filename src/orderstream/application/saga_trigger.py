@@ -123,11 +123,13 @@ class SagaTrigger:
         use_search_attributes: bool = False,
         retry_backoff: tuple[float, float] = (0.2, 30.0),
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        local_steps: bool = True,
     ) -> None:
         """``settings`` are used only when the group does not exist yet; by
         default it starts at the beginning of the store. ``retry_backoff`` is
         (first, longest) delay before a failed event is nacked for retry.
-        ``max_in_flight``: events handed to Temporal and not yet settled, at most."""
+        ``max_in_flight``: events handed to Temporal and not yet settled, at most.
+        ``local_steps``: the sagas it starts run their steps as local activities."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.event_store = event_store
@@ -140,6 +142,7 @@ class SagaTrigger:
         self.use_search_attributes = use_search_attributes
         self.retry_backoff = retry_backoff
         self.max_in_flight = max_in_flight
+        self.local_steps = local_steps
         self._failures = 0
         self._resume_at = 0.0
 
@@ -268,6 +271,7 @@ class SagaTrigger:
             correlation_id=str(metadata.get("correlation_id") or event.id),
             causation_id=str(event.id),
             payment_deadline_seconds=self.payment_deadline_seconds,
+            local_steps=self.local_steps,
         )
 
     async def _start(
