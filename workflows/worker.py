@@ -121,7 +121,7 @@ async def background_services(
         deadline = float(env.get("ORDERSTREAM_PAYMENT_DEADLINE") or DEFAULT_PAYMENT_DEADLINE_SECONDS)
         container.extensions[TEMPORAL_CLIENT_KEY] = client
         container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
-            client, web_ui_url=_ui_url(env, dev_server is not None)
+            client, web_ui_url=_ui_url(env, dev_server is not None), task_queue=task_queue
         )
         saga_trigger = None
         if trigger:
@@ -159,5 +159,8 @@ async def attach_fulfilment_client(container: Container, *, env: Mapping[str, st
         return False
     client = await connect(address)
     container.extensions[TEMPORAL_CLIENT_KEY] = client
-    container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(client, web_ui_url=_ui_url(env, False))
+    task_queue = env.get("ORDERSTREAM_TASK_QUEUE") or DEFAULT_TASK_QUEUE
+    container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
+        client, web_ui_url=_ui_url(env, False), task_queue=task_queue
+    )
     return True

@@ -207,20 +207,27 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
     created: list[tuple[SagaHarness, contextlib.AsyncExitStack]] = []
 
     async def make(
-        *, worker: bool = True, payment_deadline: float = 30.0, local_steps: bool = True
+        *,
+        worker: bool = True,
+        payment_deadline: float = 30.0,
+        local_steps: bool = True,
+        max_in_flight: int = 64,
     ) -> SagaHarness:
         stack = contextlib.AsyncExitStack()
         container = await build(Settings(data_dir=tmp_path))
         stack.push_async_callback(container.close)
         client = temporal_env.client
-        container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(client, web_ui_url=UI)
         task_queue = f"test-{uuid.uuid4().hex}"
+        container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
+            client, web_ui_url=UI, task_queue=task_queue
+        )
         trigger = SagaTrigger(
             container.event_store,
             client,
             task_queue,
             payment_deadline_seconds=payment_deadline,
             local_steps=local_steps,
+            max_in_flight=max_in_flight,
         )
         # In this event loop (Litestar's test client would run the app in a thread and
         # block this loop, where the worker runs, for the duration of each request).
