@@ -17,7 +17,11 @@ A process that serves only the API calls :func:`attach_fulfilment_client`.
 
 Environment (beside the settings): ``ORDERSTREAM_TEMPORAL_UI_URL`` (the Web UI
 for links; the dev server's by default), ``ORDERSTREAM_TASK_QUEUE``,
-``ORDERSTREAM_PAYMENT_DEADLINE`` (seconds a pending payment may wait, 900).
+``ORDERSTREAM_PAYMENT_DEADLINE`` (seconds a pending payment may wait, 900),
+``ORDERSTREAM_SAGA_IN_FLIGHT`` (starts and signals the trigger has waiting on
+Temporal at once, 64), ``ORDERSTREAM_TEMPORAL_DEV_PORT`` and
+``ORDERSTREAM_TEMPORAL_UI_PORT`` (the embedded dev server's ports, 7233 and 8233:
+two ``serve`` processes on one machine need their own).
 """
 
 from __future__ import annotations
@@ -32,11 +36,18 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from orderstream.application.payment_gateway import PaymentGateway, SandboxPaymentGateway
-from orderstream.application.saga_trigger import SagaTrigger
+from orderstream.application.saga_trigger import DEFAULT_MAX_IN_FLIGHT, SagaTrigger
 from orderstream.bootstrap import BackgroundService, Container
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
 from workflows.order_fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS, DEFAULT_TASK_QUEUE
-from workflows.runtime import DEV_UI_PORT, connect, ensure_search_attributes, run_worker, start_dev_server
+from workflows.runtime import (
+    DEV_SERVER_PORT,
+    DEV_UI_PORT,
+    connect,
+    ensure_search_attributes,
+    run_worker,
+    start_dev_server,
+)
 
 log = logging.getLogger("orderstream.saga")
 
@@ -80,7 +91,8 @@ class SagaService:
 def _ui_url(env: Mapping[str, str], dev_server: bool) -> str | None:
     if env.get("ORDERSTREAM_TEMPORAL_UI_URL"):
         return env["ORDERSTREAM_TEMPORAL_UI_URL"]
-    return f"http://localhost:{DEV_UI_PORT}" if dev_server else None
+    ui_port = env.get("ORDERSTREAM_TEMPORAL_UI_PORT") or DEV_UI_PORT
+    return f"http://localhost:{ui_port}" if dev_server else None
 
 
 async def background_services(
@@ -97,7 +109,11 @@ async def background_services(
     if settings.temporal_address:
         client = await connect(settings.temporal_address)
     else:
-        _address, dev_server = await start_dev_server(settings.data_dir)
+        _address, dev_server = await start_dev_server(
+            settings.data_dir,
+            port=int(env.get("ORDERSTREAM_TEMPORAL_DEV_PORT") or DEV_SERVER_PORT),
+            ui_port=int(env.get("ORDERSTREAM_TEMPORAL_UI_PORT") or DEV_UI_PORT),
+        )
         client = dev_server.client
     try:
         searchable = await ensure_search_attributes(client)
@@ -105,7 +121,7 @@ async def background_services(
         deadline = float(env.get("ORDERSTREAM_PAYMENT_DEADLINE") or DEFAULT_PAYMENT_DEADLINE_SECONDS)
         container.extensions[TEMPORAL_CLIENT_KEY] = client
         container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
-            client, web_ui_url=_ui_url(env, dev_server is not None)
+            client, web_ui_url=_ui_url(env, dev_server is not None), task_queue=task_queue
         )
         saga_trigger = None
         if trigger:
@@ -116,6 +132,7 @@ async def background_services(
                 registry=container.registry,
                 payment_deadline_seconds=deadline,
                 use_search_attributes=searchable,
+                max_in_flight=int(env.get("ORDERSTREAM_SAGA_IN_FLIGHT") or DEFAULT_MAX_IN_FLIGHT),
             )
         service = SagaService(
             container,
@@ -142,5 +159,8 @@ async def attach_fulfilment_client(container: Container, *, env: Mapping[str, st
         return False
     client = await connect(address)
     container.extensions[TEMPORAL_CLIENT_KEY] = client
-    container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(client, web_ui_url=_ui_url(env, False))
+    task_queue = env.get("ORDERSTREAM_TASK_QUEUE") or DEFAULT_TASK_QUEUE
+    container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
+        client, web_ui_url=_ui_url(env, False), task_queue=task_queue
+    )
     return True

@@ -8,6 +8,9 @@ so that tests and tools can build many apps in one process.
   race and retried; ``rejected``: stale ``If-Match``)
 - ``orderstream_projection_checkpoint``, ``orderstream_projection_lag_events`` gauges:
   ``projection`` (updated on scrape from the runners' status)
+- ``orderstream_saga_trigger_lag_events``, ``orderstream_saga_trigger_in_flight``,
+  ``orderstream_saga_trigger_parked``, ``orderstream_saga_workflows_running`` gauges
+  (updated on scrape: the trigger group's status and Temporal's count of running sagas)
 
 ``outcome`` of a command is ``ok``, ``noop`` (decided nothing), ``replayed``
 (idempotency key seen before), or the error's code (``illegal-transition``,
@@ -92,6 +95,34 @@ class Metrics:
             ["projection"],
             registry=self.registry,
         )
+
+        self.saga_trigger_lag = Gauge(
+            "orderstream_saga_trigger_lag_events",
+            "Order and payment events the saga trigger has not handed to Temporal yet.",
+            registry=self.registry,
+        )
+        self.saga_trigger_in_flight = Gauge(
+            "orderstream_saga_trigger_in_flight",
+            "Events the saga trigger has claimed and not settled yet.",
+            registry=self.registry,
+        )
+        self.saga_trigger_parked = Gauge(
+            "orderstream_saga_trigger_parked",
+            "Events the saga trigger parked (see `orderstream` CLI to replay them).",
+            registry=self.registry,
+        )
+        self.saga_workflows_running = Gauge(
+            "orderstream_saga_workflows_running",
+            "Fulfilment workflows running, from Temporal's visibility store.",
+            registry=self.registry,
+        )
+
+    def set_saga(self, lag_events: int, in_flight: int, parked: int, running: int | None) -> None:
+        self.saga_trigger_lag.set(lag_events)
+        self.saga_trigger_in_flight.set(in_flight)
+        self.saga_trigger_parked.set(parked)
+        if running is not None:
+            self.saga_workflows_running.set(running)
 
     def conflict_retried(self, _stream: str) -> None:
         self.concurrency_conflicts.labels(outcome="retried").inc()

@@ -200,19 +200,34 @@ SagaFactory = Callable[..., Awaitable[SagaHarness]]
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[SagaFactory]:
-    """``await make_saga(worker=True, payment_deadline=30.0)``: a harness over a
-    fresh store and task queue, with the trigger (and a worker) running."""
+    """``await make_saga(worker=True, payment_deadline=30.0, local_steps=True)``: a
+    harness over a fresh store and task queue, with the trigger (and a worker)
+    running. ``local_steps=False``: the sagas run their steps as remote activities,
+    which lets a test catch a run between two steps."""
     created: list[tuple[SagaHarness, contextlib.AsyncExitStack]] = []
 
-    async def make(*, worker: bool = True, payment_deadline: float = 30.0) -> SagaHarness:
+    async def make(
+        *,
+        worker: bool = True,
+        payment_deadline: float = 30.0,
+        local_steps: bool = True,
+        max_in_flight: int = 64,
+    ) -> SagaHarness:
         stack = contextlib.AsyncExitStack()
         container = await build(Settings(data_dir=tmp_path))
         stack.push_async_callback(container.close)
         client = temporal_env.client
-        container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(client, web_ui_url=UI)
         task_queue = f"test-{uuid.uuid4().hex}"
+        container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
+            client, web_ui_url=UI, task_queue=task_queue
+        )
         trigger = SagaTrigger(
-            container.event_store, client, task_queue, payment_deadline_seconds=payment_deadline
+            container.event_store,
+            client,
+            task_queue,
+            payment_deadline_seconds=payment_deadline,
+            local_steps=local_steps,
+            max_in_flight=max_in_flight,
         )
         # In this event loop (Litestar's test client would run the app in a thread and
         # block this loop, where the worker runs, for the duration of each request).

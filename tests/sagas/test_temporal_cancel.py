@@ -1,7 +1,11 @@
 """Cancelling the workflow through Temporal (Web UI, CLI, ``handle.cancel()``)
 from ``ship-order`` on: the cancellation is held off, the pivot's steps run to
 their end. (Before ``ship-order`` it compensates: see
-``test_order_fulfilment.test_cancelling_the_workflow_through_temporal_compensates``.)"""
+``test_order_fulfilment.test_cancelling_the_workflow_through_temporal_compensates``.)
+
+These sagas run their steps as remote activities (``local_steps=False``): only
+then does Temporal see, and deliver a cancellation at, the boundary between two
+steps; a chain of local activities is one workflow task."""
 
 from __future__ import annotations
 
@@ -91,7 +95,7 @@ async def _assert_shipped_and_settled(saga: SagaHarness, order_id: str) -> None:
 
 
 async def test_cancelled_while_capturing_still_captures_and_commits(make_saga: SagaFactory) -> None:
-    saga = await make_saga(worker=False)
+    saga = await make_saga(worker=False, local_steps=False)
     saga.gateway = gateway = SlowFlakyCapture()
     saga.start_worker()
     await saga.product("MUG", 10)
@@ -105,7 +109,7 @@ async def test_cancelled_while_capturing_still_captures_and_commits(make_saga: S
 
 
 async def test_cancelled_while_shipping_ships_captures_and_commits(make_saga: SagaFactory) -> None:
-    saga = await make_saga(worker=False)
+    saga = await make_saga(worker=False, local_steps=False)
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
     acts = SlowShipping(saga.container.use_cases, saga.gateway)
@@ -120,7 +124,7 @@ async def test_cancelled_while_shipping_ships_captures_and_commits(make_saga: Sa
 
 
 async def test_cancelled_while_shipping_fails_compensates_and_ends_cancelled(make_saga: SagaFactory) -> None:
-    saga = await make_saga(worker=False)
+    saga = await make_saga(worker=False, local_steps=False)
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
     acts = ShippingRefused(saga.container.use_cases, saga.gateway)

@@ -28,6 +28,7 @@ from orderstream.application.errors import ServiceUnavailable
 from orderstream.domain.common import NotFound
 from workflows.order_fulfilment.inputs import (
     QUERY_STATUS,
+    WORKFLOW_TYPE,
     FulfilmentOutcome,
     FulfilmentStatus,
     payment_id_for,
@@ -93,12 +94,31 @@ class FulfilmentReport:
 
 
 class FulfilmentClient:
-    def __init__(self, client: Client, *, web_ui_url: str | None = None, namespace: str = "default") -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        web_ui_url: str | None = None,
+        namespace: str = "default",
+        task_queue: str | None = None,
+    ) -> None:
         """``web_ui_url``: the Temporal Web UI's base URL (``http://localhost:8233``
-        for the dev server), or ``None`` when there is none to link to."""
+        for the dev server), or ``None`` when there is none to link to.
+        ``task_queue``: the sagas' task queue, to count only this service's
+        running sagas (:meth:`running_workflows`); all of the namespace's when ``None``."""
         self.client = client
+        self.task_queue = task_queue
         self.web_ui_url = web_ui_url.rstrip("/") if web_ui_url else None
         self.namespace = namespace
+
+    async def running_workflows(self) -> int:
+        """Sagas still running, from Temporal's visibility store (one count
+        query; visibility may trail the workflows by a moment)."""
+        query = f"WorkflowType = '{WORKFLOW_TYPE}' AND ExecutionStatus = 'Running'"
+        if self.task_queue:
+            query += f" AND TaskQueue = '{self.task_queue}'"
+        counted = await self.client.count_workflows(query, rpc_timeout=QUERY_TIMEOUT)
+        return counted.count
 
     def link(self, workflow_id: str) -> str | None:
         if not self.web_ui_url:

@@ -100,6 +100,10 @@ class FulfilmentInput:
     """The ``OrderPlaced`` event's id."""
     payment_deadline_seconds: float = DEFAULT_PAYMENT_DEADLINE_SECONDS
     """How long a pending authorisation may wait for the webhook's result."""
+    local_steps: bool = False
+    """Run every step as a local activity (see ``workflow.OrderFulfilment._call``).
+    The saga trigger sets it; inputs recorded before it existed decode as
+    ``False``, so those runs replay their remote activities unchanged."""
 
 
 @dataclass(frozen=True)

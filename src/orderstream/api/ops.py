@@ -10,8 +10,11 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
-from orderstream.api.schemas import Health, ProjectionReadiness, Readiness
+from orderstream.api.schemas import Health, ProjectionReadiness, Readiness, SagaReadiness
+from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
 from orderstream.bootstrap import Container
+from orderstream.eventstore.base import SubscriptionGroupNotFound
+from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
 
 log = logging.getLogger("orderstream.api")
 
@@ -41,6 +44,36 @@ async def refresh_projection_metrics(container: NamedDependency[Container]) -> d
     return out
 
 
+async def refresh_saga_metrics(container: NamedDependency[Container]) -> SagaReadiness | None:
+    """How far the sagas trail: the trigger group's status (any process sharing the
+    event store can tell) and, where this process has a Temporal client, the count
+    of running sagas. ``None`` when no saga trigger ever ran against this store.
+    Updates the gauges on the way."""
+    try:
+        info = await asyncio.wait_for(
+            container.event_store.subscription_group_info(SAGA_GROUP), PROBE_TIMEOUT
+        )
+    except SubscriptionGroupNotFound:
+        return None
+    except Exception as exc:
+        log.warning("saga trigger status failed: %s", exc)
+        return SagaReadiness(error=type(exc).__name__)
+    running: int | None = None
+    fulfilment = container.extensions.get(FULFILMENT_CLIENT_KEY)
+    if isinstance(fulfilment, FulfilmentClient):
+        try:
+            running = await asyncio.wait_for(fulfilment.running_workflows(), PROBE_TIMEOUT)
+        except Exception as exc:  # Temporal down: the lag in the store is still worth reporting
+            log.warning("saga workflow count failed: %s", exc)
+    container.metrics.set_saga(info.lag_events, info.in_flight, info.parked, running)
+    return SagaReadiness(
+        trigger_lag_events=info.lag_events,
+        in_flight=info.in_flight,
+        parked=info.parked,
+        workflows_running=running,
+    )
+
+
 class OpsController(Controller):
     path = "/"
     tags = ["operations"]
@@ -52,8 +85,9 @@ class OpsController(Controller):
     @get(
         "/ready",
         operation_id="ready",
-        summary="Readiness: the stores answer; each projection's checkpoint and lag",
-        description="200 when the event store and the read store answer, 503 otherwise.",
+        summary="Readiness: the stores answer; each projection's checkpoint and lag; the sagas' lag",
+        description="200 when the event store and the read store answer, 503 otherwise. "
+        "The sagas' lag is reported, not judged.",
         responses={
             503: ResponseSpec(
                 data_container=Readiness,
@@ -77,6 +111,7 @@ class OpsController(Controller):
             log.warning("readiness: read store: %s", exc)
             read_store_ok = False
         projections = await refresh_projection_metrics(container) if event_store_ok else {}
+        sagas = await refresh_saga_metrics(container) if event_store_ok else None
         ok = event_store_ok and read_store_ok
         body = Readiness(
             status="ready" if ok else "unavailable",
@@ -84,6 +119,7 @@ class OpsController(Controller):
             read_store="ok" if read_store_ok else "unavailable",
             head_position=head,
             projections=projections,
+            sagas=sagas,
         )
         return Response(body, status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE)
 
@@ -96,7 +132,8 @@ class OpsController(Controller):
     async def metrics(self, container: NamedDependency[Container]) -> Response[bytes]:
         try:
             await refresh_projection_metrics(container)
+            await refresh_saga_metrics(container)
         except Exception as exc:  # a scrape still answers with what it has
-            log.warning("metrics: projection status failed: %s", exc)
+            log.warning("metrics: projection or saga status failed: %s", exc)
         body, content_type = container.metrics.render()
         return Response(body, media_type=content_type)

@@ -245,9 +245,26 @@ class ProjectionReadiness(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
 
 
+class SagaReadiness(msgspec.Struct, frozen=True, kw_only=True):
+    """How far the sagas trail the orders (reported; readiness does not depend on it)."""
+
+    trigger_lag_events: int | None = None
+    """Order and payment events the saga trigger has not handed to Temporal yet
+    (in flight included): orders placed whose workflow has not started, cancels
+    and payment results not signalled."""
+    in_flight: int | None = None
+    parked: int | None = None
+    workflows_running: int | None = None
+    """Fulfilment workflows still running (Temporal's visibility); ``None`` when
+    this process has no Temporal client."""
+    error: str | None = None
+
+
 class Readiness(msgspec.Struct, frozen=True, kw_only=True):
     status: Literal["ready", "unavailable"]
     event_store: Literal["ok", "unavailable"]
     read_store: Literal["ok", "unavailable"]
     head_position: int | None
     projections: dict[str, ProjectionReadiness]
+    sagas: SagaReadiness | None = None
+    """``None`` when no saga trigger ever ran against this event store."""

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +77,9 @@ log = logging.getLogger("orderstream.saga")
 
 GROUP = "saga-order-fulfilment"
 HANDLED_TYPES = ("OrderPlaced", "OrderCancelled", "PaymentAuthorised", "PaymentDeclined")
+DEFAULT_MAX_IN_FLIGHT = 64
+"""Starts and signals waiting on Temporal at once (``ORDERSTREAM_SAGA_IN_FLIGHT``).
+Measured on the dev server (docs/sagas.md): past a few dozen, more only queue there."""
 
 ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
 CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
@@ -117,10 +122,16 @@ class SagaTrigger:
         payment_deadline_seconds: float = DEFAULT_PAYMENT_DEADLINE_SECONDS,
         use_search_attributes: bool = False,
         retry_backoff: tuple[float, float] = (0.2, 30.0),
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        local_steps: bool = True,
     ) -> None:
         """``settings`` are used only when the group does not exist yet; by
         default it starts at the beginning of the store. ``retry_backoff`` is
-        (first, longest) delay before a failed event is nacked for retry."""
+        (first, longest) delay before a failed event is nacked for retry.
+        ``max_in_flight``: events handed to Temporal and not yet settled, at most.
+        ``local_steps``: the sagas it starts run their steps as local activities."""
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self.event_store = event_store
         self.client = temporal_client
         self.task_queue = task_queue
@@ -130,7 +141,10 @@ class SagaTrigger:
         self.payment_deadline_seconds = payment_deadline_seconds
         self.use_search_attributes = use_search_attributes
         self.retry_backoff = retry_backoff
+        self.max_in_flight = max_in_flight
+        self.local_steps = local_steps
         self._failures = 0
+        self._resume_at = 0.0
 
     # ------------------------------------------------------------------ running
 
@@ -154,24 +168,77 @@ class SagaTrigger:
             await subscription.close()
 
     async def _consume(self, subscription: PersistentSubscription) -> None:
-        log.info("saga trigger consuming group %s (task queue %s)", self.group, self.task_queue)
-        async for event in subscription:
-            try:
-                handled = await self.handle(event)
-            except TemporalUnavailable as exc:
-                self._failures += 1
-                delay = min(self.retry_backoff[1], self.retry_backoff[0] * 2 ** (self._failures - 1))
-                log.warning("%s@%d: %s; retrying in %.1f s", event.type, event.position, exc, delay)
-                await asyncio.sleep(delay)
-                await subscription.nack(event, NackAction.RETRY, str(exc))
-                continue
-            except Exception as exc:
-                log.exception("%s@%d cannot be handled; parking it", event.type, event.position)
-                await subscription.nack(event, NackAction.PARK, f"{type(exc).__name__}: {exc}")
-                continue
-            self._failures = 0
-            log.debug("%s@%d -> %s %s", event.type, event.position, handled.action, handled.workflow_id)
-            await subscription.ack(event)
+        """Deliver events concurrently: at most ``max_in_flight`` starts and
+        signals wait on Temporal at once, while one stream's events still reach
+        Temporal in order (each waits for the one before it of its stream).
+
+        One at a time, the trigger was bound by Temporal's round trip (about
+        0.1 s per start on the dev server): a few starts per second, whatever
+        the worker could do. Concurrent starts share the gRPC connection, and
+        the acks that follow share the event store's group commit.
+        """
+        log.info(
+            "saga trigger consuming group %s (task queue %s, %d in flight)",
+            self.group,
+            self.task_queue,
+            self.max_in_flight,
+        )
+        slots = asyncio.Semaphore(self.max_in_flight)
+        last_of_stream: dict[str, asyncio.Task[None]] = {}
+        async with asyncio.TaskGroup() as deliveries:
+            async for event in subscription:
+                await slots.acquire()
+                await self._backing_off()
+                before = last_of_stream.get(event.stream)
+                task = deliveries.create_task(self._deliver(subscription, event, before, slots))
+                last_of_stream[event.stream] = task
+                task.add_done_callback(functools.partial(_forget, last_of_stream, event.stream))
+
+    async def _deliver(
+        self,
+        subscription: PersistentSubscription,
+        event: RecordedEvent,
+        before: asyncio.Task[None] | None,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        """Hand one event to Temporal after its stream's previous one, then settle it."""
+        try:
+            if before is not None:
+                await asyncio.wait([before])  # its outcome is its own business
+            await self._deliver_one(subscription, event)
+        finally:
+            slots.release()
+
+    async def _deliver_one(self, subscription: PersistentSubscription, event: RecordedEvent) -> None:
+        try:
+            handled = await self.handle(event)
+        except TemporalUnavailable as exc:
+            delay = self._failed()
+            log.warning("%s@%d: %s; retrying in %.1f s", event.type, event.position, exc, delay)
+            await asyncio.sleep(delay)
+            await subscription.nack(event, NackAction.RETRY, str(exc))
+            return
+        except Exception as exc:
+            log.exception("%s@%d cannot be handled; parking it", event.type, event.position)
+            await subscription.nack(event, NackAction.PARK, f"{type(exc).__name__}: {exc}")
+            return
+        self._failures = 0
+        log.debug("%s@%d -> %s %s", event.type, event.position, handled.action, handled.workflow_id)
+        await subscription.ack(event)
+
+    def _failed(self) -> float:
+        """Count a failure and return the back-off before its retry. The whole
+        trigger backs off too (see :meth:`_backing_off`): with Temporal down,
+        taking more events would only burn their deliveries."""
+        self._failures += 1
+        delay = min(self.retry_backoff[1], self.retry_backoff[0] * 2.0 ** (self._failures - 1))
+        self._resume_at = max(self._resume_at, time.monotonic() + delay)
+        return delay
+
+    async def _backing_off(self) -> None:
+        wait = self._resume_at - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     # ----------------------------------------------------------------- handling
 
@@ -204,6 +271,7 @@ class SagaTrigger:
             correlation_id=str(metadata.get("correlation_id") or event.id),
             causation_id=str(event.id),
             payment_deadline_seconds=self.payment_deadline_seconds,
+            local_steps=self.local_steps,
         )
 
     async def _start(
@@ -255,3 +323,9 @@ class SagaTrigger:
                 f"signal {signal} to {workflow_id}: {exc.status.name}: {exc.message}"
             ) from exc
         return Handled(f"signalled {signal}", workflow_id)
+
+
+def _forget(last_of_stream: dict[str, asyncio.Task[None]], stream: str, done: asyncio.Task[None]) -> None:
+    """Drop a finished delivery from the per-stream chain unless a later one replaced it."""
+    if last_of_stream.get(stream) is done:
+        del last_of_stream[stream]
