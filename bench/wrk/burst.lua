@@ -26,6 +26,8 @@ function delay()
 end
 
 function request()
+  local verification = common.verification()
+  if verification then return verification end
   n = n + 1
   local id = string.format("%s-%d-%d", cfg.tag, thread_id, n)
   common.count_sent("place")

@@ -40,10 +40,22 @@ end
 
 -- Per-thread state: the counters done() collects.
 function M.init_counters()
+  verifying = thread_id == 0
   statuses = {}
   sent = {}
   last_created = 0
   M.created = 0
+end
+
+-- wrk calls request() once in thread 0 before the run, only to check that it returns a request
+-- (script_verify_request); that request is never sent. Scripts answer it with this one, so that
+-- it costs no order number and no count.
+function M.verification()
+  if verifying then
+    verifying = false
+    return wrk.format("GET", "/health")
+  end
+  return nil
 end
 
 function M.count_sent(kind)

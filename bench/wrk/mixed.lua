@@ -27,6 +27,8 @@ local function address_body(k)
 end
 
 function request()
+  local verification = common.verification()
+  if verification then return verification end
   local roll = math.random(1, weights.place + weights.get + weights.search + weights.change + weights.cancel)
   if #pool == 0 or roll <= weights.place then
     return order_request()
