@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -53,6 +54,8 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
+
+from bench import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPTS = ROOT / "bench" / "wrk"
@@ -114,6 +117,11 @@ class Service:
                     return
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} did not answer /health within {STARTUP_TIMEOUT:.0f} s")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
     def check_alive(self) -> None:
         assert self.process is not None
@@ -352,9 +360,12 @@ class Report:
 
 def show(result: WrkResult) -> str:
     f = result.figures
+    cpu = ""
+    if "server_cores" in f:
+        cpu = f"; CPU: server {f['server_cores']:.2f} cores, wrk {f['client_cores']:.2f}"
     return (
         f"{f['rps']:,.0f} req/s, p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms, "
-        f"non-2xx {result.non_2xx} (5xx {result.server_errors}), socket errors {f['socket_errors']}"
+        f"non-2xx {result.non_2xx} (5xx {result.server_errors}), socket errors {f['socket_errors']}{cpu}"
     )
 
 
@@ -368,21 +379,50 @@ def compare(report: Report, label: str, ours: WrkResult, bare: WrkResult) -> Non
     report.http.append((label, ours, bare))
 
 
-def http_pair(
-    setup: Setup, args: argparse.Namespace, label: str, script: str, service_url: str, bare: Service
-) -> tuple[WrkResult, WrkResult]:
-    """The same wrk script on the bare app, then on the service: a short warm-up, then the run."""
+def measured_run(
+    label: str, script: str, servers: list[Service], args: argparse.Namespace, tag: str, profile: str
+) -> WrkResult:
+    """One wrk run on ``servers[0]``, with the CPU the servers and wrk used meanwhile (in
+    cores) and, with ``--py-spy DIR``, a profile of each server process."""
     options = {"connections": args.connections, "threads": args.threads}
+    pids = [server.pid for server in servers]
+    spies = []
+    if args.py_spy is not None:
+        for server in servers:
+            output = args.py_spy / f"{profile}-{server.name.replace(' ', '-')}.txt"
+            spies.append((server.name, output, processes.record(server.pid, output, args.duration)))
+    cpu_before, client_before = processes.cpu_seconds(pids), children_cpu()
+    result = run_wrk(label, script, servers[0].url, seconds=args.duration, **options, args={"tag": tag})
+    seconds = result.figures["seconds"]
+    result.figures["server_cores"] = (processes.cpu_seconds(pids) - cpu_before) / seconds
+    result.figures["client_cores"] = (children_cpu() - client_before) / seconds
+    for name, output, spy in spies:
+        spy.wait(60)
+        console.print(f"  py-spy of {name} -> {output}")
+        for line in processes.summarize(output).lines():
+            console.print(f"    {line}")
+    return result
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's finished children (the wrk runs; the servers still run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def http_pair(
+    args: argparse.Namespace, label: str, script: str, service: list[Service], bare: Service
+) -> tuple[WrkResult, WrkResult]:
+    """The same wrk script on the bare app, then on the service (``service[0]`` serves
+    HTTP; the others, e.g. the projector, count for CPU and profiles): a 2 s warm-up each."""
     tag = uuid.uuid4().hex[:8]
     results = []
-    for name, url in (("bare", bare.url), ("orderstream", service_url)):
+    for name, servers in (("bare", [bare]), ("orderstream", service)):
         console.print(f"  {name}: warm-up 2 s, then {args.duration:.0f} s of {script}.lua ...")
-        run_wrk(f"{label} warm-up", script, url, seconds=2, **options, args={"tag": f"w{tag}{name}"})
-        results.append(
-            run_wrk(
-                f"{label} {name}", script, url, seconds=args.duration, **options, args={"tag": tag + name}
-            )
-        )
+        options = {"connections": args.connections, "threads": args.threads}
+        warm_up = {"tag": f"w{tag}{name}"}
+        run_wrk(f"{label} warm-up", script, servers[0].url, seconds=2, **options, args=warm_up)
+        results.append(measured_run(f"{label} {name}", script, servers, args, tag + name, f"{script}-{name}"))
     return results[1], results[0]
 
 
@@ -393,7 +433,7 @@ def scenario_place(setup: Setup, args: argparse.Namespace, report: Report) -> No
     bare = setup.bare()
     with running(bare, api):
         seed(api.url, catalogue())
-        ours, ref = http_pair(setup, args, label, "place", api.url, bare)
+        ours, ref = http_pair(args, label, "place", [api], bare)
     compare(report, label, ours, ref)
 
 
@@ -406,7 +446,7 @@ def scenario_mixed(setup: Setup, args: argparse.Namespace, report: Report) -> No
     bare = setup.bare()
     with running(bare, api, projector):
         seed(api.url, catalogue())
-        ours, ref = http_pair(setup, args, label, "mixed", api.url, bare)
+        ours, ref = http_pair(args, label, "mixed", [api, projector], bare)
         sent = ours.figures.get("sent", {})
         console.print(f"  requests sent by kind: {dict(sorted(sent.items()))}")
     compare(report, label, ours, ref)
@@ -581,6 +621,9 @@ def cli() -> None:
     parser.add_argument("--rate", type=float, default=100, help="paced orders/s (default 100)")
     parser.add_argument("--paced-seconds", type=float, default=60)
     parser.add_argument("--paced-connections", type=int, default=64)
+    parser.add_argument(
+        "--py-spy", type=Path, default=None, metavar="DIR", help="profile each server run into DIR (py-spy)"
+    )
     parser.add_argument("--settle-timeout", type=float, default=60, help="max wait for the sagas (s)")
     args = parser.parse_args()
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -590,6 +633,9 @@ def cli() -> None:
     if args.burst_orders % args.threads:
         parser.error("--burst-orders must be a multiple of --threads")
     wrk_path()
+    if args.py_spy is not None:
+        processes.py_spy()
+        args.py_spy.mkdir(parents=True, exist_ok=True)
     runs = {
         "place": scenario_place,
         "mixed": scenario_mixed,
