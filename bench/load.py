@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import processes
+from workflows.runtime import DEV_SERVER_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPTS = ROOT / "bench" / "wrk"
@@ -68,6 +69,7 @@ STOCK = 1_000_000  # the most one POST /products/{sku}/stock adds
 TERMINAL = frozenset({"shipped", "rejected", "cancelled"})
 EXPECTED_4XX = frozenset({404, 409, 412})
 SCENARIOS = ("place", "mixed", "burst", "paced")
+PROGRESS_EVERY = 5.0
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
@@ -136,7 +138,10 @@ class Service:
         try:
             self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            # Kill what it started too (the Temporal dev server would keep its port).
+            for pid in reversed(processes.process_tree(self.pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.process.wait()
 
 
@@ -251,14 +256,32 @@ def parse_wrk(label: str, output: str) -> WrkResult:
     raise RuntimeError(f"wrk printed no figures for {label}:\n{output[-2000:]}")
 
 
-def run_wrk(label: str, script: str, url: str, *, seconds: float, **options: Any) -> WrkResult:
+def run_wrk(
+    label: str,
+    script: str,
+    url: str,
+    *,
+    seconds: float,
+    meanwhile: Callable[[], None] | None = None,
+    **options: Any,
+) -> WrkResult:
+    """Run wrk to its end; ``meanwhile`` is called every ``PROGRESS_EVERY`` seconds."""
     command = wrk_command(script, url, seconds=seconds, **options)
-    done = subprocess.run(
-        command, env=wrk_env(), capture_output=True, text=True, timeout=seconds + 60, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr[-2000:]}")
-    return parse_wrk(label, done.stdout)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, env=wrk_env(), stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + seconds + 60
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(PROGRESS_EVERY)
+            if meanwhile is not None and process.poll() is None:
+                meanwhile()
+        out.seek(0)
+        err.seek(0)
+        if process.returncode != 0:
+            raise RuntimeError(f"wrk failed ({process.returncode}): {err.read()[-2000:]}")
+        return parse_wrk(label, out.read())
 
 
 def run_wrk_until_done(label: str, script: str, url: str, *, threads: int, **options: Any) -> WrkResult:
@@ -341,7 +364,7 @@ def wait_settled(client: httpx.Client, expected: int, timeout: float, label: str
         if time.monotonic() > deadline:
             console.print(f"  [yellow]{label}: not settled after {timeout:.0f} s[/yellow]")
             break
-        if now.at - last_print >= 5:
+        if now.at - last_print >= PROGRESS_EVERY:
             console.print(f"  {label}: {now}")
             last_print = now.at
         time.sleep(0.25)
@@ -356,6 +379,7 @@ def wait_settled(client: httpx.Client, expected: int, timeout: float, label: str
 class Report:
     http: list[tuple[str, WrkResult, WrkResult]] = field(default_factory=list)
     sagas: list[tuple[str, str, str]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
 
 def show(result: WrkResult) -> str:
@@ -380,22 +404,29 @@ def compare(report: Report, label: str, ours: WrkResult, bare: WrkResult) -> Non
 
 
 def measured_run(
-    label: str, script: str, servers: list[Service], args: argparse.Namespace, tag: str, profile: str
+    label: str,
+    script: str,
+    servers: list[Service],
+    *,
+    seconds: float,
+    py_spy: Path | None,
+    profile: str,
+    **options: Any,
 ) -> WrkResult:
-    """One wrk run on ``servers[0]``, with the CPU the servers and wrk used meanwhile (in
-    cores) and, with ``--py-spy DIR``, a profile of each server process."""
-    options = {"connections": args.connections, "threads": args.threads}
+    """One wrk run on ``servers[0]`` (``options`` as for :func:`run_wrk`), with the CPU
+    the servers and wrk used meanwhile (in cores) and, with ``py_spy`` (a directory), a
+    profile of each server process."""
     pids = [server.pid for server in servers]
     spies = []
-    if args.py_spy is not None:
+    if py_spy is not None:
         for server in servers:
-            output = args.py_spy / f"{profile}-{server.name.replace(' ', '-')}.txt"
-            spies.append((server.name, output, processes.record(server.pid, output, args.duration)))
+            output = py_spy / f"{profile}-{server.name.replace(' ', '-')}.txt"
+            spies.append((server.name, output, processes.record(server.pid, output, seconds)))
     cpu_before, client_before = processes.cpu_seconds(pids), children_cpu()
-    result = run_wrk(label, script, servers[0].url, seconds=args.duration, **options, args={"tag": tag})
-    seconds = result.figures["seconds"]
-    result.figures["server_cores"] = (processes.cpu_seconds(pids) - cpu_before) / seconds
-    result.figures["client_cores"] = (children_cpu() - client_before) / seconds
+    result = run_wrk(label, script, servers[0].url, seconds=seconds, **options)
+    elapsed = result.figures["seconds"]
+    result.figures["server_cores"] = (processes.cpu_seconds(pids) - cpu_before) / elapsed
+    result.figures["client_cores"] = (children_cpu() - client_before) / elapsed
     for name, output, spy in spies:
         spy.wait(60)
         console.print(f"  py-spy of {name} -> {output}")
@@ -422,7 +453,18 @@ def http_pair(
         options = {"connections": args.connections, "threads": args.threads}
         warm_up = {"tag": f"w{tag}{name}"}
         run_wrk(f"{label} warm-up", script, servers[0].url, seconds=2, **options, args=warm_up)
-        results.append(measured_run(f"{label} {name}", script, servers, args, tag + name, f"{script}-{name}"))
+        results.append(
+            measured_run(
+                f"{label} {name}",
+                script,
+                servers,
+                seconds=args.duration,
+                py_spy=args.py_spy,
+                profile=f"{script}-{name}",
+                **options,
+                args={"tag": tag + name},
+            )
+        )
     return results[1], results[0]
 
 
@@ -453,6 +495,16 @@ def scenario_mixed(setup: Setup, args: argparse.Namespace, report: Report) -> No
 
 
 def serve(setup: Setup) -> Service:
+    """``orderstream serve``. Without ``TEMPORAL_ADDRESS`` it starts the Temporal dev
+    server on its fixed port 7233; another one there (someone else's ``serve``) would
+    take our workflows, so that is refused up front."""
+    if not os.environ.get("TEMPORAL_ADDRESS"):
+        with socket.socket() as sock:
+            if sock.connect_ex((HOST, DEV_SERVER_PORT)) == 0:
+                raise RuntimeError(
+                    f"port {DEV_SERVER_PORT} is taken (another Temporal dev server?): stop it, "
+                    "or set TEMPORAL_ADDRESS to use that server"
+                )
     return setup.orderstream("serve", setup.data_dir(), free_port())
 
 
@@ -503,14 +555,9 @@ def scenario_burst(setup: Setup, args: argparse.Namespace, report: Report) -> No
     shipped, rejected = final.statuses.get("shipped", 0), final.statuses.get("rejected", 0)
     console.print(f"  shipped {shipped}, rejected {rejected}; {sku}: {stock_now}")
     timing = f"all terminal {after:.1f} s after the last 201" if settled else f"{final.open} not terminal"
-    console.print(f"  {timing} (target: {stock} shipped, {orders - stock} rejected, within 30 s)")
-    report.sagas.append(
-        (
-            label,
-            f"shipped {shipped}, rejected {rejected}; {stock_now}; {timing}",
-            f"{stock} / {orders - stock}",
-        )
-    )
+    target = f"{stock} shipped, {orders - stock} rejected, stock 0/0/0, within 30 s"
+    console.print(f"  {timing} (target: {target})")
+    report.sagas.append((label, f"shipped {shipped}, rejected {rejected}; {stock_now}; {timing}", target))
 
 
 def scenario_paced(setup: Setup, args: argparse.Namespace, report: Report) -> None:
@@ -520,15 +567,22 @@ def scenario_paced(setup: Setup, args: argparse.Namespace, report: Report) -> No
     service = serve(setup)
     with running(service), httpx.Client(base_url=service.url, timeout=30) as client:
         seed(service.url, catalogue())
-        console.print(f"  paced load for {seconds:.0f} s (progress every 5 s after it) ...")
+        console.print(f"  paced load for {seconds:.0f} s ...")
         started = time.monotonic()
-        result = run_wrk(
+
+        def progress() -> None:
+            console.print(f"  {time.monotonic() - started:4.0f} s: {order_statuses(client)}")
+
+        result = measured_run(
             label,
             "paced",
-            service.url,
+            [service],
             seconds=seconds,
+            py_spy=args.py_spy,
+            profile="paced-serve",
             connections=args.paced_connections,
             threads=args.threads,
+            meanwhile=progress,
             args={"tag": uuid.uuid4().hex[:8], "rate": rate, "threads": args.threads},
         )
         stopped = time.monotonic()
@@ -565,6 +619,8 @@ def summary(report: Report, setup: Setup) -> None:
         for row in report.sagas:
             sagas.add_row(*row)
         console.print(sagas)
+    for failure in report.failed:
+        console.print(f"[red]failed: {failure}[/red]")
     console.print(
         f"bare app runner: {setup.runner}, {setup.bare_workers} worker(s); service options: "
         f"{' '.join(setup.service_args) or '(defaults)'}; installed: {server_extras()}"
@@ -647,8 +703,14 @@ def cli() -> None:
         setup = Setup(Path(workdir), tuple(args.service_arg), args.runner, args.bare_workers)
         for name in SCENARIOS:
             if name in chosen:
-                runs[name](setup, args, report)
+                try:
+                    runs[name](setup, args, report)
+                except (RuntimeError, httpx.HTTPError, subprocess.SubprocessError) as exc:
+                    console.print(f"[red]{name} failed: {exc}[/red]")
+                    report.failed.append(f"{name}: {str(exc).splitlines()[0]}")
     summary(report, setup)
+    if report.failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
