@@ -29,9 +29,15 @@ test: install-test
 lint: install-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
+# Every benchmark in order; bench.commands only where it exists. BENCH_LOAD_ARGS passes options to
+# bench.load (e.g. BENCH_LOAD_ARGS="--scenarios place,mixed --duration 20").
 bench: install-test
+	bash infra/install-wrk.sh
 	$(BIN)/python -m bench.eventstore_append
-	$(BIN)/python -m bench.http_roundtrip
+	$(BIN)/python -m bench.aggregate_load
+	$(BIN)/python -m bench.projection
+	$(BIN)/python -m bench.load $(BENCH_LOAD_ARGS)
+	if [ -f bench/commands.py ]; then $(BIN)/python -m bench.commands; fi
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -24,5 +24,7 @@ if [ -z "${ORDERSTREAM_TEST_ES_URL:-}" ]; then
 fi
 echo "   Elasticsearch at $ORDERSTREAM_TEST_ES_URL"
 
+infra/install-wrk.sh  # tests/load drives a live service with bench.load's wrk scripts
+
 echo "== pytest"
 "$BIN/python" -m pytest -ra "$@"

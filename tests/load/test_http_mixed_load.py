@@ -2,7 +2,7 @@
 is lost, and the read model converges on what the event store says.
 
 Correctness under load only: throughput and latency are measured by
-``bench/http_roundtrip.py``, never by a timed test.
+``bench/load.py`` (wrk), never by a timed test.
 """
 
 from __future__ import annotations
