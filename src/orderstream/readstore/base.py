@@ -20,6 +20,8 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from orderstream.application.errors import ServiceUnavailable
+
 Document = dict[str, Any]
 
 
@@ -68,9 +70,14 @@ class Query(msgspec.Struct, frozen=True, kw_only=True):
 
     ``filters``: field -> value (exact), list of values (any of), or :class:`Range`;
     all filters must hold. ``text``: full-text over the TEXT fields. ``sort``:
-    fields in order; the id field is always the last tie-breaker so cursors are
-    stable. ``cursor``: the opaque ``next_cursor`` of the previous page.
-    ``facets``: KEYWORD fields to count values of, over all matches (not just the page).
+    fields in order; the id field is always the last tie-breaker (in the direction
+    of the last sort field) so cursors are stable. ``cursor``: the opaque
+    ``next_cursor`` of the previous page.
+
+    Counting costs time proportional to the number of matches, paging does not
+    (a page is read from an index in sort order), so nothing is counted unless
+    asked: ``facets``: KEYWORD fields to count values of, over all matches (not just
+    the page); ``count``: fill :attr:`Page.total`. Either one fills ``total``.
     """
 
     filters: Mapping[str, FilterValue] = msgspec.field(default_factory=dict)
@@ -79,6 +86,7 @@ class Query(msgspec.Struct, frozen=True, kw_only=True):
     limit: int = 20
     cursor: str | None = None
     facets: tuple[str, ...] = ()
+    count: bool = False
 
 
 class Page(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,10 +94,16 @@ class Page(msgspec.Struct, frozen=True, kw_only=True):
     next_cursor: str | None
     facets: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
     total: int | None = None
+    """Number of matches, when the query asked for ``count`` or ``facets``; else ``None``."""
 
 
 class InvalidQuery(Exception):
     """A filter or sort on a field the schema does not declare, a bad cursor, ..."""
+
+
+class ReadStoreUnavailable(ServiceUnavailable):
+    """The read store cannot be reached or read now (server down, database locked
+    past the busy timeout): worth retrying, so the API answers 503 + ``Retry-After``."""
 
 
 class CollectionNotFound(LookupError):

@@ -264,8 +264,8 @@ class ElasticsearchReadStore:
         sort = list(query.sort or schema.default_sort)
         for s in sort:
             self._check_field(schema, s.field, FieldKind.KEYWORD, FieldKind.INTEGER, FieldKind.DATETIME)
-        if not any(s.field == schema.id_field for s in sort):
-            sort.append(SortField(schema.id_field))
+        if not any(s.field == schema.id_field for s in sort):  # as on SQLite: in the last field's direction
+            sort.append(SortField(schema.id_field, descending=sort[-1].descending if sort else False))
         return sort
 
     async def query(self, collection: str, query: Query) -> Page:
@@ -297,7 +297,7 @@ class ElasticsearchReadStore:
             "query": bool_query,
             "sort": es_sort,
             "size": query.limit + 1,
-            "track_total_hits": True,
+            "track_total_hits": query.count or bool(query.facets),
         }
         if aggs:
             params["aggs"] = aggs
@@ -322,7 +322,7 @@ class ElasticsearchReadStore:
             items=[h["_source"] for h in hits],
             next_cursor=next_cursor,
             facets=facets,
-            total=int(answer["hits"]["total"]["value"]),
+            total=int(answer["hits"]["total"]["value"]) if query.count or query.facets else None,
         )
 
     async def close(self) -> None:

@@ -25,6 +25,7 @@ import base64
 import binascii
 import re
 import sqlite3
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from orderstream.readstore.base import (
     Page,
     Query,
     Range,
+    ReadStoreUnavailable,
     SortField,
     Upsert,
     WriteOp,
@@ -54,6 +56,9 @@ T = TypeVar("T")
 MAX_LIMIT = 1000
 FACET_SIZE = 100
 """At most this many values per facet, the most frequent first."""
+FEW_MATCHES = 2000
+"""Below this many full-text matches a query sorts the matches; from it on, it walks
+the sort index instead (see ``_QueryPlan._matches``)."""
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _WORD = re.compile(r"[^\W_]", re.UNICODE)
@@ -153,6 +158,25 @@ class _Table:
         return f"{self.physical}__fts"
 
 
+def _indexes(table: _Table) -> list[tuple[str, str]]:
+    """(name, columns) of the indexes a physical table needs, created by
+    ``ensure_collection`` (also on tables made before an index was added here).
+
+    - ``(field, id)`` per column: filter on it, or sort by it, then page by keyset.
+    - ``(keyword, default sort..., id)`` per KEYWORD field: an exact filter
+      (``status = 'shipped'``, one customer) answered in the default order by one
+      index walk that stops at the page's end, however many rows match.
+    """
+    indexes = [(f"{table.physical}__{field}", f"{_col(field)}, id") for field, _ in table.columns]
+    default = [s.field for s in table.schema.default_sort if s.field in dict(table.columns)]
+    if default:
+        sort_columns = ", ".join(_col(f) for f in default)
+        for field, kind in table.columns:
+            if kind is FieldKind.KEYWORD and field not in default:
+                indexes.append((f"{table.physical}__{field}__default", f"{_col(field)}, {sort_columns}, id"))
+    return indexes
+
+
 def _column_value(kind: FieldKind, value: Any) -> Any:
     if value is None:
         return None
@@ -175,19 +199,95 @@ def _text_value(value: Any) -> str:
     return str(value)
 
 
-class SqliteReadStore:
-    """:class:`~orderstream.readstore.base.ReadStore` on one SQLite file."""
+DEFAULT_READERS = 4
+"""Read-only query connections per store: more than the cores, so a query waiting
+on the disk does not idle a core; few, because each holds a page cache."""
 
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+_UNAVAILABLE = ("unable to open", "locked", "busy", "disk i/o")
+
+
+def _unavailable(exc: sqlite3.OperationalError) -> Exception:
+    """A database that cannot be opened, read or locked in time is an outage (503);
+    any other OperationalError is a bug and stays one."""
+    if any(marker in str(exc).lower() for marker in _UNAVAILABLE):
+        return ReadStoreUnavailable("the read store", exc)
+    return exc
+
+
+class _ReaderPool:
+    """Threads that each own one read-only connection to the database file."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._uri = f"{path.resolve().as_uri()}?mode=ro"
+        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="readstore-reader")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._uri, uri=True, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA query_only = 1")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("ROLLBACK")
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+
+class SqliteReadStore:
+    """:class:`~orderstream.readstore.base.ReadStore` on one SQLite file.
+
+    Two kinds of connection, each on its own threads:
+
+    - one read-write connection on one thread for writes, collection changes and
+      the reads a projection makes to fold (``get_version``, ``physical=`` reads);
+    - a pool of read-only connections, one per reader thread, for queries and
+      ``get``. In WAL mode a reader sees the last committed transaction and never
+      waits for the writer, so queries are never queued behind projection writes,
+      and SQLite releases the GIL while it works, so they run on every core.
+
+    An in-memory database cannot be shared between connections: there queries
+    use the writer's connection and thread.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        readers: _ReaderPool | None = None,
+    ) -> None:
         self._conn = conn
         self._executor = executor
+        self._readers = readers
         self._tables: dict[str, _Table] = {}
         self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
 
     @classmethod
-    async def open(cls, path: str | Path) -> SqliteReadStore:
+    async def open(cls, path: str | Path, *, readers: int = DEFAULT_READERS) -> SqliteReadStore:
+        """Open (creating if needed) the database at ``path`` with ``readers``
+        read-only query connections (0: queries share the writer's connection)."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readstore-sqlite")
 
         def connect() -> sqlite3.Connection:
@@ -203,16 +303,22 @@ class SqliteReadStore:
         loop = asyncio.get_running_loop()
         try:
             conn = await loop.run_in_executor(executor, connect)
+        except sqlite3.OperationalError as exc:
+            executor.shutdown(wait=False)
+            raise ReadStoreUnavailable("the read store", exc) from exc
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(conn, executor)
+        pool = _ReaderPool(Path(path), readers) if readers > 0 and str(path) != ":memory:" else None
+        return cls(conn, executor, pool)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
+            if self._readers is not None:
+                self._readers.close()
             await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
         finally:
             self._executor.shutdown(wait=True)
@@ -220,7 +326,22 @@ class SqliteReadStore:
     async def _run(self, fn: Callable[[], T]) -> T:
         if self._closed:
             raise RuntimeError("the read store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except sqlite3.OperationalError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one read transaction on a reader connection (a consistent
+        snapshot of the committed data)."""
+        if self._readers is None:
+            return await self._run(lambda: self._transaction(lambda: fn(self._conn), write=False))
+        if self._closed:
+            raise RuntimeError("the read store is closed")
+        try:
+            return await self._readers.run(fn)
+        except sqlite3.OperationalError as exc:
+            raise _unavailable(exc) from exc
 
     def _transaction(self, fn: Callable[[], T], *, write: bool) -> T:
         """Run ``fn`` in one transaction on the store thread."""
@@ -235,10 +356,12 @@ class SqliteReadStore:
 
     # ------------------------------------------------------------- table lookup
 
-    def _table(self, physical: str) -> _Table | None:
-        row = self._conn.execute(
-            "SELECT collection, schema FROM physicals WHERE physical = ?", (physical,)
-        ).fetchone()
+    def _table(self, physical: str, conn: sqlite3.Connection | None = None) -> _Table | None:
+        row = (
+            (conn or self._conn)
+            .execute("SELECT collection, schema FROM physicals WHERE physical = ?", (physical,))
+            .fetchone()
+        )
         if row is None:
             self._tables.pop(physical, None)
             return None
@@ -248,17 +371,21 @@ class SqliteReadStore:
             self._tables[physical] = cached
         return cached
 
-    def _alias(self, collection: str) -> str | None:
-        row = self._conn.execute(
-            "SELECT physical FROM aliases WHERE collection = ?", (collection,)
-        ).fetchone()
+    def _alias(self, collection: str, conn: sqlite3.Connection | None = None) -> str | None:
+        row = (
+            (conn or self._conn)
+            .execute("SELECT physical FROM aliases WHERE collection = ?", (collection,))
+            .fetchone()
+        )
         return None if row is None else str(row[0])
 
-    def _resolve(self, collection: str, physical: str | None) -> _Table | None:
-        name = physical if physical is not None else self._alias(collection)
+    def _resolve(
+        self, collection: str, physical: str | None, conn: sqlite3.Connection | None = None
+    ) -> _Table | None:
+        name = physical if physical is not None else self._alias(collection, conn)
         if name is None:
             return None
-        table = self._table(name)
+        table = self._table(name, conn)
         if table is not None and table.collection != collection:
             raise CollectionNotFound(f"{name} belongs to {table.collection}, not {collection}")
         return table
@@ -299,11 +426,6 @@ class SqliteReadStore:
                     f"CREATE TABLE IF NOT EXISTS {_q(physical)} ("
                     f"id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT{columns})"
                 )
-                for field, _kind in table.columns:
-                    self._conn.execute(
-                        f"CREATE INDEX IF NOT EXISTS {_q(f'{physical}__{field}')} "
-                        f"ON {_q(physical)} ({_col(field)}, id) WHERE doc IS NOT NULL"
-                    )
                 if table.text_fields:
                     text_columns = ", ".join(_col(f) for f in table.text_fields)
                     self._conn.execute(
@@ -313,6 +435,11 @@ class SqliteReadStore:
                 self._conn.execute(
                     "INSERT INTO physicals (physical, collection, schema) VALUES (?, ?, ?)",
                     (physical, schema.name, _schema_encoder.encode(stored).decode()),
+                )
+            for name, columns in _indexes(_Table(physical, schema.name, stored)):
+                self._conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {_q(name)} ON {_q(physical)} ({columns}) "
+                    "WHERE doc IS NOT NULL"
                 )
             self._conn.execute(
                 "INSERT INTO aliases (collection, physical) VALUES (?, ?) "
@@ -361,16 +488,16 @@ class SqliteReadStore:
     # ------------------------------------------------------------------- reads
 
     async def get(self, collection: str, doc_id: str, *, physical: str | None = None) -> Document | None:
-        def read() -> Document | None:
-            table = self._resolve(collection, physical)
+        def read(conn: sqlite3.Connection) -> Document | None:
+            table = self._resolve(collection, physical, conn)
             if table is None:
                 return None
-            row = self._conn.execute(
-                f"SELECT doc FROM {_q(table.physical)} WHERE id = ?", (doc_id,)
-            ).fetchone()
+            row = conn.execute(f"SELECT doc FROM {_q(table.physical)} WHERE id = ?", (doc_id,)).fetchone()
             return None if row is None or row[0] is None else _doc_decoder.decode(row[0])
 
-        return await self._run(read)
+        if physical is not None:  # a rebuild folding into its own table: the writer's view
+            return await self._run(lambda: read(self._conn))
+        return await self._read(read)
 
     async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
         def read() -> int | None:
@@ -442,13 +569,14 @@ class SqliteReadStore:
         if not 1 <= query.limit <= MAX_LIMIT:
             raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}")
 
-        def read() -> Page:
-            table = self._resolve(collection, None)
+        def read(conn: sqlite3.Connection) -> Page:
+            table = self._resolve(collection, None, conn)
             if table is None:  # never ensured: nothing to find yet
-                return Page(items=[], next_cursor=None, facets={f: {} for f in query.facets}, total=0)
-            return _QueryPlan(table, query).run(self._conn)
+                total = 0 if query.count or query.facets else None
+                return Page(items=[], next_cursor=None, facets={f: {} for f in query.facets}, total=total)
+            return _QueryPlan(table, query).run(conn)
 
-        return await self._run(lambda: self._transaction(read, write=False))
+        return await self._read(read)
 
 
 class _QueryPlan:
@@ -459,6 +587,8 @@ class _QueryPlan:
         self.query = query
         self.where: list[str] = ["doc IS NOT NULL"]
         self.params: list[Any] = []
+        self.match: str | None = None
+        """The FTS5 expression of ``query.text``, if any: applied in :meth:`run`."""
         self.fields = table.schema.fields
         self.id_field = table.schema.id_field
         for field, value in query.filters.items():
@@ -524,14 +654,14 @@ class _QueryPlan:
             return  # nothing searchable (blank or only punctuation): no constraint
         if not self.table.text_fields:
             raise InvalidQuery(f"{self.table.collection} has no full-text fields")
-        self.where.append(
-            f"rowid IN (SELECT rowid FROM {_q(self.table.fts)} WHERE {_q(self.table.fts)} MATCH ?)"
-        )
-        self.params.append(expression)
+        self.match = expression
 
     def _sort(self, sort: Sequence[SortField]) -> list[tuple[str, bool]]:
+        """The sort keys plus the id, in the last key's direction: ``placed_at DESC,
+        id DESC`` is one backward walk of the ``(placed_at, id)`` index, where
+        ``id ASC`` would need a sort of every tie."""
         keys = [(self._expr(s.field)[0], s.descending) for s in sort]
-        return [*keys, ("id", False)]
+        return [*keys, ("id", keys[-1][1] if keys else False)]
 
     @property
     def signature(self) -> str:
@@ -564,42 +694,82 @@ class _QueryPlan:
 
     # --------------------------------------------------------------- execution
 
+    def _matches(self, *, drive: bool) -> tuple[str, list[Any]]:
+        """The full-text condition. ``drive``: let SQLite start from the FTS matches
+        (few matches: look each up by rowid and sort them). Otherwise the ``+``
+        stops SQLite from using the rowid for that, so it walks the sort index and
+        keeps the rows that are among the matches (many matches: the page is found
+        after a short walk, and no match is sorted)."""
+        assert self.match is not None
+        fts = _q(self.table.fts)
+        rowid = "rowid" if drive else "+rowid"
+        return f"{rowid} IN (SELECT rowid FROM {fts} WHERE {fts} MATCH ?)", [self.match]
+
+    def _few_matches(self, conn: sqlite3.Connection) -> bool:
+        """Does the text match fewer than :data:`FEW_MATCHES` documents? Counting
+        stops at the bound, so this costs at most that many FTS rowids."""
+        fts = _q(self.table.fts)
+        row = conn.execute(
+            f"SELECT count(*) FROM (SELECT rowid FROM {fts} WHERE {fts} MATCH ? LIMIT {FEW_MATCHES})",
+            (self.match,),
+        ).fetchone()
+        return int(row[0]) < FEW_MATCHES
+
     def run(self, conn: sqlite3.Connection) -> Page:
         physical = _q(self.table.physical)
-        where = " AND ".join(self.where)
-        total = int(conn.execute(f"SELECT count(*) FROM {physical} WHERE {where}", self.params).fetchone()[0])
+        where, params = list(self.where), list(self.params)
+        drive = self.match is not None and self._few_matches(conn)
+        if self.match is not None:
+            condition, condition_params = self._matches(drive=drive)
+            where.append(condition)
+            params.extend(condition_params)
 
+        total: int | None = None
         facets: dict[str, dict[str, int]] = {}
-        for facet in self.query.facets:
-            col = _col(facet)
-            rows = conn.execute(
-                f"SELECT {col}, count(*) AS n FROM {physical} WHERE {where} AND {col} IS NOT NULL "
-                f"GROUP BY {col} ORDER BY n DESC, {col} LIMIT {FACET_SIZE}",
-                self.params,
-            ).fetchall()
-            facets[facet] = {str(value): int(n) for value, n in rows}
+        if self.query.count or self.query.facets:
+            counting = " AND ".join(self.where + ([self._matches(drive=True)[0]] if self.match else []))
+            counting_params = [*self.params, *([self.match] if self.match else [])]
+            total = int(
+                conn.execute(f"SELECT count(*) FROM {physical} WHERE {counting}", counting_params).fetchone()[
+                    0
+                ]
+            )
+            for facet in self.query.facets:
+                col = _col(facet)
+                rows = conn.execute(
+                    f"SELECT {col}, count(*) AS n FROM {physical} WHERE {counting} AND {col} IS NOT NULL "
+                    f"GROUP BY {col} ORDER BY n DESC, {col} LIMIT {FACET_SIZE}",
+                    counting_params,
+                ).fetchall()
+                facets[facet] = {str(value): int(n) for value, n in rows}
 
-        page_where, page_params = where, list(self.params)
         if self.query.cursor is not None:
             after, after_params = self._after(self.query.cursor)
-            page_where = f"{where} AND {after}"
-            page_params.extend(after_params)
+            where.append(after)
+            params.extend(after_params)
         order = ", ".join(f"{expr} {'DESC' if desc else 'ASC'} NULLS LAST" for expr, desc in self.sort)
         select = ", ".join(expr for expr, _ in self.sort)
-        rows = conn.execute(
-            f"SELECT doc, {select} FROM {physical} WHERE {page_where} ORDER BY {order} LIMIT ?",
-            [*page_params, self.query.limit + 1],
+        # The page's keys first (from the indexes, no document read), then only the
+        # page's documents: a sort, where one is needed, never carries documents.
+        keys = conn.execute(
+            f"SELECT rowid, {select} FROM {physical} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
+            [*params, self.query.limit + 1],
         ).fetchall()
-
-        has_more = len(rows) > self.query.limit
-        rows = rows[: self.query.limit]
+        has_more = len(keys) > self.query.limit
+        keys = keys[: self.query.limit]
+        docs = dict(
+            conn.execute(
+                f"SELECT rowid, doc FROM {physical} WHERE rowid IN ({', '.join('?' for _ in keys)})",
+                [key[0] for key in keys],
+            ).fetchall()
+        )
         next_cursor = None
-        if has_more and rows:
-            last = rows[-1]
+        if has_more and keys:
+            last = keys[-1]
             token = _Cursor(self.signature, list(last[1:-1]), str(last[-1]))
             next_cursor = base64.urlsafe_b64encode(_cursor_encoder.encode(token)).rstrip(b"=").decode()
         return Page(
-            items=[_doc_decoder.decode(row[0]) for row in rows],
+            items=[_doc_decoder.decode(docs[key[0]]) for key in keys],
             next_cursor=next_cursor,
             facets=facets,
             total=total,
