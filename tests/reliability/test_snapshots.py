@@ -286,9 +286,9 @@ async def test_keys_older_than_the_window_are_found_the_slow_way(store: SqliteEv
     use_cases = UseCases(handler)
     await register(use_cases)
     first = await use_cases.add_stock(SKU, 5, keyed("k-0", 5))
-    reserve = inventory.ReserveStock(sku=SKU, order_id="o-1", quantity=2, now=NOW)
+    reserve = inventory.ReserveStock(sku=SKU, order_id="o-1", quantity=2, now=handler.clock())
     reserved = await handler.handle(inventory.decider, STREAM, reserve, context=keyed("k-reserve", 2))
-    release = inventory.ReleaseStock(sku=SKU, order_id="o-1", reason="timeout", now=NOW)
+    release = inventory.ReleaseStock(sku=SKU, order_id="o-1", reason="timeout", now=handler.clock())
     await handler.handle(inventory.decider, STREAM, release, context=keyed("k-release", 0))
     for n in range(1, 60):
         await use_cases.add_stock(SKU, 5, keyed(f"k-{n}", 5))
