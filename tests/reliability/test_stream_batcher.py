@@ -31,6 +31,7 @@ from orderstream.domain import inventory, orders
 from orderstream.domain.common import DomainError, Money
 from orderstream.events import registry
 from orderstream.eventstore.sqlite import SqliteEventStore
+from orderstream.metrics import MeteredCommandHandler, Metrics
 
 SKU = "HOT-1"
 STREAM = inventory.stream_name(SKU)
@@ -251,3 +252,29 @@ async def test_an_order_id_that_exists_falls_back_to_the_ordinary_path(store: Sq
     with pytest.raises(DomainError):
         await handler.create(orders.decider, orders.stream_name(order_id), command)
     assert await store.stream_revision(orders.stream_name(order_id)) == 0
+
+
+async def test_batched_commands_are_counted_one_by_one_by_the_metrics_wrapper(
+    store: SqliteEventStore,
+) -> None:
+    metrics = Metrics()
+    handler = MeteredCommandHandler(
+        CommandHandler(store, registry, on_conflict=metrics.conflict_retried), metrics
+    )
+    use_cases = UseCases(handler)
+    await product_with_stock(use_cases, 2)
+    outcomes = await asyncio.gather(
+        *(use_cases.reserve_stock(SKU, f"o-{n}", 1, CommandContext()) for n in range(3)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, CommandResult) for o in outcomes) == 2
+
+    def observed(outcome: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "orderstream_command_duration_seconds_count", {"command": "ReserveStock", "outcome": outcome}
+        )
+        return value or 0.0
+
+    assert (observed("ok"), observed("insufficient-stock")) == (2.0, 1.0)
+    appended = metrics.registry.get_sample_value("orderstream_events_appended_total", {"category": "product"})
+    assert appended == 4.0  # registered, stocked, two reservations
