@@ -26,6 +26,7 @@ from orderstream.application.commands import (
     derived_event_id,
     request_digest,
 )
+from orderstream.application.snapshots import SnapshotStore
 from orderstream.application.use_cases import LineRequest, UnknownProduct, UseCases
 from orderstream.domain import inventory, orders
 from orderstream.domain.common import DomainError, Money
@@ -278,3 +279,23 @@ async def test_batched_commands_are_counted_one_by_one_by_the_metrics_wrapper(
     assert (observed("ok"), observed("insufficient-stock")) == (2.0, 1.0)
     appended = metrics.registry.get_sample_value("orderstream_events_appended_total", {"category": "product"})
     assert appended == 4.0  # registered, stocked, two reservations
+
+
+async def test_batches_leave_snapshots_that_load_as_the_full_fold(store: SqliteEventStore) -> None:
+    snapshots = SnapshotStore(store, every=10)
+    handler = CommandHandler(store, registry, snapshots=snapshots)
+    use_cases = UseCases(handler)
+    await product_with_stock(use_cases, 60)
+    for wave in range(4):  # several batches, each past a snapshot boundary
+        await asyncio.gather(
+            *(use_cases.reserve_stock(SKU, f"o-{wave}-{n}", 1, CommandContext()) for n in range(25)),
+            return_exceptions=True,
+        )
+        await snapshots.drain()
+    loaded = await handler.load(inventory.decider, STREAM)
+    full = await CommandHandler(store, registry).load(inventory.decider, STREAM)
+    assert loaded.snapshot is not None
+    assert snapshots.stats.written >= 3
+    assert loaded.state == full.state
+    assert (loaded.state.on_hand, loaded.state.reserved, loaded.state.available) == (60, 60, 0)
+    await handler.close()
