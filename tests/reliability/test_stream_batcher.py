@@ -31,7 +31,7 @@ from orderstream.application.use_cases import LineRequest, UnknownProduct, UseCa
 from orderstream.domain import inventory, orders
 from orderstream.domain.common import DomainError, Money
 from orderstream.events import registry
-from orderstream.eventstore.sqlite import SqliteEventStore
+from orderstream.eventstore.sqlite import EventStoreClosed, SqliteEventStore
 from orderstream.metrics import MeteredCommandHandler, Metrics
 
 SKU = "HOT-1"
@@ -299,3 +299,17 @@ async def test_batches_leave_snapshots_that_load_as_the_full_fold(store: SqliteE
     assert loaded.state == full.state
     assert (loaded.state.on_hand, loaded.state.reserved, loaded.state.available) == (60, 60, 0)
     await handler.close()
+
+
+async def test_a_failed_batch_fails_each_caller_and_the_next_batch_starts_afresh(tmp_path: Path) -> None:
+    store = await SqliteEventStore.open(tmp_path / "closing.db")
+    use_cases = UseCases(CommandHandler(store, registry))
+    await product_with_stock(use_cases, 5)
+    await store.close()
+    outcomes = await asyncio.gather(
+        *(use_cases.reserve_stock(SKU, f"o-{n}", 1, CommandContext()) for n in range(3)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, EventStoreClosed) for o in outcomes), outcomes
+    with pytest.raises(EventStoreClosed):  # no lane left behind waiting for a dead task
+        await asyncio.wait_for(use_cases.reserve_stock(SKU, "o-late", 1, CommandContext()), 5)
