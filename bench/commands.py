@@ -216,8 +216,8 @@ async def measure(args: argparse.Namespace, folder: Path) -> list[Row]:
             ours.rate / theirs.rate, ">= 2x", latency(ours)),
         Row(f"2. {args.reservations} concurrent reservations, one SKU", rate(batched.figure),
             f"{rate(plain.figure)} plain handler", batched.figure.rate / plain.figure.rate, ">= 1,000/s",
-            f"batcher: {batched.appends} appends, {batched.retried} retries, {batched.failed} failed, "
-            f"{latency(batched.figure)}; plain: {plain.appends} appends, {plain.retried} retries, "
+            f"batcher: {batched.appends} append jobs, {batched.retried} retries, {batched.failed} failed, "
+            f"{latency(batched.figure)}; plain: {plain.appends} append jobs, {plain.retried} retries, "
             f"{plain.failed} failed (retries exhausted); stock exact in both"),
         Row("3. durable append, 1 writer", rate(single), f"{rate(raw)} raw sqlite3", single.rate / raw.rate,
             ">= 0.9x", latency(single)),

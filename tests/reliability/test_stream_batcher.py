@@ -26,11 +26,13 @@ from orderstream.application.commands import (
     derived_event_id,
     request_digest,
 )
+from orderstream.application.snapshots import SnapshotStore
 from orderstream.application.use_cases import LineRequest, UnknownProduct, UseCases
 from orderstream.domain import inventory, orders
 from orderstream.domain.common import DomainError, Money
 from orderstream.events import registry
-from orderstream.eventstore.sqlite import SqliteEventStore
+from orderstream.eventstore.sqlite import EventStoreClosed, SqliteEventStore
+from orderstream.metrics import MeteredCommandHandler, Metrics
 
 SKU = "HOT-1"
 STREAM = inventory.stream_name(SKU)
@@ -251,3 +253,63 @@ async def test_an_order_id_that_exists_falls_back_to_the_ordinary_path(store: Sq
     with pytest.raises(DomainError):
         await handler.create(orders.decider, orders.stream_name(order_id), command)
     assert await store.stream_revision(orders.stream_name(order_id)) == 0
+
+
+async def test_batched_commands_are_counted_one_by_one_by_the_metrics_wrapper(
+    store: SqliteEventStore,
+) -> None:
+    metrics = Metrics()
+    handler = MeteredCommandHandler(
+        CommandHandler(store, registry, on_conflict=metrics.conflict_retried), metrics
+    )
+    use_cases = UseCases(handler)
+    await product_with_stock(use_cases, 2)
+    outcomes = await asyncio.gather(
+        *(use_cases.reserve_stock(SKU, f"o-{n}", 1, CommandContext()) for n in range(3)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, CommandResult) for o in outcomes) == 2
+
+    def observed(outcome: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "orderstream_command_duration_seconds_count", {"command": "ReserveStock", "outcome": outcome}
+        )
+        return value or 0.0
+
+    assert (observed("ok"), observed("insufficient-stock")) == (2.0, 1.0)
+    appended = metrics.registry.get_sample_value("orderstream_events_appended_total", {"category": "product"})
+    assert appended == 4.0  # registered, stocked, two reservations
+
+
+async def test_batches_leave_snapshots_that_load_as_the_full_fold(store: SqliteEventStore) -> None:
+    snapshots = SnapshotStore(store, every=10)
+    handler = CommandHandler(store, registry, snapshots=snapshots)
+    use_cases = UseCases(handler)
+    await product_with_stock(use_cases, 60)
+    for wave in range(4):  # several batches, each past a snapshot boundary
+        await asyncio.gather(
+            *(use_cases.reserve_stock(SKU, f"o-{wave}-{n}", 1, CommandContext()) for n in range(25)),
+            return_exceptions=True,
+        )
+        await snapshots.drain()
+    loaded = await handler.load(inventory.decider, STREAM)
+    full = await CommandHandler(store, registry).load(inventory.decider, STREAM)
+    assert loaded.snapshot is not None
+    assert snapshots.stats.written >= 3
+    assert loaded.state == full.state
+    assert (loaded.state.on_hand, loaded.state.reserved, loaded.state.available) == (60, 60, 0)
+    await handler.close()
+
+
+async def test_a_failed_batch_fails_each_caller_and_the_next_batch_starts_afresh(tmp_path: Path) -> None:
+    store = await SqliteEventStore.open(tmp_path / "closing.db")
+    use_cases = UseCases(CommandHandler(store, registry))
+    await product_with_stock(use_cases, 5)
+    await store.close()
+    outcomes = await asyncio.gather(
+        *(use_cases.reserve_stock(SKU, f"o-{n}", 1, CommandContext()) for n in range(3)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, EventStoreClosed) for o in outcomes), outcomes
+    with pytest.raises(EventStoreClosed):  # no lane left behind waiting for a dead task
+        await asyncio.wait_for(use_cases.reserve_stock(SKU, "o-late", 1, CommandContext()), 5)

@@ -69,6 +69,7 @@ class StreamBatcher:
 
     async def _drain(self, stream: str, lane: _Lane[C, E, S]) -> None:
         """Write batches until the queue is empty, then forget the stream."""
+        batch: list[tuple[Request[C, S], asyncio.Future[CommandResult[S]]]] = []
         try:
             while lane.waiting:
                 batch, lane.waiting = lane.waiting[: self.max_batch], lane.waiting[self.max_batch :]
@@ -88,5 +89,5 @@ class StreamBatcher:
                         future.set_result(outcome)
         finally:
             del self._lanes[stream]
-            for _, future in lane.waiting:  # only when this task itself was cancelled
+            for _, future in [*batch, *lane.waiting]:  # left undone only if this task was cancelled
                 future.cancel()
