@@ -237,7 +237,11 @@ def command_context(
 
 
 def make_before_send(metrics: Metrics) -> Any:
-    """Echo the correlation id on every answer (404s and errors too) and count it."""
+    """Echo the correlation id on every answer (404s and errors too) and count it.
+
+    The counter of each (method, route, status) is looked up once and kept: the
+    labelled look-up takes a lock and builds its key on every call."""
+    counters: dict[tuple[Any, str, int], Any] = {}
 
     async def before_send(message: Message, scope: Scope) -> None:
         if message["type"] != "http.response.start":
@@ -246,10 +250,13 @@ def make_before_send(metrics: Metrics) -> Any:
         headers = list(message.get("headers", []))
         headers.append((b"x-correlation-id", cid.encode("latin-1")))
         message["headers"] = headers
-        route = scope.get("path_template") or "unmatched"
-        metrics.http_requests.labels(
-            method=scope.get("method", "?"), route=route, status=str(message["status"])
-        ).inc()
+        key = (scope.get("method", "?"), scope.get("path_template") or "unmatched", message["status"])
+        counter = counters.get(key)
+        if counter is None:
+            counter = counters[key] = metrics.http_requests.labels(
+                method=key[0], route=key[1], status=str(key[2])
+            )
+        counter.inc()
 
     return before_send
 
