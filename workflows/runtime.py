@@ -127,6 +127,12 @@ async def ensure_search_attributes(client: Client, *, namespace: str = NAMESPACE
     return True
 
 
+MAX_CACHED_WORKFLOWS = 5000
+"""Runs kept in memory between workflow tasks (the SDK's default is 1,000): a
+burst of orders keeps more than that many sagas open, and an evicted run is
+replayed from its history on its next task."""
+
+
 def build_worker(client: Client, use_cases: UseCases, gateway: PaymentGateway, task_queue: str) -> Worker:
     activities = FulfilmentActivities(use_cases, gateway)
     return Worker(
@@ -135,6 +141,7 @@ def build_worker(client: Client, use_cases: UseCases, gateway: PaymentGateway, t
         workflows=[OrderFulfilment],
         activities=activities.all(),
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        max_cached_workflows=MAX_CACHED_WORKFLOWS,
     )
 
 
