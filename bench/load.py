@@ -206,6 +206,17 @@ class WrkResult:
         return sum(n for status, n in self.statuses.items() if predicate(status))
 
     @property
+    def rps(self) -> float:
+        return float(self.figures["rps"])
+
+    @property
+    def per_cpu_second(self) -> float:
+        """Requests per CPU-second of the server processes: what a shared, busy machine
+        (other work taking cores from one contender and not the other) distorts least."""
+        cores = float(self.figures.get("server_cores") or 0)
+        return self.rps / cores if cores else float("nan")
+
+    @property
     def non_2xx(self) -> int:
         return self.count(lambda s: not 200 <= s < 300)
 
@@ -393,12 +404,17 @@ def show(result: WrkResult) -> str:
     )
 
 
+def ratio(ours: float, reference: float) -> float:
+    return ours / reference if reference else float("nan")
+
+
 def compare(report: Report, label: str, ours: WrkResult, bare: WrkResult) -> None:
-    ratio = ours.figures["rps"] / bare.figures["rps"] if bare.figures["rps"] else float("nan")
     console.print(f"  orderstream: {show(ours)}")
     console.print(f"  bare app:    {show(bare)}")
     console.print(
-        f"  ratio {ratio:.2f}x the bare route's rate; statuses {dict(sorted(ours.statuses.items()))}"
+        f"  ratio {ratio(ours.rps, bare.rps):.2f}x the bare route's rate, "
+        f"{ratio(ours.per_cpu_second, bare.per_cpu_second):.2f}x its requests per server CPU-second; "
+        f"statuses {dict(sorted(ours.statuses.items()))}"
     )
     report.http.append((label, ours, bare))
 
@@ -629,20 +645,24 @@ def summary(report: Report, setup: Setup) -> None:
 
 def http_table(report: Report) -> Table:
     table = Table(title="bench.load: orderstream beside the bare Litestar + msgspec app, same run")
-    for column in ("scenario", "contender", "req/s", "p50 ms", "p99 ms", "non-2xx (5xx)", "ratio"):
+    columns = ("scenario", "contender", "req/s", "p50 ms", "p99 ms", "non-2xx (5xx)", "server cores")
+    for column in (*columns, "req/CPU-s", "ratio req/s", "ratio req/CPU-s"):
         table.add_column(column)
     for label, ours, bare in report.http:
-        ratio = ours.figures["rps"] / bare.figures["rps"] if bare.figures["rps"] else float("nan")
-        for name, result, cell in (("orderstream", ours, f"{ratio:.2f}x"), ("bare app", bare, "")):
+        for result in (ours, bare):
             f = result.figures
+            is_ours = result is ours
             table.add_row(
-                label if result is ours else "",
-                name,
-                f"{f['rps']:,.0f}",
+                label if is_ours else "",
+                "orderstream" if is_ours else "bare app",
+                f"{result.rps:,.0f}",
                 f"{f['p50_ms']:.1f}",
                 f"{f['p99_ms']:.1f}",
                 f"{result.non_2xx} ({result.server_errors})",
-                cell,
+                f"{f.get('server_cores', float('nan')):.2f}",
+                f"{result.per_cpu_second:,.0f}",
+                f"{ratio(ours.rps, bare.rps):.2f}x" if is_ours else "",
+                f"{ratio(ours.per_cpu_second, bare.per_cpu_second):.2f}x" if is_ours else "",
             )
     return table
 
