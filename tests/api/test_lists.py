@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.api.helpers import order_body, place_order, register_product
+from orderstream.api.app import create_app
+from orderstream.bootstrap import build
+from orderstream.config import Settings
+from tests.api.helpers import assert_problem, order_body, place_order, register_product
+from tests.conftest import MakeClient, client_for
 
 
 async def _seed(client: httpx.AsyncClient) -> tuple[list[str], int]:
@@ -43,16 +49,21 @@ async def _all_pages(client: httpx.AsyncClient, params: dict[str, Any]) -> list[
 async def test_filter_facets_text_sort_and_cursor(client: httpx.AsyncClient) -> None:
     ids, position = await _seed(client)
 
-    everything = await client.get("/orders", params={"min_position": position, "limit": 100})
+    everything = await client.get(
+        "/orders", params={"min_position": position, "limit": 100, "facets": "status"}
+    )
     body = everything.json()
     assert len(body["items"]) == 7
     assert body["next_cursor"] is None
     assert body["facets"]["status"] == {"placed": 5, "cancelled": 2}
+    not_asked = (await client.get("/orders", params={"limit": 100})).json()
+    assert not_asked["facets"]["status"] == {}  # counting costs a pass over every match
+    assert [o["id"] for o in not_asked["items"]] == [o["id"] for o in body["items"]]
     # default: newest first
     placed_at = [o["placed_at"] for o in body["items"]]
     assert placed_at == sorted(placed_at, reverse=True)
 
-    cancelled = (await client.get("/orders", params={"status": "cancelled"})).json()
+    cancelled = (await client.get("/orders", params={"status": "cancelled", "facets": "status"})).json()
     assert sorted(o["id"] for o in cancelled["items"]) == sorted(ids[:2])
     assert cancelled["facets"]["status"] == {"cancelled": 2}
     several = (await client.get("/orders", params=[("status", "cancelled"), ("status", "placed")])).json()
@@ -91,3 +102,51 @@ async def test_products_list_search_and_pages(client: httpx.AsyncClient) -> None
     found = (await client.get("/products", params={"q": "teapot"})).json()
     assert [p["sku"] for p in found["items"]] == ["SKU-3"]
     assert found["items"][0]["available"] == 100
+
+
+async def test_a_facet_nobody_can_count_is_a_400(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/orders", params={"facets": "customer_id"}), 400)
+
+
+async def test_an_api_only_process_lists_and_searches_what_another_process_projected(
+    make_client: MakeClient, read_store_url: str, tmp_path: Path
+) -> None:
+    """The compose topology: ``orderstream api`` (no projection runner) beside
+    ``orderstream project``, each with its own stores on the same files / node.
+    The API process has never ensured a collection; its queries still work, with
+    and without ``min_position``, and before anything was projected."""
+    shared: dict[str, Any] = {"data_dir": tmp_path / "shared"}
+    if read_store_url:
+        shared["read_store_url"] = f"{read_store_url}shared-"
+    async with make_client(projections=False, **shared) as (api, _):
+        empty = await api.get("/orders", params={"q": "rotterdam", "facets": "status"})
+        assert empty.status_code == 200, empty.text
+        assert empty.json() == {"items": [], "next_cursor": None, "facets": {"status": {}}}
+
+        async with make_client(projections=True, **shared) as (_projector, _):
+            _ids, position = await _seed(api)
+            found = await api.get("/orders", params={"q": "rotterdam", "min_position": position})
+            assert found.status_code == 200, found.text
+            assert [o["shipping_address"]["city"] for o in found.json()["items"]] == ["Rotterdam"]
+
+        listed = await api.get("/orders", params={"facets": "status", "limit": 3})
+        assert listed.status_code == 200, listed.text
+        assert listed.json()["facets"]["status"] == {"placed": 5, "cancelled": 2}
+        rest = await _all_pages(api, {"limit": 3, "status": "placed"})
+        assert len(rest) == 5
+        products = await api.get("/products", params={"q": "teapot"})
+        assert [p["sku"] for p in products.json()["items"]] == ["SKU-2"]
+
+
+@pytest.mark.parametrize("path", ["/orders", "/orders?q=london", "/orders/o-1", "/products"])
+async def test_an_unreachable_elasticsearch_gives_503_with_retry_after(tmp_path: Path, path: str) -> None:
+    settings = Settings(data_dir=tmp_path / "data", read_store_url="http://127.0.0.1:9/?prefix=gone-")
+    container = await build(settings)
+    try:
+        async with client_for(create_app(container, extra_route_handlers=())) as client:
+            response = await client.get(path)
+        problem = assert_problem(response, 503)
+        assert response.headers["retry-after"]
+        assert "read store" in problem["detail"]
+    finally:
+        await container.close()

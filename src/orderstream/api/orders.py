@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
@@ -69,6 +69,14 @@ Sort = Annotated[
             "Comma-separated fields, `-` for descending: placed_at, updated_at, total_amount, "
             "customer_id, status. Default `-placed_at`."
         ),
+    ),
+]
+FacetsParameter = Annotated[
+    list[Literal["status"]] | None,
+    QueryParameter(
+        required=False,
+        description="`status`: count the matching orders per status (over all pages). Omitted: "
+        "`facets.status` is empty, which keeps a list over many orders fast.",
     ),
 ]
 CustomerFilter = Annotated[
@@ -235,7 +243,7 @@ class OrderController(Controller):
         "/",
         operation_id="listOrders",
         summary="List, filter and search orders",
-        description="Facet counts per status cover every matching order, not only the page.",
+        description="With `facets=status`, counts per status cover every matching order, not only the page.",
         response_headers=[CORRELATION_HEADER],
         responses=problem_responses(400, 503),
     )
@@ -249,6 +257,7 @@ class OrderController(Controller):
         cursor: Cursor = None,
         limit: Limit = 20,
         min_position: MinPosition = None,
+        facets: FacetsParameter = None,
     ) -> OrderPage:
         page = await queries.list_orders(
             customer_id=customer_id,
@@ -258,6 +267,7 @@ class OrderController(Controller):
             cursor=cursor,
             limit=limit,
             min_position=min_position,
+            facets=list(facets or ()),
         )
         return OrderPage(
             items=[order_view(d) for d in page.items],

@@ -34,6 +34,7 @@ PRODUCTS = "products"
 MAX_LIMIT = 100
 MAX_TEXT = 200
 ORDER_SORT_FIELDS = frozenset({"placed_at", "updated_at", "total_amount", "customer_id", "status"})
+ORDER_FACETS = frozenset({"status"})
 PRODUCT_SORT_FIELDS = frozenset({"sku", "available", "on_hand"})
 STATUSES: frozenset[str] = frozenset(
     {"placed", "stock_reserved", "payment_authorised", "confirmed", "shipped", "rejected", "cancelled"}
@@ -188,7 +189,16 @@ class Queries:
         cursor: str | None = None,
         limit: int = 20,
         min_position: int | None = None,
+        facets: Sequence[str] = (),
     ) -> Page:
+        """A page of orders. ``facets`` (``"status"``) asks for counts over every
+        match: they cost a pass over the matches, so only a client that shows them
+        pays for them (docs/read-models.md)."""
+        unknown_facets = sorted(set(facets) - ORDER_FACETS)
+        if unknown_facets:
+            raise InvalidQuery(
+                f"cannot count {', '.join(unknown_facets)}; countable: {', '.join(sorted(ORDER_FACETS))}"
+            )
         unknown = sorted(set(status) - STATUSES)
         if unknown:
             raise InvalidQuery(f"unknown status {', '.join(unknown)}; known: {', '.join(sorted(STATUSES))}")
@@ -203,7 +213,7 @@ class Queries:
             sort=parse_sort(sort, ORDER_SORT_FIELDS),
             cursor=cursor or None,
             limit=_check_limit(limit),
-            facets=("status",),
+            facets=tuple(dict.fromkeys(facets)),
         )
         await self.wait_for(ORDERS, min_position)
         return await self.read_store.query(ORDERS, query)

@@ -14,18 +14,32 @@ Refresh strategy (read-your-writes): every bulk write asks for
 returns, and the projector acknowledges the event, the document is visible
 to searches; ``GET`` by id is real-time in Elasticsearch anyway. The price is
 up to ~100 ms of latency per projector batch, not per event.
+
+Schemas across processes: each index carries its projection's
+:class:`CollectionSchema` in its mapping's ``_meta``, so a process that never
+ensured a collection (``orderstream api``: the projectors run elsewhere) reads
+the schema from the index the alias points at. A collection whose alias does
+not exist yet has nothing to find: its queries answer an empty page.
+
+Outages: a node that cannot be reached, or answers 429/5xx, raises
+:class:`ReadStoreUnavailable` (the API's 503 + ``Retry-After``). The client's
+per-request transport log lines are kept at WARNING unless the process logs at
+DEBUG.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
 import msgspec
-from elasticsearch import AsyncElasticsearch, BadRequestError, NotFoundError
+from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, NotFoundError, TransportError
 
 from orderstream.readstore.base import (
     CollectionSchema,
@@ -37,6 +51,7 @@ from orderstream.readstore.base import (
     Page,
     Query,
     Range,
+    ReadStoreUnavailable,
     SortField,
     Upsert,
     WriteOp,
@@ -45,6 +60,29 @@ from orderstream.readstore.base import (
 
 MAX_LIMIT = 1000
 REFRESH_INTERVAL = "100ms"
+SCHEMA_META = "orderstream_schema"
+"""Key of the projection schema (JSON) in an index mapping's ``_meta``."""
+DISCOVERED_SCHEMA_TTL = 10.0
+"""Seconds a schema read from an index is trusted before it is read again (an alias
+switched by a rebuild in another process may point at a new version)."""
+
+_schema_encoder = msgspec.json.Encoder()
+_schema_decoder = msgspec.json.Decoder(CollectionSchema)
+
+
+@asynccontextmanager
+async def _reachable() -> AsyncIterator[None]:
+    """Turn "the node is down, overloaded or failing" into :class:`ReadStoreUnavailable`;
+    a 4xx stays what it is (a bad request or a missing document is no outage)."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.meta.status == 429 or exc.meta.status >= 500:
+            raise ReadStoreUnavailable("the read store (Elasticsearch)", exc) from exc
+        raise
+    except TransportError as exc:  # connection refused, timeout, TLS
+        raise ReadStoreUnavailable("the read store (Elasticsearch)", exc) from exc
+
 
 _ES_TYPES = {
     FieldKind.KEYWORD: {"type": "keyword"},
@@ -123,11 +161,16 @@ class ElasticsearchReadStore:
         self._es = client
         self._prefix = prefix.lower()
         self._schemas: dict[str, CollectionSchema] = {}
+        """Schemas ensured by this process: authoritative."""
+        self._discovered: dict[str, tuple[float, CollectionSchema]] = {}
+        """Schemas read from the alias target's mapping, with when they were read."""
 
     @classmethod
     async def open(
         cls, url: str, *, prefix: str = "orderstream-", request_timeout: float = 30.0
     ) -> ElasticsearchReadStore:
+        if not logging.getLogger("orderstream").isEnabledFor(logging.DEBUG):
+            logging.getLogger("elastic_transport").setLevel(logging.WARNING)
         client = AsyncElasticsearch(url, request_timeout=request_timeout)
         return cls(client, prefix)
 
@@ -139,11 +182,29 @@ class ElasticsearchReadStore:
     def _physical(self, schema: CollectionSchema, version: int | None, suffix: str | None) -> str:
         return f"{self._prefix}{schema.physical_name(version, suffix)}".lower()
 
-    def _schema(self, collection: str) -> CollectionSchema:
-        try:
+    async def _schema(self, collection: str) -> CollectionSchema | None:
+        """The collection's schema: ensured here, or read from the index its alias
+        points at; ``None`` if there is no such alias (nothing projected yet)."""
+        if collection in self._schemas:
             return self._schemas[collection]
-        except KeyError:
-            raise InvalidQuery(f"unknown collection {collection!r}") from None
+        cached = self._discovered.get(collection)
+        if cached is not None and time.monotonic() - cached[0] < DISCOVERED_SCHEMA_TTL:
+            return cached[1]
+        try:
+            async with _reachable():
+                answer = await self._es.indices.get_mapping(index=self.alias(collection))
+        except NotFoundError:
+            return None
+        for mapping in answer.body.values():
+            raw = mapping.get("mappings", {}).get("_meta", {}).get(SCHEMA_META)
+            if raw is not None:
+                schema = _schema_decoder.decode(raw)
+                self._discovered[collection] = (time.monotonic(), schema)
+                return schema
+        raise InvalidQuery(
+            f"the {collection!r} index has no schema in its mapping; "
+            "start a projector (it records it) or rebuild the projection"
+        )
 
     # -------------------------------------------------------------- collections
 
@@ -155,15 +216,21 @@ class ElasticsearchReadStore:
             name=f"{self._prefix}{schema.name}", **index_template(schema, self._prefix)
         )
         physical = self._physical(schema, version, suffix)
+        stored = msgspec.structs.replace(schema, version=version if version is not None else schema.version)
+        meta = {SCHEMA_META: _schema_encoder.encode(stored).decode()}
         if not await self._es.indices.exists(index=physical):
             template = index_template(schema, self._prefix)["template"]
             try:
                 await self._es.indices.create(
-                    index=physical, settings=template["settings"], mappings=template["mappings"]
+                    index=physical,
+                    settings=template["settings"],
+                    mappings={**template["mappings"], "_meta": meta},
                 )
             except Exception as exc:  # created by a concurrent process in the meantime
                 if "resource_already_exists_exception" not in str(exc):
                     raise
+        else:  # made before schemas were recorded, or by another code version: record ours
+            await self._es.indices.put_mapping(index=physical, meta=meta)
         if await self.alias_target(schema.name) is None:
             await self._es.indices.update_aliases(
                 actions=[{"add": {"index": physical, "alias": self.alias(schema.name)}}]
@@ -172,7 +239,8 @@ class ElasticsearchReadStore:
 
     async def alias_target(self, collection: str) -> str | None:
         try:
-            answer = await self._es.indices.get_alias(name=self.alias(collection))
+            async with _reachable():
+                answer = await self._es.indices.get_alias(name=self.alias(collection))
         except NotFoundError:
             return None
         targets = sorted(answer.body)
@@ -197,7 +265,8 @@ class ElasticsearchReadStore:
 
     async def get(self, collection: str, doc_id: str, *, physical: str | None = None) -> Document | None:
         try:
-            answer = await self._es.get(index=physical or self.alias(collection), id=doc_id)
+            async with _reachable():
+                answer = await self._es.get(index=physical or self.alias(collection), id=doc_id)
         except NotFoundError:
             return None
         source: Document = answer["_source"]
@@ -205,7 +274,8 @@ class ElasticsearchReadStore:
 
     async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
         try:
-            answer = await self._es.get(index=physical or self.alias(collection), id=doc_id, source=False)
+            async with _reachable():
+                answer = await self._es.get(index=physical or self.alias(collection), id=doc_id, source=False)
         except NotFoundError:
             return None
         version: int = answer["_version"]
@@ -269,9 +339,12 @@ class ElasticsearchReadStore:
         return sort
 
     async def query(self, collection: str, query: Query) -> Page:
-        schema = self._schema(collection)
         if not 1 <= query.limit <= MAX_LIMIT:
             raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}")
+        schema = await self._schema(collection)
+        if schema is None:  # no alias yet: nothing has been projected
+            total = 0 if query.count or query.facets else None
+            return Page(items=[], next_cursor=None, facets={f: {} for f in query.facets}, total=total)
         must: list[dict[str, Any]] = []
         if query.text and query.text.strip():
             text_fields = [name for name, kind in schema.fields.items() if kind is FieldKind.TEXT]
@@ -307,7 +380,8 @@ class ElasticsearchReadStore:
                 raise InvalidQuery("cursor does not match the sort")
             params["search_after"] = values
         try:
-            answer = await self._es.search(**params)
+            async with _reachable():
+                answer = await self._es.search(**params)
         except BadRequestError as exc:  # a query the checks above let through
             raise InvalidQuery(str(exc.message)) from exc
         hits = answer["hits"]["hits"]
