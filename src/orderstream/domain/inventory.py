@@ -235,7 +235,7 @@ def evolve(state: Product, event: InventoryEvent) -> Product:
             )
         case _:
             assert_never(event)
-    return _clock(state, event.at)
+    return _advance_clock(state, event.at)
 
 
 def _without(reservations: Mapping[str, int], order_id: str) -> tuple[dict[str, int], int]:
@@ -244,7 +244,7 @@ def _without(reservations: Mapping[str, int], order_id: str) -> tuple[dict[str, 
     return rest, rest.pop(order_id, 0)
 
 
-def _clock(state: Product, at: datetime) -> Product:
+def _advance_clock(state: Product, at: datetime) -> Product:
     """Advance ``latest_at`` to ``at`` and forget releases older than the guard.
 
     ``released_at`` is in append order, which is event-time order up to clock
