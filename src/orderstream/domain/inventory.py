@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Annotated, assert_never
+from typing import Annotated, ClassVar, assert_never
 
 import msgspec
 from msgspec.structs import replace
@@ -163,6 +163,9 @@ class Product(msgspec.Struct, frozen=True, kw_only=True):
     the reservations in flight, and each release for :data:`RELEASE_GUARD`
     after it happened (so a late reservation for a released order cannot hold
     stock again: ``docs/inventory.md``)."""
+
+    SNAPSHOT_VERSION: ClassVar[int] = 2
+    """2: the bounded state (no sets of finished orders). Bump when ``evolve`` changes."""
 
     registered: bool = False
     sku: str = ""
