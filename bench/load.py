@@ -1,4 +1,4 @@
-"""Load generator: ``python -m bench.load [--scenarios place,mixed,burst,paced]``.
+"""Load generator: ``python -m bench.load [--scenarios place,place-serve,mixed,burst,paced]``.
 
 Drives the running service over HTTP with wrk (a compiled client: an asyncio
 httpx client measuring itself topped out near 600 requests/s on ``/health`` on
@@ -11,6 +11,7 @@ Scenarios (each on a fresh temp data dir, the service started and stopped here):
 
 - ``place``: ``POST /orders`` alone, ``--connections`` (32) for ``--duration`` s,
   on ``orderstream api``; the bare app's ``POST /orders`` beside it.
+- ``place-serve``: the same on ``orderstream serve`` (projections and sagas too).
 - ``mixed``: place 40%, ``GET /orders/{id}`` 30%, search 10%, ``PATCH`` 10%,
   ``DELETE`` 10%, on ``orderstream api`` with ``orderstream project`` beside it
   (the production split: reads come from the read model it writes); the bare
@@ -68,7 +69,7 @@ OTHER_SKUS = 8  # BENCH-0 .. BENCH-7, as the Lua scripts name them
 STOCK = 1_000_000  # the most one POST /products/{sku}/stock adds
 TERMINAL = frozenset({"shipped", "rejected", "cancelled"})
 EXPECTED_4XX = frozenset({404, 409, 412})
-SCENARIOS = ("place", "mixed", "burst", "paced")
+SCENARIOS = ("place", "place-serve", "mixed", "burst", "paced")
 PROGRESS_EVERY = 5.0
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
@@ -202,7 +203,7 @@ class WrkResult:
     def statuses(self) -> dict[int, int]:
         return {int(k): int(v) for k, v in self.figures.get("statuses", {}).items()}
 
-    def count(self, predicate: Any) -> int:
+    def count(self, predicate: Callable[[int], bool]) -> int:
         return sum(n for status, n in self.statuses.items() if predicate(status))
 
     @property
@@ -317,7 +318,7 @@ def run_wrk_until_done(label: str, script: str, url: str, *, threads: int, **opt
 
 
 def seed(url: str, skus: dict[str, int]) -> None:
-    """Register each SKU at 12.50 EUR and add its stock (retried keys keep it exact)."""
+    """Register each SKU at 12.50 EUR and add its stock (in steps of at most ``STOCK``)."""
     with httpx.Client(base_url=url, timeout=30) as client:
         for sku, stock in skus.items():
             body = {"sku": sku, "name": f"Bench {sku}", "price": {"amount": 1250, "currency": "EUR"}}
@@ -362,14 +363,13 @@ def order_statuses(client: httpx.Client) -> Progress:
     return Progress(time.monotonic(), dict(page.json()["facets"]["status"]))
 
 
-def wait_settled(client: httpx.Client, expected: int, timeout: float, label: str) -> list[Progress]:
-    """Poll until the read model shows ``expected`` orders, all terminal (or ``timeout``)."""
-    seen: list[Progress] = []
+def wait_settled(client: httpx.Client, expected: int, timeout: float, label: str) -> Progress:
+    """Poll until the read model shows ``expected`` orders, all terminal (or ``timeout``);
+    the last state seen."""
     deadline = time.monotonic() + timeout
     last_print = 0.0
     while True:
         now = order_statuses(client)
-        seen.append(now)
         if now.total >= expected and now.open == 0:
             break
         if time.monotonic() > deadline:
@@ -379,8 +379,8 @@ def wait_settled(client: httpx.Client, expected: int, timeout: float, label: str
             console.print(f"  {label}: {now}")
             last_print = now.at
         time.sleep(0.25)
-    console.print(f"  {label}: {seen[-1]}")
-    return seen
+    console.print(f"  {label}: {now}")
+    return now
 
 
 # ------------------------------------------------------------------------ scenarios
@@ -484,15 +484,20 @@ def http_pair(
     return results[1], results[0]
 
 
-def scenario_place(setup: Setup, args: argparse.Namespace, report: Report) -> None:
-    label = f"(a) POST /orders, {args.connections} connections, `orderstream api`"
+def scenario_place(setup: Setup, args: argparse.Namespace, report: Report, command: str = "api") -> None:
+    label = f"(a) POST /orders, {args.connections} connections, `orderstream {command}`"
     console.rule(label)
-    api = setup.orderstream("api", setup.data_dir(), free_port())
+    service = serve(setup) if command == "serve" else setup.orderstream("api", setup.data_dir(), free_port())
     bare = setup.bare()
-    with running(bare, api):
-        seed(api.url, catalogue())
-        ours, ref = http_pair(args, label, "place", [api], bare)
+    with running(bare, service):
+        seed(service.url, catalogue())
+        ours, ref = http_pair(args, label, "place", [service], bare)
     compare(report, label, ours, ref)
+
+
+def scenario_place_serve(setup: Setup, args: argparse.Namespace, report: Report) -> None:
+    """(a) on ``orderstream serve``: the projections and sagas share the process set."""
+    scenario_place(setup, args, report, command="serve")
 
 
 def scenario_mixed(setup: Setup, args: argparse.Namespace, report: Report) -> None:
@@ -563,8 +568,7 @@ def scenario_burst(setup: Setup, args: argparse.Namespace, report: Report) -> No
             f"{dict(sorted(result.statuses.items()))}; p50 {result.figures['p50_ms']:.0f} ms, "
             f"p99 {result.figures['p99_ms']:.0f} ms"
         )
-        seen = wait_settled(client, created, args.settle_timeout, "orders")
-        final = seen[-1]
+        final = wait_settled(client, created, args.settle_timeout, "orders")
         settled = final.open == 0 and final.total >= created
         after = final.at - last_201
         stock_now = stock_line(client, sku)
@@ -606,8 +610,7 @@ def scenario_paced(setup: Setup, args: argparse.Namespace, report: Report) -> No
         console.print(f"  load done: {show(result)}; read model: {at_stop}")
         console.print(f"  /ready beyond the stores: {saga_lag(client)}")
         created = result.statuses.get(201, 0)
-        seen = wait_settled(client, created, args.settle_timeout, "orders")
-        final = seen[-1]
+        final = wait_settled(client, created, args.settle_timeout, "orders")
     load_seconds = stopped - started
     accepted_rate = created / load_seconds
     shipped_at_stop = at_stop.statuses.get("shipped", 0)
@@ -714,6 +717,7 @@ def cli() -> None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
     runs = {
         "place": scenario_place,
+        "place-serve": scenario_place_serve,
         "mixed": scenario_mixed,
         "burst": scenario_burst,
         "paced": scenario_paced,
