@@ -677,6 +677,17 @@ def server_extras() -> str:
     return ", ".join(f"{n} {'yes' if importlib.util.find_spec(n) else 'no'}" for n in names)
 
 
+def workers_option(service_args: list[str]) -> int:
+    """The N of ``--workers N`` / ``--workers=N`` among the service's options, else 1:
+    the bare app gets as many server processes as the service."""
+    for i, arg in enumerate(service_args):
+        name, _, value = arg.partition("=")
+        if name == "--workers":
+            given = value or (service_args[i + 1] if i + 1 < len(service_args) else "")
+            return int(given) if given.isdigit() else 1
+    return 1
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -688,7 +699,12 @@ def cli() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--runner", choices=("uvicorn", "granian"), default="uvicorn", help="bare app server")
-    parser.add_argument("--bare-workers", type=int, default=1, help="bare app server processes")
+    parser.add_argument(
+        "--bare-workers",
+        type=int,
+        default=None,
+        help="bare app server processes (default: the --workers given with --service-arg, else 1)",
+    )
     parser.add_argument(
         "--service-arg",
         action="append",
@@ -724,7 +740,8 @@ def cli() -> None:
     }
     report = Report()
     with tempfile.TemporaryDirectory(prefix="bench-load-") as workdir:
-        setup = Setup(Path(workdir), tuple(args.service_arg), args.runner, args.bare_workers)
+        workers = args.bare_workers or workers_option(args.service_arg)
+        setup = Setup(Path(workdir), tuple(args.service_arg), args.runner, workers)
         for name in SCENARIOS:
             if name in chosen:
                 try:
