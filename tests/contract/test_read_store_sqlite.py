@@ -53,6 +53,7 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteReadStore]:
 
 
 async def _fill(store: SqliteReadStore, n: int = 60) -> None:
+    """``n`` things; every title has "item" and one of four words."""
     words = ["alpha", "alphabet", "alpine", "beta"]
     docs = [
         thing(
@@ -84,7 +85,7 @@ async def test_the_sort_order_walk_finds_what_sorting_every_match_finds(
     await _fill(sqlite_store)
     sorted_pages = await pages(sqlite_store, query)
     monkeypatch.setattr(sqlite_module, "FEW_MATCHES", 1)
-    monkeypatch.setattr(sqlite_module, "FIRST_WINDOW", 2)
+    monkeypatch.setattr(sqlite_module, "WINDOW_ROWS_PER_RESULT", 1)
     walked_pages = await pages(sqlite_store, query)
     assert walked_pages == sorted_pages
     assert sum(len(p) for p in sorted_pages) > query.limit  # more than one page was compared
@@ -129,6 +130,12 @@ async def test_maintained_counts_follow_updates_deletes_and_stale_writes(
     assert maintained.facets == counted.facets
     assert maintained.total == counted.total == 30
     assert maintained.facets["colour"] == {"green": 11, "red": 9, "blue": 9, "purple": 1}
+    some = Query(filters={"colour": ["red", "purple", "none"]}, facets=("colour",), limit=1)
+    maintained = await sqlite_store.query(C, some)
+    every_size = {**some.filters, "size": Range(gte=-1)}  # a second filter: counted, not maintained
+    counted = await sqlite_store.query(C, msgspec.structs.replace(some, filters=every_size))
+    assert maintained.facets == counted.facets == {"colour": {"red": 9, "purple": 1}}
+    assert maintained.total == counted.total == 10
 
 
 async def test_counts_are_filled_for_a_table_made_before_them(tmp_path: Path) -> None:

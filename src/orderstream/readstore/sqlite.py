@@ -60,9 +60,10 @@ FACET_SIZE = 100
 FEW_MATCHES = 2000
 """Below this many full-text matches a query sorts the matches; from it on, it walks
 the rows in sort order instead (``_QueryPlan._walk``)."""
-FIRST_WINDOW = 512
+WINDOW_ROWS_PER_RESULT = 16
 MAX_WINDOW = 32_768
-"""Rows per step of that walk: the first, and the most (each step takes 4x more)."""
+"""Rows per step of that walk: the first step takes 16 per row of the page (enough
+for 1 match in 8), each next one 4x more, up to the most."""
 MAX_PREFIX_WORDS = 32
 """A trailing prefix standing for at most this many words is searched as those words."""
 PREFIX_CACHE_SECONDS = 1.0
@@ -841,7 +842,7 @@ class _QueryPlan:
         wanted = self.query.limit + 1
         found: list[Any] = []
         after: tuple[str, list[Any]] | None = None
-        window = FIRST_WINDOW
+        window = min(WINDOW_ROWS_PER_RESULT * wanted, MAX_WINDOW)
         while len(found) < wanted:
             clause = f"{where} AND {after[0]}" if after else where
             rows = conn.execute(
@@ -871,18 +872,53 @@ class _QueryPlan:
         row = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (self.table.counts,)).fetchone()
         return row is not None
 
-    def _maintained_counts(self, conn: sqlite3.Connection) -> tuple[int, dict[str, dict[str, int]]]:
+    def _maintained_scope(self) -> tuple[str, list[Any]] | None:
+        """Can the counts table answer this query's total and facets? Yes with no
+        filter and no text (``(TOTAL, [])``), and with only an exact filter on the
+        one faceted KEYWORD field (``status IN (...)``, facets on status): the
+        counts of those values are the answer (``(field, values)``)."""
+        filters = self.query.filters
+        if self.match is not None or len(filters) > 1:
+            return None
+        if not filters:
+            return TOTAL, []
+        ((field, value),) = filters.items()
+        values = [value] if isinstance(value, str | int) else value
+        if (
+            self.fields.get(field) is not FieldKind.KEYWORD
+            or set(self.query.facets) - {field}
+            or not isinstance(values, Sequence)
+            or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values)
+        ):
+            return None
+        return field, list(values)
+
+    def _maintained_counts(
+        self, conn: sqlite3.Connection, field: str, values: list[Any]
+    ) -> tuple[int, dict[str, dict[str, int]]]:
         counts = _q(self.table.counts)
-        row = conn.execute(f"SELECT n FROM {counts} WHERE field = ? AND value = ?", (TOTAL, TOTAL)).fetchone()
+        if field == TOTAL:
+            row = conn.execute(
+                f"SELECT n FROM {counts} WHERE field = ? AND value = ?", (TOTAL, TOTAL)
+            ).fetchone()
+            total = 0 if row is None else int(row[0])
+            scope, scope_params = "", []
+        else:
+            scope = f" AND value IN ({', '.join('?' for _ in values)})"
+            scope_params = list(values)
+            row = conn.execute(
+                f"SELECT sum(n) FROM {counts} WHERE field = ?{scope}", [field, *values]
+            ).fetchone()
+            total = int(row[0] or 0)
         facets = {}
         for facet in self.query.facets:
             rows = conn.execute(
-                f"SELECT value, n FROM {counts} WHERE field = ? AND n > 0 ORDER BY n DESC, value "
+                f"SELECT value, n FROM {counts} WHERE field = ?{scope} AND n > 0 ORDER BY n DESC, value "
                 f"LIMIT {FACET_SIZE}",
-                (facet,),
+                [facet, *scope_params],
             ).fetchall()
             facets[facet] = {str(value): int(n) for value, n in rows}
-        return (0 if row is None else int(row[0])), facets
+        return total, facets
 
     def run(self, conn: sqlite3.Connection) -> Page:
         physical = _q(self.table.physical)
@@ -894,9 +930,9 @@ class _QueryPlan:
 
         total: int | None = None
         facets: dict[str, dict[str, int]] = {}
-        unfiltered = self.match is None and len(self.where) == 1
-        if (self.query.count or self.query.facets) and unfiltered and self._has_counts(conn):
-            total, facets = self._maintained_counts(conn)  # no filter: the counts table has them
+        scope = self._maintained_scope()
+        if (self.query.count or self.query.facets) and scope is not None and self._has_counts(conn):
+            total, facets = self._maintained_counts(conn, *scope)
         elif self.query.count or self.query.facets:
             counting = " AND ".join(self.where + ([self._matches()[0]] if self.match else []))
             counting_params = [*self.params, *([self.match] if self.match else [])]
