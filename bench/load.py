@@ -1,4 +1,4 @@
-"""Load generator: ``python -m bench.load [--scenarios place,mixed,burst,paced]``.
+"""Load generator: ``python -m bench.load [--scenarios place,place-serve,mixed,burst,paced]``.
 
 Drives the running service over HTTP with wrk (a compiled client: an asyncio
 httpx client measuring itself topped out near 600 requests/s on ``/health`` on
@@ -11,6 +11,7 @@ Scenarios (each on a fresh temp data dir, the service started and stopped here):
 
 - ``place``: ``POST /orders`` alone, ``--connections`` (32) for ``--duration`` s,
   on ``orderstream api``; the bare app's ``POST /orders`` beside it.
+- ``place-serve``: the same on ``orderstream serve`` (projections and sagas too).
 - ``mixed``: place 40%, ``GET /orders/{id}`` 30%, search 10%, ``PATCH`` 10%,
   ``DELETE`` 10%, on ``orderstream api`` with ``orderstream project`` beside it
   (the production split: reads come from the read model it writes); the bare
@@ -68,7 +69,7 @@ OTHER_SKUS = 8  # BENCH-0 .. BENCH-7, as the Lua scripts name them
 STOCK = 1_000_000  # the most one POST /products/{sku}/stock adds
 TERMINAL = frozenset({"shipped", "rejected", "cancelled"})
 EXPECTED_4XX = frozenset({404, 409, 412})
-SCENARIOS = ("place", "mixed", "burst", "paced")
+SCENARIOS = ("place", "place-serve", "mixed", "burst", "paced")
 PROGRESS_EVERY = 5.0
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
@@ -202,7 +203,7 @@ class WrkResult:
     def statuses(self) -> dict[int, int]:
         return {int(k): int(v) for k, v in self.figures.get("statuses", {}).items()}
 
-    def count(self, predicate: Any) -> int:
+    def count(self, predicate: Callable[[int], bool]) -> int:
         return sum(n for status, n in self.statuses.items() if predicate(status))
 
     @property
@@ -317,7 +318,7 @@ def run_wrk_until_done(label: str, script: str, url: str, *, threads: int, **opt
 
 
 def seed(url: str, skus: dict[str, int]) -> None:
-    """Register each SKU at 12.50 EUR and add its stock (retried keys keep it exact)."""
+    """Register each SKU at 12.50 EUR and add its stock (in steps of at most ``STOCK``)."""
     with httpx.Client(base_url=url, timeout=30) as client:
         for sku, stock in skus.items():
             body = {"sku": sku, "name": f"Bench {sku}", "price": {"amount": 1250, "currency": "EUR"}}
@@ -362,14 +363,13 @@ def order_statuses(client: httpx.Client) -> Progress:
     return Progress(time.monotonic(), dict(page.json()["facets"]["status"]))
 
 
-def wait_settled(client: httpx.Client, expected: int, timeout: float, label: str) -> list[Progress]:
-    """Poll until the read model shows ``expected`` orders, all terminal (or ``timeout``)."""
-    seen: list[Progress] = []
+def wait_settled(client: httpx.Client, expected: int, timeout: float, label: str) -> Progress:
+    """Poll until the read model shows ``expected`` orders, all terminal (or ``timeout``);
+    the last state seen."""
     deadline = time.monotonic() + timeout
     last_print = 0.0
     while True:
         now = order_statuses(client)
-        seen.append(now)
         if now.total >= expected and now.open == 0:
             break
         if time.monotonic() > deadline:
@@ -379,8 +379,8 @@ def wait_settled(client: httpx.Client, expected: int, timeout: float, label: str
             console.print(f"  {label}: {now}")
             last_print = now.at
         time.sleep(0.25)
-    console.print(f"  {label}: {seen[-1]}")
-    return seen
+    console.print(f"  {label}: {now}")
+    return now
 
 
 # ------------------------------------------------------------------------ scenarios
@@ -484,15 +484,20 @@ def http_pair(
     return results[1], results[0]
 
 
-def scenario_place(setup: Setup, args: argparse.Namespace, report: Report) -> None:
-    label = f"(a) POST /orders, {args.connections} connections, `orderstream api`"
+def scenario_place(setup: Setup, args: argparse.Namespace, report: Report, command: str = "api") -> None:
+    label = f"(a) POST /orders, {args.connections} connections, `orderstream {command}`"
     console.rule(label)
-    api = setup.orderstream("api", setup.data_dir(), free_port())
+    service = serve(setup) if command == "serve" else setup.orderstream("api", setup.data_dir(), free_port())
     bare = setup.bare()
-    with running(bare, api):
-        seed(api.url, catalogue())
-        ours, ref = http_pair(args, label, "place", [api], bare)
+    with running(bare, service):
+        seed(service.url, catalogue())
+        ours, ref = http_pair(args, label, "place", [service], bare)
     compare(report, label, ours, ref)
+
+
+def scenario_place_serve(setup: Setup, args: argparse.Namespace, report: Report) -> None:
+    """(a) on ``orderstream serve``: the projections and sagas share the process set."""
+    scenario_place(setup, args, report, command="serve")
 
 
 def scenario_mixed(setup: Setup, args: argparse.Namespace, report: Report) -> None:
@@ -563,8 +568,7 @@ def scenario_burst(setup: Setup, args: argparse.Namespace, report: Report) -> No
             f"{dict(sorted(result.statuses.items()))}; p50 {result.figures['p50_ms']:.0f} ms, "
             f"p99 {result.figures['p99_ms']:.0f} ms"
         )
-        seen = wait_settled(client, created, args.settle_timeout, "orders")
-        final = seen[-1]
+        final = wait_settled(client, created, args.settle_timeout, "orders")
         settled = final.open == 0 and final.total >= created
         after = final.at - last_201
         stock_now = stock_line(client, sku)
@@ -606,8 +610,7 @@ def scenario_paced(setup: Setup, args: argparse.Namespace, report: Report) -> No
         console.print(f"  load done: {show(result)}; read model: {at_stop}")
         console.print(f"  /ready beyond the stores: {saga_lag(client)}")
         created = result.statuses.get(201, 0)
-        seen = wait_settled(client, created, args.settle_timeout, "orders")
-        final = seen[-1]
+        final = wait_settled(client, created, args.settle_timeout, "orders")
     load_seconds = stopped - started
     accepted_rate = created / load_seconds
     shipped_at_stop = at_stop.statuses.get("shipped", 0)
@@ -674,6 +677,17 @@ def server_extras() -> str:
     return ", ".join(f"{n} {'yes' if importlib.util.find_spec(n) else 'no'}" for n in names)
 
 
+def workers_option(service_args: list[str]) -> int:
+    """The N of ``--workers N`` / ``--workers=N`` among the service's options, else 1:
+    the bare app gets as many server processes as the service."""
+    for i, arg in enumerate(service_args):
+        name, _, value = arg.partition("=")
+        if name == "--workers":
+            given = value or (service_args[i + 1] if i + 1 < len(service_args) else "")
+            return int(given) if given.isdigit() else 1
+    return 1
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -685,7 +699,12 @@ def cli() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--runner", choices=("uvicorn", "granian"), default="uvicorn", help="bare app server")
-    parser.add_argument("--bare-workers", type=int, default=1, help="bare app server processes")
+    parser.add_argument(
+        "--bare-workers",
+        type=int,
+        default=None,
+        help="bare app server processes (default: the --workers given with --service-arg, else 1)",
+    )
     parser.add_argument(
         "--service-arg",
         action="append",
@@ -714,13 +733,15 @@ def cli() -> None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
     runs = {
         "place": scenario_place,
+        "place-serve": scenario_place_serve,
         "mixed": scenario_mixed,
         "burst": scenario_burst,
         "paced": scenario_paced,
     }
     report = Report()
     with tempfile.TemporaryDirectory(prefix="bench-load-") as workdir:
-        setup = Setup(Path(workdir), tuple(args.service_arg), args.runner, args.bare_workers)
+        workers = args.bare_workers or workers_option(args.service_arg)
+        setup = Setup(Path(workdir), tuple(args.service_arg), args.runner, workers)
         for name in SCENARIOS:
             if name in chosen:
                 try:

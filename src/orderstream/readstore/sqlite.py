@@ -26,6 +26,7 @@ import binascii
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,7 +59,16 @@ FACET_SIZE = 100
 """At most this many values per facet, the most frequent first."""
 FEW_MATCHES = 2000
 """Below this many full-text matches a query sorts the matches; from it on, it walks
-the sort index instead (see ``_QueryPlan._matches``)."""
+the rows in sort order instead (``_QueryPlan._walk``)."""
+WINDOW_ROWS_PER_RESULT = 16
+MAX_WINDOW = 32_768
+"""Rows per step of that walk: the first step takes 16 per row of the page (enough
+for 1 match in 8), each next one 4x more, up to the most."""
+MAX_PREFIX_WORDS = 32
+"""A trailing prefix standing for at most this many words is searched as those words."""
+PREFIX_CACHE_SECONDS = 1.0
+"""How long the words a prefix stands for are reused (``_prefix_words``)."""
+_PLAIN_WORD = re.compile(r"[a-z0-9]+")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _WORD = re.compile(r"[^\W_]", re.UNICODE)
@@ -157,6 +167,92 @@ class _Table:
     def fts(self) -> str:
         return f"{self.physical}__fts"
 
+    @property
+    def counts(self) -> str:
+        return f"{self.physical}__counts"
+
+    @property
+    def keywords(self) -> list[str]:
+        return [f for f, k in self.schema.fields.items() if k is FieldKind.KEYWORD]
+
+
+_prefix_cache: dict[tuple[str, str], tuple[float, list[str] | None]] = {}
+
+
+def _prefix_words(conn: sqlite3.Connection, fts: str, prefix: str) -> list[str] | None:
+    """The indexed words starting with ``prefix`` (``None``: more than
+    :data:`MAX_PREFIX_WORDS`), from FTS5's vocabulary.
+
+    Reading the vocabulary costs about as much as the prefix search itself (it counts
+    each word's documents), so the answer is kept :data:`PREFIX_CACHE_SECONDS`. The
+    price: a word that first enters the index is found by its *prefix* up to that
+    long after its document; the whole word is always searched too, so typing it
+    in full finds it at once."""
+    key = (fts, prefix)
+    now = time.monotonic()
+    cached = _prefix_cache.get(key)
+    if cached is not None and now - cached[0] < PREFIX_CACHE_SECONDS:
+        return cached[1]
+    vocab = _q(f"{fts}__vocab")
+    conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{vocab} USING fts5vocab(main, {_q(fts)}, 'row')")
+    terms = [
+        str(row[0])
+        for row in conn.execute(
+            f"SELECT term FROM temp.{vocab} WHERE term >= ? AND term < ? LIMIT {MAX_PREFIX_WORDS + 1}",
+            (prefix, prefix + "\U0010ffff"),
+        )
+    ]
+    words = terms if len(terms) <= MAX_PREFIX_WORDS else None
+    if len(_prefix_cache) > 10_000:
+        _prefix_cache.clear()
+    _prefix_cache[key] = (now, words)
+    return words
+
+
+TOTAL = ""
+"""The ``field`` (and ``value``) of the row of ``<physical>__counts`` counting every document."""
+
+
+def _ensure_counts(conn: sqlite3.Connection, table: _Table) -> None:
+    """Maintained counts per value of each KEYWORD field, and of all documents, in
+    ``<physical>__counts`` (field, value, n), kept by triggers in the transaction of
+    every write, so the facets of an unfiltered list are a read of a few rows
+    instead of a pass over every document. Filled from the documents when a table
+    made before the counts gets them."""
+    counts, physical = _q(table.counts), _q(table.physical)
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table.counts,)).fetchone()
+    if exists is not None:
+        return
+    conn.execute(
+        f"CREATE TABLE {counts} (field TEXT NOT NULL, value NOT NULL, n INTEGER NOT NULL, "
+        "PRIMARY KEY (field, value)) WITHOUT ROWID"
+    )
+
+    def add(row: str, sign: str) -> str:
+        pairs = [(f"'{TOTAL}'", f"'{TOTAL}'"), *((f"'{f}'", f"{row}.{_col(f)}") for f in table.keywords)]
+        return "".join(
+            f"INSERT INTO {counts} (field, value, n) SELECT {field}, {value}, {sign}1 "
+            f"WHERE {row}.doc IS NOT NULL AND {value} IS NOT NULL "
+            f"ON CONFLICT (field, value) DO UPDATE SET n = n {sign} 1;"
+            for field, value in pairs
+        )
+
+    for event, body in (
+        ("INSERT", add("new", "+")),
+        ("UPDATE", add("old", "-") + add("new", "+")),
+        ("DELETE", add("old", "-")),
+    ):
+        name = _q(f"{table.physical}__count_{event.lower()}")
+        conn.execute(f"CREATE TRIGGER {name} AFTER {event} ON {physical} BEGIN {body} END")
+    conn.execute(
+        f"INSERT INTO {counts} SELECT '{TOTAL}', '{TOTAL}', count(*) FROM {physical} WHERE doc IS NOT NULL"
+    )
+    for field in table.keywords:
+        conn.execute(
+            f"INSERT INTO {counts} SELECT '{field}', {_col(field)}, count(*) FROM {physical} "
+            f"WHERE doc IS NOT NULL AND {_col(field)} IS NOT NULL GROUP BY {_col(field)}"
+        )
+
 
 def _indexes(table: _Table) -> list[tuple[str, str]]:
     """(name, columns) of the indexes a physical table needs, created by
@@ -229,7 +325,6 @@ class _ReaderPool:
         if conn is None:
             conn = sqlite3.connect(self._uri, uri=True, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute("PRAGMA query_only = 1")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -436,6 +531,7 @@ class SqliteReadStore:
                     "INSERT INTO physicals (physical, collection, schema) VALUES (?, ?, ?)",
                     (physical, schema.name, _schema_encoder.encode(stored).decode()),
                 )
+            _ensure_counts(self._conn, _Table(physical, schema.name, stored))
             for name, columns in _indexes(_Table(physical, schema.name, stored)):
                 self._conn.execute(
                     f"CREATE INDEX IF NOT EXISTS {_q(name)} ON {_q(physical)} ({columns}) "
@@ -477,6 +573,7 @@ class SqliteReadStore:
                 raise ValueError(f"{physical} is the alias target of {table.collection}; switch first")
             self._conn.execute(f"DROP TABLE IF EXISTS {_q(physical)}")
             self._conn.execute(f"DROP TABLE IF EXISTS {_q(table.fts)}")
+            self._conn.execute(f"DROP TABLE IF EXISTS {_q(table.counts)}")
             self._conn.execute("DELETE FROM physicals WHERE physical = ?", (physical,))
             self._tables.pop(physical, None)
 
@@ -677,7 +774,11 @@ class _QueryPlan:
             raise InvalidQuery("invalid cursor") from exc
         if decoded.sort != self.signature or len(decoded.values) != len(self.sort) - 1:
             raise InvalidQuery("the cursor belongs to another sort order")
-        values = [*decoded.values, decoded.id]
+        return self._after_row([*decoded.values, decoded.id])
+
+    def _after_row(self, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """Keyset predicate: rows strictly after the row with these sort values (the
+        id last) in sort order."""
         alternatives: list[str] = []
         params: list[Any] = []
         for i, (expr, descending) in enumerate(self.sort):
@@ -694,16 +795,12 @@ class _QueryPlan:
 
     # --------------------------------------------------------------- execution
 
-    def _matches(self, *, drive: bool) -> tuple[str, list[Any]]:
-        """The full-text condition. ``drive``: let SQLite start from the FTS matches
-        (few matches: look each up by rowid and sort them). Otherwise the ``+``
-        stops SQLite from using the rowid for that, so it walks the sort index and
-        keeps the rows that are among the matches (many matches: the page is found
-        after a short walk, and no match is sorted)."""
+    def _matches(self) -> tuple[str, list[Any]]:
+        """The full-text condition, for SQLite to start from: it looks up each
+        match by rowid (then sorts them, when there are few)."""
         assert self.match is not None
         fts = _q(self.table.fts)
-        rowid = "rowid" if drive else "+rowid"
-        return f"{rowid} IN (SELECT rowid FROM {fts} WHERE {fts} MATCH ?)", [self.match]
+        return f"rowid IN (SELECT rowid FROM {fts} WHERE {fts} MATCH ?)", [self.match]
 
     def _few_matches(self, conn: sqlite3.Connection) -> bool:
         """Does the text match fewer than :data:`FEW_MATCHES` documents? Counting
@@ -715,19 +812,129 @@ class _QueryPlan:
         ).fetchone()
         return int(row[0]) < FEW_MATCHES
 
+    def _expand_prefix(self, conn: sqlite3.Connection) -> None:
+        """Replace the trailing prefix (``"lon"*``) by the words it stands for
+        (``("lon" OR "london" OR "londoner")``) when they are few. FTS5 answers a
+        prefix by merging the whole posting list of every such word before it can
+        skip to a rowid range (milliseconds for a common word); exact words it
+        seeks, which :meth:`_walk` relies on. The words come from :func:`_prefix_words`."""
+        assert self.match is not None
+        head, _, last = self.match.rpartition(" ")
+        word = last[1:-2].lower()
+        if not _PLAIN_WORD.fullmatch(word):
+            return  # the tokenizer would split it: keep FTS5's own prefix handling
+        terms = _prefix_words(conn, self.table.fts, word)
+        if terms is None:
+            return
+        words = "(" + " OR ".join(f'"{term}"' for term in dict.fromkeys([word, *terms])) + ")"
+        self.match = f"{head} AND {words}" if head else words
+
+    def _walk(self, conn: sqlite3.Connection, where: str, params: list[Any]) -> list[Any]:
+        """Many text matches: walk the rows in sort order, a window at a time, and
+        keep those the FTS index reports among the window's rowid range, until the
+        page is full. Nothing is sorted, and the cost follows the page, not the
+        number of matches (when rowids follow the sort order, as they do for
+        documents inserted in the order they were made, the range is narrow)."""
+        assert self.match is not None
+        physical, fts = _q(self.table.physical), _q(self.table.fts)
+        order = ", ".join(f"{expr} {'DESC' if desc else 'ASC'} NULLS LAST" for expr, desc in self.sort)
+        select = ", ".join(expr for expr, _ in self.sort)
+        wanted = self.query.limit + 1
+        found: list[Any] = []
+        after: tuple[str, list[Any]] | None = None
+        window = min(WINDOW_ROWS_PER_RESULT * wanted, MAX_WINDOW)
+        while len(found) < wanted:
+            clause = f"{where} AND {after[0]}" if after else where
+            rows = conn.execute(
+                f"SELECT rowid, {select} FROM {physical} WHERE {clause} ORDER BY {order} LIMIT ?",
+                [*params, *(after[1] if after else []), window],
+            ).fetchall()
+            if not rows:
+                break
+            rowids = [row[0] for row in rows]
+            hits = {
+                hit[0]
+                for hit in conn.execute(
+                    f"SELECT rowid FROM {fts} WHERE {fts} MATCH ? AND rowid BETWEEN ? AND ?",
+                    (self.match, min(rowids), max(rowids)),
+                )
+            }
+            found.extend(row for row in rows if row[0] in hits)
+            if len(rows) < window:
+                break
+            after = self._after_row(list(rows[-1][1:]))
+            window = min(window * 4, MAX_WINDOW)
+        return found[:wanted]
+
+    def _has_counts(self, conn: sqlite3.Connection) -> bool:
+        """False for a table made before counts were kept, until a projection
+        process (the writer) ensures the collection and fills them."""
+        row = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (self.table.counts,)).fetchone()
+        return row is not None
+
+    def _maintained_scope(self) -> tuple[str, list[Any]] | None:
+        """Can the counts table answer this query's total and facets? Yes with no
+        filter and no text (``(TOTAL, [])``), and with only an exact filter on the
+        one faceted KEYWORD field (``status IN (...)``, facets on status): the
+        counts of those values are the answer (``(field, values)``)."""
+        filters = self.query.filters
+        if self.match is not None or len(filters) > 1:
+            return None
+        if not filters:
+            return TOTAL, []
+        ((field, value),) = filters.items()
+        values = [value] if isinstance(value, str | int) else value
+        if (
+            self.fields.get(field) is not FieldKind.KEYWORD
+            or set(self.query.facets) - {field}
+            or not isinstance(values, Sequence)
+            or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values)
+        ):
+            return None
+        return field, list(values)
+
+    def _maintained_counts(
+        self, conn: sqlite3.Connection, field: str, values: list[Any]
+    ) -> tuple[int, dict[str, dict[str, int]]]:
+        counts = _q(self.table.counts)
+        if field == TOTAL:
+            row = conn.execute(
+                f"SELECT n FROM {counts} WHERE field = ? AND value = ?", (TOTAL, TOTAL)
+            ).fetchone()
+            total = 0 if row is None else int(row[0])
+            scope, scope_params = "", []
+        else:
+            scope = f" AND value IN ({', '.join('?' for _ in values)})"
+            scope_params = list(values)
+            row = conn.execute(
+                f"SELECT sum(n) FROM {counts} WHERE field = ?{scope}", [field, *values]
+            ).fetchone()
+            total = int(row[0] or 0)
+        facets = {}
+        for facet in self.query.facets:
+            rows = conn.execute(
+                f"SELECT value, n FROM {counts} WHERE field = ?{scope} AND n > 0 ORDER BY n DESC, value "
+                f"LIMIT {FACET_SIZE}",
+                [facet, *scope_params],
+            ).fetchall()
+            facets[facet] = {str(value): int(n) for value, n in rows}
+        return total, facets
+
     def run(self, conn: sqlite3.Connection) -> Page:
         physical = _q(self.table.physical)
         where, params = list(self.where), list(self.params)
-        drive = self.match is not None and self._few_matches(conn)
+        walk = False
         if self.match is not None:
-            condition, condition_params = self._matches(drive=drive)
-            where.append(condition)
-            params.extend(condition_params)
+            self._expand_prefix(conn)
+            walk = not self._few_matches(conn)
 
         total: int | None = None
         facets: dict[str, dict[str, int]] = {}
-        if self.query.count or self.query.facets:
-            counting = " AND ".join(self.where + ([self._matches(drive=True)[0]] if self.match else []))
+        scope = self._maintained_scope()
+        if (self.query.count or self.query.facets) and scope is not None and self._has_counts(conn):
+            total, facets = self._maintained_counts(conn, *scope)
+        elif self.query.count or self.query.facets:
+            counting = " AND ".join(self.where + ([self._matches()[0]] if self.match else []))
             counting_params = [*self.params, *([self.match] if self.match else [])]
             total = int(
                 conn.execute(f"SELECT count(*) FROM {physical} WHERE {counting}", counting_params).fetchone()[
@@ -747,14 +954,22 @@ class _QueryPlan:
             after, after_params = self._after(self.query.cursor)
             where.append(after)
             params.extend(after_params)
-        order = ", ".join(f"{expr} {'DESC' if desc else 'ASC'} NULLS LAST" for expr, desc in self.sort)
-        select = ", ".join(expr for expr, _ in self.sort)
         # The page's keys first (from the indexes, no document read), then only the
         # page's documents: a sort, where one is needed, never carries documents.
-        keys = conn.execute(
-            f"SELECT rowid, {select} FROM {physical} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
-            [*params, self.query.limit + 1],
-        ).fetchall()
+        if walk:
+            keys = self._walk(conn, " AND ".join(where), params)
+        else:
+            if self.match is not None:
+                condition, condition_params = self._matches()
+                where.append(condition)
+                params.extend(condition_params)
+            order = ", ".join(f"{expr} {'DESC' if desc else 'ASC'} NULLS LAST" for expr, desc in self.sort)
+            select = ", ".join(expr for expr, _ in self.sort)
+            clause = " AND ".join(where)
+            keys = conn.execute(
+                f"SELECT rowid, {select} FROM {physical} WHERE {clause} ORDER BY {order} LIMIT ?",
+                [*params, self.query.limit + 1],
+            ).fetchall()
         has_more = len(keys) > self.query.limit
         keys = keys[: self.query.limit]
         docs = dict(
