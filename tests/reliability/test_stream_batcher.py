@@ -37,8 +37,7 @@ from orderstream.metrics import MeteredCommandHandler, Metrics
 SKU = "HOT-1"
 STREAM = inventory.stream_name(SKU)
 EUR = Money(1999, "EUR")
-NOW = datetime.now(UTC)  # the products are written with the real clock: a reservation is
-# refused when built long before the product's newest event (domain/inventory.py)
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 ADDRESS = orders.Address(name="Ada", line1="1 Loop St", city="Lyon", postal_code="69001", country="FR")
 
 
@@ -57,7 +56,9 @@ async def product_with_stock(use_cases: UseCases, quantity: int) -> None:
 
 
 def reserve(order_id: str, quantity: int = 1) -> inventory.ReserveStock:
-    return inventory.ReserveStock(sku=SKU, order_id=order_id, quantity=quantity, now=NOW)
+    # The real clock, as the products are written with it: a reservation built long
+    # before the product's newest event is refused as stale (domain/inventory.py).
+    return inventory.ReserveStock(sku=SKU, order_id=order_id, quantity=quantity, now=datetime.now(UTC))
 
 
 async def test_500_concurrent_reservations_of_one_sku_never_oversell_and_share_appends(
@@ -129,7 +130,7 @@ async def test_a_broken_rule_fails_only_its_own_command_of_the_batch(store: Sqli
             Request(reserve("too-many", 2)),  # 1 left after "a"
             Request(reserve("b", 1), keyed),
             # Nothing held: a zero-quantity release, the guard against a late reservation.
-            Request(inventory.ReleaseStock(sku=SKU, order_id="nobody", reason="x", now=NOW)),
+            Request(inventory.ReleaseStock(sku=SKU, order_id="nobody", reason="x", now=datetime.now(UTC))),
         ],
     )
     a, too_many, b, guard = outcomes
