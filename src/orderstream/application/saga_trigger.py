@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from temporalio.client import Client
 from temporalio.common import (
@@ -52,6 +51,7 @@ from orderstream.events import EventRegistry
 from orderstream.events import registry as default_registry
 from orderstream.eventstore.base import (
     EventFilter,
+    EventMetadata,
     EventStore,
     NackAction,
     PersistentSubscription,
@@ -178,10 +178,10 @@ class SagaTrigger:
     async def handle(self, event: RecordedEvent) -> Handled:
         """Start or signal for one event. Raises :class:`TemporalUnavailable`
         when it should be retried."""
-        metadata = event.metadata_dict()
+        metadata = event.metadata
         if event.type == "OrderPlaced":
             return await self._start(event, self.registry.decode(event), metadata)
-        if metadata.get("actor") == SAGA_ACTOR:
+        if metadata.actor == SAGA_ACTOR:
             return Handled("ignored: appended by the saga itself")
         if event.type == "OrderCancelled":
             cancelled: orders.OrderCancelled = self.registry.decode(event)
@@ -193,7 +193,7 @@ class SagaTrigger:
         return Handled(f"ignored: {event.type}")
 
     def input_for(
-        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: dict[str, Any]
+        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: EventMetadata
     ) -> FulfilmentInput:
         return FulfilmentInput(
             order_id=placed.order_id,
@@ -201,13 +201,13 @@ class SagaTrigger:
             lines=[Line(line.sku, line.quantity) for line in placed.lines],
             amount=Amount(placed.total.amount, placed.total.currency),
             payment_token=placed.payment_token,
-            correlation_id=str(metadata.get("correlation_id") or event.id),
+            correlation_id=metadata.correlation_id or str(event.id),
             causation_id=str(event.id),
             payment_deadline_seconds=self.payment_deadline_seconds,
         )
 
     async def _start(
-        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: dict[str, Any]
+        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: EventMetadata
     ) -> Handled:
         inp = self.input_for(event, placed, metadata)
         workflow_id = workflow_id_for(placed.order_id)
