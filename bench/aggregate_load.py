@@ -64,7 +64,7 @@ from orderstream.application.use_cases import UseCases
 from orderstream.domain import inventory
 from orderstream.domain.common import Money
 from orderstream.events import registry
-from orderstream.eventstore.base import ANY, IdempotencyClaim
+from orderstream.eventstore.base import ANY, EventMetadata, IdempotencyClaim
 from orderstream.eventstore.sqlite import SqliteEventStore
 
 SKU = "SKU-POPULAR"
@@ -132,7 +132,7 @@ async def append(
         ]
         await store.append(
             STREAM,
-            [registry.to_new_event(e, event_id=uuid.uuid4(), metadata=m) for e, m in batch],
+            [registry.to_new_event(e, event_id=uuid.uuid4(), metadata=EventMetadata(**m)) for e, m in batch],
             ANY,
             idempotency=claims,
         )
@@ -321,7 +321,9 @@ async def append_in_batches(
     for start in range(0, len(events), APPEND_BATCH):
         batch = events[start : start + APPEND_BATCH]
         await store.append(
-            HOT_STREAM, [registry.to_new_event(e, event_id=uuid.uuid4(), metadata=m) for e, m in batch], ANY
+            HOT_STREAM,
+            [registry.to_new_event(e, event_id=uuid.uuid4(), metadata=EventMetadata(**m)) for e, m in batch],
+            ANY,
         )
         advance(len(batch))
 

@@ -37,12 +37,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.figures import Figure
-from orderstream.eventstore.base import ANY, NO_STREAM, Expected, NewEvent
+from orderstream.eventstore.base import ANY, NO_STREAM, EventMetadata, Expected, NewEvent
 from orderstream.eventstore.sqlite import SqliteEventStore
 from orderstream.eventstore.sqlite_schema import connect, create_schema
 
 DATA = msgspec.json.encode({"order_id": "7f3c", "sku": "SKU-1", "quantity": 2, "price": {"amount": 1999}})
-METADATA = msgspec.json.encode({"correlation_id": "c-1", "causation_id": "k-1", "actor": "bench"})
+METADATA = EventMetadata(actor="bench", correlation_id="c-1", causation_id="k-1")
 ROUNDS = 4
 
 
@@ -73,7 +73,7 @@ class RawSqlite:
                     str(uuid.uuid4()),
                     self.revision,
                     DATA.decode(),
-                    METADATA.decode(),
+                    METADATA.to_json().decode(),
                     "2024-01-01T00:00:00+00:00",
                 ),
             )

@@ -50,7 +50,7 @@ from orderstream.application.projection_runner import EventView, ProjectionRunne
 from orderstream.domain import inventory, orders
 from orderstream.domain.common import Money
 from orderstream.events import registry
-from orderstream.eventstore.base import ANY, NO_STREAM, EventFilter
+from orderstream.eventstore.base import ANY, NO_STREAM, EventFilter, EventMetadata
 from orderstream.eventstore.sqlite import SqliteEventStore
 from orderstream.readstore.base import Document, ReadStore, Upsert
 from orderstream.readstore.sqlite import SqliteReadStore
@@ -197,7 +197,7 @@ def plan_history(order_count: int, product_count: int, seed: int) -> list[list[S
 
 
 async def append_history(store: SqliteEventStore, phases: list[list[Step]], advance: Advance) -> None:
-    metadata = {"actor": "bench", "correlation_id": "bench-history"}
+    metadata = EventMetadata(actor="bench", correlation_id="bench-history")
     for phase in phases:
         for start in range(0, len(phase), CONCURRENT_APPENDS):
             chunk = phase[start : start + CONCURRENT_APPENDS]
@@ -335,7 +335,7 @@ async def end_to_end_lag(
     """Open loop: order k is placed at ``start + k / rate`` whatever the earlier ones do."""
     steps = plan_history(count, 50, seed)[1]  # OrderPlaced only
     lag = Lag(Figure(), Figure())
-    metadata = {"actor": "bench", "correlation_id": "bench-lag"}
+    metadata = EventMetadata(actor="bench", correlation_id="bench-lag")
     loop = asyncio.get_running_loop()
     begin = loop.time() + 0.05
 

@@ -165,7 +165,7 @@ def event_json(event: RecordedEvent) -> str:
             "schema_version": event.schema_version,
             "recorded_at": event.recorded_at.isoformat(),
             "data": data,
-            "metadata": event.metadata_dict(),
+            "metadata": msgspec.to_builtins(event.metadata),
         },
         ensure_ascii=False,
     )

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from orderstream.domain import inventory, orders, payments
-from orderstream.eventstore.base import NewEvent, RecordedEvent
+from orderstream.eventstore.base import EMPTY_METADATA, EventMetadata, NewEvent, RecordedEvent
 
 RawEvent = dict[str, Any]
 Upcaster = Callable[[RawEvent], RawEvent]
@@ -90,14 +90,14 @@ class EventRegistry:
         return self._by_cls[type(event)].name
 
     def to_new_event(
-        self, event: msgspec.Struct, *, event_id: uuid.UUID, metadata: dict[str, Any] | None = None
+        self, event: msgspec.Struct, *, event_id: uuid.UUID, metadata: EventMetadata = EMPTY_METADATA
     ) -> NewEvent:
         entry = self._by_cls[type(event)]
         return NewEvent(
             id=event_id,
             type=entry.name,
             data=self._encoder.encode(event),
-            metadata=self._encoder.encode(metadata or {}),
+            metadata=metadata,
             schema_version=entry.version,
         )
 

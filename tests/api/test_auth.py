@@ -36,7 +36,7 @@ async def test_writes_need_a_token_and_record_the_actor(make_client: MakeClient)
         assert events.status_code == 200
         assert events.json()["events"][0]["metadata"]["actor"] == "bob"
         stored = await container.event_store.read_stream("product-SKU-1")
-        assert {e.metadata_dict()["actor"] for e in stored} == {"alice"}
+        assert {e.metadata.actor for e in stored} == {"alice"}
 
 
 async def test_auth_is_checked_before_the_body(make_client: MakeClient) -> None:
@@ -51,4 +51,4 @@ async def test_dev_mode_is_anonymous(make_client: MakeClient) -> None:
     async with make_client() as (client, container):
         assert (await client.post("/products", json=PRODUCT)).status_code == 201
         stored = await container.event_store.read_stream("product-SKU-1")
-        assert stored[0].metadata_dict()["actor"] == "anonymous"
+        assert stored[0].metadata.actor == "anonymous"

@@ -95,7 +95,7 @@ async def test_stock_key_of_one_actor_is_not_another_actors_replay(make_client: 
             assert "idempotent-replayed" not in answer.headers
         stream = await container.event_store.read_stream(inventory.stream_name("SKU-1"))
         added = [e for e in stream if e.type == "StockAdded"]
-        assert [e.metadata_dict()["actor"] for e in added] == ["alice", "bob"]
+        assert [e.metadata.actor for e in added] == ["alice", "bob"]
 
 
 async def test_stock_idempotency_key(client: httpx.AsyncClient, container: Container) -> None:

@@ -25,6 +25,7 @@ from orderstream.eventstore.base import (
     STREAM_EXISTS,
     AppendResult,
     EventFilter,
+    EventMetadata,
     EventStore,
     EventStoreError,
     Expected,
@@ -50,13 +51,13 @@ QUIET = 0.6
 
 
 def event(
-    n: int = 0, type_: str = "Happened", *, metadata: bytes = b"{}", schema_version: int = 1
+    n: int = 0, type_: str = "Happened", *, metadata: EventMetadata | None = None, schema_version: int = 1
 ) -> NewEvent:
     return NewEvent(
         id=uuid.uuid4(),
         type=type_,
         data=msgspec.json.encode({"n": n, "text": "café"}),
-        metadata=metadata,
+        metadata=metadata or EventMetadata(),
         schema_version=schema_version,
     )
 
@@ -166,7 +167,7 @@ async def test_a_new_stream_starts_at_revision_zero_and_keeps_everything(
     event_store: EventStore, unique: str
 ) -> None:
     stream = f"order-{unique}"
-    metadata = msgspec.json.encode({"correlation_id": "c-1", "causation_id": "k-1", "actor": "alice"})
+    metadata = EventMetadata(correlation_id="c-1", causation_id="k-1", actor="alice")
     new = [event(0), event(1, "Changed", metadata=metadata, schema_version=3), event(2)]
     before = datetime.now(UTC)
 
@@ -179,8 +180,8 @@ async def test_a_new_stream_starts_at_revision_zero_and_keeps_everything(
     assert [e.type for e in stored] == ["Happened", "Changed", "Happened"]
     assert [e.schema_version for e in stored] == [1, 3, 1]
     assert [msgspec.json.decode(e.data) for e in stored] == [{"n": n, "text": "café"} for n in range(3)]
-    assert stored[1].metadata_dict() == {"correlation_id": "c-1", "causation_id": "k-1", "actor": "alice"}
-    assert stored[0].metadata_dict() == {}
+    assert stored[1].metadata == metadata
+    assert stored[0].metadata == EventMetadata()
     assert {e.stream for e in stored} == {stream}
     assert {e.category for e in stored} == {"order"}
     assert stored[0].position < stored[1].position < stored[2].position
@@ -189,6 +190,40 @@ async def test_a_new_stream_starts_at_revision_zero_and_keeps_everything(
         assert recorded.recorded_at.utcoffset() == timedelta(0)
         assert before - timedelta(seconds=5) <= recorded.recorded_at <= after + timedelta(seconds=5)
     assert await event_store.stream_revision(stream) == 2
+
+
+async def test_metadata_round_trips_typed_through_every_read(event_store: EventStore, unique: str) -> None:
+    """Every field of the typed metadata comes back from read_stream, read_all and a
+    catch-up subscription, and what is stored is the JSON object of the set fields."""
+    stream = f"order-{unique}"
+    full = EventMetadata(
+        actor="alice",
+        correlation_id="c-1",
+        causation_id="k-1",
+        idempotency_key="key-1",
+        request_hash="0f" * 16,
+        snapshot_of="product-SKU-1",
+    )
+    partial = EventMetadata(actor="saga:order-fulfilment", correlation_id="c-2")
+    new = [event(0, metadata=full), event(1, metadata=partial), event(2)]
+    await event_store.append(stream, new, NO_STREAM)
+
+    from_stream = await event_store.read_stream(stream)
+    from_all = [e for e in await event_store.read_all() if e.stream == stream]
+    caught_up: list[RecordedEvent] = []
+    async with asyncio.timeout(WAIT):
+        async for recorded in event_store.subscribe(filter=EventFilter(categories=("order",))):
+            if recorded.stream == stream:
+                caught_up.append(recorded)
+                if len(caught_up) == 3:
+                    break
+    for read in (from_stream, from_all, caught_up):
+        assert [e.metadata for e in read] == [full, partial, EventMetadata()]
+    assert msgspec.json.decode(from_stream[1].metadata_json) == {
+        "actor": "saga:order-fulfilment",
+        "correlation_id": "c-2",
+    }
+    assert msgspec.json.decode(from_stream[2].metadata_json) == {}
 
 
 async def test_positions_increase_across_streams(event_store: EventStore, unique: str) -> None:

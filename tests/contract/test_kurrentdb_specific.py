@@ -35,6 +35,7 @@ from orderstream.eventstore.base import (
     STREAM_EXISTS,
     AppendResult,
     EventFilter,
+    EventMetadata,
     EventStoreUnavailable,
     NackAction,
     NewEvent,
@@ -42,7 +43,7 @@ from orderstream.eventstore.base import (
     SubscriptionSettings,
 )
 from orderstream.eventstore.kurrentdb import KurrentDBEventStore
-from orderstream.eventstore.kurrentdb_consumer import KurrentDBPersistentSubscription
+from orderstream.eventstore.kurrentdb_consumer import KurrentDBPersistentSubscription, to_recorded
 from orderstream.eventstore.kurrentdb_mapping import (
     CONSUMER_STRATEGY,
     UNKNOWN,
@@ -275,6 +276,27 @@ def test_the_schema_version_goes_first_and_the_rest_stays_readable() -> None:
 @pytest.mark.parametrize("foreign", [b"", b"{}", b'{"correlation_id":"x"}', b"\x00\x01"])
 def test_metadata_written_by_other_tools_is_schema_version_one(foreign: bytes) -> None:
     assert decode_metadata(foreign) == (1, foreign)
+
+
+@pytest.mark.parametrize("metadata", METADATA_CASES)
+def test_metadata_stored_by_older_code_reads_back_typed(metadata: bytes) -> None:
+    """Older code appended whatever bytes it was given: they read back as typed
+    metadata (known keys kept, others ignored, anything but an object empty)."""
+    old = raw_event("order-1", 0, 7)
+    stored = KdbRecordedEvent(**{**old.__dict__, "metadata": encode_metadata(metadata, 2)})
+    recorded = to_recorded(stored)
+    assert (recorded.schema_version, recorded.metadata_json) == (2, metadata)
+    if metadata == METADATA_CASES[1]:
+        assert recorded.metadata == EventMetadata(actor="alice", correlation_id="c-1", causation_id="k-1")
+    else:
+        assert recorded.metadata == EventMetadata()
+
+
+def test_typed_metadata_is_stored_after_the_schema_version() -> None:
+    typed = EventMetadata(actor="alice", correlation_id="c-1", idempotency_key="k")
+    stored = encode_metadata(typed.to_json(), 4)
+    assert stored == b'{"$schema_version":4,"actor":"alice","correlation_id":"c-1","idempotency_key":"k"}'
+    assert EventMetadata.from_json(decode_metadata(stored)[1]) == typed
 
 
 # ================================================= positions, retries, parking
@@ -612,7 +634,7 @@ async def test_other_tools_see_json_metadata_with_the_schema_version(
 ) -> None:
     stream = f"order-{unique}"
     new = NewEvent(
-        id=uuid.uuid4(), type="Placed", data=b'{"n":1}', metadata=b'{"actor":"a"}', schema_version=3
+        id=uuid.uuid4(), type="Placed", data=b'{"n":1}', metadata=EventMetadata(actor="a"), schema_version=3
     )
     await store.append(stream, [new], NO_STREAM)
 
@@ -620,7 +642,8 @@ async def test_other_tools_see_json_metadata_with_the_schema_version(
     assert raw.content_type == "application/json"
     assert msgspec.json.decode(raw.metadata) == {"$schema_version": 3, "actor": "a"}
     (recorded,) = await store.read_stream(stream)
-    assert (recorded.schema_version, recorded.metadata) == (3, b'{"actor":"a"}')
+    assert (recorded.schema_version, recorded.metadata_json) == (3, b'{"actor":"a"}')
+    assert recorded.metadata == EventMetadata(actor="a")
     assert recorded.position == raw.commit_position
 
 

@@ -35,6 +35,7 @@ from orderstream.events import registry
 from orderstream.eventstore.base import (
     ANY,
     AppendResult,
+    EventMetadata,
     EventStoreError,
     Expected,
     IdempotencyClaim,
@@ -81,7 +82,7 @@ async def bulk_stock(store: SqliteEventStore, count: int) -> None:
             registry.to_new_event(
                 inventory.StockAdded(sku=SKU, quantity=1, at=NOW),
                 event_id=uuid.uuid4(),
-                metadata={"actor": "bob", "idempotency_key": f"bulk-{n}", "request_hash": "0" * 32},
+                metadata=EventMetadata(actor="bob", idempotency_key=f"bulk-{n}", request_hash="0" * 32),
             )
             for n in numbers
         ]
@@ -189,7 +190,7 @@ async def history_with_snapshot(store: SqliteEventStore) -> CommandHandler:
 
 
 async def put_snapshot(store: SqliteEventStore, data: bytes, event_type: str = "Snapshot") -> None:
-    event = NewEvent(id=uuid.uuid4(), type=event_type, data=data, metadata=b"{}")
+    event = NewEvent(id=uuid.uuid4(), type=event_type, data=data)
     await store.append(snapshot_stream(STREAM), [event], ANY)
 
 
@@ -318,7 +319,7 @@ async def test_keys_of_a_store_written_before_the_idempotency_table_still_replay
             registry.to_new_event(
                 inventory.ProductRegistered(sku=SKU, name="Widget", price=EUR, at=NOW),
                 event_id=uuid.uuid4(),
-                metadata={"actor": "admin"},
+                metadata=EventMetadata(actor="admin"),
             )
         ],
         ANY,

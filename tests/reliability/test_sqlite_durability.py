@@ -33,6 +33,7 @@ from orderstream.eventstore.base import (
     NO_STREAM,
     AppendResult,
     EventFilter,
+    EventMetadata,
     EventStoreError,
     NackAction,
     NewEvent,
@@ -385,7 +386,11 @@ async def test_the_file_is_readable_with_plain_sqlite(tmp_path: Path) -> None:
     async with opened(path) as store:
         await store.append(
             "order-1",
-            [NewEvent(id=uuid.uuid4(), type="Placed", data=b'{"total": 5}', metadata=b'{"actor": "a"}')],
+            [
+                NewEvent(
+                    id=uuid.uuid4(), type="Placed", data=b'{"total": 5}', metadata=EventMetadata(actor="a")
+                )
+            ],
             NO_STREAM,
         )
     with contextlib.closing(sqlite3.connect(path)) as raw:

@@ -92,7 +92,7 @@ async def test_500_concurrent_reservations_of_one_sku_never_oversell_and_share_a
     for recorded in events:
         order_id = registry.decode(recorded).order_id
         key = f"r-{order_id.removeprefix('order-')}"
-        assert recorded.metadata_dict()["idempotency_key"] == key
+        assert recorded.metadata.idempotency_key == key
         assert recorded.id == derived_event_id(CommandContext(actor="saga", idempotency_key=key), STREAM, 0)
         record = await store.find_idempotency("saga", key, STREAM)
         assert record is not None
@@ -142,7 +142,7 @@ async def test_a_broken_rule_fails_only_its_own_command_of_the_batch(store: Sqli
     assert [(type(e), e.quantity) for e in guard.appended] == [(inventory.StockReleased, 0)]
     assert a.position == b.position == guard.position  # one append
     stored = await store.read_stream(STREAM, from_revision=2)
-    assert [e.metadata_dict()["correlation_id"] for e in stored[:2]] == ["c-a", "c-b"]
+    assert [e.metadata.correlation_id for e in stored[:2]] == ["c-a", "c-b"]
     assert len(stored) == 3
     assert stored[1].id == derived_event_id(keyed, STREAM, 0)
     record = await store.find_idempotency("saga", "k-b", STREAM)

@@ -84,9 +84,9 @@ async def test_a_retried_step_appends_nothing_twice(
     assert order == ["OrderPlaced", "OrderStockReserved"]
     payment = [e.type for e in await store.read_stream(f"payment-{pid}")]
     assert payment == ["PaymentRequested", "PaymentAuthorised", "PaymentCaptured"]
-    meta = (await store.read_stream(f"payment-{pid}"))[1].metadata_dict()
-    assert meta["idempotency_key"] == "order-fulfilment-x/authorise-payment"
-    assert (meta["correlation_id"], meta["causation_id"]) == ("corr-1", "cause-1")
+    meta = (await store.read_stream(f"payment-{pid}"))[1].metadata
+    assert meta.idempotency_key == "order-fulfilment-x/authorise-payment"
+    assert (meta.correlation_id, meta.causation_id) == ("corr-1", "cause-1")
 
 
 async def test_insufficient_stock_is_a_final_error(acts: FulfilmentActivities) -> None:
@@ -213,7 +213,7 @@ async def test_each_round_resizes_the_reservation_under_its_own_key(
     product = (await acts.use_cases.handler.load(inventory.decider, inventory.stream_name("MUG"))).state
     assert (product.on_hand, product.reserved) == (3, 3)
     reserved = [e for e in await store.read_stream("product-MUG") if e.type == "StockReserved"]
-    assert [e.metadata_dict()["idempotency_key"] for e in reserved] == [
+    assert [e.metadata.idempotency_key for e in reserved] == [
         "order-fulfilment-x/reserve-stock/MUG",
         "order-fulfilment-x/reserve-stock/2/MUG",
     ]

@@ -50,9 +50,9 @@ async def _assert_no_saga_event_twice(saga: SagaHarness, *streams: str) -> None:
     """Every command the saga sent appended its event(s) once: no idempotency key twice."""
     for stream in streams:
         keys = [
-            (e.type, e.metadata_dict()["idempotency_key"])
+            (e.type, e.metadata.idempotency_key)
             for e in await saga.stream(stream)
-            if e.metadata_dict().get("actor") == SAGA_ACTOR
+            if e.metadata.actor == SAGA_ACTOR
         ]
         assert len(keys) == len(set(keys)), f"{stream}: {keys}"
 

@@ -57,13 +57,14 @@ async def test_saga_events_carry_correlation_causation_and_step_keys(make_saga: 
     await saga.outcome(order_id)
 
     placed, *steps = await saga.stream(f"order-{order_id}")
-    correlation = placed.metadata_dict()["correlation_id"]
+    correlation = placed.metadata.correlation_id
+    assert correlation
     for event in steps:
-        meta = event.metadata_dict()
-        assert meta["correlation_id"] == correlation
-        assert meta["causation_id"] == str(placed.id)
-        assert meta["actor"] == "saga:order-fulfilment"
-        assert meta["idempotency_key"].startswith(f"{workflow_id_for(order_id)}/")
+        meta = event.metadata
+        assert meta.correlation_id == correlation
+        assert meta.causation_id == str(placed.id)
+        assert meta.actor == "saga:order-fulfilment"
+        assert (meta.idempotency_key or "").startswith(f"{workflow_id_for(order_id)}/")
     description = await saga.handle(order_id).describe()
     memo = await description.memo()
     assert memo["correlation_id"] == correlation
@@ -238,7 +239,7 @@ async def test_customer_cancellation_while_pending_undoes_every_step(make_saga: 
     order_events = await saga.stream(f"order-{order_id}")
     cancelled = [e for e in order_events if e.type == "OrderCancelled"]
     assert len(cancelled) == 1
-    assert cancelled[0].metadata_dict()["actor"] == "test"  # the customer's, not the saga's
+    assert cancelled[0].metadata.actor == "test"  # the customer's, not the saga's
     assert (await saga.order(order_id)).cancel_reason == "changed my mind"
 
 

@@ -70,7 +70,7 @@ def stored_and_read_back(event: object) -> object:
         type=new.type,
         schema_version=new.schema_version,
         data=new.data,
-        metadata=new.metadata,
+        metadata_json=new.metadata.to_json(),
         recorded_at=_RECORDED_AT,
     )
     return registry.decode(recorded)

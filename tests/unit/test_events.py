@@ -23,7 +23,7 @@ from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import Money
 from orderstream.domain.orders import Address, OrderLine
 from orderstream.events import EventDecodeError, EventRegistry, UnknownEventType, registry
-from orderstream.eventstore.base import RecordedEvent
+from orderstream.eventstore.base import EventMetadata, RecordedEvent
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "events"
 FIXTURE_NAME = re.compile(r"^(?P<type>[A-Za-z]+)\.v(?P<version>[0-9]+)\.json$")
@@ -138,7 +138,7 @@ def recorded(type_name: str, data: bytes, version: int, metadata: bytes = b"{}")
         type=type_name,
         schema_version=version,
         data=data,
-        metadata=metadata,
+        metadata_json=metadata,
         recorded_at=RECORDED_AT,
     )
 
@@ -187,17 +187,17 @@ def test_an_upcaster_must_start_below_the_current_version() -> None:
 
 @pytest.mark.parametrize("event", SAMPLES, ids=name_of)
 def test_every_event_round_trips_through_the_store(event: msgspec.Struct) -> None:
-    new = registry.to_new_event(event, event_id=EVENT_ID, metadata={"correlation_id": "c-1"})
+    new = registry.to_new_event(event, event_id=EVENT_ID, metadata=EventMetadata(correlation_id="c-1"))
     assert new.id == EVENT_ID
     assert new.type == type(event).__name__ == registry.type_name(event)
     assert new.schema_version == STABLE_NAMES_AND_VERSIONS[new.type]
 
-    stored = recorded(new.type, new.data, new.schema_version, new.metadata)
+    stored = recorded(new.type, new.data, new.schema_version, new.metadata.to_json())
     decoded = registry.decode(stored)
 
     assert type(decoded) is type(event)
     assert decoded == event
-    assert stored.metadata_dict() == {"correlation_id": "c-1"}
+    assert stored.metadata == EventMetadata(correlation_id="c-1")
 
 
 @pytest.mark.parametrize("event", SAMPLES, ids=name_of)

@@ -41,7 +41,7 @@ def recorded(stream: str, revision: int, event: msgspec.Struct, *, position: int
             type=new.type,
             schema_version=new.schema_version,
             data=new.data,
-            metadata=new.metadata,
+            metadata_json=new.metadata.to_json(),
             recorded_at=at(revision),
         )
     )
@@ -230,7 +230,7 @@ def test_old_order_placed_v1_still_projects() -> None:
             type="OrderPlaced",
             schema_version=1,
             data=msgspec.json.encode(raw),
-            metadata=b"{}",
+            metadata_json=b"{}",
             recorded_at=T0,
         )
     )

@@ -27,7 +27,7 @@ from orderstream.application.snapshots import (
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import Money
 from orderstream.events import registry
-from orderstream.eventstore.base import ANY
+from orderstream.eventstore.base import ANY, EventMetadata
 from orderstream.eventstore.sqlite import SqliteEventStore
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -92,7 +92,7 @@ async def append_history(
 ) -> None:
     for start in range(0, len(history), 250):
         batch = [
-            registry.to_new_event(event, event_id=uuid.uuid4(), metadata=meta)
+            registry.to_new_event(event, event_id=uuid.uuid4(), metadata=EventMetadata(**meta))
             for event, meta in history[start : start + 250]
         ]
         await store.append(stream, batch, ANY)

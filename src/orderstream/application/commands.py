@@ -55,6 +55,7 @@ from orderstream.events import EventRegistry
 from orderstream.eventstore.base import (
     NO_STREAM,
     AppendResult,
+    EventMetadata,
     EventStore,
     IdempotencyClaim,
     IdempotencyKeyTaken,
@@ -111,15 +112,14 @@ class CommandContext:
     request_hash: str | None = None
     """A digest of the request: a reused key with another request is refused."""
 
-    def metadata(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {"actor": self.actor, "correlation_id": self.correlation_id}
-        if self.causation_id:
-            meta["causation_id"] = self.causation_id
-        if self.idempotency_key:
-            meta["idempotency_key"] = self.idempotency_key
-        if self.request_hash:
-            meta["request_hash"] = self.request_hash
-        return meta
+    def metadata(self) -> EventMetadata:
+        return EventMetadata(
+            actor=self.actor,
+            correlation_id=self.correlation_id,
+            causation_id=self.causation_id or None,
+            idempotency_key=self.idempotency_key or None,
+            request_hash=self.request_hash or None,
+        )
 
 
 def request_digest(payload: object) -> str:
@@ -442,15 +442,14 @@ class CommandHandler:
         found: IdempotencyRecord | None = None
         hashes: set[str | None] = set()
         for event in await self.event_store.read_stream(stream):
-            meta = event.metadata_dict()
-            if meta.get("idempotency_key") == key and meta.get("actor") == actor:
-                digest = meta.get("request_hash")
-                hashes.add(digest if isinstance(digest, str) else None)
+            meta = event.metadata
+            if meta.idempotency_key == key and meta.actor == actor:
+                hashes.add(meta.request_hash)
                 found = IdempotencyRecord(
                     actor=actor,
                     key=key,
                     stream=stream,
-                    request_hash=digest if isinstance(digest, str) else None,
+                    request_hash=meta.request_hash,
                     revision=event.revision,
                     position=event.position,
                 )

@@ -282,6 +282,6 @@ def event_data(event: RecordedEvent) -> tuple[dict[str, Any], dict[str, Any]]:
     """An event's data and metadata as stored (JSON objects), secrets redacted."""
     data = msgspec.json.decode(event.data) if event.data else {}
     if not isinstance(data, dict):
-        return {"value": data}, event.metadata_dict()
+        return {"value": data}, msgspec.to_builtins(event.metadata)
     shown = {k: (REDACTED if k in SECRET_FIELDS and v else v) for k, v in data.items()}
-    return shown, event.metadata_dict()
+    return shown, msgspec.to_builtins(event.metadata)

@@ -36,7 +36,6 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from temporalio.client import Client
 from temporalio.common import (
@@ -54,6 +53,7 @@ from orderstream.events import EventRegistry
 from orderstream.events import registry as default_registry
 from orderstream.eventstore.base import (
     EventFilter,
+    EventMetadata,
     EventStore,
     NackAction,
     PersistentSubscription,
@@ -245,10 +245,10 @@ class SagaTrigger:
     async def handle(self, event: RecordedEvent) -> Handled:
         """Start or signal for one event. Raises :class:`TemporalUnavailable`
         when it should be retried."""
-        metadata = event.metadata_dict()
+        metadata = event.metadata
         if event.type == "OrderPlaced":
             return await self._start(event, self.registry.decode(event), metadata)
-        if metadata.get("actor") == SAGA_ACTOR:
+        if metadata.actor == SAGA_ACTOR:
             return Handled("ignored: appended by the saga itself")
         if event.type == "OrderCancelled":
             cancelled: orders.OrderCancelled = self.registry.decode(event)
@@ -260,7 +260,7 @@ class SagaTrigger:
         return Handled(f"ignored: {event.type}")
 
     def input_for(
-        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: dict[str, Any]
+        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: EventMetadata
     ) -> FulfilmentInput:
         return FulfilmentInput(
             order_id=placed.order_id,
@@ -268,14 +268,14 @@ class SagaTrigger:
             lines=[Line(line.sku, line.quantity) for line in placed.lines],
             amount=Amount(placed.total.amount, placed.total.currency),
             payment_token=placed.payment_token,
-            correlation_id=str(metadata.get("correlation_id") or event.id),
+            correlation_id=metadata.correlation_id or str(event.id),
             causation_id=str(event.id),
             payment_deadline_seconds=self.payment_deadline_seconds,
             local_steps=self.local_steps,
         )
 
     async def _start(
-        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: dict[str, Any]
+        self, event: RecordedEvent, placed: orders.OrderPlaced, metadata: EventMetadata
     ) -> Handled:
         inp = self.input_for(event, placed, metadata)
         workflow_id = workflow_id_for(placed.order_id)

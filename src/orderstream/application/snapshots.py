@@ -41,7 +41,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from orderstream.eventstore.base import ANY, EventStore, NewEvent
+from orderstream.eventstore.base import ANY, EventMetadata, EventStore, NewEvent
 
 log = logging.getLogger("orderstream.snapshots")
 
@@ -252,7 +252,7 @@ class SnapshotStore:
             id=uuid.uuid5(SNAPSHOT_NAMESPACE, scope),
             type=SNAPSHOT_EVENT_TYPE,
             data=_encoder.encode(data),
-            metadata=_encoder.encode({"actor": "snapshotter", "snapshot_of": pending.stream}),
+            metadata=EventMetadata(actor="snapshotter", snapshot_of=pending.stream),
         )
         await self.event_store.append(snapshot_stream(pending.stream), [event], ANY)
         self.stats.written += 1

@@ -20,7 +20,7 @@ import enum
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 
@@ -95,8 +95,62 @@ class IdempotencyKeyTaken(EventStoreError):
 # --------------------------------------------------------------------------- events
 
 
+class EventMetadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    """Who wrote an event and why: every event's metadata, typed.
+
+    Stored as a JSON object with these names (absent keys are ``None``), encoded once
+    by the backend when the event is appended. Field order is the order on disk:
+    what :class:`~orderstream.application.commands.CommandContext` writes encodes to
+    the same bytes as the dicts written before this type existed.
+
+    Decoding is lenient, because stored events never change: keys this type does not
+    know (written by other tools, or by a newer version) are ignored, a known key
+    holding something other than a string is dropped, and metadata that is not a
+    JSON object reads as empty. They stay in the store untouched. KurrentDB's
+    ``$schema_version`` key never reaches this type (the backend strips it into
+    :attr:`RecordedEvent.schema_version`).
+    """
+
+    actor: str | None = None
+    """The authenticated caller (``"anonymous"`` without auth), the saga, or ``"snapshotter"``."""
+    correlation_id: str | None = None
+    """The request's X-Correlation-ID; a saga's events carry its ``OrderPlaced``'s."""
+    causation_id: str | None = None
+    """The id of the event (or request) that caused this one."""
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    """Digest of the keyed request: the same key with another request is refused."""
+    snapshot_of: str | None = None
+    """On a snapshot event: the stream it folds."""
+
+    def to_json(self) -> bytes:
+        """The stored form (``b"{}"`` when every field is ``None``)."""
+        return _metadata_encoder.encode(self)
+
+    @classmethod
+    def from_json(cls, stored: bytes) -> EventMetadata:
+        """The stored form read back, leniently (see the class docstring)."""
+        try:
+            return _metadata_decoder.decode(stored) if stored else EMPTY_METADATA
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+        try:
+            raw = msgspec.json.decode(stored)
+        except msgspec.DecodeError:
+            return EMPTY_METADATA
+        if not isinstance(raw, dict):
+            return EMPTY_METADATA
+        return cls(**{k: v for k, v in raw.items() if k in cls.__struct_fields__ and isinstance(v, str)})
+
+
+EMPTY_METADATA = EventMetadata()
+_metadata_encoder = msgspec.json.Encoder()
+_metadata_decoder = msgspec.json.Decoder(EventMetadata)
+
+
 class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An event to append. ``data`` and ``metadata`` are JSON bytes.
+    """An event to append. ``data`` is JSON bytes; ``metadata`` is encoded by the
+    backend when it appends.
 
     ``id`` makes appends idempotent: appending the same ids again with the same
     expectation succeeds without writing them twice.
@@ -105,12 +159,27 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
     id: uuid.UUID
     type: str
     data: bytes
-    metadata: bytes = b"{}"
+    metadata: EventMetadata = EMPTY_METADATA
     schema_version: int = 1
 
 
-class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """An event as stored. ``recorded_at`` is timezone-aware UTC."""
+class _MetadataCache:
+    """A slot outside the Struct's fields: ``RecordedEvent`` caches its decoded
+    metadata there without it counting in equality, hashing or encoding."""
+
+    __slots__ = ("_metadata",)
+    _metadata: EventMetadata
+
+
+class RecordedEvent(msgspec.Struct, _MetadataCache, frozen=True, kw_only=True, gc=False):
+    """An event as stored. ``recorded_at`` is timezone-aware UTC.
+
+    ``metadata_json`` is the metadata exactly as stored, for the backends; code reads
+    :attr:`metadata`, decoded on first use and kept. Not decoding it when the row
+    is read keeps loads as fast as before: folding an aggregate never looks at
+    metadata, and decoding it with every row added about 2 ms to a 10,000-event
+    stream's 28 ms load (``bench.eventstore_append``'s stream, CPU time).
+    """
 
     id: uuid.UUID
     stream: str
@@ -119,16 +188,20 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     type: str
     schema_version: int
     data: bytes
-    metadata: bytes
+    metadata_json: bytes
     recorded_at: datetime
 
     @property
     def category(self) -> str:
         return category_of(self.stream)
 
-    def metadata_dict(self) -> dict[str, Any]:
-        decoded = msgspec.json.decode(self.metadata) if self.metadata else {}
-        return decoded if isinstance(decoded, dict) else {}
+    @property
+    def metadata(self) -> EventMetadata:
+        decoded: EventMetadata | None = getattr(self, "_metadata", None)  # 2x cheaper than try/except
+        if decoded is None:
+            decoded = EventMetadata.from_json(self.metadata_json)
+            msgspec.structs.force_setattr(self, "_metadata", decoded)
+        return decoded
 
 
 class IdempotencyClaim(msgspec.Struct, frozen=True, kw_only=True):

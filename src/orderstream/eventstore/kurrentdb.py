@@ -222,7 +222,7 @@ class KurrentDBEventStore:
                 id=e.id,
                 type=e.type,
                 data=e.data,
-                metadata=encode_metadata(e.metadata, e.schema_version),
+                metadata=encode_metadata(e.metadata.to_json(), e.schema_version),
                 content_type="application/json",
             )
             for e in events

@@ -83,7 +83,7 @@ def to_recorded(raw: KdbRecordedEvent, *, position: int | None = None) -> Record
         type=raw.type,
         schema_version=schema_version,
         data=raw.data,
-        metadata=metadata,
+        metadata_json=metadata,
         # The client decodes the server's "created" timestamp as UTC; None only when
         # the server sent none, which it does not for stored events.
         recorded_at=raw.recorded_at if raw.recorded_at is not None else datetime.now(UTC),

@@ -654,9 +654,9 @@ def _prepare(stream: str, events: Sequence[NewEvent], expected: Expected) -> lis
     for event in events:
         try:
             data = event.data.decode()
-            metadata = event.metadata.decode() if event.metadata else "{}"
         except UnicodeDecodeError as exc:
-            raise EventStoreError(f"{stream}: event {event.id} data and metadata must be UTF-8 JSON") from exc
+            raise EventStoreError(f"{stream}: event {event.id} data must be UTF-8 JSON") from exc
+        metadata = event.metadata.to_json().decode()  # encoded once, here
         rows.append((str(event.id), event.type, event.schema_version, data, metadata))
     return rows
 

@@ -173,7 +173,7 @@ def to_event(row: tuple[Any, ...]) -> RecordedEvent:
         type=type_,
         schema_version=schema_version,
         data=data,
-        metadata=metadata,
+        metadata_json=metadata,
         recorded_at=_parse_time(recorded_at),
     )
 
