@@ -97,7 +97,7 @@ async def test_a_prefix_with_too_many_words_is_still_searched_as_a_prefix(
     await _fill(sqlite_store)
     expanded = sorted(await ids(sqlite_store, Query(text="alp", limit=100)))
     monkeypatch.setattr(sqlite_module, "MAX_PREFIX_WORDS", 1)
-    sqlite_module._prefix_cache.clear()
+    sqlite_store._prefixes.clear()
     assert sorted(await ids(sqlite_store, Query(text="alp", limit=100))) == expanded
     assert len(expanded) == 45  # alpha, alphabet, alpine: 3 in 4 of 60
 
@@ -169,3 +169,15 @@ async def test_queries_are_not_queued_behind_the_writer(sqlite_store: SqliteRead
     finally:
         release.set()
         await blocked
+
+
+async def test_two_databases_do_not_share_the_words_of_a_prefix(tmp_path: Path) -> None:
+    stores = [await SqliteReadStore.open(tmp_path / f"{name}.db") for name in ("a", "b")]
+    try:
+        for store, word in zip(stores, ["alpha", "alpine"], strict=True):
+            await store.ensure_collection(SCHEMA)
+            await store.write(C, [Upsert(id=word, version=1, document=thing(word, title=word))])
+        assert [await ids(store, Query(text="alp")) for store in stores] == [["alpha"], ["alpine"]]
+    finally:
+        for store in stores:
+            await store.close()

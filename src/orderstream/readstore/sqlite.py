@@ -176,10 +176,11 @@ class _Table:
         return [f for f, k in self.schema.fields.items() if k is FieldKind.KEYWORD]
 
 
-_prefix_cache: dict[tuple[str, str], tuple[float, list[str] | None]] = {}
+PrefixCache = dict[tuple[str, str], tuple[float, list[str] | None]]
+"""(FTS table, prefix) -> (when read, its words): one per store, as it is one per database."""
 
 
-def _prefix_words(conn: sqlite3.Connection, fts: str, prefix: str) -> list[str] | None:
+def _prefix_words(conn: sqlite3.Connection, cache: PrefixCache, fts: str, prefix: str) -> list[str] | None:
     """The indexed words starting with ``prefix`` (``None``: more than
     :data:`MAX_PREFIX_WORDS`), from FTS5's vocabulary.
 
@@ -190,7 +191,7 @@ def _prefix_words(conn: sqlite3.Connection, fts: str, prefix: str) -> list[str] 
     in full finds it at once."""
     key = (fts, prefix)
     now = time.monotonic()
-    cached = _prefix_cache.get(key)
+    cached = cache.get(key)
     if cached is not None and now - cached[0] < PREFIX_CACHE_SECONDS:
         return cached[1]
     vocab = _q(f"{fts}__vocab")
@@ -203,9 +204,9 @@ def _prefix_words(conn: sqlite3.Connection, fts: str, prefix: str) -> list[str] 
         )
     ]
     words = terms if len(terms) <= MAX_PREFIX_WORDS else None
-    if len(_prefix_cache) > 10_000:
-        _prefix_cache.clear()
-    _prefix_cache[key] = (now, words)
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[key] = (now, words)
     return words
 
 
@@ -375,6 +376,7 @@ class SqliteReadStore:
         self._executor = executor
         self._readers = readers
         self._tables: dict[str, _Table] = {}
+        self._prefixes: PrefixCache = {}
         self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -671,7 +673,7 @@ class SqliteReadStore:
             if table is None:  # never ensured: nothing to find yet
                 total = 0 if query.count or query.facets else None
                 return Page(items=[], next_cursor=None, facets={f: {} for f in query.facets}, total=total)
-            return _QueryPlan(table, query).run(conn)
+            return _QueryPlan(table, query, self._prefixes).run(conn)
 
         return await self._read(read)
 
@@ -679,9 +681,10 @@ class SqliteReadStore:
 class _QueryPlan:
     """One :class:`Query` translated to SQL against one physical table."""
 
-    def __init__(self, table: _Table, query: Query) -> None:
+    def __init__(self, table: _Table, query: Query, prefixes: PrefixCache | None = None) -> None:
         self.table = table
         self.query = query
+        self.prefixes: PrefixCache = {} if prefixes is None else prefixes
         self.where: list[str] = ["doc IS NOT NULL"]
         self.params: list[Any] = []
         self.match: str | None = None
@@ -823,7 +826,7 @@ class _QueryPlan:
         word = last[1:-2].lower()
         if not _PLAIN_WORD.fullmatch(word):
             return  # the tokenizer would split it: keep FTS5's own prefix handling
-        terms = _prefix_words(conn, self.table.fts, word)
+        terms = _prefix_words(conn, self.prefixes, self.table.fts, word)
         if terms is None:
             return
         words = "(" + " OR ".join(f'"{term}"' for term in dict.fromkeys([word, *terms])) + ")"
