@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,19 @@ async def test_an_unreachable_elasticsearch_gives_503_with_retry_after(tmp_path:
         assert "read store" in problem["detail"]
     finally:
         await container.close()
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"), [(logging.INFO, logging.WARNING), (logging.DEBUG, logging.NOTSET)]
+)
+async def test_elasticsearch_request_lines_are_logged_only_when_debugging(
+    level: int, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orderstream.readstore.elasticsearch import ElasticsearchReadStore
+
+    transport = logging.getLogger("elastic_transport")
+    monkeypatch.setattr(transport, "level", logging.NOTSET)
+    monkeypatch.setattr(logging.getLogger("orderstream"), "level", level)
+    store = await ElasticsearchReadStore.open("http://127.0.0.1:9")
+    await store.close()
+    assert transport.level == expected
