@@ -156,14 +156,17 @@ async def test_an_unreachable_elasticsearch_gives_503_with_retry_after(tmp_path:
 @pytest.mark.parametrize(
     ("level", "expected"), [(logging.INFO, logging.WARNING), (logging.DEBUG, logging.NOTSET)]
 )
-async def test_elasticsearch_request_lines_are_logged_only_when_debugging(
-    level: int, expected: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_elasticsearch_request_lines_are_logged_only_when_debugging(level: int, expected: int) -> None:
     from orderstream.readstore.elasticsearch import ElasticsearchReadStore
 
-    transport = logging.getLogger("elastic_transport")
-    monkeypatch.setattr(transport, "level", logging.NOTSET)
-    monkeypatch.setattr(logging.getLogger("orderstream"), "level", level)
-    store = await ElasticsearchReadStore.open("http://127.0.0.1:9")
-    await store.close()
-    assert transport.level == expected
+    transport, ours = logging.getLogger("elastic_transport"), logging.getLogger("orderstream")
+    saved = transport.level, ours.level
+    transport.setLevel(logging.NOTSET)
+    ours.setLevel(level)
+    try:
+        store = await ElasticsearchReadStore.open("http://127.0.0.1:9")
+        await store.close()
+        assert transport.level == expected
+    finally:
+        transport.setLevel(saved[0])
+        ours.setLevel(saved[1])

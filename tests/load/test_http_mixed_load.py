@@ -60,7 +60,7 @@ async def test_mixed_burst(client: httpx.AsyncClient, container: Container) -> N
 
     # Every acknowledged order is in the store, and the read model agrees with it.
     head = await container.event_store.head_position()
-    page = await client.get("/orders", params={"min_position": head, "limit": 100})
+    page = await client.get("/orders", params={"min_position": head, "limit": 100, "facets": "status"})
     assert page.status_code == 200
     total = sum(page.json()["facets"]["status"].values())
     assert total == len(placed)
