@@ -138,20 +138,38 @@ async def test_maintained_counts_follow_updates_deletes_and_stale_writes(
     assert maintained.total == counted.total == 10
 
 
-async def test_counts_are_filled_for_a_table_made_before_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("upgrade_by", ["ensure_collection", "the first write"])
+async def test_counts_are_filled_for_a_table_made_before_them(tmp_path: Path, upgrade_by: str) -> None:
+    """A runner finding its table in place writes without ensuring it: the store
+    upgrades the table at its first write."""
+    store = await SqliteReadStore.open(tmp_path / "read.db")
+    physical = await store.ensure_collection(SCHEMA)
+    await _fill(store, 9)
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "read.db", isolation_level=None)
+    conn.execute(f'DROP TABLE "{physical}__counts"')
+    for event in ("insert", "update", "delete"):
+        conn.execute(f'DROP TRIGGER "{physical}__count_{event}"')
+    conn.close()
     store = await SqliteReadStore.open(tmp_path / "read.db")
     try:
-        physical = await store.ensure_collection(SCHEMA)
-        await _fill(store, 9)
-        conn = sqlite3.connect(tmp_path / "read.db", isolation_level=None)
-        conn.execute(f'DROP TABLE "{physical}__counts"')
-        for event in ("insert", "update", "delete"):
-            conn.execute(f'DROP TRIGGER "{physical}__count_{event}"')
-        conn.close()
-        await store.ensure_collection(SCHEMA)
+        old = await store.query(C, Query(facets=("colour",), limit=1))  # no counts table: counted
+        assert old.facets["colour"] == {"red": 3, "green": 3, "blue": 3}
+        if upgrade_by == "ensure_collection":
+            await store.ensure_collection(SCHEMA)
+        else:
+            await store.write(C, [Upsert(id="t00", version=2, document=thing("t00", colour="blue"))])
         page = await store.query(C, Query(facets=("colour",), limit=1))
-        assert page.facets["colour"] == {"red": 3, "green": 3, "blue": 3}
+        expected = (
+            {"red": 3, "green": 3, "blue": 3}
+            if upgrade_by == "ensure_collection"
+            else {"blue": 4, "green": 3, "red": 2}
+        )
+        assert page.facets["colour"] == expected
         assert page.total == 9
+        conn = sqlite3.connect(tmp_path / "read.db")
+        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (f"{physical}__counts",)).fetchone()
+        conn.close()
     finally:
         await store.close()
 

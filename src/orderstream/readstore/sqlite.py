@@ -377,6 +377,8 @@ class SqliteReadStore:
         self._readers = readers
         self._tables: dict[str, _Table] = {}
         self._prefixes: PrefixCache = {}
+        self._upgraded: set[str] = set()
+        """Physical tables given their counts and indexes by this store (``_upgrade``)."""
         self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -533,12 +535,8 @@ class SqliteReadStore:
                     "INSERT INTO physicals (physical, collection, schema) VALUES (?, ?, ?)",
                     (physical, schema.name, _schema_encoder.encode(stored).decode()),
                 )
-            _ensure_counts(self._conn, _Table(physical, schema.name, stored))
-            for name, columns in _indexes(_Table(physical, schema.name, stored)):
-                self._conn.execute(
-                    f"CREATE INDEX IF NOT EXISTS {_q(name)} ON {_q(physical)} ({columns}) "
-                    "WHERE doc IS NOT NULL"
-                )
+            self._upgraded.discard(physical)
+            self._upgrade(_Table(physical, schema.name, stored))
             self._conn.execute(
                 "INSERT INTO aliases (collection, physical) VALUES (?, ?) "
                 "ON CONFLICT (collection) DO NOTHING",
@@ -625,9 +623,25 @@ class SqliteReadStore:
             table = self._resolve(collection, physical)
             if table is None:
                 raise CollectionNotFound(f"{physical or collection} does not exist; ensure_collection first")
+            self._upgrade(table)
             return [self._apply(table, op, doc) for op, doc in encoded]
 
         return await self._run(lambda: self._transaction(apply, write=True))
+
+    def _upgrade(self, table: _Table) -> None:
+        """Give a physical table the counts and indexes this code queries with, once
+        per store: at ``ensure_collection``, or at the first write to a table that a
+        projection runner found already in place (made by an older version; the
+        counts are then filled from its documents, once, in that transaction)."""
+        if table.physical in self._upgraded:
+            return
+        _ensure_counts(self._conn, table)
+        for name, columns in _indexes(table):
+            self._conn.execute(
+                f"CREATE INDEX IF NOT EXISTS {_q(name)} ON {_q(table.physical)} ({columns}) "
+                "WHERE doc IS NOT NULL"
+            )
+        self._upgraded.add(table.physical)
 
     def _apply(self, table: _Table, op: WriteOp, doc: str | None) -> WriteOutcome:
         columns = table.columns
