@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,22 @@ async def test_an_unreachable_elasticsearch_gives_503_with_retry_after(tmp_path:
         assert "read store" in problem["detail"]
     finally:
         await container.close()
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"), [(logging.INFO, logging.WARNING), (logging.DEBUG, logging.NOTSET)]
+)
+async def test_elasticsearch_request_lines_are_logged_only_when_debugging(level: int, expected: int) -> None:
+    from orderstream.readstore.elasticsearch import ElasticsearchReadStore
+
+    transport, ours = logging.getLogger("elastic_transport"), logging.getLogger("orderstream")
+    saved = transport.level, ours.level
+    transport.setLevel(logging.NOTSET)
+    ours.setLevel(level)
+    try:
+        store = await ElasticsearchReadStore.open("http://127.0.0.1:9")
+        await store.close()
+        assert transport.level == expected
+    finally:
+        transport.setLevel(saved[0])
+        ours.setLevel(saved[1])

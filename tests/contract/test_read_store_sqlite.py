@@ -97,7 +97,7 @@ async def test_a_prefix_with_too_many_words_is_still_searched_as_a_prefix(
     await _fill(sqlite_store)
     expanded = sorted(await ids(sqlite_store, Query(text="alp", limit=100)))
     monkeypatch.setattr(sqlite_module, "MAX_PREFIX_WORDS", 1)
-    sqlite_module._prefix_cache.clear()
+    sqlite_store._prefixes.clear()
     assert sorted(await ids(sqlite_store, Query(text="alp", limit=100))) == expanded
     assert len(expanded) == 45  # alpha, alphabet, alpine: 3 in 4 of 60
 
@@ -138,20 +138,38 @@ async def test_maintained_counts_follow_updates_deletes_and_stale_writes(
     assert maintained.total == counted.total == 10
 
 
-async def test_counts_are_filled_for_a_table_made_before_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("upgrade_by", ["ensure_collection", "the first write"])
+async def test_counts_are_filled_for_a_table_made_before_them(tmp_path: Path, upgrade_by: str) -> None:
+    """A runner finding its table in place writes without ensuring it: the store
+    upgrades the table at its first write."""
+    store = await SqliteReadStore.open(tmp_path / "read.db")
+    physical = await store.ensure_collection(SCHEMA)
+    await _fill(store, 9)
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "read.db", isolation_level=None)
+    conn.execute(f'DROP TABLE "{physical}__counts"')
+    for event in ("insert", "update", "delete"):
+        conn.execute(f'DROP TRIGGER "{physical}__count_{event}"')
+    conn.close()
     store = await SqliteReadStore.open(tmp_path / "read.db")
     try:
-        physical = await store.ensure_collection(SCHEMA)
-        await _fill(store, 9)
-        conn = sqlite3.connect(tmp_path / "read.db", isolation_level=None)
-        conn.execute(f'DROP TABLE "{physical}__counts"')
-        for event in ("insert", "update", "delete"):
-            conn.execute(f'DROP TRIGGER "{physical}__count_{event}"')
-        conn.close()
-        await store.ensure_collection(SCHEMA)
+        old = await store.query(C, Query(facets=("colour",), limit=1))  # no counts table: counted
+        assert old.facets["colour"] == {"red": 3, "green": 3, "blue": 3}
+        if upgrade_by == "ensure_collection":
+            await store.ensure_collection(SCHEMA)
+        else:
+            await store.write(C, [Upsert(id="t00", version=2, document=thing("t00", colour="blue"))])
         page = await store.query(C, Query(facets=("colour",), limit=1))
-        assert page.facets["colour"] == {"red": 3, "green": 3, "blue": 3}
+        expected = (
+            {"red": 3, "green": 3, "blue": 3}
+            if upgrade_by == "ensure_collection"
+            else {"blue": 4, "green": 3, "red": 2}
+        )
+        assert page.facets["colour"] == expected
         assert page.total == 9
+        conn = sqlite3.connect(tmp_path / "read.db")
+        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (f"{physical}__counts",)).fetchone()
+        conn.close()
     finally:
         await store.close()
 
@@ -169,3 +187,15 @@ async def test_queries_are_not_queued_behind_the_writer(sqlite_store: SqliteRead
     finally:
         release.set()
         await blocked
+
+
+async def test_two_databases_do_not_share_the_words_of_a_prefix(tmp_path: Path) -> None:
+    stores = [await SqliteReadStore.open(tmp_path / f"{name}.db") for name in ("a", "b")]
+    try:
+        for store, word in zip(stores, ["alpha", "alpine"], strict=True):
+            await store.ensure_collection(SCHEMA)
+            await store.write(C, [Upsert(id=word, version=1, document=thing(word, title=word))])
+        assert [await ids(store, Query(text="alp")) for store in stores] == [["alpha"], ["alpine"]]
+    finally:
+        for store in stores:
+            await store.close()

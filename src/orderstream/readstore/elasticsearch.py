@@ -202,8 +202,8 @@ class ElasticsearchReadStore:
                 self._discovered[collection] = (time.monotonic(), schema)
                 return schema
         raise InvalidQuery(
-            f"the {collection!r} index has no schema in its mapping; "
-            "start a projector (it records it) or rebuild the projection"
+            f"the {collection!r} index has no schema in its mapping (made before schemas were "
+            f"recorded): rebuild it once with `orderstream projections rebuild {collection}`"
         )
 
     # -------------------------------------------------------------- collections

@@ -176,10 +176,11 @@ class _Table:
         return [f for f, k in self.schema.fields.items() if k is FieldKind.KEYWORD]
 
 
-_prefix_cache: dict[tuple[str, str], tuple[float, list[str] | None]] = {}
+PrefixCache = dict[tuple[str, str], tuple[float, list[str] | None]]
+"""(FTS table, prefix) -> (when read, its words): one per store, as it is one per database."""
 
 
-def _prefix_words(conn: sqlite3.Connection, fts: str, prefix: str) -> list[str] | None:
+def _prefix_words(conn: sqlite3.Connection, cache: PrefixCache, fts: str, prefix: str) -> list[str] | None:
     """The indexed words starting with ``prefix`` (``None``: more than
     :data:`MAX_PREFIX_WORDS`), from FTS5's vocabulary.
 
@@ -190,7 +191,7 @@ def _prefix_words(conn: sqlite3.Connection, fts: str, prefix: str) -> list[str] 
     in full finds it at once."""
     key = (fts, prefix)
     now = time.monotonic()
-    cached = _prefix_cache.get(key)
+    cached = cache.get(key)
     if cached is not None and now - cached[0] < PREFIX_CACHE_SECONDS:
         return cached[1]
     vocab = _q(f"{fts}__vocab")
@@ -203,9 +204,9 @@ def _prefix_words(conn: sqlite3.Connection, fts: str, prefix: str) -> list[str] 
         )
     ]
     words = terms if len(terms) <= MAX_PREFIX_WORDS else None
-    if len(_prefix_cache) > 10_000:
-        _prefix_cache.clear()
-    _prefix_cache[key] = (now, words)
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[key] = (now, words)
     return words
 
 
@@ -375,6 +376,9 @@ class SqliteReadStore:
         self._executor = executor
         self._readers = readers
         self._tables: dict[str, _Table] = {}
+        self._prefixes: PrefixCache = {}
+        self._upgraded: set[str] = set()
+        """Physical tables given their counts and indexes by this store (``_upgrade``)."""
         self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -531,12 +535,8 @@ class SqliteReadStore:
                     "INSERT INTO physicals (physical, collection, schema) VALUES (?, ?, ?)",
                     (physical, schema.name, _schema_encoder.encode(stored).decode()),
                 )
-            _ensure_counts(self._conn, _Table(physical, schema.name, stored))
-            for name, columns in _indexes(_Table(physical, schema.name, stored)):
-                self._conn.execute(
-                    f"CREATE INDEX IF NOT EXISTS {_q(name)} ON {_q(physical)} ({columns}) "
-                    "WHERE doc IS NOT NULL"
-                )
+            self._upgraded.discard(physical)
+            self._upgrade(_Table(physical, schema.name, stored))
             self._conn.execute(
                 "INSERT INTO aliases (collection, physical) VALUES (?, ?) "
                 "ON CONFLICT (collection) DO NOTHING",
@@ -623,9 +623,25 @@ class SqliteReadStore:
             table = self._resolve(collection, physical)
             if table is None:
                 raise CollectionNotFound(f"{physical or collection} does not exist; ensure_collection first")
+            self._upgrade(table)
             return [self._apply(table, op, doc) for op, doc in encoded]
 
         return await self._run(lambda: self._transaction(apply, write=True))
+
+    def _upgrade(self, table: _Table) -> None:
+        """Give a physical table the counts and indexes this code queries with, once
+        per store: at ``ensure_collection``, or at the first write to a table that a
+        projection runner found already in place (made by an older version; the
+        counts are then filled from its documents, once, in that transaction)."""
+        if table.physical in self._upgraded:
+            return
+        _ensure_counts(self._conn, table)
+        for name, columns in _indexes(table):
+            self._conn.execute(
+                f"CREATE INDEX IF NOT EXISTS {_q(name)} ON {_q(table.physical)} ({columns}) "
+                "WHERE doc IS NOT NULL"
+            )
+        self._upgraded.add(table.physical)
 
     def _apply(self, table: _Table, op: WriteOp, doc: str | None) -> WriteOutcome:
         columns = table.columns
@@ -671,7 +687,7 @@ class SqliteReadStore:
             if table is None:  # never ensured: nothing to find yet
                 total = 0 if query.count or query.facets else None
                 return Page(items=[], next_cursor=None, facets={f: {} for f in query.facets}, total=total)
-            return _QueryPlan(table, query).run(conn)
+            return _QueryPlan(table, query, self._prefixes).run(conn)
 
         return await self._read(read)
 
@@ -679,9 +695,10 @@ class SqliteReadStore:
 class _QueryPlan:
     """One :class:`Query` translated to SQL against one physical table."""
 
-    def __init__(self, table: _Table, query: Query) -> None:
+    def __init__(self, table: _Table, query: Query, prefixes: PrefixCache | None = None) -> None:
         self.table = table
         self.query = query
+        self.prefixes: PrefixCache = {} if prefixes is None else prefixes
         self.where: list[str] = ["doc IS NOT NULL"]
         self.params: list[Any] = []
         self.match: str | None = None
@@ -823,7 +840,7 @@ class _QueryPlan:
         word = last[1:-2].lower()
         if not _PLAIN_WORD.fullmatch(word):
             return  # the tokenizer would split it: keep FTS5's own prefix handling
-        terms = _prefix_words(conn, self.table.fts, word)
+        terms = _prefix_words(conn, self.prefixes, self.table.fts, word)
         if terms is None:
             return
         words = "(" + " OR ".join(f'"{term}"' for term in dict.fromkeys([word, *terms])) + ")"
