@@ -455,7 +455,7 @@ def _http_options(fn: F) -> F:
         "--workers",
         type=click.IntRange(1, MAX_API_WORKERS),
         default=None,
-        help="API processes sharing the port [env ORDERSTREAM_API_WORKERS; 1].",
+        help="API worker processes on the port [env ORDERSTREAM_API_WORKERS; api: 1, serve: 2 on 2+ cores].",
     )(fn)
     fn = click.option("--access-log/--no-access-log", default=False, help="Log every request.")(fn)
     fn = click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)(fn)
@@ -484,7 +484,7 @@ def serve(host: str, port: int, access_log: bool, workers: int | None, sagas: bo
             projections=True,
             sagas=sagas,
             access_log=access_log,
-            workers=settings.api_workers,
+            workers=settings.workers_for(serve=True),
         )
     )
 
@@ -506,7 +506,7 @@ def api(
             projections=False,
             sagas=False,
             access_log=access_log,
-            workers=settings.api_workers,
+            workers=settings.workers_for(serve=False),
             worker_of=worker_of,
         )
     )
