@@ -7,17 +7,19 @@
     orderstream projections status | rebuild NAME | parked NAME | replay-parked NAME
     orderstream events read STREAM | tail
 
-``serve`` and ``api`` take ``--workers N`` (env ``ORDERSTREAM_API_WORKERS``): the
-process binds the port with ``SO_REUSEPORT`` and starts N-1 more ``orderstream
-api`` processes on the same port (the kernel spreads connections over them);
-each is a whole API process with its own stores and group-commit writer on
-the shared SQLite files. Projections and sagas stay in the first process. See
-:class:`ApiWorkerProcess`.
+``serve`` and ``api`` take ``--workers N`` (env ``ORDERSTREAM_API_WORKERS``): with
+N > 1 the first process serves no HTTP; it holds the port and starts N
+``orderstream api`` worker processes that listen on it with ``SO_REUSEPORT``
+(the kernel spreads connections over them). Each worker is a whole API process
+with its own stores and group-commit writer on the shared SQLite files.
+Projections and sagas stay in the first process, so under ``serve`` requests
+never queue behind them. See :class:`ApiWorkerProcess`.
 
 The HTTP server is uvicorn with httptools on a uvloop event loop, chosen by
-measurement (issue 7: twice the requests per second of h11 on asyncio; granian
-measured no faster on the bare route and cannot run inside our own event loop
-beside the other services).
+measurement (issue 7: half the server CPU per request of h11 on asyncio on the
+bare route; granian used the same CPU per request as this choice, and runs
+beside our other services in one event loop only in an embedded mode it marks
+experimental).
 
 Every command takes the store options (``--data-dir``, ``--event-store``,
 ``--read-store``, ``--temporal-address``), which override the environment
@@ -26,9 +28,9 @@ variables of :mod:`orderstream.config`.
 Shutdown (SIGINT / SIGTERM): the HTTP server stops accepting connections and
 finishes the requests in flight, then the projection runners and other
 services stop, then the event store is closed, which writes every append it
-has acknowledged. A second signal does not cut this short. Extra API workers
-get SIGTERM at the same time and drain the same way; the first process waits
-for them before it exits.
+has acknowledged. A second signal does not cut this short. API workers get
+SIGTERM at the same time and drain the same way; the first process waits for
+them before it closes its own stores and exits.
 """
 
 from __future__ import annotations
@@ -223,18 +225,29 @@ class EmbeddedServer:
         self.server.should_exit = True
 
 
-def shared_port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket with ``SO_REUSEPORT``: every API worker binds its own on
-    the same port and the kernel spreads new connections over them evenly (one
-    socket shared by all would let whichever process wakes first accept a burst
-    of keep-alive connections and keep them). Port 0 picks a free port; the
-    workers then bind the one picked."""
+def shared_port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
+    """A socket bound with ``SO_REUSEPORT``: every API worker binds and listens on
+    its own, on one port, and the kernel spreads new connections over the
+    listening ones evenly (one socket shared by all would let whichever process
+    wakes first accept a burst of keep-alive connections and keep them). The
+    first process binds one without listening: it picks the port (port 0: a free
+    one) and holds it, but is given no connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=2048, reuse_port=True)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class ApiWorkerProcess:
-    """One extra API process: ``orderstream api --worker-of <our pid>`` on our port.
+    """One API worker process: ``orderstream api --worker-of <our pid>`` on our port.
 
     A background service of the first process: it starts the worker, is ready
     when the worker says it listens, sends it SIGTERM when ``stop`` is set and
@@ -281,7 +294,7 @@ class ApiWorkerProcess:
 
 
 def worker_argv(settings: Settings, host: str, port: int, *, access_log: bool) -> list[str]:
-    """The command line of an extra API worker: our settings, our port, our pid."""
+    """The command line of an API worker: our settings, our port, our pid."""
     argv = [sys.executable, "-m", "orderstream.cli", "api", "--host", host, "--port", str(port)]
     argv += ["--worker-of", str(os.getpid()), "--workers", "1"]
     argv += ["--data-dir", str(settings.data_dir), "--event-store", settings.event_store_url]
@@ -326,9 +339,10 @@ async def run_process(
 ) -> None:
     """The one process shape behind ``serve``, ``api``, ``project`` and ``worker``.
 
-    ``workers`` > 1: this process serves the API on a ``SO_REUSEPORT`` socket and
-    runs ``workers - 1`` :class:`ApiWorkerProcess` beside it. ``worker_of``: this
-    process is such a worker of that pid.
+    ``workers`` > 1: this process serves no HTTP itself; it holds the port and
+    runs ``workers`` :class:`ApiWorkerProcess` on it (beside the projections and
+    sagas, for ``serve``: requests then never queue behind them on one event
+    loop). ``worker_of``: this process is such a worker of that pid.
     """
     stop = asyncio.Event()
     with stop_on_signals(stop):
@@ -342,22 +356,23 @@ async def run_process(
                 services += container.background_services
             listen = (host, port) if host is not None and port is not None else None
             sock = None
-            extra_workers: list[ApiWorkerProcess] = []
-            if listen is not None and (workers > 1 or worker_of is not None):
-                sock = shared_port_socket(*listen)
+            api_workers: list[ApiWorkerProcess] = []
+            if listen is not None and workers > 1:
+                sock = shared_port_socket(*listen, listen=False)
                 listen = (listen[0], int(sock.getsockname()[1]))
                 worker_settings = _with_temporal_address(settings, container)
-                extra_workers = [
+                api_workers = [
                     ApiWorkerProcess(i, worker_argv(worker_settings, *listen, access_log=access_log))
-                    for i in range(1, workers)
+                    for i in range(1, workers + 1)
                 ]
-                services += extra_workers
-            if worker_of is not None:
+                services += api_workers
+            elif listen is not None and worker_of is not None:
+                sock = shared_port_socket(*listen, listen=True)
                 services.append(ParentWatch(worker_of))
             services_task = asyncio.create_task(run_services(services, stop), name="orderstream-services")
             server: EmbeddedServer | None = None
             server_task: asyncio.Task[None] | None = None
-            if listen is not None:
+            if listen is not None and not api_workers:
                 from orderstream.api.app import create_app
 
                 if not sagas:
@@ -365,8 +380,14 @@ async def run_process(
 
                 server = EmbeddedServer(create_app(container), *listen, access_log=access_log, sock=sock)
                 server_task = asyncio.create_task(server.serve(), name="orderstream-http")
-                await _wait_for_workers(extra_workers, services_task)
-                await _announce_when_started(server, server_task, announce)
+                listen = (listen[0], await _started(server, server_task))
+            if listen is not None:
+                await _wait_for_workers(api_workers, services_task)
+                url = f"http://{listen[0]}:{listen[1]}"
+                announce(
+                    f"orderstream listening on {url}" + (f" ({workers} API workers)" if api_workers else "")
+                )
+                announce(f"API docs: {url}/schema  (OpenAPI: {url}/schema/openapi.json)")
             names = ", ".join(s.name for s in services) or "none"
             announce(f"background services: {names}")
             try:
@@ -375,20 +396,22 @@ async def run_process(
                     waiters.add(server_task)
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                # 1. stop accepting, finish in-flight requests (extra workers: SIGTERM, in step 2's stop)
+                # 1. stop accepting, finish in-flight requests (API workers: SIGTERM, by step 2's stop)
                 stop.set()
                 if server is not None and server_task is not None:
                     server.exit()
                     with contextlib.suppress(Exception):
                         await server_task
-                # 2. stop the runners and other services; wait for the extra workers to drain
+                # 2. stop the runners and other services; wait for the API workers to drain
                 await services_task
+                if sock is not None:
+                    sock.close()
             # 3. ``opened`` closes the stores: the event store writes every acknowledged append
         announce("stopped")
 
 
 def _with_temporal_address(settings: Settings, container: Container) -> Settings:
-    """The settings for extra API workers: with the Temporal address this process
+    """The settings for API workers: with the Temporal address this process
     connected to (the dev server ``serve`` started), so that their fulfilment
     route reaches the same server."""
     client = container.extensions.get("temporal_client")
@@ -399,7 +422,7 @@ def _with_temporal_address(settings: Settings, container: Container) -> Settings
 
 
 async def _wait_for_workers(workers: list[ApiWorkerProcess], services: asyncio.Task[None]) -> None:
-    """Until every extra worker listens (so that "listening on" means all of them do)."""
+    """Until every API worker listens (so that "listening on" means all of them do)."""
     for worker in workers:
         ready = asyncio.ensure_future(worker.ready.wait())
         await asyncio.wait({ready, services}, return_when=asyncio.FIRST_COMPLETED)
@@ -408,17 +431,14 @@ async def _wait_for_workers(workers: list[ApiWorkerProcess], services: asyncio.T
             raise click.ClickException(f"{worker.name} stopped during startup")
 
 
-async def _announce_when_started(
-    server: EmbeddedServer, task: asyncio.Task[None], announce: Callable[[str], None]
-) -> None:
+async def _started(server: EmbeddedServer, task: asyncio.Task[None]) -> int:
+    """Wait until the server listens; its port."""
     while not server.started:
         if task.done():
             task.result()  # raises what stopped the server (e.g. the port is in use)
             raise click.ClickException("the HTTP server stopped during startup")
         await asyncio.sleep(0.02)
-    url = f"http://{server.config.host}:{server.bound_port()}"
-    announce(f"orderstream listening on {url}")
-    announce(f"API docs: {url}/schema  (OpenAPI: {url}/schema/openapi.json)")
+    return server.bound_port()
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -435,7 +455,7 @@ def _http_options(fn: F) -> F:
         "--workers",
         type=click.IntRange(1, MAX_API_WORKERS),
         default=None,
-        help="API processes sharing the port [env ORDERSTREAM_API_WORKERS; 1].",
+        help="API worker processes on the port [env ORDERSTREAM_API_WORKERS; api: 1, serve: 2 on 2+ cores].",
     )(fn)
     fn = click.option("--access-log/--no-access-log", default=False, help="Log every request.")(fn)
     fn = click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)(fn)
@@ -454,7 +474,7 @@ def _http_options(fn: F) -> F:
 @store_options
 def serve(host: str, port: int, access_log: bool, workers: int | None, sagas: bool, **options: Any) -> None:
     """The API, every projection runner and the saga services in one process
-    (with --workers N, N-1 more API-only processes beside it)."""
+    (with --workers N, the API in N worker processes beside it)."""
     settings = settings_from({**options, "api_workers": workers})
     run(
         run_process(
@@ -464,14 +484,14 @@ def serve(host: str, port: int, access_log: bool, workers: int | None, sagas: bo
             projections=True,
             sagas=sagas,
             access_log=access_log,
-            workers=settings.api_workers,
+            workers=settings.workers_for(serve=True),
         )
     )
 
 
 @main.command()
 @_http_options
-@click.option("--worker-of", type=int, default=None, hidden=True, help="Internal: an extra worker of PID.")
+@click.option("--worker-of", type=int, default=None, hidden=True, help="Internal: an API worker of PID.")
 @store_options
 def api(
     host: str, port: int, access_log: bool, workers: int | None, worker_of: int | None, **options: Any
@@ -486,7 +506,7 @@ def api(
             projections=False,
             sagas=False,
             access_log=access_log,
-            workers=settings.api_workers,
+            workers=settings.workers_for(serve=False),
             worker_of=worker_of,
         )
     )

@@ -55,7 +55,7 @@ def test_environment_and_overrides() -> None:
         {"ORDERSTREAM_CONSISTENCY_TIMEOUT": "soon"},
         {"ORDERSTREAM_CONSISTENCY_TIMEOUT": "0"},
         {"ORDERSTREAM_MAX_BODY_BYTES": "-1"},
-        {"ORDERSTREAM_API_WORKERS": "0"},
+        {"ORDERSTREAM_API_WORKERS": "-1"},
         {"ORDERSTREAM_API_WORKERS": "65"},
     ],
 )
@@ -82,3 +82,12 @@ async def test_backends_open_by_url(tmp_path: Path) -> None:
         await events.close()
     with pytest.raises(ConfigError):
         await open_event_store("mysql://nope")
+
+
+def test_api_workers_auto_is_one_for_api_and_two_for_serve_given_two_cores() -> None:
+    auto = Settings.from_env({})
+    assert auto.workers_for(serve=False, cores=8) == 1
+    assert auto.workers_for(serve=True, cores=2) == 2
+    assert auto.workers_for(serve=True, cores=1) == 1
+    chosen = Settings.from_env({"ORDERSTREAM_API_WORKERS": "3"})
+    assert chosen.workers_for(serve=False, cores=1) == chosen.workers_for(serve=True, cores=1) == 3
