@@ -289,3 +289,31 @@ async def test_the_analyst_questions_have_answers(es_store: ElasticsearchReadSto
     assert answer["aggregations"]["to_ship"]["values"]["100.0"] == shipped[-1]
     reasons = {k: b["doc_count"] for k, b in _buckets(answer, "reasons").items()}
     assert reasons == {d["cancel_reason"]: 1 for d in docs if "cancel_reason" in d}
+
+
+async def test_the_sample_for_analysts_goes_through_the_write_path(tmp_path: Path) -> None:
+    """infra/elasticsearch/fill_sample.py (the README's examples) builds both read models
+    from events of the real use cases: names on the lines, durations, reasons, stock."""
+    spec = importlib.util.spec_from_file_location(
+        "fill_sample", ROOT / "infra" / "elasticsearch" / "fill_sample.py"
+    )
+    assert spec
+    assert spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    await module.fill(f"sqlite:///{tmp_path / 'read.db'}", 30, 7)
+    store = await SqliteReadStore.open(tmp_path / "read.db")
+    try:
+        page = await store.query("orders", Query(limit=100, facets=("status",)))
+        assert page.total == 30
+        assert {"shipped", "cancelled"} <= set(page.facets["status"])
+        assert all(line.get("name") for doc in page.items for line in doc["lines"])
+        for doc in page.items:
+            if doc["status"] == "shipped":
+                assert doc["placed_to_shipped_seconds"] > doc["placed_to_reserved_seconds"] > 0
+        products = {p["sku"]: p for p in (await store.query("products", Query(limit=100))).items}
+        assert {sku for doc in page.items for sku in doc["skus"]} <= set(products)
+        assert any(p["on_hand"] < 500 for p in products.values()), "shipped orders took stock"
+        assert all(p["available"] == p["on_hand"] - p["reserved"] for p in products.values())
+    finally:
+        await store.close()
