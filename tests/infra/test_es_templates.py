@@ -317,3 +317,17 @@ async def test_the_sample_for_analysts_goes_through_the_write_path(tmp_path: Pat
         assert all(p["available"] == p["on_hand"] - p["reserved"] for p in products.values())
     finally:
         await store.close()
+
+
+@pytest.mark.elasticsearch
+async def test_a_process_that_never_ensured_the_collection_reads_its_schema(
+    es_store: ElasticsearchReadStore,
+) -> None:
+    """``orderstream api`` reads the schema (with its analysis fields) from the index."""
+    prefix = es_store.alias("orders").removesuffix("orders")
+    other = await ElasticsearchReadStore.open(os.environ["ORDERSTREAM_TEST_ES_URL"], prefix=prefix)
+    try:
+        page = await other.query("orders", Query(text="assam", filters={"status": "shipped"}))
+        assert sorted(d["id"] for d in page.items) == ["o-1", "o-2"]
+    finally:
+        await other.close()
