@@ -7,12 +7,15 @@ Document::
 
 ``reservations`` maps order id -> reserved quantity (as the aggregate does), so
 a release or commit takes back exactly what that order held; ``reserved`` is
-their sum and ``available = on_hand - reserved``.
+their sum and ``available = on_hand - reserved``. ``price`` is an amount in
+minor units beside its currency. The stock figures, the price and
+``updated_at`` are indexed for analysts; ``reservations`` (a map keyed by order
+id) is kept in the source only, as an index of it would grow a field per order.
 """
 
 from __future__ import annotations
 
-from orderstream.readstore.base import CollectionSchema, Document, FieldKind, SortField
+from orderstream.readstore.base import CollectionSchema, Document, FieldGroup, FieldKind, SortField
 from projections.base import ProjectedEvent, ProjectionError, stream_id
 
 NAME = "products"
@@ -20,7 +23,7 @@ CATEGORY = "product"
 
 SCHEMA = CollectionSchema(
     name=NAME,
-    version=1,
+    version=2,
     id_field="sku",
     fields={
         "sku": FieldKind.KEYWORD,
@@ -30,7 +33,13 @@ SCHEMA = CollectionSchema(
         "on_hand": FieldKind.INTEGER,
     },
     default_sort=(SortField("sku"),),
+    analysis={
+        "price": FieldGroup(fields={"amount": FieldKind.INTEGER, "currency": FieldKind.KEYWORD}),
+        "reserved": FieldKind.INTEGER,
+        "updated_at": FieldKind.DATETIME,
+    },
 )
+"""Version 2 indexes price, reserved and updated_at for analysts."""
 
 HANDLES = frozenset({"ProductRegistered", "StockAdded", "StockReserved", "StockReleased", "StockCommitted"})
 

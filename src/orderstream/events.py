@@ -153,7 +153,6 @@ def build_registry() -> EventRegistry:
     _register_all(
         registry,
         [
-            orders.OrderLinesChanged,
             orders.OrderShippingAddressChanged,
             orders.OrderStockReserved,
             orders.OrderPaymentAuthorised,
@@ -175,14 +174,23 @@ def build_registry() -> EventRegistry:
     )
     # Version history kept on purpose, as the worked example of upcasting:
     # v1 OrderPlaced had no payment token (orders before payments existed), and
-    # v1 OrderCancelled had no previous_status.
-    registry.register(orders.OrderPlaced, version=2)
+    # v1 OrderCancelled had no previous_status;
+    # OrderPlaced v2 and OrderLinesChanged v1 had no product name on their lines.
+    registry.register(orders.OrderPlaced, version=3)
+    registry.register(orders.OrderLinesChanged, version=2)
     registry.register(orders.OrderCancelled, version=2)
 
     @registry.upcaster("OrderPlaced", 1)
     def _order_placed_v1(raw: RawEvent) -> RawEvent:
         # No token was recorded: the gateway declines an empty token, never charges blindly.
         return {**raw, "payment_token": raw.get("payment_token", "")}
+
+    def _lines_without_names(raw: RawEvent) -> RawEvent:
+        # The name was not recorded; looking it up now could give a later name, so none.
+        return {**raw, "lines": [{**line, "name": line.get("name")} for line in raw.get("lines", ())]}
+
+    registry.upcaster("OrderPlaced", 2)(_lines_without_names)
+    registry.upcaster("OrderLinesChanged", 1)(_lines_without_names)
 
     @registry.upcaster("OrderCancelled", 1)
     def _order_cancelled_v1(raw: RawEvent) -> RawEvent:

@@ -18,6 +18,7 @@ import pytest
 from orderstream.bootstrap import build
 from orderstream.config import Settings
 from orderstream.domain import orders
+from projections import product_stock
 from tests.api.helpers import order_body
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,7 +159,7 @@ async def test_operator_commands(tmp_path: Path) -> None:
     assert status.returncode == 0, status.stderr
     by_name = {s["name"]: s for s in map(json.loads, status.stdout.splitlines())}
     assert set(by_name) == {"orders", "products"}
-    assert by_name["products"]["physical"].startswith("products_v1")
+    assert by_name["products"]["physical"].startswith(f"products_v{product_stock.SCHEMA.version}")
 
     parked = orderstream("projections", "parked", "products", *common)
     assert parked.returncode == 0, parked.stderr

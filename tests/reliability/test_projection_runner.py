@@ -117,9 +117,11 @@ async def running(runner: ProjectionRunner) -> AsyncIterator[asyncio.Task[None]]
         await asyncio.wait_for(task, WAIT)
 
 
-def runner_for(
-    stores: Stores, projection: Projection = product_stock.projection, **options: object
-) -> ProjectionRunner:
+PRODUCTS_V1 = Versioned(product_stock.projection, 1)
+"""The product projection pinned at version 1: these tests bump versions from there."""
+
+
+def runner_for(stores: Stores, projection: Projection = PRODUCTS_V1, **options: object) -> ProjectionRunner:
     return ProjectionRunner(stores.events, stores.reads, projection, **options)  # type: ignore[arg-type]
 
 
@@ -391,7 +393,7 @@ async def test_a_same_version_rebuild_beside_a_live_runner_and_writers_loses_not
             return written
 
         writing = asyncio.create_task(writer())
-        rebuilder = ProjectionRunner(stores.events, SlowSwitch(stores.reads), product_stock.projection)  # type: ignore[arg-type]
+        rebuilder = ProjectionRunner(stores.events, SlowSwitch(stores.reads), PRODUCTS_V1)  # type: ignore[arg-type]
         result = await rebuilder.rebuild()
         written = await writing
         assert await live.wait_for_position(await head(stores.events), WAIT)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -14,7 +14,7 @@ from orderstream.domain import inventory, orders
 from orderstream.domain.common import Money
 from orderstream.events import registry
 from orderstream.eventstore.base import RecordedEvent
-from orderstream.readstore.base import Document, FieldKind
+from orderstream.readstore.base import Document, FieldGroup, FieldKind
 from projections import order_summary, product_stock
 from projections import registry as projection_registry
 from projections.base import Projection, ProjectionError
@@ -62,8 +62,8 @@ STREAM = orders.stream_name(ORDER)
 
 def placed(revision: int = 0) -> EventView:
     lines = (
-        orders.OrderLine(sku="SKU-1", quantity=2, unit_price=Money(1250, EUR)),
-        orders.OrderLine(sku="MUG.blue", quantity=1, unit_price=Money(500, EUR)),
+        orders.OrderLine(sku="SKU-1", quantity=2, unit_price=Money(1250, EUR), name="Assam tea"),
+        orders.OrderLine(sku="MUG.blue", quantity=1, unit_price=Money(500, EUR), name="Blue mug"),
     )
     return recorded(
         STREAM,
@@ -100,25 +100,38 @@ def test_order_placed_creates_the_summary() -> None:
     assert doc["lines"] == [
         {
             "sku": "SKU-1",
+            "name": "Assam tea",
             "quantity": 2,
             "unit_price": {"amount": 1250, "currency": EUR},
             "subtotal": {"amount": 2500, "currency": EUR},
         },
         {
             "sku": "MUG.blue",
+            "name": "Blue mug",
             "quantity": 1,
             "unit_price": {"amount": 500, "currency": EUR},
             "subtotal": {"amount": 500, "currency": EUR},
         },
     ]
+    assert doc["skus"] == ["MUG.blue", "SKU-1"]
     assert doc["total"] == {"amount": 3000, "currency": EUR}
-    assert doc["total_amount"] == 3000
+    assert (doc["total_amount"], doc["total_currency"]) == (3000, EUR)
     assert doc["shipping_address"]["city"] == "London"
     assert doc["placed_at"] == doc["updated_at"] == "2024-05-01T09:00:00Z"
     assert doc["revision"] == 0
     assert doc["position"] == 100
     assert doc["status_history"] == [{"status": "placed", "at": "2024-05-01T09:00:00Z", "revision": 0}]
-    for word in ("cust-42", "SKU-1", "MUG.blue", "Ada Lovelace", "London", "N1 9GU"):
+    for word in (
+        "cust-42",
+        "SKU-1",
+        "MUG.blue",
+        "Assam tea",
+        "Blue mug",
+        "Ada Lovelace",
+        "London",
+        "N1 9GU",
+        "GB",
+    ):
         assert word in doc["search_text"]
     assert "tok_secret" not in msgspec.json.encode(doc).decode(), "the payment token stays on the write side"
 
@@ -141,6 +154,15 @@ def test_the_happy_path_records_every_status() -> None:
         ("shipped", 4),
     ]
     assert doc["status_history"][2]["at"] == "2024-05-01T09:02:00Z"
+    assert doc["placed_to_reserved_seconds"] == 60
+    assert doc["placed_to_shipped_seconds"] == 240
+
+
+def test_durations_are_only_there_once_the_status_is_reached() -> None:
+    doc = replay(order_summary.projection, order_events()[:2])
+    assert doc is not None
+    assert doc["placed_to_reserved_seconds"] == 60
+    assert "placed_to_shipped_seconds" not in doc
 
 
 def test_order_rejected() -> None:
@@ -166,13 +188,14 @@ def test_order_cancelled() -> None:
 
 
 def test_order_lines_changed() -> None:
-    lines = (orders.OrderLine(sku="HAT-7", quantity=3, unit_price=Money(999, EUR)),)
+    lines = (orders.OrderLine(sku="HAT-7", quantity=3, unit_price=Money(999, EUR), name="Felt hat"),)
     changed = orders.OrderLinesChanged(order_id=ORDER, lines=lines, total=orders.total_of(lines), at=at(5))
     doc = replay(order_summary.projection, [placed(), recorded(STREAM, 1, changed)])
     assert doc is not None
     assert doc["lines"] == [
         {
             "sku": "HAT-7",
+            "name": "Felt hat",
             "quantity": 3,
             "unit_price": {"amount": 999, "currency": EUR},
             "subtotal": {"amount": 2997, "currency": EUR},
@@ -181,8 +204,11 @@ def test_order_lines_changed() -> None:
     assert doc["total_amount"] == 2997
     assert doc["status"] == "placed"
     assert len(doc["status_history"]) == 1
+    assert doc["skus"] == ["HAT-7"]
     assert "HAT-7" in doc["search_text"]
+    assert "Felt hat" in doc["search_text"]
     assert "SKU-1" not in doc["search_text"]
+    assert "Assam" not in doc["search_text"]
     assert doc["updated_at"] == "2024-05-01T09:05:00Z"
 
 
@@ -237,6 +263,32 @@ def test_old_order_placed_v1_still_projects() -> None:
     doc = order_summary.projection.fold(None, v1)
     assert doc is not None
     assert doc["status"] == "placed"
+
+
+def test_order_placed_v2_without_product_names_still_projects() -> None:
+    """Lines stored before they carried the product's name: no ``name``, no name in the text."""
+    v3 = placed()
+    raw = dict(v3.data)
+    raw["lines"] = [{k: v for k, v in line.items() if k != "name"} for line in raw["lines"]]
+    v2 = EventView.from_recorded(
+        RecordedEvent(
+            id=uuid.uuid4(),
+            stream=STREAM,
+            revision=0,
+            position=1,
+            type="OrderPlaced",
+            schema_version=2,
+            data=msgspec.json.encode(raw),
+            metadata_json=b"{}",
+            recorded_at=T0,
+        )
+    )
+    doc = order_summary.projection.fold(None, v2)
+    assert doc is not None
+    assert [line["sku"] for line in doc["lines"]] == ["SKU-1", "MUG.blue"]
+    assert all("name" not in line for line in doc["lines"])
+    assert "Assam" not in doc["search_text"]
+    assert "SKU-1" in doc["search_text"]
 
 
 def test_every_order_event_type_is_handled() -> None:
@@ -391,3 +443,62 @@ def test_queried_fields_are_top_level_document_fields() -> None:
     assert set(product_stock.SCHEMA.fields) <= set(product)
     assert order[order_summary.SCHEMA.id_field] == ORDER
     assert product[product_stock.SCHEMA.id_field] == SKU
+
+
+def _values(doc: object, path: list[str]) -> list[object]:
+    """The values at a dotted path, through lists (as Elasticsearch reads ``lines.sku``)."""
+    if isinstance(doc, list):
+        return [v for item in doc for v in _values(item, path)]
+    if not path:
+        return [doc]
+    if not isinstance(doc, dict) or path[0] not in doc:
+        return []
+    return _values(doc[path[0]], path[1:])
+
+
+def _leaves(fields: Mapping[str, FieldKind | FieldGroup], prefix: str = "") -> dict[str, FieldKind]:
+    found: dict[str, FieldKind] = {}
+    for name, field in fields.items():
+        if isinstance(field, FieldGroup):
+            found.update(_leaves(field.fields, f"{prefix}{name}."))
+        else:
+            found[f"{prefix}{name}"] = field
+    return found
+
+
+_KIND_CHECKS: dict[FieldKind, Callable[[object], bool]] = {
+    FieldKind.KEYWORD: lambda v: isinstance(v, str),
+    FieldKind.TEXT: lambda v: isinstance(v, str),
+    FieldKind.INTEGER: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    FieldKind.DATETIME: lambda v: isinstance(v, str) and datetime.fromisoformat(v) is not None,
+}
+
+
+def test_analysis_fields_are_filled_with_values_of_their_kind() -> None:
+    """Every field indexed for analysts appears in a document that went through the
+    whole life of an order (or a product) and holds values of its declared kind."""
+    cancelled = orders.OrderCancelled(order_id=ORDER, reason="too slow", previous_status="shipped", at=at(9))
+    rejected_doc = replay(
+        order_summary.projection,
+        [placed(), recorded(STREAM, 1, orders.OrderRejected(order_id=ORDER, reason="no stock", at=at(1)))],
+    )
+    order = replay(order_summary.projection, [*order_events(), recorded(STREAM, 5, cancelled)])
+    product = replay(product_stock.projection, product_events())
+    assert order is not None
+    assert rejected_doc is not None
+    assert product is not None
+    cases = [(order_summary.SCHEMA, {**rejected_doc, **order}), (product_stock.SCHEMA, product)]
+    for schema, doc in cases:
+        for path, kind in _leaves(schema.analysis).items():
+            values = _values(doc, path.split("."))
+            assert values, f"{schema.name}: no value at {path}"
+            assert all(_KIND_CHECKS[kind](v) for v in values), f"{schema.name}.{path}: {values!r} not {kind}"
+
+
+def test_amounts_always_stand_beside_their_currency() -> None:
+    for schema in (order_summary.SCHEMA, product_stock.SCHEMA):
+        leaves = _leaves(schema.analysis)
+        for path in leaves:
+            if path.endswith(".amount"):
+                assert leaves[path.removesuffix("amount") + "currency"] is FieldKind.KEYWORD
+    assert order_summary.SCHEMA.analysis["total_currency"] is FieldKind.KEYWORD

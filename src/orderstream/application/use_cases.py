@@ -52,25 +52,25 @@ def order_id_for(context: CommandContext) -> str:
 
 
 class PriceCache:
-    """Unit prices of registered products, kept in this process.
+    """Unit prices and names of registered products, kept in this process.
 
-    Safe because a product's price never changes once it is registered
+    Safe because a product's price and name never change once it is registered
     (``inventory.decide`` refuses a second ``RegisterProduct`` and nothing else
-    sets ``price``): a cached price is never stale. Only registered products are
+    sets them): a cached entry is never stale. Only registered products are
     cached, so an unknown SKU is looked up (and refused) every time and a product
     registered later is found."""
 
     def __init__(self, handler: Commands) -> None:
         self.handler = handler
-        self._prices: dict[str, Money] = {}
+        self._products: dict[str, tuple[Money, str]] = {}
 
-    async def price(self, sku: str) -> Money:
-        found = self._prices.get(sku)
+    async def price_and_name(self, sku: str) -> tuple[Money, str]:
+        found = self._products.get(sku)
         if found is None:
             product = (await self.handler.load(inventory.decider, inventory.stream_name(sku))).state
             if not product.registered or product.price is None:
                 raise UnknownProduct(sku)
-            found = self._prices[sku] = product.price
+            found = self._products[sku] = (product.price, product.name)
         return found
 
 
@@ -122,8 +122,8 @@ class UseCases:
     async def _priced_lines(self, lines: Sequence[LineRequest]) -> tuple[orders.OrderLine, ...]:
         priced = []
         for line in lines:
-            price = await self.prices.price(line.sku)
-            priced.append(orders.OrderLine(sku=line.sku, quantity=line.quantity, unit_price=price))
+            price, name = await self.prices.price_and_name(line.sku)
+            priced.append(orders.OrderLine(sku=line.sku, quantity=line.quantity, unit_price=price, name=name))
         return tuple(priced)
 
     # -------------------------------------------------------------------- orders

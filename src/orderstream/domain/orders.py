@@ -54,6 +54,11 @@ class OrderLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sku: Sku
     quantity: Quantity
     unit_price: Money
+    name: str | None = None
+    """The product's name when the order was placed, recorded so the read side can
+    search and show it without a lookup (a lookup would not replay the same after a
+    rename). ``None`` on lines recorded before names were (OrderPlaced v2,
+    OrderLinesChanged v1)."""
 
     @property
     def subtotal(self) -> Money:

@@ -36,6 +36,19 @@ class FieldKind(enum.Enum):
     """ISO 8601 string; sort and range filter."""
 
 
+class FieldGroup(msgspec.Struct, frozen=True, kw_only=True):
+    """An object field indexed for analysis, described field by field.
+
+    ``nested``: the field holds a list of objects whose fields belong together
+    (an order line's ``sku`` with its own ``quantity``); Elasticsearch then indexes
+    each object as its own hidden document, so a query or aggregation never pairs
+    one line's SKU with another line's quantity. A plain group (an address, an
+    amount with its currency) is flattened into dotted fields (``total.currency``)."""
+
+    fields: Mapping[str, FieldKind | FieldGroup]
+    nested: bool = False
+
+
 class CollectionSchema(msgspec.Struct, frozen=True, kw_only=True):
     """What a backend must know to store and query a projection's documents."""
 
@@ -45,6 +58,17 @@ class CollectionSchema(msgspec.Struct, frozen=True, kw_only=True):
     fields: Mapping[str, FieldKind]
     """Top-level document fields that are queried. Other fields are stored as they are."""
     default_sort: tuple[SortField, ...]
+    analysis: Mapping[str, FieldKind | FieldGroup] = msgspec.field(default_factory=dict)
+    """Document fields indexed for analysts (Kibana, aggregations over the indices)
+    but never queried through this port. A backend with a document mapping
+    (Elasticsearch) indexes them; SQLite keeps them in the stored JSON as they are.
+    A KEYWORD here may hold a list of values (a keyword array); a TEXT here is
+    also indexed whole as a keyword (``.keyword``) so it can be counted."""
+
+    def __post_init__(self) -> None:
+        both = set(self.fields) & set(self.analysis)
+        if both:
+            raise ValueError(f"{self.name}: {sorted(both)} both queried and analysis-only")
 
     def physical_name(self, version: int | None = None, suffix: str | None = None) -> str:
         """``orders_v3``; with a suffix (a rebuild of the same version) ``orders_v3_<suffix>``."""

@@ -45,6 +45,7 @@ from orderstream.readstore.base import (
     CollectionSchema,
     Delete,
     Document,
+    FieldGroup,
     FieldKind,
     FilterValue,
     InvalidQuery,
@@ -92,9 +93,21 @@ _ES_TYPES = {
 }
 
 
+def _analysis_mapping(field: FieldKind | FieldGroup) -> dict[str, Any]:
+    """An analysis field's mapping: a TEXT is also kept whole as ``.keyword`` (so a
+    reason can be searched and counted), a group maps its own fields."""
+    if isinstance(field, FieldGroup):
+        properties = {name: _analysis_mapping(sub) for name, sub in field.fields.items()}
+        return {"type": "nested" if field.nested else "object", "properties": properties}
+    if field is FieldKind.TEXT:
+        return {**_ES_TYPES[field], "fields": {"keyword": {"type": "keyword", "ignore_above": 256}}}
+    return dict(_ES_TYPES[field])
+
+
 def index_mappings(schema: CollectionSchema) -> dict[str, Any]:
-    """Only the declared fields are indexed; the rest is kept in ``_source``."""
-    properties = {name: dict(_ES_TYPES[kind]) for name, kind in schema.fields.items()}
+    """Only the declared fields (queried and analysis) are indexed; the rest is kept in ``_source``."""
+    properties = {name: _analysis_mapping(field) for name, field in schema.analysis.items()}
+    properties.update({name: dict(_ES_TYPES[kind]) for name, kind in schema.fields.items()})
     properties.setdefault(schema.id_field, {"type": "keyword"})
     return {"dynamic": False, "properties": properties}
 
