@@ -59,7 +59,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -185,6 +185,9 @@ class _Plan:
     done: list[RecordedEvent]
     """Nothing to write for these (already applied), or written already."""
     failed: list[tuple[RecordedEvent, str]]
+    held: list[RecordedEvent] = field(default_factory=list)
+    """Events after a failed one of their stream: not folded, handed back so that
+    they come again after the failed event's retry (never before it)."""
 
     @property
     def applied(self) -> int:
@@ -444,6 +447,11 @@ class ProjectionRunner:
             *(subscription.ack(event) for event in plan.done),
             *(subscription.nack(event, NackAction.RETRY, reason[:500]) for event, reason in plan.failed),
         )
+        # After the failed events' nacks: a group that hands a run back with its nacked
+        # event (SQLite) has already taken these back and ignores this; another retries them.
+        await asyncio.gather(
+            *(subscription.nack(event, NackAction.RETRY, "held behind a failed event") for event in plan.held)
+        )
         for event in plan.done:
             self._refused.discard(event.position)
         if plan.applied and self.on_applied is not None:
@@ -484,51 +492,48 @@ class ProjectionRunner:
     def _only_refused(self, plan: _Plan) -> bool:
         return all(e.position in self._refused for w in plan.writes for e in w.events)
 
-    async def _plan(self, events: Sequence[RecordedEvent], physical: str) -> _Plan:
-        """Fold a batch in memory against ``physical``: per document one version
-        read, one document read (if anything is new) and one write to make.
-        Events that cannot be decoded or folded fail; the others are done once
-        their document's write is."""
+    async def _plan(self, events: Sequence[RecordedEvent], physical: str, *, hold: bool = True) -> _Plan:
+        """Fold a batch in memory against ``physical``: one read of every document the
+        batch touches (:meth:`ReadStore.get_many`), then each document's events folded
+        in order, one write per document to make.
+
+        Events that cannot be decoded or folded fail; the others are done once their
+        document's write is. With ``hold`` (a live group) the events after a failed
+        one in its stream are held (handed back, to come again after its retry); a
+        rebuild (``hold=False``) folds them on top, as it cannot retry."""
         plan = _Plan(writes=[], done=[], failed=[])
+        failed_streams: set[str] = set()
         by_document: dict[str, list[tuple[RecordedEvent, EventView]]] = {}
         for recorded in events:
+            if recorded.stream in failed_streams:
+                plan.held.append(recorded)
+                continue
             try:
                 view = EventView.from_recorded(recorded, self.registry)
                 doc_id = self.projection.document_id(view)
             except Exception as exc:
                 plan.failed.append((recorded, f"cannot decode: {type(exc).__name__}: {exc}"))
+                if hold:
+                    failed_streams.add(recorded.stream)
                 continue
             by_document.setdefault(doc_id, []).append((recorded, view))
 
-        # The reads of a batch go out together (one round trip's latency, not one per document).
-        doc_ids = list(by_document)
-        versions = await asyncio.gather(
-            *(self.read_store.get_version(self.name, d, physical=physical) for d in doc_ids)
-        )
-        stale = {
-            d
-            for d, v in zip(doc_ids, versions, strict=True)
-            if all(v is not None and view.revision <= v for _, view in by_document[d])
-        }
-        fresh = [d for d in doc_ids if d not in stale]
-        documents = dict(
-            zip(
-                fresh,
-                await asyncio.gather(*(self.read_store.get(self.name, d, physical=physical) for d in fresh)),
-                strict=True,
-            )
-        )
-        for doc_id, version in zip(doc_ids, versions, strict=True):
-            items = by_document[doc_id]
-            if doc_id in stale:
-                plan.done.extend(recorded for recorded, _ in items)  # all seen before: nothing to do
-                continue
-            document = documents[doc_id]
+        stored = await self.read_store.get_many(self.name, list(by_document), physical=physical)
+        for doc_id, items in by_document.items():
+            found = stored.get(doc_id)
+            document = found.document if found else None
+            version = found.version if found else None
             carried: list[RecordedEvent] = []
             applied = 0
             # The next stream revision this document has not dealt with (applied or failed).
             following = 0 if version is None else version + 1
             for recorded, view in items:
+                if recorded.stream in failed_streams:
+                    plan.held.append(recorded)
+                    continue
+                if version is not None and view.revision <= version:
+                    carried.append(recorded)  # seen before (redelivery, replay): nothing to do
+                    continue
                 if self.projection.contiguous and view.revision > following:
                     # The document missed events of its stream (a live runner and a rebuild
                     # took turns on this table): fold them first, never over the hole.
@@ -541,6 +546,8 @@ class ProjectionRunner:
                 except Exception as exc:
                     plan.failed.append((recorded, f"fold failed: {type(exc).__name__}: {exc}"))
                     following = max(following, view.revision + 1)
+                    if hold:
+                        failed_streams.add(recorded.stream)
                     continue
                 document, version = folded, version_after
                 following = max(following, view.revision + 1)
@@ -732,7 +739,7 @@ class ProjectionRunner:
             page = await self.event_store.read_all(after=state.position, filter=self.filter, limit=page_size)
             if not page:
                 return
-            outcome = await self._plan(page, physical)
+            outcome = await self._plan(page, physical, hold=False)
             await self._write(outcome, physical)
             for event, reason in outcome.failed:
                 log.error(

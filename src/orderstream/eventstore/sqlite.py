@@ -62,10 +62,12 @@ so groups survive restarts and consumers in several processes can share one.
 - Each group has a *scan cursor*. A consumer's claim (a write transaction)
   copies the matching events after the cursor into ``subscription_events``
   (at most :data:`~orderstream.eventstore.sqlite_groups.WINDOW` unfinished
-  ones), then hands out up to ``prefetch`` pending events, each the oldest
-  pending event of a stream that has nothing in flight. So one stream is
-  delivered to one consumer at a time, in revision order; different streams go
-  out in parallel.
+  ones), then hands out whole *runs* of streams that have nothing in flight
+  (each stream's pending events in revision order, at most
+  :data:`~orderstream.eventstore.sqlite_groups.RUN`) until ``prefetch`` events
+  are out (the first run goes whole). So one stream is delivered to one
+  consumer at a time, in revision order, many events at once when it is hot;
+  different streams go out in parallel.
 - A claimed event is leased to the consumer until ``now + ack_timeout_seconds``.
   A consumer that dies without acking loses the lease when it expires, and the
   event goes to whichever consumer claims next. ``close()`` hands leases back at
@@ -75,7 +77,9 @@ so groups survive restarts and consumers in several processes can share one.
 - Every delivery counts as an attempt. ``nack(RETRY)`` (or an expired lease)
   makes the event pending again, unless it has had ``max_retry`` deliveries:
   then it is parked with the reason. ``PARK`` parks now; ``SKIP`` and ``ack``
-  delete the row (done).
+  delete the row (done). A RETRY or PARK nack also hands the rest of the
+  event's run back to pending without counting a delivery (and drops it from
+  the consumer's buffer), so the stream's order holds.
 - A parked event does not block later events of its stream (as in KurrentDB):
   the group goes on, and the parked event waits for an operator.
   ``replay_parked`` makes parked events pending again with their attempts reset;
@@ -249,7 +253,7 @@ class SqliteEventStore:
 
         ``poll_interval``: how often subscriptions look for events written by
         other processes. ``prefetch``: events a persistent-subscription consumer
-        claims at a time.
+        claims at a time (but one stream's run goes whole).
         """
         location = os.fspath(path)
         if location == ":memory:" or location.startswith("file:"):
@@ -587,6 +591,13 @@ class SqlitePersistentSubscription:
 
     async def nack(self, event: RecordedEvent, action: NackAction, reason: str = "") -> None:
         await self._settle(event, action, reason)
+        if action is not NackAction.SKIP:
+            # The group took the rest of this event's run back: never hand it out after it.
+            self._buffer = deque(
+                claimed
+                for claimed in self._buffer
+                if claimed.event.stream != event.stream or claimed.event.position < event.position
+            )
 
     async def keep_alive(self) -> None:
         """Renew the leases of every event this consumer holds, the claimed ones still

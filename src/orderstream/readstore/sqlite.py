@@ -47,6 +47,7 @@ from orderstream.readstore.base import (
     Range,
     ReadStoreUnavailable,
     SortField,
+    Stored,
     Upsert,
     WriteOp,
     WriteOutcome,
@@ -55,6 +56,8 @@ from orderstream.readstore.base import (
 T = TypeVar("T")
 
 MAX_LIMIT = 1000
+_MAX_IDS = 500
+"""Ids per ``IN (...)`` of :meth:`SqliteReadStore.get_many` (below SQLite's variable limit)."""
 FACET_SIZE = 100
 """At most this many values per facet, the most frequent first."""
 FEW_MATCHES = 2000
@@ -606,6 +609,31 @@ class SqliteReadStore:
             ).fetchone()
             return None if row is None else int(row[0])
 
+        return await self._run(read)
+
+    async def get_many(
+        self, collection: str, doc_ids: Sequence[str], *, physical: str | None = None
+    ) -> dict[str, Stored]:
+        def read() -> dict[str, Stored]:
+            table = self._resolve(collection, physical)
+            if table is None:
+                return {}
+            found: dict[str, Stored] = {}
+            unique = list(dict.fromkeys(doc_ids))
+            for start in range(0, len(unique), _MAX_IDS):
+                chunk = unique[start : start + _MAX_IDS]
+                rows = self._conn.execute(
+                    f"SELECT id, version, doc FROM {_q(table.physical)}"
+                    f" WHERE id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                for doc_id, version, doc in rows:
+                    document = None if doc is None else _doc_decoder.decode(doc)
+                    found[doc_id] = Stored(version=int(version), document=document)
+            return found
+
+        if not doc_ids:
+            return {}
         return await self._run(read)
 
     # ------------------------------------------------------------------ writes
