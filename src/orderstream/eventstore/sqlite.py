@@ -541,6 +541,8 @@ class SqlitePersistentSubscription:
         self._store = store
         self._buffer: deque[groups.Claimed] = deque()
         self._claiming: asyncio.Future[list[groups.Claimed]] | None = None
+        self._acks: list[int] = []
+        self._acked: asyncio.Future[None] | None = None
         self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[RecordedEvent]:
@@ -587,7 +589,34 @@ class SqlitePersistentSubscription:
         return future
 
     async def ack(self, event: RecordedEvent) -> None:
-        await self._settle(event, None, "")
+        """Acks made in one turn of the event loop (a batch's, gathered) go to the
+        writer as one job and one statement, not one of each per event."""
+        if self._acked is None:
+            self._acked = self._store._loop.create_future()
+            self._store._loop.call_soon(self._send_acks)
+        self._acks.append(event.position)
+        await asyncio.shield(self._acked)  # a cancelled caller must not cancel the others' acks
+
+    def _send_acks(self) -> None:
+        positions, self._acks = self._acks, []
+        acked, self._acked = self._acked, None
+        assert acked is not None
+        group, consumer = self.group, self.consumer_id
+        try:
+            job = self._store._submit(lambda conn: groups.ack_many_tx(conn, group, consumer, positions))
+        except EventStoreClosed as exc:
+            acked.set_exception(exc)
+            return
+
+        def done(job: asyncio.Future[None]) -> None:
+            if job.cancelled():
+                acked.cancel()
+            elif (error := job.exception()) is not None:
+                acked.set_exception(error)
+            else:
+                acked.set_result(None)
+
+        job.add_done_callback(done)
 
     async def nack(self, event: RecordedEvent, action: NackAction, reason: str = "") -> None:
         await self._settle(event, action, reason)
