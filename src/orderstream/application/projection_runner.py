@@ -290,7 +290,9 @@ class ProjectionRunner:
                     if not await self._prepare():
                         return
                     prepared = True
-                subscription = await self.event_store.connect_subscription_group(self.group)
+                subscription = await self.event_store.connect_subscription_group(
+                    self.group, prefetch=self.batch_size
+                )
                 delay = 0.1
                 await self._consume(subscription, stop)
             except _Superseded as exc:

@@ -513,9 +513,11 @@ class SqliteEventStore:
     async def delete_subscription_group(self, group: str) -> None:
         await self._submit(lambda conn: groups.delete_tx(conn, group))
 
-    async def connect_subscription_group(self, group: str) -> SqlitePersistentSubscription:
+    async def connect_subscription_group(
+        self, group: str, *, prefetch: int | None = None
+    ) -> SqlitePersistentSubscription:
         await self._read(lambda conn: groups.load_group(conn, group))
-        return SqlitePersistentSubscription(self, group)
+        return SqlitePersistentSubscription(self, group, prefetch or self.prefetch)
 
     async def subscription_group_info(self, group: str) -> GroupInfo:
         return await self._read(lambda conn: groups.info(conn, group))
@@ -535,8 +537,9 @@ class SqlitePersistentSubscription:
     :meth:`close` does, or the ack timeout (a consumer that vanished).
     """
 
-    def __init__(self, store: SqliteEventStore, group: str) -> None:
+    def __init__(self, store: SqliteEventStore, group: str, prefetch: int) -> None:
         self.group = group
+        self.prefetch = prefetch
         self.consumer_id = uuid.uuid4().hex
         self._store = store
         self._buffer: deque[groups.Claimed] = deque()
@@ -577,7 +580,7 @@ class SqlitePersistentSubscription:
         return None
 
     def _claim(self) -> asyncio.Future[list[groups.Claimed]]:
-        group, consumer, limit = self.group, self.consumer_id, self._store.prefetch
+        group, consumer, limit = self.group, self.consumer_id, self.prefetch
         future = self._store._submit(lambda conn: groups.claim_tx(conn, group, consumer, limit, time.time()))
 
         def done(future: asyncio.Future[list[groups.Claimed]]) -> None:

@@ -565,7 +565,10 @@ class SqliteReadStore:
         return await self._run(lambda: self._transaction(switch, write=True))
 
     async def alias_target(self, collection: str) -> str | None:
-        return await self._run(lambda: self._alias(collection))
+        """On a reader connection: a runner asks before every batch, and on the writer's
+        thread it would wait behind the other runners' writes (the switch is committed
+        before ``switch_alias`` returns, so a reader sees it as the writer would)."""
+        return await self._read(lambda conn: self._alias(collection, conn))
 
     async def drop_physical(self, physical: str) -> None:
         def drop() -> None:
@@ -614,15 +617,19 @@ class SqliteReadStore:
     async def get_many(
         self, collection: str, doc_ids: Sequence[str], *, physical: str | None = None
     ) -> dict[str, Stored]:
-        def read() -> dict[str, Stored]:
-            table = self._resolve(collection, physical)
+        """On a reader connection, so that it does not queue behind other runners' writes:
+        every write this store made is committed before ``write`` returns, so a reader
+        sees it as the writer's connection would."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, Stored]:
+            table = self._resolve(collection, physical, conn)
             if table is None:
                 return {}
             found: dict[str, Stored] = {}
             unique = list(dict.fromkeys(doc_ids))
             for start in range(0, len(unique), _MAX_IDS):
                 chunk = unique[start : start + _MAX_IDS]
-                rows = self._conn.execute(
+                rows = conn.execute(
                     f"SELECT id, version, doc FROM {_q(table.physical)}"
                     f" WHERE id IN ({', '.join('?' * len(chunk))})",
                     chunk,
@@ -634,7 +641,7 @@ class SqliteReadStore:
 
         if not doc_ids:
             return {}
-        return await self._run(read)
+        return await self._read(read)
 
     # ------------------------------------------------------------------ writes
 
