@@ -29,11 +29,9 @@ neither redelivered nor parked while this runner lives). Only a document the
 store refuses while others of the batch are written counts as a poison
 document: its events are nacked like a failed fold.
 
-Gaps. For a ``contiguous`` projection (one stream per document, version = stream
-revision) an event is never folded onto a document that missed earlier events of
-its stream: the missing ones are read from the event store and folded first.
-This is what keeps a same-version rebuild and the live runner, which take turns
-on the new table around the alias switch, from leaving holes.
+The fold itself, held events and gap filling (a document that missed events of
+its stream gets them read and folded first) are the planner's:
+:mod:`orderstream.application.projection_plan`, pure; this module does the I/O.
 
 "Reached position P" means applied: a parked event is not, so the projection has
 not reached its position (nor any later one) until it is replayed and applied,
@@ -65,13 +63,16 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
 
+from orderstream.application import projection_plan
+from orderstream.application.projection_plan import EventView as EventView  # re-exported
+from orderstream.application.projection_plan import Plan
+from orderstream.application.projection_plan import fold_events as fold_events  # re-exported
 from orderstream.events import EventRegistry
 from orderstream.events import registry as default_registry
 from orderstream.eventstore.base import (
@@ -84,65 +85,13 @@ from orderstream.eventstore.base import (
     SubscriptionGroupNotFound,
     SubscriptionSettings,
 )
-from orderstream.readstore.base import Delete, Document, ReadStore, Upsert, WriteOp
+from orderstream.readstore.base import ReadStore
 from projections.base import Projection
 
 log = logging.getLogger(__name__)
-_encoder = msgspec.json.Encoder()
 
 ProgressCallback = Callable[[int, int], None]
 AppliedCallback = Callable[[str, int], None]
-
-
-# ------------------------------------------------------------------------ the event view
-
-
-@dataclass(frozen=True, slots=True)
-class EventView:
-    """A recorded event as a projection sees it (:class:`projections.base.ProjectedEvent`)."""
-
-    type: str
-    stream: str
-    revision: int
-    position: int
-    data: Mapping[str, Any]
-    recorded_at_iso: str
-
-    @classmethod
-    def from_recorded(cls, recorded: RecordedEvent, registry: EventRegistry = default_registry) -> EventView:
-        """Decode the data at the current schema version (upcasting older ones)."""
-        return cls(
-            type=recorded.type,
-            stream=recorded.stream,
-            revision=recorded.revision,
-            position=recorded.position,
-            data=registry.decode_raw(recorded),
-            recorded_at_iso=iso(recorded.recorded_at),
-        )
-
-
-def iso(moment: datetime) -> str:
-    """UTC ISO 8601 with a ``Z``, as msgspec writes datetimes in event data."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def fold_events(
-    projection: Projection, document: Document | None, version: int | None, events: Iterable[EventView]
-) -> tuple[Document | None, int | None, int]:
-    """Fold ``events`` (of one document, in order) onto a document stored at
-    ``version``, skipping every event at or below the version reached so far.
-
-    Returns the new document, its version and how many events were applied. The
-    same events folded twice change nothing the second time.
-    """
-    applied = 0
-    for event in events:
-        if version is not None and event.revision <= version:
-            continue
-        document = projection.fold(document, event)
-        version = event.revision
-        applied += 1
-    return document, version, applied
 
 
 # ----------------------------------------------------------------------------- reports
@@ -176,31 +125,6 @@ class RebuildResult(msgspec.Struct, frozen=True, kw_only=True):
     """The last position replayed before the switch."""
 
 
-@dataclass(slots=True)
-class _Write:
-    op: WriteOp
-    events: list[RecordedEvent]
-    """The events this write carries: done once it is written."""
-    applied: int
-
-
-@dataclass(slots=True)
-class _Plan:
-    """A batch folded in memory, not yet written."""
-
-    writes: list[_Write]
-    done: list[RecordedEvent]
-    """Nothing to write for these (already applied), or written already."""
-    failed: list[tuple[RecordedEvent, str]]
-    held: list[RecordedEvent] = field(default_factory=list)
-    """Events after a failed one of their stream: not folded, handed back so that
-    they come again after the failed event's retry (never before it)."""
-
-    @property
-    def applied(self) -> int:
-        return sum(w.applied for w in self.writes)
-
-
 class _Superseded(Exception):
     def __init__(self, target: str | None) -> None:
         self.target = target
@@ -208,6 +132,7 @@ class _Superseded(Exception):
 
 
 _END = object()
+_HELD = "held behind a failed event of its stream"
 
 
 # ------------------------------------------------------------------------------ runner
@@ -425,7 +350,7 @@ class ProjectionRunner:
         delay = 0.05
         attempt = 0
         while True:
-            plan: _Plan | None = None
+            plan: Plan | None = None
             try:
                 target = await self._target()  # re-resolved: follows a same-version rebuild's switch
                 plan = await self._plan(batch, target)
@@ -457,14 +382,15 @@ class ProjectionRunner:
             log.warning(
                 "%s: %s@%d (%s) failed: %s", self.name, event.stream, event.revision, event.type, reason
             )
+        # One gather, held nacks last: every settle is queued to the event store in this
+        # order before anything else runs (a claim among them could hand a held event out
+        # again, and its stale nack would then count against the new delivery). A group
+        # that hands a run back with its nacked event (SQLite) ignores the held nacks;
+        # another retries them.
         await asyncio.gather(
             *(subscription.ack(event) for event in plan.done),
             *(subscription.nack(event, NackAction.RETRY, reason[:500]) for event, reason in plan.failed),
-        )
-        # After the failed events' nacks: a group that hands a run back with its nacked
-        # event (SQLite) has already taken these back and ignores this; another retries them.
-        await asyncio.gather(
-            *(subscription.nack(event, NackAction.RETRY, "held behind a failed event") for event in plan.held)
+            *(subscription.nack(event, NackAction.RETRY, _HELD) for event in plan.held),
         )
         for event in plan.done:
             self._refused.discard(event.position)
@@ -472,13 +398,13 @@ class ProjectionRunner:
             self.on_applied(self.name, plan.applied)
         self._notify()
 
-    async def _write(self, plan: _Plan, physical: str) -> None:
+    async def _write(self, plan: Plan, physical: str) -> None:
         if plan.writes:
             await self.read_store.write(self.name, [w.op for w in plan.writes], physical=physical)
         for write in plan.writes:
             plan.done.extend(write.events)
 
-    async def _write_each(self, plan: _Plan, physical: str) -> bool:
+    async def _write_each(self, plan: Plan, physical: str) -> bool:
         """Write document by document; the events of a refused one fail. False
         (nothing changed) when every write fails: the store is down, not a document."""
         results: list[Exception | None] = []
@@ -503,125 +429,22 @@ class ProjectionRunner:
         plan.writes = kept
         return True
 
-    def _only_refused(self, plan: _Plan) -> bool:
+    def _only_refused(self, plan: Plan) -> bool:
         return all(e.position in self._refused for w in plan.writes for e in w.events)
 
-    async def _plan(self, events: Sequence[RecordedEvent], physical: str, *, hold: bool = True) -> _Plan:
-        """Fold a batch in memory against ``physical``: one read of every document the
-        batch touches (:meth:`ReadStore.get_many`), then each document's events folded
-        in order, one write per document to make.
-
-        Events that cannot be decoded or folded fail; the others are done once their
-        document's write is. With ``hold`` (a live group) the events after a failed
-        one in its stream are held (handed back, to come again after its retry); a
-        rebuild (``hold=False``) folds them on top, as it cannot retry."""
-        plan = _Plan(writes=[], done=[], failed=[])
-        failed_streams: set[str] = set()
-        by_document: dict[str, list[tuple[RecordedEvent, EventView]]] = {}
-        for recorded in events:
-            if recorded.stream in failed_streams:
-                plan.held.append(recorded)
-                continue
-            try:
-                view = EventView.from_recorded(recorded, self.registry)
-                doc_id = self.projection.document_id(view)
-            except Exception as exc:
-                plan.failed.append((recorded, f"cannot decode: {type(exc).__name__}: {exc}"))
-                if hold:
-                    failed_streams.add(recorded.stream)
-                continue
-            by_document.setdefault(doc_id, []).append((recorded, view))
-
-        stored = await self.read_store.get_many(self.name, list(by_document), physical=physical)
-        for doc_id, items in by_document.items():
-            found = stored.get(doc_id)
-            document = found.document if found else None
-            version = found.version if found else None
-            carried: list[RecordedEvent] = []
-            applied = 0
-            # The next stream revision this document has not dealt with (applied or failed).
-            following = 0 if version is None else version + 1
-            for recorded, view in items:
-                if recorded.stream in failed_streams:
-                    plan.held.append(recorded)
-                    continue
-                if version is not None and view.revision <= version:
-                    carried.append(recorded)  # seen before (redelivery, replay): nothing to do
-                    continue
-                if self.projection.contiguous and view.revision > following:
-                    # The document missed events of its stream (a live runner and a rebuild
-                    # took turns on this table): fold them first, never over the hole.
-                    document, version, count = await self._fill_gap(document, version, following, view)
-                    applied += count
-                try:
-                    folded, version_after, count = fold_events(self.projection, document, version, [view])
-                    if count and folded is not None:
-                        _encoder.encode(folded)  # a document that is not JSON fails its event here
-                except Exception as exc:
-                    plan.failed.append((recorded, f"fold failed: {type(exc).__name__}: {exc}"))
-                    following = max(following, view.revision + 1)
-                    if hold:
-                        failed_streams.add(recorded.stream)
-                    continue
-                document, version = folded, version_after
-                following = max(following, view.revision + 1)
-                applied += count
-                carried.append(recorded)
-            if applied and version is not None:
-                op: WriteOp = (
-                    Delete(id=doc_id, version=version)
-                    if document is None
-                    else Upsert(id=doc_id, version=version, document=document)
-                )
-                plan.writes.append(_Write(op=op, events=carried, applied=applied))
-            else:
-                plan.done.extend(carried)
-        return plan
-
-    async def _fill_gap(
-        self, document: Document | None, version: int | None, start: int, event: EventView
-    ) -> tuple[Document | None, int | None, int]:
-        """Fold the events of ``event``'s stream from revision ``start`` up to (not
-        including) ``event`` onto ``document`` (of a contiguous projection).
-
-        One that cannot be folded is passed over, as in a batch: it fails (and is
-        parked) on its own delivery. A read that fails raises: the batch is retried."""
-        missing = await self.event_store.read_stream(
-            event.stream, from_revision=start, limit=event.revision - start
-        )
-        applied = 0
-        for recorded in missing:
-            if recorded.revision >= event.revision:
-                break
-            if recorded.type not in self.projection.handles:
-                continue
-            try:
-                view = EventView.from_recorded(recorded, self.registry)
-                folded, version_after, count = fold_events(self.projection, document, version, [view])
-                if count and folded is not None:
-                    _encoder.encode(folded)
-            except Exception as exc:
-                log.warning(
-                    "%s: %s@%d (%s) passed over while filling a gap: %s",
-                    self.name,
-                    recorded.stream,
-                    recorded.revision,
-                    recorded.type,
-                    exc,
-                )
-                continue
-            document, version = folded, version_after
-            applied += count
-        if missing:
-            log.info(
-                "%s: %s was at revision %s, folded %d missed event(s) before revision %d",
-                self.name,
-                event.stream,
-                start - 1,
-                applied,
-                event.revision,
+    async def _plan(self, events: Sequence[RecordedEvent], physical: str, *, hold: bool = True) -> Plan:
+        """Read what the batch needs (one ``get_many``; the events a document missed,
+        rarely) and fold it (:func:`projection_plan.plan`). ``hold``: a live group,
+        which delivers a failed event again; a rebuild cannot, and folds on."""
+        decoded = projection_plan.decode(self.projection, self.registry, events)
+        stored = await self.read_store.get_many(self.name, list(decoded.by_document), physical=physical)
+        missing = {
+            gap: await self.event_store.read_stream(
+                gap.stream, from_revision=gap.start, limit=gap.end - gap.start
             )
-        return document, version, applied
+            for gap in projection_plan.gaps(self.projection, decoded, stored)
+        }
+        return projection_plan.plan(self.projection, self.registry, decoded, stored, missing, hold=hold)
 
     # --------------------------------------------------------------- observation
 
