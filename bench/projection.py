@@ -17,6 +17,13 @@ Measures, in one run and on the same disk, each figure beside a reference:
 3. Rebuild speed: ``ProjectionRunner.rebuild`` of ``orders`` over the whole
    history (into a new table/index, then the alias switch), beside the raw write
    rate of 1.
+4. Hot stream: ``--hot-events`` (2,000) stock events (reserve, commit, ...) on ONE
+   product stream, projected by the ``products`` runner *live* (appended one event
+   per append, ``CONCURRENT_APPENDS`` in flight, while the runner runs; timed from
+   the first append until the runner has reached the last) and *catching up*
+   (appended first). References: the same events over 50 streams, the same way,
+   and the raw ``write()`` of the same documents (one per event, batches of
+   ``BATCH_SIZE``), each in a fresh event store and read store.
 
 The event store is always the embedded SQLite one (a fresh file per read store).
 The read store is SQLite, and Elasticsearch too when ``--es-url`` (or
@@ -50,7 +57,7 @@ from orderstream.application.projection_runner import EventView, ProjectionRunne
 from orderstream.domain import inventory, orders
 from orderstream.domain.common import Money
 from orderstream.events import registry
-from orderstream.eventstore.base import ANY, NO_STREAM, EventFilter, EventMetadata
+from orderstream.eventstore.base import ANY, NO_STREAM, EventFilter, EventMetadata, NewEvent
 from orderstream.eventstore.sqlite import SqliteEventStore
 from orderstream.readstore.base import Document, ReadStore, Upsert
 from orderstream.readstore.sqlite import SqliteReadStore
@@ -376,6 +383,167 @@ async def rebuild(
     return figure, result.failed
 
 
+# ---------------------------------------------------------------------- hot streams
+
+
+HOT_REFERENCE_STREAMS = 50
+
+
+def hot_events(count: int, streams: int) -> list[tuple[str, msgspec.Struct]]:
+    """``count`` events over ``streams`` product streams, round robin: each product
+    registered and stocked, then reserve/commit pairs (the document stays small)."""
+    at = datetime(2024, 5, 1, tzinfo=UTC)
+    skus = [f"HOT{n:03d}" for n in range(streams)]
+    steps: list[tuple[str, msgspec.Struct]] = []
+    for sku in skus:
+        price = Money(100, "EUR")
+        steps.append((sku, inventory.ProductRegistered(sku=sku, name=f"Hot {sku}", price=price, at=at)))
+        steps.append((sku, inventory.StockAdded(sku=sku, quantity=count, at=at)))
+    k = 0
+    while len(steps) < count:
+        sku = skus[k % streams]
+        order = f"o{k // 2}"
+        event: msgspec.Struct = (
+            inventory.StockReserved(sku=sku, order_id=order, quantity=1, at=at)
+            if k % 2 == 0
+            else inventory.StockCommitted(sku=sku, order_id=order, quantity=1, at=at)
+        )
+        steps.append((sku, event))
+        k += 1
+    return steps[:count]
+
+
+async def _append_each(store: SqliteEventStore, steps: Sequence[tuple[str, msgspec.Struct]]) -> int:
+    """One event per append, CONCURRENT_APPENDS in flight (group commit), each stream in order."""
+    metadata = EventMetadata(actor="bench", correlation_id="bench-hot")
+    by_stream: dict[str, list[msgspec.Struct]] = {}
+    for sku, event in steps:
+        by_stream.setdefault(inventory.stream_name(sku), []).append(event)
+    position = -1
+    gate = asyncio.Semaphore(CONCURRENT_APPENDS)
+
+    async def stream_writer(stream: str, events: list[msgspec.Struct]) -> None:
+        nonlocal position
+        for event in events:  # a stream's appends in order, as its aggregate would make them
+            async with gate:
+                new = registry.to_new_event(event, event_id=uuid.uuid4(), metadata=metadata)
+                result = await store.append(stream, [new], ANY)
+            position = max(position, result.position)
+
+    if len(by_stream) == 1:  # one stream: keep CONCURRENT_APPENDS in flight anyway (ANY, in order)
+        ((stream, events),) = by_stream.items()
+        news = [registry.to_new_event(e, event_id=uuid.uuid4(), metadata=metadata) for e in events]
+
+        async def one(new: NewEvent) -> None:
+            nonlocal position
+            async with gate:
+                position = max(position, (await store.append(stream, [new], ANY)).position)
+
+        await asyncio.gather(*(one(new) for new in news))
+    else:
+        await asyncio.gather(*(stream_writer(stream, events) for stream, events in by_stream.items()))
+    return position
+
+
+async def hot_projection(
+    backend: Backend, folder: Path, tag: str, steps: Sequence[tuple[str, msgspec.Struct]], *, live: bool
+) -> Figure:
+    """Events applied per second by the ``products`` runner (see 4 in the module docstring)."""
+    from projections import product_stock
+
+    store = await SqliteEventStore.open(folder / f"events-{backend.label}-{tag}.db")
+    read_store = await backend.open_read_store(tag)
+    stop = asyncio.Event()
+    runner = ProjectionRunner(store, read_store, product_stock.projection, batch_size=BATCH_SIZE)
+    task: asyncio.Task[None] | None = None
+    try:
+        if live:
+            task = asyncio.create_task(runner.run(stop))
+            # the runner's group and collection in place before the clock starts
+            while await runner.reached_position() is None and not task.done():
+                first = await _append_each(store, steps[:1])
+                await runner.wait_for_position(first, 5.0)
+            started = time.perf_counter()
+            last = await _append_each(store, steps[1:])
+        else:
+            last = await _append_each(store, steps)
+            started = time.perf_counter()
+            task = asyncio.create_task(runner.run(stop))
+        if not await runner.wait_for_position(last, timeout=WAIT_TIMEOUT):
+            raise TimeoutError(f"products did not reach {last} in {WAIT_TIMEOUT:.0f} s")
+        return Figure(count=len(steps) - (1 if live else 0), seconds=time.perf_counter() - started)
+    finally:
+        stop.set()
+        if task is not None:
+            await task
+        await read_store.close()
+        await store.close()
+
+
+async def hot_raw_write(backend: Backend, steps: Sequence[tuple[str, msgspec.Struct]]) -> Figure:
+    """The documents after each event, written with write() in batches: the reference."""
+    from projections import product_stock
+
+    projection = product_stock.projection
+    documents: dict[str, Document | None] = {}
+    revisions: dict[str, int] = {}
+    ops: list[Upsert] = []
+    for sku, event in steps:
+        stream = inventory.stream_name(sku)
+        revision = revisions.get(stream, -1) + 1
+        revisions[stream] = revision
+        view = EventView(
+            type=registry.type_name(event),
+            stream=stream,
+            revision=revision,
+            position=len(ops) + 1,
+            data=msgspec.to_builtins(event),
+            recorded_at_iso="2024-05-01T00:00:00Z",
+        )
+        document = projection.fold(documents.get(sku), view)
+        documents[sku] = document
+        if document is not None:
+            ops.append(Upsert(id=sku, version=revision, document=document))
+    read_store = await backend.open_read_store("hot-raw")
+    try:
+        figure = await raw_writes(read_store, [(projection, ops)], lambda _n: None)
+    finally:
+        await read_store.close()
+    figure.count = len(steps)
+    return figure
+
+
+async def hot_rows(backend: Backend, args: argparse.Namespace, folder: Path, progress: Progress) -> list[Row]:
+    count = args.hot_events
+    one = hot_events(count, 1)
+    many = hot_events(count, HOT_REFERENCE_STREAMS)
+    task = progress.add_task(f"{backend.label}: 4 hot stream (runs)", total=5)
+    raw = await hot_raw_write(backend, one)
+    progress.advance(task)
+    figures: dict[tuple[bool, int], Figure] = {}
+    for live in (True, False):
+        for streams, steps in ((1, one), (HOT_REFERENCE_STREAMS, many)):
+            tag = f"hot-{'live' if live else 'catchup'}-{streams}"
+            figures[live, streams] = await hot_projection(backend, folder, tag, steps, live=live)
+            progress.advance(task)
+    rows = []
+    for live in (True, False):
+        mode = "live" if live else "catch-up"
+        hot, spread = figures[live, 1], figures[live, HOT_REFERENCE_STREAMS]
+        rows.append(
+            Row(
+                f"4 hot stream, {mode}: {count:,} events on 1 stream",
+                f"{hot.rate:,.0f} events/s",
+                f"{spread.rate:,.0f} events/s over {HOT_REFERENCE_STREAMS} streams",
+                hot.rate / spread.rate,
+                "higher",
+                f"{hot.seconds:.2f} s vs {spread.seconds:.2f} s; raw write() of the same documents "
+                f"{raw.rate:,.0f} docs/s ({hot.rate / raw.rate:.2f}x)",
+            )
+        )
+    return rows
+
+
 # ---------------------------------------------------------------------- backends
 
 
@@ -536,6 +704,7 @@ async def measure_backend(
             + f"; {rebuilt.rate / caught.per_runner[order_summary.NAME].rate:.2f}x the live orders runner",
         ),
     ]
+    rows += await hot_rows(backend, args, folder, progress)
     return Result(backend.name, history_events, rows)
 
 
@@ -567,6 +736,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lag-rate", type=float, default=50.0, help="orders per second for figure 2 (50)")
     parser.add_argument("--lag-seconds", type=float, default=4.0, help="duration of figure 2 (4)")
     parser.add_argument("--seed", type=int, default=7, help="of the generated history (7)")
+    parser.add_argument(
+        "--hot-events", type=int, default=2000, help="events on the one hot stream of figure 4 (2000)"
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()

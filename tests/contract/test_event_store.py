@@ -759,6 +759,62 @@ async def test_two_consumers_get_each_stream_in_order_and_never_in_parallel(
     assert two.received, "both consumers should have had work"
 
 
+async def test_a_hot_stream_goes_out_in_runs_in_revision_order(event_store: EventStore, unique: str) -> None:
+    category = f"c{unique}"
+    group = await new_group(event_store, unique, category)
+    count = 40
+    await event_store.append(f"{category}-hot", [event(n) for n in range(count)], NO_STREAM)
+
+    async with consuming(event_store, group, do_nothing) as consumer:
+        await eventually(lambda: len(consumer.received) >= 2, consumer)
+        await asyncio.sleep(QUIET / 3)
+        held = list(consumer.received)
+        if isinstance(event_store, SqliteEventStore):  # one claim hands out the whole run
+            assert len(held) == count
+            assert (await event_store.subscription_group_info(group)).in_flight == count
+        for recorded in held:
+            await consumer.subscription.ack(recorded)
+        await eventually(lambda: len(consumer.received) >= count, consumer)
+        for recorded in consumer.received[len(held) :]:
+            await consumer.subscription.ack(recorded)
+        last = consumer.received[-1].position
+        await eventually(lambda: checkpoint_reaches(event_store, group, last), consumer)
+
+    assert [e.revision for e in consumer.received] == list(range(count))
+
+
+async def test_a_nack_inside_a_run_hands_the_rest_back_uncounted(
+    event_store: EventStore, unique: str
+) -> None:
+    if not isinstance(event_store, SqliteEventStore):
+        pytest.skip("KurrentDB's Pinned strategy redelivers a retried event after the rest of its stream")
+    category = f"c{unique}"
+    group = await new_group(event_store, unique, category, max_retry=3)
+    sent = [event(n) for n in range(4)]
+    await event_store.append(f"{category}-1", sent, NO_STREAM)
+    nacked_second = False
+
+    async def handle(subscription: PersistentSubscription, recorded: RecordedEvent) -> None:
+        nonlocal nacked_second
+        if recorded.revision == 1:
+            await subscription.nack(recorded, NackAction.RETRY, "boom")
+        elif recorded.revision == 2 and not nacked_second:
+            nacked_second = True  # its third delivery would park it, had the runs counted
+            await subscription.nack(recorded, NackAction.RETRY, "once")
+        else:
+            await subscription.ack(recorded)
+
+    async with consuming(event_store, group, handle) as consumer:
+        last = (await event_store.read_stream(f"{category}-1"))[-1]
+        await eventually(lambda: checkpoint_reaches(event_store, group, last.position), consumer)
+        await asyncio.sleep(QUIET / 2)
+
+    # Each nack dropped the rest of the run: nothing after a nacked event came before its retry.
+    assert [e.revision for e in consumer.received] == [0, 1, 1, 1, 2, 2, 3]
+    (parked,) = await event_store.list_parked(group)
+    assert (parked.event.revision, parked.attempts) == (1, 3)
+
+
 async def test_the_checkpoint_is_a_low_water_mark(event_store: EventStore, unique: str) -> None:
     category = f"c{unique}"
     group = await new_group(event_store, unique, category)

@@ -21,6 +21,7 @@ from orderstream.readstore.base import (
     Range,
     ReadStore,
     SortField,
+    Stored,
     Upsert,
     WriteOutcome,
 )
@@ -111,6 +112,20 @@ async def test_get_returns_the_document_as_written(store: ReadStore) -> None:
 async def test_get_missing(store: ReadStore) -> None:
     assert await store.get(C, "nope") is None
     assert await store.get_version(C, "nope") is None
+
+
+async def test_get_many_reads_what_a_batch_touches_at_once(store: ReadStore) -> None:
+    await put(store, thing("a", size=1), version=3)
+    await put(store, thing("b", size=2), version=0)
+    await store.write(C, [Delete(id="b", version=1)])
+
+    found = await store.get_many(C, ["a", "nope", "a", "b"])
+
+    assert found["a"] == Stored(version=3, document=thing("a", size=1))
+    assert "nope" not in found
+    if "b" in found:  # a tombstone: no document, its version kept (where the backend keeps it)
+        assert found["b"] == Stored(version=1, document=None)
+    assert await store.get_many(C, []) == {}
 
 
 # ---------------------------------------------------------------------------- writes

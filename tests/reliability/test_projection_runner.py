@@ -24,7 +24,7 @@ from orderstream.domain.common import Money
 from orderstream.events import registry
 from orderstream.eventstore.base import ANY, NewEvent, SubscriptionGroupNotFound
 from orderstream.eventstore.sqlite import SqliteEventStore
-from orderstream.readstore.base import CollectionSchema, Document, Query, WriteOp, WriteOutcome
+from orderstream.readstore.base import CollectionSchema, Document, Query, Stored, WriteOp, WriteOutcome
 from orderstream.readstore.sqlite import SqliteReadStore
 from projections import product_stock
 from projections.base import ProjectedEvent, Projection
@@ -286,6 +286,36 @@ async def test_a_poison_event_is_parked_and_the_rest_goes_on(stores: Stores) -> 
         assert (await runner.status()).parked == 1
 
 
+class FailsAtFirst(Versioned):
+    """The product projection, but folding revision ``revision`` of a stream fails the
+    first ``times`` times (a bug fixed by a redeploy, a dependency back up)."""
+
+    def __init__(self, revision: int, times: int) -> None:
+        super().__init__(product_stock.projection, product_stock.SCHEMA.version)
+        self.revision = revision
+        self.left = times
+
+    def fold(self, document: Document | None, event: ProjectedEvent) -> Document | None:
+        if event.revision == self.revision and self.left > 0:
+            self.left -= 1
+            raise ValueError("not yet")
+        return super().fold(document, event)
+
+
+async def test_a_failed_event_of_a_run_is_retried_before_the_rest_of_its_stream(stores: Stores) -> None:
+    await register(stores.events, "A")
+    for quantity in (1, 2, 4, 8, 16, 32):  # a hot stream: one run, revisions 1..6
+        await add_stock(stores.events, "A", quantity)
+    projection = FailsAtFirst(revision=3, times=2)
+    runner = runner_for(stores, projection, max_retry=5)
+    async with running(runner):
+        assert await runner.wait_for_position(await head(stores.events), WAIT)
+    assert projection.left == 0
+    doc = await product(stores, "A")
+    assert (doc["on_hand"], doc["revision"]) == (63, 6)  # revision 3 applied, not skipped over
+    assert await stores.events.list_parked(runner.group) == []
+
+
 async def test_a_bumped_version_rebuilds_while_the_old_runner_serves(stores: Stores) -> None:
     old = runner_for(stores)
     skus = [f"R{n}" for n in range(5)]
@@ -368,10 +398,12 @@ class SlowSwitch:
         self.switched = True
         return old
 
-    async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
+    async def get_many(
+        self, collection: str, doc_ids: Sequence[str], *, physical: str | None = None
+    ) -> dict[str, Stored]:
         if self.switched:
             await asyncio.sleep(0.3)
-        return await self.inner.get_version(collection, doc_id, physical=physical)
+        return await self.inner.get_many(collection, doc_ids, physical=physical)
 
 
 async def test_a_same_version_rebuild_beside_a_live_runner_and_writers_loses_nothing(stores: Stores) -> None:

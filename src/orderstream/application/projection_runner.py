@@ -2,18 +2,25 @@
 
 One :class:`ProjectionRunner` drives one projection. Several runners (in one or
 several processes) may share its group; the event store hands each stream to
-one consumer at a time, in revision order.
+one consumer at a time, in revision order, in *runs* (a hot stream's pending
+events go out together), and the runner claims a batch's worth at a time
+(``prefetch=batch_size``).
 
-For every batch of delivered events the runner groups them by document, reads
-each document and its stored version once, folds the events whose stream
-revision is above that version (older or repeated ones are skipped: redelivery
-and replay are harmless), writes one conditional upsert per document in one
-read-store call, then acks the batch. An event that cannot be decoded or folded
-is nacked with RETRY; after the group's ``max_retry`` deliveries the event store
-parks it and the group goes on. Later events of the same document still apply
-(on top of the document as it was before the failed event), as the event store
-does not hold a stream back behind a parked event either; replaying the parked
-event after a fix finds it already passed, so fix such a document by a rebuild.
+For every batch of delivered events the runner makes one
+:meth:`~orderstream.readstore.base.ReadStore.get_many` of the documents the
+batch touches, folds each document's events whose stream revision is above its
+stored version (older or repeated ones are skipped: redelivery and replay are
+harmless), writes one conditional upsert per document in ONE read-store call,
+then settles the batch (the acks of a batch reach the SQLite store as one job).
+An event that cannot be decoded or folded is nacked with RETRY, and the events
+after it in its stream are *held*: not folded, handed back (the group takes the
+rest of a run back with the nack) so that they come again after its retry.
+After the group's ``max_retry`` deliveries the event store parks it and the
+group goes on: the later events then apply (on top of the document as it was
+before the failed event), as the event store does not hold a stream back behind
+a parked event; replaying the parked event after a fix finds it already passed,
+so fix such a document by a rebuild. (Held events are found per stream within a
+batch: exact for the contiguous projections, one stream per document.)
 
 Read-store failures are not the events' fault: the batch is retried with
 backoff for as long as the store is down (the events stay in flight, and a
@@ -22,11 +29,9 @@ neither redelivered nor parked while this runner lives). Only a document the
 store refuses while others of the batch are written counts as a poison
 document: its events are nacked like a failed fold.
 
-Gaps. For a ``contiguous`` projection (one stream per document, version = stream
-revision) an event is never folded onto a document that missed earlier events of
-its stream: the missing ones are read from the event store and folded first.
-This is what keeps a same-version rebuild and the live runner, which take turns
-on the new table around the alias switch, from leaving holes.
+The fold itself, held events and gap filling (a document that missed events of
+its stream gets them read and folded first) are the planner's:
+:mod:`orderstream.application.projection_plan`, pure; this module does the I/O.
 
 "Reached position P" means applied: a parked event is not, so the projection has
 not reached its position (nor any later one) until it is replayed and applied,
@@ -58,13 +63,16 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
 
+from orderstream.application import projection_plan
+from orderstream.application.projection_plan import EventView as EventView  # re-exported
+from orderstream.application.projection_plan import Plan
+from orderstream.application.projection_plan import fold_events as fold_events  # re-exported
 from orderstream.events import EventRegistry
 from orderstream.events import registry as default_registry
 from orderstream.eventstore.base import (
@@ -77,65 +85,13 @@ from orderstream.eventstore.base import (
     SubscriptionGroupNotFound,
     SubscriptionSettings,
 )
-from orderstream.readstore.base import Delete, Document, ReadStore, Upsert, WriteOp
+from orderstream.readstore.base import ReadStore
 from projections.base import Projection
 
 log = logging.getLogger(__name__)
-_encoder = msgspec.json.Encoder()
 
 ProgressCallback = Callable[[int, int], None]
 AppliedCallback = Callable[[str, int], None]
-
-
-# ------------------------------------------------------------------------ the event view
-
-
-@dataclass(frozen=True, slots=True)
-class EventView:
-    """A recorded event as a projection sees it (:class:`projections.base.ProjectedEvent`)."""
-
-    type: str
-    stream: str
-    revision: int
-    position: int
-    data: Mapping[str, Any]
-    recorded_at_iso: str
-
-    @classmethod
-    def from_recorded(cls, recorded: RecordedEvent, registry: EventRegistry = default_registry) -> EventView:
-        """Decode the data at the current schema version (upcasting older ones)."""
-        return cls(
-            type=recorded.type,
-            stream=recorded.stream,
-            revision=recorded.revision,
-            position=recorded.position,
-            data=registry.decode_raw(recorded),
-            recorded_at_iso=iso(recorded.recorded_at),
-        )
-
-
-def iso(moment: datetime) -> str:
-    """UTC ISO 8601 with a ``Z``, as msgspec writes datetimes in event data."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def fold_events(
-    projection: Projection, document: Document | None, version: int | None, events: Iterable[EventView]
-) -> tuple[Document | None, int | None, int]:
-    """Fold ``events`` (of one document, in order) onto a document stored at
-    ``version``, skipping every event at or below the version reached so far.
-
-    Returns the new document, its version and how many events were applied. The
-    same events folded twice change nothing the second time.
-    """
-    applied = 0
-    for event in events:
-        if version is not None and event.revision <= version:
-            continue
-        document = projection.fold(document, event)
-        version = event.revision
-        applied += 1
-    return document, version, applied
 
 
 # ----------------------------------------------------------------------------- reports
@@ -169,28 +125,6 @@ class RebuildResult(msgspec.Struct, frozen=True, kw_only=True):
     """The last position replayed before the switch."""
 
 
-@dataclass(slots=True)
-class _Write:
-    op: WriteOp
-    events: list[RecordedEvent]
-    """The events this write carries: done once it is written."""
-    applied: int
-
-
-@dataclass(slots=True)
-class _Plan:
-    """A batch folded in memory, not yet written."""
-
-    writes: list[_Write]
-    done: list[RecordedEvent]
-    """Nothing to write for these (already applied), or written already."""
-    failed: list[tuple[RecordedEvent, str]]
-
-    @property
-    def applied(self) -> int:
-        return sum(w.applied for w in self.writes)
-
-
 class _Superseded(Exception):
     def __init__(self, target: str | None) -> None:
         self.target = target
@@ -198,6 +132,7 @@ class _Superseded(Exception):
 
 
 _END = object()
+_HELD = "held behind a failed event of its stream"
 
 
 # ------------------------------------------------------------------------------ runner
@@ -213,13 +148,18 @@ class ProjectionRunner:
         group_prefix: str = "projection-",
         registry: EventRegistry = default_registry,
         batch_size: int = 256,
-        linger_seconds: float = 0.005,
+        linger_seconds: float = 0.0,
         max_retry: int = 5,
         ack_timeout_seconds: float = 30.0,
         write_attempts: int = 3,
         auto_rebuild: bool = True,
         on_applied: AppliedCallback | None = None,
     ) -> None:
+        """``linger_seconds``: how long a batch waits for more events once it has one.
+        0 by default: a batch takes what is queued, and while one is applied the next
+        fills up by itself (a 5 ms linger halved a hot stream's live rate: each run of
+        the stream waited it out, as the next run cannot be claimed before this one
+        is settled)."""
         self.event_store = event_store
         self.read_store = read_store
         self.projection = projection
@@ -287,7 +227,9 @@ class ProjectionRunner:
                     if not await self._prepare():
                         return
                     prepared = True
-                subscription = await self.event_store.connect_subscription_group(self.group)
+                subscription = await self.event_store.connect_subscription_group(
+                    self.group, prefetch=self.batch_size
+                )
                 delay = 0.1
                 await self._consume(subscription, stop)
             except _Superseded as exc:
@@ -408,7 +350,7 @@ class ProjectionRunner:
         delay = 0.05
         attempt = 0
         while True:
-            plan: _Plan | None = None
+            plan: Plan | None = None
             try:
                 target = await self._target()  # re-resolved: follows a same-version rebuild's switch
                 plan = await self._plan(batch, target)
@@ -440,9 +382,15 @@ class ProjectionRunner:
             log.warning(
                 "%s: %s@%d (%s) failed: %s", self.name, event.stream, event.revision, event.type, reason
             )
+        # One gather, held nacks last: every settle is queued to the event store in this
+        # order before anything else runs (a claim among them could hand a held event out
+        # again, and its stale nack would then count against the new delivery). A group
+        # that hands a run back with its nacked event (SQLite) ignores the held nacks;
+        # another retries them.
         await asyncio.gather(
             *(subscription.ack(event) for event in plan.done),
             *(subscription.nack(event, NackAction.RETRY, reason[:500]) for event, reason in plan.failed),
+            *(subscription.nack(event, NackAction.RETRY, _HELD) for event in plan.held),
         )
         for event in plan.done:
             self._refused.discard(event.position)
@@ -450,13 +398,13 @@ class ProjectionRunner:
             self.on_applied(self.name, plan.applied)
         self._notify()
 
-    async def _write(self, plan: _Plan, physical: str) -> None:
+    async def _write(self, plan: Plan, physical: str) -> None:
         if plan.writes:
             await self.read_store.write(self.name, [w.op for w in plan.writes], physical=physical)
         for write in plan.writes:
             plan.done.extend(write.events)
 
-    async def _write_each(self, plan: _Plan, physical: str) -> bool:
+    async def _write_each(self, plan: Plan, physical: str) -> bool:
         """Write document by document; the events of a refused one fail. False
         (nothing changed) when every write fails: the store is down, not a document."""
         results: list[Exception | None] = []
@@ -481,126 +429,22 @@ class ProjectionRunner:
         plan.writes = kept
         return True
 
-    def _only_refused(self, plan: _Plan) -> bool:
+    def _only_refused(self, plan: Plan) -> bool:
         return all(e.position in self._refused for w in plan.writes for e in w.events)
 
-    async def _plan(self, events: Sequence[RecordedEvent], physical: str) -> _Plan:
-        """Fold a batch in memory against ``physical``: per document one version
-        read, one document read (if anything is new) and one write to make.
-        Events that cannot be decoded or folded fail; the others are done once
-        their document's write is."""
-        plan = _Plan(writes=[], done=[], failed=[])
-        by_document: dict[str, list[tuple[RecordedEvent, EventView]]] = {}
-        for recorded in events:
-            try:
-                view = EventView.from_recorded(recorded, self.registry)
-                doc_id = self.projection.document_id(view)
-            except Exception as exc:
-                plan.failed.append((recorded, f"cannot decode: {type(exc).__name__}: {exc}"))
-                continue
-            by_document.setdefault(doc_id, []).append((recorded, view))
-
-        # The reads of a batch go out together (one round trip's latency, not one per document).
-        doc_ids = list(by_document)
-        versions = await asyncio.gather(
-            *(self.read_store.get_version(self.name, d, physical=physical) for d in doc_ids)
-        )
-        stale = {
-            d
-            for d, v in zip(doc_ids, versions, strict=True)
-            if all(v is not None and view.revision <= v for _, view in by_document[d])
+    async def _plan(self, events: Sequence[RecordedEvent], physical: str, *, hold: bool = True) -> Plan:
+        """Read what the batch needs (one ``get_many``; the events a document missed,
+        rarely) and fold it (:func:`projection_plan.plan`). ``hold``: a live group,
+        which delivers a failed event again; a rebuild cannot, and folds on."""
+        decoded = projection_plan.decode(self.projection, self.registry, events)
+        stored = await self.read_store.get_many(self.name, list(decoded.by_document), physical=physical)
+        missing = {
+            gap: await self.event_store.read_stream(
+                gap.stream, from_revision=gap.start, limit=gap.end - gap.start
+            )
+            for gap in projection_plan.gaps(self.projection, decoded, stored)
         }
-        fresh = [d for d in doc_ids if d not in stale]
-        documents = dict(
-            zip(
-                fresh,
-                await asyncio.gather(*(self.read_store.get(self.name, d, physical=physical) for d in fresh)),
-                strict=True,
-            )
-        )
-        for doc_id, version in zip(doc_ids, versions, strict=True):
-            items = by_document[doc_id]
-            if doc_id in stale:
-                plan.done.extend(recorded for recorded, _ in items)  # all seen before: nothing to do
-                continue
-            document = documents[doc_id]
-            carried: list[RecordedEvent] = []
-            applied = 0
-            # The next stream revision this document has not dealt with (applied or failed).
-            following = 0 if version is None else version + 1
-            for recorded, view in items:
-                if self.projection.contiguous and view.revision > following:
-                    # The document missed events of its stream (a live runner and a rebuild
-                    # took turns on this table): fold them first, never over the hole.
-                    document, version, count = await self._fill_gap(document, version, following, view)
-                    applied += count
-                try:
-                    folded, version_after, count = fold_events(self.projection, document, version, [view])
-                    if count and folded is not None:
-                        _encoder.encode(folded)  # a document that is not JSON fails its event here
-                except Exception as exc:
-                    plan.failed.append((recorded, f"fold failed: {type(exc).__name__}: {exc}"))
-                    following = max(following, view.revision + 1)
-                    continue
-                document, version = folded, version_after
-                following = max(following, view.revision + 1)
-                applied += count
-                carried.append(recorded)
-            if applied and version is not None:
-                op: WriteOp = (
-                    Delete(id=doc_id, version=version)
-                    if document is None
-                    else Upsert(id=doc_id, version=version, document=document)
-                )
-                plan.writes.append(_Write(op=op, events=carried, applied=applied))
-            else:
-                plan.done.extend(carried)
-        return plan
-
-    async def _fill_gap(
-        self, document: Document | None, version: int | None, start: int, event: EventView
-    ) -> tuple[Document | None, int | None, int]:
-        """Fold the events of ``event``'s stream from revision ``start`` up to (not
-        including) ``event`` onto ``document`` (of a contiguous projection).
-
-        One that cannot be folded is passed over, as in a batch: it fails (and is
-        parked) on its own delivery. A read that fails raises: the batch is retried."""
-        missing = await self.event_store.read_stream(
-            event.stream, from_revision=start, limit=event.revision - start
-        )
-        applied = 0
-        for recorded in missing:
-            if recorded.revision >= event.revision:
-                break
-            if recorded.type not in self.projection.handles:
-                continue
-            try:
-                view = EventView.from_recorded(recorded, self.registry)
-                folded, version_after, count = fold_events(self.projection, document, version, [view])
-                if count and folded is not None:
-                    _encoder.encode(folded)
-            except Exception as exc:
-                log.warning(
-                    "%s: %s@%d (%s) passed over while filling a gap: %s",
-                    self.name,
-                    recorded.stream,
-                    recorded.revision,
-                    recorded.type,
-                    exc,
-                )
-                continue
-            document, version = folded, version_after
-            applied += count
-        if missing:
-            log.info(
-                "%s: %s was at revision %s, folded %d missed event(s) before revision %d",
-                self.name,
-                event.stream,
-                start - 1,
-                applied,
-                event.revision,
-            )
-        return document, version, applied
+        return projection_plan.plan(self.projection, self.registry, decoded, stored, missing, hold=hold)
 
     # --------------------------------------------------------------- observation
 
@@ -732,7 +576,7 @@ class ProjectionRunner:
             page = await self.event_store.read_all(after=state.position, filter=self.filter, limit=page_size)
             if not page:
                 return
-            outcome = await self._plan(page, physical)
+            outcome = await self._plan(page, physical, hold=False)
             await self._write(outcome, physical)
             for event, reason in outcome.failed:
                 log.error(

@@ -396,8 +396,13 @@ class EventStore(Protocol):
 
     async def delete_subscription_group(self, group: str) -> None: ...
 
-    async def connect_subscription_group(self, group: str) -> PersistentSubscription:
-        """Raises :class:`SubscriptionGroupNotFound`."""
+    async def connect_subscription_group(
+        self, group: str, *, prefetch: int | None = None
+    ) -> PersistentSubscription:
+        """Raises :class:`SubscriptionGroupNotFound`. ``prefetch``: how many events this
+        consumer takes at a time (``None``: the store's default). A consumer that handles
+        events in big batches (a projection) asks for more: a claim costs about the
+        same whatever its size."""
         ...
 
     async def subscription_group_info(self, group: str) -> GroupInfo: ...

@@ -478,11 +478,13 @@ class KurrentDBEventStore:
             log.warning("unreadable record of subscription group %s; filtering on the server only", group)
             return None
 
-    async def connect_subscription_group(self, group: str) -> PersistentSubscription:
+    async def connect_subscription_group(
+        self, group: str, *, prefetch: int | None = None
+    ) -> PersistentSubscription:
         info = await self._info(group)
         record = await self._record(group)
         settings = record.settings if record else None
-        buffer_size = self._consumer_buffer_size
+        buffer_size = prefetch or self._consumer_buffer_size
 
         async def open_raw() -> AbstractAsyncPersistentSubscription:
             with _client_errors():

@@ -62,10 +62,12 @@ so groups survive restarts and consumers in several processes can share one.
 - Each group has a *scan cursor*. A consumer's claim (a write transaction)
   copies the matching events after the cursor into ``subscription_events``
   (at most :data:`~orderstream.eventstore.sqlite_groups.WINDOW` unfinished
-  ones), then hands out up to ``prefetch`` pending events, each the oldest
-  pending event of a stream that has nothing in flight. So one stream is
-  delivered to one consumer at a time, in revision order; different streams go
-  out in parallel.
+  ones), then hands out whole *runs* of streams that have nothing in flight
+  (each stream's pending events in revision order, at most
+  :data:`~orderstream.eventstore.sqlite_groups.RUN`) until ``prefetch`` events
+  are out (the first run goes whole). So one stream is delivered to one
+  consumer at a time, in revision order, many events at once when it is hot;
+  different streams go out in parallel.
 - A claimed event is leased to the consumer until ``now + ack_timeout_seconds``.
   A consumer that dies without acking loses the lease when it expires, and the
   event goes to whichever consumer claims next. ``close()`` hands leases back at
@@ -75,7 +77,9 @@ so groups survive restarts and consumers in several processes can share one.
 - Every delivery counts as an attempt. ``nack(RETRY)`` (or an expired lease)
   makes the event pending again, unless it has had ``max_retry`` deliveries:
   then it is parked with the reason. ``PARK`` parks now; ``SKIP`` and ``ack``
-  delete the row (done).
+  delete the row (done). A RETRY or PARK nack also hands the rest of the
+  event's run back to pending without counting a delivery (and drops it from
+  the consumer's buffer), so the stream's order holds.
 - A parked event does not block later events of its stream (as in KurrentDB):
   the group goes on, and the parked event waits for an operator.
   ``replay_parked`` makes parked events pending again with their attempts reset;
@@ -254,7 +258,7 @@ class SqliteEventStore:
 
         ``poll_interval``: how often subscriptions look for events written by
         other processes. ``prefetch``: events a persistent-subscription consumer
-        claims at a time.
+        claims at a time (but one stream's run goes whole).
         """
         location = os.fspath(path)
         if location == ":memory:" or location.startswith("file:"):
@@ -518,9 +522,11 @@ class SqliteEventStore:
     async def delete_subscription_group(self, group: str) -> None:
         await self._submit(lambda conn: groups.delete_tx(conn, group))
 
-    async def connect_subscription_group(self, group: str) -> SqlitePersistentSubscription:
+    async def connect_subscription_group(
+        self, group: str, *, prefetch: int | None = None
+    ) -> SqlitePersistentSubscription:
         await self._read(lambda conn: groups.load_group(conn, group))
-        return SqlitePersistentSubscription(self, group)
+        return SqlitePersistentSubscription(self, group, prefetch or self.prefetch)
 
     async def subscription_group_info(self, group: str) -> GroupInfo:
         return await self._read(lambda conn: groups.info(conn, group))
@@ -540,12 +546,15 @@ class SqlitePersistentSubscription:
     :meth:`close` does, or the ack timeout (a consumer that vanished).
     """
 
-    def __init__(self, store: SqliteEventStore, group: str) -> None:
+    def __init__(self, store: SqliteEventStore, group: str, prefetch: int) -> None:
         self.group = group
+        self.prefetch = prefetch
         self.consumer_id = uuid.uuid4().hex
         self._store = store
         self._buffer: deque[groups.Claimed] = deque()
         self._claiming: asyncio.Future[list[groups.Claimed]] | None = None
+        self._acks: list[int] = []
+        self._acked: asyncio.Future[None] | None = None
         self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[RecordedEvent]:
@@ -580,7 +589,7 @@ class SqlitePersistentSubscription:
         return None
 
     def _claim(self) -> asyncio.Future[list[groups.Claimed]]:
-        group, consumer, limit = self.group, self.consumer_id, self._store.prefetch
+        group, consumer, limit = self.group, self.consumer_id, self.prefetch
         future = self._store._submit(lambda conn: groups.claim_tx(conn, group, consumer, limit, time.time()))
 
         def done(future: asyncio.Future[list[groups.Claimed]]) -> None:
@@ -592,10 +601,44 @@ class SqlitePersistentSubscription:
         return future
 
     async def ack(self, event: RecordedEvent) -> None:
-        await self._settle(event, None, "")
+        """Acks made in one turn of the event loop (a batch's, gathered) go to the
+        writer as one job and one statement, not one of each per event."""
+        if self._acked is None:
+            self._acked = self._store._loop.create_future()
+            self._store._loop.call_soon(self._send_acks)
+        self._acks.append(event.position)
+        await asyncio.shield(self._acked)  # a cancelled caller must not cancel the others' acks
+
+    def _send_acks(self) -> None:
+        positions, self._acks = self._acks, []
+        acked, self._acked = self._acked, None
+        assert acked is not None
+        group, consumer = self.group, self.consumer_id
+        try:
+            job = self._store._submit(lambda conn: groups.ack_many_tx(conn, group, consumer, positions))
+        except EventStoreClosed as exc:
+            acked.set_exception(exc)
+            return
+
+        def done(job: asyncio.Future[None]) -> None:
+            if job.cancelled():
+                acked.cancel()
+            elif (error := job.exception()) is not None:
+                acked.set_exception(error)
+            else:
+                acked.set_result(None)
+
+        job.add_done_callback(done)
 
     async def nack(self, event: RecordedEvent, action: NackAction, reason: str = "") -> None:
         await self._settle(event, action, reason)
+        if action is not NackAction.SKIP:
+            # The group took the rest of this event's run back: never hand it out after it.
+            self._buffer = deque(
+                claimed
+                for claimed in self._buffer
+                if claimed.event.stream != event.stream or claimed.event.position < event.position
+            )
 
     async def keep_alive(self) -> None:
         """Renew the leases of every event this consumer holds, the claimed ones still

@@ -158,6 +158,14 @@ class Delete(msgspec.Struct, frozen=True, kw_only=True):
 WriteOp = Upsert | Delete
 
 
+class Stored(msgspec.Struct, frozen=True, kw_only=True):
+    """A document as :meth:`ReadStore.get_many` finds it: its version, and the
+    document itself (``None`` for a tombstone)."""
+
+    version: int
+    document: Document | None
+
+
 class ReadStore(Protocol):
     async def ensure_collection(
         self, schema: CollectionSchema, *, version: int | None = None, suffix: str | None = None
@@ -174,6 +182,14 @@ class ReadStore(Protocol):
     async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
         """The stored version of a document (``None`` if absent; a deleted
         document may still report its tombstone's version)."""
+        ...
+
+    async def get_many(
+        self, collection: str, doc_ids: Sequence[str], *, physical: str | None = None
+    ) -> dict[str, Stored]:
+        """The stored version and document of each of ``doc_ids`` that is stored, in
+        one round trip: what a projection folds a batch onto. It sees every write made
+        so far (the writer's view, like :meth:`get_version`); absent ids are left out."""
         ...
 
     async def write(

@@ -54,6 +54,7 @@ from orderstream.readstore.base import (
     Range,
     ReadStoreUnavailable,
     SortField,
+    Stored,
     Upsert,
     WriteOp,
     WriteOutcome,
@@ -293,6 +294,25 @@ class ElasticsearchReadStore:
             return None
         version: int = answer["_version"]
         return version
+
+    async def get_many(
+        self, collection: str, doc_ids: Sequence[str], *, physical: str | None = None
+    ) -> dict[str, Stored]:
+        """One ``mget``; real-time, so it sees every write so far, refreshed or not."""
+        if not doc_ids:
+            return {}
+        try:
+            async with _reachable():
+                answer = await self._es.mget(
+                    index=physical or self.alias(collection), ids=list(dict.fromkeys(doc_ids))
+                )
+        except NotFoundError:  # no such index yet, as get() answers
+            return {}
+        return {
+            doc["_id"]: Stored(version=doc["_version"], document=doc["_source"])
+            for doc in answer["docs"]
+            if doc.get("found")
+        }
 
     async def write(
         self, collection: str, ops: Sequence[WriteOp], *, physical: str | None = None

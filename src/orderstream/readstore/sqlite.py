@@ -47,6 +47,7 @@ from orderstream.readstore.base import (
     Range,
     ReadStoreUnavailable,
     SortField,
+    Stored,
     Upsert,
     WriteOp,
     WriteOutcome,
@@ -55,6 +56,8 @@ from orderstream.readstore.base import (
 T = TypeVar("T")
 
 MAX_LIMIT = 1000
+_MAX_IDS = 500
+"""Ids per ``IN (...)`` of :meth:`SqliteReadStore.get_many` (below SQLite's variable limit)."""
 FACET_SIZE = 100
 """At most this many values per facet, the most frequent first."""
 FEW_MATCHES = 2000
@@ -562,7 +565,10 @@ class SqliteReadStore:
         return await self._run(lambda: self._transaction(switch, write=True))
 
     async def alias_target(self, collection: str) -> str | None:
-        return await self._run(lambda: self._alias(collection))
+        """On a reader connection: a runner asks before every batch, and on the writer's
+        thread it would wait behind the other runners' writes (the switch is committed
+        before ``switch_alias`` returns, so a reader sees it as the writer would)."""
+        return await self._read(lambda conn: self._alias(collection, conn))
 
     async def drop_physical(self, physical: str) -> None:
         def drop() -> None:
@@ -607,6 +613,35 @@ class SqliteReadStore:
             return None if row is None else int(row[0])
 
         return await self._run(read)
+
+    async def get_many(
+        self, collection: str, doc_ids: Sequence[str], *, physical: str | None = None
+    ) -> dict[str, Stored]:
+        """On a reader connection, so that it does not queue behind other runners' writes:
+        every write this store made is committed before ``write`` returns, so a reader
+        sees it as the writer's connection would."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, Stored]:
+            table = self._resolve(collection, physical, conn)
+            if table is None:
+                return {}
+            found: dict[str, Stored] = {}
+            unique = list(dict.fromkeys(doc_ids))
+            for start in range(0, len(unique), _MAX_IDS):
+                chunk = unique[start : start + _MAX_IDS]
+                rows = conn.execute(
+                    f"SELECT id, version, doc FROM {_q(table.physical)}"
+                    f" WHERE id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                for doc_id, version, doc in rows:
+                    document = None if doc is None else _doc_decoder.decode(doc)
+                    found[doc_id] = Stored(version=int(version), document=document)
+            return found
+
+        if not doc_ids:
+            return {}
+        return await self._read(read)
 
     # ------------------------------------------------------------------ writes
 
