@@ -368,6 +368,7 @@ async def run_process(
                 services += api_workers
             elif listen is not None and worker_of is not None:
                 sock = shared_port_socket(*listen, listen=True)
+            if worker_of is not None:
                 services.append(ParentWatch(worker_of))
             services_task = asyncio.create_task(run_services(services, stop), name="orderstream-services")
             server: EmbeddedServer | None = None
@@ -521,11 +522,12 @@ def project(**options: Any) -> None:
 
 
 @main.command()
+@click.option("--worker-of", type=int, default=None, hidden=True, help="Internal: a saga worker of PID.")
 @store_options
-def worker(**options: Any) -> None:
+def worker(worker_of: int | None, **options: Any) -> None:
     """The saga services only (Temporal worker and saga trigger)."""
     settings = settings_from(options)
-    run(run_process(settings, host=None, port=None, projections=False, sagas=True))
+    run(run_process(settings, host=None, port=None, projections=False, sagas=True, worker_of=worker_of))
 
 
 # ------------------------------------------------------------------------ projections
