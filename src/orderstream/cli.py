@@ -477,6 +477,10 @@ def serve(host: str, port: int, access_log: bool, workers: int | None, sagas: bo
     """The API, every projection runner and the saga services in one process
     (with --workers N, the API in N worker processes beside it)."""
     settings = settings_from({**options, "api_workers": workers})
+    if sagas and (os.cpu_count() or 1) >= 2:
+        # The saga worker in a process of its own unless told otherwise: measured
+        # faster on 2 cores (docs/sagas.md, Throughput); read by workflows/worker.py.
+        os.environ.setdefault("ORDERSTREAM_SAGA_WORKER_PROCESSES", "1")
     run(
         run_process(
             settings,
