@@ -318,7 +318,7 @@ class ParentWatch:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if os.getppid() != self.parent:
-                log.warning("the first API process (%d) is gone; stopping", self.parent)
+                log.warning("the first process (%d) is gone; stopping", self.parent)
                 stop.set()
                 return
             with contextlib.suppress(TimeoutError):
