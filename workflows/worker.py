@@ -21,7 +21,11 @@ for links; the dev server's by default), ``ORDERSTREAM_TASK_QUEUE``,
 ``ORDERSTREAM_SAGA_IN_FLIGHT`` (starts and signals the trigger has waiting on
 Temporal at once, 64), ``ORDERSTREAM_TEMPORAL_DEV_PORT`` and
 ``ORDERSTREAM_TEMPORAL_UI_PORT`` (the embedded dev server's ports, 7233 and 8233:
-two ``serve`` processes on one machine need their own).
+two ``serve`` processes on one machine need their own),
+``ORDERSTREAM_SAGA_WORKER_PROCESSES`` (0: the worker runs in this process; N: in
+N processes of its own, ``orderstream worker --worker-of <pid>``, see
+:class:`SagaWorkerProcess`), ``ORDERSTREAM_SAGA_TRIGGER`` (``off``: no trigger in
+this process; what such a worker process is started with).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -52,6 +58,61 @@ from workflows.runtime import (
 log = logging.getLogger("orderstream.saga")
 
 TEMPORAL_CLIENT_KEY = "temporal_client"
+WORKER_PROCESSES_ENV = "ORDERSTREAM_SAGA_WORKER_PROCESSES"
+TRIGGER_ENV = "ORDERSTREAM_SAGA_TRIGGER"
+
+
+@dataclass(eq=False)
+class SagaWorkerProcess:
+    """The saga worker in a process of its own: ``orderstream worker --worker-of
+    <our pid>`` against the Temporal server this process uses, without a trigger
+    (the trigger stays here: one consumer of the subscription group is enough).
+
+    Why: the workflow tasks and local steps are CPU-bound Python; in the process
+    that also runs the projections and the trigger they share one GIL. A background
+    service of ours: SIGTERM when ``stop`` is set, then wait while the worker
+    drains (its graceful shutdown); a worker that exits on its own is a failure,
+    which stops the process set. The worker watches our pid and stops if we die.
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    index: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"saga-worker-{self.index}"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        process = await asyncio.create_subprocess_exec(*self.argv, env=self.env)
+        exited = asyncio.ensure_future(process.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            code = await exited
+        finally:
+            stopping.cancel()
+            if process.returncode is None:  # cancelled while draining
+                process.kill()
+        if not stop.is_set():
+            raise RuntimeError(f"{self.name} exited with status {code}")
+
+
+def worker_processes(
+    container: Container, address: str, env: Mapping[str, str], count: int
+) -> list[SagaWorkerProcess]:
+    """``count`` worker processes on the store of ``container`` and the Temporal
+    server at ``address``; each inherits our environment but runs no trigger and
+    starts no process of its own."""
+    settings = container.settings
+    argv = [sys.executable, "-m", "orderstream.cli", "worker", "--worker-of", str(os.getpid())]
+    argv += ["--data-dir", str(settings.data_dir), "--event-store", settings.event_store_url]
+    argv += ["--read-store", settings.read_store_url, "--temporal-address", address]
+    argv += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
+    child_env = {**env, WORKER_PROCESSES_ENV: "0", TRIGGER_ENV: "off"}
+    return [SagaWorkerProcess(argv, child_env, index) for index in range(1, count + 1)]
 
 
 @dataclass(eq=False)
@@ -105,11 +166,14 @@ async def background_services(
 ) -> list[BackgroundService]:
     env = os.environ if env is None else env
     settings = container.settings
+    trigger = trigger and env.get(TRIGGER_ENV, "on") != "off"
+    processes = int(env.get(WORKER_PROCESSES_ENV) or 0) if worker else 0
     dev_server = None
     if settings.temporal_address:
-        client = await connect(settings.temporal_address)
+        address = settings.temporal_address
+        client = await connect(address)
     else:
-        _address, dev_server = await start_dev_server(
+        address, dev_server = await start_dev_server(
             settings.data_dir,
             port=int(env.get("ORDERSTREAM_TEMPORAL_DEV_PORT") or DEV_SERVER_PORT),
             ui_port=int(env.get("ORDERSTREAM_TEMPORAL_UI_PORT") or DEV_UI_PORT),
@@ -141,13 +205,13 @@ async def background_services(
             gateway or SandboxPaymentGateway(),
             saga_trigger,
             dev_server=dev_server,
-            with_worker=worker,
+            with_worker=worker and not processes,
         )
     except BaseException:
         if dev_server is not None:
             await dev_server.shutdown()
         raise
-    return [service]
+    return [service, *worker_processes(container, address, env, processes)]
 
 
 async def attach_fulfilment_client(container: Container, *, env: Mapping[str, str] | None = None) -> bool:

@@ -318,7 +318,7 @@ class ParentWatch:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if os.getppid() != self.parent:
-                log.warning("the first API process (%d) is gone; stopping", self.parent)
+                log.warning("the first process (%d) is gone; stopping", self.parent)
                 stop.set()
                 return
             with contextlib.suppress(TimeoutError):
@@ -368,6 +368,7 @@ async def run_process(
                 services += api_workers
             elif listen is not None and worker_of is not None:
                 sock = shared_port_socket(*listen, listen=True)
+            if worker_of is not None:
                 services.append(ParentWatch(worker_of))
             services_task = asyncio.create_task(run_services(services, stop), name="orderstream-services")
             server: EmbeddedServer | None = None
@@ -476,6 +477,10 @@ def serve(host: str, port: int, access_log: bool, workers: int | None, sagas: bo
     """The API, every projection runner and the saga services in one process
     (with --workers N, the API in N worker processes beside it)."""
     settings = settings_from({**options, "api_workers": workers})
+    if sagas and (os.cpu_count() or 1) >= 2:
+        # The saga worker in a process of its own unless told otherwise: measured
+        # faster on 2 cores (docs/sagas.md, Throughput); read by workflows/worker.py.
+        os.environ.setdefault("ORDERSTREAM_SAGA_WORKER_PROCESSES", "1")
     run(
         run_process(
             settings,
@@ -521,11 +526,12 @@ def project(**options: Any) -> None:
 
 
 @main.command()
+@click.option("--worker-of", type=int, default=None, hidden=True, help="Internal: a saga worker of PID.")
 @store_options
-def worker(**options: Any) -> None:
+def worker(worker_of: int | None, **options: Any) -> None:
     """The saga services only (Temporal worker and saga trigger)."""
     settings = settings_from(options)
-    run(run_process(settings, host=None, port=None, projections=False, sagas=True))
+    run(run_process(settings, host=None, port=None, projections=False, sagas=True, worker_of=worker_of))
 
 
 # ------------------------------------------------------------------------ projections

@@ -26,6 +26,7 @@ from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
 from workflows.order_fulfilment.activities import FulfilmentActivities
 from workflows.order_fulfilment.inputs import SAGA_ACTOR, OrderArgs, payment_id_for
 from workflows.order_fulfilment.workflow import OrderFulfilment
+from workflows.runtime import WORKFLOW_RUNNER
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 
@@ -59,7 +60,7 @@ async def _assert_no_saga_event_twice(saga: SagaHarness, *streams: str) -> None:
 
 async def _assert_replays(saga: SagaHarness, order_id: str) -> None:
     history = await saga.handle(order_id).fetch_history()
-    result = await Replayer(workflows=[OrderFulfilment]).replay_workflow(
+    result = await Replayer(workflows=[OrderFulfilment], workflow_runner=WORKFLOW_RUNNER).replay_workflow(
         history, raise_on_replay_failure=False
     )
     assert result.replay_failure is None, result.replay_failure
@@ -189,7 +190,11 @@ async def test_lines_that_keep_changing_are_given_up_on_and_compensated(make_sag
     order_id = await saga.place("tok_approve", ("MUG", 1))
     acts = CustomerKeepsChangingTheLines(saga.container.use_cases, saga.gateway)
     worker = Worker(
-        saga.env.client, task_queue=saga.task_queue, workflows=[OrderFulfilment], activities=acts.all()
+        saga.env.client,
+        task_queue=saga.task_queue,
+        workflows=[OrderFulfilment],
+        workflow_runner=WORKFLOW_RUNNER,
+        activities=acts.all(),
     )
     async with worker:
         outcome = await asyncio.wait_for(saga.outcome(order_id), WAIT)

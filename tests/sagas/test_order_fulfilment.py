@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
-from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
 from temporalio.worker import Replayer
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from orderstream.domain.common import IllegalTransition
 from tests.sagas.conftest import WAIT, SagaFactory
 from workflows.order_fulfilment.inputs import payment_id_for, tracking_number_for, workflow_id_for
 from workflows.order_fulfilment.workflow import OrderFulfilment
+from workflows.runtime import WORKFLOW_RUNNER
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 
@@ -337,8 +340,26 @@ async def test_histories_replay_deterministically(make_saga: SagaFactory) -> Non
     assert (await saga.outcome(shipped)).status == "shipped"
     assert (await saga.outcome(timed_out)).status == "compensated"
 
-    replayer = Replayer(workflows=[OrderFulfilment])
+    replayer = Replayer(workflows=[OrderFulfilment], workflow_runner=WORKFLOW_RUNNER)
     for order_id in (shipped, timed_out):
         history = await saga.handle(order_id).fetch_history()
         result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
         assert result.replay_failure is None, result.replay_failure
+
+
+RECORDED_HISTORY = Path(__file__).parent / "histories" / "shipped-local-steps.json"
+
+
+@pytest.mark.parametrize(
+    "runner", [WORKFLOW_RUNNER, SandboxedWorkflowRunner()], ids=["passed-through", "default-sandbox"]
+)
+async def test_a_recorded_history_replays_in_either_sandbox(runner: SandboxedWorkflowRunner) -> None:
+    """A shipped saga (local steps) recorded by this code: it keeps replaying, and
+    its input (``FulfilmentInput`` with string hints) decodes with the workflow
+    module passed through the sandbox as with the SDK's default sandbox."""
+    history = WorkflowHistory.from_json("order-fulfilment-recorded", RECORDED_HISTORY.read_text())
+    replayer = Replayer(workflows=[OrderFulfilment], workflow_runner=runner)
+
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+
+    assert result.replay_failure is None, result.replay_failure

@@ -24,6 +24,7 @@ from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
 from workflows.order_fulfilment.activities import FulfilmentActivities
 from workflows.order_fulfilment.inputs import OrderArgs, payment_id_for, tracking_number_for, workflow_id_for
 from workflows.order_fulfilment.workflow import TEMPORAL_CANCEL_REASON, OrderFulfilment
+from workflows.runtime import WORKFLOW_RUNNER
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 
@@ -64,7 +65,7 @@ class ShippingRefused(FulfilmentActivities):
 
 
 async def _assert_replays(handle: WorkflowHandle[Any, Any]) -> None:
-    replayed = await Replayer(workflows=[OrderFulfilment]).replay_workflow(
+    replayed = await Replayer(workflows=[OrderFulfilment], workflow_runner=WORKFLOW_RUNNER).replay_workflow(
         await handle.fetch_history(), raise_on_replay_failure=False
     )
     assert replayed.replay_failure is None, replayed.replay_failure
@@ -114,7 +115,11 @@ async def test_cancelled_while_shipping_ships_captures_and_commits(make_saga: Sa
     order_id = await saga.place("tok_approve", ("MUG", 2))
     acts = SlowShipping(saga.container.use_cases, saga.gateway)
     worker = Worker(
-        saga.env.client, task_queue=saga.task_queue, workflows=[OrderFulfilment], activities=acts.all()
+        saga.env.client,
+        task_queue=saga.task_queue,
+        workflows=[OrderFulfilment],
+        workflow_runner=WORKFLOW_RUNNER,
+        activities=acts.all(),
     )
     async with worker:
         await saga.reach_step(order_id, "ship-order")
@@ -129,7 +134,11 @@ async def test_cancelled_while_shipping_fails_compensates_and_ends_cancelled(mak
     order_id = await saga.place("tok_approve", ("MUG", 2))
     acts = ShippingRefused(saga.container.use_cases, saga.gateway)
     worker = Worker(
-        saga.env.client, task_queue=saga.task_queue, workflows=[OrderFulfilment], activities=acts.all()
+        saga.env.client,
+        task_queue=saga.task_queue,
+        workflows=[OrderFulfilment],
+        workflow_runner=WORKFLOW_RUNNER,
+        activities=acts.all(),
     )
     async with worker:
         await saga.reach_step(order_id, "ship-order")

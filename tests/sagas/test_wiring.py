@@ -17,6 +17,7 @@ from orderstream.application.saga_trigger import CORRELATION_ID_ATTRIBUTE, ORDER
 from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import build, run_services, saga_services
 from orderstream.config import Settings
+from orderstream.domain import inventory
 from orderstream.domain.common import Money
 from tests.sagas.conftest import ADDRESS, WAIT
 from workflows.order_fulfilment.inputs import workflow_id_for
@@ -71,4 +72,47 @@ async def test_saga_hook_runs_worker_and_trigger_and_serves_status(
         stop.set()
         if "running" in locals():
             await asyncio.wait_for(running, WAIT)
+        await container.close()
+
+
+async def test_with_worker_processes_the_sagas_run_in_a_child_that_drains_on_stop(
+    temporal_env: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORDERSTREAM_TASK_QUEUE", f"test-{uuid.uuid4().hex}")
+    monkeypatch.setenv("ORDERSTREAM_SAGA_WORKER_PROCESSES", "1")
+    address = temporal_env.client.service_client.config.target_host
+    container = await build(Settings(data_dir=tmp_path, temporal_address=address))
+    stop = asyncio.Event()
+    try:
+        services = await saga_services(container)
+        assert [s.name for s in services] == ["sagas", "saga-worker-1"]
+        assert not cast("Any", services[0]).with_worker  # only the child polls the task queue
+        running = asyncio.create_task(run_services(services, stop))
+        ctx = CommandContext(actor="test")
+        await container.use_cases.register_product("MUG", "mug", Money(100, "EUR"), ctx)
+        await container.use_cases.add_stock("MUG", 5, ctx)
+        placed = await container.use_cases.place_order(
+            customer_id="c",
+            lines=[LineRequest("MUG", 1)],
+            shipping_address=ADDRESS,
+            payment_token="tok_approve",
+            context=ctx,
+        )
+        handle = container.extensions["temporal_client"].get_workflow_handle(
+            workflow_id_for(placed.state.order_id)
+        )
+        result = None
+        async with asyncio.timeout(WAIT):
+            while result is None:
+                try:
+                    result = await handle.result()
+                except Exception:
+                    await asyncio.sleep(0.1)  # not started yet
+        assert result["status"] == "shipped"
+        stock = await container.handler.load(inventory.decider, inventory.stream_name("MUG"))
+        assert (stock.state.on_hand, stock.state.reserved) == (4, 0)  # committed by the child
+    finally:
+        stop.set()
+        if "running" in locals():
+            await asyncio.wait_for(running, WAIT)  # raises if the child did not exit on SIGTERM
         await container.close()
