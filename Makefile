@@ -37,7 +37,8 @@ bench: install-test
 	$(BIN)/python -m bench.aggregate_load
 	$(BIN)/python -m bench.projection
 	$(BIN)/python -m bench.load $(BENCH_LOAD_ARGS)
-	if [ -f bench/commands.py ]; then $(BIN)/python -m bench.commands; fi
+	$(BIN)/python -m bench.commands
+	$(BIN)/python -m bench.queries --orders 200000
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
