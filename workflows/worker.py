@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from orderstream.application.payment_gateway import PaymentGateway, SandboxPaymentGateway
 from orderstream.application.saga_trigger import DEFAULT_MAX_IN_FLIGHT, SagaTrigger
-from orderstream.bootstrap import BackgroundService, Container
+from orderstream.bootstrap import BackgroundService, Container, run_child_process
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
 from workflows.order_fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS, DEFAULT_TASK_QUEUE
 from workflows.runtime import (
@@ -84,20 +83,7 @@ class SagaWorkerProcess:
         return f"saga-worker-{self.index}"
 
     async def run(self, stop: asyncio.Event) -> None:
-        process = await asyncio.create_subprocess_exec(*self.argv, env=self.env)
-        exited = asyncio.ensure_future(process.wait())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-            code = await exited
-        finally:
-            stopping.cancel()
-            if process.returncode is None:  # cancelled while draining
-                process.kill()
-        if not stop.is_set():
-            raise RuntimeError(f"{self.name} exited with status {code}")
+        await run_child_process(self.name, self.argv, stop, env=self.env)
 
 
 def worker_processes(

@@ -21,7 +21,8 @@ import contextlib
 import importlib
 import importlib.util
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -253,6 +254,47 @@ async def run_services(services: list[BackgroundService], stop: asyncio.Event) -
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+async def run_child_process(
+    name: str,
+    argv: Sequence[str],
+    stop: asyncio.Event,
+    *,
+    env: Mapping[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> None:
+    """Run ``argv`` as a child process until ``stop`` is set, then send it SIGTERM and
+    wait while it drains (its own graceful shutdown). A child that exits on its own
+    is a failure (:class:`RuntimeError`), which, as for any service, stops the
+    process set. ``on_line`` gets each line the child prints (its stdout is piped
+    then). The body of every worker-process service (API workers, saga workers)."""
+    stdout = asyncio.subprocess.PIPE if on_line is not None else None
+    process = await asyncio.create_subprocess_exec(*argv, env=env, stdout=stdout)
+    relay = None
+    if on_line is not None:
+        relay = asyncio.create_task(_relay_lines(process, on_line), name=f"{name}-output")
+    exited = asyncio.ensure_future(process.wait())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        code = await exited
+    finally:
+        stopping.cancel()
+        if process.returncode is None:  # cancelled while draining
+            process.kill()
+        if relay is not None:
+            await relay
+    if not stop.is_set():
+        raise RuntimeError(f"{name} exited with status {code}")
+
+
+async def _relay_lines(process: asyncio.subprocess.Process, on_line: Callable[[str], None]) -> None:
+    assert process.stdout is not None
+    async for raw in process.stdout:
+        on_line(raw.decode(errors="replace").rstrip())
 
 
 def describe(container: Container) -> Mapping[str, Any]:

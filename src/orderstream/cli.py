@@ -57,6 +57,7 @@ from orderstream.bootstrap import (
     Container,
     attach_api_extensions,
     build,
+    run_child_process,
     run_services,
     saga_services,
 )
@@ -266,31 +267,13 @@ class ApiWorkerProcess:
         return f"api-worker-{self.index}"
 
     async def run(self, stop: asyncio.Event) -> None:
-        process = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE)
-        relay = asyncio.create_task(self._relay(process), name=f"{self.name}-output")
-        exited = asyncio.ensure_future(process.wait())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-            code = await exited
-        finally:
-            stopping.cancel()
-            if process.returncode is None:  # cancelled while draining
-                process.kill()
-            await relay
-        if not stop.is_set():
-            raise RuntimeError(f"{self.name} exited with status {code}")
+        await run_child_process(self.name, self.argv, stop, on_line=self._line)
 
-    async def _relay(self, process: asyncio.subprocess.Process) -> None:
+    def _line(self, line: str) -> None:
         """The worker's stdout into our log; its ``listening on`` line makes us ready."""
-        assert process.stdout is not None
-        async for raw in process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            if "listening on" in line:
-                self.ready.set()
-            log.info("%s: %s", self.name, line)
+        if "listening on" in line:
+            self.ready.set()
+        log.info("%s: %s", self.name, line)
 
 
 def worker_argv(settings: Settings, host: str, port: int, *, access_log: bool) -> list[str]:
