@@ -121,21 +121,38 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
     body = await request.body()  # 413 past request_max_body_size
     try:
         data = _decoder(param.annotation).decode(body)  # raises DecodeError (400) / ValidationError (422)
-    except msgspec.ValidationError:
-        # Valid JSON: retry with integral floats as integers (JSON Schema's ``integer``).
-        raw = msgspec.json.decode(body)
-        data = msgspec.convert(_integral_floats_as_ints(raw), param.annotation, strict=True)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON nested too deeply") from None
+    except msgspec.ValidationError as invalid:
+        # Valid JSON: retry with integral floats as integers (JSON Schema's ``integer``),
+        # unless it nests deeper than any body of ours: then the first answer stands.
+        try:
+            raw = msgspec.json.decode(body)
+            ints = _integral_floats_as_ints(raw, MAX_BODY_DEPTH)
+        except (RecursionError, _TooDeep):
+            raise invalid from None
+        data = msgspec.convert(ints, param.annotation, strict=True)
     # Litestar's body extractor reads the parsed JSON from here: it gets the Struct, not builtins.
     ScopeState.from_scope(request.scope).json = data
 
 
-def _integral_floats_as_ints(value: Any) -> Any:
+MAX_BODY_DEPTH = 32
+"""Deeper than any request body of ours nests: such a body is refused as it is."""
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _integral_floats_as_ints(value: Any, depth_left: int) -> Any:
+    if depth_left < 0:
+        raise _TooDeep
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, list):
-        return [_integral_floats_as_ints(v) for v in value]
+        return [_integral_floats_as_ints(v, depth_left - 1) for v in value]
     if isinstance(value, dict):
-        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+        return {k: _integral_floats_as_ints(v, depth_left - 1) for k, v in value.items()}
     return value
 
 
