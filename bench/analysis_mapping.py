@@ -79,7 +79,7 @@ def documents(count: int) -> list[Document]:
                 lines=lines,
                 total=orders.total_of(lines),
                 shipping_address=address,
-                payment_token="t",
+                payment_method_id="pm_t",
                 placed_at=at,
             ),
             orders.OrderStockReserved(order_id=order, at=at + timedelta(minutes=2)),

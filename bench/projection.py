@@ -142,7 +142,7 @@ def plan_history(order_count: int, product_count: int, seed: int) -> list[list[S
                         lines=lines,
                         total=orders.total_of(lines),
                         shipping_address=_address(rng, n),
-                        payment_token="tok_approve",
+                        payment_method_id="pm_sbx_approve_bench",
                         placed_at=clock(),
                     )
                 ],

@@ -147,6 +147,16 @@ def _register_all(registry: EventRegistry, classes: Iterable[type[msgspec.Struct
         registry.register(cls)
 
 
+def _without_card_token(raw: RawEvent, field_name: str) -> RawEvent:
+    """Drop a card token stored in clear by an old writer, so it goes no further
+    (read models, workflow inputs, ``events read``). It is not exchanged for a
+    reference here: an upcaster is pure (no vault call on every read), and a
+    saga started from such an event is declined ("no payment method on file")
+    rather than charging a card on a token the service should not have kept."""
+    kept = {k: v for k, v in raw.items() if k != field_name}
+    return {**kept, "payment_method_id": raw.get("payment_method_id", "")}
+
+
 def build_registry() -> EventRegistry:
     """Every event type of the domain, at its current schema version."""
     registry = EventRegistry()
@@ -164,7 +174,6 @@ def build_registry() -> EventRegistry:
             inventory.StockReserved,
             inventory.StockReleased,
             inventory.StockCommitted,
-            payments.PaymentRequested,
             payments.PaymentAuthorised,
             payments.PaymentDeclined,
             payments.PaymentVoided,
@@ -175,10 +184,12 @@ def build_registry() -> EventRegistry:
     # Version history kept on purpose, as the worked example of upcasting:
     # v1 OrderPlaced had no payment token (orders before payments existed), and
     # v1 OrderCancelled had no previous_status;
-    # OrderPlaced v2 and OrderLinesChanged v1 had no product name on their lines.
-    registry.register(orders.OrderPlaced, version=3)
+    # OrderPlaced v2 and OrderLinesChanged v1 had no product name on their lines;
+    # OrderPlaced v3 and PaymentRequested v1 held the card token itself.
+    registry.register(orders.OrderPlaced, version=4)
     registry.register(orders.OrderLinesChanged, version=2)
     registry.register(orders.OrderCancelled, version=2)
+    registry.register(payments.PaymentRequested, version=2)
 
     @registry.upcaster("OrderPlaced", 1)
     def _order_placed_v1(raw: RawEvent) -> RawEvent:
@@ -191,6 +202,14 @@ def build_registry() -> EventRegistry:
 
     registry.upcaster("OrderPlaced", 2)(_lines_without_names)
     registry.upcaster("OrderLinesChanged", 1)(_lines_without_names)
+
+    @registry.upcaster("OrderPlaced", 3)
+    def _order_placed_v3(raw: RawEvent) -> RawEvent:
+        return _without_card_token(raw, "payment_token")
+
+    @registry.upcaster("PaymentRequested", 1)
+    def _payment_requested_v1(raw: RawEvent) -> RawEvent:
+        return _without_card_token(raw, "token")
 
     @registry.upcaster("OrderCancelled", 1)
     def _order_cancelled_v1(raw: RawEvent) -> RawEvent:

@@ -214,9 +214,10 @@ async def test_min_position_beyond_the_head_is_already_reached(client: httpx.Asy
     assert response.status_code == 200
 
 
-async def test_the_history_route_does_not_show_the_payment_token(
+async def test_the_card_token_is_exchanged_and_never_stored(
     client: httpx.AsyncClient, container: Container
 ) -> None:
+    """Only the vault's reference is kept (issue 9): not in the event, not in the history."""
     await register_product(client)
     written = await place_order(client, order_body(token="tok_live_4242_secret"))
     history = await client.get(f"/orders/{written['id']}/events")
@@ -224,7 +225,8 @@ async def test_the_history_route_does_not_show_the_payment_token(
     assert "tok_live_4242_secret" not in history.text
     placed = history.json()["events"][0]
     assert placed["type"] == "OrderPlaced"
-    assert placed["data"]["payment_token"] == "[redacted]"
-    # The event store keeps it: the saga needs it to ask the gateway.
+    assert placed["data"]["payment_method_id"].startswith("pm_")
+    assert "payment_token" not in placed["data"]
     stored = await container.event_store.read_stream(f"order-{written['id']}")
-    assert b"tok_live_4242_secret" in stored[0].data
+    assert b"tok_" not in stored[0].data
+    assert b"pm_" in stored[0].data

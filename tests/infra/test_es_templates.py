@@ -136,7 +136,7 @@ def order_events(
         lines=order_lines,
         total=orders.total_of(order_lines),
         shipping_address=address,
-        payment_token="tok",
+        payment_method_id="pm_test",
         placed_at=at(0),
     )
     later: list[msgspec.Struct] = [orders.OrderStockReserved(order_id=order, at=at(2))]

@@ -250,7 +250,7 @@ async def test_an_order_id_that_exists_falls_back_to_the_ordinary_path(store: Sq
         customer_id="c-1",
         lines=(orders.OrderLine(sku=SKU, quantity=1, unit_price=EUR),),
         shipping_address=ADDRESS,
-        payment_token="tok",
+        payment_method_id="pm_test",
         now=NOW,
     )
     await handler.create(orders.decider, orders.stream_name(order_id), command)

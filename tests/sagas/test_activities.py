@@ -68,12 +68,13 @@ async def test_a_retried_step_appends_nothing_twice(
     order_id = await _order(acts)
     pid = payment_id_for(order_id)
     amount = Amount(1000, "EUR")
+    card = await acts.gateway.store("tok_approve")
     for _attempt in range(3):  # as if the worker died before reporting each completion
         await acts.reserve_stock(StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=2))
         await acts.mark_stock_reserved(OrderArgs(_ref("mark-stock-reserved"), order_id, [Line("MUG", 2)]))
-        await acts.request_payment(PaymentArgs(_ref("request-payment"), pid, order_id, amount, "tok_approve"))
+        await acts.request_payment(PaymentArgs(_ref("request-payment"), pid, order_id, amount, card))
         answer = await acts.authorise_payment(
-            PaymentArgs(_ref("authorise-payment"), pid, order_id, amount, "tok_approve")
+            PaymentArgs(_ref("authorise-payment"), pid, order_id, amount, card)
         )
         assert answer.status == "approved"
         await acts.capture_payment(PaymentArgs(_ref("capture-payment"), pid, order_id, amount))

@@ -146,7 +146,7 @@ async def test_unknown_token_is_declined(make_saga: SagaFactory) -> None:
 
     outcome = await saga.outcome(order_id)
 
-    assert (outcome.status, outcome.reason) == ("compensated", "payment declined: unknown payment token")
+    assert (outcome.status, outcome.reason) == ("compensated", "payment declined: unknown payment method")
     assert (await saga.order(order_id)).status == "cancelled"
 
 

@@ -44,7 +44,7 @@ NOW = T0 + timedelta(hours=1)
 ORDER = "ord-1"
 CUSTOMER = "cust-1"
 PAYMENT = "pay-1"
-TOKEN = "tok_approve"
+PAYMENT_METHOD = "pm_sbx_approve_0a1b2c3d"
 
 
 def eur(amount: int) -> Money:
@@ -77,7 +77,7 @@ placed = OrderPlaced(
     lines=LINES,
     total=eur(3499),
     shipping_address=HOME,
-    payment_token=TOKEN,
+    payment_method_id=PAYMENT_METHOD,
     placed_at=T0,
 )
 stock_reserved = OrderStockReserved(order_id=ORDER, at=T1)
@@ -90,7 +90,12 @@ cancelled = OrderCancelled(order_id=ORDER, reason="changed my mind", previous_st
 # ------------------------------------------------------------------------ commands
 
 place = PlaceOrder(
-    order_id=ORDER, customer_id=CUSTOMER, lines=LINES, shipping_address=HOME, payment_token=TOKEN, now=NOW
+    order_id=ORDER,
+    customer_id=CUSTOMER,
+    lines=LINES,
+    shipping_address=HOME,
+    payment_method_id=PAYMENT_METHOD,
+    now=NOW,
 )
 change_lines = ChangeOrder(order_id=ORDER, lines=NEW_LINES, now=NOW)
 change_address = ChangeOrder(order_id=ORDER, shipping_address=OFFICE, now=NOW)
@@ -117,7 +122,7 @@ def placing(lines: tuple[OrderLine, ...], address: Address = HOME) -> PlaceOrder
         customer_id=CUSTOMER,
         lines=lines,
         shipping_address=address,
-        payment_token=TOKEN,
+        payment_method_id=PAYMENT_METHOD,
         now=NOW,
     )
 
@@ -166,7 +171,7 @@ class TestNoOrderYet:
                 lines=LINES,
                 total=eur(3499),
                 shipping_address=HOME,
-                payment_token=TOKEN,
+                payment_method_id=PAYMENT_METHOD,
                 placed_at=NOW,
             )
         )
@@ -183,7 +188,7 @@ class TestNoOrderYet:
                     lines=lines,
                     total=eur(3 * 333 + 10_000),
                     shipping_address=HOME,
-                    payment_token=TOKEN,
+                    payment_method_id=PAYMENT_METHOD,
                     placed_at=NOW,
                 )
             )
@@ -206,7 +211,7 @@ class TestNoOrderYet:
                 lines=lines,
                 total=eur(100 * 100),
                 shipping_address=HOME,
-                payment_token=TOKEN,
+                payment_method_id=PAYMENT_METHOD,
                 placed_at=NOW,
             )
         )

@@ -43,7 +43,9 @@ AMOUNT = Money(3499, "EUR")
 
 # ------------------------------------------------------------------------- history
 
-requested = PaymentRequested(payment_id=PAYMENT, order_id=ORDER, amount=AMOUNT, token="tok_approve", at=T0)
+requested = PaymentRequested(
+    payment_id=PAYMENT, order_id=ORDER, amount=AMOUNT, payment_method_id="pm_sbx_approve_1", at=T0
+)
 authorised = PaymentAuthorised(payment_id=PAYMENT, order_id=ORDER, authorisation_code="AUTH-1", at=T1)
 declined = PaymentDeclined(payment_id=PAYMENT, order_id=ORDER, reason="insufficient funds", at=T1)
 voided = PaymentVoided(payment_id=PAYMENT, order_id=ORDER, reason="order cancelled", at=T2)
@@ -52,7 +54,9 @@ refunded = PaymentRefunded(payment_id=PAYMENT, order_id=ORDER, amount=AMOUNT, re
 
 # ------------------------------------------------------------------------ commands
 
-request = RequestPayment(payment_id=PAYMENT, order_id=ORDER, amount=AMOUNT, token="tok_approve", now=NOW)
+request = RequestPayment(
+    payment_id=PAYMENT, order_id=ORDER, amount=AMOUNT, payment_method_id="pm_sbx_approve_1", now=NOW
+)
 authorise = AuthorisePayment(payment_id=PAYMENT, authorisation_code="AUTH-9", now=NOW)
 decline = DeclinePayment(payment_id=PAYMENT, reason="card expired", now=NOW)
 void = VoidPayment(payment_id=PAYMENT, reason="order cancelled", now=NOW)
@@ -84,7 +88,11 @@ class TestNoPaymentYet:
             .when(request)
             .then(
                 PaymentRequested(
-                    payment_id=PAYMENT, order_id=ORDER, amount=AMOUNT, token="tok_approve", at=NOW
+                    payment_id=PAYMENT,
+                    order_id=ORDER,
+                    amount=AMOUNT,
+                    payment_method_id="pm_sbx_approve_1",
+                    at=NOW,
                 )
             )
         )
@@ -94,7 +102,9 @@ class TestNoPaymentYet:
         "amount", [Money(-1, "EUR"), Money(10**12 + 1, "EUR"), Money(1, "E")], ids=["negative", "huge", "E"]
     )
     def test_an_invalid_amount_is_refused(self, amount: Money) -> None:
-        bad = RequestPayment(payment_id=PAYMENT, order_id=ORDER, amount=amount, token="tok_approve", now=NOW)
+        bad = RequestPayment(
+            payment_id=PAYMENT, order_id=ORDER, amount=amount, payment_method_id="pm_sbx_approve_1", now=NOW
+        )
         given().when(bad).then_raises(InvalidCommand)
 
     @pytest.mark.parametrize("command", [authorise, decline, void, capture, refund], ids=name)
@@ -111,10 +121,10 @@ class TestRequestingAgain:
     def test_the_same_request_again_is_nothing(self, history: tuple[payments.PaymentEvent, ...]) -> None:
         given(*history).when(request).then_nothing()
 
-    def test_the_same_request_with_another_token_is_nothing(
+    def test_the_same_request_with_another_payment_method_is_nothing(
         self, history: tuple[payments.PaymentEvent, ...]
     ) -> None:
-        given(*history).when(replace(request, token="tok_decline")).then_nothing()
+        given(*history).when(replace(request, payment_method_id="pm_sbx_decline_2")).then_nothing()
 
     def test_a_request_for_another_order_is_refused(self, history: tuple[payments.PaymentEvent, ...]) -> None:
         given(*history).when(replace(request, order_id="ord-2")).then_raises(AlreadyExists)

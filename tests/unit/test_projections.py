@@ -74,7 +74,7 @@ def placed(revision: int = 0) -> EventView:
             lines=lines,
             total=orders.total_of(lines),
             shipping_address=ADDRESS,
-            payment_token="tok_secret",
+            payment_method_id="pm_sbx_approve_5ec2e7",
             placed_at=T0,
         ),
     )
@@ -246,7 +246,7 @@ def test_old_order_placed_v1_still_projects() -> None:
     """A v1 OrderPlaced (no payment token) is upcast by the registry before folding."""
     v2 = placed()
     raw = dict(v2.data)
-    raw.pop("payment_token")
+    raw.pop("payment_method_id")
     v1 = EventView.from_recorded(
         RecordedEvent(
             id=uuid.uuid4(),

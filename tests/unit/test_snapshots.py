@@ -174,7 +174,7 @@ async def test_orders_and_payments_written_by_commands_load_alike_with_snapshots
                 customer_id="c1",
                 lines=(line,),
                 shipping_address=ADDRESS,
-                payment_token="tok_approve",
+                payment_method_id="pm_sbx_approve_1",
                 now=NOW,
             ),
             orders.ChangeOrder(order_id=order_id, lines=(line, other), now=NOW),
@@ -194,7 +194,11 @@ async def test_orders_and_payments_written_by_commands_load_alike_with_snapshots
         payment = payments.stream_name(payment_id)
         for pay in (
             payments.RequestPayment(
-                payment_id=payment_id, order_id=order_id, amount=EUR.times(3), token="tok", now=NOW
+                payment_id=payment_id,
+                order_id=order_id,
+                amount=EUR.times(3),
+                payment_method_id="pm_sbx_approve_1",
+                now=NOW,
             ),
             payments.AuthorisePayment(payment_id=payment_id, authorisation_code="A1", now=NOW),
             payments.CapturePayment(payment_id=payment_id, now=NOW),

@@ -241,7 +241,7 @@ class FulfilmentActivities:
             payment_id=args.payment_id,
             order_id=args.order_id,
             amount=_money(args.amount),
-            token=args.token,
+            payment_method_id=args.payment_method_id,
             now=self._now(),
         )
         await self._payment(cmd, args.ref)
@@ -250,7 +250,7 @@ class FulfilmentActivities:
     async def authorise_payment(self, args: PaymentArgs) -> AuthorisationResult:
         """Ask the gateway, then record its answer (approved / declined) on the
         payment stream. ``pending`` records nothing: the webhook will."""
-        answer = await self.gateway.authorise(args.payment_id, _money(args.amount), args.token)
+        answer = await self.gateway.authorise(args.payment_id, _money(args.amount), args.payment_method_id)
         now = self._now()
         if answer.status == "approved":
             code = answer.authorisation_code or "approved"

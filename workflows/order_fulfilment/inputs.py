@@ -93,11 +93,14 @@ class FulfilmentInput:
     payment_id: str
     lines: list[Line]
     amount: Amount
-    payment_token: str
     correlation_id: str
     """From the ``OrderPlaced`` event's metadata; every event the saga appends carries it."""
     causation_id: str
     """The ``OrderPlaced`` event's id."""
+    payment_method_id: str = ""
+    """The vault's reference (``pm_...``), never the card token: the input is shown in
+    the Web UI. Inputs recorded before it existed held ``payment_token`` instead, which
+    now decodes to nothing (unknown keys are dropped): those runs are declined."""
     payment_deadline_seconds: float = DEFAULT_PAYMENT_DEADLINE_SECONDS
     """How long a pending authorisation may wait for the webhook's result."""
     local_steps: bool = False
@@ -155,7 +158,7 @@ class PaymentArgs:
     payment_id: str
     order_id: str
     amount: Amount
-    token: str = ""
+    payment_method_id: str = ""
     reason: str = ""
 
 

@@ -409,7 +409,7 @@ class OrderFulfilment:
             inp.payment_id,
             inp.order_id,
             self._amount,
-            token=inp.payment_token,
+            payment_method_id=inp.payment_method_id,
             reason=reason,
         )
 

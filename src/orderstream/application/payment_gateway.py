@@ -1,26 +1,44 @@
-"""The payment gateway port, and the sandbox gateway that decides by token.
+"""The payment gateway port, and the sandbox gateway that decides by payment method.
 
 The saga's activities talk to a card processor through :class:`PaymentGateway`
 only; a real processor (Stripe, Adyen, ...) plugs in behind the same four
 calls. Every call is keyed by the payment id, which a real adapter sends as the
 processor's idempotency key: a retried activity must not charge twice.
 
-The sandbox (:class:`SandboxPaymentGateway`) decides by the payment token, as
-the service's design says:
+No card token at rest. The token a client sends when it places an order is a
+secret (whoever holds it can charge the card). :class:`PaymentVault` exchanges
+it, once, at ``PlaceOrder``, for a payment-method reference (``pm_...``): an id
+that is useless without the merchant's credentials at the processor, the way
+Stripe's PaymentMethods and Adyen's stored-payment references work. Events,
+read models, workflow inputs and logs only ever hold the reference.
 
-==================  ===========================================================
-``tok_approve``     approved at once
-``tok_decline``     declined at once
-``tok_pending``     pending: the result arrives later through the webhook
-                    (``POST /payments/{payment_id}/webhook``)
-``tok_error``       the first ``transient_failures`` calls for a payment fail
-                    with :class:`PaymentGatewayUnavailable`, then approved
-anything else       declined ("unknown payment token"), the empty token too
-==================  ===========================================================
+The sandbox (:class:`SandboxPaymentGateway`) plays both the vault and the
+processor. It keeps no state between processes (the API that places the order
+and the saga worker that authorises it may be different processes), so its
+references carry the token's behaviour, like Stripe's test payment methods
+(``pm_card_chargeDeclined``) do, plus a random part:
+
+==================  ====================  =====================================
+token               reference             authorisation
+==================  ====================  =====================================
+``tok_approve``     ``pm_sbx_approve_…``  approved at once
+``tok_decline``     ``pm_sbx_decline_…``  declined at once
+``tok_pending``     ``pm_sbx_pending_…``  pending: the result arrives later through
+                                          the signed webhook
+                                          (``POST /payments/{payment_id}/webhook``)
+``tok_error``       ``pm_sbx_error_…``    the first ``transient_failures`` calls for
+                                          a payment fail with
+                                          :class:`PaymentGatewayUnavailable`, then
+                                          approved
+anything else       ``pm_sbx_unknown_…``  declined ("unknown payment method")
+(none on file)      ``""``                declined: orders stored before the vault
+                                          existed lost their token on upcasting
+==================  ====================  =====================================
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -44,9 +62,18 @@ class PaymentGatewayUnavailable(Exception):
     """A transient failure (network, 5xx, rate limit): the call may be retried."""
 
 
+class PaymentVault(Protocol):
+    async def store(self, token: str) -> str:
+        """Exchange a card token for a payment-method reference (``pm_...``).
+
+        The token is not kept anywhere on our side; only the reference is."""
+        ...
+
+
 class PaymentGateway(Protocol):
-    async def authorise(self, payment_id: str, amount: Money, token: str) -> Authorisation:
-        """Hold ``amount`` on the card behind ``token``. Idempotent per payment id."""
+    async def authorise(self, payment_id: str, amount: Money, payment_method: str) -> Authorisation:
+        """Hold ``amount`` on the card behind the ``payment_method`` reference.
+        Idempotent per payment id."""
         ...
 
     async def void(self, payment_id: str) -> None:
@@ -63,10 +90,18 @@ class PaymentGateway(Protocol):
 
 
 SANDBOX_TOKENS = ("tok_approve", "tok_decline", "tok_pending", "tok_error")
+SANDBOX_PREFIX = "pm_sbx_"
+
+
+def sandbox_behaviour(payment_method: str) -> str:
+    """``pm_sbx_approve_3f...`` -> ``approve``; anything else -> ``""`` (declines)."""
+    if not payment_method.startswith(SANDBOX_PREFIX):
+        return ""
+    return payment_method[len(SANDBOX_PREFIX) :].partition("_")[0]
 
 
 class SandboxPaymentGateway:
-    """In-memory processor for development and tests. No money moves.
+    """In-memory vault and processor for development and tests. No money moves.
 
     The only state is how often ``tok_error`` authorisations were attempted
     per payment, so a retried activity eventually succeeds.
@@ -78,16 +113,20 @@ class SandboxPaymentGateway:
         self.calls: list[tuple[str, str]] = []
         """``(operation, payment_id)`` in call order, for tests and debugging."""
 
-    async def authorise(self, payment_id: str, amount: Money, token: str) -> Authorisation:
+    async def store(self, token: str) -> str:
+        behaviour = token.removeprefix("tok_") if token in SANDBOX_TOKENS else "unknown"
+        return f"{SANDBOX_PREFIX}{behaviour}_{secrets.token_hex(8)}"
+
+    async def authorise(self, payment_id: str, amount: Money, payment_method: str) -> Authorisation:
         self.calls.append(("authorise", payment_id))
-        match token:
-            case "tok_approve":
+        match sandbox_behaviour(payment_method):
+            case "approve":
                 return Authorisation("approved", authorisation_code=_code(payment_id))
-            case "tok_decline":
+            case "decline":
                 return Authorisation("declined", reason="card declined by the issuer")
-            case "tok_pending":
+            case "pending":
                 return Authorisation("pending")
-            case "tok_error":
+            case "error":
                 attempt = self._attempts.get(payment_id, 0) + 1
                 self._attempts[payment_id] = attempt
                 if attempt <= self.transient_failures:
@@ -95,8 +134,10 @@ class SandboxPaymentGateway:
                         f"sandbox: simulated gateway outage (attempt {attempt} of payment {payment_id})"
                     )
                 return Authorisation("approved", authorisation_code=_code(payment_id))
+            case "unknown":
+                return Authorisation("declined", reason="unknown payment method")
             case _:
-                return Authorisation("declined", reason="unknown payment token")
+                return Authorisation("declined", reason="no payment method on file")
 
     async def void(self, payment_id: str) -> None:
         self.calls.append(("void", payment_id))

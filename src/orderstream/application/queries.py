@@ -273,8 +273,9 @@ def _fresh(doc: Document | None, min_position: int) -> bool:
 
 
 SECRET_FIELDS = frozenset({"payment_token", "token"})
-"""Event fields never shown through the API (the history route is readable
-without a token). They stay in the event store for the saga and operators."""
+"""Event fields never shown through the API: the card token that events written
+before the payment vault held in clear (``OrderPlaced`` v3, ``PaymentRequested``
+v1); newer events hold only the vault's reference (``payment_method_id``)."""
 REDACTED = "[redacted]"
 
 

@@ -267,7 +267,7 @@ class SagaTrigger:
             payment_id=payment_id_for(placed.order_id),
             lines=[Line(line.sku, line.quantity) for line in placed.lines],
             amount=Amount(placed.total.amount, placed.total.currency),
-            payment_token=placed.payment_token,
+            payment_method_id=placed.payment_method_id,
             correlation_id=metadata.correlation_id or str(event.id),
             causation_id=str(event.id),
             payment_deadline_seconds=self.payment_deadline_seconds,

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orderstream.application.commands import CommandContext, CommandResult, Commands
+from orderstream.application.payment_gateway import PaymentVault, SandboxPaymentGateway
 from orderstream.application.stream_batcher import StreamBatcher
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import InvalidCommand, Money
@@ -75,8 +76,10 @@ class PriceCache:
 
 
 class UseCases:
-    def __init__(self, handler: Commands) -> None:
+    def __init__(self, handler: Commands, *, vault: PaymentVault | None = None) -> None:
         self.handler = handler
+        self.vault: PaymentVault = vault or SandboxPaymentGateway()
+        """Exchanges the card token of a new order for a payment-method reference."""
         self.products = StreamBatcher(handler)
         """The product streams' single writer (commands without ``If-Match``)."""
         self.prices = PriceCache(handler)
@@ -137,13 +140,16 @@ class UseCases:
         payment_token: str,
         context: CommandContext,
     ) -> CommandResult[orders.Order]:
+        """Place an order. The card token goes to the vault and no further: the
+        order (its event, the saga's input) holds only the vault's reference."""
         order_id = order_id_for(context)
+        priced = await self._priced_lines(lines)  # an unknown SKU is refused before the vault is asked
         cmd = orders.PlaceOrder(
             order_id=order_id,
             customer_id=customer_id,
-            lines=await self._priced_lines(lines),
+            lines=priced,
             shipping_address=shipping_address,
-            payment_token=payment_token,
+            payment_method_id=await self.vault.store(payment_token),
             now=self.handler.clock(),
         )
         return await self.handler.create(orders.decider, orders.stream_name(order_id), cmd, context=context)

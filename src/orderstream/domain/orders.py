@@ -118,7 +118,10 @@ class OrderPlaced(msgspec.Struct, frozen=True, kw_only=True):
     lines: tuple[OrderLine, ...]
     total: Money
     shipping_address: Address
-    payment_token: str
+    payment_method_id: str
+    """The vault's reference for the card (``pm_...``), never the card token itself
+    (``application/payment_gateway.py``). ``""``: none on file (orders stored before
+    the vault existed), which the gateway declines."""
     placed_at: datetime
 
 
@@ -191,7 +194,8 @@ class PlaceOrder(msgspec.Struct, frozen=True, kw_only=True):
     customer_id: str
     lines: tuple[OrderLine, ...]
     shipping_address: Address
-    payment_token: str
+    payment_method_id: str
+    """The vault's reference (``pm_...``): the use case exchanges the token first."""
     now: datetime
 
 
@@ -338,7 +342,7 @@ def decide(command: OrderCommand, state: Order) -> Sequence[OrderEvent]:
                     lines=command.lines,
                     total=total_of(command.lines),
                     shipping_address=command.shipping_address,
-                    payment_token=command.payment_token,
+                    payment_method_id=command.payment_method_id,
                     placed_at=command.now,
                 )
             ]

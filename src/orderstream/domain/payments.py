@@ -31,7 +31,8 @@ class PaymentRequested(msgspec.Struct, frozen=True, kw_only=True):
     payment_id: str
     order_id: str
     amount: Money
-    token: str
+    payment_method_id: str
+    """The vault's reference (``pm_...``), never a card token."""
     at: datetime
 
 
@@ -80,7 +81,7 @@ class RequestPayment(msgspec.Struct, frozen=True, kw_only=True):
     payment_id: str
     order_id: str
     amount: Money
-    token: str
+    payment_method_id: str
     now: datetime
 
 
@@ -159,7 +160,7 @@ def decide(command: PaymentCommand, state: Payment) -> Sequence[PaymentEvent]:
                 payment_id=command.payment_id,
                 order_id=command.order_id,
                 amount=command.amount,
-                token=command.token,
+                payment_method_id=command.payment_method_id,
                 at=command.now,
             )
         ]
