@@ -6,6 +6,7 @@
     orderstream worker                                                     the saga services only
     orderstream projections status | rebuild NAME | parked NAME | replay-parked NAME
     orderstream events read STREAM | tail
+    orderstream webhook sign --body FILE|-                                 the payment provider's signature
 
 ``serve`` and ``api`` take ``--workers N`` (env ``ORDERSTREAM_API_WORKERS``): with
 N > 1 the first process serves no HTTP; it holds the port and starts N
@@ -44,6 +45,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +54,7 @@ import click
 import msgspec
 import uvloop
 
+from orderstream.application import webhook_signature
 from orderstream.bootstrap import (
     BackgroundService,
     Container,
@@ -716,6 +719,33 @@ def events_tail(
                         await aclose()
 
     run(go())
+
+
+# ---------------------------------------------------------------------------- webhook
+
+
+@main.group()
+def webhook() -> None:
+    """The payment provider's webhook (POST /payments/{payment_id}/webhook)."""
+
+
+@webhook.command("sign")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the generated secret is [env ORDERSTREAM_DATA_DIR; ./data].",
+)
+@click.option("--body", "body_file", type=click.File("rb"), required=True, help="Body file (-: stdin).")
+@click.option("--timestamp", type=click.IntRange(0), default=None, help="Unix seconds [now].")
+def webhook_sign(data_dir: Path | None, body_file: Any, timestamp: int | None) -> None:
+    """Print the Orderstream-Signature header value for a webhook body, signed as the
+    payment provider does, with ORDERSTREAM_WEBHOOK_SECRET or the data dir's secret
+    (generated if there is none yet). Send the body byte for byte as signed."""
+    settings = settings_from({"data_dir": data_dir, "log_level": "warning"})
+    secrets = webhook_signature.webhook_secrets(settings.webhook_secrets, settings.data_dir)
+    signed_at = int(time.time()) if timestamp is None else timestamp
+    click.echo(webhook_signature.sign(body_file.read(), secrets[:1], signed_at))
 
 
 if __name__ == "__main__":  # pragma: no cover

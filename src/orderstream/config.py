@@ -9,6 +9,10 @@
 - ``ORDERSTREAM_API_TOKENS`` (unset): ``token=actor,token2=actor2``; when set, writes need
   ``Authorization: Bearer <token>`` and the actor goes into the events' metadata;
   unset is development mode (actor ``anonymous``). Reads are always open.
+- ``ORDERSTREAM_WEBHOOK_SECRET`` (unset): the secret the payment provider signs its
+  webhook calls with (``secret1,secret2`` while rotating: either is accepted); unset,
+  one is generated into ``{data_dir}/webhook-secret`` (mode 0600) on first use. See
+  ``application/webhook_signature.py``.
 - ``ORDERSTREAM_CONSISTENCY_TIMEOUT`` (``5``): seconds a query with ``min_position``
   waits for the projection.
 - ``ORDERSTREAM_MAX_BODY_BYTES`` (``65536``): larger request bodies get 413.
@@ -70,6 +74,19 @@ def parse_tokens(raw: str | None) -> dict[str, str]:
     return tokens
 
 
+MIN_WEBHOOK_SECRET_LENGTH = 16
+
+
+def parse_webhook_secrets(raw: str | None) -> tuple[str, ...]:
+    """``"new, old"`` -> ``("new", "old")``: several while a secret is rotated."""
+    found = tuple(part.strip() for part in (raw or "").split(",") if part.strip())
+    if any(len(secret) < MIN_WEBHOOK_SECRET_LENGTH for secret in found):
+        raise ConfigError(
+            f"ORDERSTREAM_WEBHOOK_SECRET: each secret needs at least {MIN_WEBHOOK_SECRET_LENGTH} characters"
+        )
+    return found
+
+
 def scheme_of(url: str) -> str:
     scheme, sep, _rest = url.partition("://")
     return scheme.lower() if sep else ""
@@ -127,6 +144,8 @@ class Settings:
     """Events between aggregate snapshots; 0: no snapshots."""
     api_workers: int = AUTO_API_WORKERS
     """HTTP worker processes sharing the port (``--workers``); 0: see :meth:`workers_for`."""
+    webhook_secrets: tuple[str, ...] = ()
+    """Shared with the payment provider; empty: the data dir's (generated)."""
 
     def __post_init__(self) -> None:
         # Fill the URL defaults from the data dir, then check what we were given.
@@ -191,6 +210,7 @@ class Settings:
             "max_body_bytes": _int(env, "ORDERSTREAM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             "snapshot_every": _int(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY, minimum=0),
             "api_workers": _int(env, "ORDERSTREAM_API_WORKERS", AUTO_API_WORKERS, minimum=0),
+            "webhook_secrets": parse_webhook_secrets(env.get("ORDERSTREAM_WEBHOOK_SECRET")),
         }
         if "data_dir" in given:
             given["data_dir"] = Path(given["data_dir"])
@@ -211,6 +231,9 @@ class Settings:
             "max_body_bytes": self.max_body_bytes,
             "snapshot_every": self.snapshot_every,
             "api_workers": self.api_workers,
+            "webhook_secret": f"{len(self.webhook_secrets)} from the environment"
+            if self.webhook_secrets
+            else "the data dir's",
         }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from orderstream.api.app import create_app
+from orderstream.application import webhook_signature
 from orderstream.application.commands import CommandContext
 from orderstream.application.payment_gateway import SandboxPaymentGateway
 from orderstream.application.saga_trigger import SagaTrigger
@@ -191,8 +193,18 @@ class SagaHarness:
         pid = payment_id_for(order_id)
         return (await self.container.handler.load(payments.decider, payments.stream_name(pid))).state
 
-    async def webhook(self, order_id: str, body: dict[str, Any]) -> Any:
-        return await self.http.post(f"/payments/{payment_id_for(order_id)}/webhook", json=body)
+    async def webhook(self, order_id: str, body: dict[str, Any], *, payment_id: str | None = None) -> Any:
+        """A call from the payment provider: a new ``event_id`` unless ``body`` has
+        one, signed with the server's secret (the data dir's)."""
+        raw = json.dumps({"event_id": f"evt_{uuid.uuid4().hex}", **body}).encode()
+        settings = self.container.settings
+        secrets = webhook_signature.webhook_secrets(settings.webhook_secrets, settings.data_dir)
+        headers = {
+            "content-type": "application/json",
+            webhook_signature.HEADER: webhook_signature.sign(raw, secrets, int(time.time())),
+        }
+        pid = payment_id or payment_id_for(order_id)
+        return await self.http.post(f"/payments/{pid}/webhook", content=raw, headers=headers)
 
 
 SagaFactory = Callable[..., Awaitable[SagaHarness]]

@@ -289,13 +289,15 @@ async def test_fulfilment_route_for_unknown_order_is_404(make_saga: SagaFactory)
 
 async def test_webhook_validation(make_saga: SagaFactory) -> None:
     saga = await make_saga(worker=False)
-    unknown = await saga.http.post("/payments/no-such-payment/webhook", json={"status": "authorised"})
+    unknown = await saga.webhook("", {"status": "authorised"}, payment_id="no-such-payment")
     assert unknown.status_code == 404
     assert unknown.json()["status"] == 404
-    extra = await saga.http.post("/payments/p1/webhook", json={"status": "authorised", "amount": 1})
+    extra = await saga.webhook("", {"status": "authorised", "amount": 1}, payment_id="p1")
     assert extra.status_code == 422
-    wrong = await saga.http.post("/payments/p1/webhook", json={"status": "maybe"})
+    wrong = await saga.webhook("", {"status": "maybe"}, payment_id="p1")
     assert wrong.status_code == 422
+    no_event_id = await saga.webhook("", {"event_id": "", "status": "authorised"}, payment_id="p1")
+    assert no_event_id.status_code == 422
 
 
 async def test_cancelled_right_after_placing_reserves_nothing_in_the_end(make_saga: SagaFactory) -> None:

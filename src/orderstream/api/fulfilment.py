@@ -10,21 +10,33 @@ The webhook appends ``PaymentAuthorised`` / ``PaymentDeclined`` through the
 payment decider; the saga trigger turns that event into the workflow's
 ``payment_result`` signal. The event store stays the source of truth, and the
 webhook works (and is recorded) even while Temporal is down.
+
+The webhook takes no bearer token: the provider is not one of our users. Its
+guard, :func:`require_webhook_signature`, checks the ``Orderstream-Signature``
+header over the raw body (``application/webhook_signature.py``) before anything
+decodes it. The provider's ``event_id`` is the command's idempotency key, so a
+delivery repeated (by the provider, or by someone who captured it) is answered
+as the first one was and appends nothing: the key is recorded in the same
+append as the effect.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
-from litestar.params import JSONBody, PathParameter
+from litestar.handlers.base import BaseRouteHandler
+from litestar.params import HeaderParameter, JSONBody, PathParameter
 
-from orderstream.api.common import CORRELATION_HEADER, ETAG_HEADER, WRITE_SECURITY, OrderIdPath, written
-from orderstream.api.plumbing import command_context, require_writer
+from orderstream.api.common import CORRELATION_HEADER, ETAG_HEADER, REPLAYED_HEADER, OrderIdPath, written
+from orderstream.api.plumbing import command_context
 from orderstream.api.problems import ApiError, problem_responses
 from orderstream.api.schemas import WriteResult
+from orderstream.application import webhook_signature
 from orderstream.application.use_cases import UseCases
 from orderstream.bootstrap import Container
 from orderstream.domain import payments
@@ -39,11 +51,27 @@ PaymentIdPath = Annotated[
     ),
 ]
 Note = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+EventId = Annotated[str, msgspec.Meta(pattern=r"^[!-~]{1,200}$")]
+SignatureHeader = Annotated[
+    str,
+    HeaderParameter(
+        name=webhook_signature.HEADER,
+        max_length=webhook_signature.MAX_HEADER_LENGTH,
+        description=(
+            '`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" with the shared secret>`; '
+            "several `v1=` while a secret is rotated. Missing, wrong, or more than 300 s off: 401."
+        ),
+    ),
+]
+PROVIDER_ACTOR = "payment-provider"
+"""The ``actor`` in the metadata of the events a verified webhook appends."""
 
 
 class PaymentWebhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """The payment provider's final answer for a pending authorisation."""
 
+    event_id: EventId
+    """The provider's id of this delivery: a repeated delivery has no second effect."""
     status: Literal["authorised", "declined"]
     authorisation_code: Note | None = None
     """The provider's authorisation code (``authorised``)."""
@@ -118,6 +146,38 @@ def fulfilment_client(container: Container) -> FulfilmentClient:
     return client
 
 
+def _webhook_secrets(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str, ...]:
+    """The configured secrets, or the data dir's (read, or generated, once per app)."""
+    found: tuple[str, ...] | None = connection.app.state.get("webhook_secrets")
+    if found is None:
+        settings = connection.app.state["container"].settings
+        found = webhook_signature.webhook_secrets(settings.webhook_secrets, settings.data_dir)
+        connection.app.state["webhook_secrets"] = found
+    return found
+
+
+async def require_webhook_signature(
+    connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
+) -> None:
+    """Guard of the webhook: 401 unless the raw body is signed with our shared secret.
+
+    Guards run before the body is decoded (``strict_request``) and before the
+    parameters are parsed, so an unsigned call is a 401 whatever its body."""
+    if not isinstance(connection, Request):  # pragma: no cover - an HTTP route's guard gets the request
+        raise TypeError("the webhook guard needs the HTTP request")
+    body = await connection.body()  # kept by Litestar for the decoding that follows
+    try:
+        webhook_signature.verify(
+            connection.headers.get(webhook_signature.HEADER),
+            body,
+            _webhook_secrets(connection),
+            now=time.time(),
+        )
+    except webhook_signature.InvalidSignature as exc:
+        raise ApiError(401, "invalid-signature", str(exc)) from None
+    connection.state["actor"] = PROVIDER_ACTOR
+
+
 class FulfilmentController(Controller):
     path = "/"
     tags = ["fulfilment"]
@@ -127,15 +187,16 @@ class FulfilmentController(Controller):
         operation_id="paymentWebhook",
         summary="The payment provider's result for a pending authorisation",
         description=(
-            "Records the result on the payment (`PaymentAuthorised` / `PaymentDeclined`); the order's "
-            "fulfilment saga is told through the event. Repeating the same result is harmless; a "
-            "different result after the first, or a result for a payment that is no longer pending "
-            "(e.g. voided after the deadline), is a 409."
+            "Called by the payment provider, signed with the secret shared with it (header "
+            "`Orderstream-Signature`; no bearer token). Records the result on the payment "
+            "(`PaymentAuthorised` / `PaymentDeclined`); the order's fulfilment saga is told through "
+            "the event. The same delivery (`event_id`) again is answered as the first time and has no "
+            "second effect; a different result after the first, or a result for a payment that is no "
+            "longer pending (e.g. voided after the deadline), is a 409."
         ),
         status_code=200,
-        guards=[require_writer],
-        security=WRITE_SECURITY,
-        response_headers=[ETAG_HEADER, CORRELATION_HEADER],
+        guards=[require_webhook_signature],
+        response_headers=[ETAG_HEADER, REPLAYED_HEADER, CORRELATION_HEADER],
         responses=problem_responses(400, 401, 404, 409, 413, 422),
     )
     async def payment_webhook(
@@ -144,7 +205,9 @@ class FulfilmentController(Controller):
         payment_id: PaymentIdPath,
         data: JSONBody[PaymentWebhook],
         use_cases: NamedDependency[UseCases],
+        signature: SignatureHeader,
     ) -> Response[WriteResult]:
+        """``signature`` is checked by the guard; declared here for the OpenAPI document."""
         now = use_cases.handler.clock()
         command: payments.PaymentCommand
         if data.status == "authorised":
@@ -155,7 +218,8 @@ class FulfilmentController(Controller):
             command = payments.DeclinePayment(
                 payment_id=payment_id, reason=data.reason or "declined by the payment provider", now=now
             )
-        result = await use_cases.payment_command(command, command_context(request))
+        context = command_context(request, idempotency_key=f"webhook:{data.event_id}", request_body=data)
+        result = await use_cases.payment_command(command, context)
         return written(payment_id, result)
 
     @get(

@@ -1,0 +1,173 @@
+"""The payment provider's webhook is authenticated by its signature alone, a
+repeated delivery has one effect, and no card token is at rest after a full
+order flow (issue 9, items 4 and 5), against the real Temporal dev server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from orderstream.application import webhook_signature
+from orderstream.config import sqlite_path
+from tests.sagas.conftest import REPO_ROOT, SagaFactory, SagaHarness
+from workflows.order_fulfilment.inputs import payment_id_for
+
+pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
+
+
+def secrets_of(saga: SagaHarness) -> tuple[str, ...]:
+    settings = saga.container.settings
+    return webhook_signature.webhook_secrets(settings.webhook_secrets, settings.data_dir)
+
+
+async def post(saga: SagaHarness, order_id: str, raw: bytes, signature: str | None) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    if signature is not None:
+        headers[webhook_signature.HEADER] = signature
+    return await saga.http.post(f"/payments/{payment_id_for(order_id)}/webhook", content=raw, headers=headers)
+
+
+async def pending_order(saga: SagaHarness) -> str:
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_pending", ("MUG", 2))
+    await saga.reach_step(order_id, "await-payment-result")
+    return order_id
+
+
+async def test_an_unsigned_or_forged_call_is_401_and_appends_nothing(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    order_id = await pending_order(saga)
+    stream = f"payment-{payment_id_for(order_id)}"
+    before = await saga.types(stream)
+    raw = json.dumps({"event_id": "evt_1", "status": "authorised"}).encode()
+    now = int(time.time())
+    secret = secrets_of(saga)[0]
+    forged = {
+        "missing": None,
+        "empty": "",
+        "malformed": "sha256=abc",
+        "no v1": f"t={now}",
+        "wrong secret": webhook_signature.sign(raw, ["not-the-shared-secret"], now),
+        "another body": webhook_signature.sign(b'{"event_id":"evt_1","status":"declined"}', [secret], now),
+        "too old": webhook_signature.sign(raw, [secret], now - 301),
+        "too far ahead": webhook_signature.sign(raw, [secret], now + 301),
+        "timestamp changed": webhook_signature.sign(raw, [secret], now).replace(f"t={now}", f"t={now - 1}"),
+    }
+    for case, signature in forged.items():
+        response = await post(saga, order_id, raw, signature)
+        assert response.status_code == 401, (case, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["type"].endswith("invalid-signature")
+    # An unsigned call is refused before its body is looked at.
+    assert (await post(saga, order_id, b"{not json", None)).status_code == 401
+    assert await saga.types(stream) == before
+    assert (await saga.status(order_id))["step"] == "await-payment-result"
+
+    signed = await post(saga, order_id, raw, webhook_signature.sign(raw, [secret], now))
+    assert signed.status_code == 200, signed.text
+    assert (await saga.outcome(order_id)).status == "shipped"
+    authorised = [e for e in await saga.stream(stream) if e.type == "PaymentAuthorised"]
+    assert [e.metadata.actor for e in authorised] == ["payment-provider"]
+
+
+async def test_the_same_delivery_twice_has_one_effect(make_saga: SagaFactory) -> None:
+    saga = await make_saga()
+    order_id = await pending_order(saga)
+    raw = json.dumps({"event_id": "evt_twice", "status": "authorised", "authorisation_code": "A-1"}).encode()
+    signature = webhook_signature.sign(raw, secrets_of(saga), int(time.time()))
+
+    first = await post(saga, order_id, raw, signature)
+    again = await post(saga, order_id, raw, signature)  # the provider retries, or a replay
+
+    assert (first.status_code, again.status_code) == (200, 200), again.text
+    assert again.json() == first.json()
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert (await saga.outcome(order_id)).status == "shipped"
+    counts = await saga.counts(f"payment-{payment_id_for(order_id)}")
+    assert counts["PaymentAuthorised"] == 1
+    # The same event id with another body is not the same delivery: refused, nothing appended.
+    other = json.dumps({"event_id": "evt_twice", "status": "declined"}).encode()
+    refused = await post(
+        saga, order_id, other, webhook_signature.sign(other, secrets_of(saga), int(time.time()))
+    )
+    assert refused.status_code in (409, 422), refused.text
+    assert await saga.counts(f"payment-{payment_id_for(order_id)}") == counts
+
+
+async def test_no_card_token_at_rest_after_a_full_order_flow(
+    make_saga: SagaFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    saga = await make_saga()
+    order_id = await pending_order(saga)
+    assert (await saga.webhook(order_id, {"status": "authorised"})).status_code == 200
+    assert (await saga.outcome(order_id)).status == "shipped"
+    order_stream, payment_stream = f"order-{order_id}", f"payment-{payment_id_for(order_id)}"
+
+    # The event store's file and its write-ahead log, and the read model's.
+    files = []
+    for url in (saga.event_store_url, saga.container.settings.read_store_url):
+        db = sqlite_path(url)
+        files += [db, db.with_name(db.name + "-wal")]
+    stored = {path.name: path.read_bytes() for path in files if path.exists()}
+    assert {name: data.count(b"tok_") for name, data in stored.items()} == dict.fromkeys(stored, 0)
+    assert b"pm_sbx_pending_" in stored["events.db"] + stored.get("events.db-wal", b"")
+
+    # `orderstream events read` of both streams.
+    for stream in (order_stream, payment_stream):
+        out = await cli("events", "read", stream, "--data-dir", str(tmp_path))
+        assert out.count("tok_") == 0
+        assert "pm_sbx_pending_" in out
+
+    # The saga's Temporal history: input, activity arguments and results, memo. The
+    # payloads are base64 in the history's JSON: decoded, as the Web UI shows them.
+    history = (await saga.handle(order_id).fetch_history()).to_json_dict()
+    payloads = "\n".join(decoded_payloads(history))
+    assert "tok_" not in payloads
+    assert "tok_" not in json.dumps(history)
+    assert "pm_sbx_pending_" in payloads  # the input is there, readable, with the reference only
+
+    # Logs and metrics.
+    assert "tok_" not in caplog.text
+    metrics = await saga.http.get("/metrics")
+    assert metrics.status_code == 200
+    assert "tok_" not in metrics.text
+
+
+def decoded_payloads(node: Any) -> list[str]:
+    """Every payload's ``data`` in a history (JSON form: base64), decoded."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("metadata"), dict) and isinstance(node.get("data"), str):
+            found.append(base64.b64decode(node["data"]).decode("utf-8", "replace"))
+        for value in node.values():
+            found += decoded_payloads(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += decoded_payloads(value)
+    return found
+
+
+async def cli(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)])}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orderstream.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
