@@ -55,6 +55,7 @@ import msgspec
 import uvloop
 
 from orderstream.application import webhook_signature
+from orderstream.application.queries import event_data
 from orderstream.bootstrap import (
     BackgroundService,
     Container,
@@ -160,7 +161,9 @@ def _runner(container: Container, name: str) -> Any:
 
 
 def event_json(event: RecordedEvent) -> str:
-    data: Any = msgspec.json.decode(event.data) if event.data else None
+    """One stored event as a JSON line, as the history route shows it: a card token
+    that an old writer stored in clear is redacted."""
+    data, metadata = event_data(event)
     return json.dumps(
         {
             "id": str(event.id),
@@ -171,7 +174,7 @@ def event_json(event: RecordedEvent) -> str:
             "schema_version": event.schema_version,
             "recorded_at": event.recorded_at.isoformat(),
             "data": data,
-            "metadata": msgspec.to_builtins(event.metadata),
+            "metadata": metadata,
         },
         ensure_ascii=False,
     )

@@ -67,6 +67,7 @@ async def test_an_unsigned_or_forged_call_is_401_and_appends_nothing(make_saga: 
         assert response.status_code == 401, (case, response.text)
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["type"].endswith("invalid-signature")
+        assert response.headers["www-authenticate"].startswith("Orderstream-Signature")
     # An unsigned call is refused before its body is looked at.
     assert (await post(saga, order_id, b"{not json", None)).status_code == 401
     assert await saga.types(stream) == before

@@ -63,6 +63,8 @@ SignatureHeader = Annotated[
         ),
     ),
 ]
+SIGNATURE_CHALLENGE = {"WWW-Authenticate": f'{webhook_signature.HEADER} realm="payment-webhook"'}
+"""A 401 names the scheme it wants (RFC 9110): here the signature, not a bearer token."""
 PROVIDER_ACTOR = "payment-provider"
 """The ``actor`` in the metadata of the events a verified webhook appends."""
 
@@ -174,7 +176,7 @@ async def require_webhook_signature(
             now=time.time(),
         )
     except webhook_signature.InvalidSignature as exc:
-        raise ApiError(401, "invalid-signature", str(exc)) from None
+        raise ApiError(401, "invalid-signature", str(exc), headers=SIGNATURE_CHALLENGE) from None
     connection.state["actor"] = PROVIDER_ACTOR
 
 
