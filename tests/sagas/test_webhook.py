@@ -11,13 +11,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
+from orderstream.api.app import create_app
 from orderstream.application import webhook_signature
-from orderstream.config import sqlite_path
+from orderstream.bootstrap import build
+from orderstream.config import Settings, sqlite_path
 from tests.sagas.conftest import REPO_ROOT, SagaFactory, SagaHarness
 from workflows.order_fulfilment.inputs import payment_id_for
 
@@ -172,3 +174,29 @@ async def cli(*args: str) -> str:
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()
     return out.decode()
+
+
+async def test_no_usable_secret_is_a_503_not_a_500(tmp_path: Path) -> None:
+    """No ORDERSTREAM_WEBHOOK_SECRET and a data dir where none can be created."""
+    (tmp_path / "file").write_text("")
+    settings = Settings(
+        data_dir=tmp_path / "file" / "data",
+        event_store_url=f"sqlite:///{tmp_path}/events.db",
+        read_store_url=f"sqlite:///{tmp_path}/read.db",
+    )
+    container = await build(settings)
+    try:
+        transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://orderstream.test") as http:
+            raw = b'{"event_id":"evt_1","status":"authorised"}'
+            signature = webhook_signature.sign(raw, ["some-secret-we-cannot-have"], int(time.time()))
+            response = await http.post(
+                "/payments/p1/webhook",
+                content=raw,
+                headers={"content-type": "application/json", webhook_signature.HEADER: signature},
+            )
+        assert response.status_code == 503, response.text
+        assert "file" not in response.text  # no path in the answer
+        assert await container.event_store.head_position() is None
+    finally:
+        await container.close()

@@ -118,6 +118,12 @@ def test_the_secret_is_generated_once_private_and_kept(tmp_path: Path) -> None:
     assert [p.name for p in data_dir.iterdir()] == [SECRET_FILE]  # no temporary file left
 
 
+def test_an_empty_secret_file_is_an_error_not_an_empty_key(tmp_path: Path) -> None:
+    (tmp_path / SECRET_FILE).write_text("\n")
+    with pytest.raises(OSError, match="empty"):
+        load_or_create_secret(tmp_path)
+
+
 def test_processes_starting_together_agree_on_one_secret(tmp_path: Path) -> None:
     with ThreadPoolExecutor(8) as pool:
         found = set(pool.map(lambda _: load_or_create_secret(tmp_path), range(16)))

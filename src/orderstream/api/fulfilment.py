@@ -22,6 +22,7 @@ append as the effect.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any, Literal
 
@@ -65,6 +66,8 @@ SignatureHeader = Annotated[
 ]
 SIGNATURE_CHALLENGE = {"WWW-Authenticate": f'{webhook_signature.HEADER} realm="payment-webhook"'}
 """A 401 names the scheme it wants (RFC 9110): here the signature, not a bearer token."""
+log = logging.getLogger("orderstream.api")
+
 PROVIDER_ACTOR = "payment-provider"
 """The ``actor`` in the metadata of the events a verified webhook appends."""
 
@@ -153,7 +156,11 @@ def _webhook_secrets(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[st
     found: tuple[str, ...] | None = connection.app.state.get("webhook_secrets")
     if found is None:
         settings = connection.app.state["container"].settings
-        found = webhook_signature.webhook_secrets(settings.webhook_secrets, settings.data_dir)
+        try:
+            found = webhook_signature.webhook_secrets(settings.webhook_secrets, settings.data_dir)
+        except OSError as exc:  # e.g. a read-only data dir and no ORDERSTREAM_WEBHOOK_SECRET
+            log.error("the webhook secret cannot be read or created: %s", exc)
+            raise ApiError(503, "unavailable", "Webhooks cannot be verified: no secret is set up.") from None
         connection.app.state["webhook_secrets"] = found
     return found
 
@@ -199,7 +206,7 @@ class FulfilmentController(Controller):
         status_code=200,
         guards=[require_webhook_signature],
         response_headers=[ETAG_HEADER, REPLAYED_HEADER, CORRELATION_HEADER],
-        responses=problem_responses(400, 401, 404, 409, 413, 422),
+        responses=problem_responses(400, 401, 404, 409, 413, 422, 503),
     )
     async def payment_webhook(
         self,

@@ -123,10 +123,23 @@ def load_or_create_secret(data_dir: Path) -> str:
             temporary.unlink(missing_ok=True)
     secret = path.read_text().strip()
     if not secret:
-        raise InvalidSignature(f"{path} is empty: delete it to have a new secret generated")
+        raise OSError(f"{path} is empty: delete it to have a new secret generated")
     return secret
 
 
 def webhook_secrets(configured: Sequence[str], data_dir: Path) -> tuple[str, ...]:
     """``ORDERSTREAM_WEBHOOK_SECRET``'s secrets when set, else the data dir's."""
     return tuple(configured) or (load_or_create_secret(data_dir),)
+
+
+def describe_secret(configured: Sequence[str], data_dir: Path) -> str:
+    """Where the secret comes from, for the server's start-up lines (never the
+    secret itself). Generates the data dir's secret if it is the one in use, so
+    that it exists from the first start and can be handed to the provider."""
+    if configured:
+        return f"payment webhooks: signed with ORDERSTREAM_WEBHOOK_SECRET ({len(configured)} secret(s))"
+    load_or_create_secret(data_dir)
+    return (
+        f"payment webhooks: signed with the secret in {data_dir / SECRET_FILE} "
+        "(`orderstream webhook sign --body FILE` prints a signature)"
+    )
