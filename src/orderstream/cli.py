@@ -52,6 +52,7 @@ import click
 import msgspec
 import uvloop
 
+from orderstream import logging_setup
 from orderstream.bootstrap import (
     BackgroundService,
     Container,
@@ -99,11 +100,10 @@ def store_options(fn: F) -> F:
 
 def settings_from(options: dict[str, Any]) -> Settings:
     level = str(options.pop("log_level", "info")).upper()
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logging_setup.configure(level)
+    except ValueError as exc:  # a bad ORDERSTREAM_LOG_FORMAT
+        raise click.UsageError(str(exc)) from exc
     try:
         return Settings.from_env(**options)
     except (ConfigError, TypeError) as exc:

@@ -127,6 +127,10 @@ class SnapshotStats:
     """Not started: one already in flight for the stream, or too many pending."""
     ignored: int = 0
     """Read but not used (other schema, undecodable, not of this history)."""
+    hits: int = 0
+    """Read and used."""
+    misses: int = 0
+    """None stored for the stream (or only one above the revision asked for)."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ class SnapshotStore:
         another schema, or undecodable (the caller folds the whole stream)."""
         recorded = await self.event_store.read_stream(snapshot_stream(stream), backwards=True, limit=1)
         if not recorded:
+            self.stats.misses += 1
             return None
         event = recorded[0]
         schema = state_schema_id(state_type)
@@ -190,11 +195,13 @@ class SnapshotStore:
             if data.schema != schema:
                 raise ValueError(f"schema {data.schema!r}, current {schema!r}")
             if up_to is not None and data.revision > up_to:
+                self.stats.misses += 1
                 return None  # not an error: an older revision was asked for
             state: S = _state_decoder(state_type).decode(data.state)
         except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.ignored(stream, f"{exc}")
             return None
+        self.stats.hits += 1
         return Snapshot(stream, data.revision, data.position), state
 
     def ignored(self, stream: str, why: str) -> None:
