@@ -411,19 +411,21 @@ class MeteredCommandHandler:
         """Each command of the batch is observed with the batch's duration."""
         started = time.perf_counter()
         try:
-            outcomes = await self.inner.handle_batch(decider, stream, requests)
+            with bound(stream=stream):
+                outcomes = await self.inner.handle_batch(decider, stream, requests)
         except BaseException as exc:
             seconds = time.perf_counter() - started
             for request in requests:
                 self._record(_name(decider, request.command), outcome_of(exc), seconds)
             raise
         seconds = time.perf_counter() - started
-        for request, outcome in zip(requests, outcomes, strict=True):
-            if isinstance(outcome, DomainError):
-                self._record(_name(decider, request.command), outcome_of(outcome), seconds)
-            else:
-                self._count(stream, outcome)
-                self._record(_name(decider, request.command), _result_outcome(outcome), seconds)
+        with bound(stream=stream):
+            for request, outcome in zip(requests, outcomes, strict=True):
+                if isinstance(outcome, DomainError):
+                    self._record(_name(decider, request.command), outcome_of(outcome), seconds)
+                else:
+                    self._count(stream, outcome)
+                    self._record(_name(decider, request.command), _result_outcome(outcome), seconds)
         return outcomes
 
     @contextlib.contextmanager
