@@ -82,6 +82,7 @@ def served(
         ORDERSTREAM_TEMPORAL_UI_PORT=str(free_port()),
         **(extra_env or {}),
     )
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "orderstream.cli", "serve", "--port", str(port), "--workers", "1"]
     argv += ["--data-dir", str(tmp_path / "data"), "--log-level", log_level]
