@@ -1,8 +1,7 @@
 """A real ``orderstream serve`` in a process of its own, for tests that look at it
 from outside (its log, its ``/metrics``): embedded SQLite stores in a temporary
-directory, its own Temporal dev server on free ports, one API process
-(``--workers 1``: every request, ``/metrics`` too, is answered by the process
-that ran the commands), JSON logs into a file.
+directory, its own Temporal dev server on free ports, one API process by default
+(``--workers 1``), JSON logs into a file.
 """
 
 from __future__ import annotations
@@ -67,10 +66,15 @@ class Served:
 
 @contextlib.contextmanager
 def served(
-    tmp_path: Path, *, log_level: str = "info", extra_env: dict[str, str] | None = None
+    tmp_path: Path,
+    *,
+    log_level: str = "info",
+    workers: int | None = 1,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Served]:
     """Start ``orderstream serve``, yield once ``/health`` answers, then SIGTERM it and
-    wait for its graceful shutdown (Temporal dev server included)."""
+    wait for its graceful shutdown (Temporal dev server included). ``workers=None``:
+    serve's default (2 API worker processes and a saga worker process on 2+ cores)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERSTREAM_", "TEMPORAL_"))}
     env.update(
@@ -84,7 +88,8 @@ def served(
     )
     tmp_path.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "serve.log"
-    argv = [sys.executable, "-m", "orderstream.cli", "serve", "--port", str(port), "--workers", "1"]
+    argv = [sys.executable, "-m", "orderstream.cli", "serve", "--port", str(port)]
+    argv += [] if workers is None else ["--workers", str(workers)]
     argv += ["--data-dir", str(tmp_path / "data"), "--log-level", log_level]
     with log.open("wb") as err:
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)

@@ -31,21 +31,30 @@ Set on scrape (``/metrics`` asks the runners and the trigger group first):
 - ``orderstream_saga_trigger_lag_events``, ``_in_flight``, ``_parked``,
   ``orderstream_saga_workflows_running`` gauges
 
-Read on scrape from counters the code keeps anyway (:class:`StatsCollector`):
+Counted where the code keeps its own statistics (``WriterStats``, ``SnapshotStats``),
+told by the store through a callback (:meth:`Metrics.watch`):
 
 - ``orderstream_writer_transactions_total``, ``_jobs_total``, ``_appends_total``
   (SQLite event store only: KurrentDB exports its own metrics)
 - ``orderstream_snapshot_writes_total`` (``outcome``: ``written``, ``failed``,
   ``skipped``) and ``orderstream_snapshot_reads_total`` (``outcome``: ``hit``,
   ``miss``: none stored, ``ignored``: stored but unusable)
+
+Several processes (``--workers N``, saga worker processes). Each process counts in
+its own memory, and a scrape reaches one of them. With ``PROMETHEUS_MULTIPROC_DIR``
+set (an empty directory, the same for every process of the service, emptied before
+each start) prometheus_client keeps every value in a file per process there, and
+``/metrics`` answers with the sum over all of them (gauges: the value set last):
+prometheus_client's multiprocess mode, chosen by the environment at import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from litestar.enums import ScopeType
@@ -58,9 +67,8 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
 
 from orderstream.application.commands import (
     C,
@@ -75,10 +83,10 @@ from orderstream.application.commands import (
     Request,
     S,
 )
-from orderstream.application.snapshots import SnapshotStats, SnapshotStore
+from orderstream.application.snapshots import SnapshotStore
 from orderstream.domain.common import Decider, DomainError
 from orderstream.eventstore.base import EventStore, WrongExpectedVersion, category_of
-from orderstream.eventstore.sqlite import SqliteEventStore, WriterStats
+from orderstream.eventstore.sqlite import SqliteEventStore
 from orderstream.logging_setup import bound
 
 log = logging.getLogger("orderstream.commands")
@@ -92,6 +100,16 @@ COMMAND_RESULTS = ("accepted", "conflict", "refused", "error")
 SAGA_OUTCOMES = ("shipped", "cancelled", "rejected", "compensated", "failed")
 """How a saga ends (docs/sagas.md); ``failed`` is the one that needs a human."""
 SAGAS = ("fulfilment",)
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SNAPSHOT_COUNTERS = {
+    # SnapshotStats field -> (metric, outcome label)
+    "written": ("writes", "written"),
+    "failed": ("writes", "failed"),
+    "skipped": ("writes", "skipped"),
+    "hits": ("reads", "hit"),
+    "misses": ("reads", "miss"),
+    "ignored": ("reads", "ignored"),
+}
 
 
 class Metrics:
@@ -100,8 +118,8 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``*_created`` series: noise for this service
         self.registry = CollectorRegistry(auto_describe=True)
-        self.stats = StatsCollector()
-        self.registry.register(self.stats)
+        if directory := os.environ.get(MULTIPROCESS_ENV):
+            os.makedirs(directory, exist_ok=True)  # each process's values file goes there
         self.command_duration = Histogram(
             "orderstream_command_duration_seconds",
             "Time to handle one command (load, decide, append), by command type and outcome.",
@@ -152,50 +170,83 @@ class Metrics:
             buckets=COMMIT_BUCKETS,
             registry=self.registry,
         )
+        self.writer_transactions = Counter(
+            "orderstream_writer_transactions",
+            "SQLite write transactions committed.",
+            registry=self.registry,
+        )
+        self.writer_jobs = Counter(
+            "orderstream_writer_jobs",
+            "Appends and subscription-group writes committed.",
+            registry=self.registry,
+        )
+        self.writer_appends = Counter(
+            "orderstream_writer_appends", "Appends committed.", registry=self.registry
+        )
+        self.snapshot_writes = Counter(
+            "orderstream_snapshot_writes",
+            "Snapshot writes, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.snapshot_reads = Counter(
+            "orderstream_snapshot_reads",
+            "Snapshot look-ups by commands: hit (used), miss (none stored), ignored (unusable).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.projection_checkpoint = Gauge(
             "orderstream_projection_checkpoint",
             "Commit position every event at or below which the projection has applied.",
             ["projection"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.projection_lag = Gauge(
             "orderstream_projection_lag_events",
             "Events in the store that the projection has not applied yet.",
             ["projection"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.projection_lag_seconds = Gauge(
             "orderstream_projection_lag_seconds",
             "Age of the oldest event the projection has not applied yet; 0 when caught up.",
             ["projection"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.projection_parked = Gauge(
             "orderstream_projection_parked",
             "Events the projection parked (see `orderstream projections parked NAME`).",
             ["projection"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
 
         self.saga_trigger_lag = Gauge(
             "orderstream_saga_trigger_lag_events",
             "Order and payment events the saga trigger has not handed to Temporal yet.",
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.saga_trigger_in_flight = Gauge(
             "orderstream_saga_trigger_in_flight",
             "Events the saga trigger has claimed and not settled yet.",
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.saga_trigger_parked = Gauge(
             "orderstream_saga_trigger_parked",
             "Events the saga trigger parked (see `orderstream` CLI to replay them).",
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.saga_workflows_running = Gauge(
             "orderstream_saga_workflows_running",
             "Fulfilment workflows running, from Temporal's visibility store.",
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.saga_starts = Counter(
             "orderstream_saga_starts",
@@ -217,6 +268,12 @@ class Metrics:
                 self.saga_outcomes.labels(saga=saga, outcome=outcome)
         for outcome in ("retried", "rejected"):
             self.concurrency_conflicts.labels(outcome=outcome)
+        self._snapshot_counters = {
+            field: (self.snapshot_writes if metric == "writes" else self.snapshot_reads).labels(
+                outcome=outcome
+            )
+            for field, (metric, outcome) in SNAPSHOT_COUNTERS.items()
+        }
 
     # ------------------------------------------------------------- the API the code calls
 
@@ -255,61 +312,34 @@ class Metrics:
         if parked is not None:
             self.projection_parked.labels(projection=name).set(parked)
 
-    def writer_committed(self, jobs: int, commit_seconds: float) -> None:
-        """The SQLite writer committed a transaction of ``jobs`` jobs."""
+    def writer_committed(self, jobs: int, appends: int, commit_seconds: float) -> None:
+        """The SQLite writer committed a transaction of ``jobs`` jobs, ``appends`` of them appends."""
+        self.writer_transactions.inc()
+        self.writer_jobs.inc(jobs)
+        self.writer_appends.inc(appends)
         self.writer_batch.observe(jobs)
         self.writer_commit.observe(commit_seconds)
 
+    def snapshot_counted(self, field: str) -> None:
+        """The snapshot store incremented ``field`` of its ``SnapshotStats``."""
+        self._snapshot_counters[field].inc()
+
     def watch(self, event_store: EventStore, snapshots: SnapshotStore | None) -> None:
-        """Export the counters ``event_store`` (when it is SQLite's) and ``snapshots``
-        keep, and have the SQLite writer report each transaction."""
+        """Count what the SQLite writer (when the store is SQLite's) and ``snapshots``
+        count for themselves: each tells us as it counts."""
         if isinstance(event_store, SqliteEventStore):
-            self.stats.writer = event_store.stats
             event_store.on_commit = self.writer_committed
         if snapshots is not None:
-            self.stats.snapshots = snapshots.stats
+            snapshots.stats.observer = self.snapshot_counted
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
+        """The exposition text and its content type: this process's metrics, or with
+        ``PROMETHEUS_MULTIPROC_DIR`` set, those of every process of the service."""
+        if os.environ.get(MULTIPROCESS_ENV):
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-class StatsCollector(Collector):
-    """Counters the event store's writer and the snapshot store keep for themselves
-    (plain integers, no cost on their hot paths), read when Prometheus scrapes."""
-
-    def __init__(self) -> None:
-        self.writer: WriterStats | None = None
-        self.snapshots: SnapshotStats | None = None
-
-    def describe(self) -> Iterable[Any]:
-        return []  # unchecked collector: what it yields depends on the stores watched
-
-    def collect(self) -> Iterable[Any]:
-        if self.writer is not None:
-            for name, value, doc in (
-                ("transactions", self.writer.transactions, "SQLite write transactions committed."),
-                ("jobs", self.writer.jobs, "Appends and subscription-group writes committed."),
-                ("appends", self.writer.appends, "Appends committed."),
-            ):
-                yield CounterMetricFamily(f"orderstream_writer_{name}", doc, value=value)
-        if self.snapshots is not None:
-            stats = self.snapshots
-            writes = CounterMetricFamily(
-                "orderstream_snapshot_writes", "Snapshot writes, by outcome.", labels=["outcome"]
-            )
-            writes.add_metric(["written"], stats.written)
-            writes.add_metric(["failed"], stats.failed)
-            writes.add_metric(["skipped"], stats.skipped)
-            yield writes
-            reads = CounterMetricFamily(
-                "orderstream_snapshot_reads",
-                "Snapshot look-ups by commands: hit (used), miss (none stored), ignored (unusable).",
-                labels=["outcome"],
-            )
-            for outcome, value in (("hit", stats.hits), ("miss", stats.misses), ("ignored", stats.ignored)):
-                reads.add_metric([outcome], value)
-            yield reads
 
 
 def http_latency_middleware(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:

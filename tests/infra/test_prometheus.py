@@ -93,9 +93,21 @@ class Prometheus:
         raise AssertionError(f"{expr} did not reach {at_least} in {within} s")
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Served]:
-    with served(tmp_path / "serve") as running:
+@pytest.fixture(params=["one-process", "multiprocess"])
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
+    """``one-process``: ``--workers 1`` and the saga worker in the same process.
+    ``multiprocess``: 2 API worker processes and a saga worker process, with
+    ``PROMETHEUS_MULTIPROC_DIR``: whichever process answers the scrape, it reports
+    the counters of all of them."""
+    if request.param == "one-process":
+        options: dict[str, Any] = {"workers": 1, "extra_env": {"ORDERSTREAM_SAGA_WORKER_PROCESSES": "0"}}
+    else:
+        env = {
+            "ORDERSTREAM_SAGA_WORKER_PROCESSES": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+        }
+        options = {"workers": 2, "extra_env": env}
+    with served(tmp_path / "serve", **options) as running:
         yield running
 
 
@@ -184,10 +196,15 @@ def test_every_dashboard_and_alert_expression_returns_data(service: Served, prom
     ]
     assert not empty, "expressions without data:\n" + "\n".join(f"{w}: {e}" for w, e in empty)
 
-    # The traffic is in it, not only zeros (the API process's commands: the saga's run
-    # in the saga worker process, which no one scrapes; see docs/operations.md).
-    placed = prometheus.query('sum(increase(orderstream_commands_total{command="PlaceOrder"}[1m]))')
-    assert float(placed[0]["value"][1]) > 0
+    # The traffic is in it, not only zeros: the API's commands and the saga's (its
+    # activities run in the saga worker, a process of its own in the multiprocess case).
+    for command in ("PlaceOrder", "ShipOrder"):
+        counted = prometheus.query(
+            f'sum(orderstream_commands_total{{command="{command}",result="accepted"}})'
+        )
+        assert float(counted[0]["value"][1]) == 3, command
+    appended = prometheus.query("sum(orderstream_writer_appends_total)")
+    assert float(appended[0]["value"][1]) > 0
     rules = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     health = {rule["name"]: rule["health"] for group in rules for rule in group["rules"]}
     assert health

@@ -225,8 +225,8 @@ class SqliteEventStore:
         self.poll_interval = poll_interval
         self.prefetch = prefetch
         self.stats = WriterStats()
-        self.on_commit: Callable[[int, float], None] | None = None
-        """Told of each committed transaction: its jobs, the seconds its COMMIT (fsync) took."""
+        self.on_commit: Callable[[int, int, float], None] | None = None
+        """Told of each committed transaction: its jobs, its appends, the seconds its COMMIT (fsync) took."""
         self._loop = asyncio.get_running_loop()
         self._connection = connection
         self._sync_full = True
@@ -373,7 +373,7 @@ class SqliteEventStore:
     ) -> None:
         self.stats.transactions += 1
         if self.on_commit is not None:
-            self.on_commit(len(batch), commit_seconds)
+            self.on_commit(len(batch), sum(job.appends for job in batch), commit_seconds)
         self.stats.jobs += len(batch)
         appended = False
         for job, (ok, value) in zip(batch, outcomes, strict=True):
