@@ -71,6 +71,18 @@ def test_a_record_is_one_json_line_with_the_bound_and_the_extra_fields(captured:
     assert "correlation_id" not in outside
 
 
+def test_a_nested_binding_restores_the_outer_one(captured: Captured) -> None:
+    log = logging.getLogger("orderstream.test")
+    with logging_setup.bound(stream="order-1", position=1):
+        with logging_setup.bound(stream="product-A"):
+            log.info("inner")
+        log.info("outer")
+
+    inner, outer = captured.records()
+    assert (inner["stream"], inner["position"]) == ("product-A", 1)
+    assert (outer["stream"], outer["position"]) == ("order-1", 1)
+
+
 def test_an_exception_is_a_structured_traceback_on_the_same_line(captured: Captured) -> None:
     try:
         raise ValueError("broken")
