@@ -25,6 +25,8 @@ fi
 echo "   Elasticsearch at $ORDERSTREAM_TEST_ES_URL"
 
 infra/install-wrk.sh  # tests/load drives a live service with bench.load's wrk scripts
+# tests/infra/test_prometheus.py runs Debian's prometheus as a plain process (skips without it)
+command -v prometheus >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }; } || echo "prometheus not installed: tests/infra/test_prometheus.py skips" >&2
 
 echo "== pytest"
 "$BIN/python" -m pytest -ra "$@"

@@ -162,13 +162,10 @@ async def build(
         await event_store.close()
         raise
     metrics = Metrics()
+    snapshots = SnapshotStore(event_store, every=settings.snapshot_every)
+    metrics.watch(event_store, snapshots)
     handler = MeteredCommandHandler(
-        CommandHandler(
-            event_store,
-            registry,
-            on_conflict=metrics.conflict_retried,
-            snapshots=SnapshotStore(event_store, every=settings.snapshot_every),
-        ),
+        CommandHandler(event_store, registry, on_conflict=metrics.conflict_retried, snapshots=snapshots),
         metrics,
     )
     runners = {

@@ -54,6 +54,7 @@ import click
 import msgspec
 import uvloop
 
+from orderstream import logging_setup
 from orderstream.application import webhook_signature
 from orderstream.application.queries import event_data
 from orderstream.bootstrap import (
@@ -103,11 +104,10 @@ def store_options(fn: F) -> F:
 
 def settings_from(options: dict[str, Any]) -> Settings:
     level = str(options.pop("log_level", "info")).upper()
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logging_setup.configure(level)
+    except ValueError as exc:  # a bad ORDERSTREAM_LOG_FORMAT
+        raise click.UsageError(str(exc)) from exc
     try:
         return Settings.from_env(**options)
     except (ConfigError, TypeError) as exc:

@@ -8,6 +8,7 @@ concurrency holds across processes); SIGTERM to the first process drains both wo
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import sqlite3
@@ -26,7 +27,7 @@ from tests.api.helpers import order_body
 from tests.api.test_cli import _env
 
 PRODUCT = {"sku": "SKU-1", "name": "Mug", "price": {"amount": 100, "currency": "EUR"}}
-ACCESS_LINE = re.compile(r"\[(\d+)\] INFO uvicorn\.access: .*\"(\w+) (\S+) HTTP/1\.1\" (\d+)")
+ACCESS_LINE = re.compile(r"\"(\w+) (\S+) HTTP/1\.1\" (\d+)")
 
 
 @pytest.fixture
@@ -65,9 +66,10 @@ def served_by(log: Path, method: str, path: str) -> Counter[int]:
     """How many ``method path`` requests each process answered, from the access log."""
     counts: Counter[int] = Counter()
     for line in log.read_text().splitlines():
-        found = ACCESS_LINE.search(line)
-        if found and found.group(2) == method and found.group(3) == path:
-            counts[int(found.group(1))] += 1
+        record = json.loads(line)  # stderr is no terminal: JSON lines (orderstream.logging_setup)
+        found = ACCESS_LINE.search(record["message"]) if record["logger"] == "uvicorn.access" else None
+        if found and found.group(1) == method and found.group(2) == path:
+            counts[int(record["process"])] += 1
     return counts
 
 

@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Sequence
 
+from orderstream import logging_setup
 from orderstream.application.commands import CommandHandler
 from orderstream.application.payment_gateway import SandboxPaymentGateway
 from orderstream.application.snapshots import SnapshotStore
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--task-queue", default=DEFAULT_TASK_QUEUE)
     parser.add_argument("--transient-failures", type=int, default=2, help="sandbox: tok_error failures")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    logging_setup.configure(logging.INFO)
     asyncio.run(serve(args.temporal_address, args.event_store, args.task_queue, args.transient_failures))
 
 

@@ -47,6 +47,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
 
 import orderstream
+from orderstream.api.correlation import log_context_middleware
 from orderstream.api.ops import OpsController
 from orderstream.api.orders import OrderController
 from orderstream.api.plumbing import make_allow_fixer, make_before_send, strict_request
@@ -55,6 +56,7 @@ from orderstream.api.products import ProductController
 from orderstream.application.queries import Queries
 from orderstream.application.use_cases import UseCases
 from orderstream.bootstrap import BackgroundService, Container, run_services
+from orderstream.metrics import http_latency_middleware
 
 FULFILMENT_MODULE = "orderstream.api.fulfilment"
 DOCS_ASSETS = "/schema/assets"
@@ -185,6 +187,7 @@ def create_app(
         exception_handlers=exception_handlers,
         before_request=strict_request,
         before_send=[make_before_send(container.metrics)],
+        middleware=[log_context_middleware, http_latency_middleware(container.metrics)],
         request_max_body_size=container.settings.max_body_bytes,
         openapi_config=openapi_config(),
         lifespan=[lifespan],

@@ -31,7 +31,9 @@ async def refresh_projection_metrics(container: NamedDependency[Container]) -> d
             log.warning("projection %s status failed: %s", name, exc)
             out[name] = ProjectionReadiness(error=type(exc).__name__)
             continue
-        container.metrics.set_projection(name, st.checkpoint, st.lag_events)
+        container.metrics.set_projection(
+            name, st.checkpoint, st.lag_events, lag_seconds=st.lag_seconds, parked=st.parked
+        )
         out[name] = ProjectionReadiness(
             version=st.version,
             checkpoint=st.checkpoint,

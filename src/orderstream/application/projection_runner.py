@@ -85,6 +85,7 @@ from orderstream.eventstore.base import (
     SubscriptionGroupNotFound,
     SubscriptionSettings,
 )
+from orderstream.logging_setup import event_context
 from orderstream.readstore.base import ReadStore
 from projections.base import Projection
 
@@ -379,9 +380,10 @@ class ProjectionRunner:
         # Settled concurrently: the event store's group commit turns a batch's acks
         # into one transaction instead of one write (and fsync) per event.
         for event, reason in plan.failed:
-            log.warning(
-                "%s: %s@%d (%s) failed: %s", self.name, event.stream, event.revision, event.type, reason
-            )
+            with event_context(event):
+                log.warning(
+                    "%s: %s@%d (%s) failed: %s", self.name, event.stream, event.revision, event.type, reason
+                )
         # One gather, held nacks last: every settle is queued to the event store in this
         # order before anything else runs (a claim among them could hand a held event out
         # again, and its stale nack would then count against the new delivery). A group

@@ -60,6 +60,7 @@ from orderstream.eventstore.base import (
     RecordedEvent,
     SubscriptionSettings,
 )
+from orderstream.logging_setup import event_context
 from workflows.order_fulfilment.inputs import (
     DEFAULT_PAYMENT_DEADLINE_SECONDS,
     SAGA_ACTOR,
@@ -205,7 +206,8 @@ class SagaTrigger:
         try:
             if before is not None:
                 await asyncio.wait([before])  # its outcome is its own business
-            await self._deliver_one(subscription, event)
+            with event_context(event):  # what is logged names the event's stream, position, ids
+                await self._deliver_one(subscription, event)
         finally:
             slots.release()
 

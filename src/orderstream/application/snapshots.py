@@ -36,8 +36,9 @@ import asyncio
 import hashlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -127,6 +128,17 @@ class SnapshotStats:
     """Not started: one already in flight for the stream, or too many pending."""
     ignored: int = 0
     """Read but not used (other schema, undecodable, not of this history)."""
+    hits: int = 0
+    """Read and decoded."""
+    misses: int = 0
+    """None stored for the stream (or only one above the revision asked for)."""
+    observer: Callable[[str], None] | None = None
+    """Told the name of each counter incremented (how metrics see them in every process)."""
+
+    def count(self, name: Literal["written", "failed", "skipped", "ignored", "hits", "misses"]) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+        if self.observer is not None:
+            self.observer(name)
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,7 @@ class SnapshotStore:
         another schema, or undecodable (the caller folds the whole stream)."""
         recorded = await self.event_store.read_stream(snapshot_stream(stream), backwards=True, limit=1)
         if not recorded:
+            self.stats.count("misses")
             return None
         event = recorded[0]
         schema = state_schema_id(state_type)
@@ -190,15 +203,17 @@ class SnapshotStore:
             if data.schema != schema:
                 raise ValueError(f"schema {data.schema!r}, current {schema!r}")
             if up_to is not None and data.revision > up_to:
+                self.stats.count("misses")
                 return None  # not an error: an older revision was asked for
             state: S = _state_decoder(state_type).decode(data.state)
         except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.ignored(stream, f"{exc}")
             return None
+        self.stats.count("hits")
         return Snapshot(stream, data.revision, data.position), state
 
     def ignored(self, stream: str, why: str) -> None:
-        self.stats.ignored += 1
+        self.stats.count("ignored")
         log.warning("snapshot of %s ignored (%s); folding the whole stream", stream, why)
 
     # ------------------------------------------------------------------ writing
@@ -212,7 +227,7 @@ class SnapshotStore:
         if self._closed or not self.due(pending.stream, pending.base, pending.revision):
             return
         if pending.stream in self._in_flight or len(self._in_flight) >= self.max_pending:
-            self.stats.skipped += 1  # the next append on the stream asks again
+            self.stats.count("skipped")  # the next append on the stream asks again
             return
         self._recent.pop(pending.stream, None)
         self._recent[pending.stream] = pending.revision
@@ -234,7 +249,7 @@ class SnapshotStore:
             try:
                 await self.write(pending)
             except Exception:
-                self.stats.failed += 1
+                self.stats.count("failed")
                 if self._recent.get(pending.stream) == pending.revision:
                     del self._recent[pending.stream]  # let the next append try again
                 log.exception("snapshot of %s at revision %d failed", pending.stream, pending.revision)
@@ -255,7 +270,7 @@ class SnapshotStore:
             metadata=EventMetadata(actor="snapshotter", snapshot_of=pending.stream),
         )
         await self.event_store.append(snapshot_stream(pending.stream), [event], ANY)
-        self.stats.written += 1
+        self.stats.count("written")
 
     async def drain(self) -> None:
         """Wait for every snapshot write in flight."""

@@ -225,6 +225,8 @@ class SqliteEventStore:
         self.poll_interval = poll_interval
         self.prefetch = prefetch
         self.stats = WriterStats()
+        self.on_commit: Callable[[int, int, float], None] | None = None
+        """Told of each committed transaction: its jobs, its appends, the seconds its COMMIT (fsync) took."""
         self._loop = asyncio.get_running_loop()
         self._connection = connection
         self._sync_full = True
@@ -350,11 +352,11 @@ class SqliteEventStore:
                 if not batch:
                     continue
                 try:
-                    outcomes, changed = self._execute(batch)
+                    outcomes, changed, commit_seconds = self._execute(batch)
                 except Exception as exc:  # the transaction as a whole failed: none of it was written
                     self._loop.call_soon_threadsafe(self._failed, batch, exc)
                 else:
-                    self._loop.call_soon_threadsafe(self._finish, batch, outcomes, changed)
+                    self._loop.call_soon_threadsafe(self._finish, batch, outcomes, changed, commit_seconds)
         finally:
             self._connection.close()
             self._process_lock.close()
@@ -366,8 +368,12 @@ class SqliteEventStore:
             if not job.future.done():
                 job.future.set_exception(EventStoreUnavailable(f"write to {self.path} failed: {exc}"))
 
-    def _finish(self, batch: list[_Job[Any]], outcomes: list[tuple[bool, Any]], changed: bool) -> None:
+    def _finish(
+        self, batch: list[_Job[Any]], outcomes: list[tuple[bool, Any]], changed: bool, commit_seconds: float
+    ) -> None:
         self.stats.transactions += 1
+        if self.on_commit is not None:
+            self.on_commit(len(batch), sum(job.appends for job in batch), commit_seconds)
         self.stats.jobs += len(batch)
         appended = False
         for job, (ok, value) in zip(batch, outcomes, strict=True):
@@ -384,8 +390,9 @@ class SqliteEventStore:
         if changed or appended:
             self._changed.fire()
 
-    def _execute(self, batch: list[_Job[Any]]) -> tuple[list[tuple[bool, Any]], bool]:
-        """Writer thread: one transaction, one savepoint per job, one fsync."""
+    def _execute(self, batch: list[_Job[Any]]) -> tuple[list[tuple[bool, Any]], bool, float]:
+        """Writer thread: one transaction, one savepoint per job, one fsync. Returns the
+        jobs' outcomes, whether anything changed, and the seconds COMMIT took."""
         conn = self._connection
         durable = any(job.appends for job in batch)
         if durable != self._sync_full:
@@ -415,15 +422,17 @@ class SqliteEventStore:
                     if not alone:
                         conn.execute("RELEASE job")
                     outcomes.append((True, value))
+            committing = time.perf_counter()
             if conn.in_transaction:
                 conn.execute("COMMIT")
+            commit_seconds = time.perf_counter() - committing
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         finally:
             fcntl.flock(self._process_lock, fcntl.LOCK_UN)
-        return outcomes, conn.total_changes != before
+        return outcomes, conn.total_changes != before, commit_seconds
 
     # ------------------------------------------------------------------ reading
 

@@ -1,0 +1,172 @@
+"""Logging of every orderstream process, configured here and nowhere else.
+
+The code logs through the standard library (``logging.getLogger(...)``), as do
+the libraries under it (uvicorn, temporalio, elastic_transport, kurrentdbclient).
+:func:`configure` routes all of them through one structlog
+``ProcessorFormatter`` on stderr, so every line has the same shape:
+
+- ``json``: one JSON object per line (``timestamp``, ``level``, ``logger``,
+  ``message``, ``process`` (the pid), ``exception`` when there is one, and the
+  context below), for a log shipper;
+- ``console``: aligned, coloured text for a person at a terminal.
+
+``ORDERSTREAM_LOG_FORMAT=json|console`` chooses; unset, it is ``console`` when
+stderr is a terminal and ``json`` otherwise (a container, a service manager, a
+pipe).
+
+Context. The fields an on-call engineer correlates by ride along without being
+passed to every call: :func:`bound` puts them in a context variable (structlog's
+``contextvars``), and every record logged inside it, by any logger, carries them.
+The request path binds ``correlation_id`` (``orderstream.api.correlation``),
+the command handler ``stream`` and ``causation_id`` (``orderstream.metrics``),
+a consumer handling an event binds the event's fields with
+:func:`event_context` (``stream``, ``position``, ``event_type``,
+``correlation_id``, ``causation_id``). A single call can add its own with
+``extra={"stream": ...}``: the keys of :data:`CONTEXT_KEYS` are picked up.
+
+Secrets. Nothing here logs a request's headers or an event's data; the only
+values added are the ids above. Keep it so: never log a header, a body, or a
+token (see tests/unit/test_logging.py, which runs a whole order flow and looks
+for them in the output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, Literal, TextIO
+
+import structlog
+
+from orderstream.eventstore.base import RecordedEvent
+
+ENV_FORMAT = "ORDERSTREAM_LOG_FORMAT"
+LogFormat = Literal["json", "console"]
+FORMATS: tuple[LogFormat, ...] = ("json", "console")
+
+CONTEXT_KEYS = ("correlation_id", "causation_id", "stream", "position", "event_type", "projection")
+"""Fields a single call may pass with ``extra=`` (they land beside the bound ones)."""
+
+THIRD_PARTY_LEVELS: dict[str, int] = {
+    # One line per HTTP request to Elasticsearch at INFO: noise; its warnings matter.
+    "elastic_transport": logging.WARNING,
+    "elasticsearch": logging.WARNING,
+    # The SDK's own chatter (worker start, poller details) at INFO is noise; what
+    # workflows and activities log through workflow.logger / activity.logger is not.
+    "temporalio": logging.WARNING,
+    "temporalio.workflow": logging.INFO,
+    "temporalio.activity": logging.INFO,
+    "kurrentdbclient": logging.WARNING,
+    "grpc": logging.WARNING,
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
+    "asyncio": logging.WARNING,
+    # uvicorn writes its access log only when asked (``--access-log``), at INFO;
+    # ``uvicorn.error`` is the server's life cycle (startup, shutdown).
+    "uvicorn.access": logging.INFO,
+    "uvicorn.error": logging.INFO,
+}
+
+
+def default_format(stream: TextIO | None = None) -> LogFormat:
+    """``ORDERSTREAM_LOG_FORMAT`` if set, else ``console`` on a terminal, ``json`` otherwise."""
+    chosen = os.environ.get(ENV_FORMAT, "").strip().lower()
+    if chosen:
+        if chosen not in FORMATS:
+            raise ValueError(f"{ENV_FORMAT} must be one of {', '.join(FORMATS)}, not {chosen!r}")
+        return chosen
+    out = sys.stderr if stream is None else stream
+    return "console" if out.isatty() else "json"
+
+
+def configure(
+    level: int | str = logging.INFO,
+    *,
+    fmt: LogFormat | None = None,
+    stream: TextIO | None = None,
+) -> None:
+    """Send every logger's records to ``stream`` (stderr) in ``fmt``; the root at ``level``.
+
+    Idempotent: a second call replaces the handler of the first (the CLI calls it
+    once per process; tests call it with their own stream)."""
+    out = sys.stderr if stream is None else stream
+    chosen = fmt or default_format(out)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(_formatter(chosen, colors=out.isatty()))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_orderstream", False):
+            root.removeHandler(old)
+    handler._orderstream = True  # type: ignore[attr-defined]  # marks the handler a later call replaces
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name, floor in THIRD_PARTY_LEVELS.items():
+        # At DEBUG a developer wants to see everything, the libraries' chatter too.
+        logging.getLogger(name).setLevel(min(floor, root.level) if root.level < logging.INFO else floor)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.filter_by_level,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def _formatter(fmt: LogFormat, *, colors: bool) -> structlog.stdlib.ProcessorFormatter:
+    pre_chain: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.ExtraAdder(allow=CONTEXT_KEYS),
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.CallsiteParameterAdder([structlog.processors.CallsiteParameter.PROCESS]),
+    ]
+    tail: list[Any]
+    if fmt == "json":
+        tail = [
+            structlog.processors.dict_tracebacks,
+            # "message", not structlog's "event": in this code base an event is a domain event.
+            structlog.processors.EventRenamer("message"),
+            structlog.processors.JSONRenderer(),
+        ]
+    else:
+        tail = [structlog.dev.ConsoleRenderer(colors=colors)]
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=pre_chain,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+    )
+
+
+# --------------------------------------------------------------------------------- context
+
+
+@contextlib.contextmanager
+def bound(**fields: object) -> Iterator[None]:
+    """Every record logged inside carries ``fields`` (``None`` values are left out).
+
+    Binds and resets through the variables' tokens, which restores exactly what was
+    bound before; structlog's ``bound_contextvars`` copies the whole context first,
+    measurable on the command path (bench.observability)."""
+    tokens = structlog.contextvars.bind_contextvars(**{k: v for k, v in fields.items() if v is not None})
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
+
+
+def event_context(event: RecordedEvent) -> contextlib.AbstractContextManager[None]:
+    """The context of a consumer handling ``event``: its stream, position and type,
+    and the correlation and causation ids of its metadata."""
+    return bound(
+        stream=event.stream,
+        position=event.position,
+        event_type=event.type,
+        correlation_id=event.metadata.correlation_id,
+        causation_id=event.metadata.causation_id,
+    )

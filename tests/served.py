@@ -1,0 +1,114 @@
+"""A real ``orderstream serve`` in a process of its own, for tests that look at it
+from outside (its log, its ``/metrics``): embedded SQLite stores in a temporary
+directory, its own Temporal dev server on free ports, one API process by default
+(``--workers 1``), JSON logs into a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.api.helpers import order_body
+
+ROOT = Path(__file__).resolve().parents[1]
+API_TOKEN = "s3cret-bearer-value-7f1c"
+"""The bearer token of the served process; no log line may hold it."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Served:
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {API_TOKEN}"})
+
+    def place_and_ship(self, client: httpx.Client, *, token: str = "tok_approve", within: float = 60) -> str:
+        """Place an order (a product and stock first, if needed) and wait until it shipped."""
+        if client.get("/products/MUG").status_code == 404:
+            created = client.post(
+                "/products", json={"sku": "MUG", "name": "Mug", "price": {"amount": 900, "currency": "EUR"}}
+            )
+            assert created.status_code == 201, created.text
+        stocked = client.post("/products/MUG/stock", json={"quantity": 5})
+        assert stocked.status_code == 200, stocked.text
+        placed = client.post("/orders", json=order_body(("MUG", 1), token=token))
+        assert placed.status_code == 201, placed.text
+        order_id = str(placed.json()["id"])
+        deadline = time.monotonic() + within
+        status: Any = None
+        while time.monotonic() < deadline:
+            status = client.get(f"/orders/{order_id}").json().get("status")
+            if status == "shipped":
+                return order_id
+            time.sleep(0.2)
+        raise AssertionError(f"order {order_id} is {status!r} after {within} s; see {self.log}")
+
+
+@contextlib.contextmanager
+def served(
+    tmp_path: Path,
+    *,
+    log_level: str = "info",
+    workers: int | None = 1,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Served]:
+    """Start ``orderstream serve``, yield once ``/health`` answers, then SIGTERM it and
+    wait for its graceful shutdown (Temporal dev server included). ``workers=None``:
+    serve's default (2 API worker processes and a saga worker process on 2+ cores)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERSTREAM_", "TEMPORAL_"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")]),
+        PYTHONUNBUFFERED="1",
+        ORDERSTREAM_LOG_FORMAT="json",
+        ORDERSTREAM_API_TOKENS=f"{API_TOKEN}=alice",
+        ORDERSTREAM_TEMPORAL_DEV_PORT=str(free_port()),
+        ORDERSTREAM_TEMPORAL_UI_PORT=str(free_port()),
+        **(extra_env or {}),
+    )
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "orderstream.cli", "serve", "--port", str(port)]
+    argv += [] if workers is None else ["--workers", str(workers)]
+    argv += ["--data-dir", str(tmp_path / "data"), "--log-level", log_level]
+    with log.open("wb") as err:
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, f"serve exited with {process.returncode}; see {log}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"serve did not answer in 90 s; see {log}"
+            time.sleep(0.3)
+        yield Served(url, log, process)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,214 @@
+"""orderstream.logging_setup: one line per record, JSON or console, with the ids an
+on-call engineer correlates by, and the libraries' noise turned down.
+
+The whole-order-flow check (no payment token, no bearer token in a real
+``serve``'s log) is in tests/unit/test_logging_flow.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orderstream import logging_setup
+from orderstream.eventstore.base import EventMetadata, RecordedEvent
+from tests.api.helpers import order_body, register_product
+from tests.api.test_cli import _env
+from tests.conftest import MakeClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Captured:
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+def captured() -> Iterator[Captured]:
+    """Logging configured as the CLI does it, in JSON at DEBUG, into a buffer."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    levels = {name: logging.getLogger(name).level for name in logging_setup.THIRD_PARTY_LEVELS}
+    out = Captured()
+    logging_setup.configure(logging.DEBUG, fmt="json", stream=out.stream)
+    try:
+        yield out
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        for name, old in levels.items():
+            logging.getLogger(name).setLevel(old)
+
+
+def test_a_record_is_one_json_line_with_the_bound_and_the_extra_fields(captured: Captured) -> None:
+    log = logging.getLogger("orderstream.test")
+    with logging_setup.bound(correlation_id="corr-1", causation_id=None):
+        log.info("placed %s", "order-1", extra={"stream": "order-1", "position": 42, "card": "x"})
+    log.info("outside")
+
+    inside, outside = captured.records()
+    assert inside["message"] == "placed order-1"
+    assert (inside["level"], inside["logger"]) == ("info", "orderstream.test")
+    assert (inside["correlation_id"], inside["stream"], inside["position"]) == ("corr-1", "order-1", 42)
+    assert "causation_id" not in inside  # None is left out
+    assert "card" not in inside  # only the context keys are taken from extra=
+    assert datetime.fromisoformat(inside["timestamp"]).utcoffset() is not None
+    assert "correlation_id" not in outside
+
+
+def test_a_nested_binding_restores_the_outer_one(captured: Captured) -> None:
+    log = logging.getLogger("orderstream.test")
+    with logging_setup.bound(stream="order-1", position=1):
+        with logging_setup.bound(stream="product-A"):
+            log.info("inner")
+        log.info("outer")
+
+    inner, outer = captured.records()
+    assert (inner["stream"], inner["position"]) == ("product-A", 1)
+    assert (outer["stream"], outer["position"]) == ("order-1", 1)
+
+
+def test_an_exception_is_a_structured_traceback_on_the_same_line(captured: Captured) -> None:
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        logging.getLogger("orderstream.test").exception("it failed")
+
+    (record,) = captured.records()
+    assert record["level"] == "error"
+    assert record["exception"][0]["exc_type"] == "ValueError"
+    assert record["exception"][0]["exc_value"] == "broken"
+
+
+def test_event_context_binds_what_a_consumer_knows(captured: Captured) -> None:
+    event = RecordedEvent(
+        id=uuid.uuid4(),
+        stream="order-7",
+        revision=3,
+        position=99,
+        type="OrderPlaced",
+        data=b"{}",
+        metadata_json=EventMetadata(correlation_id="corr-7", causation_id="cause-7", actor="alice").to_json(),
+        recorded_at=datetime.now(UTC),
+        schema_version=3,
+    )
+    with logging_setup.event_context(event):
+        logging.getLogger("orderstream.saga").warning("cannot be handled")
+
+    (record,) = captured.records()
+    assert {k: record[k] for k in ("stream", "position", "event_type", "correlation_id", "causation_id")} == {
+        "stream": "order-7",
+        "position": 99,
+        "event_type": "OrderPlaced",
+        "correlation_id": "corr-7",
+        "causation_id": "cause-7",
+    }
+    assert "actor" not in record
+
+
+def test_third_party_chatter_is_turned_down_at_info() -> None:
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    out = io.StringIO()
+    try:
+        logging_setup.configure(logging.INFO, fmt="json", stream=out)
+        logging.getLogger("elastic_transport.transport").info("POST http://es:9200/_bulk [status:200]")
+        logging.getLogger("temporalio.worker._worker").info("Beginning worker shutdown")
+        logging.getLogger("temporalio.activity").info("activity says")
+        logging.getLogger("elastic_transport.node_pool").warning("node is dead")
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    messages = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
+    assert messages == ["activity says", "node is dead"]
+
+
+def test_console_format_is_text_for_a_person() -> None:
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    out = io.StringIO()
+    try:
+        logging_setup.configure(logging.INFO, fmt="console", stream=out)
+        with logging_setup.bound(stream="order-1"):
+            logging.getLogger("orderstream").info("hello")
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+    (line,) = out.getvalue().splitlines()
+    assert "hello" in line
+    assert "stream=order-1" in line
+    assert "\x1b[" not in line  # no colours into something that is not a terminal
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)
+
+
+def test_the_format_comes_from_the_environment_or_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv(logging_setup.ENV_FORMAT, raising=False)
+    assert logging_setup.default_format(Tty()) == "console"
+    assert logging_setup.default_format(io.StringIO()) == "json"
+    monkeypatch.setenv(logging_setup.ENV_FORMAT, "JSON")
+    assert logging_setup.default_format(Tty()) == "json"
+    monkeypatch.setenv(logging_setup.ENV_FORMAT, "console")
+    assert logging_setup.default_format(io.StringIO()) == "console"
+    monkeypatch.setenv(logging_setup.ENV_FORMAT, "xml")
+    with pytest.raises(ValueError, match="ORDERSTREAM_LOG_FORMAT"):
+        logging_setup.default_format(io.StringIO())
+
+
+def test_a_bad_log_format_is_a_usage_error_of_the_cli(tmp_path: Path) -> None:
+    env = {**_env(), logging_setup.ENV_FORMAT: "xml"}
+    result = subprocess.run(
+        [sys.executable, "-m", "orderstream.cli", "projections", "status", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "ORDERSTREAM_LOG_FORMAT" in result.stderr
+
+
+async def test_what_a_command_logs_carries_the_request_correlation_id_and_the_stream(
+    captured: Captured, make_client: MakeClient
+) -> None:
+    async with make_client() as (client, _container):
+        await register_product(client, "SKU-1")
+        placed = await client.post(
+            "/orders", json=order_body(("SKU-1", 1)), headers={"X-Correlation-ID": "corr-logs-1"}
+        )
+        assert placed.status_code == 201, placed.text
+        order_id = placed.json()["id"]
+
+    command_lines = [
+        r
+        for r in captured.records()
+        if r["logger"] == "orderstream.commands" and r.get("stream") == f"order-{order_id}"
+    ]
+    assert command_lines, captured.stream.getvalue()[-2000:]
+    assert all(r["correlation_id"] == "corr-logs-1" for r in command_lines)
+    assert any(r["message"].startswith("PlaceOrder: ok") for r in command_lines)
+    stock_lines = [r for r in captured.records() if r["message"].startswith("AddStock: ok")]
+    assert [r.get("stream") for r in stock_lines] == ["product-SKU-1"]  # a batched command too
