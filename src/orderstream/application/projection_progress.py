@@ -66,8 +66,9 @@ class ProjectionStatus(msgspec.Struct, frozen=True, kw_only=True):
     parked: int
     oldest_parked_position: int | None = None
     rebuilding: bool = False
-    """The read model was found lost (or is new) and is being filled from the
-    beginning of the store; ``checkpoint`` / ``head_position`` say how far."""
+    """The read model was found lost and is being filled again from the beginning of
+    the store: ``checkpoint`` out of ``refill_until`` says how far."""
+    refill_until: int | None = None
 
 
 class ProjectionProgress:
@@ -87,8 +88,6 @@ class ProjectionProgress:
         self.version = version
         self.group = group
         self.filter = filter
-        self.rebuilding = False
-        """Set by the runner while it refills a lost read model from the beginning."""
         self._progress = asyncio.Event()
 
     def notify(self) -> None:
@@ -168,6 +167,8 @@ class ProjectionProgress:
         if waiting:
             lag_seconds = max(0.0, (datetime.now(UTC) - waiting[0].recorded_at).total_seconds())
         oldest = await self.oldest_parked() if info and info.parked else None
+        kept = await self.read_store.read_checkpoint(physical) if physical is not None else None
+        refill_until = kept.refill_until if kept is not None and kept.group == self.group else None
         return ProjectionStatus(
             name=self.name,
             version=self.version,
@@ -181,7 +182,8 @@ class ProjectionProgress:
             in_flight=info.in_flight if info else 0,
             parked=info.parked if info else 0,
             oldest_parked_position=oldest.event.position if oldest else None,
-            rebuilding=self.rebuilding and bool(waiting),
+            rebuilding=refill_until is not None and (checkpoint is None or checkpoint < refill_until),
+            refill_until=refill_until,
         )
 
     async def _count_waiting(self, cap: int = 1000) -> int:

@@ -20,7 +20,7 @@ import msgspec
 from orderstream.application.projection_plan import Plan
 from orderstream.application.projection_writer import ProjectionWriter
 from orderstream.eventstore.base import EventFilter, EventStore, RecordedEvent, SubscriptionSettings
-from orderstream.readstore.base import ReadStore
+from orderstream.readstore.base import ReadCheckpoint, ReadStore
 from projections.base import Projection
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ class Rebuild:
         # the event before the last one replayed so the low-water mark becomes
         # defined as soon as that one (already applied: skipped) is acknowledged.
         await self.event_store.ensure_subscription_group(self.group, self.group_settings(state.before_last))
+        await self.read_store.write_checkpoint(
+            physical, ReadCheckpoint(group=self.group, position=state.before_last)
+        )
         old = await self.read_store.switch_alias(self.name, physical)
         await self._replay(physical, state, progress, page_size)
         for stale in {old, previous} - {None, physical}:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Sequence
 
 from orderstream.application import projection_plan
@@ -68,10 +69,13 @@ from orderstream.eventstore.base import (
     SubscriptionGroupNotFound,
     SubscriptionSettings,
 )
-from orderstream.readstore.base import ReadStore
+from orderstream.readstore.base import ReadCheckpoint, ReadStore
 from projections.base import Projection
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_INTERVAL = 1.0
+"""Seconds between writes of the checkpoint kept with the read model."""
 
 
 class _Superseded(StopConsuming):
@@ -136,6 +140,8 @@ class ProjectionRunner:
             ack_timeout_seconds=ack_timeout_seconds,
             prepare=self._prepare,
         )
+        self._refill_until: int | None = None
+        self._checkpointed_at = float("-inf")
         self._rebuild = Rebuild(
             event_store,
             read_store,
@@ -182,40 +188,69 @@ class ProjectionRunner:
         await self.consumer.run(stop)
 
     async def _prepare(self) -> bool:
-        """Collection and group in place (rebuilding first after a version bump);
-        False if a newer version owns the collection."""
+        """Collection and group in place (rebuilding first after a version bump, filling
+        a lost read model again); False if a newer version owns the collection."""
         target = await self.read_store.alias_target(self.name)
         target_version = self.version_of(target)
         if target is None:
-            await self.read_store.ensure_collection(self.projection.schema)
-            await self._restart_if_lost()
+            target = await self.read_store.ensure_collection(self.projection.schema)
         elif target_version is not None and target_version < self.version and self.auto_rebuild:
             log.info("%s: alias at %s, rebuilding into version %d", self.name, target, self.version)
             await self.rebuild()
+            return await self._prepare()
         elif target_version != self.version:
             log.warning("%s v%d: the alias points at %s; not running", self.name, self.version, target)
             return False
+        await self._check_read_model(target)
         await self.event_store.ensure_subscription_group(self.group, self._settings(None))
         return True
 
-    async def _restart_if_lost(self) -> None:
-        """The collection was just created: if the group already made progress, the
-        read model it filled is gone (a deleted file or index). Start the group again
-        from the beginning so the new collection is filled by the live runner."""
+    async def _check_read_model(self, physical: str) -> None:
+        """The checkpoint kept with the read model says whether it is the one the group
+        filled. None (a deleted file or index, recreated empty just now; or one made
+        before checkpoints were kept) while the group has made progress: the read model
+        was lost, so the group starts again from the beginning and fills it (redelivery
+        is harmless: a document skips what it has already applied)."""
+        checkpoint = await self.read_store.read_checkpoint(physical)
+        if checkpoint is not None and checkpoint.group == self.group:
+            self._refill_until = checkpoint.refill_until
+            return
+        refill_until: int | None = None
         try:
             info = await self.event_store.subscription_group_info(self.group)
         except SubscriptionGroupNotFound:
-            return
-        if info.checkpoint is None and info.parked == 0 and info.in_flight == 0:
-            return
-        log.warning(
-            "%s: the read model is missing but group %s is at position %s; projecting again from the start",
-            self.name,
-            self.group,
-            info.checkpoint,
+            info = None
+        if info is not None and (info.checkpoint is not None or info.parked or info.in_flight):
+            refill_until = await self.event_store.head_position()
+            log.warning(
+                "%s: %s has no checkpoint of group %s (at position %s): the read model was lost; "
+                "projecting again from the beginning (up to %s now)",
+                self.name,
+                physical,
+                self.group,
+                info.checkpoint,
+                refill_until,
+            )
+            await self.event_store.delete_subscription_group(self.group)
+        self._refill_until = refill_until
+        await self.read_store.write_checkpoint(
+            physical, ReadCheckpoint(group=self.group, position=None, refill_until=refill_until)
         )
-        await self.event_store.delete_subscription_group(self.group)
-        self.progress.rebuilding = True
+
+    async def _save_checkpoint(self, physical: str) -> None:
+        """Keep the read model's checkpoint (at most once every ``CHECKPOINT_INTERVAL``):
+        the applied mark, a lower bound of what the read model holds."""
+        now = time.monotonic()
+        if now - self._checkpointed_at < CHECKPOINT_INTERVAL:
+            return
+        self._checkpointed_at = now
+        mark = await self.progress.applied_mark()
+        if self._refill_until is not None and mark is not None and mark >= self._refill_until:
+            log.info("%s: the lost read model is filled again (position %d)", self.name, mark)
+            self._refill_until = None
+        await self.read_store.write_checkpoint(
+            physical, ReadCheckpoint(group=self.group, position=mark, refill_until=self._refill_until)
+        )
 
     async def _handle(self, batch: list[RecordedEvent]) -> Outcome:
         """One batch: one ``get_many``, the fold, one bulk write. Whatever the stores
@@ -232,6 +267,10 @@ class ProjectionRunner:
         await self.writer.write_live(plan, target)
         if applied and self.on_applied is not None:
             self.on_applied(self.name, applied)
+        try:
+            await self._save_checkpoint(target)
+        except Exception as exc:  # the next batch writes it again
+            log.warning("%s: keeping the checkpoint failed: %s", self.name, exc)
         self.progress.notify()
         return Outcome(done=plan.done, retry=plan.failed, held=plan.held)
 

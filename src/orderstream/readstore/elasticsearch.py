@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -52,6 +53,7 @@ from orderstream.readstore.base import (
     Page,
     Query,
     Range,
+    ReadCheckpoint,
     ReadStoreUnavailable,
     SortField,
     Stored,
@@ -70,6 +72,7 @@ switched by a rebuild in another process may point at a new version)."""
 
 _schema_encoder = msgspec.json.Encoder()
 _schema_decoder = msgspec.json.Decoder(CollectionSchema)
+_checkpoint_decoder = msgspec.json.Decoder(ReadCheckpoint)
 
 
 @asynccontextmanager
@@ -271,6 +274,29 @@ class ElasticsearchReadStore:
 
     async def drop_physical(self, physical: str) -> None:
         await self._es.indices.delete(index=physical, ignore_unavailable=True)
+        with contextlib.suppress(NotFoundError):
+            await self._es.delete(index=self._checkpoints, id=physical)
+
+    @property
+    def _checkpoints(self) -> str:
+        """The meta index of the projections' checkpoints: one document per physical
+        index (created on first write). A deleted projection index loses its alias, so
+        its runner notices even if this document outlived it."""
+        return f"{self._prefix}checkpoints"
+
+    async def read_checkpoint(self, physical: str) -> ReadCheckpoint | None:
+        try:
+            async with _reachable():
+                answer = await self._es.get(index=self._checkpoints, id=physical)
+        except NotFoundError:
+            return None
+        return _checkpoint_decoder.decode(msgspec.json.encode(answer["_source"]))
+
+    async def write_checkpoint(self, physical: str, checkpoint: ReadCheckpoint) -> None:
+        async with _reachable():
+            await self._es.index(
+                index=self._checkpoints, id=physical, document=msgspec.to_builtins(checkpoint)
+            )
 
     async def refresh(self, collection: str) -> None:
         await self._es.indices.refresh(index=self.alias(collection))

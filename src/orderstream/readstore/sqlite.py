@@ -45,6 +45,7 @@ from orderstream.readstore.base import (
     Page,
     Query,
     Range,
+    ReadCheckpoint,
     ReadStoreUnavailable,
     SortField,
     Stored,
@@ -87,6 +88,12 @@ CREATE TABLE IF NOT EXISTS physicals (
 CREATE TABLE IF NOT EXISTS aliases (
     collection TEXT PRIMARY KEY,
     physical   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    physical     TEXT PRIMARY KEY,
+    grp          TEXT NOT NULL,
+    position     INTEGER,
+    refill_until INTEGER
 );
 """
 
@@ -581,9 +588,30 @@ class SqliteReadStore:
             self._conn.execute(f"DROP TABLE IF EXISTS {_q(table.fts)}")
             self._conn.execute(f"DROP TABLE IF EXISTS {_q(table.counts)}")
             self._conn.execute("DELETE FROM physicals WHERE physical = ?", (physical,))
+            self._conn.execute("DELETE FROM checkpoints WHERE physical = ?", (physical,))
             self._tables.pop(physical, None)
 
         await self._run(lambda: self._transaction(drop, write=True))
+
+    async def read_checkpoint(self, physical: str) -> ReadCheckpoint | None:
+        def read(conn: sqlite3.Connection) -> ReadCheckpoint | None:
+            row = conn.execute(
+                "SELECT grp, position, refill_until FROM checkpoints WHERE physical = ?", (physical,)
+            ).fetchone()
+            return None if row is None else ReadCheckpoint(group=row[0], position=row[1], refill_until=row[2])
+
+        return await self._read(read)
+
+    async def write_checkpoint(self, physical: str, checkpoint: ReadCheckpoint) -> None:
+        def write() -> None:
+            self._conn.execute(
+                "INSERT INTO checkpoints (physical, grp, position, refill_until) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (physical) DO UPDATE SET grp = excluded.grp, position = excluded.position,"
+                " refill_until = excluded.refill_until",
+                (physical, checkpoint.group, checkpoint.position, checkpoint.refill_until),
+            )
+
+        await self._run(lambda: self._transaction(write, write=True))
 
     async def refresh(self, collection: str) -> None:
         """Writes are visible once committed."""
