@@ -6,7 +6,8 @@ so that tests and tools can build many apps in one process.
 - ``orderstream_events_appended_total`` counter: ``category``
 - ``orderstream_concurrency_conflicts_total`` counter: ``outcome`` (``retried``: lost a
   race and retried; ``rejected``: stale ``If-Match``)
-- ``orderstream_projection_checkpoint``, ``orderstream_projection_lag_events`` gauges:
+- ``orderstream_projection_checkpoint``, ``orderstream_projection_lag_events``,
+  ``orderstream_projection_parked``, ``orderstream_projection_rebuilding`` gauges:
   ``projection`` (updated on scrape from the runners' status)
 - ``orderstream_saga_trigger_lag_events``, ``orderstream_saga_trigger_in_flight``,
   ``orderstream_saga_trigger_parked``, ``orderstream_saga_workflows_running`` gauges
@@ -95,6 +96,18 @@ class Metrics:
             ["projection"],
             registry=self.registry,
         )
+        self.projection_parked = Gauge(
+            "orderstream_projection_parked",
+            "Events parked in the projection's group (replay or skip them with the `orderstream` CLI).",
+            ["projection"],
+            registry=self.registry,
+        )
+        self.projection_rebuilding = Gauge(
+            "orderstream_projection_rebuilding",
+            "1 while a lost read model is being filled again from the beginning, else 0.",
+            ["projection"],
+            registry=self.registry,
+        )
 
         self.saga_trigger_lag = Gauge(
             "orderstream_saga_trigger_lag_events",
@@ -127,10 +140,22 @@ class Metrics:
     def conflict_retried(self, _stream: str) -> None:
         self.concurrency_conflicts.labels(outcome="retried").inc()
 
-    def set_projection(self, name: str, checkpoint: int | None, lag_events: int | None) -> None:
+    def set_projection(
+        self,
+        name: str,
+        checkpoint: int | None,
+        lag_events: int | None,
+        *,
+        parked: int | None = None,
+        rebuilding: bool | None = None,
+    ) -> None:
         self.projection_checkpoint.labels(projection=name).set(-1 if checkpoint is None else checkpoint)
         if lag_events is not None:
             self.projection_lag.labels(projection=name).set(lag_events)
+        if parked is not None:
+            self.projection_parked.labels(projection=name).set(parked)
+        if rebuilding is not None:
+            self.projection_rebuilding.labels(projection=name).set(int(rebuilding))
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -89,6 +89,7 @@ class ProjectionProgress:
         self.group = group
         self.filter = filter
         self._progress = asyncio.Event()
+        self._present = False
 
     def notify(self) -> None:
         """A batch was settled: wake the read-your-writes waiters."""
@@ -117,6 +118,8 @@ class ProjectionProgress:
         return mark
 
     async def reached(self, position: int) -> bool:
+        if not await self._read_model_present():
+            return False
         mark = await self.applied_mark()
         if mark is not None and mark >= position:
             return True
@@ -124,6 +127,17 @@ class ProjectionProgress:
         # ``position`` still waiting (or parked)? (Non-matching events never wait.)
         waiting = await self.event_store.read_all(after=mark, filter=self.filter, limit=1)
         return not waiting or waiting[0].position > position
+
+    async def _read_model_present(self) -> bool:
+        """The read model holds this group's checkpoint: the group's progress is
+        progress *in it*. Not so after the read model was lost, until the runner's
+        start has noticed and restarted the group. Checked until seen once."""
+        if self._present:
+            return True
+        physical = await self.read_store.alias_target(self.name)
+        kept = await self.read_store.read_checkpoint(physical) if physical is not None else None
+        self._present = kept is not None and kept.group == self.group
+        return self._present
 
     async def check_not_blocked(self, position: int) -> None:
         """Raise :class:`ParkedEventBlocks` if a parked event at or below ``position``

@@ -246,6 +246,9 @@ class ElasticsearchReadStore:
             except Exception as exc:  # created by a concurrent process in the meantime
                 if "resource_already_exists_exception" not in str(exc):
                     raise
+            else:  # a checkpoint left by a deleted index of this name is not this one's
+                with contextlib.suppress(NotFoundError):
+                    await self._es.delete(index=self._checkpoints, id=physical)
         else:  # made before schemas were recorded, or by another code version: record ours
             await self._es.indices.put_mapping(index=physical, meta=meta)
         if await self.alias_target(schema.name) is None:

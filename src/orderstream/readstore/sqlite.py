@@ -545,6 +545,7 @@ class SqliteReadStore:
                     "INSERT INTO physicals (physical, collection, schema) VALUES (?, ?, ?)",
                     (physical, schema.name, _schema_encoder.encode(stored).decode()),
                 )
+                self._conn.execute("DELETE FROM checkpoints WHERE physical = ?", (physical,))
             self._upgraded.discard(physical)
             self._upgrade(_Table(physical, schema.name, stored))
             self._conn.execute(
