@@ -19,9 +19,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
+from orderstream.application.saga_trigger import group_settings
 from orderstream.bootstrap import Container
-from orderstream.eventstore.base import ANY, NewEvent, SubscriptionGroupNotFound
-from tests.api.helpers import assert_problem, register_product
+from orderstream.eventstore.base import ANY, NackAction, NewEvent, SubscriptionGroupNotFound
+from tests.api.helpers import assert_problem, order_body, place_order, register_product
 from tests.conftest import MakeClient
 
 WAIT = 20.0
@@ -141,3 +143,40 @@ async def test_a_poison_event_is_visible_blocks_reads_past_it_at_once_and_can_be
 
 async def _is(value: Awaitable[Any], expected: Any) -> bool:
     return bool(await value == expected)
+
+
+async def test_the_saga_triggers_group_is_listed_replayed_and_skipped_from_the_cli(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    """Before: ``replay-parked saga-order-fulfilment`` said "no projection"."""
+    data_dir = tmp_path / "saga"
+    async with make_client(data_dir=data_dir, projections=False) as (http, container):
+        store = container.event_store
+        await register_product(http, "MUG", stock=1)
+        await store.ensure_subscription_group(SAGA_GROUP, group_settings())
+        placed = await place_order(http, order_body(("MUG", 1)))
+        subscription = await store.connect_subscription_group(SAGA_GROUP)
+        try:
+            async for event in subscription:  # the OrderPlaced: park it as the trigger would
+                await subscription.nack(event, NackAction.PARK, "cannot be handled (test)")
+                break
+        finally:
+            await subscription.close()
+
+    status = orderstream(data_dir, "projections", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    by_name = {s["name"]: s for s in map(json.loads, status.stdout.splitlines())}
+    assert (by_name[SAGA_GROUP]["parked"], by_name[SAGA_GROUP]["state"]) == (1, "parked")
+    assert by_name[SAGA_GROUP]["oldest_parked_position"] == placed["position"]
+
+    parked = orderstream(data_dir, "projections", "parked", SAGA_GROUP)
+    assert parked.returncode == 0, parked.stderr
+    (line,) = map(json.loads, parked.stdout.splitlines())
+    assert (line["type"], line["reason"]) == ("OrderPlaced", "cannot be handled (test)")
+
+    replayed = orderstream(data_dir, "projections", "replay-parked", SAGA_GROUP)
+    assert replayed.returncode == 0, replayed.stderr
+    assert "1 parked events queued" in replayed.stdout
+    async with make_client(data_dir=data_dir, projections=False) as (_http, container):
+        info = await container.event_store.subscription_group_info(SAGA_GROUP)
+        assert (info.parked, info.lag_events) == (0, 1)  # delivered again to the trigger
