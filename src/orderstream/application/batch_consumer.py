@@ -97,11 +97,14 @@ class BatchConsumer:
         ack_timeout_seconds: float = 30.0,
         backoff: tuple[float, float] = (0.05, 5.0),
         prepare: Prepare | None = None,
+        on_settled: Callable[[], None] | None = None,
     ) -> None:
         """``handler`` gets each batch (raising :class:`Outage` holds all of it);
         ``prepare`` runs before the first connection (creates the group and what the
         handler writes to; ``False`` means do not consume); ``backoff`` is (first,
-        longest) delay between attempts during an outage or reconnection."""
+        longest) delay between attempts during an outage or reconnection;
+        ``on_settled`` is called after each settling (the acks are in the store: a
+        read-your-writes waiter may look again)."""
         self.event_store = event_store
         self.group = group
         self.handler = handler
@@ -111,6 +114,7 @@ class BatchConsumer:
         self.ack_timeout_seconds = ack_timeout_seconds
         self.backoff = backoff
         self.prepare = prepare
+        self.on_settled = on_settled
 
     # ------------------------------------------------------------------ connecting
 
@@ -266,6 +270,8 @@ class BatchConsumer:
             *(subscription.nack(event, NackAction.PARK, reason[:500]) for event, reason in outcome.park),
             *(subscription.nack(event, NackAction.RETRY, HELD) for event in outcome.held),
         )
+        if self.on_settled is not None:
+            self.on_settled()
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

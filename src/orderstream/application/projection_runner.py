@@ -139,6 +139,7 @@ class ProjectionRunner:
             linger_seconds=linger_seconds,
             ack_timeout_seconds=ack_timeout_seconds,
             prepare=self._prepare,
+            on_settled=self.progress.notify,
         )
         self._refill_until: int | None = None
         self._checkpointed_at = float("-inf")
@@ -271,7 +272,6 @@ class ProjectionRunner:
             await self._save_checkpoint(target)
         except Exception as exc:  # the next batch writes it again
             log.warning("%s: keeping the checkpoint failed: %s", self.name, exc)
-        self.progress.notify()
         return Outcome(done=plan.done, retry=plan.failed, held=plan.held)
 
     async def _plan(self, events: Sequence[RecordedEvent], physical: str, *, hold: bool = True) -> Plan:
