@@ -5,6 +5,7 @@
     orderstream project                                                    the projection runners only
     orderstream worker                                                     the saga services only
     orderstream projections status | rebuild NAME | parked NAME | replay-parked NAME
+                            | skip NAME POSITION --reason WHY | skipped NAME
     orderstream events read STREAM | tail
     orderstream webhook sign --body FILE|-                                 the payment provider's signature
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import getpass
 import json
 import logging
 import os
@@ -56,7 +58,9 @@ import uvloop
 
 from orderstream import logging_setup
 from orderstream.application import webhook_signature
+from orderstream.application.group_status import GroupStatus
 from orderstream.application.queries import event_data
+from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
 from orderstream.bootstrap import (
     BackgroundService,
     Container,
@@ -67,7 +71,7 @@ from orderstream.bootstrap import (
     saga_services,
 )
 from orderstream.config import MAX_API_WORKERS, ConfigError, Settings
-from orderstream.eventstore.base import EventFilter, RecordedEvent
+from orderstream.eventstore.base import EventFilter, ParkedEventNotFound, RecordedEvent, SkippedEvent
 
 log = logging.getLogger("orderstream")
 
@@ -158,6 +162,24 @@ def _runner(container: Container, name: str) -> Any:
         known = ", ".join(sorted(container.runners))
         raise click.BadParameter(f"no projection {name!r} (known: {known})", param_hint="NAME")
     return runner
+
+
+def _groups(container: Container) -> dict[str, str]:
+    """Every subscription group this service consumes, by the name an operator types:
+    each projection (its name, e.g. ``orders``) and the saga trigger (its group name)."""
+    return {**{name: r.group for name, r in container.runners.items()}, SAGA_GROUP: SAGA_GROUP}
+
+
+def _group(container: Container, name: str) -> str:
+    """The group NAME stands for: a projection's name, or any known group's own name."""
+    known = _groups(container)
+    if name in known:
+        return known[name]
+    if name in known.values():
+        return name
+    raise click.BadParameter(
+        f"no projection or subscription group {name!r} (known: {', '.join(sorted(known))})", param_hint="NAME"
+    )
 
 
 def event_json(event: RecordedEvent) -> str:
@@ -536,12 +558,14 @@ def projections() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
 @store_options
 def projections_status(as_json: bool, **options: Any) -> None:
-    """Checkpoint, lag and parked events of every projection."""
+    """Checkpoint, lag and parked events of every projection and of the saga trigger's group."""
     settings = settings_from(options)
 
-    async def go() -> list[Any]:
+    async def go() -> list[GroupStatus]:
         async with opened(settings) as container:
-            return [await r.status() for r in container.runners.values()]
+            statuses = [GroupStatus.of_projection(await r.status()) for r in container.runners.values()]
+            saga = await GroupStatus.of_group(container.event_store, SAGA_GROUP)
+            return statuses + ([saga] if saga is not None else [])
 
     statuses = run(go())
     if as_json:
@@ -551,19 +575,31 @@ def projections_status(as_json: bool, **options: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="projections")
-    for column in ("name", "version", "physical", "checkpoint", "head", "lag (events)", "lag (s)", "parked"):
+    table = Table(title="subscription groups")
+    columns = (
+        "name",
+        "group",
+        "physical",
+        "checkpoint",
+        "head",
+        "lag (events)",
+        "lag (s)",
+        "parked",
+        "state",
+    )
+    for column in columns:
         table.add_column(column)
     for st in statuses:
         table.add_row(
             st.name,
-            str(st.version),
-            str(st.physical),
+            st.group,
+            str(st.physical or ""),
             str(st.checkpoint),
             str(st.head_position),
             str(st.lag_events),
-            f"{st.lag_seconds:.1f}",
-            str(st.parked),
+            "" if st.lag_seconds is None else f"{st.lag_seconds:.1f}",
+            str(st.parked) + (f" (oldest at {st.oldest_parked_position})" if st.parked else ""),
+            st.state,
         )
     Console().print(table)
 
@@ -605,13 +641,13 @@ def projections_rebuild(name: str, **options: Any) -> None:
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @store_options
 def projections_parked(name: str, limit: int, **options: Any) -> None:
-    """The events NAME's subscription group has parked (JSON lines)."""
+    """The events NAME's subscription group has parked (JSON lines). NAME is a
+    projection (``orders``) or a group (``saga-order-fulfilment``)."""
     settings = settings_from(options)
 
     async def go() -> list[Any]:
         async with opened(settings) as container:
-            runner = _runner(container, name)
-            return list(await container.event_store.list_parked(runner.group, limit=limit))
+            return list(await container.event_store.list_parked(_group(container, name), limit=limit))
 
     for parked in run(go()):
         line = json.loads(event_json(parked.event))
@@ -623,15 +659,70 @@ def projections_parked(name: str, limit: int, **options: Any) -> None:
 @click.argument("name")
 @store_options
 def projections_replay_parked(name: str, **options: Any) -> None:
-    """Deliver NAME's parked events again (after fixing what made them fail)."""
+    """Deliver NAME's parked events again (after fixing what made them fail). NAME is
+    a projection or a subscription group (``saga-order-fulfilment``)."""
     settings = settings_from(options)
 
     async def go() -> int:
         async with opened(settings) as container:
-            runner = _runner(container, name)
-            return int(await container.event_store.replay_parked(runner.group))
+            return int(await container.event_store.replay_parked(_group(container, name)))
 
     click.echo(f"{name}: {run(go())} parked events queued for redelivery")
+
+
+@projections.command("skip")
+@click.argument("name")
+@click.argument("position", type=click.IntRange(0))
+@click.option("--reason", required=True, help="Why the event may be left out (recorded).")
+@click.option("--actor", default=None, help="Who skips it (recorded; default: the OS user).")
+@store_options
+def projections_skip(name: str, position: int, reason: str, actor: str | None, **options: Any) -> None:
+    """Drop the parked event at POSITION from NAME's group for good, recording who and
+    why: the read model (or the sagas) will do without it, and read-your-writes
+    queries past it answer again. ``projections skipped NAME`` lists what was skipped."""
+    settings = settings_from(options)
+    who = actor or getpass.getuser()
+    if not reason.strip():
+        raise click.BadParameter("give a reason", param_hint="--reason")
+
+    async def go() -> SkippedEvent:
+        async with opened(settings) as container:
+            group = _group(container, name)
+            try:
+                return await container.event_store.skip_parked(group, position, actor=who, reason=reason)
+            except ParkedEventNotFound as exc:
+                raise click.ClickException(str(exc)) from exc
+
+    skipped = run(go())
+    event = skipped.event
+    click.echo(
+        f"{name}: skipped {event.type} {event.stream}@{event.revision} (position {event.position}), "
+        f"by {skipped.actor}: {skipped.reason}"
+    )
+
+
+@projections.command("skipped")
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@store_options
+def projections_skipped(name: str, limit: int, **options: Any) -> None:
+    """The events skipped in NAME's group: who, when, why (JSON lines)."""
+    settings = settings_from(options)
+
+    async def go() -> list[SkippedEvent]:
+        async with opened(settings) as container:
+            return list(await container.event_store.list_skipped(_group(container, name), limit=limit))
+
+    for skipped in run(go()):
+        line = json.loads(event_json(skipped.event))
+        line.update(
+            actor=skipped.actor,
+            reason=skipped.reason,
+            parked_reason=skipped.parked_reason,
+            attempts=skipped.attempts,
+            skipped_at=skipped.skipped_at.isoformat(),
+        )
+        click.echo(json.dumps(line, ensure_ascii=False))
 
 
 # ----------------------------------------------------------------------------- events

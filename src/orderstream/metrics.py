@@ -27,7 +27,7 @@ Observed on the way (the code calls a method of :class:`Metrics`):
 Set on scrape (``/metrics`` asks the runners and the trigger group first):
 
 - ``orderstream_projection_checkpoint``, ``_lag_events``, ``_lag_seconds``,
-  ``_parked`` gauges: ``projection``
+  ``_parked``, ``_rebuilding`` (1 while a lost read model is filled again) gauges: ``projection``
 - ``orderstream_saga_trigger_lag_events``, ``_in_flight``, ``_parked``,
   ``orderstream_saga_workflows_running`` gauges
 
@@ -218,7 +218,14 @@ class Metrics:
         )
         self.projection_parked = Gauge(
             "orderstream_projection_parked",
-            "Events the projection parked (see `orderstream projections parked NAME`).",
+            "Events parked in the projection's group (replay or skip them with the `orderstream` CLI).",
+            ["projection"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.projection_rebuilding = Gauge(
+            "orderstream_projection_rebuilding",
+            "1 while a lost read model is being filled again from the beginning, else 0.",
             ["projection"],
             registry=self.registry,
             multiprocess_mode="mostrecent",
@@ -303,6 +310,7 @@ class Metrics:
         *,
         lag_seconds: float | None = None,
         parked: int | None = None,
+        rebuilding: bool | None = None,
     ) -> None:
         self.projection_checkpoint.labels(projection=name).set(-1 if checkpoint is None else checkpoint)
         if lag_events is not None:
@@ -311,6 +319,8 @@ class Metrics:
             self.projection_lag_seconds.labels(projection=name).set(lag_seconds)
         if parked is not None:
             self.projection_parked.labels(projection=name).set(parked)
+        if rebuilding is not None:
+            self.projection_rebuilding.labels(projection=name).set(int(rebuilding))
 
     def writer_committed(self, jobs: int, appends: int, commit_seconds: float) -> None:
         """The SQLite writer committed a transaction of ``jobs`` jobs, ``appends`` of them appends."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from orderstream.application.projection_runner import ProjectionRunner
+from orderstream.application.projection_runner import ParkedEventBlocks, ProjectionRunner
 from orderstream.domain import inventory
 from orderstream.domain.common import Money
 from orderstream.events import registry
@@ -271,9 +271,14 @@ async def test_a_poison_event_is_parked_and_the_rest_goes_on(stores: Stores) -> 
             return status.parked == 1 and status.checkpoint is not None and status.checkpoint >= last
 
         await eventually(settled)
-        # A parked event is not applied: the projection has not reached it (nor anything after).
-        assert not await runner.wait_for_position(last, 0.3)
+        # A parked event is not applied: the projection has not reached it (nor anything
+        # after), and a wait for a position past it says so at once instead of timing out.
         parked_at = (await stores.events.list_parked(runner.group))[0].event.position
+        with within(1.0), pytest.raises(ParkedEventBlocks) as blocked:
+            await runner.wait_for_position(last, WAIT)
+        assert blocked.value.parked.event.position == parked_at
+        assert blocked.value.group == runner.group
+        assert "product-A@1" in str(blocked.value)
         assert await runner.wait_for_position(parked_at - 1, 0.0)
         assert await runner.reached_position() == parked_at - 1
 
@@ -498,7 +503,8 @@ async def test_a_document_the_store_refuses_is_parked_alone(stores: Stores) -> N
         await register(stores.events, sku)
     async with running(runner):
         await eventually(lambda: parked_count(stores, runner.group, 1))
-        assert not await runner.wait_for_position(await head(stores.events), 0.1)  # BAD is not applied
+        with pytest.raises(ParkedEventBlocks):  # BAD is not applied
+            await runner.wait_for_position(await head(stores.events), 0.1)
     assert await stores.reads.get(PRODUCTS, "A") is not None
     assert await stores.reads.get(PRODUCTS, "C") is not None
     assert await stores.reads.get(PRODUCTS, "BAD") is None

@@ -9,8 +9,10 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from orderstream.application.commands import CommandHandler
-from orderstream.application.projection_runner import ProjectionRunner
+from orderstream.application.projection_runner import ParkedEventBlocks, ProjectionRunner
 from orderstream.application.queries import Queries
 from orderstream.domain import inventory
 from orderstream.domain.common import Money
@@ -65,8 +67,10 @@ async def test_a_parked_event_elsewhere_does_not_fail_a_document_read(tmp_path: 
         assert doc["position"] >= written.position
         assert time.monotonic() - started < 2.0  # well inside the consistency timeout
         # The projection as a whole has not applied everything up to that position
-        # (the parked event is below it): lists and searches still say so.
-        assert not await runner.wait_for_position(written.position, 0.5)
+        # (the parked event is below it): lists and searches say so at once.
+        assert not await runner.wait_for_position(written.position, 0.5, stop_at_parked=False)
+        with pytest.raises(ParkedEventBlocks):
+            await queries.list_products(min_position=written.position)
     finally:
         stop.set()
         await task

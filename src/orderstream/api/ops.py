@@ -11,6 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from orderstream.api.schemas import Health, ProjectionReadiness, Readiness, SagaReadiness
+from orderstream.application.group_status import state_of
 from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
 from orderstream.bootstrap import Container
 from orderstream.eventstore.base import SubscriptionGroupNotFound
@@ -32,8 +33,16 @@ async def refresh_projection_metrics(container: NamedDependency[Container]) -> d
             out[name] = ProjectionReadiness(error=type(exc).__name__)
             continue
         container.metrics.set_projection(
-            name, st.checkpoint, st.lag_events, lag_seconds=st.lag_seconds, parked=st.parked
+            name,
+            st.checkpoint,
+            st.lag_events,
+            lag_seconds=st.lag_seconds,
+            parked=st.parked,
+            rebuilding=st.rebuilding,
         )
+        progress = None
+        if st.rebuilding and st.refill_until:
+            progress = round(min(1.0, max(0, st.checkpoint or 0) / st.refill_until), 3)
         out[name] = ProjectionReadiness(
             version=st.version,
             checkpoint=st.checkpoint,
@@ -41,7 +50,11 @@ async def refresh_projection_metrics(container: NamedDependency[Container]) -> d
             lag_events=st.lag_events,
             lag_seconds=round(st.lag_seconds, 3),
             parked=st.parked,
+            oldest_parked_position=st.oldest_parked_position,
             physical=st.physical,
+            state=state_of(rebuilding=st.rebuilding, parked=st.parked, lag_events=st.lag_events),
+            rebuild_progress=progress,
+            refill_until=st.refill_until,
         )
     return out
 
@@ -68,10 +81,15 @@ async def refresh_saga_metrics(container: NamedDependency[Container]) -> SagaRea
         except Exception as exc:  # Temporal down: the lag in the store is still worth reporting
             log.warning("saga workflow count failed: %s", exc)
     container.metrics.set_saga(info.lag_events, info.in_flight, info.parked, running)
+    oldest = None
+    if info.parked:
+        parked = await container.event_store.list_parked(SAGA_GROUP, limit=1000)
+        oldest = min((p.event.position for p in parked), default=None)
     return SagaReadiness(
         trigger_lag_events=info.lag_events,
         in_flight=info.in_flight,
         parked=info.parked,
+        oldest_parked_position=oldest,
         workflows_running=running,
     )
 
@@ -89,6 +107,8 @@ class OpsController(Controller):
         operation_id="ready",
         summary="Readiness: the stores answer; each projection's checkpoint and lag; the sagas' lag",
         description="200 when the event store and the read store answer, 503 otherwise. "
+        "`status` is `rebuilding` (still 200) while a lost read model is filled again; each "
+        "projection's `state`, parked events and, while rebuilding, `rebuild_progress` say more. "
         "The sagas' lag is reported, not judged.",
         responses={
             503: ResponseSpec(
@@ -115,8 +135,9 @@ class OpsController(Controller):
         projections = await refresh_projection_metrics(container) if event_store_ok else {}
         sagas = await refresh_saga_metrics(container) if event_store_ok else None
         ok = event_store_ok and read_store_ok
+        rebuilding = any(p.state == "rebuilding" for p in projections.values())
         body = Readiness(
-            status="ready" if ok else "unavailable",
+            status=("rebuilding" if rebuilding else "ready") if ok else "unavailable",
             event_store="ok" if event_store_ok else "unavailable",
             read_store="ok" if read_store_ok else "unavailable",
             head_position=head,

@@ -45,6 +45,7 @@ from msgspec import UNSET, UnsetType
 from orderstream.api.correlation import correlation_id
 from orderstream.application.commands import ConcurrencyRetriesExhausted, IdempotencyKeyReused
 from orderstream.application.errors import ServiceUnavailable
+from orderstream.application.projection_progress import ParkedEventBlocks
 from orderstream.application.queries import NotYetConsistent, RevisionNotFound
 from orderstream.domain.common import AlreadyExists, DomainError, IllegalTransition, NotFound
 from orderstream.eventstore.base import EventStoreUnavailable, WrongExpectedVersion
@@ -88,6 +89,12 @@ class Problem(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     """503 not-yet-consistent: the projection's low-water mark when the wait ended
     (``null``: it has applied nothing yet)."""
     projection: str | UnsetType = UNSET
+    group: str | UnsetType = UNSET
+    """503 parked-event-blocks: the subscription group holding the parked event."""
+    parked_stream: str | UnsetType = UNSET
+    parked_revision: int | UnsetType = UNSET
+    parked_position: int | UnsetType = UNSET
+    """503 parked-event-blocks: the parked event that keeps the read model from ``min_position``."""
 
 
 class ApiError(Exception):
@@ -139,6 +146,7 @@ _TITLES: dict[str, str] = {
     "unsupported-media-type": "Unsupported media type",
     "idempotency-key-reused": "Idempotency-Key reused with a different request",
     "not-yet-consistent": "Read model not yet consistent",
+    "parked-event-blocks": "A parked event keeps the read model from that position",
     "unavailable": "Service unavailable",
     "internal-error": "Internal server error",
 }
@@ -278,6 +286,21 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
                 reached_position=exc.reached,
                 projection=exc.projection,
             )
+        case ParkedEventBlocks():
+            # No Retry-After: waiting does not help until an operator replays or skips it.
+            parked = exc.parked.event
+            return problem_response(
+                request,
+                503,
+                "parked-event-blocks",
+                str(exc),
+                min_position=exc.position,
+                projection=exc.projection,
+                group=exc.group,
+                parked_stream=parked.stream,
+                parked_revision=parked.revision,
+                parked_position=parked.position,
+            )
         case RevisionNotFound():
             return problem_response(
                 request, 404, "revision-not-found", str(exc), current_revision=exc.current_revision
@@ -392,7 +415,8 @@ _DESCRIPTIONS = {
     503: (
         "Not available now; retry after `Retry-After` seconds (problem details). When the read model "
         "has not reached `min_position` within the consistency timeout, the problem carries "
-        "`min_position` and `reached_position`."
+        "`min_position` and `reached_position`; when a parked event stands in the way, at once "
+        "(`parked-event-blocks`, no `Retry-After`) with the event and its group."
     ),
 }
 

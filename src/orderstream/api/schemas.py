@@ -240,8 +240,15 @@ class ProjectionReadiness(msgspec.Struct, frozen=True, kw_only=True):
     lag_events: int | None = None
     lag_seconds: float | None = None
     parked: int | None = None
+    oldest_parked_position: int | None = None
+    """The parked event that holds the projection back (replay or skip it)."""
     physical: str | None = None
     """The table/index the collection's alias points at."""
+    state: str | None = None
+    """``rebuilding`` (a lost read model filled again), ``parked``, ``catching up``, ``current``."""
+    rebuild_progress: float | None = None
+    """While ``rebuilding``: how far, from 0 to 1 (``checkpoint`` / ``refill_until``)."""
+    refill_until: int | None = None
     error: str | None = None
 
 
@@ -254,6 +261,7 @@ class SagaReadiness(msgspec.Struct, frozen=True, kw_only=True):
     and payment results not signalled."""
     in_flight: int | None = None
     parked: int | None = None
+    oldest_parked_position: int | None = None
     workflows_running: int | None = None
     """Fulfilment workflows still running (Temporal's visibility); ``None`` when
     this process has no Temporal client."""
@@ -261,7 +269,9 @@ class SagaReadiness(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Readiness(msgspec.Struct, frozen=True, kw_only=True):
-    status: Literal["ready", "unavailable"]
+    status: Literal["ready", "rebuilding", "unavailable"]
+    """``rebuilding``: the stores answer (200) but a lost read model is being filled
+    again, so its queries miss documents until it is done (see ``projections``)."""
     event_store: Literal["ok", "unavailable"]
     read_store: Literal["ok", "unavailable"]
     head_position: int | None

@@ -1,142 +1,87 @@
 """The projection runner: persistent subscription -> pure projection -> read store.
 
-One :class:`ProjectionRunner` drives one projection. Several runners (in one or
-several processes) may share its group; the event store hands each stream to
-one consumer at a time, in revision order, in *runs* (a hot stream's pending
-events go out together), and the runner claims a batch's worth at a time
-(``prefetch=batch_size``).
+One :class:`ProjectionRunner` drives one projection by composing parts that each do
+one job:
 
-For every batch of delivered events the runner makes one
-:meth:`~orderstream.readstore.base.ReadStore.get_many` of the documents the
-batch touches, folds each document's events whose stream revision is above its
-stored version (older or repeated ones are skipped: redelivery and replay are
-harmless), writes one conditional upsert per document in ONE read-store call,
-then settles the batch (the acks of a batch reach the SQLite store as one job).
-An event that cannot be decoded or folded is nacked with RETRY, and the events
-after it in its stream are *held*: not folded, handed back (the group takes the
-rest of a run back with the nack) so that they come again after its retry.
-After the group's ``max_retry`` deliveries the event store parks it and the
-group goes on: the later events then apply (on top of the document as it was
-before the failed event), as the event store does not hold a stream back behind
-a parked event; replaying the parked event after a fix finds it already passed,
-so fix such a document by a rebuild. (Held events are found per stream within a
-batch: exact for the contiguous projections, one stream per document.)
+- :mod:`~orderstream.application.batch_consumer`: the subscription pump, lease
+  renewal, batches, settling, and holding events through an outage (shared with the
+  saga trigger);
+- :mod:`~orderstream.application.projection_plan`: the pure fold of a batch onto the
+  stored documents (held events, gap filling);
+- :mod:`~orderstream.application.projection_writer`: the bulk write, its retries,
+  and isolating the one document a store refuses;
+- :mod:`~orderstream.application.projection_progress`: the applied low-water mark,
+  read-your-writes (and the parked event that blocks it), status;
+- :mod:`~orderstream.application.projection_rebuild`: the zero-downtime rebuild.
 
-Read-store failures are not the events' fault: the batch is retried with
-backoff for as long as the store is down (the events stay in flight, and a
-heartbeat renews their leases every third of the ack timeout, so they are
-neither redelivered nor parked while this runner lives). Only a document the
-store refuses while others of the batch are written counts as a poison
-document: its events are nacked like a failed fold.
+This module is what is left: the batch handler (one ``get_many``, the fold, one bulk
+write) and the versioned collection lifecycle.
 
-The fold itself, held events and gap filling (a document that missed events of
-its stream gets them read and folded first) are the planner's:
-:mod:`orderstream.application.projection_plan`, pure; this module does the I/O.
-
-"Reached position P" means applied: a parked event is not, so the projection has
-not reached its position (nor any later one) until it is replayed and applied,
-although the group's checkpoint counts it as done.
+Several runners (in one or several processes) may share the group; the event store
+hands each stream to one consumer at a time, in revision order, in *runs*. An event
+that cannot be decoded or folded is nacked with RETRY and the events after it in its
+stream are *held* (handed back uncounted, they come again after its retry); after the
+group's ``max_retry`` deliveries the event store parks it and the group goes on.
+Parked events are listed, replayed and skipped from the CLI; while one is parked,
+read-your-writes queries past it fail at once with a problem naming it.
 
 Versions and rebuilds. The group is named after the projection version
 (``projection-orders-v2``) and the runner writes to the physical table/index the
 alias points at, as long as that belongs to its version:
 
 - no collection yet: it is created (and aliased) and the group starts at the
-  beginning of ``$all``;
+  beginning of ``$all``; if the group had already made progress, the read model was
+  lost (a deleted ``read.db``, a deleted index): the group is started again from the
+  beginning so the new collection is filled (``status().rebuilding`` meanwhile);
 - the alias points at an *older* version (the projection's version was bumped):
   :meth:`ProjectionRunner.run` first does a zero-downtime :meth:`rebuild`
   (queries keep reading the old version until the switch), unless
   ``auto_rebuild=False``;
 - the alias points at a *newer* version: this runner is superseded, it stops.
   A runner that sees the alias move to another version while running stops too.
-
-:meth:`ProjectionRunner.rebuild` with the version the alias already points at
-builds into a fresh suffixed table (``orders_v2_r1a2b3c4d``) while the live
-runner keeps the old one current, switches, then the live runner follows the alias.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-
-import msgspec
+from collections.abc import Sequence
 
 from orderstream.application import projection_plan
+from orderstream.application.batch_consumer import BatchConsumer, Outage, Outcome, StopConsuming
 from orderstream.application.projection_plan import EventView as EventView  # re-exported
 from orderstream.application.projection_plan import Plan
 from orderstream.application.projection_plan import fold_events as fold_events  # re-exported
+from orderstream.application.projection_progress import ParkedEventBlocks as ParkedEventBlocks  # re-exported
+from orderstream.application.projection_progress import ProjectionProgress
+from orderstream.application.projection_progress import ProjectionStatus as ProjectionStatus  # re-exported
+from orderstream.application.projection_rebuild import AppliedCallback, ProgressCallback, Rebuild
+from orderstream.application.projection_rebuild import RebuildResult as RebuildResult  # re-exported
+from orderstream.application.projection_writer import ProjectionWriter
 from orderstream.events import EventRegistry
 from orderstream.events import registry as default_registry
 from orderstream.eventstore.base import (
     EventFilter,
     EventStore,
-    EventStoreError,
-    NackAction,
-    PersistentSubscription,
     RecordedEvent,
     SubscriptionGroupNotFound,
     SubscriptionSettings,
 )
-from orderstream.logging_setup import event_context
-from orderstream.readstore.base import ReadStore
+from orderstream.readstore.base import ReadCheckpoint, ReadStore
 from projections.base import Projection
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
-AppliedCallback = Callable[[str, int], None]
+CHECKPOINT_INTERVAL = 1.0
+"""Seconds between writes of the checkpoint kept with the read model."""
 
 
-# ----------------------------------------------------------------------------- reports
-
-
-class ProjectionStatus(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    version: int
-    group: str
-    group_exists: bool
-    physical: str | None
-    """The physical table/index the collection's alias points at."""
-    checkpoint: int | None
-    """Low-water mark: every matching event at or below it is applied (or parked)."""
-    head_position: int | None
-    lag_events: int
-    lag_seconds: float
-    """Age of the oldest matching event not yet processed; 0 when caught up."""
-    in_flight: int
-    parked: int
-
-
-class RebuildResult(msgspec.Struct, frozen=True, kw_only=True):
-    physical: str
-    previous: str | None
-    events: int
-    """Events read from ``$all`` (matching the projection's filter)."""
-    failed: int
-    """Events that could not be folded (logged; the documents miss them)."""
-    position: int | None
-    """The last position replayed before the switch."""
-
-
-class _Superseded(Exception):
+class _Superseded(StopConsuming):
     def __init__(self, target: str | None) -> None:
         self.target = target
-        super().__init__(f"the alias points at {target}")
-
-
-_END = object()
-_HELD = "held behind a failed event of its stream"
-
-
-# ------------------------------------------------------------------------------ runner
+        super().__init__(f"superseded: the alias points at {target}")
 
 
 class ProjectionRunner:
@@ -165,11 +110,8 @@ class ProjectionRunner:
         self.read_store = read_store
         self.projection = projection
         self.registry = registry
-        self.batch_size = batch_size
-        self.linger_seconds = linger_seconds
         self.max_retry = max_retry
         self.ack_timeout_seconds = ack_timeout_seconds
-        self.write_attempts = write_attempts
         self.auto_rebuild = auto_rebuild
         self.on_applied = on_applied
         schema = projection.schema
@@ -179,10 +121,39 @@ class ProjectionRunner:
         self.filter = EventFilter(
             categories=tuple(projection.categories), types=tuple(sorted(projection.handles))
         )
-        self._progress = asyncio.Event()
-        self._refused: set[int] = set()
-        """Positions of events whose document the read store refused while others
-        were written: a poison document, not an outage, when it fails again."""
+        self.writer = ProjectionWriter(read_store, self.name, attempts=write_attempts)
+        self.progress = ProjectionProgress(
+            event_store,
+            read_store,
+            name=self.name,
+            version=self.version,
+            group=self.group,
+            filter=self.filter,
+        )
+        self.consumer = BatchConsumer(
+            event_store,
+            self.group,
+            self._handle,
+            name=f"projection {self.name}",
+            batch_size=batch_size,
+            linger_seconds=linger_seconds,
+            ack_timeout_seconds=ack_timeout_seconds,
+            prepare=self._prepare,
+            on_settled=self.progress.notify,
+        )
+        self._refill_until: int | None = None
+        self._checkpointed_at = float("-inf")
+        self._rebuild = Rebuild(
+            event_store,
+            read_store,
+            projection,
+            planner=lambda events, physical: self._plan(events, physical, hold=False),
+            writer=self.writer,
+            group=self.group,
+            group_settings=self._settings,
+            version_of=self.version_of,
+            on_applied=on_applied,
+        )
 
     # --------------------------------------------------------------------- helpers
 
@@ -210,229 +181,98 @@ class ProjectionRunner:
             raise _Superseded(target)
         return target
 
-    def _notify(self) -> None:
-        self._progress.set()
-        self._progress = asyncio.Event()
-
     # ------------------------------------------------------------------------- run
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set, or until another version takes the collection
         over. Store failures are logged and retried with backoff."""
-        prepared = False
-        delay = 0.1
-        while not stop.is_set():
-            subscription: PersistentSubscription | None = None
-            try:
-                if not prepared:
-                    if not await self._prepare():
-                        return
-                    prepared = True
-                subscription = await self.event_store.connect_subscription_group(
-                    self.group, prefetch=self.batch_size
-                )
-                delay = 0.1
-                await self._consume(subscription, stop)
-            except _Superseded as exc:
-                log.warning("%s v%d: superseded (%s); stopping", self.name, self.version, exc)
-                return
-            except Exception as exc:
-                log.warning(
-                    "%s: %s, retrying in %.1fs",
-                    self.name,
-                    exc,
-                    delay,
-                    exc_info=not isinstance(exc, EventStoreError),
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                if subscription is not None:
-                    with contextlib.suppress(Exception):
-                        await subscription.close()
+        await self.consumer.run(stop)
 
     async def _prepare(self) -> bool:
-        """Collection and group in place (rebuilding first after a version bump);
-        False if a newer version owns the collection."""
+        """Collection and group in place (rebuilding first after a version bump, filling
+        a lost read model again); False if a newer version owns the collection."""
         target = await self.read_store.alias_target(self.name)
         target_version = self.version_of(target)
         if target is None:
-            await self.read_store.ensure_collection(self.projection.schema)
+            target = await self.read_store.ensure_collection(self.projection.schema)
         elif target_version is not None and target_version < self.version and self.auto_rebuild:
             log.info("%s: alias at %s, rebuilding into version %d", self.name, target, self.version)
             await self.rebuild()
+            return await self._prepare()
         elif target_version != self.version:
             log.warning("%s v%d: the alias points at %s; not running", self.name, self.version, target)
             return False
+        await self._check_read_model(target)
         await self.event_store.ensure_subscription_group(self.group, self._settings(None))
         return True
 
-    async def _consume(self, subscription: PersistentSubscription, stop: asyncio.Event) -> None:
-        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=self.batch_size * 2)
-
-        async def pump() -> None:
-            try:
-                async for event in subscription:
-                    await queue.put(event)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                await queue.put(exc)
-            else:
-                await queue.put(_END)
-
-        async def heartbeat() -> None:
-            # Events wait in flight while a batch is retried (a read store outage) and
-            # in the queue behind it: renew their leases so that they are not taken
-            # back, counted as failed deliveries and parked while this runner is alive.
-            interval = max(self.ack_timeout_seconds / 3, 0.01)
-            while True:
-                await asyncio.sleep(interval)
-                try:
-                    await subscription.keep_alive()
-                except Exception as exc:
-                    log.warning("%s: renewing leases failed: %s", self.name, exc)
-
-        pump_task = asyncio.create_task(pump(), name=f"projection-{self.name}-pump")
-        heartbeat_task = asyncio.create_task(heartbeat(), name=f"projection-{self.name}-heartbeat")
-        stop_task = asyncio.create_task(stop.wait())
+    async def _check_read_model(self, physical: str) -> None:
+        """The checkpoint kept with the read model says whether it is the one the group
+        filled. None (a deleted file or index, recreated empty just now; or one made
+        before checkpoints were kept) while the group has made progress: the read model
+        was lost, so the group starts again from the beginning and fills it (redelivery
+        is harmless: a document skips what it has already applied)."""
+        checkpoint = await self.read_store.read_checkpoint(physical)
+        if checkpoint is not None and checkpoint.group == self.group:
+            self._refill_until = checkpoint.refill_until
+            return
+        refill_until: int | None = None
         try:
-            while not stop.is_set():
-                get_task = asyncio.create_task(queue.get())
-                await asyncio.wait({get_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-                if not get_task.done():
-                    get_task.cancel()
-                    return
-                batch: list[RecordedEvent] = []
-                item = get_task.result()
-                deadline = time.monotonic() + self.linger_seconds
-                while True:
-                    if isinstance(item, RecordedEvent):
-                        batch.append(item)
-                    elif item is _END:
-                        if batch:
-                            await self._process(subscription, batch, stop)
-                        raise EventStoreError("the subscription ended")
-                    elif isinstance(item, BaseException):
-                        if batch:
-                            await self._process(subscription, batch, stop)
-                        raise item
-                    if len(batch) >= self.batch_size:
-                        break
-                    remaining = deadline - time.monotonic()
-                    try:
-                        item = (
-                            queue.get_nowait()
-                            if remaining <= 0
-                            else await asyncio.wait_for(queue.get(), remaining)
-                        )
-                    except (asyncio.QueueEmpty, TimeoutError):
-                        break
-                await self._process(subscription, batch, stop)
-        finally:
-            stop_task.cancel()
-            pump_task.cancel()
-            heartbeat_task.cancel()
-            for task in (pump_task, heartbeat_task):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-    async def _process(
-        self, subscription: PersistentSubscription, batch: list[RecordedEvent], stop: asyncio.Event
-    ) -> None:
-        """Apply a batch, then ack what is done and nack (RETRY) what failed.
-
-        Read-store failures are retried with backoff for as long as it takes (the
-        events stay in flight: nothing can be projected during an outage anyway,
-        and parking them would need an operator). After ``write_attempts`` failures
-        the documents are written one by one, so that one the store refuses is
-        nacked alone and the rest go on."""
-        delay = 0.05
-        attempt = 0
-        while True:
-            plan: Plan | None = None
-            try:
-                target = await self._target()  # re-resolved: follows a same-version rebuild's switch
-                plan = await self._plan(batch, target)
-                await self._write(plan, target)
-                break
-            except _Superseded:
-                raise
-            except Exception as exc:
-                attempt += 1
-                log.warning("%s: applying a batch failed (attempt %d): %s", self.name, attempt, exc)
-                if plan is not None and plan.writes and self._only_refused(plan):
-                    for write in plan.writes:
-                        plan.failed.extend(
-                            (e, f"read store refused the document again: {exc}") for e in write.events
-                        )
-                    plan.writes = []
-                    break
-                isolate = plan is not None and attempt >= self.write_attempts and len(plan.writes) > 1
-                if isolate and plan is not None and await self._write_each(plan, target):
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                if stop.is_set():
-                    return  # unacked: closing the subscription hands the events back
-                delay = min(delay * 2, 5.0)
-        # Settled concurrently: the event store's group commit turns a batch's acks
-        # into one transaction instead of one write (and fsync) per event.
-        for event, reason in plan.failed:
-            with event_context(event):
-                log.warning(
-                    "%s: %s@%d (%s) failed: %s", self.name, event.stream, event.revision, event.type, reason
-                )
-        # One gather, held nacks last: every settle is queued to the event store in this
-        # order before anything else runs (a claim among them could hand a held event out
-        # again, and its stale nack would then count against the new delivery). A group
-        # that hands a run back with its nacked event (SQLite) ignores the held nacks;
-        # another retries them.
-        await asyncio.gather(
-            *(subscription.ack(event) for event in plan.done),
-            *(subscription.nack(event, NackAction.RETRY, reason[:500]) for event, reason in plan.failed),
-            *(subscription.nack(event, NackAction.RETRY, _HELD) for event in plan.held),
+            info = await self.event_store.subscription_group_info(self.group)
+        except SubscriptionGroupNotFound:
+            info = None
+        if info is not None and (info.checkpoint is not None or info.parked or info.in_flight):
+            refill_until = await self.event_store.head_position()
+            log.warning(
+                "%s: %s has no checkpoint of group %s (at position %s): the read model was lost; "
+                "projecting again from the beginning (up to %s now)",
+                self.name,
+                physical,
+                self.group,
+                info.checkpoint,
+                refill_until,
+            )
+            await self.event_store.delete_subscription_group(self.group)
+        self._refill_until = refill_until
+        await self.read_store.write_checkpoint(
+            physical, ReadCheckpoint(group=self.group, position=None, refill_until=refill_until)
         )
-        for event in plan.done:
-            self._refused.discard(event.position)
-        if plan.applied and self.on_applied is not None:
-            self.on_applied(self.name, plan.applied)
-        self._notify()
 
-    async def _write(self, plan: Plan, physical: str) -> None:
-        if plan.writes:
-            await self.read_store.write(self.name, [w.op for w in plan.writes], physical=physical)
-        for write in plan.writes:
-            plan.done.extend(write.events)
+    async def _save_checkpoint(self, physical: str) -> None:
+        """Keep the read model's checkpoint (at most once every ``CHECKPOINT_INTERVAL``):
+        the applied mark, a lower bound of what the read model holds."""
+        now = time.monotonic()
+        if now - self._checkpointed_at < CHECKPOINT_INTERVAL:
+            return
+        self._checkpointed_at = now
+        mark = await self.progress.applied_mark()
+        if self._refill_until is not None and mark is not None and mark >= self._refill_until:
+            log.info("%s: the lost read model is filled again (position %d)", self.name, mark)
+            self._refill_until = None
+        await self.read_store.write_checkpoint(
+            physical, ReadCheckpoint(group=self.group, position=mark, refill_until=self._refill_until)
+        )
 
-    async def _write_each(self, plan: Plan, physical: str) -> bool:
-        """Write document by document; the events of a refused one fail. False
-        (nothing changed) when every write fails: the store is down, not a document."""
-        results: list[Exception | None] = []
-        for write in plan.writes:
-            try:
-                await self.read_store.write(self.name, [write.op], physical=physical)
-                results.append(None)
-            except Exception as exc:
-                results.append(exc)
-        if all(r is not None for r in results):
-            return False
-        kept = []
-        for write, error in zip(plan.writes, results, strict=True):
-            if error is None:
-                plan.done.extend(write.events)
-                kept.append(write)
-            else:
-                plan.failed.extend((e, f"read store refused the document: {error}") for e in write.events)
-                if len(self._refused) > 10_000:
-                    self._refused.clear()
-                self._refused.update(e.position for e in write.events)
-        plan.writes = kept
-        return True
-
-    def _only_refused(self, plan: Plan) -> bool:
-        return all(e.position in self._refused for w in plan.writes for e in w.events)
+    async def _handle(self, batch: list[RecordedEvent]) -> Outcome:
+        """One batch: one ``get_many``, the fold, one bulk write. Whatever the stores
+        raise while reading or writing is an outage (the batch is held); an event that
+        cannot be folded fails on its own (the planner's)."""
+        try:
+            target = await self._target()  # re-resolved: follows a same-version rebuild's switch
+            plan = await self._plan(batch, target)
+        except StopConsuming:
+            raise
+        except Exception as exc:
+            raise Outage(f"reading what the batch needs failed: {type(exc).__name__}: {exc}") from exc
+        applied = plan.applied
+        await self.writer.write_live(plan, target)
+        if applied and self.on_applied is not None:
+            self.on_applied(self.name, applied)
+        try:
+            await self._save_checkpoint(target)
+        except Exception as exc:  # the next batch writes it again
+            log.warning("%s: keeping the checkpoint failed: %s", self.name, exc)
+        return Outcome(done=plan.done, retry=plan.failed, held=plan.held)
 
     async def _plan(self, events: Sequence[RecordedEvent], physical: str, *, hold: bool = True) -> Plan:
         """Read what the batch needs (one ``get_many``; the events a document missed,
@@ -450,159 +290,22 @@ class ProjectionRunner:
 
     # --------------------------------------------------------------- observation
 
-    async def _applied_mark(self) -> int | None:
-        """Every event of this projection at or below the mark is applied (``None``:
-        nothing is known to be). The group's checkpoint counts parked events as done
-        (as KurrentDB does); a parked event is not applied, so the mark stays below
-        the oldest one."""
-        try:
-            info = await self.event_store.subscription_group_info(self.group)
-        except SubscriptionGroupNotFound:
-            return None
-        mark = info.checkpoint
-        if info.parked:
-            parked = await self.event_store.list_parked(self.group, limit=min(info.parked, 1000))
-            if parked:
-                oldest = min(p.event.position for p in parked)
-                if mark is None or oldest <= mark:
-                    mark = oldest - 1
-        return mark
-
     async def reached_position(self) -> int | None:
         """The applied low-water mark now (``None``: nothing processed yet)."""
-        return await self._applied_mark()
+        return await self.progress.applied_mark()
 
-    async def _reached(self, position: int) -> bool:
-        mark = await self._applied_mark()
-        if mark is not None and mark >= position:
-            return True
-        # Below the mark everything is applied; above it, is anything at or below
-        # ``position`` still waiting (or parked)? (Non-matching events never wait.)
-        waiting = await self.event_store.read_all(after=mark, filter=self.filter, limit=1)
-        return not waiting or waiting[0].position > position
-
-    async def wait_for_position(self, position: int, timeout: float) -> bool:  # noqa: ASYNC109 (the API shape)
-        """True once every event of this projection at or below ``position`` is
-        applied (parked ones are not), False if that takes longer than
-        ``timeout`` seconds. Woken by this runner's batches, else polls."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
-        delay = 0.005
-        while True:
-            progress = self._progress
-            if await self._reached(position):
-                return True
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(progress.wait(), min(delay, remaining))
-            delay = min(delay * 2, 0.1)
+    async def wait_for_position(self, position: int, timeout: float, *, stop_at_parked: bool = True) -> bool:  # noqa: ASYNC109
+        """See :meth:`ProjectionProgress.wait_for_position` (raises
+        :class:`ParkedEventBlocks` when a parked event stands in the way)."""
+        return await self.progress.wait_for_position(position, timeout, stop_at_parked=stop_at_parked)
 
     async def status(self) -> ProjectionStatus:
-        try:
-            info = await self.event_store.subscription_group_info(self.group)
-        except SubscriptionGroupNotFound:
-            info = None
-        physical = await self.read_store.alias_target(self.name)
-        checkpoint = info.checkpoint if info else None
-        head = info.last_position if info else await self.event_store.head_position()
-        lag_seconds = 0.0
-        waiting = await self.event_store.read_all(after=checkpoint, filter=self.filter, limit=1)
-        if waiting:
-            lag_seconds = max(0.0, (datetime.now(UTC) - waiting[0].recorded_at).total_seconds())
-        return ProjectionStatus(
-            name=self.name,
-            version=self.version,
-            group=self.group,
-            group_exists=info is not None,
-            physical=physical,
-            checkpoint=checkpoint,
-            head_position=head,
-            lag_events=info.lag_events if info else await self._count_waiting(),
-            lag_seconds=lag_seconds,
-            in_flight=info.in_flight if info else 0,
-            parked=info.parked if info else 0,
-        )
-
-    async def _count_waiting(self, cap: int = 1000) -> int:
-        """Matching events in the store (at most ``cap``): the lag of a group never created."""
-        return len(await self.event_store.read_all(filter=self.filter, limit=cap))
+        return await self.progress.status()
 
     # --------------------------------------------------------------------- rebuild
 
     async def rebuild(
         self, progress: ProgressCallback | None = None, *, page_size: int = 500
     ) -> RebuildResult:
-        """Zero-downtime rebuild: replay ``$all`` into a new physical table/index
-        while queries read the old one, catch up to the head, switch the alias,
-        catch up once more (events written during the switch), drop the old one.
-
-        ``progress(position, head_position)`` is called after every page: how far
-        through ``$all`` the replay is (positions need not be contiguous, so read
-        it as a fraction). The group of this version is created, if missing, to
-        continue right after the replay.
-        """
-        schema = self.projection.schema
-        previous = await self.read_store.alias_target(self.name)
-        suffix = (
-            f"r{uuid.uuid4().hex[:8]}"
-            if previous is not None and self.version_of(previous) == self.version
-            else None
-        )
-        physical = await self.read_store.ensure_collection(schema, suffix=suffix)
-        log.info("%s: rebuilding into %s (alias at %s)", self.name, physical, previous)
-
-        state = _ReplayState()
-        await self._replay(physical, state, progress, page_size)
-        # The live group of this version continues after the replay. It starts at
-        # the event before the last one replayed so the low-water mark becomes
-        # defined as soon as that one (already applied: skipped) is acknowledged.
-        await self.event_store.ensure_subscription_group(self.group, self._settings(state.before_last))
-        old = await self.read_store.switch_alias(self.name, physical)
-        await self._replay(physical, state, progress, page_size)
-        for stale in {old, previous} - {None, physical}:
-            if stale is not None and self.version_of(stale) is not None:
-                await self.read_store.drop_physical(stale)
-        if progress is not None:
-            progress(state.position or 0, state.position or 0)
-        log.info("%s: rebuilt %s from %d events (%d failed)", self.name, physical, state.events, state.failed)
-        return RebuildResult(
-            physical=physical, previous=old, events=state.events, failed=state.failed, position=state.position
-        )
-
-    async def _replay(
-        self, physical: str, state: _ReplayState, progress: ProgressCallback | None, page_size: int
-    ) -> None:
-        while True:
-            page = await self.event_store.read_all(after=state.position, filter=self.filter, limit=page_size)
-            if not page:
-                return
-            outcome = await self._plan(page, physical, hold=False)
-            await self._write(outcome, physical)
-            for event, reason in outcome.failed:
-                log.error(
-                    "%s rebuild: %s@%d (%s) skipped: %s",
-                    self.name,
-                    event.stream,
-                    event.revision,
-                    event.type,
-                    reason,
-                )
-            state.events += len(page)
-            state.failed += len(outcome.failed)
-            state.before_last = page[-2].position if len(page) > 1 else state.position
-            state.position = page[-1].position
-            if self.on_applied is not None and outcome.applied:
-                self.on_applied(self.name, outcome.applied)
-            if progress is not None:
-                head = await self.event_store.head_position()
-                progress(state.position, max(head or 0, state.position))
-
-
-@dataclass(slots=True)
-class _ReplayState:
-    position: int | None = None
-    before_last: int | None = None
-    events: int = 0
-    failed: int = 0
+        """Zero-downtime rebuild (:class:`~orderstream.application.projection_rebuild.Rebuild`)."""
+        return await self._rebuild.run(progress, page_size=page_size)

@@ -67,8 +67,10 @@ class RevisionNotFound(NotFound):
 class PositionTracker(Protocol):
     """What queries need of a projection runner."""
 
-    async def wait_for_position(self, position: int, timeout: float) -> bool:  # noqa: ASYNC109
-        """True once every event at or below ``position`` is applied; False on timeout."""
+    async def wait_for_position(self, position: int, timeout: float, *, stop_at_parked: bool = True) -> bool:  # noqa: ASYNC109
+        """True once every event at or below ``position`` is applied; False on timeout.
+        With ``stop_at_parked``, raises at once when a parked event is in the way
+        (:class:`~orderstream.application.projection_progress.ParkedEventBlocks`)."""
         ...
 
     async def reached_position(self) -> int | None:
@@ -163,7 +165,8 @@ class Queries:
         deadline = loop.time() + self.consistency_timeout
         while True:
             remaining = deadline - loop.time()
-            if await tracker.wait_for_position(min_position, min(DOCUMENT_RECHECK, max(0.0, remaining))):
+            wait = min(DOCUMENT_RECHECK, max(0.0, remaining))
+            if await tracker.wait_for_position(min_position, wait, stop_at_parked=False):
                 return await self.read_store.get(collection, doc_id)
             doc = await self.read_store.get(collection, doc_id)
             if _fresh(doc, min_position):

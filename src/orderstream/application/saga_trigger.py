@@ -22,19 +22,22 @@ ack, retry after a timeout) finds the workflow already there; that counts as
 success. A signal to a workflow that has already finished is dropped (the saga
 is over; the order decider already refused whatever the signal was about).
 
-An event is acked once Temporal accepted the start or signal. When Temporal
-cannot be reached it is nacked for retry after a back-off; after the group's
-``max_retry`` deliveries it is parked, visible to operators and replayable
-(``orderstream`` CLI). An event that cannot be decoded is parked at once.
+Consuming is the shared :class:`~orderstream.application.batch_consumer.BatchConsumer`'s
+(leases renewed while a batch waits, settling in one go). The trigger's handler
+hands a batch to Temporal concurrently (at most ``max_in_flight`` at once), one
+stream's events in order. An event is acked once Temporal accepted the start or
+signal. When Temporal cannot be reached, that is an *outage*, not the event's
+fault: the event and the rest of its stream are kept and handed over again after a
+back-off for as long as Temporal stays away, without counting a delivery, so nothing
+parks because Temporal was down. An event that cannot be decoded or handled is parked
+at once, visible to operators, replayable and skippable
+(``orderstream projections parked|replay-parked|skip saga-order-fulfilment``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
-import time
 from dataclasses import dataclass
 
 from temporalio.client import Client
@@ -48,6 +51,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from orderstream.application.batch_consumer import BatchConsumer, Outcome
 from orderstream.domain import orders, payments
 from orderstream.events import EventRegistry
 from orderstream.events import registry as default_registry
@@ -55,7 +59,6 @@ from orderstream.eventstore.base import (
     EventFilter,
     EventMetadata,
     EventStore,
-    NackAction,
     PersistentSubscription,
     RecordedEvent,
     SubscriptionSettings,
@@ -144,103 +147,76 @@ class SagaTrigger:
         self.retry_backoff = retry_backoff
         self.max_in_flight = max_in_flight
         self.local_steps = local_steps
-        self._failures = 0
-        self._resume_at = 0.0
 
     # ------------------------------------------------------------------ running
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume the group until ``stop`` is set. Unacked events go back to
-        the group on the way out."""
+    def consumer(self) -> BatchConsumer:
+        return BatchConsumer(
+            self.event_store,
+            self.group,
+            self.handle_batch,
+            name=f"saga trigger {self.group}",
+            batch_size=self.max_in_flight,
+            ack_timeout_seconds=self.settings.ack_timeout_seconds,
+            backoff=self.retry_backoff,
+            prepare=self._prepare,
+        )
+
+    async def _prepare(self) -> bool:
         await self.event_store.ensure_subscription_group(self.group, self.settings)
-        subscription = await self.event_store.connect_subscription_group(self.group)
-        consumer = asyncio.create_task(self._consume(subscription), name=f"{self.group}-consumer")
-        stopper = asyncio.create_task(stop.wait(), name=f"{self.group}-stop")
-        try:
-            done, _ = await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if consumer in done:
-                consumer.result()  # the subscription ended: raise its error, if any
-        finally:
-            for task in (consumer, stopper):
-                task.cancel()
-            for task in (consumer, stopper):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await subscription.close()
-
-    async def _consume(self, subscription: PersistentSubscription) -> None:
-        """Deliver events concurrently: at most ``max_in_flight`` starts and
-        signals wait on Temporal at once, while one stream's events still reach
-        Temporal in order (each waits for the one before it of its stream).
-
-        One at a time, the trigger was bound by Temporal's round trip (about
-        0.1 s per start on the dev server): a few starts per second, whatever
-        the worker could do. Concurrent starts share the gRPC connection, and
-        the acks that follow share the event store's group commit.
-        """
         log.info(
             "saga trigger consuming group %s (task queue %s, %d in flight)",
             self.group,
             self.task_queue,
             self.max_in_flight,
         )
+        return True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume the group until ``stop`` is set. Unacked events go back to
+        the group on the way out."""
+        await self.consumer().run(stop)
+
+    async def _consume(self, subscription: PersistentSubscription, stop: asyncio.Event | None = None) -> None:
+        """Consume one connection (tests feed a subscription of their own)."""
+        await self.consumer().consume(subscription, stop or asyncio.Event())
+
+    async def handle_batch(self, batch: list[RecordedEvent]) -> Outcome:
+        """Hand a batch to Temporal: streams concurrently (at most ``max_in_flight``
+        calls at once), each stream's events in order, so a cancel never overtakes
+        the start it cancels.
+
+        One at a time, the trigger was bound by Temporal's round trip (about 0.1 s
+        per start on the dev server): concurrent starts share the gRPC connection,
+        and the acks that follow share the event store's group commit."""
+        outcome = Outcome()
         slots = asyncio.Semaphore(self.max_in_flight)
-        last_of_stream: dict[str, asyncio.Task[None]] = {}
+        by_stream: dict[str, list[RecordedEvent]] = {}
+        for event in batch:
+            by_stream.setdefault(event.stream, []).append(event)
+
+        async def deliver(events: list[RecordedEvent]) -> None:
+            for index, event in enumerate(events):
+                async with slots:
+                    try:
+                        with event_context(event):  # what is logged names the event's stream, position, ids
+                            handled = await self.handle(event)
+                    except TemporalUnavailable as exc:
+                        outcome.unavailable.extend(events[index:])
+                        outcome.unavailable_reason = str(exc)
+                        return
+                    except Exception as exc:
+                        log.exception("%s@%d cannot be handled; parking it", event.type, event.position)
+                        outcome.park.append((event, f"{type(exc).__name__}: {exc}"))
+                        continue
+                log.debug("%s@%d -> %s %s", event.type, event.position, handled.action, handled.workflow_id)
+                outcome.done.append(event)
+
         async with asyncio.TaskGroup() as deliveries:
-            async for event in subscription:
-                await slots.acquire()
-                await self._backing_off()
-                before = last_of_stream.get(event.stream)
-                task = deliveries.create_task(self._deliver(subscription, event, before, slots))
-                last_of_stream[event.stream] = task
-                task.add_done_callback(functools.partial(_forget, last_of_stream, event.stream))
-
-    async def _deliver(
-        self,
-        subscription: PersistentSubscription,
-        event: RecordedEvent,
-        before: asyncio.Task[None] | None,
-        slots: asyncio.Semaphore,
-    ) -> None:
-        """Hand one event to Temporal after its stream's previous one, then settle it."""
-        try:
-            if before is not None:
-                await asyncio.wait([before])  # its outcome is its own business
-            with event_context(event):  # what is logged names the event's stream, position, ids
-                await self._deliver_one(subscription, event)
-        finally:
-            slots.release()
-
-    async def _deliver_one(self, subscription: PersistentSubscription, event: RecordedEvent) -> None:
-        try:
-            handled = await self.handle(event)
-        except TemporalUnavailable as exc:
-            delay = self._failed()
-            log.warning("%s@%d: %s; retrying in %.1f s", event.type, event.position, exc, delay)
-            await asyncio.sleep(delay)
-            await subscription.nack(event, NackAction.RETRY, str(exc))
-            return
-        except Exception as exc:
-            log.exception("%s@%d cannot be handled; parking it", event.type, event.position)
-            await subscription.nack(event, NackAction.PARK, f"{type(exc).__name__}: {exc}")
-            return
-        self._failures = 0
-        log.debug("%s@%d -> %s %s", event.type, event.position, handled.action, handled.workflow_id)
-        await subscription.ack(event)
-
-    def _failed(self) -> float:
-        """Count a failure and return the back-off before its retry. The whole
-        trigger backs off too (see :meth:`_backing_off`): with Temporal down,
-        taking more events would only burn their deliveries."""
-        self._failures += 1
-        delay = min(self.retry_backoff[1], self.retry_backoff[0] * 2.0 ** (self._failures - 1))
-        self._resume_at = max(self._resume_at, time.monotonic() + delay)
-        return delay
-
-    async def _backing_off(self) -> None:
-        wait = self._resume_at - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
+            for events in by_stream.values():
+                deliveries.create_task(deliver(events))
+        outcome.unavailable.sort(key=lambda e: e.position)
+        return outcome
 
     # ----------------------------------------------------------------- handling
 
@@ -325,9 +301,3 @@ class SagaTrigger:
                 f"signal {signal} to {workflow_id}: {exc.status.name}: {exc.message}"
             ) from exc
         return Handled(f"signalled {signal}", workflow_id)
-
-
-def _forget(last_of_stream: dict[str, asyncio.Task[None]], stream: str, done: asyncio.Task[None]) -> None:
-    """Drop a finished delivery from the per-stream chain unless a later one replaced it."""
-    if last_of_stream.get(stream) is done:
-        del last_of_stream[stream]

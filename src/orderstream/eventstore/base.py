@@ -281,6 +281,24 @@ class ParkedEvent(msgspec.Struct, frozen=True, kw_only=True):
     parked_at: datetime
 
 
+class SkippedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A parked event an operator dropped for good: who, why, when."""
+
+    event: RecordedEvent
+    actor: str
+    reason: str
+    parked_reason: str
+    attempts: int
+    skipped_at: datetime
+
+
+class ParkedEventNotFound(EventStoreError):
+    def __init__(self, group: str, position: int) -> None:
+        self.group = group
+        self.position = position
+        super().__init__(f"no parked event at position {position} in group {group!r}")
+
+
 class GroupInfo(msgspec.Struct, frozen=True, kw_only=True):
     group: str
     checkpoint: int | None
@@ -411,6 +429,16 @@ class EventStore(Protocol):
 
     async def replay_parked(self, group: str) -> int:
         """Deliver every parked event of the group again; returns how many."""
+        ...
+
+    async def skip_parked(self, group: str, position: int, *, actor: str, reason: str) -> SkippedEvent:
+        """Drop the parked event at ``position`` for good (the group's consumers will
+        never see it again), recording who did it and why. Raises
+        :class:`ParkedEventNotFound` when no such event is parked in the group."""
+        ...
+
+    async def list_skipped(self, group: str, *, limit: int = 100) -> list[SkippedEvent]:
+        """The events skipped in the group, oldest position first."""
         ...
 
     async def close(self) -> None: ...

@@ -51,6 +51,7 @@ from orderstream.eventstore.base import (
     NewEvent,
     ParkedEvent,
     RecordedEvent,
+    SkippedEvent,
     SubscriptionGroupExists,
     SubscriptionGroupNotFound,
     SubscriptionSettings,
@@ -589,6 +590,19 @@ class KurrentDBEventStore:
                     break
                 await asyncio.sleep(0.1)
         return len(links)
+
+    async def skip_parked(self, group: str, position: int, *, actor: str, reason: str) -> SkippedEvent:
+        """Not on KurrentDB yet: its parked stream cannot drop one event (a replay
+        delivers all of them), so a skip would need the consumer to ack recorded skips
+        on their redelivery. Fix the projection and replay instead."""
+        raise EventStoreError(
+            "skipping one parked event is not supported on KurrentDB; "
+            "fix the cause and replay the parked events"
+        )
+
+    async def list_skipped(self, group: str, *, limit: int = 100) -> list[SkippedEvent]:
+        await self._info(group)
+        return []
 
     async def _park_notes(self, group: str) -> dict[uuid.UUID, ParkNote]:
         record = await self._record(group)

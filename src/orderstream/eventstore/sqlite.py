@@ -132,6 +132,7 @@ from orderstream.eventstore.base import (
     NewEvent,
     ParkedEvent,
     RecordedEvent,
+    SkippedEvent,
     StreamState,
     SubscriptionSettings,
     WrongExpectedVersion,
@@ -546,6 +547,15 @@ class SqliteEventStore:
 
     async def replay_parked(self, group: str) -> int:
         return await self._submit(lambda conn: groups.replay_parked_tx(conn, group))
+
+    async def skip_parked(self, group: str, position: int, *, actor: str, reason: str) -> SkippedEvent:
+        await self._submit(lambda conn: groups.skip_parked_tx(conn, group, position, actor, reason))
+        (skipped,) = await self._read(lambda conn: groups.list_skipped(conn, group, 1, position=position))
+        return skipped
+
+    async def list_skipped(self, group: str, *, limit: int = 100) -> list[SkippedEvent]:
+        _check_limit(limit)
+        return await self._read(lambda conn: groups.list_skipped(conn, group, limit))
 
 
 class SqlitePersistentSubscription:

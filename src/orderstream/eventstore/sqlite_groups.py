@@ -34,7 +34,9 @@ from orderstream.eventstore.base import (
     GroupInfo,
     NackAction,
     ParkedEvent,
+    ParkedEventNotFound,
     RecordedEvent,
+    SkippedEvent,
     SubscriptionGroupExists,
     SubscriptionGroupNotFound,
     SubscriptionSettings,
@@ -337,6 +339,25 @@ def replay_parked_tx(conn: sqlite3.Connection, name: str) -> int:
     ).rowcount
 
 
+def skip_parked_tx(conn: sqlite3.Connection, name: str, position: int, actor: str, reason: str) -> None:
+    """Drop a parked event for good, recording who and why in ``subscription_skips``
+    (in the same transaction). A skipped event is finished: it no longer holds the
+    checkpoint, nor a projection's applied mark, back."""
+    load_group(conn, name)
+    row = conn.execute(
+        "DELETE FROM subscription_events WHERE group_name = ? AND position = ? AND state = 'parked'"
+        " RETURNING reason, attempts",
+        (name, position),
+    ).fetchone()
+    if row is None:
+        raise ParkedEventNotFound(name, position)
+    conn.execute(
+        "INSERT OR REPLACE INTO subscription_skips (group_name, position, actor, reason, parked_reason,"
+        " attempts, skipped_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (name, position, actor, reason, row[0], row[1], _now_iso()),
+    )
+
+
 # ------------------------------------------------------------------ reads (reader threads)
 
 
@@ -387,6 +408,32 @@ def list_parked(conn: sqlite3.Connection, name: str, limit: int) -> list[ParkedE
     finally:
         conn.execute("COMMIT")
     return [_parked(row) for row in rows]
+
+
+def list_skipped(
+    conn: sqlite3.Connection, name: str, limit: int, *, position: int | None = None
+) -> list[SkippedEvent]:
+    """The group's skipped events (only the one at ``position``, if given)."""
+    rows = conn.execute(
+        f"SELECT {event_columns('e')}, s.actor, s.reason, s.parked_reason, s.attempts, s.skipped_at"
+        " FROM subscription_skips s JOIN events e ON e.position = s.position"
+        " WHERE s.group_name = ? AND (? IS NULL OR s.position = ?) ORDER BY s.position LIMIT ?",
+        (name, position, position, limit),
+    ).fetchall()
+    skipped = []
+    for row in rows:
+        *event, actor, reason, parked_reason, attempts, skipped_at = row
+        skipped.append(
+            SkippedEvent(
+                event=to_event(tuple(event)),
+                actor=actor,
+                reason=reason,
+                parked_reason=parked_reason or "",
+                attempts=attempts,
+                skipped_at=datetime.fromisoformat(skipped_at),
+            )
+        )
+    return skipped
 
 
 def _parked(row: tuple[Any, ...]) -> ParkedEvent:

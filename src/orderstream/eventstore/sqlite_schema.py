@@ -77,6 +77,19 @@ CREATE INDEX IF NOT EXISTS subscription_events_by_stream
 CREATE INDEX IF NOT EXISTS subscription_events_by_state
     ON subscription_events (group_name, state, position);
 
+-- Parked events an operator skipped: who, when and why (kept after the group's row
+-- is gone: an audit trail). The event itself stays in ``events``.
+CREATE TABLE IF NOT EXISTS subscription_skips (
+    group_name TEXT    NOT NULL,
+    position   INTEGER NOT NULL,
+    actor      TEXT    NOT NULL,
+    reason     TEXT    NOT NULL,
+    parked_reason TEXT,
+    attempts   INTEGER NOT NULL,
+    skipped_at TEXT    NOT NULL,
+    PRIMARY KEY (group_name, position)
+);
+
 -- One row per keyed command: written in the same transaction as its events.
 -- (revision, position) are those of the command's last event.
 CREATE TABLE IF NOT EXISTS idempotency (

@@ -166,6 +166,19 @@ class Stored(msgspec.Struct, frozen=True, kw_only=True):
     document: Document | None
 
 
+class ReadCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """How far a projection's group had applied into one physical collection, kept
+    *with* the read model (same SQLite file; an Elasticsearch document), so that a read
+    model that is lost (a deleted file or index) is noticed: its checkpoint is gone too."""
+
+    group: str
+    position: int | None
+    """Every event of the projection at or below it is applied (``None``: nothing yet)."""
+    refill_until: int | None = None
+    """Set when the read model was found lost and is filled again from the beginning:
+    the head position then. Cleared once ``position`` reaches it."""
+
+
 class ReadStore(Protocol):
     async def ensure_collection(
         self, schema: CollectionSchema, *, version: int | None = None, suffix: str | None = None
@@ -207,7 +220,16 @@ class ReadStore(Protocol):
 
     async def alias_target(self, collection: str) -> str | None: ...
 
-    async def drop_physical(self, physical: str) -> None: ...
+    async def drop_physical(self, physical: str) -> None:
+        """Drop the table/index and its checkpoint."""
+        ...
+
+    async def read_checkpoint(self, physical: str) -> ReadCheckpoint | None:
+        """The checkpoint stored with ``physical``; ``None`` if there is none (a new or
+        lost collection, or one made before checkpoints were kept)."""
+        ...
+
+    async def write_checkpoint(self, physical: str, checkpoint: ReadCheckpoint) -> None: ...
 
     async def refresh(self, collection: str) -> None:
         """Make every write so far visible to queries (no-op where writes are

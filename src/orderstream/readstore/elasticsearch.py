@@ -29,8 +29,7 @@ DEBUG.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -52,6 +51,7 @@ from orderstream.readstore.base import (
     Page,
     Query,
     Range,
+    ReadCheckpoint,
     ReadStoreUnavailable,
     SortField,
     Stored,
@@ -59,6 +59,7 @@ from orderstream.readstore.base import (
     WriteOp,
     WriteOutcome,
 )
+from orderstream.readstore.cursor import decode_cursor, encode_cursor, sort_signature
 
 MAX_LIMIT = 1000
 REFRESH_INTERVAL = "100ms"
@@ -70,6 +71,7 @@ switched by a rebuild in another process may point at a new version)."""
 
 _schema_encoder = msgspec.json.Encoder()
 _schema_decoder = msgspec.json.Decoder(CollectionSchema)
+_checkpoint_decoder = msgspec.json.Decoder(ReadCheckpoint)
 
 
 @asynccontextmanager
@@ -131,20 +133,6 @@ def index_template(schema: CollectionSchema, prefix: str) -> dict[str, Any]:
     }
 
 
-def encode_cursor(values: Sequence[Any]) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode(list(values))).decode()
-
-
-def decode_cursor(cursor: str) -> list[Any]:
-    try:
-        values = msgspec.json.decode(base64.urlsafe_b64decode(cursor.encode()))
-    except (binascii.Error, msgspec.DecodeError, ValueError) as exc:
-        raise InvalidQuery("malformed cursor") from exc
-    if not isinstance(values, list):
-        raise InvalidQuery("malformed cursor")
-    return values
-
-
 def _check_scalar(field: str, kind: FieldKind, value: object) -> None:
     if kind is FieldKind.INTEGER and (not isinstance(value, int) or isinstance(value, bool)):
         raise InvalidQuery(f"{field} takes integers, not {value!r}")
@@ -177,6 +165,7 @@ class ElasticsearchReadStore:
         self._schemas: dict[str, CollectionSchema] = {}
         """Schemas ensured by this process: authoritative."""
         self._discovered: dict[str, tuple[float, CollectionSchema]] = {}
+        self._checkpoints_ready = False
         """Schemas read from the alias target's mapping, with when they were read."""
 
     @classmethod
@@ -243,8 +232,12 @@ class ElasticsearchReadStore:
             except Exception as exc:  # created by a concurrent process in the meantime
                 if "resource_already_exists_exception" not in str(exc):
                     raise
+            else:  # a checkpoint left by a deleted index of this name is not this one's
+                with contextlib.suppress(NotFoundError):
+                    await self._es.delete(index=self._checkpoints, id=physical)
         else:  # made before schemas were recorded, or by another code version: record ours
             await self._es.indices.put_mapping(index=physical, meta=meta)
+        await self._ensure_checkpoints()
         if await self.alias_target(schema.name) is None:
             await self._es.indices.update_aliases(
                 actions=[{"add": {"index": physical, "alias": self.alias(schema.name)}}]
@@ -271,6 +264,45 @@ class ElasticsearchReadStore:
 
     async def drop_physical(self, physical: str) -> None:
         await self._es.indices.delete(index=physical, ignore_unavailable=True)
+        with contextlib.suppress(NotFoundError):
+            await self._es.delete(index=self._checkpoints, id=physical)
+
+    @property
+    def _checkpoints(self) -> str:
+        """The meta index of the projections' checkpoints: one document per physical
+        index (created on first write). A deleted projection index loses its alias, so
+        its runner notices even if this document outlived it."""
+        return f"{self._prefix}checkpoints"
+
+    async def _ensure_checkpoints(self) -> None:
+        """Create the checkpoints index (its shard started) before any alias is made:
+        a reader that finds an alias then finds this index ready, never recovering."""
+        if self._checkpoints_ready:
+            return
+        try:
+            await self._es.indices.create(
+                index=self._checkpoints,
+                settings={"number_of_shards": 1, "number_of_replicas": 0},
+                mappings={"dynamic": False, "properties": {}},
+            )
+        except Exception as exc:  # made by another process or an earlier run
+            if "resource_already_exists_exception" not in str(exc):
+                raise
+        self._checkpoints_ready = True
+
+    async def read_checkpoint(self, physical: str) -> ReadCheckpoint | None:
+        try:
+            async with _reachable():
+                answer = await self._es.get(index=self._checkpoints, id=physical)
+        except NotFoundError:
+            return None
+        return _checkpoint_decoder.decode(msgspec.json.encode(answer["_source"]))
+
+    async def write_checkpoint(self, physical: str, checkpoint: ReadCheckpoint) -> None:
+        async with _reachable():
+            await self._es.index(
+                index=self._checkpoints, id=physical, document=msgspec.to_builtins(checkpoint)
+            )
 
     async def refresh(self, collection: str) -> None:
         await self._es.indices.refresh(index=self.alias(collection))
@@ -407,11 +439,9 @@ class ElasticsearchReadStore:
         }
         if aggs:
             params["aggs"] = aggs
+        signature = sort_signature([(s.field, s.descending) for s in sort])
         if query.cursor:
-            values = decode_cursor(query.cursor)
-            if len(values) != len(sort):
-                raise InvalidQuery("cursor does not match the sort")
-            params["search_after"] = values
+            params["search_after"] = decode_cursor(query.cursor, signature, len(sort))
         try:
             async with _reachable():
                 answer = await self._es.search(**params)
@@ -420,7 +450,7 @@ class ElasticsearchReadStore:
         hits = answer["hits"]["hits"]
         more = len(hits) > query.limit
         hits = hits[: query.limit]
-        next_cursor = encode_cursor(hits[-1]["sort"]) if more and hits else None
+        next_cursor = encode_cursor(signature, hits[-1]["sort"]) if more and hits else None
         facets = {
             name: {str(b["key"]): int(b["doc_count"]) for b in answer["aggregations"][name]["buckets"]}
             for name in aggs

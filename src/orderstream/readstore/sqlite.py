@@ -21,8 +21,6 @@ while one writes.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import re
 import sqlite3
 import threading
@@ -32,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -45,6 +43,7 @@ from orderstream.readstore.base import (
     Page,
     Query,
     Range,
+    ReadCheckpoint,
     ReadStoreUnavailable,
     SortField,
     Stored,
@@ -52,6 +51,7 @@ from orderstream.readstore.base import (
     WriteOp,
     WriteOutcome,
 )
+from orderstream.readstore.cursor import decode_cursor, encode_cursor, sort_signature
 
 T = TypeVar("T")
 
@@ -87,6 +87,12 @@ CREATE TABLE IF NOT EXISTS physicals (
 CREATE TABLE IF NOT EXISTS aliases (
     collection TEXT PRIMARY KEY,
     physical   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    physical     TEXT PRIMARY KEY,
+    grp          TEXT NOT NULL,
+    position     INTEGER,
+    refill_until INTEGER
 );
 """
 
@@ -136,20 +142,6 @@ def fts_match_expression(text: str) -> str | None:
     phrases = ['"' + chunk.replace('"', '""') + '"' for chunk in chunks]
     phrases[-1] += "*"
     return " ".join(phrases)
-
-
-SqliteInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-"""A cursor is client input: an integer SQLite cannot bind is an invalid cursor, not a 500."""
-
-
-class _Cursor(msgspec.Struct, array_like=True, frozen=True):
-    sort: str
-    values: list[SqliteInt | float | str | None]
-    id: str
-
-
-_cursor_encoder = msgspec.msgpack.Encoder()
-_cursor_decoder = msgspec.msgpack.Decoder(_Cursor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,6 +530,7 @@ class SqliteReadStore:
                     "INSERT INTO physicals (physical, collection, schema) VALUES (?, ?, ?)",
                     (physical, schema.name, _schema_encoder.encode(stored).decode()),
                 )
+                self._conn.execute("DELETE FROM checkpoints WHERE physical = ?", (physical,))
             self._upgraded.discard(physical)
             self._upgrade(_Table(physical, schema.name, stored))
             self._conn.execute(
@@ -581,9 +574,30 @@ class SqliteReadStore:
             self._conn.execute(f"DROP TABLE IF EXISTS {_q(table.fts)}")
             self._conn.execute(f"DROP TABLE IF EXISTS {_q(table.counts)}")
             self._conn.execute("DELETE FROM physicals WHERE physical = ?", (physical,))
+            self._conn.execute("DELETE FROM checkpoints WHERE physical = ?", (physical,))
             self._tables.pop(physical, None)
 
         await self._run(lambda: self._transaction(drop, write=True))
+
+    async def read_checkpoint(self, physical: str) -> ReadCheckpoint | None:
+        def read(conn: sqlite3.Connection) -> ReadCheckpoint | None:
+            row = conn.execute(
+                "SELECT grp, position, refill_until FROM checkpoints WHERE physical = ?", (physical,)
+            ).fetchone()
+            return None if row is None else ReadCheckpoint(group=row[0], position=row[1], refill_until=row[2])
+
+        return await self._read(read)
+
+    async def write_checkpoint(self, physical: str, checkpoint: ReadCheckpoint) -> None:
+        def write() -> None:
+            self._conn.execute(
+                "INSERT INTO checkpoints (physical, grp, position, refill_until) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (physical) DO UPDATE SET grp = excluded.grp, position = excluded.position,"
+                " refill_until = excluded.refill_until",
+                (physical, checkpoint.group, checkpoint.position, checkpoint.refill_until),
+            )
+
+        await self._run(lambda: self._transaction(write, write=True))
 
     async def refresh(self, collection: str) -> None:
         """Writes are visible once committed."""
@@ -814,19 +828,12 @@ class _QueryPlan:
 
     @property
     def signature(self) -> str:
-        return ",".join(f"{expr}:{'d' if desc else 'a'}" for expr, desc in self.sort)
+        return sort_signature(self.sort)
 
     def _after(self, cursor: str) -> tuple[str, list[Any]]:
         """Keyset predicate: rows strictly after the cursor's row in sort order
         (missing values sort last in either direction)."""
-        try:
-            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-            decoded = _cursor_decoder.decode(raw)
-        except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
-            raise InvalidQuery("invalid cursor") from exc
-        if decoded.sort != self.signature or len(decoded.values) != len(self.sort) - 1:
-            raise InvalidQuery("the cursor belongs to another sort order")
-        return self._after_row([*decoded.values, decoded.id])
+        return self._after_row(decode_cursor(cursor, self.signature, len(self.sort)))
 
     def _after_row(self, values: Sequence[Any]) -> tuple[str, list[Any]]:
         """Keyset predicate: rows strictly after the row with these sort values (the
@@ -1033,8 +1040,7 @@ class _QueryPlan:
         next_cursor = None
         if has_more and keys:
             last = keys[-1]
-            token = _Cursor(self.signature, list(last[1:-1]), str(last[-1]))
-            next_cursor = base64.urlsafe_b64encode(_cursor_encoder.encode(token)).rstrip(b"=").decode()
+            next_cursor = encode_cursor(self.signature, [*last[1:-1], str(last[-1])])
         return Page(
             items=[_doc_decoder.decode(docs[key[0]]) for key in keys],
             next_cursor=next_cursor,
