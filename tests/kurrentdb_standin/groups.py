@@ -1,0 +1,297 @@
+"""The stand-in's persistent subscription groups on ``$all`` (Pinned strategy).
+
+STAND-IN, NOT KURRENTDB. Modelled on KurrentDB's documented behaviour
+(docs.kurrent.io "Persistent subscriptions": consumer strategies, checkpoints, parked
+messages, replay) and on what kurrentdbclient's tests assert
+(``tests/test_client.py``: ``test_persistent_subscription_*``, ``test_replay_parked_events``).
+Where neither says enough, the choice is marked ASSUMED and listed in docs/kurrentdb.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from tests.kurrentdb_standin.log import LINK_TYPE, Log, Record, RegexFilter
+
+BUCKETS = 1024
+"""The Pinned strategy hashes each event's source stream into one of 1024 buckets, each
+owned by one consumer (KurrentDB docs, "Consumer strategies: Pinned")."""
+
+
+@dataclass
+class Settings:
+    start: int | None
+    """First ``$all`` position to deliver (inclusive, like the server's start position)."""
+    event_filter: RegexFilter | None
+    strategy: str
+    message_timeout: float
+    max_retry_count: int
+    min_checkpoint_count: int
+    max_checkpoint_count: int
+    checkpoint_after: float
+    max_subscriber_count: int
+
+
+@dataclass
+class Message:
+    event: Record
+    link: Record | None
+    """Set for a replayed parked event: it is delivered through its parked link and acked
+    by the link's id (kurrentdbclient ``RecordedEvent.ack_id``)."""
+    retry_count: int = 0
+    consumer: int | None = None
+    deadline: float = 0.0
+
+    @property
+    def ack_id(self) -> uuid.UUID:
+        return self.link.id if self.link is not None else self.event.id
+
+
+@dataclass
+class Consumer:
+    id: int
+    buffer_size: int
+    outbox: asyncio.Queue[Message | None] = field(default_factory=asyncio.Queue)
+    in_flight: set[uuid.UUID] = field(default_factory=set)
+    total: int = 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.buffer_size - len(self.in_flight)
+
+
+def bucket_of(stream: str) -> int:
+    return zlib.crc32(stream.encode()) % BUCKETS
+
+
+class Group:
+    """One group: reads ``$all`` from its start through its filter, hands messages to its
+    consumers by bucket, retries, parks, checkpoints."""
+
+    def __init__(self, name: str, settings: Settings, log: Log) -> None:
+        self.name = name
+        self.settings = settings
+        self._log = log
+        self._cursor = log.index_after(settings.start, inclusive=True)
+        self._retry: deque[Message] = deque()
+        self._live: deque[Message] = deque()
+        self.outstanding: dict[uuid.UUID, Message] = {}
+        self.consumers: dict[int, Consumer] = {}
+        self._owner: list[int | None] = [None] * BUCKETS
+        # Read order of the group's own events and whether each is settled: the
+        # checkpoint is the last settled position before the first unsettled one.
+        self._window: deque[tuple[int, bool]] = deque()
+        self._settled: set[int] = set()
+        self._low_water: int | None = None
+        self.checkpoint: int | None = None
+        self._settled_since_checkpoint = 0
+        self._last_checkpoint_at = time.monotonic()
+        self.wake = asyncio.Event()
+
+    # ------------------------------------------------------------------ names
+
+    @property
+    def subscription_id(self) -> str:
+        return f"$all::{self.name}"
+
+    @property
+    def parked_stream(self) -> str:
+        """``"$persistentsubscription-" + subscriptionId + "-parked"`` (KurrentDB docs,
+        "Parked messages"; kurrentdbclient's tests read it by that name)."""
+        return f"$persistentsubscription-{self.subscription_id}-parked"
+
+    @property
+    def checkpoint_stream(self) -> str:
+        return f"$persistentsubscription-{self.subscription_id}-checkpoint"
+
+    def parked_count(self) -> int:
+        return len(self._log.stream(self.parked_stream) or [])
+
+    # ------------------------------------------------------------------ consumers
+
+    def add_consumer(self, consumer: Consumer) -> None:
+        """A joining consumer takes its fair share of buckets, idle ones first, then
+        buckets with events in flight at another consumer (ASSUMED from the server's
+        PinnedConsumerState; the adapter's consumer guards against the second case)."""
+        self.consumers[consumer.id] = consumer
+        if len(self.consumers) == 1:
+            self._owner = [consumer.id] * BUCKETS
+        else:
+            share = BUCKETS // len(self.consumers)
+            busy = {bucket_of(m.event.stream) for m in self.outstanding.values()}
+            order = [b for b in range(BUCKETS) if b not in busy] + sorted(busy)
+            for b in order[:share]:
+                self._owner[b] = consumer.id
+        self.wake.set()
+
+    def remove_consumer(self, consumer_id: int) -> None:
+        """A consumer that leaves: its buckets go to the others and its in-flight messages
+        are retried, counting a delivery (ASSUMED: server source, RemoveClientByConnectionId)."""
+        consumer = self.consumers.pop(consumer_id, None)
+        if consumer is None:
+            return
+        remaining = sorted(self.consumers)
+        for b in range(BUCKETS):
+            if self._owner[b] == consumer_id:
+                self._owner[b] = remaining[b % len(remaining)] if remaining else None
+        lost = sorted(
+            (m for m in self.outstanding.values() if m.consumer == consumer_id),
+            key=lambda m: m.event.position,
+        )
+        for m in lost:
+            del self.outstanding[m.ack_id]
+            self._retry_or_park(m)
+        self.wake.set()
+
+    # ------------------------------------------------------------------ settling
+
+    def ack(self, ack_ids: list[uuid.UUID]) -> None:
+        for ack_id in ack_ids:
+            m = self._take(ack_id)
+            if m is not None:
+                self._settle(m)
+        self.wake.set()
+
+    def nack(self, ack_ids: list[uuid.UUID], action: str, reason: str) -> None:
+        """Park / retry / skip (KurrentDB docs, "Acknowledgements": Nack actions). "stop"
+        and "unknown" are retried here."""
+        for ack_id in ack_ids:
+            m = self._take(ack_id)
+            if m is None:
+                continue
+            if action == "park":
+                self._park(m, f"Client explicitly NAK'ed message.\n{reason}")
+            elif action == "skip":
+                self._settle(m)
+            else:
+                self._retry_or_park(m)
+        self.wake.set()
+
+    def _take(self, ack_id: uuid.UUID) -> Message | None:
+        m = self.outstanding.pop(ack_id, None)
+        if m is not None and m.consumer in self.consumers:
+            self.consumers[m.consumer].in_flight.discard(ack_id)
+        return m
+
+    def _retry_or_park(self, m: Message) -> None:
+        """Park once the retry count (0 on the first delivery) has reached
+        ``max_retry_count``, else retry with the count + 1 (KurrentDB docs, "Max retry
+        count"; the reason text is the server's: "Reached retry count of N")."""
+        if m.retry_count >= self.settings.max_retry_count:
+            self._park(m, f"Reached retry count of {self.settings.max_retry_count}")
+        else:
+            m.retry_count += 1
+            m.consumer = None
+            self._retry.append(m)
+
+    def _park(self, m: Message, reason: str) -> None:
+        metadata = json.dumps(
+            {
+                "Added": datetime.now(UTC).isoformat(),
+                "Reason": reason,
+                "SubscriptionEventNumber": m.event.position,
+            }
+        ).encode()
+        self._log.write_system(
+            self.parked_stream, LINK_TYPE, f"{m.event.revision}@{m.event.stream}".encode(), metadata
+        )
+        self._settle(m)
+
+    def _settle(self, m: Message) -> None:
+        if m.link is None:
+            self._settled.add(m.event.position)
+            while self._window and (self._window[0][1] or self._window[0][0] in self._settled):
+                position, _ = self._window.popleft()
+                self._settled.discard(position)
+                self._low_water = position
+        self._settled_since_checkpoint += 1
+
+    def replay_parked(self) -> None:
+        """Deliver the parked events again, through their links and counting afresh, then
+        truncate the parked stream (KurrentDB docs, "Replay parked messages";
+        kurrentdbclient ``test_replay_parked_events``)."""
+        links = self._log.stream(self.parked_stream) or []
+        for link in links:
+            target = self._log.resolve(link)
+            if target is not None:
+                self._retry.append(Message(event=target, link=link))
+        if links:
+            self._log.truncate(self.parked_stream, links[-1].revision + 1)
+        self.wake.set()
+
+    # ------------------------------------------------------------------ the pump
+
+    def pump(self) -> None:
+        """One round: time out, read new events, dispatch, checkpoint."""
+        now = time.monotonic()
+        for m in [m for m in self.outstanding.values() if m.deadline <= now]:
+            self._take(m.ack_id)
+            self._retry_or_park(m)
+        self._read_new()
+        self._dispatch(self._retry, now)
+        self._dispatch(self._live, now)
+        self._maybe_checkpoint(now)
+
+    def _read_new(self) -> None:
+        records = self._log.records
+        while self._cursor < len(records):
+            record = records[self._cursor]
+            self._cursor += 1
+            if self.settings.event_filter is None or self.settings.event_filter.matches(record):
+                self._live.append(Message(event=record, link=None))
+                self._window.append((record.position, False))
+
+    def _dispatch(self, queue: deque[Message], now: float) -> None:
+        """Send in order; a message whose bucket's consumer is full waits, and so do the
+        later messages of its stream (they share the bucket)."""
+        waiting: deque[Message] = deque()
+        blocked: set[int] = set()
+        while queue:
+            m = queue.popleft()
+            b = bucket_of(m.event.stream)
+            owner = self._owner[b]
+            consumer = self.consumers.get(owner) if owner is not None else None
+            if consumer is None or b in blocked or consumer.free_slots <= 0:
+                blocked.add(b)
+                waiting.append(m)
+                continue
+            m.consumer, m.deadline = consumer.id, now + self.settings.message_timeout
+            self.outstanding[m.ack_id] = m
+            consumer.in_flight.add(m.ack_id)
+            consumer.total += 1
+            consumer.outbox.put_nowait(m)
+        queue.extend(waiting)
+
+    def _maybe_checkpoint(self, now: float) -> None:
+        """Write the low-water mark after ``checkpoint_after`` once ``min_checkpoint_count``
+        messages were settled, or at once after ``max_checkpoint_count`` (KurrentDB docs,
+        "Checkpointing"; the timing is ASSUMED)."""
+        if self._low_water is None or self._low_water == self.checkpoint:
+            return
+        due = now - self._last_checkpoint_at >= self.settings.checkpoint_after
+        if (due and self._settled_since_checkpoint >= self.settings.min_checkpoint_count) or (
+            self._settled_since_checkpoint >= self.settings.max_checkpoint_count
+        ):
+            self.checkpoint = self._low_water
+            self._settled_since_checkpoint = 0
+            self._last_checkpoint_at = now
+            self._log.write_system(
+                self.checkpoint_stream,
+                "$SubscriptionCheckpoint",
+                json.dumps(f"C:{self.checkpoint}/P:{self.checkpoint}").encode(),
+            )
+
+    def in_retry(self) -> int:
+        return len(self._retry)
+
+    def close(self) -> None:
+        for consumer in self.consumers.values():
+            consumer.outbox.put_nowait(None)
+        self.consumers.clear()
