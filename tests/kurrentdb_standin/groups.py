@@ -10,6 +10,7 @@ Where neither says enough, the choice is marked ASSUMED and listed in docs/kurre
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 import uuid
@@ -117,30 +118,40 @@ class Group:
     # ------------------------------------------------------------------ consumers
 
     def add_consumer(self, consumer: Consumer) -> None:
-        """A joining consumer takes its fair share of buckets, idle ones first, then
-        buckets with events in flight at another consumer (ASSUMED from the server's
-        PinnedConsumerState; the adapter's consumer guards against the second case)."""
+        """Buckets are assigned lazily, on a bucket's first message, to the connected
+        consumer with the fewest buckets. A joining consumer takes over buckets from
+        consumers above a balanced share, those with the fewest events in flight first,
+        so possibly some still in flight elsewhere (as KurrentDB's PinnedConsumerState
+        does: AddNode / AssignBucket / ChooseClient; read, not copied). The adapter's
+        consumer guards against that second case."""
         self.consumers[consumer.id] = consumer
-        if len(self.consumers) == 1:
-            self._owner = [consumer.id] * BUCKETS
-        else:
-            share = BUCKETS // len(self.consumers)
-            busy = {bucket_of(m.event.stream) for m in self.outstanding.values()}
-            order = [b for b in range(BUCKETS) if b not in busy] + sorted(busy)
-            for b in order[:share]:
+        assigned = [b for b in range(BUCKETS) if self._owner[b] in self.consumers]
+        balanced = -(-len(assigned) // len(self.consumers))  # ceiling
+        in_flight = collections.Counter(bucket_of(m.event.stream) for m in self.outstanding.values())
+        for other in list(self.consumers):
+            if other == consumer.id:
+                continue
+            owned = [b for b in assigned if self._owner[b] == other]
+            for b in sorted(owned, key=lambda b: in_flight[b])[: max(0, len(owned) - balanced)]:
                 self._owner[b] = consumer.id
         self.wake.set()
 
+    def _owner_of(self, b: int) -> Consumer | None:
+        owner = self._owner[b]
+        if owner not in self.consumers:  # unassigned, or its consumer left
+            if not self.consumers:
+                return None
+            counts = collections.Counter(self._owner)
+            owner = min(self.consumers, key=lambda c: counts[c])
+            self._owner[b] = owner
+        return self.consumers[owner]
+
     def remove_consumer(self, consumer_id: int) -> None:
-        """A consumer that leaves: its buckets go to the others and its in-flight messages
-        are retried, counting a delivery (ASSUMED: server source, RemoveClientByConnectionId)."""
-        consumer = self.consumers.pop(consumer_id, None)
-        if consumer is None:
+        """A consumer that leaves: its buckets are reassigned on their next message and
+        its in-flight messages are retried, counting a delivery (ASSUMED from the server's
+        PersistentSubscription.RemoveClientByConnectionId)."""
+        if self.consumers.pop(consumer_id, None) is None:
             return
-        remaining = sorted(self.consumers)
-        for b in range(BUCKETS):
-            if self._owner[b] == consumer_id:
-                self._owner[b] = remaining[b % len(remaining)] if remaining else None
         lost = sorted(
             (m for m in self.outstanding.values() if m.consumer == consumer_id),
             key=lambda m: m.event.position,
@@ -256,8 +267,7 @@ class Group:
         while queue:
             m = queue.popleft()
             b = bucket_of(m.event.stream)
-            owner = self._owner[b]
-            consumer = self.consumers.get(owner) if owner is not None else None
+            consumer = None if b in blocked else self._owner_of(b)
             if consumer is None or b in blocked or consumer.free_slots <= 0:
                 blocked.add(b)
                 waiting.append(m)

@@ -373,6 +373,7 @@ class PersistentService(persistent_pb2_grpc.PersistentSubscriptionsServicer):
         consumer = Consumer(id=next(self._ids), buffer_size=max(1, first.options.buffer_size))
         group.add_consumer(consumer)
         settle = asyncio.get_running_loop().create_task(self._settle(group, requests))
+        get: asyncio.Task[Message | None] | None = None
         try:
             yield persistent_pb2.ReadResp(
                 subscription_confirmation=persistent_pb2.ReadResp.SubscriptionConfirmation(
@@ -380,17 +381,19 @@ class PersistentService(persistent_pb2_grpc.PersistentSubscriptionsServicer):
                 )
             )
             while True:
-                get = asyncio.ensure_future(consumer.outbox.get())
+                get = asyncio.get_running_loop().create_task(consumer.outbox.get())
                 done, _ = await asyncio.wait({get, settle}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
-                    get.cancel()
                     return  # the client closed its request stream
                 message = get.result()
                 if message is None:
                     await context.abort(grpc.StatusCode.CANCELLED, "Persistent subscription deleted")
+                    return
                 yield self._persistent_event(message)
         finally:
             settle.cancel()
+            if get is not None:
+                get.cancel()
             group.remove_consumer(consumer.id)
 
     @staticmethod
