@@ -42,10 +42,18 @@ class StandIn:
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(grace=None), self._loop).result(timeout=30)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=None)
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:  # the groups' pumps
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
 
 __all__ = ["StandIn"]
