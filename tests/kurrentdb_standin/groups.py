@@ -3,7 +3,8 @@
 STAND-IN, NOT KURRENTDB. Modelled on KurrentDB's documented behaviour
 (docs.kurrent.io "Persistent subscriptions": consumer strategies, checkpoints, parked
 messages, replay) and on what kurrentdbclient's tests assert
-(``tests/test_client.py``: ``test_persistent_subscription_*``, ``test_replay_parked_events``).
+(``tests/test_client.py``: ``test_subscription_to_all_read_with_nack_park`` / ``_retry`` /
+``_skip``, ``..._message_timeout_event_buffer_size_10``, ``test_subscription_to_all_replay_parked``).
 Where neither says enough, the choice is marked ASSUMED and listed in docs/kurrentdb.md.
 """
 
@@ -227,14 +228,18 @@ class Group:
     def replay_parked(self) -> None:
         """Deliver the parked events again, through their links and counting afresh, then
         truncate the parked stream (KurrentDB docs, "Replay parked messages";
-        kurrentdbclient ``test_replay_parked_events``)."""
+        kurrentdbclient ``test_subscription_to_all_replay_parked``)."""
         links = self._log.stream(self.parked_stream) or []
         for link in links:
             target = self._log.resolve(link)
             if target is not None:
                 self._retry.append(Message(event=target, link=link))
         if links:
-            self._log.truncate(self.parked_stream, links[-1].revision + 1)
+            # The server truncates in the background once it has read the links
+            # (test_subscription_to_all_replay_parked sleeps before replaying); here after
+            # a short delay, so callers that wait for it are exercised.
+            before = links[-1].revision + 1
+            asyncio.get_running_loop().call_later(0.2, self._log.truncate, self.parked_stream, before)
         self.wake.set()
 
     # ------------------------------------------------------------------ the pump

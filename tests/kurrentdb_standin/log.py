@@ -61,7 +61,7 @@ class WrongVersion(Exception):
 
 class StreamNotFound(Exception):
     """Deleting a stream that does not exist (NOT_FOUND on the wire: kurrentdbclient
-    test_client.py, ``test_delete_stream`` expects NotFoundError)."""
+    test_client.py ``test_stream_delete_with_any_current_version`` expects NotFoundError)."""
 
 
 class Expect:
@@ -87,12 +87,28 @@ class _Stream:
 
     @property
     def last_revision(self) -> int | None:
-        """What the server reports as the current revision: ``None`` for a missing or
-        soft-deleted stream (an append with ``NO_STREAM`` to a soft-deleted stream
-        succeeds and continues its revisions: KurrentDB docs, "Soft delete")."""
+        """What reads report as the current revision: ``None`` for a missing or
+        soft-deleted stream (``get_current_version`` gives NO_STREAM after a delete)."""
         if self.deleted or not self.records:
             return None
         return self.records[-1].revision
+
+    def check(self, expected: Expectation) -> None:
+        """An append's expectation. A soft-deleted stream keeps its last revision for
+        this: kurrentdbclient test_client.py ``test_stream_delete_with_any_current_version``
+        appends after a delete with the pre-delete revision (and fails with the one
+        before it). ``NO_STREAM`` on a soft-deleted stream is ASSUMED to succeed."""
+        last = self.records[-1].revision if self.records else None
+        if expected == Expect.NO_STREAM:
+            ok = last is None or self.deleted
+        elif expected == Expect.EXISTS:
+            ok = self.last_revision is not None
+        elif isinstance(expected, int):
+            ok = expected == last
+        else:
+            ok = True
+        if not ok:
+            raise WrongVersion(last)
 
 
 class Log:
@@ -110,37 +126,32 @@ class Log:
 
     # ------------------------------------------------------------------ writing
 
-    def append(
-        self, stream: str, events: Sequence[Proposed], expected: Expectation
-    ) -> tuple[int, int | None]:
-        """Append atomically. Returns ``(last revision, commit position)``; the position is
-        ``None`` for an idempotent re-append (the server's "already committed" reply
-        carries no position: kurrentdbclient test_client.py
-        ``test_append_to_stream_idempotent`` only checks that no new event appears).
+    def append(self, stream: str, events: Sequence[Proposed], expected: Expectation) -> tuple[int, int]:
+        """Append atomically. Returns ``(last revision, commit position of the last
+        event)``; each event has its own commit position (kurrentdbclient test_client.py
+        ``test_stream_append_to_stream``).
 
+        An idempotent re-append writes nothing and answers what the first append did
+        (test_client.py ``test_stream_append_event_with_current_version``: "Idempotent
+        write of event1, event2" returns event2's original commit position).
         Idempotency (KurrentDB docs, "Idempotence"): with an expected revision or
         NO_STREAM the events at the expected revisions are compared by id; with ANY or
         STREAM_EXISTS the first id is looked up (the server's id cache, best effort on a
         real server: ASSUMED here always to hit). All match -> already committed;
-        some match -> WrongExpectedVersion (the server's "corrupted idempotency").
+        some match -> WrongExpectedVersion (ASSUMED: the server's "corrupted idempotency").
         """
         s = self._streams.setdefault(stream, _Stream())
-        current = s.last_revision
         already = self._already_written(s, events, expected)
         if already is not None:
-            return already, None
-        if expected == Expect.NO_STREAM and current is not None:
-            raise WrongVersion(current)
-        if expected == Expect.EXISTS and current is None:
-            raise WrongVersion(current)
-        if isinstance(expected, int) and expected != current:
-            raise WrongVersion(current)
-        if s.deleted:
-            s.deleted = False
+            return already.revision, already.position
+        s.check(expected)
+        s.deleted = False
         last = self._write(stream, events)
         return last.revision, last.position
 
-    def _already_written(self, s: _Stream, events: Sequence[Proposed], expected: Expectation) -> int | None:
+    def _already_written(
+        self, s: _Stream, events: Sequence[Proposed], expected: Expectation
+    ) -> Record | None:
         if not events or not s.records:
             return None
         if isinstance(expected, int) or expected == Expect.NO_STREAM:
@@ -155,7 +166,7 @@ class Log:
         stored = s.records[start : start + len(events)]
         matching = [a.id == b.id for a, b in zip(stored, events, strict=False)]
         if matching and all(matching) and len(stored) == len(events):
-            return stored[-1].revision
+            return stored[-1]
         if any(matching):
             raise WrongVersion(s.last_revision)
         return None
@@ -198,6 +209,8 @@ class Log:
             or (isinstance(expected, int) and expected != current)
         ):
             raise WrongVersion(current)
+        if s is not None and s.deleted and expected == Expect.ANY:
+            return  # deleting again is no error (test_stream_delete_with_any_current_version)
         if s is None or current is None:
             raise StreamNotFound(stream)
         s.truncate_before = current + 1

@@ -128,12 +128,9 @@ class StreamsService(streams_pb2_grpc.StreamsServicer):
             reply.error.CopyFrom(status_pb2.Status(code=9, message="Wrong expected version", details=details))
             return reply
         reply.success.current_revision = revision
-        if position is None:
-            reply.success.no_position.CopyFrom(empty_pb2.Empty())
-        else:
-            reply.success.position.CopyFrom(
-                shared_pb2.AllStreamPosition(commit_position=position, prepare_position=position)
-            )
+        reply.success.position.CopyFrom(
+            shared_pb2.AllStreamPosition(commit_position=position, prepare_position=position)
+        )
         await self._log.notify()
         return reply
 
@@ -187,8 +184,8 @@ class StreamsService(streams_pb2_grpc.StreamsServicer):
         self, options: streams_pb2.ReadReq.Options, event_filter: RegexFilter | None
     ) -> list[streams_pb2.ReadResp]:
         """Reading ``$all`` from a position includes the event at it (kurrentdbclient
-        test_client.py ``test_read_all_...commit_position``: the first event read is the
-        one at the given position)."""
+        test_client.py ``test_stream_append_to_stream``: ``read_all(commit_position=p)``
+        starts with the event at p)."""
         backwards = options.read_direction == streams_pb2.ReadReq.Options.Backwards
         which = options.all.WhichOneof("all_option")
         if which == "position":
@@ -209,7 +206,8 @@ class StreamsService(streams_pb2_grpc.StreamsServicer):
     ) -> AsyncIterator[streams_pb2.ReadResp]:
         """Catch-up subscription: confirmation, the events *after* the given position,
         "caught up", then live events (kurrentdbclient test_client.py
-        ``test_subscribe_to_all_from_commit_position`` excludes the given position)."""
+        ``test_subscribe_to_all_from_commit_position_current``: "exclusive of given commit
+        position")."""
         yield streams_pb2.ReadResp(
             confirmation=streams_pb2.ReadResp.SubscriptionConfirmation(subscription_id=str(uuid.uuid4()))
         )
