@@ -10,12 +10,18 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from kurrentdbclient import AsyncKurrentDBClient
 from kurrentdbclient import NewEvent as KdbNewEvent
 from kurrentdbclient import StreamState as KdbStreamState
 
+from orderstream.application.commands import CommandContext
+from orderstream.bootstrap import build
+from orderstream.config import Settings
+from orderstream.domain import inventory
+from orderstream.domain.common import Money
 from orderstream.eventstore.base import (
     ANY,
     NO_STREAM,
@@ -25,7 +31,7 @@ from orderstream.eventstore.base import (
     NewEvent,
     SubscriptionSettings,
 )
-from orderstream.eventstore.kurrentdb import KurrentDBEventStore
+from orderstream.eventstore.kurrentdb import KurrentDBEventStore, idempotency_stream
 from orderstream.eventstore.kurrentdb_mapping import category_pattern, settings_stream
 
 WAIT = 10.0
@@ -209,3 +215,31 @@ async def test_a_consumer_of_a_deleted_group_sees_the_store_unavailable(
                 await anext(aiter(subscription))
     finally:
         await subscription.close()
+
+
+async def test_a_keyed_command_whose_record_was_lost_is_not_applied_twice(
+    kurrentdb_url: str, client: AsyncKurrentDBClient, tmp_path: Path, unique: str
+) -> None:
+    """Events stored, idempotency record lost (a crash between the two appends): the
+    retried command must answer from the stored events, not store them again
+    (``_refuse_ids_stored_earlier`` and the handler's slow path)."""
+    container = await build(Settings(data_dir=tmp_path, event_store_url=kurrentdb_url))
+    try:
+        sku = f"SKU-{unique}"
+        context = CommandContext(actor="alice", idempotency_key=f"k-{unique}", request_hash="h")
+        await container.use_cases.register_product(
+            sku, "mug", Money(100, "EUR"), CommandContext(actor="alice")
+        )
+        first = await container.use_cases.add_stock(sku, 5, context)
+        stream = inventory.stream_name(sku)
+        await client.delete_stream(
+            idempotency_stream("alice", f"k-{unique}", stream), current_version=KdbStreamState.ANY
+        )
+
+        again = await container.use_cases.add_stock(sku, 5, context)
+
+        assert (again.revision, again.position) == (first.revision, first.position)
+        stored = await container.event_store.read_stream(stream)
+        assert [e.type for e in stored].count("StockAdded") == 1
+    finally:
+        await container.close()
