@@ -32,7 +32,13 @@ from orderstream.eventstore.base import (
     SubscriptionSettings,
 )
 from orderstream.eventstore.kurrentdb import KurrentDBEventStore, idempotency_stream
-from orderstream.eventstore.kurrentdb_mapping import category_pattern, settings_stream
+from orderstream.eventstore.kurrentdb_mapping import (
+    category_pattern,
+    decode_metadata,
+    encode_metadata,
+    parse_parked_link_metadata,
+    settings_stream,
+)
 
 WAIT = 10.0
 
@@ -243,3 +249,27 @@ async def test_a_keyed_command_whose_record_was_lost_is_not_applied_twice(
         assert [e.type for e in stored].count("StockAdded") == 1
     finally:
         await container.close()
+
+
+# ---------------------------------------------------------- pure mapping edges (no server)
+
+
+def test_a_negative_schema_version_is_refused() -> None:
+    with pytest.raises(ValueError, match="schema_version"):
+        encode_metadata(b"{}", -1)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b'{"$schema_version":2,"$metadata":"unterminated',  # not JSON
+        b'{"$schema_version":2,"$metadata":7}',  # raw metadata that is not a string
+    ],
+)
+def test_damaged_raw_metadata_reads_as_foreign(stored: bytes) -> None:
+    assert decode_metadata(stored) == (1, stored)
+
+
+def test_an_unparseable_parking_time_is_left_out() -> None:
+    info = parse_parked_link_metadata(b'{"Added":"yesterday","Reason":"Reached retry count of 2"}')
+    assert (info.added, info.attempts) == (None, 3)
