@@ -91,7 +91,7 @@ def kurrentdb_is_standin() -> bool:
     return not os.environ.get("ORDERSTREAM_TEST_KURRENTDB_URL") and not _docker_available()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test that runs on KurrentDB ``kurrentdb_standin`` when it will run on the
     stand-in, so reports (``-m kurrentdb_standin``, ``-rA``) never pass it off as a real server."""
     if not kurrentdb_is_standin():
@@ -101,6 +101,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         on_kurrentdb = callspec is not None and callspec.params.get("event_store") == "kurrentdb"
         if on_kurrentdb or "kurrentdb_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kurrentdb_standin)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say it at the end of every run: the KurrentDB results came from the stand-in."""
+    ran = [
+        report
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if isinstance(report, pytest.TestReport)
+        and report.when == "call"
+        and "kurrentdb_standin" in report.keywords
+    ]
+    if ran:
+        terminalreporter.write_line(
+            f"NOTE: {len(ran)} KurrentDB tests ran on the protocol STAND-IN (tests/kurrentdb_standin), "
+            "not on a KurrentDB server; set ORDERSTREAM_TEST_KURRENTDB_URL to run them on one.",
+            yellow=True,
+        )
 
 
 @pytest.fixture(scope="session")
