@@ -94,9 +94,9 @@ class Group:
         self.outstanding: dict[uuid.UUID, Message] = {}
         self.consumers: dict[int, Consumer] = {}
         self._owner: list[int | None] = [None] * BUCKETS
-        # Read order of the group's own events and whether each is settled: the
+        # Positions of the group's own events in read order, and those settled: the
         # checkpoint is the last settled position before the first unsettled one.
-        self._window: deque[tuple[int, bool]] = deque()
+        self._window: deque[int] = deque()
         self._settled: set[int] = set()
         self._low_water: int | None = None
         self.checkpoint: int | None = None
@@ -227,8 +227,8 @@ class Group:
     def _settle(self, m: Message) -> None:
         if m.link is None:
             self._settled.add(m.event.position)
-            while self._window and (self._window[0][1] or self._window[0][0] in self._settled):
-                position, _ = self._window.popleft()
+            while self._window and self._window[0] in self._settled:
+                position = self._window.popleft()
                 self._settled.discard(position)
                 self._low_water = position
         self._settled_since_checkpoint += 1
@@ -273,7 +273,7 @@ class Group:
             self._cursor += 1
             if self.settings.event_filter is None or self.settings.event_filter.matches(record):
                 self._live.append(Message(event=record, link=None))
-                self._window.append((record.position, False))
+                self._window.append(record.position)
 
     def _dispatch(self, queue: deque[Message], now: float) -> None:
         """Send in order; a message whose bucket's consumer is full waits, and so do the
