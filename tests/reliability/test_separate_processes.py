@@ -2,8 +2,10 @@
 projection: every event is applied, none twice, also when one of them is killed.
 
 The event store is the embedded SQLite file (its groups live in the file, so
-processes share them); the read store is SQLite and, when a node is given, the real
-Elasticsearch node, the production pairing.
+processes share them) and KurrentDB, here the protocol STAND-IN run as a process of
+its own (``python -m tests.kurrentdb_standin``; marked ``kurrentdb_standin``); the read
+store is SQLite and, when a node is given, the real Elasticsearch node, the production
+pairing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,16 +44,41 @@ async def read_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Asyn
     await drop_es_prefix(url, prefix)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("kurrentdb", marks=pytest.mark.kurrentdb_standin)])
+def event_store_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``""`` (the embedded SQLite file), or a KurrentDB stand-in in its own process."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    standin = subprocess.Popen(
+        [sys.executable, "-m", "tests.kurrentdb_standin", "--port", "0"],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert standin.stdout is not None
+        ready = standin.stdout.readline().decode()  # "... listening on 127.0.0.1:PORT"
+        assert "listening on" in ready, ready
+        yield f"kurrentdb://{ready.split()[-1]}?tls=false"
+    finally:
+        standin.terminate()
+        standin.wait(timeout=10)
+
+
 @pytest.fixture
-async def container(tmp_path: Path, read_store_url: str) -> AsyncIterator[Container]:
-    built = await build(Settings(data_dir=tmp_path, read_store_url=read_store_url))
+async def container(tmp_path: Path, read_store_url: str, event_store_url: str) -> AsyncIterator[Container]:
+    built = await build(
+        Settings(data_dir=tmp_path, read_store_url=read_store_url, event_store_url=event_store_url)
+    )
     try:
         yield built
     finally:
         await built.close()
 
 
-def projector(tmp_path: Path, read_store_url: str, name: str) -> subprocess.Popen[bytes]:
+def projector(
+    tmp_path: Path, read_store_url: str, name: str, event_store_url: str = ""
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERSTREAM_", "TEMPORAL_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
     log = (tmp_path / f"{name}.log").open("wb")
@@ -65,6 +92,7 @@ def projector(tmp_path: Path, read_store_url: str, name: str) -> subprocess.Pope
             str(tmp_path),
             "--read-store",
             read_store_url,
+            *(["--event-store", event_store_url] if event_store_url else []),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -84,14 +112,14 @@ def _context() -> CommandContext:
 
 
 async def test_two_projector_processes_apply_every_event_once(
-    container: Container, tmp_path: Path, read_store_url: str
+    container: Container, tmp_path: Path, read_store_url: str, event_store_url: str
 ) -> None:
     for sku in SKUS:
         await container.use_cases.register_product(sku, f"product {sku}", Money(100, "EUR"), _context())
     await add_stock_in_rounds(container, 10)
 
-    first = projector(tmp_path, read_store_url, "first")
-    second = projector(tmp_path, read_store_url, "second")
+    first = projector(tmp_path, read_store_url, "first", event_store_url)
+    second = projector(tmp_path, read_store_url, "second", event_store_url)
     try:
         # More events while both consume, then one dies without a goodbye.
         await add_stock_in_rounds(container, 10)

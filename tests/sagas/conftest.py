@@ -215,7 +215,8 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
     """``await make_saga(worker=True, payment_deadline=30.0, local_steps=True)``: a
     harness over a fresh store and task queue, with the trigger (and a worker)
     running. ``local_steps=False``: the sagas run their steps as remote activities,
-    which lets a test catch a run between two steps."""
+    which lets a test catch a run between two steps. ``event_store_url``: another
+    event store than the SQLite file in ``tmp_path``."""
     created: list[tuple[SagaHarness, contextlib.AsyncExitStack]] = []
 
     async def make(
@@ -224,9 +225,10 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
         payment_deadline: float = 30.0,
         local_steps: bool = True,
         max_in_flight: int = 64,
+        event_store_url: str = "",
     ) -> SagaHarness:
         stack = contextlib.AsyncExitStack()
-        container = await build(Settings(data_dir=tmp_path))
+        container = await build(Settings(data_dir=tmp_path, event_store_url=event_store_url))
         stack.push_async_callback(container.close)
         client = temporal_env.client
         task_queue = f"test-{uuid.uuid4().hex}"

@@ -168,10 +168,31 @@ class KurrentDBEventStore:
         for claim in idempotency:
             if not 0 <= claim.last < len(events):
                 raise ValueError(f"{stream}: idempotency claim for event {claim.last} of {len(events)}")
+        if idempotency and events and isinstance(expected, int) and not isinstance(expected, bool):
+            await self._refuse_ids_stored_earlier(stream, events, expected)
         result = await self._append_events(stream, events, expected)
         for claim in idempotency:
             await self._record_idempotency(stream, claim, result, len(events))
         return result
+
+    async def _refuse_ids_stored_earlier(
+        self, stream: str, events: Sequence[NewEvent], expected: int
+    ) -> None:
+        """KurrentDB deduplicates event ids only at the expectation they were first
+        appended with; at a newer revision it stores them again. A keyed command's ids
+        are derived from its key, so finding them at or below ``expected`` means an
+        earlier run appended them and lost its record (a crash in between): refuse, as
+        SQLite does, with the stream's revision as ``actual``, and the command handler
+        answers from the stored events instead of applying the command twice
+        (docs/command-path.md). One backwards read: ids older than the stream's last
+        100 events are not seen."""
+        ids = {e.id for e in events}
+        current: int | None = None
+        with _client_errors():
+            async for raw in self._stream_backwards(stream, max_events=100):
+                current = raw.stream_position if current is None else current
+                if raw.id in ids and raw.stream_position <= expected:
+                    raise WrongExpectedVersion(stream, expected, current)
 
     async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
         found = await self.read_stream(idempotency_stream(actor, key, stream), limit=1)
