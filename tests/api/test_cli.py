@@ -20,6 +20,7 @@ from orderstream.config import Settings
 from orderstream.domain import orders
 from projections import product_stock
 from tests.api.helpers import order_body
+from tests.tokens import admin_headers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +79,7 @@ async def test_sigterm_loses_no_acknowledged_event(tmp_path: Path) -> None:
     process, url = start_server(data_dir)
     acknowledged: list[str] = []
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=admin_headers(data_dir)) as client:
             r = await client.post(
                 "/products", json={"sku": "SKU-1", "name": "Mug", "price": {"amount": 100, "currency": "EUR"}}
             )

@@ -22,7 +22,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody, PathParameter
 
 from orderstream.api.common import CORRELATION_HEADER, ETAG_HEADER, WRITE_SECURITY, OrderIdPath, written
-from orderstream.api.plumbing import command_context, require_writer
+from orderstream.api.plumbing import command_context
 from orderstream.api.problems import ApiError, problem_responses
 from orderstream.api.schemas import WriteResult
 from orderstream.application.use_cases import UseCases
@@ -133,7 +133,6 @@ class FulfilmentController(Controller):
             "(e.g. voided after the deadline), is a 409."
         ),
         status_code=200,
-        guards=[require_writer],
         security=WRITE_SECURITY,
         response_headers=[ETAG_HEADER, CORRELATION_HEADER],
         responses=problem_responses(400, 401, 404, 409, 413, 422),
