@@ -53,7 +53,12 @@ free_port() {
 
 # 0 when the realm's discovery document answers on $URL
 realm_ok() {
-  curl -sf -m 3 -o /dev/null "$URL/realms/$REALM/.well-known/openid-configuration" 2>/dev/null
+  local doc="$URL/realms/$REALM/.well-known/openid-configuration"
+  if command -v curl >/dev/null 2>&1; then
+    curl -sf -m 3 -o /dev/null "$doc" 2>/dev/null
+  else
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=3)' "$doc" 2>/dev/null
+  fi
 }
 
 running_pid() {

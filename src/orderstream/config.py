@@ -12,6 +12,8 @@
 - ``ORDERSTREAM_AUTH_ISSUER`` (unset): the OIDC issuer URL (e.g. a Keycloak realm); its
   JWKS is found through ``{issuer}/.well-known/openid-configuration``. Unset: the local
   issuer, a signing key kept in ``{data_dir}/auth/`` (``orderstream tokens issue``).
+- ``ORDERSTREAM_AUTH_JWKS_URL`` (unset): the issuer's JWKS address, when the API reaches
+  the issuer under another name than the one in its tokens (containers).
 - ``ORDERSTREAM_AUTH_AUDIENCE`` (``orderstream``): the ``aud`` a token must carry.
 - ``ORDERSTREAM_AUTH_ROLES_CLAIM`` (``realm_access.roles``) and
   ``ORDERSTREAM_AUTH_CUSTOMER_CLAIM`` (``customer_id``, else ``sub``): where the roles and
@@ -146,6 +148,8 @@ class Settings:
     """False: every caller is ``anonymous`` with every role (experiments only)."""
     auth_issuer: str | None = None
     """The OIDC issuer; ``None``: the local issuer (a key in ``{data_dir}/auth``)."""
+    auth_jwks_url: str | None = None
+    """``None``: ``jwks_uri`` of ``{auth_issuer}/.well-known/openid-configuration``."""
     auth_audience: str = DEFAULT_AUTH_AUDIENCE
     auth_roles_claim: str = DEFAULT_ROLES_CLAIM
     auth_customer_claim: str = DEFAULT_CUSTOMER_CLAIM
@@ -223,6 +227,7 @@ class Settings:
             "temporal_address": env.get("TEMPORAL_ADDRESS") or None,
             "auth_enabled": _switch(env, "ORDERSTREAM_AUTH", True),
             "auth_issuer": env.get("ORDERSTREAM_AUTH_ISSUER") or None,
+            "auth_jwks_url": env.get("ORDERSTREAM_AUTH_JWKS_URL") or None,
             "auth_audience": env.get("ORDERSTREAM_AUTH_AUDIENCE") or DEFAULT_AUTH_AUDIENCE,
             "auth_roles_claim": env.get("ORDERSTREAM_AUTH_ROLES_CLAIM") or DEFAULT_ROLES_CLAIM,
             "auth_customer_claim": env.get("ORDERSTREAM_AUTH_CUSTOMER_CLAIM") or DEFAULT_CUSTOMER_CLAIM,

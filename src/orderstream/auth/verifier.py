@@ -3,9 +3,10 @@
 Keys come from one of two places:
 
 - :class:`JwksKeys`: an OIDC issuer (Keycloak). The JWKS address is read once from
-  ``{issuer}/.well-known/openid-configuration``; the keys are kept by ``kid`` and the
-  set is fetched again only when a token names a ``kid`` not seen yet (a key
-  rotation), at most once a second. No network on the request path otherwise.
+  ``{issuer}/.well-known/openid-configuration`` (or given: ``ORDERSTREAM_AUTH_JWKS_URL``);
+  the keys are kept by ``kid`` and the set is fetched again only when a token names
+  a ``kid`` not seen yet (a key rotation), at most once a second. No network on the
+  request path otherwise.
 - :class:`LocalKeys`: the local issuer's key (:mod:`orderstream.auth.local_issuer`).
 
 A verified token is remembered (token -> principal) until it expires, so a client
@@ -67,8 +68,9 @@ class LocalKeys:
 class JwksKeys:
     """An OIDC issuer's signing keys, fetched with PyJWT's ``PyJWKClient``."""
 
-    def __init__(self, issuer: str) -> None:
+    def __init__(self, issuer: str, jwks_url: str | None = None) -> None:
         self._issuer = issuer.rstrip("/")
+        self._jwks_url = jwks_url
         self._client: jwt.PyJWKClient | None = None
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = 0.0
@@ -93,7 +95,8 @@ class JwksKeys:
     def _fetch(self) -> dict[str, jwt.PyJWK]:
         try:
             if self._client is None:
-                self._client = jwt.PyJWKClient(_jwks_uri(self._issuer), cache_jwk_set=False, timeout=5)
+                uri = self._jwks_url or _jwks_uri(self._issuer)
+                self._client = jwt.PyJWKClient(uri, cache_jwk_set=False, timeout=5)
             jwk_set = self._client.get_jwk_set(refresh=True)
         except (jwt.PyJWKClientError, OSError, ValueError) as exc:
             raise InvalidToken(f"the issuer's keys cannot be fetched now ({type(exc).__name__})") from None
@@ -124,7 +127,8 @@ class TokenVerifier:
         self._roles_claim = settings.auth_roles_claim
         self._customer_claim = settings.auth_customer_claim
         if keys is None:
-            keys = JwksKeys(self.issuer) if settings.auth_issuer else LocalKeys(settings.data_dir)
+            issuer = settings.auth_issuer
+            keys = JwksKeys(issuer, settings.auth_jwks_url) if issuer else LocalKeys(settings.data_dir)
         self._keys = keys
         self._verified: dict[str, tuple[Principal, float]] = {}
 
