@@ -284,5 +284,17 @@ async def test_a_keycloak_key_rotation_is_picked_up_without_restart(
         ).status_code == 200  # old key still published
 
 
+async def test_an_unreachable_issuer_is_a_503_not_a_bad_token(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    """The token may be fine: the client should retry, not throw it away."""
+    issuer = "http://127.0.0.1:9/realms/orderstream"  # the discard port: nothing answers
+    async with make_client(token=None, auth_issuer=issuer) as (client, _container):
+        token = _local_token(IdP("keycloak", tmp_path / "elsewhere", keycloak_url="http://127.0.0.1:9"))
+        answer = await client.get("/orders", headers=bearer(token))
+        assert_problem(answer, 503, "identity-provider-unavailable")
+        assert answer.headers["retry-after"]
+
+
 def test_settings_name_the_local_issuer_by_default(tmp_path: Path) -> None:
     assert Settings(data_dir=tmp_path).auth_issuer is None

@@ -36,7 +36,7 @@ from litestar.handlers.base import BaseRouteHandler
 from orderstream.api.problems import ApiError
 from orderstream.application.queries import Queries
 from orderstream.auth.principal import ANONYMOUS, Principal, Role
-from orderstream.auth.verifier import InvalidToken, TokenVerifier
+from orderstream.auth.verifier import InvalidToken, KeysUnavailable, TokenVerifier
 from orderstream.config import Settings, parse_rate
 from orderstream.domain.common import NotFound
 
@@ -144,6 +144,10 @@ class AccessPolicy:
             )
         try:
             return await self.verifier.verify(token.strip())
+        except KeysUnavailable as exc:
+            raise ApiError(
+                503, "identity-provider-unavailable", f"{exc}; retry later.", headers={"Retry-After": "5"}
+            ) from None
         except InvalidToken as exc:
             reason = str(exc)
             raise ApiError(

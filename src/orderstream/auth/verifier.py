@@ -46,6 +46,10 @@ class InvalidToken(Exception):
     """The token cannot be trusted; the message says why (safe to show the caller)."""
 
 
+class KeysUnavailable(Exception):
+    """The issuer's keys cannot be fetched now (it is down): the token may be fine."""
+
+
 class KeySource(Protocol):
     async def key_for(self, kid: str | None) -> jwt.PyJWK: ...
 
@@ -99,7 +103,7 @@ class JwksKeys:
                 self._client = jwt.PyJWKClient(uri, cache_jwk_set=False, timeout=5)
             jwk_set = self._client.get_jwk_set(refresh=True)
         except (jwt.PyJWKClientError, OSError, ValueError) as exc:
-            raise InvalidToken(f"the issuer's keys cannot be fetched now ({type(exc).__name__})") from None
+            raise KeysUnavailable(f"the issuer's keys cannot be fetched now ({type(exc).__name__})") from None
         return {k.key_id: k for k in jwk_set.keys if k.key_id and k.public_key_use in (None, "sig")}
 
 
