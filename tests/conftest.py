@@ -1,6 +1,7 @@
 """Shared fixtures: real stores in a temporary directory, the real app, a client.
 
-- ``settings``: :class:`Settings` on ``tmp_path`` (embedded SQLite stores, dev mode).
+- ``settings``: :class:`Settings` on ``tmp_path`` (embedded SQLite stores; auth on, with
+  the local issuer whose key is created in the data dir).
 - ``container``: ``await build(settings)``, closed after the test.
 - ``app``: ``create_app(container)`` whose lifespan runs every projection runner.
 - ``client``: an ``httpx.AsyncClient`` on the app (ASGI, same event loop, lifespan

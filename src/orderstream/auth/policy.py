@@ -73,7 +73,11 @@ ROUTE_ROLES: dict[str, frozenset[Role]] = {
 DOCS_PATH = "/schema"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 REALM = "orderstream"
-_PERIODS = {"second": limits.RateLimitItemPerSecond, "minute": limits.RateLimitItemPerMinute}
+_PERIODS = {
+    "second": limits.RateLimitItemPerSecond,
+    "minute": limits.RateLimitItemPerMinute,
+    "hour": limits.RateLimitItemPerHour,
+}
 
 
 def _rate_item(setting: str) -> limits.RateLimitItem | None:
@@ -81,7 +85,7 @@ def _rate_item(setting: str) -> limits.RateLimitItem | None:
     if parsed is None:
         return None
     count, period = parsed
-    return _PERIODS.get(period, limits.RateLimitItemPerHour)(count)
+    return _PERIODS[period](count)
 
 
 class AccessPolicy:
