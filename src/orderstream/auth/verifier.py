@@ -78,6 +78,7 @@ class JwksKeys:
         self._client: jwt.PyJWKClient | None = None
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = 0.0
+        self._fetches = 0
         self._lock = asyncio.Lock()
 
     async def key_for(self, kid: str | None) -> jwt.PyJWK:
@@ -86,11 +87,15 @@ class JwksKeys:
         key = self._keys.get(kid)
         if key is not None:
             return key
-        async with self._lock:  # one refetch for a burst of tokens with a new kid
-            if kid not in self._keys:
+        arrived_after = self._fetches
+        async with self._lock:
+            # A fetch that finished while this request waited for the lock answers it too:
+            # a burst of tokens with one new (or made-up) kid costs one fetch.
+            if kid not in self._keys and self._fetches == arrived_after:
                 await asyncio.sleep(max(0.0, self._fetched_at + MIN_REFETCH_SECONDS - time.monotonic()))
                 self._keys = await asyncio.to_thread(self._fetch)
                 self._fetched_at = time.monotonic()
+                self._fetches += 1
         key = self._keys.get(kid)
         if key is None:
             raise InvalidToken("the token was signed with a key the issuer does not publish")
