@@ -56,6 +56,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from bench import auth as bench_auth
 from bench import processes
 from workflows.runtime import DEV_SERVER_PORT
 
@@ -101,7 +102,7 @@ class Service:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Service:
-        env = {k: v for k, v in os.environ.items() if k != "ORDERSTREAM_API_TOKENS"}
+        env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -161,7 +162,10 @@ class Setup:
         if port is not None:
             argv += ["--host", HOST, "--port", str(port), *self.service_args]
         name = f"orderstream {command}"
-        return Service(name, argv, self.workdir / f"{command}-{uuid.uuid4().hex[:6]}.log", port=port)
+        service = Service(name, argv, self.workdir / f"{command}-{uuid.uuid4().hex[:6]}.log", port=port)
+        if port is not None:
+            bench_auth.register(service.url, data_dir)
+        return service
 
     def bare(self) -> Service:
         port = free_port()
@@ -257,8 +261,13 @@ def wrk_command(
     ]
 
 
-def wrk_env() -> dict[str, str]:
-    return {**os.environ, "LUA_PATH": f"{WRK_SCRIPTS}/?.lua;;"}
+def wrk_env(url: str) -> dict[str, str]:
+    """LUA_PATH for ``require "common"``; the service's Authorization header (bench/auth.py)."""
+    return {
+        **os.environ,
+        "LUA_PATH": f"{WRK_SCRIPTS}/?.lua;;",
+        "WRK_AUTHORIZATION": bench_auth.authorization(url) or "",
+    }
 
 
 def parse_wrk(label: str, output: str) -> WrkResult:
@@ -280,7 +289,7 @@ def run_wrk(
     """Run wrk to its end; ``meanwhile`` is called every ``PROGRESS_EVERY`` seconds."""
     command = wrk_command(script, url, seconds=seconds, **options)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, env=wrk_env(), stdout=out, stderr=err, text=True)
+        process = subprocess.Popen(command, env=wrk_env(url), stdout=out, stderr=err, text=True)
         deadline = time.monotonic() + seconds + 60
         while process.poll() is None:
             if time.monotonic() > deadline:
@@ -300,7 +309,7 @@ def run_wrk_until_done(label: str, script: str, url: str, *, threads: int, **opt
     """A script that prints ``WRKDONE`` per thread once it has all its answers: wrk
     always runs its full ``-d``, so interrupt it (SIGINT: it then prints its figures)."""
     command = wrk_command(script, url, threads=threads, seconds=STARTUP_TIMEOUT * 3, **options)
-    process = subprocess.Popen(command, env=wrk_env(), stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=wrk_env(url), stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     output: list[str] = []
     finished = 0
@@ -319,7 +328,7 @@ def run_wrk_until_done(label: str, script: str, url: str, *, threads: int, **opt
 
 def seed(url: str, skus: dict[str, int]) -> None:
     """Register each SKU at 12.50 EUR and add its stock (in steps of at most ``STOCK``)."""
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with httpx.Client(base_url=url, timeout=30, headers=bench_auth.headers(url)) as client:
         for sku, stock in skus.items():
             body = {"sku": sku, "name": f"Bench {sku}", "price": {"amount": 1250, "currency": "EUR"}}
             registered = client.post("/products", json=body)
@@ -548,7 +557,10 @@ def scenario_burst(setup: Setup, args: argparse.Namespace, report: Report) -> No
     console.rule(label)
     service = serve(setup)
     sku = "BENCH-BURST"
-    with running(service), httpx.Client(base_url=service.url, timeout=30) as client:
+    with (
+        running(service),
+        httpx.Client(base_url=service.url, timeout=30, headers=bench_auth.headers(service.url)) as client,
+    ):
         seed(service.url, {sku: stock})
         threads = min(args.threads, orders)
         console.print(f"  {orders} POST /orders over {orders} connections ...")
@@ -585,7 +597,10 @@ def scenario_paced(setup: Setup, args: argparse.Namespace, report: Report) -> No
     label = f"(d) {rate:.0f} orders/s for {seconds:.0f} s, tok_approve, `orderstream serve`"
     console.rule(label)
     service = serve(setup)
-    with running(service), httpx.Client(base_url=service.url, timeout=30) as client:
+    with (
+        running(service),
+        httpx.Client(base_url=service.url, timeout=30, headers=bench_auth.headers(service.url)) as client,
+    ):
         seed(service.url, catalogue())
         console.print(f"  paced load for {seconds:.0f} s ...")
         started = time.monotonic()

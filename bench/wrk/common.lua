@@ -71,10 +71,17 @@ function M.count_status(status)
   end
 end
 
+-- The service's "Authorization: Bearer <token>" (bench.load puts it in WRK_AUTHORIZATION, see
+-- bench/auth.py): on every request, those built with wrk's default headers and with json_headers.
+local authorization = os.getenv("WRK_AUTHORIZATION")
+if authorization == "" then authorization = nil end
+if authorization then wrk.headers["Authorization"] = authorization end
+
 -- wrk's headers table is a Lua table; the Idempotency-Key makes a retried POST safe.
 function M.json_headers(key)
   local headers = { ["Content-Type"] = "application/json" }
   if key then headers["Idempotency-Key"] = key end
+  if authorization then headers["Authorization"] = authorization end
   return headers
 end
 

@@ -61,6 +61,14 @@ from orderstream.application import webhook_signature
 from orderstream.application.group_status import GroupStatus
 from orderstream.application.queries import event_data
 from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
+from orderstream.auth.local_issuer import (
+    DEFAULT_TTL,
+    MAX_TTL,
+    ensure_signing_key,
+    how_to_get_a_token,
+    issue_token,
+)
+from orderstream.auth.principal import Role
 from orderstream.bootstrap import (
     BackgroundService,
     Container,
@@ -314,6 +322,8 @@ def worker_argv(settings: Settings, host: str, port: int, *, access_log: bool) -
         argv += ["--temporal-address", settings.temporal_address]
     argv += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
     argv.append("--access-log" if access_log else "--no-access-log")
+    if not settings.auth_enabled:
+        argv.append("--no-auth")
     return argv
 
 
@@ -366,6 +376,8 @@ async def run_process(
                 container.background_services.extend(extra)
                 services += container.background_services
             listen = (host, port) if host is not None and port is not None else None
+            if listen is not None:
+                prepare_auth(settings)
             sock = None
             api_workers: list[ApiWorkerProcess] = []
             if listen is not None and workers > 1:
@@ -401,6 +413,7 @@ async def run_process(
                 )
                 announce(f"API docs: {url}/schema  (OpenAPI: {url}/schema/openapi.json)")
                 announce(webhook_signature.describe_secret(settings.webhook_secrets, settings.data_dir))
+                announce(how_to_get_a_token(settings))
             names = ", ".join(s.name for s in services) or "none"
             announce(f"background services: {names}")
             try:
@@ -421,6 +434,18 @@ async def run_process(
                     sock.close()
             # 3. ``opened`` closes the stores: the event store writes every acknowledged append
         announce("stopped")
+
+
+def prepare_auth(settings: Settings) -> None:
+    """Before serving: create the local issuer's key (first start; before any API
+    worker starts), or say loudly that authentication is off."""
+    if not settings.auth_enabled:
+        log.warning("!" * 72)
+        log.warning("AUTHENTICATION IS OFF (--no-auth / ORDERSTREAM_AUTH=off): anyone may do anything.")
+        log.warning("Never run it like this where others can reach the port.")
+        log.warning("!" * 72)
+    elif settings.auth_issuer is None:
+        ensure_signing_key(settings.data_dir)
 
 
 def _with_temporal_address(settings: Settings, container: Container) -> Settings:
@@ -469,6 +494,12 @@ def _http_options(fn: F) -> F:
         type=click.IntRange(1, MAX_API_WORKERS),
         default=None,
         help="API worker processes on the port [env ORDERSTREAM_API_WORKERS; api: 1, serve: 2 on 2+ cores].",
+    )(fn)
+    fn = click.option(
+        "--auth/--no-auth",
+        "auth_enabled",
+        default=None,
+        help="--no-auth: no authentication at all, for experiments [env ORDERSTREAM_AUTH; on].",
     )(fn)
     fn = click.option("--access-log/--no-access-log", default=False, help="Log every request.")(fn)
     fn = click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)(fn)
@@ -841,6 +872,48 @@ def webhook_sign(data_dir: Path | None, body_file: Any, timestamp: int | None) -
     secrets = webhook_signature.webhook_secrets(settings.webhook_secrets, settings.data_dir)
     signed_at = int(time.time()) if timestamp is None else timestamp
     click.echo(webhook_signature.sign(body_file.read(), secrets[:1], signed_at))
+
+
+@main.group()
+def tokens() -> None:
+    """Bearer tokens of the local issuer (when ORDERSTREAM_AUTH_ISSUER is unset)."""
+
+
+@tokens.command("issue")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The server's data directory, where the signing key is [env ORDERSTREAM_DATA_DIR; ./data].",
+)
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    required=True,
+    type=click.Choice([r.value for r in Role]),
+    help="A role of the token (repeatable).",
+)
+@click.option("--customer-id", default=None, help="The customer the token acts for (customer role).")
+@click.option(
+    "--subject", default=None, help="The token's sub, recorded as the actor [customer id or local-ROLE]."
+)
+@click.option(
+    "--ttl", type=click.IntRange(1, MAX_TTL), default=DEFAULT_TTL, show_default=True, help="Seconds."
+)
+def tokens_issue(
+    data_dir: Path | None, roles: tuple[str, ...], customer_id: str | None, subject: str | None, ttl: int
+) -> None:
+    """Sign a token with the local key (created if the server has not yet); the
+    token is the last line on stdout: TOKEN=$(orderstream tokens issue ... | tail -n 1)."""
+    settings = settings_from({"data_dir": data_dir, "log_level": "warning"})
+    if settings.auth_issuer:
+        raise click.UsageError(
+            f"ORDERSTREAM_AUTH_ISSUER is set: tokens come from {settings.auth_issuer}, not from this command"
+        )
+    token = issue_token(settings, roles, customer_id=customer_id, subject=subject, ttl=ttl)
+    click.echo(f"# {', '.join(roles)} token for the server of {settings.data_dir}, valid {ttl} s", err=True)
+    click.echo(token)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,9 +6,23 @@
 - ``ORDERSTREAM_READ_STORE`` (``sqlite:///{data_dir}/read.db``): or ``http(s)://host:9200``
   (Elasticsearch; ``?prefix=name-`` sets the index prefix).
 - ``TEMPORAL_ADDRESS`` (unset): ``host:7233``; unset, ``serve`` starts the dev server itself.
-- ``ORDERSTREAM_API_TOKENS`` (unset): ``token=actor,token2=actor2``; when set, writes need
-  ``Authorization: Bearer <token>`` and the actor goes into the events' metadata;
-  unset is development mode (actor ``anonymous``). Reads are always open.
+- ``ORDERSTREAM_AUTH`` (``on``): ``off`` turns authentication off (experiments only: a
+  loud warning in the log and in ``/ready``). On, every route but ``/health``, ``/ready``
+  and the OpenAPI document needs ``Authorization: Bearer <JWT>`` (see ``orderstream.auth``).
+- ``ORDERSTREAM_AUTH_ISSUER`` (unset): the OIDC issuer URL (e.g. a Keycloak realm); its
+  JWKS is found through ``{issuer}/.well-known/openid-configuration``. Unset: the local
+  issuer, a signing key kept in ``{data_dir}/auth/`` (``orderstream tokens issue``).
+- ``ORDERSTREAM_AUTH_JWKS_URL`` (unset): the issuer's JWKS address, when the API reaches
+  the issuer under another name than the one in its tokens (containers).
+- ``ORDERSTREAM_AUTH_AUDIENCE`` (``orderstream``): the ``aud`` a token must carry.
+- ``ORDERSTREAM_AUTH_ROLES_CLAIM`` (``realm_access.roles``) and
+  ``ORDERSTREAM_AUTH_CUSTOMER_CLAIM`` (``customer_id``, else ``sub``): where the roles and
+  the customer id sit in the token's claims (dotted paths).
+- ``ORDERSTREAM_METRICS_PUBLIC`` (``true``): ``false`` puts ``/metrics`` behind the admin role.
+- ``ORDERSTREAM_WRITE_RATE_LIMIT`` (``120/minute``): writes one identity may make
+  (admins are exempt: operators and load tools); ``off`` turns the limit off.
+- ``ORDERSTREAM_API_TOKENS`` is gone (static tokens gave no roles): setting it is an error
+  that says what to use instead.
 - ``ORDERSTREAM_WEBHOOK_SECRET`` (unset): the secret the payment provider signs its
   webhook calls with (``secret1,secret2`` while rotating: either is accepted); unset,
   one is generated into ``{data_dir}/webhook-secret`` (mode 0600) on first use. See
@@ -36,7 +50,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,27 +65,38 @@ EVENT_STORE_SCHEMES = ("sqlite", "kurrentdb", "esdb", "esdb+discover", "kurrentd
 READ_STORE_SCHEMES = ("sqlite", "http", "https")
 
 
+DEFAULT_AUTH_AUDIENCE = "orderstream"
+DEFAULT_ROLES_CLAIM = "realm_access.roles"
+DEFAULT_CUSTOMER_CLAIM = "customer_id"
+DEFAULT_WRITE_RATE_LIMIT = "120/minute"
+RATE_PERIODS = ("second", "minute", "hour")
+
+
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable."""
 
 
-def parse_tokens(raw: str | None) -> dict[str, str]:
-    """``"tok1=alice, tok2=bob"`` -> ``{"tok1": "alice", "tok2": "bob"}``."""
-    tokens: dict[str, str] = {}
-    if not raw or not raw.strip():
-        return tokens
-    for part in raw.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        token, sep, actor = part.partition("=")
-        token, actor = token.strip(), actor.strip()
-        if not sep or not token or not actor:
-            raise ConfigError(f"ORDERSTREAM_API_TOKENS: expected 'token=actor', got {part!r}")
-        if token in tokens:
-            raise ConfigError("ORDERSTREAM_API_TOKENS: a token appears twice")
-        tokens[token] = actor
-    return tokens
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    raise ConfigError(f"{name}: expected on or off, got {raw!r}")
+
+
+def parse_rate(raw: str) -> tuple[int, str] | None:
+    """``"120/minute"`` -> ``(120, "minute")``; ``"off"`` -> ``None``."""
+    if raw.strip().lower() in ("off", "0"):
+        return None
+    count, _, period = raw.strip().partition("/")
+    if not count.isdigit() or int(count) < 1 or period not in RATE_PERIODS:
+        raise ConfigError(
+            f"ORDERSTREAM_WRITE_RATE_LIMIT: expected N/second, N/minute, N/hour or off, got {raw!r}"
+        )
+    return int(count), period
 
 
 MIN_WEBHOOK_SECRET_LENGTH = 16
@@ -136,8 +161,18 @@ class Settings:
     read_store_url: str = ""
     """Empty: ``sqlite:///{data_dir}/read.db``."""
     temporal_address: str | None = None
-    api_tokens: Mapping[str, str] = field(default_factory=dict)
-    """token -> actor. Empty: development mode, every caller is ``anonymous``."""
+    auth_enabled: bool = True
+    """False: every caller is ``anonymous`` with every role (experiments only)."""
+    auth_issuer: str | None = None
+    """The OIDC issuer; ``None``: the local issuer (a key in ``{data_dir}/auth``)."""
+    auth_jwks_url: str | None = None
+    """``None``: ``jwks_uri`` of ``{auth_issuer}/.well-known/openid-configuration``."""
+    auth_audience: str = DEFAULT_AUTH_AUDIENCE
+    auth_roles_claim: str = DEFAULT_ROLES_CLAIM
+    auth_customer_claim: str = DEFAULT_CUSTOMER_CLAIM
+    metrics_public: bool = True
+    write_rate_limit: str = DEFAULT_WRITE_RATE_LIMIT
+    """``N/second|minute|hour`` per identity on writes, or ``off``."""
     consistency_timeout: float = DEFAULT_CONSISTENCY_TIMEOUT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
@@ -169,6 +204,11 @@ class Settings:
             raise ConfigError("max body bytes must be positive")
         if self.snapshot_every < 0:
             raise ConfigError("ORDERSTREAM_SNAPSHOT_EVERY: must be 0 (off) or positive")
+        parse_rate(self.write_rate_limit)
+        if not self.auth_audience:
+            raise ConfigError("ORDERSTREAM_AUTH_AUDIENCE: must not be empty")
+        if self.auth_issuer is not None and scheme_of(self.auth_issuer) not in ("http", "https"):
+            raise ConfigError(f"ORDERSTREAM_AUTH_ISSUER: not an http(s) URL: {self.auth_issuer!r}")
         if not 0 <= self.api_workers <= MAX_API_WORKERS:
             raise ConfigError(f"ORDERSTREAM_API_WORKERS: must be 0 (auto) to {MAX_API_WORKERS}")
 
@@ -182,10 +222,6 @@ class Settings:
         cores = (os.cpu_count() or 1) if cores is None else cores
         return 2 if serve and cores >= 2 else 1
 
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_tokens)
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read the environment, then apply ``overrides`` (CLI options; ``None`` = not given).
@@ -198,12 +234,24 @@ class Settings:
         unknown = set(given) - set(cls.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
+        if env.get("ORDERSTREAM_API_TOKENS"):
+            raise ConfigError(
+                "ORDERSTREAM_API_TOKENS is gone: tokens are now JWTs with roles. Unset it and use "
+                "'orderstream tokens issue --role ROLE' (local issuer) or ORDERSTREAM_AUTH_ISSUER."
+            )
         values: dict[str, Any] = {
             "data_dir": Path(env.get("ORDERSTREAM_DATA_DIR") or DEFAULT_DATA_DIR),
             "event_store_url": env.get("ORDERSTREAM_EVENT_STORE", ""),
             "read_store_url": env.get("ORDERSTREAM_READ_STORE", ""),
             "temporal_address": env.get("TEMPORAL_ADDRESS") or None,
-            "api_tokens": parse_tokens(env.get("ORDERSTREAM_API_TOKENS")),
+            "auth_enabled": _switch(env, "ORDERSTREAM_AUTH", True),
+            "auth_issuer": env.get("ORDERSTREAM_AUTH_ISSUER") or None,
+            "auth_jwks_url": env.get("ORDERSTREAM_AUTH_JWKS_URL") or None,
+            "auth_audience": env.get("ORDERSTREAM_AUTH_AUDIENCE") or DEFAULT_AUTH_AUDIENCE,
+            "auth_roles_claim": env.get("ORDERSTREAM_AUTH_ROLES_CLAIM") or DEFAULT_ROLES_CLAIM,
+            "auth_customer_claim": env.get("ORDERSTREAM_AUTH_CUSTOMER_CLAIM") or DEFAULT_CUSTOMER_CLAIM,
+            "metrics_public": _switch(env, "ORDERSTREAM_METRICS_PUBLIC", True),
+            "write_rate_limit": env.get("ORDERSTREAM_WRITE_RATE_LIMIT") or DEFAULT_WRITE_RATE_LIMIT,
             "consistency_timeout": _float(
                 env, "ORDERSTREAM_CONSISTENCY_TIMEOUT", DEFAULT_CONSISTENCY_TIMEOUT
             ),
@@ -214,8 +262,6 @@ class Settings:
         }
         if "data_dir" in given:
             given["data_dir"] = Path(given["data_dir"])
-        if "api_tokens" in given and isinstance(given["api_tokens"], str):
-            given["api_tokens"] = parse_tokens(given["api_tokens"])
         values.update(given)
         return cls(**values)
 
@@ -226,7 +272,7 @@ class Settings:
             "event_store": _redact(self.event_store_url),
             "read_store": _redact(self.read_store_url),
             "temporal_address": self.temporal_address,
-            "auth": sorted(set(self.api_tokens.values())) if self.api_tokens else "off (dev mode)",
+            "auth": self.auth_description(),
             "consistency_timeout": self.consistency_timeout,
             "max_body_bytes": self.max_body_bytes,
             "snapshot_every": self.snapshot_every,
@@ -235,6 +281,12 @@ class Settings:
             if self.webhook_secrets
             else "the data dir's",
         }
+
+    def auth_description(self) -> str:
+        if not self.auth_enabled:
+            return "OFF: every caller is anonymous with every role"
+        issuer = self.auth_issuer or f"local issuer (key in {self.data_dir}/auth)"
+        return f"JWT from {issuer}, audience {self.auth_audience!r}"
 
 
 def _redact(url: str) -> str:

@@ -21,7 +21,7 @@ import pytest
 from orderstream.api.app import create_app
 from orderstream.bootstrap import Container, build
 from orderstream.config import Settings
-from tests.conftest import MakeClient, client_for
+from tests.conftest import ADMIN, MakeClient, client_for
 from tests.contract.conftest import ES_HOW, drop_es_prefix
 
 
@@ -50,7 +50,7 @@ def make_client(tmp_path: Path, read_store_url: str) -> MakeClient:
 
     @contextlib.asynccontextmanager
     async def make(
-        *, projections: bool = True, **overrides: Any
+        *, projections: bool = True, token: str | None = ADMIN, **overrides: Any
     ) -> AsyncIterator[tuple[httpx.AsyncClient, Container]]:
         overrides.setdefault("data_dir", tmp_path / f"data-{next(counter)}")
         if read_store_url:
@@ -59,7 +59,7 @@ def make_client(tmp_path: Path, read_store_url: str) -> MakeClient:
         try:
             background = built.projection_services if projections else []
             application = create_app(built, extra_route_handlers=(), background=background)
-            async with client_for(application) as http:
+            async with client_for(application, token=token) as http:
                 yield http, built
         finally:
             await built.close()

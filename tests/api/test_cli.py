@@ -20,6 +20,7 @@ from orderstream.config import Settings
 from orderstream.domain import orders
 from projections import product_stock
 from tests.api.helpers import order_body
+from tests.tokens import admin_headers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def orderstream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[
     )
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+def start_server(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -54,6 +55,7 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
             "0",
             "--data-dir",
             str(data_dir),
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -78,7 +80,7 @@ async def test_sigterm_loses_no_acknowledged_event(tmp_path: Path) -> None:
     process, url = start_server(data_dir)
     acknowledged: list[str] = []
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=admin_headers(data_dir)) as client:
             r = await client.post(
                 "/products", json={"sku": "SKU-1", "name": "Mug", "price": {"amount": 100, "currency": "EUR"}}
             )
@@ -117,8 +119,56 @@ async def test_sigterm_loses_no_acknowledged_event(tmp_path: Path) -> None:
         await container.close()
 
 
+async def test_serve_says_how_to_get_a_token_and_tokens_issue_prints_one(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    process, url = start_server(data_dir)
+    try:
+        assert process.stdout is not None
+        announced = process.stdout.readline() + process.stdout.readline()
+        assert f"orderstream tokens issue --data-dir {data_dir} --role admin" in announced
+        key = data_dir / "auth" / "signing-key.jwk"
+        assert key.stat().st_mode & 0o777 == 0o600  # created on first start, owner only
+        issued = orderstream(
+            "tokens", "issue", "--data-dir", str(data_dir), "--role", "customer", "--customer-id", "cust-9"
+        )
+        assert issued.returncode == 0, issued.stderr
+        token = issued.stdout.splitlines()[-1]
+        customer = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            assert (await client.get("/orders")).status_code == 401
+            assert (await client.get("/orders", headers=customer)).status_code == 200
+            stock = await client.post("/products/SKU-1/stock", json={"quantity": 1}, headers=customer)
+            assert stock.status_code == 403
+        refused = orderstream("tokens", "issue", "--data-dir", str(data_dir), "--role", "root")
+        assert refused.returncode == 2
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+async def test_serve_no_auth_lets_everyone_in_and_says_so(tmp_path: Path) -> None:
+    process, url = start_server(tmp_path / "data", "--no-auth")  # its API workers too
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            product = {"sku": "SKU-1", "name": "Mug", "price": {"amount": 100, "currency": "EUR"}}
+            assert (await client.post("/products", json=product)).status_code == 201
+            ready = (await client.get("/ready")).json()
+            assert ready["auth"] == "off"
+            assert "AUTHENTICATION IS OFF" in ready["warning"]
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 @pytest.mark.parametrize(
-    "args", [["--help"], ["serve", "--help"], ["projections", "--help"], ["events", "--help"]]
+    "args",
+    [
+        ["--help"],
+        ["serve", "--help"],
+        ["projections", "--help"],
+        ["events", "--help"],
+        ["tokens", "issue", "--help"],
+    ],
 )
 def test_help(args: list[str]) -> None:
     result = orderstream(*args)

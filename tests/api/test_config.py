@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orderstream.bootstrap import open_event_store, open_read_store
-from orderstream.config import ConfigError, Settings, parse_tokens, sqlite_path
+from orderstream.config import ConfigError, Settings, sqlite_path
 
 
 def test_defaults_follow_the_data_dir() -> None:
@@ -15,7 +15,13 @@ def test_defaults_follow_the_data_dir() -> None:
     assert settings.data_dir == Path("./data")
     assert settings.event_store_url == "sqlite:///data/events.db"
     assert settings.read_store_url == "sqlite:///data/read.db"
-    assert settings.api_tokens == {}
+    assert settings.auth_enabled
+    assert settings.auth_issuer is None  # the local issuer
+    assert settings.auth_audience == "orderstream"
+    assert settings.auth_roles_claim == "realm_access.roles"
+    assert settings.auth_customer_claim == "customer_id"
+    assert settings.metrics_public
+    assert settings.write_rate_limit == "120/minute"
     assert settings.consistency_timeout == 5.0
     assert settings.max_body_bytes == 64 * 1024
     assert settings.temporal_address is None
@@ -26,7 +32,11 @@ def test_environment_and_overrides() -> None:
         "ORDERSTREAM_DATA_DIR": "/srv/os",
         "ORDERSTREAM_READ_STORE": "http://127.0.0.1:9200",
         "TEMPORAL_ADDRESS": "127.0.0.1:7233",
-        "ORDERSTREAM_API_TOKENS": "t1=alice, t2=bob",
+        "ORDERSTREAM_AUTH_ISSUER": "http://127.0.0.1:8080/realms/orderstream",
+        "ORDERSTREAM_AUTH_AUDIENCE": "orderstream-api",
+        "ORDERSTREAM_AUTH_ROLES_CLAIM": "roles",
+        "ORDERSTREAM_METRICS_PUBLIC": "false",
+        "ORDERSTREAM_WRITE_RATE_LIMIT": "5/second",
         "ORDERSTREAM_CONSISTENCY_TIMEOUT": "2.5",
         "ORDERSTREAM_MAX_BODY_BYTES": "1024",
         "ORDERSTREAM_API_WORKERS": "3",
@@ -35,14 +45,19 @@ def test_environment_and_overrides() -> None:
     assert settings.event_store_url == "sqlite:////srv/os/events.db"
     assert sqlite_path(settings.event_store_url) == Path("/srv/os/events.db")
     assert settings.read_store_url == "http://127.0.0.1:9200"
-    assert settings.api_tokens == {"t1": "alice", "t2": "bob"}
+    assert settings.auth_issuer == "http://127.0.0.1:8080/realms/orderstream"
+    assert settings.auth_audience == "orderstream-api"
+    assert settings.auth_roles_claim == "roles"
+    assert not settings.metrics_public
+    assert settings.write_rate_limit == "5/second"
     assert settings.consistency_timeout == 2.5
     assert settings.max_body_bytes == 1024
     assert settings.api_workers == 3
     overridden = Settings.from_env(env, data_dir="/elsewhere", event_store_url=None, api_workers=2)
     assert overridden.api_workers == 2
     assert overridden.event_store_url == "sqlite:////elsewhere/events.db"
-    assert "t1" not in str(overridden.describe())
+    assert "127.0.0.1:8080/realms/orderstream" in overridden.describe()["auth"]
+    assert not Settings.from_env({"ORDERSTREAM_AUTH": "off"}).auth_enabled
 
 
 @pytest.mark.parametrize(
@@ -50,8 +65,11 @@ def test_environment_and_overrides() -> None:
     [
         {"ORDERSTREAM_EVENT_STORE": "postgres://x"},
         {"ORDERSTREAM_READ_STORE": "ftp://x"},
-        {"ORDERSTREAM_API_TOKENS": "no-actor"},
-        {"ORDERSTREAM_API_TOKENS": "t=a,t=b"},
+        {"ORDERSTREAM_API_TOKENS": "t=alice"},  # gone: refused with what to use instead
+        {"ORDERSTREAM_AUTH": "maybe"},
+        {"ORDERSTREAM_AUTH_ISSUER": "keycloak"},
+        {"ORDERSTREAM_WRITE_RATE_LIMIT": "lots"},
+        {"ORDERSTREAM_WRITE_RATE_LIMIT": "0/minute"},
         {"ORDERSTREAM_CONSISTENCY_TIMEOUT": "soon"},
         {"ORDERSTREAM_CONSISTENCY_TIMEOUT": "0"},
         {"ORDERSTREAM_MAX_BODY_BYTES": "-1"},
@@ -63,12 +81,6 @@ def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str]) -
     with pytest.raises(ConfigError) as caught:
         Settings.from_env(env)
     assert any(name in str(caught.value) for name in env) or "ORDERSTREAM" in str(caught.value)
-
-
-def test_tokens() -> None:
-    assert parse_tokens(None) == {}
-    assert parse_tokens(" ") == {}
-    assert parse_tokens("a=x,b=y,") == {"a": "x", "b": "y"}
 
 
 async def test_backends_open_by_url(tmp_path: Path) -> None:

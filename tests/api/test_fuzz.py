@@ -9,8 +9,9 @@ For each operation, schemathesis generates requests that match the schema
   consistency timeout so those answer fast);
 - the status code, the ``Content-Type``, the body and the headers are the
   documented ones; a request that breaks the schema gets a 4xx; a request that
-  matches it is never refused as malformed (a business rule may refuse it); a
-  write without a valid bearer token gets a 401;
+  matches it is never refused as malformed (a business rule may refuse it); the
+  run sends a valid admin token (an operation that ignores a missing or bad one
+  fails ``ignored_auth``);
 - every error is an RFC 9457 problem (``application/problem+json`` with ``type``,
   ``title``, ``status``, ``detail``);
 - a write that answers with an error appends nothing to the event store.
@@ -18,9 +19,10 @@ For each operation, schemathesis generates requests that match the schema
 The saga routes (``/payments/...``, ``/orders/{order_id}/fulfilment``) need
 Temporal and are left out. The run is bounded and derandomized, so CI sees the
 same requests every time. For a broader exploratory run, start a server by hand
-(with ``ORDERSTREAM_API_TOKENS=TOKEN=me``) and run the ``schemathesis`` CLI, e.g.::
+(``TOKEN=$(orderstream tokens issue --data-dir DIR --role admin | tail -n 1)``) and run the
+``schemathesis`` CLI, e.g.::
 
-    schemathesis run http://127.0.0.1:PORT/schema/openapi.json -H 'Authorization: Bearer TOKEN' \\
+    schemathesis run http://127.0.0.1:PORT/schema/openapi.json -H "Authorization: Bearer $TOKEN" \\
         --checks all --exclude-path-regex '^/payments|/fulfilment$' -n 300 --workers 1
 """
 
@@ -42,13 +44,13 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode, checks
+from schemathesis.generation.meta import negated_parameters
 
 from orderstream.api.common import ORDER_ID_PATTERN
 from tests.api.helpers import order_body
+from tests.tokens import admin_headers
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "fuzz-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROBLEM_JSON = "application/problem+json"
 SEEDED_SKUS = ("SKU-RED-42", "0")  # the schema's example SKU, and the simplest generated one
 SAGA_ROUTES = r"^/payments/|/fulfilment$"
@@ -60,21 +62,22 @@ class Server:
     url: str
     order_ids: list[str]
     log: Path
+    auth: dict[str, str]
+    """An admin's ``Authorization`` header (a token of the server's local issuer)."""
 
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERSTREAM_", "TEMPORAL_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
-    env["ORDERSTREAM_API_TOKENS"] = f"{TOKEN}=fuzzer"
     env["ORDERSTREAM_CONSISTENCY_TIMEOUT"] = "0.1"
     return env
 
 
-def _seed(url: str) -> list[str]:
+def _seed(url: str, auth: dict[str, str]) -> list[str]:
     """Products with stock (so generated orders can succeed) and a few orders
     (so the order routes reach existing orders, not only 404s)."""
-    with httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
+    with httpx.Client(base_url=url, headers=auth, timeout=30) as client:
         for sku in SEEDED_SKUS:
             created = client.post(
                 "/products", json={"sku": sku, "name": "Mug", "price": {"amount": 1250, "currency": "EUR"}}
@@ -113,7 +116,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             url = found.group(1) if found else None
             time.sleep(0.05)
         assert url is not None, f"orderstream serve did not start:\n{log.read_text()[-3000:]}"
-        yield Server(url=url, order_ids=_seed(url), log=log)
+        auth = admin_headers(base / "data")
+        yield Server(url=url, order_ids=_seed(url, auth), log=log, auth=auth)
     finally:
         process.terminate()
         try:
@@ -275,7 +279,9 @@ def test_operation_answers_as_documented(
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: Any) -> None:
         before = _head(session, fuzz_server.url) if write else None
-        response = case.call_and_validate(session=session, headers=AUTH, checks=CHECKS)
+        response = case.call_and_validate(
+            session=session, headers=_auth_for(case, fuzz_server), checks=CHECKS
+        )
         if write and response.status_code >= 400:
             after = _head(session, fuzz_server.url)
             assert after == before, (
@@ -288,6 +294,14 @@ def test_operation_answers_as_documented(
     except BaseException:
         print(f"server log (tail):\n{fuzz_server.log.read_text()[-3000:]}")
         raise
+
+
+def _auth_for(case: Any, server: Server) -> dict[str, str]:
+    """The admin token, unless this negative case breaks the ``Authorization`` header
+    itself (the documented bearer requirement): then the server must refuse it (401)."""
+    if any(name.lower() == "authorization" for name, _location in negated_parameters(case.meta)):
+        return {}
+    return server.auth
 
 
 def _head(session: requests.Session, url: str) -> int | None:
@@ -315,7 +329,7 @@ def test_options_lists_every_documented_method(api_schema: Any, fuzz_server: Ser
 
 def test_a_body_that_is_not_json_is_a_415(api_schema: Any, fuzz_server: Server) -> None:
     """Every operation with a JSON body refuses another media type, as documented."""
-    with httpx.Client(base_url=fuzz_server.url, headers=AUTH, timeout=30) as client:
+    with httpx.Client(base_url=fuzz_server.url, headers=fuzz_server.auth, timeout=30) as client:
         head = client.get("/ready").json()["head_position"]
         probed = 0
         for result in api_schema.get_all_operations():

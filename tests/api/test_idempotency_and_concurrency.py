@@ -10,6 +10,7 @@ from orderstream.bootstrap import Container
 from orderstream.domain import inventory, orders
 from tests.api.helpers import ADDRESS, assert_problem, order_body, place_order, register_product
 from tests.conftest import MakeClient
+from tests.tokens import bearer, token_for
 
 
 async def test_same_key_twice_returns_the_same_answer_and_appends_once(
@@ -80,16 +81,18 @@ async def test_concurrent_requests_with_one_key_and_different_bodies(
 
 
 async def test_stock_key_of_one_actor_is_not_another_actors_replay(make_client: MakeClient) -> None:
-    """Keys are scoped by actor: the same key from two callers is two requests."""
-    tokens = {"alice-token": "alice", "bob-token": "bob"}
-    async with make_client(api_tokens=tokens) as (client, container):
-        client.headers["Authorization"] = "Bearer alice-token"
+    """Keys are scoped by actor (the token's subject): the same key from two callers is two requests."""
+    async with make_client() as (client, container):
+        settings = container.settings
         await register_product(client, stock=0)
-        for token in ("alice-token", "bob-token"):
+        for who in ("alice", "bob"):
             answer = await client.post(
                 "/products/SKU-1/stock",
                 json={"quantity": 5},
-                headers={"Idempotency-Key": "shared", "Authorization": f"Bearer {token}"},
+                headers={
+                    "Idempotency-Key": "shared",
+                    **bearer(token_for(settings, "inventory", subject=who)),
+                },
             )
             assert answer.status_code == 200, answer.text
             assert "idempotent-replayed" not in answer.headers

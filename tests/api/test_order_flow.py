@@ -125,7 +125,8 @@ async def test_the_design_flow(client: httpx.AsyncClient, container: Container) 
     assert positions == sorted(positions)
     for event in listed:
         assert {"type", "revision", "position", "recorded_at", "data", "metadata"} <= set(event)
-        assert event["metadata"]["actor"] == "anonymous"
+        assert event["metadata"]["actor"] == "local-admin"  # the fixtures' admin token (tests/tokens.py)
+        assert event["metadata"]["roles"] == "admin"
     assert listed[0]["data"]["order_id"] == order_id
 
     # state at a revision, from the event store

@@ -25,6 +25,7 @@ import pytest
 from orderstream.domain import orders
 from tests.api.helpers import order_body
 from tests.api.test_cli import _env
+from tests.tokens import admin_headers
 
 PRODUCT = {"sku": "SKU-1", "name": "Mug", "price": {"amount": 100, "currency": "EUR"}}
 ACCESS_LINE = re.compile(r"\"(\w+) (\S+) HTTP/1\.1\" (\d+)")
@@ -89,10 +90,12 @@ def stored(data_dir: Path, sql: str, *params: str) -> list[tuple[str, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
-async def many_clients(url: str, n: int) -> list[httpx.AsyncClient]:
-    """``n`` clients of one connection each: SO_REUSEPORT spreads connections, not requests."""
+async def many_clients(url: str, n: int, data_dir: Path) -> list[httpx.AsyncClient]:
+    """``n`` admin clients of one connection each: SO_REUSEPORT spreads connections, not requests."""
+    headers = admin_headers(data_dir)
     return [
-        httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=1)) for _ in range(n)
+        httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=1), headers=headers)
+        for _ in range(n)
     ]
 
 
@@ -101,7 +104,7 @@ async def test_both_workers_write_and_every_acknowledged_write_is_stored_once(
 ) -> None:
     process, url, data_dir = two_workers
     workers = workers_of(process.pid)
-    clients = await many_clients(url, 16)
+    clients = await many_clients(url, 16, data_dir)
     try:
         first = clients[0]
         assert (await first.post("/products", json=PRODUCT)).status_code == 201
@@ -151,7 +154,7 @@ async def test_sigterm_drains_both_workers_without_losing_an_acknowledged_order(
     process, url, data_dir = two_workers
     workers = workers_of(process.pid)
     acknowledged: list[str] = []
-    clients = await many_clients(url, 16)
+    clients = await many_clients(url, 16, data_dir)
     try:
         assert (await clients[0].post("/products", json=PRODUCT)).status_code == 201
 

@@ -38,6 +38,9 @@ APP_ENV = {
     "ORDERSTREAM_READ_STORE": "http://elasticsearch:9200",
     "TEMPORAL_ADDRESS": "temporal:7233",
     "ORDERSTREAM_TEMPORAL_UI_URL": "http://localhost:8080",
+    "ORDERSTREAM_AUTH_ISSUER": "http://localhost:8180/realms/orderstream",
+    "ORDERSTREAM_AUTH_JWKS_URL": "http://keycloak:8180/realms/orderstream/protocol/openid-connect/certs",
+    "ORDERSTREAM_AUTH_AUDIENCE": "orderstream",
 }
 PUBLISHED_PORTS = {
     "kurrentdb": 2113,
@@ -48,6 +51,7 @@ PUBLISHED_PORTS = {
     "api": 8000,
     "prometheus": 9090,
     "grafana": 3000,
+    "keycloak": 8180,
 }
 
 
@@ -189,6 +193,7 @@ def test_expected_services_are_defined(services: dict[str, dict[str, Any]]) -> N
         "temporal-ui",
         "prometheus",
         "grafana",
+        "keycloak",
         *APP_SERVICES,
     }
     assert expected <= services.keys(), f"missing services: {sorted(expected - services.keys())}"
@@ -355,6 +360,28 @@ def test_named_volumes_are_declared(compose: dict[str, Any], services: dict[str,
 
 
 # ------------------------------------------------------------------ Dockerfile
+
+
+def test_keycloak_imports_the_realm_of_the_tests(services: dict[str, dict[str, Any]]) -> None:
+    """The stack's Keycloak is the one of infra/keycloak/dev-idp.sh: same version, same
+    realm (mounted into the import folder), and the API trusts that realm."""
+    keycloak = services["keycloak"]
+    pom = (ROOT / "infra" / "keycloak" / "pom.xml").read_text()
+    version = re.search(r"<keycloak.version>([^<]+)</keycloak.version>", pom)
+    assert version is not None
+    assert keycloak["image"].endswith(f":{version.group(1)}")
+    assert "--import-realm" in keycloak["command"]
+    assert any(
+        v.startswith("./infra/keycloak/realm.json:/opt/keycloak/data/import/") for v in keycloak["volumes"]
+    )
+    assert _has_healthcheck(keycloak)
+    realm = json.loads((ROOT / "infra" / "keycloak" / "realm.json").read_text())
+    issuer = services["api"]["environment"]["ORDERSTREAM_AUTH_ISSUER"]
+    assert issuer.endswith(f"/realms/{realm['realm']}")
+    assert {r["name"] for r in realm["roles"]["realm"]} == {"customer", "support", "inventory", "admin"}
+    audience = services["api"]["environment"]["ORDERSTREAM_AUTH_AUDIENCE"]
+    mappers = [m for c in realm["clients"] for m in c.get("protocolMappers", ())]
+    assert any(m["config"].get("included.custom.audience") == audience for m in mappers)
 
 
 def test_dockerfile_builds_a_non_root_orderstream_image() -> None:

@@ -43,6 +43,7 @@ from orderstream.config import Settings
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import Money
 from orderstream.eventstore.base import RecordedEvent
+from tests.tokens import admin_headers
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
 from workflows.order_fulfilment.inputs import payment_id_for, workflow_id_for
 from workflows.runtime import TemporalBinaryNotFound, run_worker, start_dev_server, temporal_cli_path
@@ -247,7 +248,12 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
         # block this loop, where the worker runs, for the duration of each request).
         transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
         http = await stack.enter_async_context(
-            httpx.AsyncClient(transport=transport, base_url="http://orderstream.test", timeout=WAIT)
+            httpx.AsyncClient(
+                transport=transport,
+                base_url="http://orderstream.test",
+                timeout=WAIT,
+                headers=admin_headers(container.settings),
+            )
         )
         stop = asyncio.Event()
         harness = SagaHarness(

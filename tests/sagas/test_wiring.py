@@ -20,6 +20,7 @@ from orderstream.config import Settings
 from orderstream.domain import inventory
 from orderstream.domain.common import Money
 from tests.sagas.conftest import ADDRESS, WAIT
+from tests.tokens import admin_headers
 from workflows.order_fulfilment.inputs import workflow_id_for
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
@@ -62,7 +63,9 @@ async def test_saga_hook_runs_worker_and_trigger_and_serves_status(
         assert attributes.get(CORRELATION_ID_ATTRIBUTE) == ctx.correlation_id
 
         transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=admin_headers(container.settings)
+        ) as http:
             view = (await http.get(f"/orders/{order_id}/fulfilment")).json()
         assert view["status"] == "completed"
         assert view["outcome"]["status"] == "shipped"

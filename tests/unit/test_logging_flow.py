@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.served import API_TOKEN, served
+from tests.served import served
 
 pytestmark = [
     pytest.mark.temporal,
@@ -31,7 +31,7 @@ def test_a_whole_order_flow_logs_no_secret_and_names_its_stream(tmp_path: Path) 
     text = service.log.read_text()
 
     assert "tok_" not in text
-    assert API_TOKEN not in text
+    assert service.token not in text
     assert "Bearer" not in text
     records = [json.loads(line) for line in text.splitlines()]
     stream = f"order-{order_id}"

@@ -30,7 +30,6 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import (
-    Components,
     OpenAPIMediaType,
     OpenAPIResponse,
     OpenAPIType,
@@ -55,6 +54,7 @@ from orderstream.api.problems import PROBLEM_JSON, exception_handlers, problem_d
 from orderstream.api.products import ProductController
 from orderstream.application.queries import Queries
 from orderstream.application.use_cases import UseCases
+from orderstream.auth.policy import AccessPolicy, authorize
 from orderstream.bootstrap import BackgroundService, Container, run_services
 from orderstream.metrics import http_latency_middleware
 
@@ -71,7 +71,9 @@ Event-sourced CQRS order service.
 * **Idempotency**: `Idempotency-Key` on `POST /orders` and `POST /products/{sku}/stock`.
 * **Read your writes**: pass a write's `position` as `min_position` to a query.
 * **Errors** are RFC 9457 `application/problem+json` with `type`, `title`, `status`, `detail`.
-* When API tokens are configured, writes need `Authorization: Bearer <token>`.
+* **Authentication**: every route but `/health`, `/ready` (and `/metrics` unless configured
+  otherwise) needs `Authorization: Bearer <JWT>`; the roles in the token (customer, support,
+  inventory, admin) decide what it may do. Locally: `orderstream tokens issue --role admin`.
 """
 
 
@@ -110,15 +112,6 @@ def openapi_config() -> OpenAPIConfig:
             Tag(name="orders", description="Orders: commands, queries, history."),
             Tag(name="operations", description="Health, readiness, metrics."),
         ],
-        components=Components(
-            security_schemes={
-                "BearerToken": SecurityScheme(
-                    type="http",
-                    scheme="bearer",
-                    description="Needed on writes when the server has ORDERSTREAM_API_TOKENS set.",
-                )
-            }
-        ),
         render_plugins=[
             SwaggerRenderPlugin(
                 path=["/", "/swagger"],
@@ -176,9 +169,11 @@ def create_app(
         name="docs-assets",
     )
 
-    state: dict[str, Any] = {"api_tokens": dict(container.settings.api_tokens), "container": container}
+    access = AccessPolicy(container.settings, container.queries)
+    state: dict[str, Any] = {"access": access, "container": container}
     app = Litestar(
         route_handlers=[ProductController, OrderController, OpsController, assets, *extra],
+        guards=[authorize],
         dependencies={
             "container": Provide(provide_container, sync_to_thread=False),
             "use_cases": Provide(provide_use_cases, sync_to_thread=False),
@@ -200,6 +195,7 @@ def create_app(
     close_request_schemas(app)
     tighten_parameter_schemas(app)
     document_unsupported_media_type(app)
+    document_security(app, access)
     # Litestar 2.x answers OPTIONS on a path served by several handlers with the
     # methods of the first one only (litestar-org/litestar#4169): answer with the
     # route's real methods, as the 405 answers already do.
@@ -344,6 +340,56 @@ def tighten_parameter_schemas(app: Litestar) -> None:
                         if value is not None and getattr(schema, keyword) is None:
                             setattr(schema, keyword, value)
                 parameter.schema = schema
+
+
+BEARER_SCHEME = "BearerToken"
+PROBLEM_REF = Reference(ref="#/components/schemas/Problem")
+
+
+def document_security(app: Litestar, access: AccessPolicy) -> None:
+    """Declare exactly the authentication in force: the bearer scheme and, on each
+    operation that needs a token, its requirement and its 401/403 answers (429 on
+    writes); with auth off, no scheme and no requirement anywhere. Generated clients
+    and schema-based fuzzers then send a token exactly where the server wants one."""
+    schema = app.openapi_schema
+    if access.enabled:
+        schema.components.security_schemes = {
+            BEARER_SCHEME: SecurityScheme(
+                type="http",
+                scheme="bearer",
+                bearer_format="JWT",
+                description="A JWT from the configured issuer (locally: `orderstream tokens issue`).",
+            )
+        }
+    else:
+        schema.components.security_schemes = None
+    for method, operation in _operations_by_method(app):
+        assert operation.operation_id is not None
+        if not access.needs_token(operation.operation_id):
+            operation.security = None
+            continue
+        operation.security = [{BEARER_SCHEME: []}]
+        responses = operation.responses if operation.responses is not None else {}
+        statuses = (401, 403) if method in ("get", "head") else (401, 403, 429)
+        for status in statuses:
+            responses.setdefault(
+                str(status),
+                OpenAPIResponse(
+                    description=problem_description(status),
+                    content={PROBLEM_JSON: OpenAPIMediaType(schema=PROBLEM_REF)},
+                ),
+            )
+        operation.responses = responses
+
+
+def _operations_by_method(app: Litestar) -> list[tuple[str, Operation]]:
+    found = []
+    for item in (app.openapi_schema.paths or {}).values():
+        for method in ("get", "put", "post", "delete", "options", "head", "patch", "trace"):
+            operation = getattr(item, method, None)
+            if isinstance(operation, Operation) and operation.operation_id:
+                found.append((method, operation))
+    return found
 
 
 def document_unsupported_media_type(app: Litestar) -> None:

@@ -20,6 +20,7 @@ from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentC
 log = logging.getLogger("orderstream.api")
 
 PROBE_TIMEOUT = 2.0
+AUTH_OFF_WARNING = "AUTHENTICATION IS OFF (ORDERSTREAM_AUTH=off): anyone may read and change everything."
 
 
 async def refresh_projection_metrics(container: NamedDependency[Container]) -> dict[str, ProjectionReadiness]:
@@ -143,6 +144,8 @@ class OpsController(Controller):
             head_position=head,
             projections=projections,
             sagas=sagas,
+            auth="on" if container.settings.auth_enabled else "off",
+            warning=None if container.settings.auth_enabled else AUTH_OFF_WARNING,
         )
         return Response(body, status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE)
 

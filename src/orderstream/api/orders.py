@@ -26,7 +26,7 @@ from orderstream.api.common import (
     id_of,
     written,
 )
-from orderstream.api.plumbing import command_context, etag, parse_if_match, require_writer
+from orderstream.api.plumbing import command_context, etag, parse_if_match
 from orderstream.api.problems import problem_responses, unprocessable
 from orderstream.api.schemas import (
     EventView,
@@ -45,6 +45,7 @@ from orderstream.api.schemas import (
 )
 from orderstream.application.queries import ORDER_SORT_FIELDS, Queries, event_data
 from orderstream.application.use_cases import LineRequest, UseCases
+from orderstream.auth.policy import check_customer, visible_customer
 from orderstream.domain import orders
 from orderstream.readstore.base import Document
 
@@ -143,7 +144,6 @@ class OrderController(Controller):
             "With an Idempotency-Key a retried request returns the first answer."
         ),
         status_code=201,
-        guards=[require_writer],
         security=WRITE_SECURITY,
         response_headers=[ETAG_HEADER, LOCATION_HEADER, REPLAYED_HEADER, CORRELATION_HEADER],
         responses=problem_responses(400, 401, 409, 412, 413, 422),
@@ -155,6 +155,7 @@ class OrderController(Controller):
         use_cases: NamedDependency[UseCases],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[WriteResult]:
+        check_customer(request, data.customer_id)
         context = command_context(request, idempotency_key=idempotency_key, request_body=data)
         result = await use_cases.place_order(
             customer_id=data.customer_id,
@@ -174,7 +175,6 @@ class OrderController(Controller):
             "Lines can change while the order is `placed`; the address until it is shipped. "
             "Send If-Match with the ETag you read to make sure nobody changed it in between."
         ),
-        guards=[require_writer],
         security=WRITE_SECURITY,
         response_headers=[ETAG_HEADER, CORRELATION_HEADER],
         responses=problem_responses(400, 401, 404, 409, 412, 413, 422),
@@ -205,7 +205,6 @@ class OrderController(Controller):
         summary="Cancel an order",
         description="The order becomes `cancelled`; the saga releases its stock and voids its payment.",
         status_code=200,
-        guards=[require_writer],
         security=WRITE_SECURITY,
         response_headers=[ETAG_HEADER, CORRELATION_HEADER],
         responses=problem_responses(400, 401, 404, 409, 412),
@@ -243,12 +242,14 @@ class OrderController(Controller):
         "/",
         operation_id="listOrders",
         summary="List, filter and search orders",
-        description="With `facets=status`, counts per status cover every matching order, not only the page.",
+        description="With `facets=status`, counts per status cover every matching order, not only the page. "
+        "A customer's token lists its own orders only, whatever `customer_id` says.",
         response_headers=[CORRELATION_HEADER],
         responses=problem_responses(400, 503),
     )
     async def list_orders(
         self,
+        request: Request[Any, Any, Any],
         queries: NamedDependency[Queries],
         customer_id: CustomerFilter = None,
         status: StatusFilter = None,
@@ -260,7 +261,7 @@ class OrderController(Controller):
         facets: FacetsParameter = None,
     ) -> OrderPage:
         page = await queries.list_orders(
-            customer_id=customer_id,
+            customer_id=visible_customer(request, customer_id),
             status=list(status or ()),
             q=q,
             sort=sort,

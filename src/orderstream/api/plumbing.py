@@ -1,5 +1,5 @@
 """Request plumbing shared by every controller: strict body decoding, headers,
-auth, correlation ids and request metrics.
+correlation ids, who asks, and request metrics (authentication and roles: ``orderstream.auth``).
 
 Strict bodies. Litestar converts a decoded body into the handler's ``data``
 type with coercion turned on (``"5"`` would pass as ``5``). The API promises
@@ -26,15 +26,12 @@ parsing lets through (a repeated scalar parameter, ``null`` for a number).
 from __future__ import annotations
 
 import functools
-import hmac
 import re
 from typing import Any, get_args
 
 import msgspec
 from litestar import Request
-from litestar.connection import ASGIConnection
 from litestar.enums import ParamType
-from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import ParameterKwarg
 from litestar.types import Message, Scope
@@ -43,6 +40,7 @@ from litestar.utils.scope.state import ScopeState
 from orderstream.api.correlation import correlation_id
 from orderstream.api.problems import ApiError, FieldError, bad_request
 from orderstream.application.commands import CommandContext, request_digest
+from orderstream.auth.policy import principal_of
 from orderstream.metrics import Metrics
 
 IF_MATCH_PATTERN = r'^(\*|"[0-9]{1,18}"|[0-9]{1,18})$'
@@ -195,55 +193,23 @@ def check_idempotency_key(value: str | None) -> str | None:
     return value
 
 
-# ----------------------------------------------------------------- correlation, auth
-
-
-def _actor_for(token: str, tokens: dict[str, str]) -> str | None:
-    """Constant-time comparison against every known token."""
-    found = None
-    given = token.encode()
-    for known, actor in tokens.items():
-        if hmac.compare_digest(given, known.encode()):
-            found = actor
-    return found if token else None
-
-
-async def require_writer(connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler) -> None:
-    """Guard of every write route. Async on purpose: Litestar runs a synchronous
-    guard in a worker thread, a hand-off per request for a few dictionary look-ups.
-
-    With tokens configured (``app.state.api_tokens``: token -> actor) a write
-    needs ``Authorization: Bearer <token>`` and runs as that token's actor;
-    without, every caller is ``anonymous`` (development mode). Reads stay open.
-    """
-    tokens: dict[str, str] = connection.app.state.get("api_tokens") or {}
-    if not tokens:
-        connection.state["actor"] = "anonymous"
-        return
-    header = connection.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    actor = _actor_for(token.strip(), tokens) if scheme.lower() == "bearer" else None
-    if actor is None:
-        raise NotAuthorizedException(
-            detail="This write needs 'Authorization: Bearer <token>' with a known token."
-            if not header
-            else "The bearer token is not valid."
-        )
-    connection.state["actor"] = actor
+# ------------------------------------------------------------ command context
 
 
 def command_context(
     request: Request[Any, Any, Any], *, idempotency_key: str | None = None, request_body: object = None
 ) -> CommandContext:
-    """Who asks (the guard's actor), the correlation id and the idempotency key.
+    """Who asks (the principal the guard let in: subject and roles), the correlation id
+    and the idempotency key.
 
     ``request_body`` (the decoded Structs, as sent) is digested only when a key is
     given; it is turned into builtins first so the digest stays the one that the
     events of earlier keyed requests were derived from."""
-    actor = request.state.get("actor", "anonymous")
+    principal = principal_of(request)
     key = check_idempotency_key(idempotency_key)
     return CommandContext(
-        actor=actor,
+        actor=principal.subject,
+        roles=principal.roles_text or None,
         correlation_id=correlation_id(request.scope),
         idempotency_key=key,
         request_hash=request_digest(msgspec.to_builtins(request_body)) if key is not None else None,

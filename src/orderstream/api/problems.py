@@ -9,7 +9,7 @@ with its traceback and answered with a plain 500.
 
 - 400: malformed JSON; a bad header (``If-Match``, ``Idempotency-Key``); a bad query or
   path parameter; :class:`InvalidQuery`.
-- 401: a write without a known bearer token (when tokens are configured).
+- 401: no valid bearer token; 403: the token's roles do not allow it; 429: too many writes.
 - 404: :class:`NotFound`; an unknown route; an order revision beyond the stream's end.
 - 405: the method is not allowed on the route.
 - 409: :class:`IllegalTransition`, :class:`AlreadyExists`, a race lost too often.
@@ -405,13 +405,15 @@ exception_handlers: dict[type[Exception] | int, Callable[..., Response[Any]]] = 
 
 _DESCRIPTIONS = {
     400: "Malformed JSON, or an invalid parameter or header (problem details).",
-    401: "A write without a valid bearer token, when tokens are configured (problem details).",
+    401: "No bearer token, or one that is not valid (problem details, `WWW-Authenticate: Bearer`).",
+    403: "The token's roles do not allow this operation (problem details).",
     404: "No such resource (problem details).",
     409: "Illegal state transition, already exists, or a concurrent change (problem details).",
     412: "Stale If-Match: the problem carries `current_revision`.",
     413: "The request body is larger than the limit (problem details).",
     415: "The request body is not sent as `application/json` (problem details).",
     422: "The body does not match the schema, or a business rule refused it (problem details).",
+    429: "Too many writes by this identity; retry after `Retry-After` seconds (problem details).",
     503: (
         "Not available now; retry after `Retry-After` seconds (problem details). When the read model "
         "has not reached `min_position` within the consistency timeout, the problem carries "

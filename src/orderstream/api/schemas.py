@@ -278,3 +278,6 @@ class Readiness(msgspec.Struct, frozen=True, kw_only=True):
     projections: dict[str, ProjectionReadiness]
     sagas: SagaReadiness | None = None
     """``None`` when no saga trigger ever ran against this event store."""
+    auth: Literal["on", "off"] = "on"
+    """``off``: ORDERSTREAM_AUTH=off, every caller may do everything (never in production)."""
+    warning: str | None = None

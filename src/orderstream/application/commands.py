@@ -106,6 +106,8 @@ class CommandContext:
     """Who asks and why; it becomes every appended event's metadata."""
 
     actor: str = "anonymous"
+    roles: str | None = None
+    """The actor's roles, space-separated (requests); ``None`` for the system's own commands."""
     correlation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     causation_id: str | None = None
     idempotency_key: str | None = None
@@ -115,6 +117,7 @@ class CommandContext:
     def metadata(self) -> EventMetadata:
         return EventMetadata(
             actor=self.actor,
+            roles=self.roles,
             correlation_id=self.correlation_id,
             causation_id=self.causation_id or None,
             idempotency_key=self.idempotency_key or None,

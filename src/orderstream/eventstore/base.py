@@ -122,6 +122,9 @@ class EventMetadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     """Digest of the keyed request: the same key with another request is refused."""
     snapshot_of: str | None = None
     """On a snapshot event: the stream it folds."""
+    roles: str | None = None
+    """The actor's roles when a request caused the event, space-separated (``"customer"``);
+    absent on events written before roles existed and on the system's own."""
 
     def to_json(self) -> bytes:
         """The stored form (``b"{}"`` when every field is ``None``)."""
