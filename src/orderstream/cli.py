@@ -412,8 +412,8 @@ async def run_process(
                     f"orderstream listening on {url}" + (f" ({workers} API workers)" if api_workers else "")
                 )
                 announce(f"API docs: {url}/schema  (OpenAPI: {url}/schema/openapi.json)")
-                announce(webhook_signature.describe_secret(settings.webhook_secrets, settings.data_dir))
                 announce(how_to_get_a_token(settings))
+                announce(webhook_signature.describe_secret(settings.webhook_secrets, settings.data_dir))
             names = ", ".join(s.name for s in services) or "none"
             announce(f"background services: {names}")
             try:

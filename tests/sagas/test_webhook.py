@@ -177,9 +177,12 @@ async def cli(*args: str) -> str:
 
 
 async def test_no_usable_secret_is_a_503_not_a_500(tmp_path: Path) -> None:
-    """No ORDERSTREAM_WEBHOOK_SECRET and a data dir where none can be created."""
+    """No ORDERSTREAM_WEBHOOK_SECRET and a data dir where none can be created. (Auth is
+    off: the local issuer's key could not be created there either, and the webhook does
+    not use bearer tokens anyway.)"""
     (tmp_path / "file").write_text("")
     settings = Settings(
+        auth_enabled=False,
         data_dir=tmp_path / "file" / "data",
         event_store_url=f"sqlite:///{tmp_path}/events.db",
         read_store_url=f"sqlite:///{tmp_path}/read.db",

@@ -37,9 +37,10 @@ def _domain_error_codes() -> set[str]:
 
 
 def _literal_codes() -> set[str]:
-    """Codes passed as string literals to the problem helpers anywhere in the API."""
+    """Codes passed as string literals to the problem helpers anywhere in the package
+    (the API, and the auth guard that raises its own problems)."""
     codes: set[str] = set()
-    for path in (ROOT / "src" / "orderstream" / "api").glob("*.py"):
+    for path in (ROOT / "src" / "orderstream").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not isinstance(node, ast.Call):
                 continue

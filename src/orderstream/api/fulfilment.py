@@ -39,6 +39,7 @@ from orderstream.api.problems import ApiError, problem_responses
 from orderstream.api.schemas import WriteResult
 from orderstream.application import webhook_signature
 from orderstream.application.use_cases import UseCases
+from orderstream.auth.principal import Principal
 from orderstream.bootstrap import Container
 from orderstream.domain import payments
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient, FulfilmentReport
@@ -68,7 +69,8 @@ SIGNATURE_CHALLENGE = {"WWW-Authenticate": f'{webhook_signature.HEADER} realm="p
 """A 401 names the scheme it wants (RFC 9110): here the signature, not a bearer token."""
 log = logging.getLogger("orderstream.api")
 
-PROVIDER_ACTOR = "payment-provider"
+PROVIDER = Principal(subject="payment-provider", roles=frozenset())
+"""Who a signed webhook call is: no bearer token, no role; its signature is its identity."""
 """The ``actor`` in the metadata of the events a verified webhook appends."""
 
 
@@ -184,7 +186,7 @@ async def require_webhook_signature(
         )
     except webhook_signature.InvalidSignature as exc:
         raise ApiError(401, "invalid-signature", str(exc), headers=SIGNATURE_CHALLENGE) from None
-    connection.state["actor"] = PROVIDER_ACTOR
+    connection.state["principal"] = PROVIDER  # the actor of what the call records (auth.policy.principal_of)
 
 
 class FulfilmentController(Controller):
