@@ -267,6 +267,9 @@ class SqliteEventStore:
         """Until when (``time.monotonic()``) writes count as concurrent: see :meth:`_flush_tick`."""
         self._lone_jobs = 0
         self._loop_reader: sqlite3.Connection | None = None
+        row = connection.execute("SELECT up_to FROM idempotency_legacy").fetchone()
+        self._legacy_up_to: int | None = None if row is None else row[0]
+        """Set only when :func:`create_schema` upgrades a schema-1 file, which happens at open."""
         self._writer_done: asyncio.Future[None] = self._loop.create_future()
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="orderstream-sqlite-reader")
         self._local = threading.local()
@@ -351,18 +354,25 @@ class SqliteEventStore:
         rows = _prepare(stream, events, expected)
         claims = _check_claims(stream, idempotency, len(rows))
         category = category_of(stream)
+        legacy = self._legacy_up_to
         return await self._submit(
-            lambda conn: _append_tx(conn, stream, category, rows, expected, claims), appends=True
+            lambda conn: _append_tx(conn, stream, category, rows, expected, claims, legacy), appends=True
         )
 
     async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
-        return self._read_now(lambda conn: _find_idempotency(conn, actor, key, stream))
+        legacy = self._legacy_up_to
+        return self._read_now(lambda conn: _find_idempotency(conn, actor, key, stream, legacy))
 
     async def find_idempotency_many(
         self, stream: str, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], IdempotencyRecord]:
         wanted = list(dict.fromkeys(keys))
-        return self._read_now(lambda conn: _find_idempotency_many(conn, stream, wanted)) if wanted else {}
+        legacy = self._legacy_up_to
+        return (
+            self._read_now(lambda conn: _find_idempotency_many(conn, stream, wanted, legacy))
+            if wanted
+            else {}
+        )
 
     def _submit(self, run: Callable[[sqlite3.Connection], T], *, appends: bool = False) -> asyncio.Future[T]:
         if self._closed:
@@ -860,6 +870,7 @@ def _append_tx(
     rows: list[_Row],
     expected: Expected,
     claims: Sequence[IdempotencyClaim] = (),
+    legacy_up_to: int | None = None,
 ) -> AppendResult:
     ids = [row[0] for row in rows]
     check_ids = 0 < len(ids) <= 500
@@ -892,7 +903,7 @@ def _append_tx(
     assert position is not None
     if claims:
         # One transaction, one writer: the append's positions are consecutive.
-        _insert_claims(conn, stream, claims, first, position - len(rows) + 1)
+        _insert_claims(conn, stream, claims, first, position - len(rows) + 1, legacy_up_to)
     return AppendResult(first + len(rows) - 1, position)
 
 
@@ -902,6 +913,7 @@ def _insert_claims(
     claims: Sequence[IdempotencyClaim],
     first_revision: int,
     first_position: int,
+    legacy_up_to: int | None,
 ) -> None:
     """Store each claim's record beside the events (the caller's savepoint undoes
     both if a key is taken)."""
@@ -919,14 +931,16 @@ def _insert_claims(
             ),
         ).rowcount
         if not inserted:
-            taken = _find_idempotency(conn, claim.actor, claim.key, stream)
+            taken = _find_idempotency(conn, claim.actor, claim.key, stream, legacy_up_to)
             assert taken is not None
             raise IdempotencyKeyTaken(taken)
 
 
 def _find_idempotency(
-    conn: sqlite3.Connection, actor: str, key: str, stream: str
+    conn: sqlite3.Connection, actor: str, key: str, stream: str, legacy_up_to: int | None
 ) -> IdempotencyRecord | None:
+    """``legacy_up_to``: see :func:`_find_legacy_idempotency` (``None``: the file never had
+    keys without records, so a miss needs no second query)."""
     row = conn.execute(
         "SELECT request_hash, revision, position FROM idempotency WHERE actor = ? AND key = ? AND stream = ?",
         (actor, key, stream),
@@ -935,11 +949,13 @@ def _find_idempotency(
         return IdempotencyRecord(
             actor=actor, key=key, stream=stream, request_hash=row[0], revision=row[1], position=row[2]
         )
-    return _find_legacy_idempotency(conn, actor, key, stream)
+    if legacy_up_to is None:
+        return None
+    return _find_legacy_idempotency(conn, actor, key, stream, legacy_up_to)
 
 
 def _find_idempotency_many(
-    conn: sqlite3.Connection, stream: str, keys: list[tuple[str, str]]
+    conn: sqlite3.Connection, stream: str, keys: list[tuple[str, str]], legacy_up_to: int | None
 ) -> dict[tuple[str, str], IdempotencyRecord]:
     found: dict[tuple[str, str], IdempotencyRecord] = {}
     for start in range(0, len(keys), 400):  # 2 parameters each, under SQLite's 999
@@ -959,28 +975,30 @@ def _find_idempotency_many(
                 revision=revision,
                 position=position,
             )
-    if conn.execute("SELECT 1 FROM idempotency_legacy").fetchone() is not None:
+    if legacy_up_to is not None:
         for actor, key in keys:
-            if (actor, key) not in found and (legacy := _find_legacy_idempotency(conn, actor, key, stream)):
+            legacy = (
+                None
+                if (actor, key) in found
+                else _find_legacy_idempotency(conn, actor, key, stream, legacy_up_to)
+            )
+            if legacy is not None:
                 found[(actor, key)] = legacy
     return found
 
 
 def _find_legacy_idempotency(
-    conn: sqlite3.Connection, actor: str, key: str, stream: str
+    conn: sqlite3.Connection, actor: str, key: str, stream: str, up_to: int
 ) -> IdempotencyRecord | None:
     """The slow fallback for a store upgraded from schema 1: the stream's events up to
-    the upgrade, searched by their metadata (the last event of the key wins; a key
-    seen with several request hashes matches no request)."""
-    legacy = conn.execute("SELECT up_to FROM idempotency_legacy").fetchone()
-    if legacy is None:
-        return None  # created with the idempotency table: every key has its record
+    the upgrade (position ``up_to``), searched by their metadata (the last event of the
+    key wins; a key seen with several request hashes matches no request)."""
     rows = conn.execute(
         "SELECT revision, position, json_extract(metadata, '$.request_hash') FROM events"
         " WHERE stream = ? AND position <= ?"
         " AND json_extract(metadata, '$.idempotency_key') = ? AND json_extract(metadata, '$.actor') = ?"
         " ORDER BY revision",
-        (stream, legacy[0], key, actor),
+        (stream, up_to, key, actor),
     ).fetchall()
     if not rows:
         return None
