@@ -28,10 +28,11 @@ a lone writer's append 0.6x raw sqlite3):
   and converting rows to events holds the GIL in any thread anyway. What is
   left of a longer stream, ``$all`` reads and the subscription groups' queries
   stay in the reader pool.
-- A lone write runs on the event loop's thread too (:meth:`_flush_tick`): jobs
+- A lone append runs on the event loop's thread too (:meth:`_flush_tick`): jobs
   submitted while the writer thread is idle wait for the end of the current
-  event-loop iteration; if exactly one came and no other process is writing
-  (a non-blocking ``flock``), it is written right there. Otherwise (several
+  event-loop iteration; if exactly one came, it is an append, no write was
+  concurrent lately and no other process is writing (a non-blocking ``flock``),
+  it is written right there. Otherwise (several
   in the iteration, or the writer busy) they go to the writer thread and its
   group commit. So a single awaited append pays no hand-off, while concurrent
   ones still share an fsync; the price is that the event loop waits out that
@@ -413,11 +414,17 @@ class SqliteEventStore:
         now = time.monotonic()
         if len(jobs) > 1:
             self._concurrent_until = now + CONCURRENT_SECONDS
-        elif not self._handed_over and now >= self._concurrent_until and not jobs[0].future.cancelled():
+        elif self._may_write_here(jobs[0], now):
             self._lone_jobs += 1
             if self._lone_jobs % PROBE_EVERY and self._write_here(jobs[0]):
                 return
         self._hand_over(jobs)
+
+    def _may_write_here(self, job: _Job[Any], now: float) -> bool:
+        """Only an append: the subscription groups' claims can copy many rows, work that
+        runs in SQLite's C code beside the event loop when the writer thread does it."""
+        idle = not self._handed_over and now >= self._concurrent_until
+        return idle and job.appends and not job.future.cancelled()
 
     def _write_here(self, job: _Job[Any]) -> bool:
         """Write one job on the loop's thread, unless another process holds the writer lock
