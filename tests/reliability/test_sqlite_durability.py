@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -41,7 +42,13 @@ from orderstream.eventstore.base import (
     RecordedEvent,
     SubscriptionSettings,
 )
-from orderstream.eventstore.sqlite import PROBE_EVERY, DuplicateEventId, EventStoreClosed, SqliteEventStore
+from orderstream.eventstore.sqlite import (
+    INLINE_ROWS,
+    PROBE_EVERY,
+    DuplicateEventId,
+    EventStoreClosed,
+    SqliteEventStore,
+)
 
 WAIT = 20.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -555,3 +562,31 @@ async def test_a_lone_append_waits_for_another_process_in_the_writer_thread(tmp_
         assert result.revision == 0
         assert store.stats.on_loop_thread == 0
         assert [e.revision for e in await store.read_stream("order-1")] == [0]
+
+
+async def test_a_long_stream_reads_whole_across_the_loop_thread_page(tmp_path: Path) -> None:
+    """The first INLINE_ROWS events are read on the loop's thread, the rest in the reader
+    pool: every slice still comes back whole and in order."""
+    async with opened(tmp_path / "events.db") as store:
+        total = INLINE_ROWS * 2 + 37
+        await store.append("order-long", [event(n) for n in range(total)], NO_STREAM)
+
+        async def revisions(**options: Any) -> list[int]:
+            return [e.revision for e in await store.read_stream("order-long", **options)]
+
+        assert await revisions() == list(range(total))
+        assert await revisions(from_revision=10) == list(range(10, total))
+        assert await revisions(from_revision=10, limit=INLINE_ROWS + 5) == list(
+            range(10, 10 + INLINE_ROWS + 5)
+        )
+        assert await revisions(limit=INLINE_ROWS) == list(range(INLINE_ROWS))
+        assert await revisions(backwards=True) == list(range(total - 1, -1, -1))
+        assert await revisions(backwards=True, from_revision=INLINE_ROWS + 3) == list(
+            range(INLINE_ROWS + 3, -1, -1)
+        )
+        assert await revisions(backwards=True, limit=INLINE_ROWS + 1) == list(
+            range(total - 1, total - INLINE_ROWS - 2, -1)
+        )
+        assert await revisions(backwards=True, from_revision=INLINE_ROWS - 1) == list(
+            range(INLINE_ROWS - 1, -1, -1)
+        )
