@@ -43,7 +43,9 @@ from orderstream.eventstore.sqlite_schema import connect, create_schema
 
 DATA = msgspec.json.encode({"order_id": "7f3c", "sku": "SKU-1", "quantity": 2, "price": {"amount": 1999}})
 METADATA = EventMetadata(actor="bench", correlation_id="c-1", causation_id="k-1")
-ROUNDS = 4
+ROUNDS = 20
+"""Interleaved rounds of figure 1: short ones, so that fsync time drifting (2x within
+seconds on a busy VM) hits every contender alike."""
 
 
 def new_event() -> NewEvent:
@@ -63,7 +65,7 @@ class RawSqlite:
 
     def insert(self, count: int, figure: Figure, advance: Callable[[int], None]) -> None:
         conn = self.conn
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for n in range(count):
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(
@@ -81,6 +83,7 @@ class RawSqlite:
             self.revision += 1
             if n % 50 == 49:
                 advance(50)
+        figure.cpu_seconds += time.process_time() - cpu
         figure.seconds += time.perf_counter() - started
         figure.count += count
 
@@ -154,6 +157,11 @@ class EventsourcingApp:
         self.app.close()
 
 
+def cpu_note(ours: Figure, raw: Figure) -> str:
+    """CPU per append beside raw sqlite3's: what a busy disk cannot blur."""
+    return f"CPU {ours.cpu_per_op_us:.0f} us per append vs raw {raw.cpu_per_op_us:.0f} us"
+
+
 # ---------------------------------------------------------------------- orderstream
 
 
@@ -163,7 +171,7 @@ class OneWriter:
         self.expected: Expected = NO_STREAM
 
     async def append(self, count: int, figure: Figure, advance: Callable[[int], None]) -> None:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for n in range(count):
             t = time.perf_counter()
             result = await self.store.append("order-single", [new_event()], self.expected)
@@ -171,6 +179,7 @@ class OneWriter:
             self.expected = result.revision
             if n % 50 == 49:
                 advance(50)
+        figure.cpu_seconds += time.process_time() - cpu
         figure.seconds += time.perf_counter() - started
         figure.count += count
 
@@ -286,7 +295,7 @@ async def measure(args: argparse.Namespace, folder: Path) -> list[Row]:
             "1 writer, 1 event per append", rate(single), f"{rate(raw)} raw", single.rate / raw.rate, "higher"
         )
     ]
-    rows[-1].note = latency(single)
+    rows[-1].note = f"{latency(single)}; {cpu_note(single, raw)}"
     if eventsourcing is not None:
         rows.append(Row("", "", f"{rate(es)} eventsourcing", single.rate / es.rate, "higher"))
     rows.append(

@@ -13,6 +13,13 @@ class Figure:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
+    cpu_seconds: float = 0.0
+    """Process CPU time (every thread) over the same spans as ``seconds``: unlike the rate,
+    it does not move with the disk's fsync time, which other work on a VM makes drift."""
+
+    @property
+    def cpu_per_op_us(self) -> float:
+        return self.cpu_seconds / self.count * 1e6 if self.count else float("nan")
 
     @property
     def rate(self) -> float:

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -35,12 +36,19 @@ from orderstream.eventstore.base import (
     EventFilter,
     EventMetadata,
     EventStoreError,
+    Expected,
     NackAction,
     NewEvent,
     RecordedEvent,
     SubscriptionSettings,
 )
-from orderstream.eventstore.sqlite import DuplicateEventId, EventStoreClosed, SqliteEventStore
+from orderstream.eventstore.sqlite import (
+    INLINE_ROWS,
+    PROBE_EVERY,
+    DuplicateEventId,
+    EventStoreClosed,
+    SqliteEventStore,
+)
 
 WAIT = 20.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -491,3 +499,94 @@ async def test_keep_alive_does_not_revive_a_lease_that_ran_out(tmp_path: Path) -
             assert (info.in_flight, info.parked) == (0, 0)
         finally:
             await consumer.close()
+
+
+# ------------------------------------------------------------- where the writes run (issue 7)
+
+
+async def test_a_lone_append_is_written_on_the_loop_thread_and_is_durable(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    async with opened(path) as store:
+        before = store.stats.on_loop_thread
+        expected: Expected = NO_STREAM
+        for n in range(32):
+            result = await store.append("order-1", [event(n)], expected)
+            expected = result.revision
+        # No hand-off to the writer thread, but for the probe of one in PROBE_EVERY.
+        assert store.stats.on_loop_thread - before == 32 - 32 // PROBE_EVERY
+    with sqlite3.connect(path) as conn:  # committed, in the file, before close() was needed
+        assert conn.execute("SELECT count(*) FROM events WHERE stream = 'order-1'").fetchone()[0] == 32
+
+
+async def test_concurrent_appends_still_share_one_transaction(tmp_path: Path) -> None:
+    async with opened(tmp_path / "events.db") as store:
+        transactions, on_loop = store.stats.transactions, store.stats.on_loop_thread
+        results = await asyncio.gather(
+            *(store.append(f"order-{n}", [event(n)], NO_STREAM) for n in range(32))
+        )
+        assert len({r.position for r in results}) == 32
+        assert store.stats.transactions - transactions == 1  # submitted in one loop iteration: one commit
+        # Concurrency seen: the next lone append goes to the writer thread too.
+        await store.append("order-lone", [event()], NO_STREAM)
+        assert store.stats.on_loop_thread == on_loop
+
+
+async def test_a_lone_append_waits_for_another_process_in_the_writer_thread(tmp_path: Path) -> None:
+    """While another process holds the writer lock, the append waits in the writer
+    thread, not on the event loop: other tasks keep running, and it commits after."""
+    import fcntl
+
+    path = tmp_path / "events.db"
+    async with opened(path) as store:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        other = os.open(f"{path}.writer-lock", os.O_WRONLY | os.O_CREAT)  # another open file: as a process
+        fcntl.flock(other, fcntl.LOCK_EX)
+        task = asyncio.create_task(ticker())
+        try:
+            append = asyncio.ensure_future(store.append("order-1", [event()], NO_STREAM))
+            await asyncio.sleep(0.3)
+            assert not append.done()
+            assert ticks >= 10  # the event loop was free meanwhile
+            fcntl.flock(other, fcntl.LOCK_UN)
+            result = await asyncio.wait_for(append, WAIT)
+        finally:
+            task.cancel()
+            os.close(other)
+        assert result.revision == 0
+        assert store.stats.on_loop_thread == 0
+        assert [e.revision for e in await store.read_stream("order-1")] == [0]
+
+
+async def test_a_long_stream_reads_whole_across_the_loop_thread_page(tmp_path: Path) -> None:
+    """The first INLINE_ROWS events are read on the loop's thread, the rest in the reader
+    pool: every slice still comes back whole and in order."""
+    async with opened(tmp_path / "events.db") as store:
+        total = INLINE_ROWS * 2 + 37
+        await store.append("order-long", [event(n) for n in range(total)], NO_STREAM)
+
+        async def revisions(**options: Any) -> list[int]:
+            return [e.revision for e in await store.read_stream("order-long", **options)]
+
+        assert await revisions() == list(range(total))
+        assert await revisions(from_revision=10) == list(range(10, total))
+        assert await revisions(from_revision=10, limit=INLINE_ROWS + 5) == list(
+            range(10, 10 + INLINE_ROWS + 5)
+        )
+        assert await revisions(limit=INLINE_ROWS) == list(range(INLINE_ROWS))
+        assert await revisions(backwards=True) == list(range(total - 1, -1, -1))
+        assert await revisions(backwards=True, from_revision=INLINE_ROWS + 3) == list(
+            range(INLINE_ROWS + 3, -1, -1)
+        )
+        assert await revisions(backwards=True, limit=INLINE_ROWS + 1) == list(
+            range(total - 1, total - INLINE_ROWS - 2, -1)
+        )
+        assert await revisions(backwards=True, from_revision=INLINE_ROWS - 1) == list(
+            range(INLINE_ROWS - 1, -1, -1)
+        )

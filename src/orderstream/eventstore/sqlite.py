@@ -18,6 +18,26 @@ hops to its thread and back for every statement; here a whole write batch
 the writer thread, so there are two thread hand-offs per *batch*, and the
 transaction never waits on the event loop while it holds SQLite's write lock.
 
+*No hand-off where it costs more than it saves* (issue 7: a thread hand-off
+costs more CPU than the SQLite work of an indexed look-up, and two of them made
+a lone writer's append 0.6x raw sqlite3):
+
+- Bounded reads (idempotency look-ups, a stream's revision, the first
+  :data:`INLINE_ROWS` events of a stream) run on the event loop's thread, on a
+  read connection of its own: an indexed SQLite look-up takes microseconds,
+  and converting rows to events holds the GIL in any thread anyway. What is
+  left of a longer stream, ``$all`` reads and the subscription groups' queries
+  stay in the reader pool.
+- A lone append runs on the event loop's thread too (:meth:`_flush_tick`): jobs
+  submitted while the writer thread is idle wait for the end of the current
+  event-loop iteration; if exactly one came, it is an append, no write was
+  concurrent lately and no other process is writing (a non-blocking ``flock``),
+  it is written right there. Otherwise (several
+  in the iteration, or the writer busy) they go to the writer thread and its
+  group commit. So a single awaited append pays no hand-off, while concurrent
+  ones still share an fsync; the price is that the event loop waits out that
+  one fsync, which only happens when it had nothing else to hand over.
+
 *Group commit.* ``append`` validates its input, puts a job on a thread-safe
 queue and awaits a future. The writer thread takes everything queued (up to
 :data:`MAX_BATCH` jobs) and runs it in one ``BEGIN IMMEDIATE ... COMMIT``, each
@@ -148,6 +168,15 @@ MAX_BATCH = 512
 READ_BATCH = 500
 """Events a catch-up subscription reads per query."""
 
+CONCURRENT_SECONDS = 0.1
+"""After writes were seen to be concurrent, how long every write goes to the writer thread."""
+
+PROBE_EVERY = 16
+"""One lone write in this many goes to the writer thread to see whether others join it."""
+
+INLINE_ROWS = 256
+"""Events of a stream read on the event loop's thread; the rest (if any) in the reader pool."""
+
 
 class EventStoreClosed(EventStoreError):
     """The store was closed; nothing more can be appended or read."""
@@ -176,6 +205,8 @@ class WriterStats:
     jobs: int = 0
     """Appends and subscription-group writes they held."""
     appends: int = 0
+    on_loop_thread: int = 0
+    """Of the transactions, those written on the event loop's thread (a lone job, no hand-off)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -192,14 +223,19 @@ class _Signal:
     __slots__ = ("_event",)
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
+        self._event: asyncio.Event | None = None
 
     def token(self) -> asyncio.Event:
+        if self._event is None:
+            self._event = asyncio.Event()
         return self._event
 
     def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
+        """Every commit fires: an event is made only when someone took a token since the
+        last fire (building two per commit showed in the single writer's profile)."""
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
     @staticmethod
     async def wait(token: asyncio.Event, seconds: float) -> None:
@@ -232,6 +268,17 @@ class SqliteEventStore:
         self._connection = connection
         self._sync_full = True
         self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._tick: list[_Job[Any]] | None = None
+        """Jobs submitted in this event-loop iteration while the writer thread was idle."""
+        self._handed_over = 0
+        """Jobs given to the writer thread and not finished yet (kept on the loop's thread)."""
+        self._concurrent_until = 0.0
+        """Until when (``time.monotonic()``) writes count as concurrent: see :meth:`_flush_tick`."""
+        self._lone_jobs = 0
+        self._loop_reader: sqlite3.Connection | None = None
+        row = connection.execute("SELECT up_to FROM idempotency_legacy").fetchone()
+        self._legacy_up_to: int | None = None if row is None else row[0]
+        """Set only when :func:`create_schema` upgrades a schema-1 file, which happens at open."""
         self._writer_done: asyncio.Future[None] = self._loop.create_future()
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="orderstream-sqlite-reader")
         self._local = threading.local()
@@ -285,6 +332,9 @@ class SqliteEventStore:
         if self._closed:
             return
         self._closed = True
+        if self._tick is not None:  # submitted this iteration: written before the store closes
+            self._hand_over(self._tick)
+            self._tick = None
         self._jobs.put(None)  # after every job queued so far
         try:
             await asyncio.shield(self._writer_done)
@@ -296,6 +346,9 @@ class SqliteEventStore:
                 for connection in self._reader_connections:
                     connection.close()
                 self._reader_connections.clear()
+            if self._loop_reader is not None:
+                self._loop_reader.close()
+                self._loop_reader = None
 
     # ------------------------------------------------------------------ writing
 
@@ -310,25 +363,95 @@ class SqliteEventStore:
         rows = _prepare(stream, events, expected)
         claims = _check_claims(stream, idempotency, len(rows))
         category = category_of(stream)
+        legacy = self._legacy_up_to
         return await self._submit(
-            lambda conn: _append_tx(conn, stream, category, rows, expected, claims), appends=True
+            lambda conn: _append_tx(conn, stream, category, rows, expected, claims, legacy), appends=True
         )
 
     async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
-        return await self._read(lambda conn: _find_idempotency(conn, actor, key, stream))
+        legacy = self._legacy_up_to
+        return self._read_now(lambda conn: _find_idempotency(conn, actor, key, stream, legacy))
 
     async def find_idempotency_many(
         self, stream: str, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], IdempotencyRecord]:
         wanted = list(dict.fromkeys(keys))
-        return await self._read(lambda conn: _find_idempotency_many(conn, stream, wanted)) if wanted else {}
+        legacy = self._legacy_up_to
+        return (
+            self._read_now(lambda conn: _find_idempotency_many(conn, stream, wanted, legacy))
+            if wanted
+            else {}
+        )
 
     def _submit(self, run: Callable[[sqlite3.Connection], T], *, appends: bool = False) -> asyncio.Future[T]:
         if self._closed:
             raise EventStoreClosed(f"event store {self.path} is closed")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put(_Job(run, future, appends))
+        job = _Job(run, future, appends)
+        if self._tick is not None:
+            self._tick.append(job)
+        elif self._handed_over:
+            self._concurrent_until = time.monotonic() + CONCURRENT_SECONDS
+            self._hand_over([job])  # the writer is busy: this joins its next batch
+        else:
+            self._tick = [job]
+            self._loop.call_soon(self._flush_tick)
         return future
+
+    def _hand_over(self, jobs: list[_Job[Any]]) -> None:
+        self._handed_over += len(jobs)
+        for job in jobs:
+            self._jobs.put(job)
+
+    def _flush_tick(self) -> None:
+        """End of the event-loop iteration in which the first job found the writer idle:
+        a lone job is written here, on the loop's thread (no hand-off); several go to
+        the writer thread as one group commit.
+
+        Writing here makes the event loop wait out the fsync, which is right only when
+        nobody else is writing: the concurrent requests of a busy API would each get an
+        fsync of their own and the loop would sit idle through them (measured: 2,682 ->
+        1,661 POST/s). So once writes are seen to be concurrent (several in one
+        iteration, or one arriving while the writer thread is busy) every write goes to
+        the writer thread for :data:`CONCURRENT_SECONDS`; and one lone write in
+        :data:`PROBE_EVERY` goes there anyway, to notice concurrency that writes done
+        here would hide (nothing can join them)."""
+        jobs, self._tick = self._tick, None
+        if not jobs:
+            return  # close() handed them over already
+        now = time.monotonic()
+        if len(jobs) > 1:
+            self._concurrent_until = now + CONCURRENT_SECONDS
+        elif self._may_write_here(jobs[0], now):
+            self._lone_jobs += 1
+            if self._lone_jobs % PROBE_EVERY and self._write_here(jobs[0]):
+                return
+        self._hand_over(jobs)
+
+    def _may_write_here(self, job: _Job[Any], now: float) -> bool:
+        """Only an append: the subscription groups' claims can copy many rows, work that
+        runs in SQLite's C code beside the event loop when the writer thread does it."""
+        idle = not self._handed_over and now >= self._concurrent_until
+        return idle and job.appends and not job.future.cancelled()
+
+    def _write_here(self, job: _Job[Any]) -> bool:
+        """Write one job on the loop's thread, unless another process holds the writer lock
+        (then the writer thread waits for it, not the event loop). The writer thread has
+        nothing handed over, so it does not touch the connection meanwhile."""
+        try:
+            fcntl.flock(self._process_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            outcomes, changed, commit_seconds = self._execute([job], locked=True)
+        except Exception as exc:
+            self._failed([job], exc)
+        else:
+            self.stats.on_loop_thread += 1
+            self._finish([job], outcomes, changed, commit_seconds=commit_seconds)
+        finally:
+            fcntl.flock(self._process_lock, fcntl.LOCK_UN)
+        return True
 
     def _write_loop(self) -> None:
         """Writer thread: take everything queued, write it in one transaction, hand the outcomes
@@ -338,10 +461,12 @@ class SqliteEventStore:
             while not stopping:
                 item = self._jobs.get()
                 batch: list[_Job[Any]] = []
+                handed = 0  # jobs taken off the queue, cancelled ones included
                 while True:
                     if item is None:
                         stopping = True  # queued last by close(): everything before it is in batch
                         break
+                    handed += 1
                     if not item.future.cancelled():  # a racy read, but only an optimisation
                         batch.append(item)
                     if len(batch) >= MAX_BATCH:
@@ -351,27 +476,40 @@ class SqliteEventStore:
                     except queue.Empty:
                         break
                 if not batch:
+                    if handed:
+                        self._loop.call_soon_threadsafe(self._finish, batch, [], False, handed)
                     continue
                 try:
                     outcomes, changed, commit_seconds = self._execute(batch)
                 except Exception as exc:  # the transaction as a whole failed: none of it was written
-                    self._loop.call_soon_threadsafe(self._failed, batch, exc)
+                    self._loop.call_soon_threadsafe(self._failed, batch, exc, handed)
                 else:
-                    self._loop.call_soon_threadsafe(self._finish, batch, outcomes, changed, commit_seconds)
+                    self._loop.call_soon_threadsafe(
+                        self._finish, batch, outcomes, changed, handed, commit_seconds
+                    )
         finally:
             self._connection.close()
             self._process_lock.close()
             with contextlib.suppress(RuntimeError):  # the event loop is gone already
                 self._loop.call_soon_threadsafe(_resolve, self._writer_done)
 
-    def _failed(self, batch: list[_Job[Any]], exc: Exception) -> None:
+    def _failed(self, batch: list[_Job[Any]], exc: Exception, handed: int = 0) -> None:
+        self._handed_over -= handed
         for job in batch:
             if not job.future.done():
                 job.future.set_exception(EventStoreUnavailable(f"write to {self.path} failed: {exc}"))
 
     def _finish(
-        self, batch: list[_Job[Any]], outcomes: list[tuple[bool, Any]], changed: bool, commit_seconds: float
+        self,
+        batch: list[_Job[Any]],
+        outcomes: list[tuple[bool, Any]],
+        changed: bool,
+        handed: int = 0,
+        commit_seconds: float = 0.0,
     ) -> None:
+        self._handed_over -= handed
+        if not batch:
+            return
         self.stats.transactions += 1
         if self.on_commit is not None:
             self.on_commit(len(batch), sum(job.appends for job in batch), commit_seconds)
@@ -391,9 +529,12 @@ class SqliteEventStore:
         if changed or appended:
             self._changed.fire()
 
-    def _execute(self, batch: list[_Job[Any]]) -> tuple[list[tuple[bool, Any]], bool, float]:
-        """Writer thread: one transaction, one savepoint per job, one fsync. Returns the
-        jobs' outcomes, whether anything changed, and the seconds COMMIT took."""
+    def _execute(
+        self, batch: list[_Job[Any]], *, locked: bool = False
+    ) -> tuple[list[tuple[bool, Any]], bool, float]:
+        """One transaction, one savepoint per job, one fsync (in the writer thread, or for
+        a lone job on the loop's thread). ``locked``: the caller holds the writer lock.
+        Returns the jobs' outcomes, whether anything changed, and the seconds COMMIT took."""
         conn = self._connection
         durable = any(job.appends for job in batch)
         if durable != self._sync_full:
@@ -402,7 +543,8 @@ class SqliteEventStore:
         before = conn.total_changes
         outcomes: list[tuple[bool, Any]] = []
         alone = len(batch) == 1  # no savepoint needed: a failure rolls the transaction back
-        fcntl.flock(self._process_lock, fcntl.LOCK_EX)
+        if not locked:
+            fcntl.flock(self._process_lock, fcntl.LOCK_EX)
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
@@ -432,7 +574,8 @@ class SqliteEventStore:
                 conn.execute("ROLLBACK")
             raise
         finally:
-            fcntl.flock(self._process_lock, fcntl.LOCK_UN)
+            if not locked:
+                fcntl.flock(self._process_lock, fcntl.LOCK_UN)
         return outcomes, conn.total_changes != before, commit_seconds
 
     # ------------------------------------------------------------------ reading
@@ -441,6 +584,18 @@ class SqliteEventStore:
         if self._closed:
             raise EventStoreClosed(f"event store {self.path} is closed")
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._in_reader, run)
+
+    def _read_now(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """A bounded read on the event loop's thread, on its own connection (see Design)."""
+        if self._closed:
+            raise EventStoreClosed(f"event store {self.path} is closed")
+        conn = self._loop_reader
+        try:
+            if conn is None:
+                conn = self._loop_reader = connect(self.path, writer=False)
+            return run(conn)
+        except sqlite3.Error as exc:
+            raise EventStoreUnavailable(f"read from {self.path} failed: {exc}") from exc
 
     def _in_reader(self, run: Callable[[sqlite3.Connection], T]) -> T:
         conn: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -473,8 +628,19 @@ class SqliteEventStore:
             sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE stream = ? AND revision >= ?"
             sql += " ORDER BY revision LIMIT ?"
             start = from_revision or 0
-        params = (stream, start, -1 if limit is None else limit)
-        return await self._read(lambda conn: [to_event(row) for row in conn.execute(sql, params)])
+        first = INLINE_ROWS if limit is None or limit < 0 else min(limit, INLINE_ROWS)
+        events = self._read_now(
+            lambda conn: [to_event(row) for row in conn.execute(sql, (stream, start, first))]
+        )
+        if len(events) < first or (limit is not None and limit <= INLINE_ROWS):
+            return events
+        # A long stream: the rest in the reader pool, after the last event read here.
+        after = events[-1].revision + (-1 if backwards else 1)
+        if after < 0:
+            return events
+        rest = -1 if limit is None else limit - len(events)
+        params = (stream, after, rest)
+        return events + await self._read(lambda conn: [to_event(row) for row in conn.execute(sql, params)])
 
     async def stream_revision(self, stream: str) -> int | None:
         def run(conn: sqlite3.Connection) -> int | None:
@@ -483,7 +649,7 @@ class SqliteEventStore:
             ).fetchone()[0]
             return revision
 
-        return await self._read(run)
+        return self._read_now(run)
 
     async def read_all(
         self,
@@ -501,7 +667,7 @@ class SqliteEventStore:
             head: int | None = conn.execute("SELECT max(position) FROM events").fetchone()[0]
             return head
 
-        return await self._read(run)
+        return self._read_now(run)
 
     async def subscribe(
         self, *, after: int | None = None, filter: EventFilter | None = None
@@ -739,6 +905,7 @@ def _append_tx(
     rows: list[_Row],
     expected: Expected,
     claims: Sequence[IdempotencyClaim] = (),
+    legacy_up_to: int | None = None,
 ) -> AppendResult:
     ids = [row[0] for row in rows]
     check_ids = 0 < len(ids) <= 500
@@ -771,7 +938,7 @@ def _append_tx(
     assert position is not None
     if claims:
         # One transaction, one writer: the append's positions are consecutive.
-        _insert_claims(conn, stream, claims, first, position - len(rows) + 1)
+        _insert_claims(conn, stream, claims, first, position - len(rows) + 1, legacy_up_to)
     return AppendResult(first + len(rows) - 1, position)
 
 
@@ -781,6 +948,7 @@ def _insert_claims(
     claims: Sequence[IdempotencyClaim],
     first_revision: int,
     first_position: int,
+    legacy_up_to: int | None,
 ) -> None:
     """Store each claim's record beside the events (the caller's savepoint undoes
     both if a key is taken)."""
@@ -798,14 +966,16 @@ def _insert_claims(
             ),
         ).rowcount
         if not inserted:
-            taken = _find_idempotency(conn, claim.actor, claim.key, stream)
+            taken = _find_idempotency(conn, claim.actor, claim.key, stream, legacy_up_to)
             assert taken is not None
             raise IdempotencyKeyTaken(taken)
 
 
 def _find_idempotency(
-    conn: sqlite3.Connection, actor: str, key: str, stream: str
+    conn: sqlite3.Connection, actor: str, key: str, stream: str, legacy_up_to: int | None
 ) -> IdempotencyRecord | None:
+    """``legacy_up_to``: see :func:`_find_legacy_idempotency` (``None``: the file never had
+    keys without records, so a miss needs no second query)."""
     row = conn.execute(
         "SELECT request_hash, revision, position FROM idempotency WHERE actor = ? AND key = ? AND stream = ?",
         (actor, key, stream),
@@ -814,11 +984,13 @@ def _find_idempotency(
         return IdempotencyRecord(
             actor=actor, key=key, stream=stream, request_hash=row[0], revision=row[1], position=row[2]
         )
-    return _find_legacy_idempotency(conn, actor, key, stream)
+    if legacy_up_to is None:
+        return None
+    return _find_legacy_idempotency(conn, actor, key, stream, legacy_up_to)
 
 
 def _find_idempotency_many(
-    conn: sqlite3.Connection, stream: str, keys: list[tuple[str, str]]
+    conn: sqlite3.Connection, stream: str, keys: list[tuple[str, str]], legacy_up_to: int | None
 ) -> dict[tuple[str, str], IdempotencyRecord]:
     found: dict[tuple[str, str], IdempotencyRecord] = {}
     for start in range(0, len(keys), 400):  # 2 parameters each, under SQLite's 999
@@ -838,28 +1010,30 @@ def _find_idempotency_many(
                 revision=revision,
                 position=position,
             )
-    if conn.execute("SELECT 1 FROM idempotency_legacy").fetchone() is not None:
+    if legacy_up_to is not None:
         for actor, key in keys:
-            if (actor, key) not in found and (legacy := _find_legacy_idempotency(conn, actor, key, stream)):
+            legacy = (
+                None
+                if (actor, key) in found
+                else _find_legacy_idempotency(conn, actor, key, stream, legacy_up_to)
+            )
+            if legacy is not None:
                 found[(actor, key)] = legacy
     return found
 
 
 def _find_legacy_idempotency(
-    conn: sqlite3.Connection, actor: str, key: str, stream: str
+    conn: sqlite3.Connection, actor: str, key: str, stream: str, up_to: int
 ) -> IdempotencyRecord | None:
     """The slow fallback for a store upgraded from schema 1: the stream's events up to
-    the upgrade, searched by their metadata (the last event of the key wins; a key
-    seen with several request hashes matches no request)."""
-    legacy = conn.execute("SELECT up_to FROM idempotency_legacy").fetchone()
-    if legacy is None:
-        return None  # created with the idempotency table: every key has its record
+    the upgrade (position ``up_to``), searched by their metadata (the last event of the
+    key wins; a key seen with several request hashes matches no request)."""
     rows = conn.execute(
         "SELECT revision, position, json_extract(metadata, '$.request_hash') FROM events"
         " WHERE stream = ? AND position <= ?"
         " AND json_extract(metadata, '$.idempotency_key') = ? AND json_extract(metadata, '$.actor') = ?"
         " ORDER BY revision",
-        (stream, legacy[0], key, actor),
+        (stream, up_to, key, actor),
     ).fetchall()
     if not rows:
         return None
