@@ -233,11 +233,14 @@ class IdempotencyRecord(msgspec.Struct, frozen=True, kw_only=True):
 class AppendResult(msgspec.Struct, frozen=True):
     """Revision and commit position of the last event of the append.
 
-    For an idempotent re-append these describe the events already stored.
+    For an idempotent re-append these describe the events already stored, and
+    ``already_stored`` is true: nothing was written (a concurrent request with the
+    same idempotency key wrote them first; its answer is a replay).
     """
 
     revision: int
     position: int
+    already_stored: bool = False
 
 
 class EventFilter(msgspec.Struct, frozen=True, kw_only=True):

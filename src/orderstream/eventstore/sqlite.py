@@ -901,7 +901,7 @@ def _idempotent(
         revisions = [stored[row[0]][1] for row in rows]
         first = revisions[0]
         if revisions == list(range(first, first + len(rows))) and _matched_first_time(expected, first):
-            return AppendResult(revisions[-1], stored[rows[-1][0]][2])
+            return AppendResult(revisions[-1], stored[rows[-1][0]][2], already_stored=True)
     raise WrongExpectedVersion(stream, expected, actual)
 
 
