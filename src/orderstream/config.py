@@ -12,6 +12,12 @@
 - ``ORDERSTREAM_CONSISTENCY_TIMEOUT`` (``5``): seconds a query with ``min_position``
   waits for the projection.
 - ``ORDERSTREAM_MAX_BODY_BYTES`` (``65536``): larger request bodies get 413.
+- ``ORDERSTREAM_HEADER_TIMEOUT`` (``10``), ``ORDERSTREAM_BODY_TIMEOUT`` (``10``),
+  ``ORDERSTREAM_KEEP_ALIVE_TIMEOUT`` (``5``): seconds a connection may take to send a
+  request head, a request body, and to start its next request; then it is closed
+  (the body: 408). ``ORDERSTREAM_MAX_CONNECTIONS`` (``0``, auto: the file-descriptor
+  limit less 128): past it a new connection closes the longest-idle one. See
+  :mod:`orderstream.api.connections`.
 - ``ORDERSTREAM_SNAPSHOT_EVERY`` (``100``): write an aggregate snapshot when a command
   leaves its stream this many events past the latest one; ``0`` turns snapshots off
   (no writes, and loads fold whole streams). See ``docs/snapshots.md``.
@@ -30,6 +36,7 @@ absolute.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +56,32 @@ READ_STORE_SCHEMES = ("sqlite", "http", "https")
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionLimits:
+    """How long and how many: what a client connection may hold of the server."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 0
+    """Open connections per process; 0: the file-descriptor limit less a reserve."""
+
+    def __post_init__(self) -> None:
+        if not min(self.header_timeout, self.body_timeout, self.keep_alive_timeout) > 0:
+            raise ConfigError("connection timeouts must be positive")
+        if self.max_connections < 0:
+            raise ConfigError("ORDERSTREAM_MAX_CONNECTIONS: must be 0 (auto) or positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ConnectionLimits:
+        return cls(
+            header_timeout=_float(env, "ORDERSTREAM_HEADER_TIMEOUT", cls.header_timeout),
+            body_timeout=_float(env, "ORDERSTREAM_BODY_TIMEOUT", cls.body_timeout),
+            keep_alive_timeout=_float(env, "ORDERSTREAM_KEEP_ALIVE_TIMEOUT", cls.keep_alive_timeout),
+            max_connections=_int(env, "ORDERSTREAM_MAX_CONNECTIONS", 0, minimum=0),
+        )
 
 
 def parse_tokens(raw: str | None) -> dict[str, str]:
@@ -127,6 +160,7 @@ class Settings:
     """Events between aggregate snapshots; 0: no snapshots."""
     api_workers: int = AUTO_API_WORKERS
     """HTTP worker processes sharing the port (``--workers``); 0: see :meth:`workers_for`."""
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
         # Fill the URL defaults from the data dir, then check what we were given.
@@ -191,6 +225,7 @@ class Settings:
             "max_body_bytes": _int(env, "ORDERSTREAM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             "snapshot_every": _int(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY, minimum=0),
             "api_workers": _int(env, "ORDERSTREAM_API_WORKERS", AUTO_API_WORKERS, minimum=0),
+            "connections": ConnectionLimits.from_env(env),
         }
         if "data_dir" in given:
             given["data_dir"] = Path(given["data_dir"])
@@ -211,6 +246,7 @@ class Settings:
             "max_body_bytes": self.max_body_bytes,
             "snapshot_every": self.snapshot_every,
             "api_workers": self.api_workers,
+            "connections": dataclasses.asdict(self.connections),
         }
 
 

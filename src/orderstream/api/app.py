@@ -174,7 +174,11 @@ def create_app(
         name="docs-assets",
     )
 
-    state: dict[str, Any] = {"api_tokens": dict(container.settings.api_tokens), "container": container}
+    state: dict[str, Any] = {
+        "api_tokens": dict(container.settings.api_tokens),
+        "container": container,
+        "body_timeout": container.settings.connections.body_timeout,
+    }
     app = Litestar(
         route_handlers=[ProductController, OrderController, OpsController, assets, *extra],
         dependencies={

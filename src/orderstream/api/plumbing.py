@@ -26,6 +26,7 @@ parsing lets through (a repeated scalar parameter, ``null`` for a number).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import json
@@ -120,7 +121,7 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
             "unsupported-media-type",
             f"The request body must be JSON (Content-Type: application/json), {sent}.",
         )
-    body = await request.body()  # 413 past request_max_body_size
+    body = await read_body(request)
     try:
         data = _decoder(param.annotation).decode(body)  # raises DecodeError (400) / ValidationError (422)
     except RecursionError:
@@ -137,6 +138,24 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
     refuse_duplicate_keys(body)
     # Litestar's body extractor reads the parsed JSON from here: it gets the Struct, not builtins.
     ScopeState.from_scope(request.scope).json = data
+
+
+async def read_body(request: Request[Any, Any, Any]) -> bytes:
+    """The whole body within the body timeout (``app.state.body_timeout``), else 408
+    and the connection closed: a client that announces more than it sends, or
+    trickles it, holds a connection and a task only that long. A ``Content-Length``
+    over ``request_max_body_size`` is a 413 before anything is read (Litestar)."""
+    timeout: float | None = request.app.state.get("body_timeout")
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.body()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "body-timeout",
+            f"The request body did not arrive within {timeout:g} s.",
+            headers={"Connection": "close"},
+        ) from None
 
 
 def refuse_duplicate_keys(body: bytes) -> None:

@@ -136,6 +136,7 @@ _TITLES: dict[str, str] = {
     "concurrency-conflict": "Concurrent modification",
     "stale-revision": "Stale If-Match revision",
     "body-too-large": "Request body too large",
+    "body-timeout": "Request body too slow",
     "unsupported-media-type": "Unsupported media type",
     "idempotency-key-reused": "Idempotency-Key reused with a different request",
     "not-yet-consistent": "Read model not yet consistent",
@@ -361,7 +362,14 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
             headers.setdefault("WWW-Authenticate", 'Bearer realm="orderstream"')
             return problem_response(request, 401, "unauthorized", exc.detail, headers=headers)
     if status == 413:
-        return problem_response(request, 413, "body-too-large", "The request body exceeds the size limit.")
+        # Closed after the answer: the rest of an oversized body is not worth reading.
+        return problem_response(
+            request,
+            413,
+            "body-too-large",
+            "The request body exceeds the size limit.",
+            headers={"Connection": "close"},
+        )
     if status >= 500:
         log.error("HTTP %s on %s %s: %s", status, request.method, request.url.path, exc.detail)
         return problem_response(request, status, "internal-error", HTTPStatus(status).phrase)
