@@ -24,6 +24,8 @@ from typing import Protocol
 
 import msgspec
 
+from orderstream.application.errors import StorageFull
+
 
 class StreamState(enum.Enum):
     """Expectations that are not a concrete revision."""
@@ -80,6 +82,16 @@ class SubscriptionGroupExists(EventStoreError):
 
 class EventStoreUnavailable(EventStoreError):
     """The backend cannot be reached (network, server down)."""
+
+
+class EventStoreFull(EventStoreUnavailable, StorageFull):
+    """The event store's disk is full: nothing was written; reads still work.
+
+    An :class:`EventStoreUnavailable` (whoever retries outages retries this) and a
+    :class:`~orderstream.application.errors.StorageFull` (the API answers 507)."""
+
+    def __init__(self, cause: BaseException | None = None) -> None:
+        StorageFull.__init__(self, "the event store", cause)
 
 
 class IdempotencyKeyTaken(EventStoreError):
