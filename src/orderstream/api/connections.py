@@ -50,15 +50,41 @@ def connection_cap(limits: ConnectionLimits) -> int:
     return max(16, soft - FD_RESERVE)
 
 
+SWEEP_INTERVAL = 0.5
+"""Seconds between two looks for connections past the header timeout."""
+
+
 class ConnectionGuard:
     """What the connections of one server share: the cap, the header timeout, and
-    the connections now waiting for a request head, longest-waiting first."""
+    the connections now waiting for a request head with the time they started to.
+
+    One sweep every :data:`SWEEP_INTERVAL` closes those past the header timeout:
+    cheaper than a timer per request (a request only moves its connection out of
+    and back into an ordered dict), and a timeout is a bound, not an appointment."""
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.cap = connection_cap(limits)
         self.header_timeout = limits.header_timeout
-        self.waiting: dict[GuardedHttpToolsProtocol, None] = {}  # insertion order = waiting since
+        self.waiting: dict[GuardedHttpToolsProtocol, float] = {}
+        """Connection -> loop time it began waiting; insertion order is that order."""
         self.evicted = 0
+        self._sweeping: asyncio.TimerHandle | None = None
+
+    def wait_for_head(self, connection: GuardedHttpToolsProtocol, loop: asyncio.AbstractEventLoop) -> None:
+        self.waiting.pop(connection, None)
+        self.waiting[connection] = loop.time()
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(SWEEP_INTERVAL, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close every connection that has waited past the header timeout (the oldest
+        come first: stop at the first that has not)."""
+        deadline = loop.time() - self.header_timeout
+        for connection, since in list(self.waiting.items()):
+            if since > deadline:
+                break
+            connection.close_idle()
+        self._sweeping = loop.call_later(SWEEP_INTERVAL, self._sweep, loop) if self.waiting else None
 
     def make_room(self, newcomer: GuardedHttpToolsProtocol, open_connections: int) -> None:
         """Past the cap, close the connection that has waited longest for a request
@@ -95,40 +121,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     and the request cycle are uvicorn's."""
 
     guard: ConnectionGuard
-    _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._await_head()
+        self.guard.wait_for_head(self, self.loop)
         self.guard.make_room(self, len(self.connections))
 
     def on_headers_complete(self) -> None:
-        self._stop_waiting()
+        self.guard.waiting.pop(self, None)
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
         next_request_queued = bool(self.pipeline)  # uvicorn starts it now
         super().on_response_complete()
         if not next_request_queued and not self.transport.is_closing():
-            self._await_head()  # the next request's head, on a kept-alive connection
+            self.guard.wait_for_head(self, self.loop)  # the next request's, on a kept-alive connection
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_waiting()
+        self.guard.waiting.pop(self, None)
         super().connection_lost(exc)
 
     def close_idle(self) -> None:
         """Close this connection, which has no request in progress."""
-        self._stop_waiting()
+        self.guard.waiting.pop(self, None)
         if not self.transport.is_closing():
             self.transport.close()
-
-    def _await_head(self) -> None:
-        self._stop_waiting()
-        self.guard.waiting[self] = None
-        self._head_timer = self.loop.call_later(self.guard.header_timeout, self.close_idle)
-
-    def _stop_waiting(self) -> None:
-        self.guard.waiting.pop(self, None)
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
