@@ -250,15 +250,18 @@ async def run_services(services: list[BackgroundService], stop: asyncio.Event) -
                 return
             except asyncio.CancelledError:
                 raise
-            except StorageFull as exc:
+            except Exception as exc:
+                if not _storage_full(exc):
+                    log.exception("%s failed; shutting down", service.name)
+                    stop.set()
+                    return
                 delay = STORAGE_FULL_RESTART_DELAYS[min(restarts, len(STORAGE_FULL_RESTART_DELAYS) - 1)]
                 restarts += 1
-                log.warning("%s paused: %s; restarting in %.0f s", service.name, exc, delay)
+                log.warning(
+                    "%s paused: the disk is full (%s); restarting in %.0f s", service.name, exc, delay
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
-            except Exception:
-                log.exception("%s failed; shutting down", service.name)
-                stop.set()
 
     tasks = [asyncio.create_task(guarded(s), name=s.name) for s in services]
     try:
@@ -273,6 +276,15 @@ async def run_services(services: list[BackgroundService], stop: asyncio.Event) -
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+def _storage_full(exc: BaseException) -> bool:
+    """A :class:`StorageFull`, or a group of errors (a service's task group) that
+    are all one."""
+    if isinstance(exc, BaseExceptionGroup):
+        _full, rest = exc.split(StorageFull)
+        return rest is None
+    return isinstance(exc, StorageFull)
 
 
 async def run_child_process(

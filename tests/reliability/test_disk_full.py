@@ -220,14 +220,16 @@ async def test_a_service_stopped_by_a_full_disk_is_restarted_not_the_process(
     ("sagas failed; shutting down"): a service that stops on a full disk is
     restarted after a delay; any other failure still shuts the process down."""
     monkeypatch.setattr(bootstrap, "STORAGE_FULL_RESTART_DELAYS", (0.01,))
-    stop = asyncio.Event()
-    full = _FlakyService(EventStoreFull(sqlite3.OperationalError("database or disk is full")), failures=3)
-    running = asyncio.create_task(bootstrap.run_services([full], stop))
-    await asyncio.wait_for(full.running.wait(), 5)
-    assert full.runs == 4
-    assert not stop.is_set()
-    stop.set()
-    await running
+    disk_full = EventStoreFull(sqlite3.OperationalError("database or disk is full"))
+    for error in (disk_full, ExceptionGroup("deliveries", [disk_full, disk_full])):
+        stop = asyncio.Event()
+        full = _FlakyService(error, failures=3)
+        running = asyncio.create_task(bootstrap.run_services([full], stop))
+        await asyncio.wait_for(full.running.wait(), 5)
+        assert full.runs == 4
+        assert not stop.is_set()
+        stop.set()
+        await running
 
     stop = asyncio.Event()
     broken = _FlakyService(RuntimeError("a bug"), failures=1)
