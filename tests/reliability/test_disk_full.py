@@ -1,8 +1,12 @@
 """A full disk degrades, never kills (issue 12, item 2).
 
-``orderstream serve --no-sagas`` (API and projections) runs with its data on a
-20 MB tmpfs the test mounts (we are root in the test environment; elsewhere the
-test skips, saying why). A filler file takes most of the space, then orders are
+``orderstream serve`` runs with its data on a 64 MB tmpfs the test mounts (we
+are root in the test environment; elsewhere the test skips, saying why): with
+``--no-sagas`` (API and projections), and with the sagas, whose Temporal dev
+server keeps its database on the same disk (the saga trigger used to die of
+the full disk and take the process with it; it now pauses and restarts, but the
+dev server itself dies of the full disk: that variant is an expected failure
+until Temporal outages are survived). A filler file takes most of the space, then orders are
 placed until the disk is full. While it is full: writes answer 507 problems with
 ``Retry-After``, never 500; reads (an order, the list, ``/health``) answer; the
 process stays up. Then the filler is deleted and, without a restart, writes are
@@ -31,7 +35,7 @@ from orderstream.eventstore.base import EventStoreFull
 from tests.api.helpers import assert_problem, order_body
 from tests.api.test_cli import _env
 
-DISK_MB = 20
+DISK_MB = 64
 FILLER_LEFT_MB = 3
 """Free space left beside the filler when the load starts."""
 FILL_DEADLINE = 120.0
@@ -58,13 +62,32 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-@pytest.fixture
-def server(small_disk: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+@pytest.fixture(
+    params=[
+        pytest.param(["--no-sagas"], id="no-sagas"),
+        pytest.param(
+            ["--sagas"],
+            id="sagas",
+            marks=[
+                pytest.mark.temporal,
+                pytest.mark.xfail(
+                    reason="the Temporal dev server `serve` started dies on the full disk, and the saga "
+                    "worker process exits when it cannot connect: a Temporal outage (issue 12 item 1), "
+                    "not handled on this branch; the saga trigger itself now pauses and restarts",
+                    strict=False,
+                ),
+            ],
+        ),
+    ]
+)
+def server(
+    request: pytest.FixtureRequest, small_disk: Path, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     out = tmp_path / "stdout.log"
     with out.open("w") as stdout, (tmp_path / "stderr.log").open("w") as stderr:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "orderstream.cli", "serve", "--no-sagas", "--workers", "1"),
+                *(sys.executable, "-m", "orderstream.cli", "serve", *request.param, "--workers", "1"),
                 *("--port", "0", "--data-dir", str(small_disk / "data")),
             ],
             stdout=stdout,
@@ -134,6 +157,18 @@ async def _writes_resume(client: httpx.AsyncClient, within: float) -> dict[str, 
         await asyncio.sleep(0.5)
 
 
+async def _eventually_ok(client: httpx.AsyncClient, path: str, params: dict[str, str]) -> None:
+    """The read model catches up by itself: a read-your-writes query answers 200
+    within a minute (events claimed while the disk was full wait out their lease)."""
+    deadline = time.monotonic() + 60
+    while True:
+        response = await client.get(path, params=params)
+        if response.status_code == 200:
+            return
+        assert_problem(response, 503, "not-yet-consistent")
+        assert time.monotonic() < deadline, response.text
+
+
 def _integrity(db: Path) -> str:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
@@ -173,17 +208,9 @@ async def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(
         # Space comes back: writes resume and the projection catches up, no restart.
         filler.unlink()
         written = await _writes_resume(client, within=30)
-        caught_up = await client.get(f"/orders/{written['id']}", params={"min_position": written["position"]})
-        for _ in range(10):
-            if caught_up.status_code == 200:
-                break
-            caught_up = await client.get(
-                f"/orders/{written['id']}", params={"min_position": written["position"]}
-            )
-        assert caught_up.status_code == 200, caught_up.text
+        await _eventually_ok(client, f"/orders/{written['id']}", {"min_position": str(written["position"])})
         last = max(int(str(a["position"])) for a in acknowledged)
-        listed = await client.get("/orders", params={"min_position": str(last), "limit": "1"})
-        assert listed.status_code == 200, listed.text
+        await _eventually_ok(client, "/orders", {"min_position": str(last), "limit": "1"})
 
     process.terminate()
     assert process.wait(60) == 0
