@@ -233,6 +233,45 @@ async def test_a_body_shorter_than_its_content_length_times_out(server: str) -> 
     assert b"urn:orderstream:problem:body-timeout" in answers[0]
 
 
+async def test_trickled_uploads_time_out(server: str) -> None:
+    """300 uploads that send their body a byte every half second: the body timeout
+    bounds the whole body, not the gap between bytes (408, connection closed)."""
+    slow = await _open(server, 300)
+    head = (
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+
+    async def upload(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        writer.write(head)
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(1000):
+                    await asyncio.sleep(0.5)
+                    writer.write(b" ")
+                    await writer.drain()
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT + CLOSE_MARGIN):
+                return await reader.read()  # to EOF: the server closes
+        except ConnectionResetError:
+            # Closed with our bytes still unread: the kernel resets the connection,
+            # and the 408 sent before may be lost with it. Closed all the same.
+            return b"reset"
+        finally:
+            trickling.cancel()
+
+    async with _held(slow):
+        started = time.monotonic()
+        uploads = asyncio.gather(*(upload(reader, writer) for reader, writer in slow))
+        await asyncio.sleep(0.5)
+        await _answers_promptly(server)
+        answers = await uploads
+        assert time.monotonic() - started < BODY_TIMEOUT + CLOSE_MARGIN
+    assert all(a.startswith(b"HTTP/1.1 408 ") or a == b"reset" for a in answers), {a[:40] for a in answers}
+
+
 async def test_an_oversized_content_length_is_413_before_the_body(server: str) -> None:
     """A Content-Length over the limit is refused at once, nothing of the body read,
     and the connection closed (the rest is not worth reading)."""
