@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from orderstream.application.commands import CommandHandler
+from orderstream.application.errors import StorageFull
 from orderstream.application.projection_runner import ProjectionRunner
 from orderstream.application.queries import Queries
 from orderstream.application.snapshots import SnapshotStore
@@ -225,18 +226,39 @@ async def attach_api_extensions(container: Container) -> None:
         log.warning("sagas unavailable to the API (%s): GET /orders/{id}/fulfilment answers 503", exc)
 
 
+STORAGE_FULL_RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Seconds before restarting a service stopped by a full disk (the last one repeats)."""
+
+
 async def run_services(services: list[BackgroundService], stop: asyncio.Event) -> None:
     """Run every service until ``stop`` is set; a service that crashes is logged
-    and sets ``stop`` (the process shuts down rather than limp on without it)."""
+    and sets ``stop`` (the process shuts down rather than limp on without it).
+
+    Except on a full disk (:class:`~orderstream.application.errors.StorageFull`):
+    that stops every writer alike and passes when space is freed, so the service
+    is restarted after a growing delay while the API goes on answering reads (and
+    507 to writes)."""
 
     async def guarded(service: BackgroundService) -> None:
-        try:
-            await service.run(stop)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s failed; shutting down", service.name)
-            stop.set()
+        restarts = 0
+        while not stop.is_set():
+            try:
+                await service.run(stop)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not _storage_full(exc):
+                    log.exception("%s failed; shutting down", service.name)
+                    stop.set()
+                    return
+                delay = STORAGE_FULL_RESTART_DELAYS[min(restarts, len(STORAGE_FULL_RESTART_DELAYS) - 1)]
+                restarts += 1
+                log.warning(
+                    "%s paused: the disk is full (%s); restarting in %.0f s", service.name, exc, delay
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
 
     tasks = [asyncio.create_task(guarded(s), name=s.name) for s in services]
     try:
@@ -251,6 +273,15 @@ async def run_services(services: list[BackgroundService], stop: asyncio.Event) -
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+def _storage_full(exc: BaseException) -> bool:
+    """A :class:`StorageFull`, or a group of errors (a service's task group) that
+    are all one."""
+    if isinstance(exc, BaseExceptionGroup):
+        _full, rest = exc.split(StorageFull)
+        return rest is None
+    return isinstance(exc, StorageFull)
 
 
 async def run_child_process(

@@ -50,7 +50,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import msgspec
@@ -78,8 +78,11 @@ from orderstream.bootstrap import (
     run_services,
     saga_services,
 )
-from orderstream.config import MAX_API_WORKERS, ConfigError, Settings
+from orderstream.config import MAX_API_WORKERS, ConfigError, ConnectionLimits, Settings
 from orderstream.eventstore.base import EventFilter, ParkedEventNotFound, RecordedEvent, SkippedEvent
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("orderstream")
 
@@ -223,7 +226,14 @@ class EmbeddedServer:
     """
 
     def __init__(
-        self, app: Any, host: str, port: int, *, access_log: bool, sock: socket.socket | None = None
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        *,
+        access_log: bool,
+        limits: ConnectionLimits,
+        sock: socket.socket | None = None,
     ) -> None:
         import uvicorn
 
@@ -232,16 +242,7 @@ class EmbeddedServer:
             def capture_signals(self) -> Generator[None, None, None]:
                 yield
 
-        self.config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            lifespan="on",
-            http="httptools",
-            access_log=access_log,
-            log_config=None,
-            timeout_graceful_shutdown=30,
-        )
+        self.config = http_server_config(app, host, port, access_log=access_log, limits=limits)
         self.server = _Server(self.config)
         self.sock = sock
 
@@ -260,6 +261,35 @@ class EmbeddedServer:
 
     def exit(self) -> None:
         self.server.should_exit = True
+
+
+def http_server_config(
+    app: Any, host: str, port: int, *, access_log: bool, limits: ConnectionLimits
+) -> uvicorn.Config:
+    """Every option of the HTTP server, in one place.
+
+    uvicorn with httptools (see the module docstring for why) and, against clients
+    that hold connections without finishing requests (issue 12), its keep-alive
+    timeout plus :mod:`orderstream.api.connections`' protocol, which adds the
+    header timeout and the connection cap that uvicorn lacks; the body timeout is
+    the application's (``strict_body``). uvicorn's own ``limit_concurrency`` is not
+    used: it answers 503 to every new request once that many connections are open,
+    idle ones included, which is what an attacker with idle connections wants."""
+    import uvicorn
+
+    from orderstream.api.connections import guarded_protocol
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        http=guarded_protocol(limits),
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # a float works
+        access_log=access_log,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
 
 
 def shared_port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
@@ -402,7 +432,13 @@ async def run_process(
                 if not sagas:
                     await attach_api_extensions(container)
 
-                server = EmbeddedServer(create_app(container), *listen, access_log=access_log, sock=sock)
+                server = EmbeddedServer(
+                    create_app(container),
+                    *listen,
+                    access_log=access_log,
+                    limits=settings.connections,
+                    sock=sock,
+                )
                 server_task = asyncio.create_task(server.serve(), name="orderstream-http")
                 listen = (listen[0], await _started(server, server_task))
             if listen is not None:

@@ -30,6 +30,12 @@
 - ``ORDERSTREAM_CONSISTENCY_TIMEOUT`` (``5``): seconds a query with ``min_position``
   waits for the projection.
 - ``ORDERSTREAM_MAX_BODY_BYTES`` (``65536``): larger request bodies get 413.
+- ``ORDERSTREAM_HEADER_TIMEOUT`` (``10``), ``ORDERSTREAM_BODY_TIMEOUT`` (``10``),
+  ``ORDERSTREAM_KEEP_ALIVE_TIMEOUT`` (``5``): seconds a connection may take to send a
+  request head, a request body, and to start its next request; then it is closed
+  (the body: 408). ``ORDERSTREAM_MAX_CONNECTIONS`` (``0``, auto: the file-descriptor
+  limit less 128): past it a new connection closes the longest-idle one. See
+  :mod:`orderstream.api.connections`.
 - ``ORDERSTREAM_SNAPSHOT_EVERY`` (``100``): write an aggregate snapshot when a command
   leaves its stream this many events past the latest one; ``0`` turns snapshots off
   (no writes, and loads fold whole streams). See ``docs/snapshots.md``.
@@ -48,9 +54,10 @@ absolute.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +117,32 @@ def parse_webhook_secrets(raw: str | None) -> tuple[str, ...]:
             f"ORDERSTREAM_WEBHOOK_SECRET: each secret needs at least {MIN_WEBHOOK_SECRET_LENGTH} characters"
         )
     return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionLimits:
+    """How long and how many: what a client connection may hold of the server."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 0
+    """Open connections per process; 0: the file-descriptor limit less a reserve."""
+
+    def __post_init__(self) -> None:
+        if not min(self.header_timeout, self.body_timeout, self.keep_alive_timeout) > 0:
+            raise ConfigError("connection timeouts must be positive")
+        if self.max_connections < 0:
+            raise ConfigError("ORDERSTREAM_MAX_CONNECTIONS: must be 0 (auto) or positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ConnectionLimits:
+        return cls(
+            header_timeout=_float(env, "ORDERSTREAM_HEADER_TIMEOUT", cls.header_timeout),
+            body_timeout=_float(env, "ORDERSTREAM_BODY_TIMEOUT", cls.body_timeout),
+            keep_alive_timeout=_float(env, "ORDERSTREAM_KEEP_ALIVE_TIMEOUT", cls.keep_alive_timeout),
+            max_connections=_int(env, "ORDERSTREAM_MAX_CONNECTIONS", 0, minimum=0),
+        )
 
 
 def scheme_of(url: str) -> str:
@@ -181,6 +214,7 @@ class Settings:
     """HTTP worker processes sharing the port (``--workers``); 0: see :meth:`workers_for`."""
     webhook_secrets: tuple[str, ...] = ()
     """Shared with the payment provider; empty: the data dir's (generated)."""
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
         # Fill the URL defaults from the data dir, then check what we were given.
@@ -259,6 +293,7 @@ class Settings:
             "snapshot_every": _int(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY, minimum=0),
             "api_workers": _int(env, "ORDERSTREAM_API_WORKERS", AUTO_API_WORKERS, minimum=0),
             "webhook_secrets": parse_webhook_secrets(env.get("ORDERSTREAM_WEBHOOK_SECRET")),
+            "connections": ConnectionLimits.from_env(env),
         }
         if "data_dir" in given:
             given["data_dir"] = Path(given["data_dir"])
@@ -280,6 +315,7 @@ class Settings:
             "webhook_secret": f"{len(self.webhook_secrets)} from the environment"
             if self.webhook_secrets
             else "the data dir's",
+            "connections": dataclasses.asdict(self.connections),
         }
 
     def auth_description(self) -> str:

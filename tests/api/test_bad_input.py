@@ -3,11 +3,13 @@ event store's head position is unchanged afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from orderstream.bootstrap import Container
@@ -230,3 +232,140 @@ def test_cases_do_not_share_state() -> None:
     # The table builds each body from a fresh copy of the template.
     assert ORDER_CASES[5][1] is not ORDER_CASES[6][1]
     assert copy.deepcopy(order_body()) == order_body()
+
+
+# ------------------------------------------------- finding 6 of issue 12: what still got through
+
+RAW_ORDER_CASES: list[tuple[str, bytes]] = [
+    (
+        "a key twice at the top",
+        b'{"customer_id": "c1", "customer_id": "c2", "lines": [{"sku": "SKU-1", "quantity": 1}],'
+        b' "shipping_address": {"name": "A", "line1": "l", "city": "c", "postal_code": "1", "country": "GB"},'
+        b' "payment_method": {"token": "tok_approve"}}',
+    ),
+    (
+        "a key twice in a line",
+        b'{"customer_id": "c1", "lines": [{"sku": "SKU-1", "quantity": 1, "quantity": 900}],'
+        b' "shipping_address": {"name": "A", "line1": "l", "city": "c", "postal_code": "1", "country": "GB"},'
+        b' "payment_method": {"token": "tok_approve"}}',
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", [c[1] for c in RAW_ORDER_CASES], ids=[c[0] for c in RAW_ORDER_CASES])
+async def test_duplicate_json_keys_are_422(
+    seeded: httpx.AsyncClient, container: Container, raw: bytes
+) -> None:
+    head = await container.event_store.head_position()
+    response = await seeded.post("/orders", content=raw, headers={"content-type": "application/json"})
+    problem = assert_problem(response, 422, "invalid-body")
+    assert "more than once" in problem["errors"][0]["message"]
+    assert await container.event_store.head_position() == head
+
+
+async def test_colons_inside_strings_are_not_mistaken_for_repeated_keys(seeded: httpx.AsyncClient) -> None:
+    body = order_body(customer_id="crm:42")
+    body["shipping_address"]["line1"] = 'Flat 2: "Rear": 12 High St'
+    response = await seeded.post("/orders", json=body)
+    assert response.status_code == 201, response.text
+
+
+ADDRESS_CASES: list[tuple[str, str, Any]] = [
+    ("unassigned country ZZ", "country", "ZZ"),
+    ("NUL in the name", "name", "Ada\x00Lovelace"),
+    ("right-to-left override in the name", "name", "Ada \u202egpj.exe"),
+    ("whitespace-only name", "name", " \t "),
+    ("ideographic-space-only city", "city", "\u3000"),
+    ("newline in line1", "line1", "12 Row\nInjected: header"),
+    ("NUL in line2", "line2", "\x00"),
+    ("whitespace-only postal code", "postal_code", "  "),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [c[1:] for c in ADDRESS_CASES], ids=[c[0] for c in ADDRESS_CASES]
+)
+async def test_bad_address_values_are_422(
+    seeded: httpx.AsyncClient, container: Container, field: str, value: str
+) -> None:
+    head = await container.event_store.head_position()
+    response = await seeded.post("/orders", json=changed(_set(f"shipping_address.{field}", value)))
+    problem = assert_problem(response, 422, "invalid-body")
+    assert problem["errors"][0]["path"] == f"$.shipping_address.{field}"
+    assert await container.event_store.head_position() == head
+
+
+async def test_bad_address_in_a_change_is_422(seeded: httpx.AsyncClient, container: Container) -> None:
+    order_id = (await place_order(seeded))["id"]
+    head = await container.event_store.head_position()
+    address = {**ADDRESS, "country": "ZZ"}
+    response = await seeded.patch(f"/orders/{order_id}", json={"shipping_address": address})
+    assert_problem(response, 422, "invalid-body")
+    assert await container.event_store.head_position() == head
+
+
+PRICE_CASES: list[tuple[str, str, Any]] = [
+    ("currency XXX (no currency)", "currency", "XXX"),
+    ("currency XTS (testing)", "currency", "XTS"),
+    ("currency XAU (gold)", "currency", "XAU"),
+    ("unassigned currency ABC", "currency", "ABC"),
+    ("NUL in the name", "name", "Red\x00mug"),
+    ("right-to-left override in the name", "name", "mug\u202e"),
+    ("whitespace-only name", "name", "   "),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), [c[1:] for c in PRICE_CASES], ids=[c[0] for c in PRICE_CASES])
+async def test_bad_product_values_are_422(
+    seeded: httpx.AsyncClient, container: Container, field: str, value: str
+) -> None:
+    head = await container.event_store.head_position()
+    body: Body = {"sku": "SKU-9", "name": "Blue mug", "price": {"amount": 1, "currency": "EUR"}}
+    if field == "currency":
+        body["price"]["currency"] = value
+    else:
+        body[field] = value
+    problem = assert_problem(await seeded.post("/products", json=body), 422, "invalid-body")
+    assert problem["errors"][0]["path"] == ("$.price.currency" if field == "currency" else f"$.{field}")
+    assert await container.event_store.head_position() == head
+
+
+async def test_real_currencies_and_countries_pass(seeded: httpx.AsyncClient) -> None:
+    """The lists are the ISO ones, not a handful: the CFA franc and the yen are
+    currencies (0 minor units), Kosovo has no assigned code but Åland has."""
+    for sku, currency in (("SKU-XOF", "XOF"), ("SKU-JPY", "JPY"), ("SKU-BHD", "BHD")):
+        body = {"sku": sku, "name": "Mug", "price": {"amount": 5, "currency": currency}}
+        assert (await seeded.post("/products", json=body)).status_code == 201
+    ok = await seeded.post("/orders", json=changed(_set("shipping_address.country", "AX")))
+    assert ok.status_code == 201, ok.text
+    assert_problem(await seeded.post("/orders", json=changed(_set("shipping_address.country", "XK"))), 422)
+
+
+async def test_a_body_without_content_type_is_415(seeded: httpx.AsyncClient, container: Container) -> None:
+    head = await container.event_store.head_position()
+    body = msgspec.json.encode(order_body())
+    response = await seeded.post("/orders", content=body)
+    assert "content-type" not in response.request.headers
+    problem = assert_problem(response, 415, "unsupported-media-type")
+    assert "no Content-Type" in problem["detail"]
+    stock = await seeded.post("/products/SKU-1/stock", content=b'{"quantity": 1}')
+    assert_problem(stock, 415, "unsupported-media-type")
+    assert await container.event_store.head_position() == head
+
+
+async def test_concurrent_replays_of_one_key_all_say_replayed(
+    seeded: httpx.AsyncClient, container: Container
+) -> None:
+    """Twenty copies of one keyed request at once: one does the work, the other
+    nineteen are replays and say so, as a sequential retry does."""
+    body = order_body()
+    answers = await asyncio.gather(
+        *(seeded.post("/orders", json=body, headers={"Idempotency-Key": "burst-f"}) for _ in range(20))
+    )
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.content for a in answers}) == 1
+    replayed = [a.headers.get("idempotent-replayed") for a in answers]
+    assert replayed.count(None) == 1, replayed
+    assert replayed.count("true") == 19, replayed
+    events = await container.event_store.read_stream(f"order-{answers[0].json()['id']}")
+    assert len(events) == 1

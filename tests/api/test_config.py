@@ -75,6 +75,9 @@ def test_environment_and_overrides() -> None:
         {"ORDERSTREAM_MAX_BODY_BYTES": "-1"},
         {"ORDERSTREAM_API_WORKERS": "-1"},
         {"ORDERSTREAM_API_WORKERS": "65"},
+        {"ORDERSTREAM_HEADER_TIMEOUT": "0"},
+        {"ORDERSTREAM_BODY_TIMEOUT": "slow"},
+        {"ORDERSTREAM_MAX_CONNECTIONS": "-5"},
     ],
 )
 def test_bad_settings_are_refused_with_the_variable_named(env: dict[str, str]) -> None:
@@ -103,3 +106,16 @@ def test_api_workers_auto_is_one_for_api_and_two_for_serve_given_two_cores() -> 
     assert auto.workers_for(serve=True, cores=1) == 1
     chosen = Settings.from_env({"ORDERSTREAM_API_WORKERS": "3"})
     assert chosen.workers_for(serve=False, cores=1) == chosen.workers_for(serve=True, cores=1) == 3
+
+
+def test_connection_limits_from_the_environment() -> None:
+    env = {
+        "ORDERSTREAM_HEADER_TIMEOUT": "3",
+        "ORDERSTREAM_BODY_TIMEOUT": "2.5",
+        "ORDERSTREAM_KEEP_ALIVE_TIMEOUT": "1",
+        "ORDERSTREAM_MAX_CONNECTIONS": "500",
+    }
+    limits = Settings.from_env(env).connections
+    assert (limits.header_timeout, limits.body_timeout, limits.keep_alive_timeout) == (3, 2.5, 1)
+    assert limits.max_connections == 500
+    assert Settings.from_env({}).connections.max_connections == 0  # auto: from the fd limit

@@ -657,8 +657,13 @@ async def test_an_idempotent_append_reports_the_stored_position(
     stored = await store.read_stream(stream)
 
     # The server answers an idempotent append without a position; the adapter looks it up.
-    assert await store.append(stream, batch, NO_STREAM) == first == AppendResult(2, stored[2].position)
-    assert await store.append(stream, batch[:2], NO_STREAM) == AppendResult(1, stored[1].position)
+    assert first == AppendResult(2, stored[2].position)
+    assert await store.append(stream, batch, NO_STREAM) == AppendResult(
+        2, stored[2].position, already_stored=True
+    )
+    assert await store.append(stream, batch[:2], NO_STREAM) == AppendResult(
+        1, stored[1].position, already_stored=True
+    )
     assert len(await store.read_stream(stream)) == 3
 
 

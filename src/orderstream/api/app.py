@@ -170,7 +170,11 @@ def create_app(
     )
 
     access = AccessPolicy(container.settings, container.queries)
-    state: dict[str, Any] = {"access": access, "container": container}
+    state: dict[str, Any] = {
+        "access": access,
+        "container": container,
+        "body_timeout": container.settings.connections.body_timeout,
+    }
     app = Litestar(
         route_handlers=[ProductController, OrderController, OpsController, assets, *extra],
         guards=[authorize],
@@ -394,12 +398,19 @@ def _operations_by_method(app: Litestar) -> list[tuple[str, Operation]]:
 
 def document_unsupported_media_type(app: Litestar) -> None:
     """Every operation that takes a JSON body answers 415 to a body of another
-    media type (see :func:`orderstream.api.plumbing.strict_body`): say so, also on
+    media type (see :func:`orderstream.api.plumbing.strict_body`), 408 to a body
+    that does not arrive in time, and 507 when the disk is full: say so, also on
     the routes that other modules add."""
     for operation in _operations(app).values():
-        if operation.request_body is None or operation.responses is None or "415" in operation.responses:
+        if operation.request_body is None or operation.responses is None:
             continue
-        operation.responses["415"] = OpenAPIResponse(
-            description=problem_description(415),
-            content={PROBLEM_JSON: OpenAPIMediaType(schema=Reference(ref="#/components/schemas/Problem"))},
-        )
+        for status in ("408", "415", "507"):
+            operation.responses.setdefault(
+                status,
+                OpenAPIResponse(
+                    description=problem_description(int(status)),
+                    content={
+                        PROBLEM_JSON: OpenAPIMediaType(schema=Reference(ref="#/components/schemas/Problem"))
+                    },
+                ),
+            )

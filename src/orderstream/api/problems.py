@@ -44,7 +44,7 @@ from msgspec import UNSET, UnsetType
 
 from orderstream.api.correlation import correlation_id
 from orderstream.application.commands import ConcurrencyRetriesExhausted, IdempotencyKeyReused
-from orderstream.application.errors import ServiceUnavailable
+from orderstream.application.errors import ServiceUnavailable, StorageFull
 from orderstream.application.projection_progress import ParkedEventBlocks
 from orderstream.application.queries import NotYetConsistent, RevisionNotFound
 from orderstream.domain.common import AlreadyExists, DomainError, IllegalTransition, NotFound
@@ -56,6 +56,8 @@ log = logging.getLogger("orderstream.api")
 PROBLEM_JSON = "application/problem+json"
 TYPE_PREFIX = "urn:orderstream:problem:"
 RETRY_AFTER_SECONDS = 1
+STORAGE_FULL_RETRY_AFTER_SECONDS = 30
+"""A full disk is freed by an operator, not in a second."""
 
 
 class FieldError(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -143,11 +145,13 @@ _TITLES: dict[str, str] = {
     "concurrency-conflict": "Concurrent modification",
     "stale-revision": "Stale If-Match revision",
     "body-too-large": "Request body too large",
+    "body-timeout": "Request body too slow",
     "unsupported-media-type": "Unsupported media type",
     "idempotency-key-reused": "Idempotency-Key reused with a different request",
     "not-yet-consistent": "Read model not yet consistent",
     "parked-event-blocks": "A parked event keeps the read model from that position",
     "unavailable": "Service unavailable",
+    "insufficient-storage": "Insufficient storage",
     "internal-error": "Internal server error",
 }
 
@@ -319,6 +323,17 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
             return problem_response(request, 422, exc.code, str(exc))
         case InvalidQuery():
             return problem_response(request, 400, "invalid-query", str(exc))
+        case StorageFull():
+            # Before the outages below: an EventStoreFull is also an EventStoreUnavailable.
+            log.warning("%s", exc)
+            return problem_response(
+                request,
+                507,
+                "insufficient-storage",
+                f"{exc.service.capitalize()} has no space left; nothing was written. Reads still work; "
+                "retry the write later.",
+                headers={"Retry-After": str(STORAGE_FULL_RETRY_AFTER_SECONDS)},
+            )
         case ServiceUnavailable():
             log.warning("%s", exc)
             return problem_response(
@@ -384,7 +399,14 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
             headers.setdefault("WWW-Authenticate", 'Bearer realm="orderstream"')
             return problem_response(request, 401, "unauthorized", exc.detail, headers=headers)
     if status == 413:
-        return problem_response(request, 413, "body-too-large", "The request body exceeds the size limit.")
+        # Closed after the answer: the rest of an oversized body is not worth reading.
+        return problem_response(
+            request,
+            413,
+            "body-too-large",
+            "The request body exceeds the size limit.",
+            headers={"Connection": "close"},
+        )
     if status >= 500:
         log.error("HTTP %s on %s %s: %s", status, request.method, request.url.path, exc.detail)
         return problem_response(request, status, "internal-error", HTTPStatus(status).phrase)
@@ -409,11 +431,13 @@ _DESCRIPTIONS = {
     403: "The token's roles do not allow this operation (problem details).",
     404: "No such resource (problem details).",
     409: "Illegal state transition, already exists, or a concurrent change (problem details).",
+    408: "The request body did not arrive within the body timeout; the connection closes (problem details).",
     412: "Stale If-Match: the problem carries `current_revision`.",
     413: "The request body is larger than the limit (problem details).",
     415: "The request body is not sent as `application/json` (problem details).",
     422: "The body does not match the schema, or a business rule refused it (problem details).",
     429: "Too many writes by this identity; retry after `Retry-After` seconds (problem details).",
+    507: "The disk is full: nothing was written; retry after `Retry-After` seconds (problem details).",
     503: (
         "Not available now; retry after `Retry-After` seconds (problem details). When the read model "
         "has not reached `min_position` within the consistency timeout, the problem carries "

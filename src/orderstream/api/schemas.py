@@ -10,9 +10,11 @@ changing the contract.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import iso4217
 import msgspec
+import pycountry
 from msgspec import Meta
 
 from orderstream.domain import inventory, orders
@@ -33,19 +35,37 @@ Sku = Annotated[
         examples=["SKU-RED-42"],
     ),
 ]
-Name = Annotated[str, Meta(min_length=1, max_length=200, examples=["Red mug"])]
-Text = Annotated[str, Meta(min_length=1, max_length=200)]
-OptionalText = Annotated[str, Meta(max_length=200)]
+_NOT_IN_TEXT = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+"""Control characters (NUL included) and the bidirectional controls (the right-to-left
+override among them) that make a name display as something else."""
+TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*[^\\s{_NOT_IN_TEXT}][^{_NOT_IN_TEXT}]*$"
+"""Printable text with at least one character that is not white space."""
+OPTIONAL_TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*$"
+
+Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=TEXT_PATTERN, examples=["Red mug"])]
+Text = Annotated[str, Meta(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
+OptionalText = Annotated[str, Meta(max_length=200, pattern=OPTIONAL_TEXT_PATTERN)]
 CustomerId = Annotated[
     str,
     Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}$", max_length=100, examples=["cust-0001"]),
 ]
 Amount = Annotated[int, Meta(ge=0, le=10**12, description="Integer minor units (cents).", examples=[1250])]
-Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.", examples=["EUR"])]
+CURRENCY_CODES = tuple(sorted(c.code for c in iso4217.Currency if c.exponent is not None))
+"""ISO 4217 currencies that have minor units (amounts are integer minor units): not
+XXX (no currency), XTS (testing), the precious metals nor the units of account."""
+COUNTRY_CODES = tuple(sorted(country.alpha_2 for country in pycountry.countries))
+"""The officially assigned ISO 3166-1 alpha-2 codes."""
+if TYPE_CHECKING:  # a Literal built from data is beyond mypy; at run time it is the enum
+    CurrencyCode = str
+    CountryCode = str
+else:
+    CurrencyCode = Literal[CURRENCY_CODES]
+    CountryCode = Literal[COUNTRY_CODES]
+Currency = Annotated[CurrencyCode, Meta(description="ISO 4217 code.", examples=["EUR"])]
 Quantity = Annotated[int, Meta(ge=1, le=MAX_QUANTITY, description=f"1 to {MAX_QUANTITY} units.")]
 StockQuantity = Annotated[int, Meta(ge=1, le=MAX_STOCK_ADD, description=f"1 to {MAX_STOCK_ADD} units.")]
-Country = Annotated[str, Meta(pattern=r"^[A-Z]{2}$", description="ISO 3166-1 alpha-2.", examples=["NL"])]
-PostalCode = Annotated[str, Meta(min_length=1, max_length=20)]
+Country = Annotated[CountryCode, Meta(description="ISO 3166-1 alpha-2.", examples=["NL"])]
+PostalCode = Annotated[str, Meta(min_length=1, max_length=20, pattern=TEXT_PATTERN)]
 PaymentToken = Annotated[
     str,
     Meta(
@@ -80,6 +100,25 @@ class ShippingAddress(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
     postal_code: PostalCode
     country: Country
     line2: OptionalText | None = None
+
+
+class MoneyView(msgspec.Struct, frozen=True):
+    """:class:`Money` as stored: answers show what was accepted when it was written,
+    even where the request checks have become stricter since."""
+
+    amount: int
+    currency: str
+
+
+class AddressView(msgspec.Struct, frozen=True, omit_defaults=True):
+    """:class:`ShippingAddress` as stored (see :class:`MoneyView`)."""
+
+    name: str
+    line1: str
+    city: str
+    postal_code: str
+    country: str
+    line2: str | None = None
 
 
 # ----------------------------------------------------------------------------- requests
@@ -139,7 +178,7 @@ class WriteResult(msgspec.Struct, frozen=True):
 class ProductView(msgspec.Struct, frozen=True, kw_only=True):
     sku: str
     name: str
-    price: Money
+    price: MoneyView
     on_hand: int
     reserved: int
     available: int
@@ -154,8 +193,8 @@ class ProductPage(msgspec.Struct, frozen=True, kw_only=True):
 class OrderLineView(msgspec.Struct, frozen=True, kw_only=True):
     sku: str
     quantity: int
-    unit_price: Money
-    subtotal: Money | None = None
+    unit_price: MoneyView
+    subtotal: MoneyView | None = None
 
 
 class StatusChange(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,8 +208,8 @@ class OrderView(msgspec.Struct, frozen=True, kw_only=True):
     customer_id: str
     status: OrderStatus
     lines: list[OrderLineView]
-    total: Money
-    shipping_address: ShippingAddress
+    total: MoneyView
+    shipping_address: AddressView
     revision: Revision
     placed_at: datetime
     updated_at: datetime
@@ -215,8 +254,8 @@ class OrderStateSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     status: OrderStatus
     customer_id: str
     lines: list[OrderLineView]
-    total: Money | None
-    shipping_address: ShippingAddress | None
+    total: MoneyView | None
+    shipping_address: AddressView | None
     payment_id: str | None
     cancel_reason: str | None
 

@@ -331,6 +331,8 @@ class CommandHandler:
         for event in events:
             state = decider.evolve(state, event)
         self._snapshot_later(decider, stream, None, state, result.revision, result.position)
+        if result.already_stored:  # a concurrent request with this key wrote them first
+            return CommandResult(stream, result.revision, result.position, state, (), replayed=True)
         return CommandResult(stream, result.revision, result.position, state, events)
 
     async def _with_retry(
@@ -397,7 +399,13 @@ class CommandHandler:
                 raise _DerivedIdsStored from conflict  # the stream did not move: our ids are stored
             raise
         self._snapshot_later(decider, stream, loaded.snapshot, batch.state, result.revision, result.position)
-        return batch.answers(result)
+        answers = batch.answers(result)
+        if result.already_stored:  # a concurrent request with these keys wrote them first
+            return [
+                dataclasses.replace(a, appended=(), replayed=True) if isinstance(a, CommandResult) else a
+                for a in answers
+            ]
+        return answers
 
     # ------------------------------------------------------------------ pieces
 

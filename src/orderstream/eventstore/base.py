@@ -24,6 +24,8 @@ from typing import Protocol
 
 import msgspec
 
+from orderstream.application.errors import StorageFull
+
 
 class StreamState(enum.Enum):
     """Expectations that are not a concrete revision."""
@@ -80,6 +82,16 @@ class SubscriptionGroupExists(EventStoreError):
 
 class EventStoreUnavailable(EventStoreError):
     """The backend cannot be reached (network, server down)."""
+
+
+class EventStoreFull(EventStoreUnavailable, StorageFull):
+    """The event store's disk is full: nothing was written; reads still work.
+
+    An :class:`EventStoreUnavailable` (whoever retries outages retries this) and a
+    :class:`~orderstream.application.errors.StorageFull` (the API answers 507)."""
+
+    def __init__(self, cause: BaseException | None = None) -> None:
+        StorageFull.__init__(self, "the event store", cause)
 
 
 class IdempotencyKeyTaken(EventStoreError):
@@ -236,11 +248,14 @@ class IdempotencyRecord(msgspec.Struct, frozen=True, kw_only=True):
 class AppendResult(msgspec.Struct, frozen=True):
     """Revision and commit position of the last event of the append.
 
-    For an idempotent re-append these describe the events already stored.
+    For an idempotent re-append these describe the events already stored, and
+    ``already_stored`` is true: nothing was written (a concurrent request with the
+    same idempotency key wrote them first; its answer is a replay).
     """
 
     revision: int
     position: int
+    already_stored: bool = False
 
 
 class EventFilter(msgspec.Struct, frozen=True, kw_only=True):

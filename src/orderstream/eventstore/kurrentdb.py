@@ -262,7 +262,8 @@ class KurrentDBEventStore:
         # with system records). Then, and for ANY / STREAM_EXISTS, look the event up.
         if revision is not None and position > 0:
             return AppendResult(revision, position)
-        return await self._locate(stream, events[-1].id, revision)
+        found = await self._locate(stream, events[-1].id, revision)
+        return msgspec.structs.replace(found, already_stored=True) if position == 0 else found
 
     async def _check_expectation(self, stream: str, expected: Expected) -> AppendResult:
         """An empty append: check the expectation against the stream's last event and

@@ -134,6 +134,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+from orderstream.application.errors import is_storage_full
 from orderstream.eventstore import sqlite_groups as groups
 from orderstream.eventstore.base import (
     ANY,
@@ -142,6 +143,7 @@ from orderstream.eventstore.base import (
     AppendResult,
     EventFilter,
     EventStoreError,
+    EventStoreFull,
     EventStoreUnavailable,
     Expected,
     GroupInfo,
@@ -316,7 +318,7 @@ class SqliteEventStore:
         try:
             connection = await asyncio.to_thread(_open_writer, location)
         except sqlite3.Error as exc:
-            raise EventStoreUnavailable(f"cannot open event store {location}: {exc}") from exc
+            raise outage(f"cannot open event store {location}", exc) from exc
         return cls(location, connection, readers=readers, poll_interval=poll_interval, prefetch=prefetch)
 
     async def __aenter__(self) -> Self:
@@ -497,7 +499,7 @@ class SqliteEventStore:
         self._handed_over -= handed
         for job in batch:
             if not job.future.done():
-                job.future.set_exception(EventStoreUnavailable(f"write to {self.path} failed: {exc}"))
+                job.future.set_exception(outage(f"write to {self.path} failed", exc))
 
     def _finish(
         self,
@@ -607,7 +609,7 @@ class SqliteEventStore:
         try:
             return run(conn)
         except sqlite3.Error as exc:
-            raise EventStoreUnavailable(f"read from {self.path} failed: {exc}") from exc
+            raise outage(f"read from {self.path} failed", exc) from exc
 
     async def read_stream(
         self,
@@ -1094,7 +1096,7 @@ def _idempotent(
         revisions = [stored[row[0]][1] for row in rows]
         first = revisions[0]
         if revisions == list(range(first, first + len(rows))) and _matched_first_time(expected, first):
-            return AppendResult(revisions[-1], stored[rows[-1][0]][2])
+            return AppendResult(revisions[-1], stored[rows[-1][0]][2], already_stored=True)
     raise WrongExpectedVersion(stream, expected, actual)
 
 
@@ -1144,5 +1146,13 @@ def _translate(exc: Exception) -> Exception:
     if isinstance(exc, sqlite3.IntegrityError):
         return EventStoreError(f"rejected by the event store: {exc}")
     if isinstance(exc, sqlite3.Error):
-        return EventStoreUnavailable(f"event store error: {exc}")
+        return outage("event store error", exc)
     return exc
+
+
+def outage(what: str, exc: BaseException) -> EventStoreUnavailable:
+    """The error for a store that cannot do its work now: :class:`EventStoreFull`
+    when the disk is full (a 507 at the API), else :class:`EventStoreUnavailable`."""
+    if is_storage_full(exc):
+        return EventStoreFull(exc)
+    return EventStoreUnavailable(f"{what}: {exc}")

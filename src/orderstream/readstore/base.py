@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from orderstream.application.errors import ServiceUnavailable
+from orderstream.application.errors import ServiceUnavailable, StorageFull
 
 Document = dict[str, Any]
 
@@ -128,6 +128,11 @@ class InvalidQuery(Exception):
 class ReadStoreUnavailable(ServiceUnavailable):
     """The read store cannot be reached or read now (server down, database locked
     past the busy timeout): worth retrying, so the API answers 503 + ``Retry-After``."""
+
+
+class ReadStoreFull(ReadStoreUnavailable, StorageFull):
+    """The read store's disk is full: projections hold their events and retry
+    (reads still work); see :class:`~orderstream.application.errors.StorageFull`."""
 
 
 class CollectionNotFound(LookupError):

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from orderstream.application.errors import is_storage_full
 from orderstream.readstore.base import (
     CollectionNotFound,
     CollectionSchema,
@@ -44,6 +45,7 @@ from orderstream.readstore.base import (
     Query,
     Range,
     ReadCheckpoint,
+    ReadStoreFull,
     ReadStoreUnavailable,
     SortField,
     Stored,
@@ -300,7 +302,9 @@ _UNAVAILABLE = ("unable to open", "locked", "busy", "disk i/o")
 
 def _unavailable(exc: sqlite3.OperationalError) -> Exception:
     """A database that cannot be opened, read or locked in time is an outage (503);
-    any other OperationalError is a bug and stays one."""
+    any other OperationalError is a bug and stays one. A full disk is an outage too."""
+    if is_storage_full(exc):
+        return ReadStoreFull("the read store", exc)
     if any(marker in str(exc).lower() for marker in _UNAVAILABLE):
         return ReadStoreUnavailable("the read store", exc)
     return exc
@@ -442,10 +446,11 @@ class SqliteReadStore:
         self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             result = fn()
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite rolls back by itself on a full disk
+                self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
         return result
 
     # ------------------------------------------------------------- table lookup
