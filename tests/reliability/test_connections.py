@@ -27,6 +27,7 @@ import pytest
 
 from tests.api.helpers import order_body
 from tests.api.test_cli import _env
+from tests.tokens import bearer, token_for
 
 HEADER_TIMEOUT = 3.0
 BODY_TIMEOUT = 2.0
@@ -38,6 +39,15 @@ ANSWER_BOUND = 2.0
 CLOSE_MARGIN = 3.0
 """Seconds past a timeout by which the server must have closed the connection."""
 PRODUCT = {"sku": "SKU-1", "name": "Mug", "price": {"amount": 100, "currency": "EUR"}}
+
+
+_TOKEN: dict[str, str] = {}
+"""The admin token of the server under test (set by the ``server`` fixture): attackers
+that send a valid token get past the auth guard, so the body timeout is what stops them."""
+
+
+def _post_orders_head() -> bytes:
+    return f"POST /orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {_TOKEN['admin']}\r\n".encode()
 
 
 def _limit_fds() -> None:
@@ -89,7 +99,8 @@ def server(tmp_path: Path, fds_for_attackers: None) -> Iterator[str]:
                 url = found.group(1) if found else None
                 time.sleep(0.05)
             assert url is not None, (tmp_path / "stderr.log").read_text()
-            with httpx.Client(base_url=url) as client:
+            _TOKEN["admin"] = token_for(tmp_path / "d")
+            with httpx.Client(base_url=url, headers=bearer(_TOKEN["admin"])) as client:
                 assert client.post("/products", json=PRODUCT).status_code == 201
                 assert client.post("/products/SKU-1/stock", json={"quantity": 1000}).status_code == 200
             yield url
@@ -151,7 +162,10 @@ async def _answers_promptly(url: str) -> dict[str, float]:
     Asserts the statuses and the generous bound."""
     times: dict[str, float] = {}
     async with httpx.AsyncClient(
-        base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+        base_url=url,
+        timeout=30,
+        limits=httpx.Limits(max_keepalive_connections=0),
+        headers=bearer(_TOKEN["admin"]),
     ) as c:
         for name, call in (
             ("GET /health", lambda: c.get("/health")),
@@ -214,9 +228,7 @@ async def test_a_body_shorter_than_its_content_length_times_out(server: str) -> 
     """500 POSTs that announce 1,000 bytes and send 10: each gets a 408 problem and
     its connection closed within the body timeout, while others are served."""
     lying = await _open(server, 500)
-    head = (
-        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-    )
+    head = _post_orders_head() + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
     async with _held(lying):
         for _, writer in lying:
             writer.write(head + b'{"customer')
@@ -237,9 +249,7 @@ async def test_trickled_uploads_time_out(server: str) -> None:
     """300 uploads that send their body a byte every half second: the body timeout
     bounds the whole body, not the gap between bytes (408, connection closed)."""
     slow = await _open(server, 300)
-    head = (
-        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-    )
+    head = _post_orders_head() + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
 
     async def upload(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         writer.write(head)
@@ -277,8 +287,7 @@ async def test_an_oversized_content_length_is_413_before_the_body(server: str) -
     and the connection closed (the rest is not worth reading)."""
     (reader, writer), *_ = await _open(server, 1)
     writer.write(
-        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 1000000000\r\n\r\n"
+        _post_orders_head() + b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
     )
     async with asyncio.timeout(ANSWER_BOUND):
         answer = await reader.read()  # to EOF

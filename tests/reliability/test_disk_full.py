@@ -34,6 +34,7 @@ from orderstream import bootstrap
 from orderstream.eventstore.base import EventStoreFull
 from tests.api.helpers import assert_problem, order_body
 from tests.api.test_cli import _env
+from tests.tokens import admin_headers
 
 DISK_MB = 64
 FILLER_LEFT_MB = 3
@@ -179,7 +180,7 @@ async def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(
 ) -> None:
     process, url = server
     data = small_disk / "data"
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=admin_headers(data)) as client:
         assert (await client.post("/products", json=PRODUCT)).status_code == 201
         assert (await client.post("/products/SKU-1/stock", json={"quantity": 1_000_000})).status_code == 200
         filler = small_disk / "filler"
