@@ -210,8 +210,9 @@ async def test_pending_past_the_deadline_is_compensated(make_saga: SagaFactory) 
         "release-stock/MUG: released",
         "close-order: cancelled",
     ]
-    # The provider's answer after the deadline is refused: the payment was voided.
-    late = await saga.webhook(order_id, {"status": "authorised"})
+    # A decline after the deadline is refused: the payment was voided. (A late
+    # authorisation is voided at the gateway: test_payment_deadline.py.)
+    late = await saga.webhook(order_id, {"status": "declined"})
     assert late.status_code == 409
     assert late.headers["content-type"].startswith("application/problem+json")
 

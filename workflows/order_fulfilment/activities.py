@@ -112,6 +112,7 @@ class FulfilmentActivities:
             self.request_payment,
             self.authorise_payment,
             self.void_payment,
+            self.expire_payment,
             self.capture_payment,
         ]
 
@@ -279,6 +280,19 @@ class FulfilmentActivities:
             return f"nothing to void ({state.status})"
         await self.gateway.void(args.payment_id)
         return "voided"
+
+    @activity.defn(name="expire_payment")
+    async def expire_payment(self, args: PaymentArgs) -> str:
+        """The payment deadline passed: void the payment unless a result was
+        recorded while the saga waited (the webhook's, whose signal did not reach
+        the saga, e.g. while Temporal was down). Returns the payment's status
+        afterwards: ``authorised`` or ``declined`` (that result stands) or
+        ``voided``. Read back from the stream, so a retry after the void was
+        appended answers the same."""
+        cmd = payments.ExpirePayment(payment_id=args.payment_id, reason=args.reason, now=self._now())
+        await self._payment(cmd, args.ref)
+        loaded = await self.use_cases.handler.load(payments.decider, payments.stream_name(args.payment_id))
+        return loaded.state.status or "unknown"
 
     @activity.defn(name="capture_payment")
     async def capture_payment(self, args: PaymentArgs) -> None:

@@ -90,6 +90,9 @@ T = TypeVar("T")
 Acts = FulfilmentActivities
 
 TEMPORAL_CANCEL_REASON = "saga cancelled through Temporal"
+PAYMENT_DEADLINE_CHECK = "payment-deadline-checks-the-payment"
+"""``workflow.patched`` id of the ``payment-deadline`` step (see
+:meth:`OrderFulfilment._payment_deadline_passed`)."""
 
 # ---------------------------------------------------------------- policies (defined once)
 
@@ -486,15 +489,35 @@ class OrderFulfilment:
                 timeout_summary="payment-deadline",
             )
         except TimeoutError:
-            raise SagaAborted(
-                "compensated", f"payment deadline passed: not authorised within {seconds:g} s"
-            ) from None
+            await self._payment_deadline_passed(seconds)
         finally:
             self._state.payment_deadline = None
         self._check_cancelled()
         if self._payment_result == "declined":
             raise SagaAborted("compensated", "payment declined (webhook)")
         self._state.completed_steps.append("await-payment-result")
+
+    async def _payment_deadline_passed(self, seconds: float) -> None:
+        """No result reached the saga in time; but the payment's stream decides.
+
+        The webhook records the provider's answer on the payment and the trigger
+        forwards it as a signal; while Temporal was unreachable the signal may
+        still be on its way when the timer fires. ``payment-deadline`` voids the
+        payment only if it is still ``requested``, in the payment decider (one
+        revision: no gap between the check and the void); an authorisation (or
+        decline) recorded meanwhile wins and the saga goes on with it.
+
+        Runs that reached their deadline before this step existed replay without
+        it (``workflow.patched``)."""
+        reason = f"payment deadline passed: not authorised within {seconds:g} s"
+        if not workflow.patched(PAYMENT_DEADLINE_CHECK):
+            raise SagaAborted("compensated", reason)
+        step = "payment-deadline"
+        recorded = await self._step(step, Acts.expire_payment, self._payment_args(step, reason=reason))
+        if recorded not in ("authorised", "declined"):
+            raise SagaAborted("compensated", reason)
+        workflow.logger.info("payment deadline passed, but the payment was %s meanwhile", recorded)
+        self._payment_result = self._payment_result or recorded
 
     # ------------------------------------------------------------- compensations
 

@@ -10,6 +10,11 @@ The webhook appends ``PaymentAuthorised`` / ``PaymentDeclined`` through the
 payment decider; the saga trigger turns that event into the workflow's
 ``payment_result`` signal. The event store stays the source of truth, and the
 webhook works (and is recorded) even while Temporal is down.
+
+An authorisation for a payment the saga already voided (the webhook came after
+the payment deadline) means the provider holds money the order will never take:
+the webhook voids that hold at the gateway and records ``LateAuthorisationVoided``
+(a 200; a gateway outage is a 503 and the provider retries the webhook).
 """
 
 from __future__ import annotations
@@ -25,9 +30,17 @@ from orderstream.api.common import CORRELATION_HEADER, ETAG_HEADER, WRITE_SECURI
 from orderstream.api.plumbing import command_context, require_writer
 from orderstream.api.problems import ApiError, problem_responses
 from orderstream.api.schemas import WriteResult
+from orderstream.application.commands import CommandContext, CommandResult
+from orderstream.application.payment_gateway import (
+    PAYMENT_GATEWAY_KEY,
+    PaymentGateway,
+    PaymentGatewayUnavailable,
+    SandboxPaymentGateway,
+)
 from orderstream.application.use_cases import UseCases
 from orderstream.bootstrap import Container
 from orderstream.domain import payments
+from orderstream.domain.common import IllegalTransition
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient, FulfilmentReport
 
 PaymentIdPath = Annotated[
@@ -118,6 +131,39 @@ def fulfilment_client(container: Container) -> FulfilmentClient:
     return client
 
 
+def payment_gateway(container: Container) -> PaymentGateway:
+    """The process's gateway (``container.extensions``, installed by the saga hook
+    or a deployment), else the sandbox, kept there for the next call."""
+    gateway: PaymentGateway = container.extensions.setdefault(PAYMENT_GATEWAY_KEY, SandboxPaymentGateway())
+    return gateway
+
+
+async def void_late_authorisation(
+    payment_id: str,
+    authorisation_code: str,
+    gateway: PaymentGateway,
+    use_cases: UseCases,
+    context: CommandContext,
+) -> CommandResult[payments.Payment]:
+    """The provider authorised a payment that was voided: give the hold back at
+    the gateway first, then record it, so a recorded void is a done void. A
+    retried webhook voids again (idempotent at the gateway) and records nothing twice."""
+    try:
+        await gateway.void(payment_id)
+    except PaymentGatewayUnavailable as exc:
+        raise ApiError(
+            503,
+            "unavailable",
+            f"The payment was voided and its late authorisation must be given back, but the gateway "
+            f"cannot be reached ({exc}); retry the webhook.",
+            headers={"Retry-After": "5"},
+        ) from exc
+    command = payments.VoidLateAuthorisation(
+        payment_id=payment_id, authorisation_code=authorisation_code, now=use_cases.handler.clock()
+    )
+    return await use_cases.payment_command(command, context)
+
+
 class FulfilmentController(Controller):
     path = "/"
     tags = ["fulfilment"]
@@ -129,14 +175,15 @@ class FulfilmentController(Controller):
         description=(
             "Records the result on the payment (`PaymentAuthorised` / `PaymentDeclined`); the order's "
             "fulfilment saga is told through the event. Repeating the same result is harmless; a "
-            "different result after the first, or a result for a payment that is no longer pending "
-            "(e.g. voided after the deadline), is a 409."
+            "different result after the first is a 409. An authorisation for a payment that was "
+            "voided (it came after the payment deadline) is voided at the gateway and recorded "
+            "(`LateAuthorisationVoided`, 200); 503 while the gateway cannot be reached."
         ),
         status_code=200,
         guards=[require_writer],
         security=WRITE_SECURITY,
         response_headers=[ETAG_HEADER, CORRELATION_HEADER],
-        responses=problem_responses(400, 401, 404, 409, 413, 422),
+        responses=problem_responses(400, 401, 404, 409, 413, 422, 503),
     )
     async def payment_webhook(
         self,
@@ -144,18 +191,23 @@ class FulfilmentController(Controller):
         payment_id: PaymentIdPath,
         data: JSONBody[PaymentWebhook],
         use_cases: NamedDependency[UseCases],
+        container: NamedDependency[Container],
     ) -> Response[WriteResult]:
         now = use_cases.handler.clock()
-        command: payments.PaymentCommand
-        if data.status == "authorised":
-            command = payments.AuthorisePayment(
-                payment_id=payment_id, authorisation_code=data.authorisation_code or "webhook", now=now
-            )
-        else:
-            command = payments.DeclinePayment(
-                payment_id=payment_id, reason=data.reason or "declined by the payment provider", now=now
-            )
-        result = await use_cases.payment_command(command, command_context(request))
+        context = command_context(request)
+        if data.status == "declined":
+            reason = data.reason or "declined by the payment provider"
+            declined = payments.DeclinePayment(payment_id=payment_id, reason=reason, now=now)
+            return written(payment_id, await use_cases.payment_command(declined, context))
+        code = data.authorisation_code or "webhook"
+        authorised = payments.AuthorisePayment(payment_id=payment_id, authorisation_code=code, now=now)
+        try:
+            result = await use_cases.payment_command(authorised, context)
+        except IllegalTransition as exc:
+            if exc.status != "voided":
+                raise
+            gateway = payment_gateway(container)
+            result = await void_late_authorisation(payment_id, code, gateway, use_cases, context)
         return written(payment_id, result)
 
     @get(

@@ -62,6 +62,11 @@ class PaymentGateway(Protocol):
         ...
 
 
+PAYMENT_GATEWAY_KEY = "payment_gateway"
+"""Where the process's gateway sits in ``container.extensions``: the saga worker's
+activities and the webhook (which voids an authorisation that came after the
+void) use the same one. Unset: the sandbox."""
+
 SANDBOX_TOKENS = ("tok_approve", "tok_decline", "tok_pending", "tok_error")
 
 
