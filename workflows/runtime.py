@@ -10,10 +10,13 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import sysconfig
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from orderstream.application.payment_gateway import PaymentGateway
 from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
@@ -102,6 +106,103 @@ async def start_dev_server(
 
 async def connect(address: str, *, namespace: str = NAMESPACE) -> Client:
     return await Client.connect(address, namespace=namespace)
+
+
+CONNECT_TIMEOUT = 10.0
+"""One connection attempt's bound (a black-holed address would otherwise hang)."""
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, RPCError, OSError, TimeoutError)
+"""What a failed ``Client.connect`` raises: the SDK's ``RuntimeError("Failed client
+connect: ...")`` for a refused or unresolvable address, an ``RPCError`` from the
+namespace check, our timeout."""
+RECONNECT_WAIT = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
+"""Between attempts: 0.5 s doubling (with jitter) up to 30 s."""
+
+
+@dataclass(eq=False)
+class TemporalLink:
+    """This process's way to the Temporal server at ``address``.
+
+    Temporal being down when a process starts delays the sagas, not the process:
+    the API, the projections and the webhook (which records payment results in
+    the event store) keep working, and the saga services connect when Temporal
+    answers (:meth:`connect`, retried with back-off). ``/ready`` reports
+    :meth:`readiness`: connected, or what is missing and since when."""
+
+    address: str
+    namespace: str = NAMESPACE
+    client: Client | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    unreachable_since: float | None = None
+    """``time.time()`` of the first failed attempt of the current outage."""
+
+    @classmethod
+    def connected(cls, address: str, client: Client) -> TemporalLink:
+        return cls(address, client=client)
+
+    async def try_connect(self) -> Client | None:
+        """One attempt; ``None`` (and the error noted) if Temporal does not answer."""
+        try:
+            return await self._attempt()
+        except CONNECT_ERRORS:
+            return None
+
+    async def connect(self, stop: asyncio.Event) -> Client | None:
+        """Connect, retrying with back-off until it works; ``None`` if ``stop`` is
+        set first."""
+        if self.client is not None:
+            return self.client
+
+        async def sleep_unless_stopped(seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(CONNECT_ERRORS),
+            wait=RECONNECT_WAIT,
+            stop=lambda _state: stop.is_set(),
+            sleep=sleep_unless_stopped,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt()
+        except CONNECT_ERRORS:
+            pass  # stopped while Temporal was still away
+        return None
+
+    async def _attempt(self) -> Client:
+        self.attempts += 1
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                client = await connect(self.address, namespace=self.namespace)
+        except CONNECT_ERRORS as exc:
+            self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.unreachable_since = self.unreachable_since or time.time()
+            raise
+        if self.unreachable_since is not None:
+            log.info("Temporal at %s answers after %d attempts", self.address, self.attempts)
+        self.client, self.last_error, self.unreachable_since = client, None, None
+        return client
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "Temporal at %s cannot be reached (attempt %d: %s); sagas wait, next try in %.1f s",
+            self.address,
+            state.attempt_number,
+            self.last_error,
+            wait,
+        )
+
+    @property
+    def unreachable_seconds(self) -> float | None:
+        """How long the current outage has lasted (``None`` while connected)."""
+        if self.client is not None or self.unreachable_since is None:
+            return None
+        return round(time.time() - self.unreachable_since, 1)
 
 
 async def ensure_search_attributes(client: Client, *, namespace: str = NAMESPACE) -> bool:
