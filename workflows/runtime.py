@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import sysconfig
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +28,7 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
@@ -259,24 +261,82 @@ WORKFLOW_RUNNER = SandboxedWorkflowRunner(
 )
 
 
-def build_worker(client: Client, use_cases: UseCases, gateway: PaymentGateway, task_queue: str) -> Worker:
+@dataclass(frozen=True)
+class WorkerTuning:
+    """The worker's concurrency knobs (``WorkerTuning.from_env``; measured with
+    ``python -m bench.saga_cost``, see docs/sagas.md)."""
+
+    max_concurrent_workflow_tasks: int | None = None
+    """Workflow tasks (activations) in progress at once; ``None``: the SDK's default."""
+    max_concurrent_local_activities: int | None = None
+    """Local steps running at once; ``None``: the SDK's default."""
+    workflow_threads: int | None = None
+    """Threads that run workflow activations (``workflow_task_executor``);
+    ``None``: the SDK's default, as many as ``max_concurrent_workflow_tasks``
+    (or 500)."""
+    max_cached_workflows: int = MAX_CACHED_WORKFLOWS
+    sandbox: bool = False
+    """Run workflows in the SDK's sandbox (:data:`WORKFLOW_RUNNER`,
+    ``ORDERSTREAM_SAGA_SANDBOX=on``) or not (:class:`UnsandboxedWorkflowRunner`,
+    the default). Why off: with our workflow package passed through, the sandbox
+    no longer stands between ``workflow.py`` and the real modules it imports (so
+    it would not refuse ``datetime.now()`` there anyway), yet entering it costs
+    about 20 % of the worker's CPU per saga: the SDK enters it for every payload
+    of every activation to ask for a serialization context (``python -m
+    bench.saga_cost --variant default --variant sandboxed``: 41 ms -> 33 ms per
+    saga). Determinism is guarded by the replay tests, which replay recorded and
+    fresh histories in the sandbox too (``tests/sagas``)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerTuning:
+        def number(name: str) -> int | None:
+            value = env.get(name)
+            return int(value) if value else None
+
+        return cls(
+            max_concurrent_workflow_tasks=number("ORDERSTREAM_SAGA_WORKFLOW_TASKS"),
+            max_concurrent_local_activities=number("ORDERSTREAM_SAGA_LOCAL_STEPS"),
+            workflow_threads=number("ORDERSTREAM_SAGA_WORKFLOW_THREADS"),
+            sandbox=env.get("ORDERSTREAM_SAGA_SANDBOX", "off") == "on",
+        )
+
+
+def build_worker(
+    client: Client,
+    use_cases: UseCases,
+    gateway: PaymentGateway,
+    task_queue: str,
+    tuning: WorkerTuning | None = None,
+) -> Worker:
+    tuning = tuning or WorkerTuning.from_env(os.environ)
     activities = FulfilmentActivities(use_cases, gateway)
+    executor = None
+    if tuning.workflow_threads:
+        executor = ThreadPoolExecutor(tuning.workflow_threads, thread_name_prefix="saga-workflow")
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[OrderFulfilment],
-        workflow_runner=WORKFLOW_RUNNER,
+        workflow_runner=WORKFLOW_RUNNER if tuning.sandbox else UnsandboxedWorkflowRunner(),
         activities=activities.all(),
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
-        max_cached_workflows=MAX_CACHED_WORKFLOWS,
+        max_cached_workflows=tuning.max_cached_workflows,
+        max_concurrent_workflow_tasks=tuning.max_concurrent_workflow_tasks,
+        max_concurrent_local_activities=tuning.max_concurrent_local_activities,
+        workflow_task_executor=executor,
     )
 
 
 async def run_worker(
-    client: Client, use_cases: UseCases, gateway: PaymentGateway, task_queue: str, stop: asyncio.Event
+    client: Client,
+    use_cases: UseCases,
+    gateway: PaymentGateway,
+    task_queue: str,
+    stop: asyncio.Event,
+    tuning: WorkerTuning | None = None,
 ) -> None:
     """Poll ``task_queue`` until ``stop`` is set, then shut down gracefully."""
-    worker = build_worker(client, use_cases, gateway, task_queue)
-    log.info("saga worker polling %s", task_queue)
+    worker = build_worker(client, use_cases, gateway, task_queue, tuning)
+    log.info("saga worker polling %s (%s)", task_queue, tuning or "tuning from the environment")
     async with worker:
         await stop.wait()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from orderstream.domain.common import IllegalTransition
@@ -352,9 +352,11 @@ RECORDED_HISTORY = Path(__file__).parent / "histories" / "shipped-local-steps.js
 
 
 @pytest.mark.parametrize(
-    "runner", [WORKFLOW_RUNNER, SandboxedWorkflowRunner()], ids=["passed-through", "default-sandbox"]
+    "runner",
+    [WORKFLOW_RUNNER, SandboxedWorkflowRunner(), UnsandboxedWorkflowRunner()],
+    ids=["passed-through", "default-sandbox", "unsandboxed"],
 )
-async def test_a_recorded_history_replays_in_either_sandbox(runner: SandboxedWorkflowRunner) -> None:
+async def test_a_recorded_history_replays_in_either_sandbox(runner: WorkflowRunner) -> None:
     """A shipped saga (local steps) recorded by this code: it keeps replaying, and
     its input (``FulfilmentInput`` with string hints) decodes with the workflow
     module passed through the sandbox as with the SDK's default sandbox."""

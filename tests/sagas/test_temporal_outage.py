@@ -83,13 +83,13 @@ async def test_sagas_start_while_temporal_is_down_and_connect_when_it_is_back(
             return bool(body["sagas"]["temporal"]["status"] == "connected")
 
         await eventually(connected, what="the saga services to connect")
-        handle = container.extensions[TEMPORAL_CLIENT_KEY].get_workflow_handle(workflow_id_for(order_id))
 
         async def shipped() -> bool:
-            view = await http.get(f"/orders/{order_id}/fulfilment")
+            view = await http.get(f"/orders/{order_id}/fulfilment")  # 503 until the client is shared
             return view.status_code == 200 and view.json()["step"] == "shipped"
 
         await eventually(shipped, what="the order placed during the outage to ship")
+        handle = container.extensions[TEMPORAL_CLIENT_KEY].get_workflow_handle(workflow_id_for(order_id))
         assert (await handle.result())["status"] == "shipped"
         assert not running.done()
     finally:
