@@ -82,9 +82,11 @@ async def started(container: Container) -> None:
         await asyncio.sleep(0.2)
 
 
-async def run_variant(name: str, tuning: WorkerTuning, count: int, workdir: Path) -> dict[str, float]:
+async def run_variant(
+    name: str, tuning: WorkerTuning, count: int, workdir: Path, *, memory_db: bool = False
+) -> dict[str, float]:
     data = workdir / f"{name}-{uuid.uuid4().hex[:6]}"
-    _address, env = await start_dev_server(data, port=None, ui=False)
+    _address, env = await start_dev_server(None if memory_db else data, port=None, ui=False)
     container = await build(Settings(data_dir=data))
     task_queue = f"cost-{uuid.uuid4().hex}"
     stop = asyncio.Event()
@@ -151,20 +153,30 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=300)
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), default=None)
+    parser.add_argument(
+        "--memory-db",
+        action="store_true",
+        help="also the first variant with the dev server's state in memory",
+    )
     args = parser.parse_args()
     names = args.variant or ["default"]
     with tempfile.TemporaryDirectory(prefix="saga-cost-") as workdir:
         results = {
             name: await run_variant(name, VARIANTS[name], args.orders, Path(workdir)) for name in names
         }
+        if args.memory_db:
+            memory = await run_variant(
+                names[0], VARIANTS[names[0]], args.orders, Path(workdir), memory_db=True
+            )
+            results[f"{names[0]} (memory db)"] = memory
     print(f"{args.orders} sagas (tok_approve), worker in this process, dev server with its SQLite file")
-    head = f"{'variant':<19}{'wall s':>7}{'sagas/s':>8}{'worker ms':>10}{'server ms':>10}{'start ms':>9}"
+    head = f"{'variant':<22}{'wall s':>7}{'sagas/s':>8}{'worker ms':>10}{'server ms':>10}{'start ms':>9}"
     head += f"{'/core w':>9}{'/core s':>9}{'events':>8}{'WFT ok':>8}{'WFT t/o':>8}{'markers':>8}"
     print(head)
     for name, r in results.items():
         server_ms = r["server_cpu_ms"] + r["start_cpu_ms"]
         print(
-            f"{name:<19}{r['wall_s']:7.1f}{r['orders_per_s']:8.1f}{r['worker_cpu_ms']:10.1f}"
+            f"{name:<22}{r['wall_s']:7.1f}{r['orders_per_s']:8.1f}{r['worker_cpu_ms']:10.1f}"
             f"{r['server_cpu_ms']:10.1f}{r['start_cpu_ms']:9.1f}{1000 / r['worker_cpu_ms']:9.0f}"
             f"{1000 / server_ms:9.0f}"
             f"{r['events']:8.1f}{r['wft_completed']:8.2f}{r['wft_timed_out']:8.2f}{r['markers']:8.1f}"
