@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from orderstream.application.payment_gateway import PAYMENT_GATEWAY_KEY, PaymentGateway, SandboxPaymentGateway
+from orderstream.application.payment_gateway import PaymentGateway, shared_gateway
 from orderstream.application.saga_trigger import DEFAULT_MAX_IN_FLIGHT, SagaTrigger
 from orderstream.bootstrap import BackgroundService, Container, run_child_process
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
@@ -206,16 +206,6 @@ def _ui_url(env: Mapping[str, str], dev_server: bool) -> str | None:
     return f"http://localhost:{ui_port}" if dev_server else None
 
 
-def payment_gateway(container: Container, gateway: PaymentGateway | None = None) -> PaymentGateway:
-    """The process's gateway, shared by the activities and the webhook: the one
-    given, else the one in ``container.extensions``, else the sandbox."""
-    if gateway is not None:
-        container.extensions[PAYMENT_GATEWAY_KEY] = gateway
-        return gateway
-    found: PaymentGateway = container.extensions.setdefault(PAYMENT_GATEWAY_KEY, SandboxPaymentGateway())
-    return found
-
-
 async def background_services(
     container: Container,
     *,
@@ -250,7 +240,7 @@ async def background_services(
         container,
         link,
         SagaConfig.from_env(env, dev_server=dev_server is not None),
-        payment_gateway(container, gateway),
+        shared_gateway(container.extensions, gateway),
         with_trigger=trigger,
         dev_server=dev_server,
         with_worker=worker and not processes,

@@ -31,12 +31,7 @@ from orderstream.api.plumbing import command_context, require_writer
 from orderstream.api.problems import ApiError, problem_responses
 from orderstream.api.schemas import WriteResult
 from orderstream.application.commands import CommandContext, CommandResult
-from orderstream.application.payment_gateway import (
-    PAYMENT_GATEWAY_KEY,
-    PaymentGateway,
-    PaymentGatewayUnavailable,
-    SandboxPaymentGateway,
-)
+from orderstream.application.payment_gateway import PaymentGateway, PaymentGatewayUnavailable, shared_gateway
 from orderstream.application.use_cases import UseCases
 from orderstream.bootstrap import Container
 from orderstream.domain import payments
@@ -131,13 +126,6 @@ def fulfilment_client(container: Container) -> FulfilmentClient:
     return client
 
 
-def payment_gateway(container: Container) -> PaymentGateway:
-    """The process's gateway (``container.extensions``, installed by the saga hook
-    or a deployment), else the sandbox, kept there for the next call."""
-    gateway: PaymentGateway = container.extensions.setdefault(PAYMENT_GATEWAY_KEY, SandboxPaymentGateway())
-    return gateway
-
-
 async def void_late_authorisation(
     payment_id: str,
     authorisation_code: str,
@@ -206,7 +194,7 @@ class FulfilmentController(Controller):
         except IllegalTransition as exc:
             if exc.status != "voided":
                 raise
-            gateway = payment_gateway(container)
+            gateway = shared_gateway(container.extensions)
             result = await void_late_authorisation(payment_id, code, gateway, use_cases, context)
         return written(payment_id, result)
 
