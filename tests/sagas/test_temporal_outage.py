@@ -100,3 +100,60 @@ async def test_sagas_start_while_temporal_is_down_and_connect_when_it_is_back(
         await container.close()
         if dev_server is not None:
             await dev_server.shutdown()
+
+
+async def test_the_sagas_survive_temporal_going_away_and_coming_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = _free_port()
+    temporal_dir = tmp_path / "temporal"
+    _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
+    monkeypatch.setenv("ORDERSTREAM_TASK_QUEUE", f"test-{uuid.uuid4().hex}")
+    container = await build(Settings(data_dir=tmp_path / "data", temporal_address=f"127.0.0.1:{port}"))
+    stop = asyncio.Event()
+    running: asyncio.Task[None] | None = None
+    transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
+    http = httpx.AsyncClient(transport=transport, base_url="http://test", timeout=WAIT)
+    ctx = CommandContext(actor="test")
+
+    async def place() -> str:
+        placed = await container.use_cases.place_order(
+            customer_id="c",
+            lines=[LineRequest("MUG", 1)],
+            shipping_address=ADDRESS,
+            payment_token="tok_approve",
+            context=ctx,
+        )
+        return placed.state.order_id
+
+    async def shipped(order_id: str) -> None:
+        async def check() -> bool:
+            view = await http.get(f"/orders/{order_id}/fulfilment")
+            return view.status_code == 200 and view.json()["step"] == "shipped"
+
+        await eventually(check, within=60, what=f"order {order_id} to ship")
+
+    try:
+        running = asyncio.create_task(run_services(await saga_services(container), stop))
+        await container.use_cases.register_product("MUG", "mug", Money(100, "EUR"), ctx)
+        await container.use_cases.add_stock("MUG", 5, ctx)
+        await shipped(await place())
+
+        await dev_server.shutdown()
+        dev_server = None
+        during = await place()  # accepted while Temporal is down
+        await asyncio.sleep(5)
+        assert not running.done(), "the saga services stopped while Temporal was down"
+        _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
+
+        await shipped(during)
+        await shipped(await place())
+        assert not running.done()
+    finally:
+        stop.set()
+        if running is not None:
+            await asyncio.wait_for(running, WAIT)
+        await http.aclose()
+        await container.close()
+        if dev_server is not None:
+            await dev_server.shutdown()
