@@ -58,7 +58,6 @@ from rich.table import Table
 
 from bench import auth as bench_auth
 from bench import processes
-from workflows.runtime import DEV_SERVER_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPTS = ROOT / "bench" / "wrk"
@@ -526,15 +525,12 @@ def scenario_mixed(setup: Setup, args: argparse.Namespace, report: Report) -> No
 
 def serve(setup: Setup) -> Service:
     """``orderstream serve``. Without ``TEMPORAL_ADDRESS`` it starts the Temporal dev
-    server on its fixed port 7233; another one there (someone else's ``serve``) would
-    take our workflows, so that is refused up front."""
+    server; on free ports of its own (``ORDERSTREAM_TEMPORAL_DEV_PORT``/``_UI_PORT``),
+    so that another dev server on this machine (someone else's ``serve``, on the
+    default 7233) neither takes our workflows nor makes the run fail."""
     if not os.environ.get("TEMPORAL_ADDRESS"):
-        with socket.socket() as sock:
-            if sock.connect_ex((HOST, DEV_SERVER_PORT)) == 0:
-                raise RuntimeError(
-                    f"port {DEV_SERVER_PORT} is taken (another Temporal dev server?): stop it, "
-                    "or set TEMPORAL_ADDRESS to use that server"
-                )
+        os.environ["ORDERSTREAM_TEMPORAL_DEV_PORT"] = str(free_port())
+        os.environ["ORDERSTREAM_TEMPORAL_UI_PORT"] = str(free_port())
     return setup.orderstream("serve", setup.data_dir(), free_port())
 
 

@@ -10,10 +10,15 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
 import sysconfig
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,8 +28,9 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from orderstream.application.payment_gateway import PaymentGateway
 from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
@@ -104,6 +110,103 @@ async def connect(address: str, *, namespace: str = NAMESPACE) -> Client:
     return await Client.connect(address, namespace=namespace)
 
 
+CONNECT_TIMEOUT = 10.0
+"""One connection attempt's bound (a black-holed address would otherwise hang)."""
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, RPCError, OSError, TimeoutError)
+"""What a failed ``Client.connect`` raises: the SDK's ``RuntimeError("Failed client
+connect: ...")`` for a refused or unresolvable address, an ``RPCError`` from the
+namespace check, our timeout."""
+RECONNECT_WAIT = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
+"""Between attempts: 0.5 s doubling (with jitter) up to 30 s."""
+
+
+@dataclass(eq=False)
+class TemporalLink:
+    """This process's way to the Temporal server at ``address``.
+
+    Temporal being down when a process starts delays the sagas, not the process:
+    the API, the projections and the webhook (which records payment results in
+    the event store) keep working, and the saga services connect when Temporal
+    answers (:meth:`connect`, retried with back-off). ``/ready`` reports
+    :meth:`readiness`: connected, or what is missing and since when."""
+
+    address: str
+    namespace: str = NAMESPACE
+    client: Client | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    unreachable_since: float | None = None
+    """``time.time()`` of the first failed attempt of the current outage."""
+
+    @classmethod
+    def connected(cls, address: str, client: Client) -> TemporalLink:
+        return cls(address, client=client)
+
+    async def try_connect(self) -> Client | None:
+        """One attempt; ``None`` (and the error noted) if Temporal does not answer."""
+        try:
+            return await self._attempt()
+        except CONNECT_ERRORS:
+            return None
+
+    async def connect(self, stop: asyncio.Event) -> Client | None:
+        """Connect, retrying with back-off until it works; ``None`` if ``stop`` is
+        set first."""
+        if self.client is not None:
+            return self.client
+
+        async def sleep_unless_stopped(seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(CONNECT_ERRORS),
+            wait=RECONNECT_WAIT,
+            stop=lambda _state: stop.is_set(),
+            sleep=sleep_unless_stopped,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt()
+        except CONNECT_ERRORS:
+            pass  # stopped while Temporal was still away
+        return None
+
+    async def _attempt(self) -> Client:
+        self.attempts += 1
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                client = await connect(self.address, namespace=self.namespace)
+        except CONNECT_ERRORS as exc:
+            self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.unreachable_since = self.unreachable_since or time.time()
+            raise
+        if self.unreachable_since is not None:
+            log.info("Temporal at %s answers after %d attempts", self.address, self.attempts)
+        self.client, self.last_error, self.unreachable_since = client, None, None
+        return client
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "Temporal at %s cannot be reached (attempt %d: %s); sagas wait, next try in %.1f s",
+            self.address,
+            state.attempt_number,
+            self.last_error,
+            wait,
+        )
+
+    @property
+    def unreachable_seconds(self) -> float | None:
+        """How long the current outage has lasted (``None`` while connected)."""
+        if self.client is not None or self.unreachable_since is None:
+            return None
+        return round(time.time() - self.unreachable_since, 1)
+
+
 async def ensure_search_attributes(client: Client, *, namespace: str = NAMESPACE) -> bool:
     """Register the saga's custom search attributes unless they exist. Returns
     whether they are usable (a cluster may refuse; then the trigger sets none)."""
@@ -158,24 +261,82 @@ WORKFLOW_RUNNER = SandboxedWorkflowRunner(
 )
 
 
-def build_worker(client: Client, use_cases: UseCases, gateway: PaymentGateway, task_queue: str) -> Worker:
+@dataclass(frozen=True)
+class WorkerTuning:
+    """The worker's concurrency knobs (``WorkerTuning.from_env``; measured with
+    ``python -m bench.saga_cost``, see docs/sagas.md)."""
+
+    max_concurrent_workflow_tasks: int | None = None
+    """Workflow tasks (activations) in progress at once; ``None``: the SDK's default."""
+    max_concurrent_local_activities: int | None = None
+    """Local steps running at once; ``None``: the SDK's default."""
+    workflow_threads: int | None = None
+    """Threads that run workflow activations (``workflow_task_executor``);
+    ``None``: the SDK's default, as many as ``max_concurrent_workflow_tasks``
+    (or 500)."""
+    max_cached_workflows: int = MAX_CACHED_WORKFLOWS
+    sandbox: bool = False
+    """Run workflows in the SDK's sandbox (:data:`WORKFLOW_RUNNER`,
+    ``ORDERSTREAM_SAGA_SANDBOX=on``) or not (:class:`UnsandboxedWorkflowRunner`,
+    the default). Why off: with our workflow package passed through, the sandbox
+    no longer stands between ``workflow.py`` and the real modules it imports (so
+    it would not refuse ``datetime.now()`` there anyway), yet entering it costs
+    about 20 % of the worker's CPU per saga: the SDK enters it for every payload
+    of every activation to ask for a serialization context (``python -m
+    bench.saga_cost --variant default --variant sandboxed``: 41 ms -> 33 ms per
+    saga). Determinism is guarded by the replay tests, which replay recorded and
+    fresh histories in the sandbox too (``tests/sagas``)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerTuning:
+        def number(name: str) -> int | None:
+            value = env.get(name)
+            return int(value) if value else None
+
+        return cls(
+            max_concurrent_workflow_tasks=number("ORDERSTREAM_SAGA_WORKFLOW_TASKS"),
+            max_concurrent_local_activities=number("ORDERSTREAM_SAGA_LOCAL_STEPS"),
+            workflow_threads=number("ORDERSTREAM_SAGA_WORKFLOW_THREADS"),
+            sandbox=env.get("ORDERSTREAM_SAGA_SANDBOX", "off") == "on",
+        )
+
+
+def build_worker(
+    client: Client,
+    use_cases: UseCases,
+    gateway: PaymentGateway,
+    task_queue: str,
+    tuning: WorkerTuning | None = None,
+) -> Worker:
+    tuning = tuning or WorkerTuning.from_env(os.environ)
     activities = FulfilmentActivities(use_cases, gateway)
+    executor = None
+    if tuning.workflow_threads:
+        executor = ThreadPoolExecutor(tuning.workflow_threads, thread_name_prefix="saga-workflow")
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[OrderFulfilment],
-        workflow_runner=WORKFLOW_RUNNER,
+        workflow_runner=WORKFLOW_RUNNER if tuning.sandbox else UnsandboxedWorkflowRunner(),
         activities=activities.all(),
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
-        max_cached_workflows=MAX_CACHED_WORKFLOWS,
+        max_cached_workflows=tuning.max_cached_workflows,
+        max_concurrent_workflow_tasks=tuning.max_concurrent_workflow_tasks,
+        max_concurrent_local_activities=tuning.max_concurrent_local_activities,
+        workflow_task_executor=executor,
     )
 
 
 async def run_worker(
-    client: Client, use_cases: UseCases, gateway: PaymentGateway, task_queue: str, stop: asyncio.Event
+    client: Client,
+    use_cases: UseCases,
+    gateway: PaymentGateway,
+    task_queue: str,
+    stop: asyncio.Event,
+    tuning: WorkerTuning | None = None,
 ) -> None:
     """Poll ``task_queue`` until ``stop`` is set, then shut down gracefully."""
-    worker = build_worker(client, use_cases, gateway, task_queue)
-    log.info("saga worker polling %s", task_queue)
+    worker = build_worker(client, use_cases, gateway, task_queue, tuning)
+    log.info("saga worker polling %s (%s)", task_queue, tuning or "tuning from the environment")
     async with worker:
         await stop.wait()

@@ -13,6 +13,12 @@
 4. returns one :class:`SagaService` that runs the worker and the saga trigger
    until ``stop``, then shuts the dev server down (if it started one).
 
+If ``TEMPORAL_ADDRESS`` does not answer, steps 2-3 wait: the process starts
+anyway (API, projections, webhook) and :class:`SagaService` keeps connecting
+with back-off (:class:`~workflows.runtime.TemporalLink`), then does 2-3 and runs
+the worker and the trigger. ``container.extensions["temporal_link"]`` tells
+``/ready`` which it is.
+
 A process that serves only the API calls :func:`attach_fulfilment_client`.
 
 Environment (beside the settings): ``ORDERSTREAM_TEMPORAL_UI_URL`` (the Web UI
@@ -40,7 +46,7 @@ from dataclasses import dataclass, field
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from orderstream.application.payment_gateway import PaymentGateway, SandboxPaymentGateway
+from orderstream.application.payment_gateway import PaymentGateway, shared_gateway
 from orderstream.application.saga_trigger import DEFAULT_MAX_IN_FLIGHT, SagaTrigger
 from orderstream.bootstrap import BackgroundService, Container, run_child_process
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
@@ -48,7 +54,7 @@ from workflows.order_fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS, 
 from workflows.runtime import (
     DEV_SERVER_PORT,
     DEV_UI_PORT,
-    connect,
+    TemporalLink,
     ensure_search_attributes,
     run_worker,
     start_dev_server,
@@ -57,6 +63,7 @@ from workflows.runtime import (
 log = logging.getLogger("orderstream.saga")
 
 TEMPORAL_CLIENT_KEY = "temporal_client"
+TEMPORAL_LINK_KEY = "temporal_link"
 WORKER_PROCESSES_ENV = "ORDERSTREAM_SAGA_WORKER_PROCESSES"
 TRIGGER_ENV = "ORDERSTREAM_SAGA_TRIGGER"
 
@@ -101,26 +108,83 @@ def worker_processes(
     return [SagaWorkerProcess(argv, child_env, index) for index in range(1, count + 1)]
 
 
+@dataclass(frozen=True)
+class SagaConfig:
+    """What the saga services need besides the client (from the environment)."""
+
+    task_queue: str
+    payment_deadline_seconds: float
+    max_in_flight: int
+    web_ui_url: str | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, dev_server: bool) -> SagaConfig:
+        return cls(
+            task_queue=env.get("ORDERSTREAM_TASK_QUEUE") or DEFAULT_TASK_QUEUE,
+            payment_deadline_seconds=float(
+                env.get("ORDERSTREAM_PAYMENT_DEADLINE") or DEFAULT_PAYMENT_DEADLINE_SECONDS
+            ),
+            max_in_flight=int(env.get("ORDERSTREAM_SAGA_IN_FLIGHT") or DEFAULT_MAX_IN_FLIGHT),
+            web_ui_url=_ui_url(env, dev_server),
+        )
+
+
+def attach_client(container: Container, client: Client, config: SagaConfig) -> None:
+    """Share the connected client with the route handlers (fulfilment status)."""
+    container.extensions[TEMPORAL_CLIENT_KEY] = client
+    container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
+        client, web_ui_url=config.web_ui_url, task_queue=config.task_queue
+    )
+
+
 @dataclass(eq=False)
 class SagaService:
-    """Runs the worker and the trigger until ``stop``; then stops the dev server."""
+    """Runs the worker and the trigger until ``stop``; then stops the dev server.
+
+    Connected at construction (the usual case) or not yet: then :meth:`run`
+    first connects through the link, retrying with back-off, and sets up the
+    rest when Temporal answers."""
 
     container: Container
-    client: Client
-    task_queue: str
+    link: TemporalLink
+    config: SagaConfig
     gateway: PaymentGateway
-    trigger: SagaTrigger | None
+    with_trigger: bool = True
     dev_server: WorkflowEnvironment | None = None
     with_worker: bool = True
     name: str = field(default="sagas")
+    trigger: SagaTrigger | None = None
+    client: Client | None = None
+
+    async def attach(self, client: Client) -> None:
+        """Search attributes, the shared client, the trigger: once connected."""
+        if self.client is not None:
+            return
+        searchable = await ensure_search_attributes(client)
+        attach_client(self.container, client, self.config)
+        if self.with_trigger:
+            self.trigger = SagaTrigger(
+                self.container.event_store,
+                client,
+                self.config.task_queue,
+                registry=self.container.registry,
+                payment_deadline_seconds=self.config.payment_deadline_seconds,
+                use_search_attributes=searchable,
+                max_in_flight=self.config.max_in_flight,
+            )
+        self.client = client
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
+            client = await self.link.connect(stop)
+            if client is None:
+                return  # stopped before Temporal answered
+            await self.attach(client)
             async with asyncio.TaskGroup() as group:
                 if self.with_worker:
                     group.create_task(
                         run_worker(
-                            self.client, self.container.use_cases, self.gateway, self.task_queue, stop
+                            client, self.container.use_cases, self.gateway, self.config.task_queue, stop
                         ),
                         name="saga-worker",
                     )
@@ -156,61 +220,61 @@ async def background_services(
     processes = int(env.get(WORKER_PROCESSES_ENV) or 0) if worker else 0
     dev_server = None
     if settings.temporal_address:
-        address = settings.temporal_address
-        client = await connect(address)
+        link = TemporalLink(settings.temporal_address)
+        if await link.try_connect() is None:
+            log.warning(
+                "Temporal at %s cannot be reached (%s): starting without it; the sagas "
+                "connect when it answers",
+                link.address,
+                link.last_error,
+            )
     else:
         address, dev_server = await start_dev_server(
             settings.data_dir,
             port=int(env.get("ORDERSTREAM_TEMPORAL_DEV_PORT") or DEV_SERVER_PORT),
             ui_port=int(env.get("ORDERSTREAM_TEMPORAL_UI_PORT") or DEV_UI_PORT),
         )
-        client = dev_server.client
+        link = TemporalLink.connected(address, dev_server.client)
+    container.extensions[TEMPORAL_LINK_KEY] = link
+    service = SagaService(
+        container,
+        link,
+        SagaConfig.from_env(env, dev_server=dev_server is not None),
+        shared_gateway(container.extensions, gateway),
+        with_trigger=trigger,
+        dev_server=dev_server,
+        with_worker=worker and not processes,
+    )
     try:
-        searchable = await ensure_search_attributes(client)
-        task_queue = env.get("ORDERSTREAM_TASK_QUEUE") or DEFAULT_TASK_QUEUE
-        deadline = float(env.get("ORDERSTREAM_PAYMENT_DEADLINE") or DEFAULT_PAYMENT_DEADLINE_SECONDS)
-        container.extensions[TEMPORAL_CLIENT_KEY] = client
-        container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
-            client, web_ui_url=_ui_url(env, dev_server is not None), task_queue=task_queue
-        )
-        saga_trigger = None
-        if trigger:
-            saga_trigger = SagaTrigger(
-                container.event_store,
-                client,
-                task_queue,
-                registry=container.registry,
-                payment_deadline_seconds=deadline,
-                use_search_attributes=searchable,
-                max_in_flight=int(env.get("ORDERSTREAM_SAGA_IN_FLIGHT") or DEFAULT_MAX_IN_FLIGHT),
-            )
-        service = SagaService(
-            container,
-            client,
-            task_queue,
-            gateway or SandboxPaymentGateway(),
-            saga_trigger,
-            dev_server=dev_server,
-            with_worker=worker and not processes,
-        )
+        if link.client is not None:
+            await service.attach(link.client)
     except BaseException:
-        if dev_server is not None:
-            await dev_server.shutdown()
+        await service.aclose()
         raise
-    return [service, *worker_processes(container, address, env, processes)]
+    return [service, *worker_processes(container, link.address, env, processes)]
 
 
 async def attach_fulfilment_client(container: Container, *, env: Mapping[str, str] | None = None) -> bool:
     """For an API-only process: connect to ``TEMPORAL_ADDRESS`` (if set) so that
-    ``GET /orders/{id}/fulfilment`` works. Returns whether it did."""
+    ``GET /orders/{id}/fulfilment`` works. Returns whether it is configured. If
+    Temporal does not answer yet, a background task keeps connecting (the route
+    answers 503 meanwhile, ``/ready`` says ``connecting``)."""
     env = os.environ if env is None else env
     address = container.settings.temporal_address
     if not address:
         return False
-    client = await connect(address)
-    container.extensions[TEMPORAL_CLIENT_KEY] = client
-    task_queue = env.get("ORDERSTREAM_TASK_QUEUE") or DEFAULT_TASK_QUEUE
-    container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
-        client, web_ui_url=_ui_url(env, False), task_queue=task_queue
-    )
+    link = TemporalLink(address)
+    container.extensions[TEMPORAL_LINK_KEY] = link
+    config = SagaConfig.from_env(env, dev_server=False)
+    client = await link.try_connect()
+    if client is not None:
+        attach_client(container, client, config)
+        return True
+
+    async def connect_later() -> None:
+        client = await link.connect(asyncio.Event())
+        if client is not None:
+            attach_client(container, client, config)
+
+    container.extensions["temporal_link_task"] = asyncio.create_task(connect_later(), name="temporal-link")
     return True

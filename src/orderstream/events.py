@@ -179,6 +179,7 @@ def build_registry() -> EventRegistry:
             payments.PaymentVoided,
             payments.PaymentCaptured,
             payments.PaymentRefunded,
+            payments.LateAuthorisationVoided,
         ],
     )
     # Version history kept on purpose, as the worked example of upcasting:

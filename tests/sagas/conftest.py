@@ -35,7 +35,7 @@ from temporalio.testing import WorkflowEnvironment
 from orderstream.api.app import create_app
 from orderstream.application import webhook_signature
 from orderstream.application.commands import CommandContext
-from orderstream.application.payment_gateway import SandboxPaymentGateway
+from orderstream.application.payment_gateway import PAYMENT_GATEWAY_KEY, SandboxPaymentGateway
 from orderstream.application.saga_trigger import SagaTrigger
 from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import Container, build
@@ -100,6 +100,9 @@ class SagaHarness:
     http: httpx.AsyncClient
     stop: asyncio.Event
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    trigger_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    """Stops the trigger alone: events are still recorded, no longer forwarded
+    to Temporal (what a Temporal outage looks like from the saga's side)."""
     ctx: CommandContext = field(default_factory=lambda: CommandContext(actor="test"))
 
     @property
@@ -259,7 +262,8 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
         harness = SagaHarness(
             container, temporal_env, task_queue, SandboxPaymentGateway(), trigger, http, stop
         )
-        harness.tasks.append(asyncio.create_task(trigger.run(stop)))
+        container.extensions[PAYMENT_GATEWAY_KEY] = harness.gateway
+        harness.tasks.append(asyncio.create_task(trigger.run(harness.trigger_stop)))
         if worker:
             harness.start_worker()
         created.append((harness, stack))
@@ -269,6 +273,7 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
 
     for harness, stack in created:
         harness.stop.set()
+        harness.trigger_stop.set()
         _done, pending = await asyncio.wait(harness.tasks, timeout=15) if harness.tasks else (set(), set())
         for task in pending:
             task.cancel()

@@ -98,7 +98,7 @@ async def test_one_streams_events_reach_temporal_in_order_even_when_delivered_to
     make_saga: SagaFactory,
 ) -> None:
     saga = await make_saga(worker=False)
-    saga.stop.set()  # the harness's own trigger stands down: this test feeds one by hand
+    saga.trigger_stop.set()  # the harness's own trigger stands down: this test feeds one by hand
     await saga.product("MUG", 100)
     order_ids = []
     for _ in range(10):

@@ -74,6 +74,7 @@ STABLE_NAMES_AND_VERSIONS = {
     "PaymentVoided": 1,
     "PaymentCaptured": 1,
     "PaymentRefunded": 1,
+    "LateAuthorisationVoided": 1,
 }
 
 # ------------------------------------------------------------------ one sample each
@@ -128,6 +129,7 @@ SAMPLES: list[msgspec.Struct] = [
     payments.PaymentVoided(payment_id=PAY, order_id=ORDER, reason="order cancelled", at=T0),
     payments.PaymentCaptured(payment_id=PAY, order_id=ORDER, amount=EUR, at=T0),
     payments.PaymentRefunded(payment_id=PAY, order_id=ORDER, amount=EUR, reason="returned", at=T0),
+    payments.LateAuthorisationVoided(payment_id=PAY, order_id=ORDER, authorisation_code="AUTH-LATE", at=T0),
 ]
 
 

@@ -40,10 +40,13 @@ from workflows.order_fulfilment.inputs import (
     SAGA_ACTOR,
     Amount,
     AuthorisationResult,
+    ConfirmSteps,
     Line,
     OrderArgs,
     OrderLines,
     PaymentArgs,
+    PaymentSteps,
+    SettleSteps,
     StepRef,
     StockArgs,
 )
@@ -112,7 +115,11 @@ class FulfilmentActivities:
             self.request_payment,
             self.authorise_payment,
             self.void_payment,
+            self.expire_payment,
             self.capture_payment,
+            self.request_and_authorise_payment,
+            self.confirm_paid_order,
+            self.settle_shipped_order,
         ]
 
     # ----------------------------------------------------------------- inventory
@@ -280,8 +287,43 @@ class FulfilmentActivities:
         await self.gateway.void(args.payment_id)
         return "voided"
 
+    @activity.defn(name="expire_payment")
+    async def expire_payment(self, args: PaymentArgs) -> str:
+        """The payment deadline passed: void the payment unless a result was
+        recorded while the saga waited (the webhook's, whose signal did not reach
+        the saga, e.g. while Temporal was down). Returns the payment's status
+        afterwards: ``authorised`` or ``declined`` (that result stands) or
+        ``voided``. Read back from the stream, so a retry after the void was
+        appended answers the same."""
+        cmd = payments.ExpirePayment(payment_id=args.payment_id, reason=args.reason, now=self._now())
+        await self._payment(cmd, args.ref)
+        loaded = await self.use_cases.handler.load(payments.decider, payments.stream_name(args.payment_id))
+        return loaded.state.status or "unknown"
+
     @activity.defn(name="capture_payment")
     async def capture_payment(self, args: PaymentArgs) -> None:
         await self.gateway.capture(args.payment_id, _money(args.amount))
         cmd = payments.CapturePayment(payment_id=args.payment_id, now=self._now())
         await self._payment(cmd, args.ref)
+
+    # ------------------------------------------------- steps run as one activity
+    # Each is the steps above in order, with their own keys: a retry replays the
+    # ones already done (their commands answer from the idempotency records).
+    # One local activity instead of two or three is one workflow activation and
+    # one activity round trip in the worker instead of several (docs/sagas.md).
+
+    @activity.defn(name="request_and_authorise_payment")
+    async def request_and_authorise_payment(self, args: PaymentSteps) -> AuthorisationResult:
+        await self.request_payment(args.request)
+        return await self.authorise_payment(args.authorise)
+
+    @activity.defn(name="confirm_paid_order")
+    async def confirm_paid_order(self, args: ConfirmSteps) -> None:
+        await self.mark_payment_authorised(args.mark_authorised)
+        await self.confirm_order(args.confirm)
+
+    @activity.defn(name="settle_shipped_order")
+    async def settle_shipped_order(self, args: SettleSteps) -> None:
+        await self.capture_payment(args.capture)
+        for commit in args.commits:
+            await self.commit_stock(commit)

@@ -162,6 +162,34 @@ class PaymentArgs:
     reason: str = ""
 
 
+# Steps that run as one local activity (one activation instead of two or more;
+# each command keeps its own step name and idempotency key).
+
+
+@dataclass(frozen=True)
+class PaymentSteps:
+    """``request_and_authorise_payment``: ``request-payment``, then ``authorise-payment``."""
+
+    request: PaymentArgs
+    authorise: PaymentArgs
+
+
+@dataclass(frozen=True)
+class ConfirmSteps:
+    """``confirm_paid_order``: ``mark-payment-authorised``, then ``confirm-order``."""
+
+    mark_authorised: OrderArgs
+    confirm: OrderArgs
+
+
+@dataclass(frozen=True)
+class SettleSteps:
+    """``settle_shipped_order``: ``capture-payment``, then ``commit-stock/{sku}`` per line."""
+
+    capture: PaymentArgs
+    commits: list[StockArgs] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class OrderLines:
     """``load_order_lines``: what a placed order holds now."""

@@ -72,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
         WORKFLOW_TYPE,
         Amount,
         AuthorisationResult,
+        ConfirmSteps,
         FulfilmentInput,
         FulfilmentOutcome,
         FulfilmentStatus,
@@ -80,6 +81,8 @@ with workflow.unsafe.imports_passed_through():
         OrderLines,
         OutcomeStatus,
         PaymentArgs,
+        PaymentSteps,
+        SettleSteps,
         StepRef,
         StockArgs,
         tracking_number_for,
@@ -90,6 +93,12 @@ T = TypeVar("T")
 Acts = FulfilmentActivities
 
 TEMPORAL_CANCEL_REASON = "saga cancelled through Temporal"
+PAYMENT_DEADLINE_CHECK = "payment-deadline-checks-the-payment"
+JOINED_STEPS = "joined-steps"
+"""``workflow.patched`` id of running adjacent steps as one local activity
+(:meth:`OrderFulfilment._joined`); runs recorded before replay them one by one."""
+"""``workflow.patched`` id of the ``payment-deadline`` step (see
+:meth:`OrderFulfilment._payment_deadline_passed`)."""
 
 # ---------------------------------------------------------------- policies (defined once)
 
@@ -192,6 +201,8 @@ class OrderFulfilment:
         self._abort_status: OutcomeStatus | None = None
         self._held: dict[str, int] = {}
         """SKU -> quantity reserved for the order so far (every round)."""
+        self._joined_steps = False
+        """Adjacent steps run as one local activity (set at the start of the run)."""
         self._lines: list[Line] = list(inp.lines)
         self._amount: Amount = inp.amount
         """The lines and total the order accepted with ``mark-stock-reserved``
@@ -246,22 +257,39 @@ class OrderFulfilment:
         return outcome
 
     async def _forward(self) -> None:
+        self._joined_steps = workflow.patched(JOINED_STEPS)
         # Closing the order is the last compensation, so it is registered first.
         self._register("close-order", self._close_order)
 
         await self._reserve_stock()
 
         self._register("void-payment", self._void_payment)
-        step = "request-payment"
-        await self._step(step, Acts.request_payment, self._payment_args(step))
-        step = "authorise-payment"
-        answer = await self._step(step, Acts.authorise_payment, self._payment_args(step))
+        if self._joined_steps:
+            steps = PaymentSteps(
+                self._payment_args("request-payment"), self._payment_args("authorise-payment")
+            )
+            answer = await self._step(
+                "request-payment", Acts.request_and_authorise_payment, steps, also=["authorise-payment"]
+            )
+        else:
+            step = "request-payment"
+            await self._step(step, Acts.request_payment, self._payment_args(step))
+            step = "authorise-payment"
+            answer = await self._step(step, Acts.authorise_payment, self._payment_args(step))
         await self._payment_decision(answer)
 
-        step = "mark-payment-authorised"
-        await self._step(step, Acts.mark_payment_authorised, self._order_args(step))
-        step = "confirm-order"
-        await self._step(step, Acts.confirm_order, self._order_args(step))
+        if self._joined_steps:
+            confirm = ConfirmSteps(
+                self._order_args("mark-payment-authorised"), self._order_args("confirm-order")
+            )
+            await self._step(
+                "mark-payment-authorised", Acts.confirm_paid_order, confirm, also=["confirm-order"]
+            )
+        else:
+            step = "mark-payment-authorised"
+            await self._step(step, Acts.mark_payment_authorised, self._order_args(step))
+            step = "confirm-order"
+            await self._step(step, Acts.confirm_order, self._order_args(step))
         await self._shielded(self._ship_and_settle())
 
     async def _ship_and_settle(self) -> None:
@@ -272,6 +300,14 @@ class OrderFulfilment:
         # The pivot: the parcel is on its way and nothing is undone from here on.
         self._shipped = True
         self._compensations.clear()
+        if self._joined_steps:
+            commits = [self._stock_args(f"commit-stock/{line.sku}", line.sku) for line in self._lines]
+            settle = SettleSteps(self._payment_args("capture-payment"), commits)
+            also = [c.ref.step for c in commits]
+            await self._step(
+                "capture-payment", Acts.settle_shipped_order, settle, retry=MUST_COMPLETE_RETRY, also=also
+            )
+            return
         step = "capture-payment"
         await self._step(step, Acts.capture_payment, self._payment_args(step), retry=MUST_COMPLETE_RETRY)
         for line in self._lines:
@@ -446,8 +482,12 @@ class OrderFulfilment:
         args: A,
         *,
         retry: RetryPolicy = STEP_RETRY,
+        also: Sequence[str] = (),
     ) -> T:
-        """Run one forward step, unless the customer cancelled meanwhile."""
+        """Run one forward step, unless the customer cancelled meanwhile.
+
+        ``also``: the further steps the same activity runs after ``name`` (joined
+        steps, see :data:`JOINED_STEPS`); they are completed with it."""
         self._check_cancelled()
         self._state.step = name
         try:
@@ -460,7 +500,7 @@ class OrderFulfilment:
             if kind in (ERR_INSUFFICIENT_STOCK, ERR_NOT_FOUND) and name.startswith("reserve-stock/"):
                 raise SagaAborted("rejected", _message(err)) from err
             raise
-        self._state.completed_steps.append(name)
+        self._state.completed_steps += [name, *also]
         return result
 
     def _check_cancelled(self) -> None:
@@ -486,15 +526,35 @@ class OrderFulfilment:
                 timeout_summary="payment-deadline",
             )
         except TimeoutError:
-            raise SagaAborted(
-                "compensated", f"payment deadline passed: not authorised within {seconds:g} s"
-            ) from None
+            await self._payment_deadline_passed(seconds)
         finally:
             self._state.payment_deadline = None
         self._check_cancelled()
         if self._payment_result == "declined":
             raise SagaAborted("compensated", "payment declined (webhook)")
         self._state.completed_steps.append("await-payment-result")
+
+    async def _payment_deadline_passed(self, seconds: float) -> None:
+        """No result reached the saga in time; but the payment's stream decides.
+
+        The webhook records the provider's answer on the payment and the trigger
+        forwards it as a signal; while Temporal was unreachable the signal may
+        still be on its way when the timer fires. ``payment-deadline`` voids the
+        payment only if it is still ``requested``, in the payment decider (one
+        revision: no gap between the check and the void); an authorisation (or
+        decline) recorded meanwhile wins and the saga goes on with it.
+
+        Runs that reached their deadline before this step existed replay without
+        it (``workflow.patched``)."""
+        reason = f"payment deadline passed: not authorised within {seconds:g} s"
+        if not workflow.patched(PAYMENT_DEADLINE_CHECK):
+            raise SagaAborted("compensated", reason)
+        step = "payment-deadline"
+        recorded = await self._step(step, Acts.expire_payment, self._payment_args(step, reason=reason))
+        if recorded not in ("authorised", "declined"):
+            raise SagaAborted("compensated", reason)
+        workflow.logger.info("payment deadline passed, but the payment was %s meanwhile", recorded)
+        self._payment_result = self._payment_result or recorded
 
     # ------------------------------------------------------------- compensations
 

@@ -18,6 +18,11 @@ decodes it. The provider's ``event_id`` is the command's idempotency key, so a
 delivery repeated (by the provider, or by someone who captured it) is answered
 as the first one was and appends nothing: the key is recorded in the same
 append as the effect.
+
+An authorisation for a payment the saga already voided (the webhook came after
+the payment deadline) means the provider holds money the order will never take:
+the webhook voids that hold at the gateway and records ``LateAuthorisationVoided``
+(a 200; a gateway outage is a 503 and the provider retries the webhook).
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ from orderstream.api.plumbing import command_context
 from orderstream.api.problems import ApiError, problem_responses
 from orderstream.api.schemas import WriteResult
 from orderstream.application import webhook_signature
+from orderstream.application.commands import CommandContext, CommandResult
+from orderstream.application.payment_gateway import PaymentGateway, PaymentGatewayUnavailable, shared_gateway
 from orderstream.application.use_cases import UseCases
 from orderstream.auth.principal import Principal
 from orderstream.bootstrap import Container
 from orderstream.domain import payments
+from orderstream.domain.common import IllegalTransition
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient, FulfilmentReport
 
 PaymentIdPath = Annotated[
@@ -189,6 +197,32 @@ async def require_webhook_signature(
     connection.state["principal"] = PROVIDER  # the actor of what the call records (auth.policy.principal_of)
 
 
+async def void_late_authorisation(
+    payment_id: str,
+    authorisation_code: str,
+    gateway: PaymentGateway,
+    use_cases: UseCases,
+    context: CommandContext,
+) -> CommandResult[payments.Payment]:
+    """The provider authorised a payment that was voided: give the hold back at
+    the gateway first, then record it, so a recorded void is a done void. A
+    retried webhook voids again (idempotent at the gateway) and records nothing twice."""
+    try:
+        await gateway.void(payment_id)
+    except PaymentGatewayUnavailable as exc:
+        raise ApiError(
+            503,
+            "unavailable",
+            f"The payment was voided and its late authorisation must be given back, but the gateway "
+            f"cannot be reached ({exc}); retry the webhook.",
+            headers={"Retry-After": "5"},
+        ) from exc
+    command = payments.VoidLateAuthorisation(
+        payment_id=payment_id, authorisation_code=authorisation_code, now=use_cases.handler.clock()
+    )
+    return await use_cases.payment_command(command, context)
+
+
 class FulfilmentController(Controller):
     path = "/"
     tags = ["fulfilment"]
@@ -202,8 +236,9 @@ class FulfilmentController(Controller):
             "`Orderstream-Signature`; no bearer token). Records the result on the payment "
             "(`PaymentAuthorised` / `PaymentDeclined`); the order's fulfilment saga is told through "
             "the event. The same delivery (`event_id`) again is answered as the first time and has no "
-            "second effect; a different result after the first, or a result for a payment that is no "
-            "longer pending (e.g. voided after the deadline), is a 409."
+            "second effect; a different result after the first is a 409. An authorisation for a "
+            "payment that was voided (it came after the payment deadline) is voided at the gateway "
+            "and recorded (`LateAuthorisationVoided`, 200); 503 while the gateway cannot be reached."
         ),
         status_code=200,
         guards=[require_webhook_signature],
@@ -217,20 +252,24 @@ class FulfilmentController(Controller):
         data: JSONBody[PaymentWebhook],
         use_cases: NamedDependency[UseCases],
         signature: SignatureHeader,
+        container: NamedDependency[Container],
     ) -> Response[WriteResult]:
         """``signature`` is checked by the guard; declared here for the OpenAPI document."""
         now = use_cases.handler.clock()
-        command: payments.PaymentCommand
-        if data.status == "authorised":
-            command = payments.AuthorisePayment(
-                payment_id=payment_id, authorisation_code=data.authorisation_code or "webhook", now=now
-            )
-        else:
-            command = payments.DeclinePayment(
-                payment_id=payment_id, reason=data.reason or "declined by the payment provider", now=now
-            )
         context = command_context(request, idempotency_key=f"webhook:{data.event_id}", request_body=data)
-        result = await use_cases.payment_command(command, context)
+        if data.status == "declined":
+            reason = data.reason or "declined by the payment provider"
+            declined = payments.DeclinePayment(payment_id=payment_id, reason=reason, now=now)
+            return written(payment_id, await use_cases.payment_command(declined, context))
+        code = data.authorisation_code or "webhook"
+        authorised = payments.AuthorisePayment(payment_id=payment_id, authorisation_code=code, now=now)
+        try:
+            result = await use_cases.payment_command(authorised, context)
+        except IllegalTransition as exc:
+            if exc.status != "voided":
+                raise
+            gateway = shared_gateway(container.extensions)
+            result = await void_late_authorisation(payment_id, code, gateway, use_cases, context)
         return written(payment_id, result)
 
     @get(

@@ -10,12 +10,14 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
-from orderstream.api.schemas import Health, ProjectionReadiness, Readiness, SagaReadiness
+from orderstream.api.schemas import Health, ProjectionReadiness, Readiness, SagaReadiness, TemporalReadiness
 from orderstream.application.group_status import state_of
 from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
 from orderstream.bootstrap import Container
 from orderstream.eventstore.base import SubscriptionGroupNotFound
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
+from workflows.runtime import TemporalLink
+from workflows.worker import TEMPORAL_LINK_KEY
 
 log = logging.getLogger("orderstream.api")
 
@@ -60,20 +62,38 @@ async def refresh_projection_metrics(container: NamedDependency[Container]) -> d
     return out
 
 
+def temporal_readiness(container: Container) -> TemporalReadiness | None:
+    """Whether this process reaches Temporal (``None``: not configured for it)."""
+    link = container.extensions.get(TEMPORAL_LINK_KEY)
+    if not isinstance(link, TemporalLink):
+        return None
+    if link.client is not None:
+        return TemporalReadiness(status="connected", address=link.address)
+    return TemporalReadiness(
+        status="connecting",
+        address=link.address,
+        attempts=link.attempts,
+        last_error=link.last_error,
+        unreachable_seconds=link.unreachable_seconds,
+    )
+
+
 async def refresh_saga_metrics(container: NamedDependency[Container]) -> SagaReadiness | None:
     """How far the sagas trail: the trigger group's status (any process sharing the
     event store can tell) and, where this process has a Temporal client, the count
-    of running sagas. ``None`` when no saga trigger ever ran against this store.
-    Updates the gauges on the way."""
+    of running sagas, and whether Temporal is connected. ``None`` when no saga
+    trigger ever ran against this store and no Temporal is configured. Updates
+    the gauges on the way."""
+    temporal = temporal_readiness(container)
     try:
         info = await asyncio.wait_for(
             container.event_store.subscription_group_info(SAGA_GROUP), PROBE_TIMEOUT
         )
     except SubscriptionGroupNotFound:
-        return None
+        return None if temporal is None else SagaReadiness(temporal=temporal)
     except Exception as exc:
         log.warning("saga trigger status failed: %s", exc)
-        return SagaReadiness(error=type(exc).__name__)
+        return SagaReadiness(error=type(exc).__name__, temporal=temporal)
     running: int | None = None
     fulfilment = container.extensions.get(FULFILMENT_CLIENT_KEY)
     if isinstance(fulfilment, FulfilmentClient):
@@ -92,6 +112,7 @@ async def refresh_saga_metrics(container: NamedDependency[Container]) -> SagaRea
         parked=info.parked,
         oldest_parked_position=oldest,
         workflows_running=running,
+        temporal=temporal,
     )
 
 

@@ -291,6 +291,17 @@ class ProjectionReadiness(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
 
 
+class TemporalReadiness(msgspec.Struct, frozen=True, kw_only=True):
+    """This process's connection to Temporal (the sagas wait while it is missing)."""
+
+    status: Literal["connected", "connecting"]
+    address: str
+    attempts: int | None = None
+    """``connecting``: attempts so far (retried with back-off up to 30 s apart)."""
+    last_error: str | None = None
+    unreachable_seconds: float | None = None
+
+
 class SagaReadiness(msgspec.Struct, frozen=True, kw_only=True):
     """How far the sagas trail the orders (reported; readiness does not depend on it)."""
 
@@ -305,6 +316,8 @@ class SagaReadiness(msgspec.Struct, frozen=True, kw_only=True):
     """Fulfilment workflows still running (Temporal's visibility); ``None`` when
     this process has no Temporal client."""
     error: str | None = None
+    temporal: TemporalReadiness | None = None
+    """``None`` in a process not configured for Temporal."""
 
 
 class Readiness(msgspec.Struct, frozen=True, kw_only=True):

@@ -39,8 +39,9 @@ anything else       ``pm_sbx_unknown_…``  declined ("unknown payment method")
 from __future__ import annotations
 
 import secrets
+from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from orderstream.domain.common import Money
 
@@ -87,6 +88,25 @@ class PaymentGateway(Protocol):
     async def refund(self, payment_id: str, amount: Money) -> None:
         """Pay a captured amount back. Idempotent."""
         ...
+
+
+PAYMENT_GATEWAY_KEY = "payment_gateway"
+"""Where the process's gateway sits in ``container.extensions``: the saga worker's
+activities and the webhook (which voids an authorisation that came after the
+void) use the same one. Unset: the sandbox."""
+
+
+def shared_gateway(
+    extensions: MutableMapping[str, Any], gateway: PaymentGateway | None = None
+) -> PaymentGateway:
+    """The process's gateway in ``extensions`` (a container's): ``gateway`` if
+    given (it becomes the shared one), else the one already there, else a new
+    sandbox (kept there)."""
+    if gateway is not None:
+        extensions[PAYMENT_GATEWAY_KEY] = gateway
+        return gateway
+    found: PaymentGateway = extensions.setdefault(PAYMENT_GATEWAY_KEY, SandboxPaymentGateway())
+    return found
 
 
 SANDBOX_TOKENS = ("tok_approve", "tok_decline", "tok_pending", "tok_error")

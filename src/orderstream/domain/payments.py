@@ -2,6 +2,10 @@
 
 ``requested`` -> ``authorised`` -> ``captured`` (-> ``refunded``), or
 ``declined``, or ``voided`` (an authorisation given back before capture).
+
+A provider may still authorise a payment after it was voided (its webhook came
+after the saga's payment deadline): that hold is given back at the gateway and
+recorded as ``LateAuthorisationVoided``; the payment stays ``voided``.
 """
 
 from __future__ import annotations
@@ -72,8 +76,24 @@ class PaymentRefunded(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime
 
 
+class LateAuthorisationVoided(msgspec.Struct, frozen=True, kw_only=True):
+    """The provider authorised the payment after it was voided; that hold was
+    voided at the gateway (nothing is charged). The status stays ``voided``."""
+
+    payment_id: str
+    order_id: str
+    authorisation_code: str
+    at: datetime
+
+
 PaymentEvent = (
-    PaymentRequested | PaymentAuthorised | PaymentDeclined | PaymentVoided | PaymentCaptured | PaymentRefunded
+    PaymentRequested
+    | PaymentAuthorised
+    | PaymentDeclined
+    | PaymentVoided
+    | PaymentCaptured
+    | PaymentRefunded
+    | LateAuthorisationVoided
 )
 
 
@@ -114,8 +134,35 @@ class RefundPayment(msgspec.Struct, frozen=True, kw_only=True):
     now: datetime
 
 
+class ExpirePayment(msgspec.Struct, frozen=True, kw_only=True):
+    """The saga's payment deadline passed: void the payment if it still waits for
+    the provider. A result recorded meanwhile (the webhook's, while its signal
+    could not reach the saga) wins: then nothing happens. Deciding it here, on the
+    payment's state at one revision, leaves no gap between the check and the void."""
+
+    payment_id: str
+    reason: str
+    now: datetime
+
+
+class VoidLateAuthorisation(msgspec.Struct, frozen=True, kw_only=True):
+    """Record that an authorisation which arrived after the void was given back
+    at the gateway. Only for a ``voided`` payment; once per authorisation code."""
+
+    payment_id: str
+    authorisation_code: str
+    now: datetime
+
+
 PaymentCommand = (
-    RequestPayment | AuthorisePayment | DeclinePayment | VoidPayment | CapturePayment | RefundPayment
+    RequestPayment
+    | AuthorisePayment
+    | DeclinePayment
+    | VoidPayment
+    | CapturePayment
+    | RefundPayment
+    | ExpirePayment
+    | VoidLateAuthorisation
 )
 
 
@@ -124,6 +171,8 @@ class Payment(msgspec.Struct, frozen=True, kw_only=True):
     payment_id: str = ""
     order_id: str = ""
     amount: Money | None = None
+    late_authorisations_voided: tuple[str, ...] = ()
+    """Codes of authorisations that arrived after the void and were given back."""
 
 
 initial_state = Payment()
@@ -145,6 +194,9 @@ def evolve(state: Payment, event: PaymentEvent) -> Payment:
             return replace(state, status="captured")
         case PaymentRefunded():
             return replace(state, status="refunded")
+        case LateAuthorisationVoided():
+            voided = (*state.late_authorisations_voided, event.authorisation_code)
+            return replace(state, late_authorisations_voided=voided)
     assert_never(event)
 
 
@@ -207,6 +259,23 @@ def decide(command: PaymentCommand, state: Payment) -> Sequence[PaymentEvent]:
             return [
                 PaymentRefunded(
                     payment_id=pid, order_id=oid, amount=state.amount, reason=command.reason, at=command.now
+                )
+            ]
+        case ExpirePayment():
+            if status != "requested":
+                return []  # authorised, declined or voided already: that stands
+            return [PaymentVoided(payment_id=pid, order_id=oid, reason=command.reason, at=command.now)]
+        case VoidLateAuthorisation():
+            if status != "voided":
+                raise IllegalTransition(status, "void a late authorisation")
+            if command.authorisation_code in state.late_authorisations_voided:
+                return []
+            return [
+                LateAuthorisationVoided(
+                    payment_id=pid,
+                    order_id=oid,
+                    authorisation_code=command.authorisation_code,
+                    at=command.now,
                 )
             ]
     assert_never(command)

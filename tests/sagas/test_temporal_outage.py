@@ -1,0 +1,159 @@
+"""Temporal down when the service starts (issue 12, item 1, worker side).
+
+The real dev server is started and stopped (its port now refuses), the saga
+services start against it anyway (what ``serve`` / ``worker`` run), ``/ready``
+says Temporal is missing, an order is accepted; then the dev server starts
+again on the same port and state file, the services connect by themselves and
+the order ships.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+
+from orderstream.api.app import create_app
+from orderstream.application.commands import CommandContext
+from orderstream.application.use_cases import LineRequest
+from orderstream.bootstrap import build, run_services, saga_services
+from orderstream.config import Settings
+from orderstream.domain.common import Money
+from tests.sagas.conftest import ADDRESS, WAIT, eventually
+from workflows.order_fulfilment.inputs import workflow_id_for
+from workflows.runtime import start_dev_server
+from workflows.worker import TEMPORAL_CLIENT_KEY
+
+pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_sagas_start_while_temporal_is_down_and_connect_when_it_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = _free_port()
+    temporal_dir = tmp_path / "temporal"
+    _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
+    await dev_server.shutdown()  # the real server, stopped: its port refuses connections
+    monkeypatch.setenv("ORDERSTREAM_TASK_QUEUE", f"test-{uuid.uuid4().hex}")
+    container = await build(Settings(data_dir=tmp_path / "data", temporal_address=f"127.0.0.1:{port}"))
+    stop = asyncio.Event()
+    running: asyncio.Task[None] | None = None
+    dev_server = None
+    transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
+    http = httpx.AsyncClient(transport=transport, base_url="http://test", timeout=WAIT)
+    try:
+        services = await saga_services(container)  # does not raise: Temporal is down
+        running = asyncio.create_task(run_services(services, stop))
+        ctx = CommandContext(actor="test")
+        await container.use_cases.register_product("MUG", "mug", Money(100, "EUR"), ctx)
+        await container.use_cases.add_stock("MUG", 5, ctx)
+        placed = await container.use_cases.place_order(
+            customer_id="c",
+            lines=[LineRequest("MUG", 1)],
+            shipping_address=ADDRESS,
+            payment_token="tok_approve",
+            context=ctx,
+        )
+        order_id = placed.state.order_id
+
+        ready = await http.get("/ready")
+        assert ready.status_code == 200, ready.text  # the stores answer: the API is ready
+        temporal = ready.json()["sagas"]["temporal"]
+        assert (temporal["status"], temporal["address"]) == ("connecting", f"127.0.0.1:{port}")
+        assert temporal["attempts"] >= 1
+        assert "refused" in temporal["last_error"].lower()
+        assert (await http.get(f"/orders/{order_id}/fulfilment")).status_code == 503
+        assert not running.done()
+
+        _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
+
+        async def connected() -> bool:
+            body = (await http.get("/ready")).json()
+            return bool(body["sagas"]["temporal"]["status"] == "connected")
+
+        await eventually(connected, what="the saga services to connect")
+
+        async def shipped() -> bool:
+            view = await http.get(f"/orders/{order_id}/fulfilment")  # 503 until the client is shared
+            return view.status_code == 200 and view.json()["step"] == "shipped"
+
+        await eventually(shipped, what="the order placed during the outage to ship")
+        handle = container.extensions[TEMPORAL_CLIENT_KEY].get_workflow_handle(workflow_id_for(order_id))
+        assert (await handle.result())["status"] == "shipped"
+        assert not running.done()
+    finally:
+        stop.set()
+        if running is not None:
+            await asyncio.wait_for(running, WAIT)
+        await http.aclose()
+        await container.close()
+        if dev_server is not None:
+            await dev_server.shutdown()
+
+
+async def test_the_sagas_survive_temporal_going_away_and_coming_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = _free_port()
+    temporal_dir = tmp_path / "temporal"
+    _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
+    monkeypatch.setenv("ORDERSTREAM_TASK_QUEUE", f"test-{uuid.uuid4().hex}")
+    container = await build(Settings(data_dir=tmp_path / "data", temporal_address=f"127.0.0.1:{port}"))
+    stop = asyncio.Event()
+    running: asyncio.Task[None] | None = None
+    transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
+    http = httpx.AsyncClient(transport=transport, base_url="http://test", timeout=WAIT)
+    ctx = CommandContext(actor="test")
+
+    async def place() -> str:
+        placed = await container.use_cases.place_order(
+            customer_id="c",
+            lines=[LineRequest("MUG", 1)],
+            shipping_address=ADDRESS,
+            payment_token="tok_approve",
+            context=ctx,
+        )
+        return placed.state.order_id
+
+    async def shipped(order_id: str) -> None:
+        async def check() -> bool:
+            view = await http.get(f"/orders/{order_id}/fulfilment")
+            return view.status_code == 200 and view.json()["step"] == "shipped"
+
+        await eventually(check, within=60, what=f"order {order_id} to ship")
+
+    try:
+        running = asyncio.create_task(run_services(await saga_services(container), stop))
+        await container.use_cases.register_product("MUG", "mug", Money(100, "EUR"), ctx)
+        await container.use_cases.add_stock("MUG", 5, ctx)
+        await shipped(await place())
+
+        await dev_server.shutdown()
+        dev_server = None
+        during = await place()  # accepted while Temporal is down
+        await asyncio.sleep(5)
+        assert not running.done(), "the saga services stopped while Temporal was down"
+        _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
+
+        await shipped(during)
+        await shipped(await place())
+        assert not running.done()
+    finally:
+        stop.set()
+        if running is not None:
+            await asyncio.wait_for(running, WAIT)
+        await http.aclose()
+        await container.close()
+        if dev_server is not None:
+            await dev_server.shutdown()
