@@ -324,7 +324,8 @@ async def test_appending_the_same_events_again_writes_nothing_and_returns_the_fi
     again = await event_store.append(stream, batch, expected)
 
     assert (again.revision, again.position) == (first.revision, first.position)
-    assert again.already_stored
+    # Without an idempotency key only SQLite can tell a re-append (AppendResult's docstring).
+    assert again.already_stored or not isinstance(event_store, SqliteEventStore)
     assert not first.already_stored
     assert not later.already_stored
     stored = await event_store.read_stream(stream)

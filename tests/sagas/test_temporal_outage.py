@@ -25,6 +25,7 @@ from orderstream.bootstrap import build, run_services, saga_services
 from orderstream.config import Settings
 from orderstream.domain.common import Money
 from tests.sagas.conftest import ADDRESS, WAIT, eventually
+from tests.tokens import admin_headers
 from workflows.order_fulfilment.inputs import workflow_id_for
 from workflows.runtime import start_dev_server
 from workflows.worker import TEMPORAL_CLIENT_KEY
@@ -51,7 +52,9 @@ async def test_sagas_start_while_temporal_is_down_and_connect_when_it_is_back(
     running: asyncio.Task[None] | None = None
     dev_server = None
     transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
-    http = httpx.AsyncClient(transport=transport, base_url="http://test", timeout=WAIT)
+    http = httpx.AsyncClient(
+        transport=transport, base_url="http://test", timeout=WAIT, headers=admin_headers(container.settings)
+    )
     try:
         services = await saga_services(container)  # does not raise: Temporal is down
         running = asyncio.create_task(run_services(services, stop))
@@ -113,7 +116,9 @@ async def test_the_sagas_survive_temporal_going_away_and_coming_back(
     stop = asyncio.Event()
     running: asyncio.Task[None] | None = None
     transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
-    http = httpx.AsyncClient(transport=transport, base_url="http://test", timeout=WAIT)
+    http = httpx.AsyncClient(
+        transport=transport, base_url="http://test", timeout=WAIT, headers=admin_headers(container.settings)
+    )
     ctx = CommandContext(actor="test")
 
     async def place() -> str:

@@ -250,7 +250,10 @@ class AppendResult(msgspec.Struct, frozen=True):
 
     For an idempotent re-append these describe the events already stored, and
     ``already_stored`` is true: nothing was written (a concurrent request with the
-    same idempotency key wrote them first; its answer is a replay).
+    same idempotency key wrote them first; its answer is a replay). SQLite always
+    knows; KurrentDB knows only for appends with idempotency claims (its records
+    were there already): the server answers a re-append of the same ids exactly as
+    the first append, so without a key ``already_stored`` stays False there.
     """
 
     revision: int

@@ -171,8 +171,15 @@ class KurrentDBEventStore:
         if idempotency and events and isinstance(expected, int) and not isinstance(expected, bool):
             await self._refuse_ids_stored_earlier(stream, events, expected)
         result = await self._append_events(stream, events, expected)
-        for claim in idempotency:
-            await self._record_idempotency(stream, claim, result, len(events))
+        recorded_before = [
+            await self._record_idempotency(stream, claim, result, len(events)) for claim in idempotency
+        ]
+        if recorded_before and all(recorded_before):
+            # The server took the same ids at the same expectation as a no-op, and our
+            # records were there already: a concurrent request with these keys wrote
+            # them first. (Without a key KurrentDB does not say whether an append was
+            # a re-append: ``already_stored`` stays False; docs/kurrentdb.md.)
+            result = msgspec.structs.replace(result, already_stored=True)
         return result
 
     async def _refuse_ids_stored_earlier(
@@ -208,7 +215,8 @@ class KurrentDBEventStore:
 
     async def _record_idempotency(
         self, stream: str, claim: IdempotencyClaim, result: AppendResult, count: int
-    ) -> None:
+    ) -> bool:
+        """Append the claim's record; True when the same record was there already."""
         revision = result.revision - (count - 1 - claim.last)
         position = result.position
         if revision != result.revision:  # not the append's last event: look its position up
@@ -224,7 +232,12 @@ class KurrentDBEventStore:
         data = msgspec.json.encode(record)
         side = idempotency_stream(claim.actor, claim.key, stream)
         event = NewEvent(
-            id=uuid.uuid5(_RECORD_NAMESPACE, f"{side}\x1f{revision}"), type="IdempotencyRecord", data=data
+            # A fresh id: a second append of a record is then always refused (NO_STREAM),
+            # never taken by the server as an idempotent no-op, so we learn that the
+            # record was there already (a concurrent request with this key was first).
+            id=uuid.uuid4(),
+            type="IdempotencyRecord",
+            data=data,
         )
         try:
             await self._append_events(side, [event], NO_STREAM)
@@ -232,6 +245,8 @@ class KurrentDBEventStore:
             taken = await self.find_idempotency(claim.actor, claim.key, stream)
             if taken is not None and taken != record:
                 raise IdempotencyKeyTaken(taken) from None
+            return True
+        return False
 
     async def _append_events(
         self, stream: str, events: Sequence[NewEvent], expected: Expected
@@ -747,7 +762,6 @@ if TYPE_CHECKING:
         return store, sub, store
 
 
-_RECORD_NAMESPACE = uuid.UUID("5d0c1f7e-93a4-4b7a-8c2e-6a1f0e9d3b47")
 _record_decoder = msgspec.json.Decoder(IdempotencyRecord)
 
 
