@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -231,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--read-store", default="sqlite,es", help="sqlite, es or both (default sqlite,es)")
     parser.add_argument(
         "--es-url",
-        default="http://127.0.0.1:9200",
-        help="Elasticsearch node (default the local one; the es run is skipped if none answers)",
+        default=os.environ.get("ORDERSTREAM_TEST_ES_URL") or "http://127.0.0.1:9200",
+        help="Elasticsearch node (default $ORDERSTREAM_TEST_ES_URL, else local; skipped if none answers)",
     )
     parser.add_argument(
         "--rates",
