@@ -39,6 +39,7 @@ from pathlib import Path
 import httpx
 
 from bench import processes
+from bench.figures import Figure
 from bench.load import (
     Service,
     Setup,
@@ -151,11 +152,8 @@ HEADER = (
 
 
 def ms(values: list[float], fraction: float) -> float:
-    """The latency at ``fraction`` in ms (nearest rank)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000
+    """The latency at ``fraction`` of ``values`` (seconds), in ms."""
+    return Figure(latencies=values).percentile(fraction)
 
 
 def measure(
