@@ -251,7 +251,7 @@ def check_idempotency_key(value: str | None) -> str | None:
 def command_context(
     request: Request[Any, Any, Any], *, idempotency_key: str | None = None, request_body: object = None
 ) -> CommandContext:
-    """Who asks (the principal the guard let in: subject and roles), the correlation id
+    """Who asks (the principal the access check let in: subject and roles), the correlation id
     and the idempotency key.
 
     ``request_body`` (the decoded Structs, as sent) is digested only when a key is
