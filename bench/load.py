@@ -92,8 +92,11 @@ class Service:
     Output goes to a log file whose tail is printed if the process dies.
     """
 
-    def __init__(self, name: str, command: list[str], log: Path, *, port: int | None) -> None:
+    def __init__(
+        self, name: str, command: list[str], log: Path, *, port: int | None, src: Path | None = None
+    ) -> None:
         self.name = name
+        self.src = src
         self.command = command
         self.log_path = log
         self.serves_http = port is not None
@@ -102,10 +105,14 @@ class Service:
 
     def start(self) -> Service:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        # The other checkout's src and root (its top-level ``workflows`` package) come
+        # first, and it runs in that root (``python -m`` puts the working dir first).
+        first = [str(self.src), str(self.src.parent)] if self.src is not None else []
+        cwd = self.src.parent if self.src is not None else ROOT
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*first, str(ROOT), env.get("PYTHONPATH")]))
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                self.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                self.command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
             )
         if self.serves_http:
             self._wait_healthy()
@@ -154,6 +161,9 @@ class Setup:
     service_args: tuple[str, ...] = ()
     runner: str = "uvicorn"
     bare_workers: int = 1
+    service_src: Path | None = None
+    """Another checkout's ``src`` to run the service from (``--service-src``), e.g.
+    ``main`` beside this branch with the same bench code."""
 
     def orderstream(self, command: str, data_dir: Path, port: int | None, *extra: str) -> Service:
         argv = [sys.executable, "-m", "orderstream.cli", command, "--data-dir", str(data_dir)]
@@ -161,7 +171,8 @@ class Setup:
         if port is not None:
             argv += ["--host", HOST, "--port", str(port), *self.service_args]
         name = f"orderstream {command}"
-        service = Service(name, argv, self.workdir / f"{command}-{uuid.uuid4().hex[:6]}.log", port=port)
+        log = self.workdir / f"{command}-{uuid.uuid4().hex[:6]}.log"
+        service = Service(name, argv, log, port=port, src=self.service_src)
         if port is not None:
             bench_auth.register(service.url, data_dir)
         return service
@@ -722,6 +733,13 @@ def cli() -> None:
         default=[],
         help="extra option for `orderstream api/serve` (repeat), e.g. --service-arg=--workers=2",
     )
+    parser.add_argument(
+        "--service-src",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run orderstream from this src dir (e.g. another worktree's), same bench code",
+    )
     parser.add_argument("--burst-orders", type=int, default=500)
     parser.add_argument("--burst-stock", type=int, default=250)
     parser.add_argument("--rate", type=float, default=100, help="paced orders/s (default 100)")
@@ -752,7 +770,7 @@ def cli() -> None:
     report = Report()
     with tempfile.TemporaryDirectory(prefix="bench-load-") as workdir:
         workers = args.bare_workers or workers_option(args.service_arg)
-        setup = Setup(Path(workdir), tuple(args.service_arg), args.runner, workers)
+        setup = Setup(Path(workdir), tuple(args.service_arg), args.runner, workers, args.service_src)
         for name in SCENARIOS:
             if name in chosen:
                 try:

@@ -57,8 +57,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -350,30 +348,6 @@ class Metrics:
             multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
             return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-def http_latency_middleware(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
-    """Litestar middleware: time each HTTP request by method and route template."""
-    histograms: dict[tuple[str, str], Any] = {}
-
-    def wrap(app: ASGIApp) -> ASGIApp:
-        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != ScopeType.HTTP:
-                await app(scope, receive, send)
-                return
-            started = time.perf_counter()
-            try:
-                await app(scope, receive, send)
-            finally:
-                key = (str(scope.get("method", "?")), scope.get("path_template") or "unmatched")
-                histogram = histograms.get(key)
-                if histogram is None:  # the labelled look-up takes a lock: once per route
-                    histogram = histograms[key] = metrics.http_duration.labels(method=key[0], route=key[1])
-                histogram.observe(time.perf_counter() - started)
-
-        return middleware
-
-    return wrap
 
 
 def command_result(outcome: str) -> str:

@@ -27,6 +27,7 @@ import msgspec
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import (
@@ -46,17 +47,16 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
 
 import orderstream
-from orderstream.api.correlation import log_context_middleware
+from orderstream.api.middleware import RequestMiddleware, ResponseStartHook
 from orderstream.api.ops import OpsController
 from orderstream.api.orders import OrderController
-from orderstream.api.plumbing import make_allow_fixer, make_before_send, strict_request
+from orderstream.api.plumbing import strict_request
 from orderstream.api.problems import PROBLEM_JSON, exception_handlers, problem_description
 from orderstream.api.products import ProductController
 from orderstream.application.queries import Queries
 from orderstream.application.use_cases import UseCases
-from orderstream.auth.policy import AccessPolicy, authorize
+from orderstream.auth.policy import AccessPolicy
 from orderstream.bootstrap import BackgroundService, Container, run_services
-from orderstream.metrics import http_latency_middleware
 
 FULFILMENT_MODULE = "orderstream.api.fulfilment"
 DOCS_ASSETS = "/schema/assets"
@@ -175,9 +175,9 @@ def create_app(
         "container": container,
         "body_timeout": container.settings.connections.body_timeout,
     }
+    response_start = ResponseStartHook(container.metrics)
     app = Litestar(
         route_handlers=[ProductController, OrderController, OpsController, assets, *extra],
-        guards=[authorize],
         dependencies={
             "container": Provide(provide_container, sync_to_thread=False),
             "use_cases": Provide(provide_use_cases, sync_to_thread=False),
@@ -185,8 +185,9 @@ def create_app(
         },
         exception_handlers=exception_handlers,
         before_request=strict_request,
-        before_send=[make_before_send(container.metrics)],
-        middleware=[log_context_middleware, http_latency_middleware(container.metrics)],
+        before_send=[response_start],
+        # Access is checked here, not by a Litestar guard: see orderstream.api.middleware.
+        middleware=[DefineMiddleware(RequestMiddleware, access=access, metrics=container.metrics)],
         request_max_body_size=container.settings.max_body_bytes,
         openapi_config=openapi_config(),
         lifespan=[lifespan],
@@ -200,18 +201,11 @@ def create_app(
     tighten_parameter_schemas(app)
     document_unsupported_media_type(app)
     document_security(app, access)
-    # Litestar 2.x answers OPTIONS on a path served by several handlers with the
-    # methods of the first one only (litestar-org/litestar#4169): answer with the
-    # route's real methods, as the 405 answers already do.
-    app.before_send.append(
-        make_allow_fixer(
-            {
-                route.path_format: {getattr(method, "value", method) for method in route.methods}
-                for route in app.routes
-                if isinstance(route, HTTPRoute)
-            }
-        )
-    )
+    response_start.allowed_methods = {
+        route.path_format: {getattr(method, "value", method) for method in route.methods}
+        for route in app.routes
+        if isinstance(route, HTTPRoute)
+    }
     return app
 
 

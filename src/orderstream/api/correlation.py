@@ -17,9 +17,7 @@ import re
 import uuid
 from typing import Any
 
-from litestar.types import ASGIApp, Receive, Scope, Send
-
-from orderstream.logging_setup import bound
+from litestar.types import Scope
 
 HEADER = "X-Correlation-ID"
 _OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -44,14 +42,3 @@ def correlation_id(scope: Scope) -> str:
     cid = given if given and _OK.match(given) else new_id()
     state["correlation_id"] = cid
     return cid
-
-
-def log_context_middleware(app: ASGIApp) -> ASGIApp:
-    """Litestar middleware: every record logged while serving a request carries its
-    correlation id (see :mod:`orderstream.logging_setup`)."""
-
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        with bound(correlation_id=correlation_id(scope)):
-            await app(scope, receive, send)
-
-    return middleware

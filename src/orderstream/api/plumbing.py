@@ -37,14 +37,12 @@ from litestar import Request
 from litestar.enums import ParamType
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import ParameterKwarg
-from litestar.types import Message, Scope
 from litestar.utils.scope.state import ScopeState
 
 from orderstream.api.correlation import correlation_id
 from orderstream.api.problems import ApiError, FieldError, bad_request
 from orderstream.application.commands import CommandContext, request_digest
 from orderstream.auth.policy import principal_of
-from orderstream.metrics import Metrics
 
 IF_MATCH_PATTERN = r'^(\*|"[0-9]{1,18}"|[0-9]{1,18})$'
 """What ``If-Match`` accepts (also written into the OpenAPI document); 18 digits keep
@@ -253,7 +251,7 @@ def check_idempotency_key(value: str | None) -> str | None:
 def command_context(
     request: Request[Any, Any, Any], *, idempotency_key: str | None = None, request_body: object = None
 ) -> CommandContext:
-    """Who asks (the principal the guard let in: subject and roles), the correlation id
+    """Who asks (the principal the access check let in: subject and roles), the correlation id
     and the idempotency key.
 
     ``request_body`` (the decoded Structs, as sent) is digested only when a key is
@@ -268,49 +266,3 @@ def command_context(
         idempotency_key=key,
         request_hash=request_digest(msgspec.to_builtins(request_body)) if key is not None else None,
     )
-
-
-# --------------------------------------------------------------------------- send hooks
-
-
-def make_before_send(metrics: Metrics) -> Any:
-    """Echo the correlation id on every answer (404s and errors too) and count it.
-
-    The counter of each (method, route, status) is looked up once and kept: the
-    labelled look-up takes a lock and builds its key on every call."""
-    counters: dict[tuple[Any, str, int], Any] = {}
-
-    async def before_send(message: Message, scope: Scope) -> None:
-        if message["type"] != "http.response.start":
-            return
-        cid = correlation_id(scope)
-        headers = list(message.get("headers", []))
-        headers.append((b"x-correlation-id", cid.encode("latin-1")))
-        message["headers"] = headers
-        key = (scope.get("method", "?"), scope.get("path_template") or "unmatched", message["status"])
-        counter = counters.get(key)
-        if counter is None:
-            counter = counters[key] = metrics.http_requests.labels(
-                method=key[0], route=key[1], status=str(key[2])
-            )
-        counter.inc()
-
-    return before_send
-
-
-def make_allow_fixer(methods_by_path: dict[str, set[str]]) -> Any:
-    """A ``before_send`` hook: the ``Allow`` header of an automatic OPTIONS answer
-    lists every method of the route (``methods_by_path``: route path format ->
-    methods), not only those of the handler registered first."""
-
-    async def fix_allow(message: Message, scope: Scope) -> None:
-        if message["type"] != "http.response.start" or scope.get("method") != "OPTIONS":
-            return
-        methods = methods_by_path.get(scope.get("path_template") or "")
-        if not methods:
-            return
-        headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
-        headers.append((b"allow", ", ".join(sorted(methods)).encode("latin-1")))
-        message["headers"] = headers
-
-    return fix_allow

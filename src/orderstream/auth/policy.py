@@ -1,8 +1,9 @@
-"""Who may call what: the route table, and the one guard that enforces it.
+"""Who may call what: the route table, and the one check that enforces it.
 
 Every documented operation of the API has a line in :data:`ROUTE_ROLES` (by its
-``operation_id``): the roles that may call it, or :data:`PUBLIC`. The guard
-:func:`authorize` runs on every route (it is installed on the app) and:
+``operation_id``): the roles that may call it, or :data:`PUBLIC`. The table is the
+one place roles live. :meth:`AccessPolicy.authorize` runs on every routed request,
+called by the API's request middleware (:mod:`orderstream.api.middleware`), and:
 
 1. lets public routes through (and the docs pages, which are not operations);
 2. finds the bearer token and verifies it (401, ``WWW-Authenticate: Bearer``);
@@ -12,6 +13,12 @@ Every documented operation of the API has a line in :data:`ROUTE_ROLES` (by its
    customer's order, the same answer as for an order that does not exist, so
    order ids cannot be probed;
 5. counts the caller's writes against the per-identity rate limit (429).
+
+Why a middleware and not a Litestar guard: Litestar hands every guard call a
+``copy()`` of the route handler (``BaseRouteHandler.authorize_connection``), which
+was 5.6% of the API's CPU under ``POST /orders`` (issue 7). The middleware runs
+after routing, with the same route handler and path parameters a guard would see,
+before the body is read, and its refusals go through the same problem handlers.
 
 An operation missing from the table is refused to everyone (deny by default); a
 test checks that the OpenAPI document and the table list the same operations.
@@ -30,8 +37,8 @@ from typing import Any
 
 import limits
 from litestar import Request
-from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from litestar.types import Scope
 
 from orderstream.api.problems import ApiError
 from orderstream.application.queries import Queries
@@ -89,7 +96,7 @@ def _rate_item(setting: str) -> limits.RateLimitItem | None:
 
 
 class AccessPolicy:
-    """The state the guard needs: the token verifier, the route table as configured,
+    """The state the check needs: the token verifier, the route table as configured,
     the rate limiter and a way to find an order's customer."""
 
     def __init__(self, settings: Settings, queries: Queries, verifier: TokenVerifier | None = None) -> None:
@@ -105,12 +112,15 @@ class AccessPolicy:
     def needs_token(self, operation_id: str) -> bool:
         return self.enabled and self.routes.get(operation_id, ANYONE) != PUBLIC
 
-    async def authorize(
-        self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
-    ) -> None:
+    async def authorize(self, scope: Scope) -> None:
+        """Let the request of ``scope`` through, or raise the problem that refuses it.
+
+        ``scope`` has been routed (``route_handler``, ``path_params``); the principal
+        let in is left in the scope's state for :func:`principal_of`."""
+        handler = scope["route_handler"]
         operation_id = getattr(handler, "operation_id", None)
         operation = operation_id if isinstance(operation_id, str) else None
-        if operation is None and _not_an_operation(connection, handler):
+        if operation is None and _not_an_operation(scope, handler):
             return
         allowed = self.routes.get(operation or "")
         if allowed is None:
@@ -118,9 +128,9 @@ class AccessPolicy:
         if allowed == PUBLIC:
             return
         if self.verifier is None:  # auth off
-            _remember(connection, ANONYMOUS)
+            _remember(scope, ANONYMOUS)
             return
-        principal = await self._authenticate(connection)
+        principal = await self._authenticate(_authorization_header(scope))
         granting = principal.roles & allowed
         if not granting:
             raise ApiError(
@@ -129,16 +139,16 @@ class AccessPolicy:
                 f"Your roles ({principal.roles_text or 'none'}) do not allow {operation}.",
                 headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope"'},
             )
-        order_id = connection.path_params.get("order_id")
+        order_id = scope["path_params"].get("order_id")
         if order_id is not None and granting == {Role.CUSTOMER}:
             await self._check_owner(principal, str(order_id))
-        if connection.scope.get("method", "GET") not in READ_METHODS and Role.ADMIN not in principal.roles:
+        if scope.get("method", "GET") not in READ_METHODS and Role.ADMIN not in principal.roles:
             self._count_write(principal)
-        _remember(connection, principal)
+        _remember(scope, principal)
 
-    async def _authenticate(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    async def _authenticate(self, authorization: str) -> Principal:
         assert self.verifier is not None
-        scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(
                 401,
@@ -183,10 +193,10 @@ class AccessPolicy:
         )
 
 
-def _not_an_operation(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> bool:
+def _not_an_operation(scope: Scope, handler: BaseRouteHandler) -> bool:
     """The OpenAPI document, its page and assets (under ``/schema``), and Litestar's
     automatic ``OPTIONS`` answers: public, and not in the route table."""
-    path = connection.scope.get("path", "")
+    path = scope.get("path", "")
     return (
         path == DOCS_PATH
         or path.startswith(f"{DOCS_PATH}/")
@@ -194,12 +204,20 @@ def _not_an_operation(connection: ASGIConnection[Any, Any, Any, Any], handler: B
     )
 
 
-def _remember(connection: ASGIConnection[Any, Any, Any, Any], principal: Principal) -> None:
-    connection.state["principal"] = principal
+def _authorization_header(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name.lower() == b"authorization":
+            return value.decode("latin-1")
+    return ""
+
+
+def _remember(scope: Scope, principal: Principal) -> None:
+    scope.setdefault("state", {})["principal"] = principal
 
 
 def principal_of(request: Request[Any, Any, Any]) -> Principal:
-    """The caller the guard let in (:data:`ANONYMOUS` on a public route or with auth off)."""
+    """The caller :meth:`AccessPolicy.authorize` let in (:data:`ANONYMOUS` on a public
+    route or with auth off)."""
     found = request.state.get("principal")
     return found if isinstance(found, Principal) else ANONYMOUS
 
@@ -219,9 +237,3 @@ def check_customer(request: Request[Any, Any, Any], customer_id: str) -> None:
     principal = principal_of(request)
     if _customer_only(principal, ROUTE_ROLES["placeOrder"]) and customer_id != principal.customer_id:
         raise ApiError(403, "forbidden", "A customer can place orders only for itself (its customer_id).")
-
-
-async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """The app's guard: :meth:`AccessPolicy.authorize` of the policy in ``app.state.access``."""
-    policy: AccessPolicy = connection.app.state["access"]
-    await policy.authorize(connection, handler)
