@@ -59,7 +59,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        both = params.get("event_store_url") == "kurrentdb" and params.get("read_store_url") == "elasticsearch"
+        both = (
+            params.get("event_store_url") == "kurrentdb" and params.get("read_store_url") == "elasticsearch"
+        )
         (drop if both else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
@@ -68,7 +70,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def settings(tmp_path: Path, read_store_url: str, event_store_url: str) -> Settings:
-    return Settings(data_dir=tmp_path / "data", read_store_url=read_store_url, event_store_url=event_store_url)
+    return Settings(
+        data_dir=tmp_path / "data", read_store_url=read_store_url, event_store_url=event_store_url
+    )
 
 
 @pytest.fixture
