@@ -244,13 +244,14 @@ class SupervisedDevServer:
             await asyncio.sleep(0.1)
 
     async def _relay(self, process: asyncio.subprocess.Process) -> None:
-        """Its output (warnings and errors) into our log; the last lines kept for
-        :attr:`last_exit`."""
+        """Its output into our log at debug level (on a full disk it writes a line
+        per failed operation, hundreds a second); the last lines are kept for
+        :attr:`last_exit`, which is logged as an error."""
         assert process.stdout is not None
         async for raw in process.stdout:
             line = raw.decode(errors="replace").rstrip()
             self._output.append(line)
-            log.warning("temporal: %s", line[:2000])
+            log.debug("temporal: %s", line[:2000])
 
     async def _stop_when_released(self) -> None:
         if self._holders:

@@ -79,8 +79,9 @@ class SagaWorkerProcess:
     Why: the workflow tasks and local steps are CPU-bound Python; in the process
     that also runs the projections and the trigger they share one GIL. A background
     service of ours: SIGTERM when ``stop`` is set, then wait while the worker
-    drains (its graceful shutdown); a worker that exits on its own is a failure,
-    which stops the process set. The worker watches our pid and stops if we die.
+    drains (its graceful shutdown); a worker that exits on its own is started
+    again after a delay (:func:`~orderstream.bootstrap.run_child_process`). The
+    worker watches our pid and stops if we die.
     """
 
     argv: list[str]
