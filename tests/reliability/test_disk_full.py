@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import sqlite3
@@ -27,12 +28,21 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from orderstream import bootstrap
+from orderstream.application.commands import CommandContext, CommandHandler
+from orderstream.application.projection_runner import ProjectionRunner
+from orderstream.application.use_cases import UseCases
+from orderstream.domain.common import Money
+from orderstream.events import registry
 from orderstream.eventstore.base import EventStoreFull
+from orderstream.eventstore.sqlite import SqliteEventStore
+from orderstream.readstore.sqlite import SqliteReadStore
+from projections import product_stock
 from tests.api.helpers import assert_problem, order_body
 from tests.api.test_cli import _env
 from tests.served import free_port
@@ -277,3 +287,79 @@ async def test_a_service_stopped_by_a_full_disk_is_restarted_not_the_process(
     await asyncio.wait_for(bootstrap.run_services([broken], stop), 5)
     assert stop.is_set()
     assert broken.runs == 1
+
+
+class _FullDiskSubscriptions:
+    """The real SQLite event store, except that while ``full`` every subscription
+    fails as on a full disk once connected (claiming events writes), as the
+    projection runners saw it: connected, failed, reconnected, 10 times a second."""
+
+    def __init__(self, inner: SqliteEventStore) -> None:
+        self.inner = inner
+        self.full = True
+        self.failures = 0
+
+    async def connect_subscription_group(self, group: str, **options: Any) -> Any:
+        subscription = await self.inner.connect_subscription_group(group, **options)
+        if not self.full:
+            return subscription
+        await subscription.close()
+        return _FailingSubscription(self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class _FailingSubscription:
+    def __init__(self, store: _FullDiskSubscriptions) -> None:
+        self.store = store
+
+    def __aiter__(self) -> _FailingSubscription:
+        return self
+
+    async def __anext__(self) -> Any:
+        self.store.failures += 1
+        raise EventStoreFull(sqlite3.OperationalError("database or disk is full"))
+
+    async def keep_alive(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_projection_on_a_full_disk_logs_the_outage_once_then_a_summary(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The projection runner reconnected every 0.1 s on a full disk and logged each
+    attempt: now the first failure, then one line when it works again."""
+    events = await SqliteEventStore.open(tmp_path / "events.db", poll_interval=0.05)
+    reads = await SqliteReadStore.open(tmp_path / "read.db")
+    store = _FullDiskSubscriptions(events)
+    runner = ProjectionRunner(store, reads, product_stock.projection)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    try:
+        with caplog.at_level(logging.WARNING, logger="orderstream.application.batch_consumer"):
+            running = asyncio.create_task(runner.run(stop))
+            await asyncio.sleep(2)
+            assert store.failures >= 4
+            lines = [r.getMessage() for r in caplog.records]
+            assert len([line for line in lines if "failed" in line]) == 1, lines
+            assert "database or disk is full" in lines[0]
+
+            store.full = False
+            ctx = CommandContext(actor="test")
+            registered = await UseCases(CommandHandler(events, registry)).register_product(
+                "SKU-9", "Mug", Money(100, "EUR"), ctx
+            )
+            assert await runner.wait_for_position(registered.position, 30)
+            assert await reads.get("products", "SKU-9") is not None
+            lines = [r.getMessage() for r in caplog.records]
+            summary = [line for line in lines if "working again" in line]
+            assert len(summary) == 1, lines
+            assert f"and {store.failures} failed attempts" in summary[0]
+    finally:
+        stop.set()
+        await running
+        await reads.close()
+        await events.close()
