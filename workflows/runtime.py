@@ -144,10 +144,6 @@ class TemporalLink:
     dev_server: SupervisedDevServer | None = None
     """The dev server ``serve`` started and supervises at ``address``, if it did."""
 
-    @classmethod
-    def connected(cls, address: str, client: Client) -> TemporalLink:
-        return cls(address, client=client)
-
     async def try_connect(self) -> Client | None:
         """One attempt; ``None`` (and the error noted) if Temporal does not answer."""
         try:
