@@ -120,6 +120,11 @@ class SupervisedDevServer:
         if self.config.db_file is not None:
             await asyncio.to_thread(self.config.db_file.parent.mkdir, parents=True, exist_ok=True)
         self.status = "starting"
+        if await self._answering():  # else we would take another server for ours
+            self.last_exit = (
+                f"{self.address} is in use by another process (a dev server left by a killed serve?)"
+            )
+            raise DevServerExited(self.last_exit)
         self.process = await asyncio.create_subprocess_exec(
             *self.config.argv(),
             stdin=asyncio.subprocess.DEVNULL,
@@ -235,13 +240,20 @@ class SupervisedDevServer:
             if process.returncode is not None:
                 self._exited(process)
                 raise DevServerExited(self.last_exit)
-            with contextlib.suppress(OSError):
-                _reader, writer = await asyncio.open_connection(self.config.ip, self.config.port)
-                writer.close()
+            if await self._answering():
                 return
             if time.monotonic() > deadline:
                 raise DevServerExited(f"not listening on {self.address} after {STARTUP_TIMEOUT:.0f} s")
             await asyncio.sleep(0.1)
+
+    async def _answering(self) -> bool:
+        """Whether something accepts connections on the port."""
+        try:
+            _reader, writer = await asyncio.open_connection(self.config.ip, self.config.port)
+        except OSError:
+            return False
+        writer.close()
+        return True
 
     async def _relay(self, process: asyncio.subprocess.Process) -> None:
         """Its output into our log at debug level (on a full disk it writes a line

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from tests.served import served
+from workflows.dev_server import DevServerConfig, DevServerExited, SupervisedDevServer
 
 pytestmark = pytest.mark.temporal
 
@@ -68,3 +70,15 @@ def test_a_killed_dev_server_is_restarted_and_orders_still_ship(tmp_path: Path) 
         log = serve.log.read_text()
         assert "exited (exit status -9" in log
         assert "is back at" in log
+
+
+async def test_a_port_taken_by_another_process_is_refused_not_taken_for_ours() -> None:
+    """A dev server left behind by a killed ``serve`` (or anything else) on the port:
+    starting fails saying so, rather than talking to a server that is not ours."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = SupervisedDevServer(DevServerConfig(port=taken.getsockname()[1], ui_port=None, db_file=None))
+        with pytest.raises(DevServerExited, match="in use by another process"):
+            await server.start()
+        assert server.process is None
