@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
@@ -38,6 +39,9 @@ from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
 from orderstream.application.use_cases import UseCases
 from workflows.order_fulfilment.activities import FulfilmentActivities
 from workflows.order_fulfilment.workflow import OrderFulfilment
+
+if TYPE_CHECKING:
+    from workflows.dev_server import SupervisedDevServer
 
 log = logging.getLogger("orderstream.saga")
 
@@ -140,10 +144,8 @@ class TemporalLink:
     last_error: str | None = None
     unreachable_since: float | None = None
     """``time.time()`` of the first failed attempt of the current outage."""
-
-    @classmethod
-    def connected(cls, address: str, client: Client) -> TemporalLink:
-        return cls(address, client=client)
+    dev_server: SupervisedDevServer | None = None
+    """The dev server ``serve`` started and supervises at ``address``, if it did."""
 
     async def try_connect(self) -> Client | None:
         """One attempt; ``None`` (and the error noted) if Temporal does not answer."""
@@ -192,6 +194,21 @@ class TemporalLink:
         self.client, self.last_error, self.unreachable_since = client, None, None
         return client
 
+    async def check(self, within: float) -> bool:
+        """Whether the server answers a health check now (``False`` if not
+        connected yet). A connected client survives the server going away (it
+        reconnects by itself), so only asking tells an outage apart."""
+        if self.client is None:
+            return False
+        try:
+            await self.client.service_client.check_health(timeout=timedelta(seconds=within))
+        except CONNECT_ERRORS as exc:
+            self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.unreachable_since = self.unreachable_since or time.time()
+            return False
+        self.last_error = self.unreachable_since = None
+        return True
+
     def _log_retry(self, state: RetryCallState) -> None:
         wait = state.next_action.sleep if state.next_action else 0.0
         log.warning(
@@ -204,8 +221,8 @@ class TemporalLink:
 
     @property
     def unreachable_seconds(self) -> float | None:
-        """How long the current outage has lasted (``None`` while connected)."""
-        if self.client is not None or self.unreachable_since is None:
+        """How long the current outage has lasted (``None`` while it answers)."""
+        if self.unreachable_since is None:
             return None
         return round(time.time() - self.unreachable_since, 1)
 

@@ -37,27 +37,29 @@ this process; what such a worker process is started with).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
 
 from orderstream.application.payment_gateway import PaymentGateway, shared_gateway
 from orderstream.application.saga_trigger import DEFAULT_MAX_IN_FLIGHT, SagaTrigger
 from orderstream.bootstrap import BackgroundService, Container, run_child_process
+from workflows.dev_server import DevServerConfig, SupervisedDevServer
 from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
 from workflows.order_fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS, DEFAULT_TASK_QUEUE
 from workflows.runtime import (
     DEV_SERVER_PORT,
     DEV_UI_PORT,
     TemporalLink,
+    connect,
     ensure_search_attributes,
     run_worker,
-    start_dev_server,
 )
 
 log = logging.getLogger("orderstream.saga")
@@ -77,24 +79,31 @@ class SagaWorkerProcess:
     Why: the workflow tasks and local steps are CPU-bound Python; in the process
     that also runs the projections and the trigger they share one GIL. A background
     service of ours: SIGTERM when ``stop`` is set, then wait while the worker
-    drains (its graceful shutdown); a worker that exits on its own is a failure,
-    which stops the process set. The worker watches our pid and stops if we die.
+    drains (its graceful shutdown); a worker that exits on its own is started
+    again after a delay (:func:`~orderstream.bootstrap.run_child_process`). The
+    worker watches our pid and stops if we die.
     """
 
     argv: list[str]
     env: dict[str, str]
     index: int = 1
+    dev_server: SupervisedDevServer | None = None
 
     @property
     def name(self) -> str:
         return f"saga-worker-{self.index}"
 
     async def run(self, stop: asyncio.Event) -> None:
-        await run_child_process(self.name, self.argv, stop, env=self.env)
+        async with _holding(self.dev_server):
+            await run_child_process(self.name, self.argv, stop, env=self.env)
 
 
 def worker_processes(
-    container: Container, address: str, env: Mapping[str, str], count: int
+    container: Container,
+    address: str,
+    env: Mapping[str, str],
+    count: int,
+    dev_server: SupervisedDevServer | None = None,
 ) -> list[SagaWorkerProcess]:
     """``count`` worker processes on the store of ``container`` and the Temporal
     server at ``address``; each inherits our environment but runs no trigger and
@@ -105,7 +114,7 @@ def worker_processes(
     argv += ["--read-store", settings.read_store_url, "--temporal-address", address]
     argv += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
     child_env = {**env, WORKER_PROCESSES_ENV: "0", TRIGGER_ENV: "off"}
-    return [SagaWorkerProcess(argv, child_env, index) for index in range(1, count + 1)]
+    return [SagaWorkerProcess(argv, child_env, index, dev_server) for index in range(1, count + 1)]
 
 
 @dataclass(frozen=True)
@@ -139,7 +148,8 @@ def attach_client(container: Container, client: Client, config: SagaConfig) -> N
 
 @dataclass(eq=False)
 class SagaService:
-    """Runs the worker and the trigger until ``stop``; then stops the dev server.
+    """Runs the worker and the trigger until ``stop`` (the dev server, if ``serve``
+    started one, waits for them to finish before it stops).
 
     Connected at construction (the usual case) or not yet: then :meth:`run`
     first connects through the link, retrying with back-off, and sets up the
@@ -150,7 +160,7 @@ class SagaService:
     config: SagaConfig
     gateway: PaymentGateway
     with_trigger: bool = True
-    dev_server: WorkflowEnvironment | None = None
+    dev_server: SupervisedDevServer | None = None
     with_worker: bool = True
     name: str = field(default="sagas")
     trigger: SagaTrigger | None = None
@@ -175,7 +185,7 @@ class SagaService:
         self.client = client
 
     async def run(self, stop: asyncio.Event) -> None:
-        try:
+        async with _holding(self.dev_server):
             client = await self.link.connect(stop)
             if client is None:
                 return  # stopped before Temporal answered
@@ -190,13 +200,10 @@ class SagaService:
                     )
                 if self.trigger is not None:
                     group.create_task(self.trigger.run(stop), name="saga-trigger")
-        finally:
-            await self.aclose()
 
-    async def aclose(self) -> None:
-        server, self.dev_server = self.dev_server, None
-        if server is not None:
-            await server.shutdown()
+
+def _holding(dev_server: SupervisedDevServer | None) -> contextlib.AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext() if dev_server is None else dev_server.held()
 
 
 def _ui_url(env: Mapping[str, str], dev_server: bool) -> str | None:
@@ -229,12 +236,14 @@ async def background_services(
                 link.last_error,
             )
     else:
-        address, dev_server = await start_dev_server(
-            settings.data_dir,
-            port=int(env.get("ORDERSTREAM_TEMPORAL_DEV_PORT") or DEV_SERVER_PORT),
-            ui_port=int(env.get("ORDERSTREAM_TEMPORAL_UI_PORT") or DEV_UI_PORT),
-        )
-        link = TemporalLink.connected(address, dev_server.client)
+        dev_server = SupervisedDevServer(dev_server_config(settings.data_dir, env))
+        await dev_server.start()
+        link = TemporalLink(dev_server.address, dev_server=dev_server)
+        try:
+            link.client = await connect(dev_server.address)
+        except BaseException:
+            await dev_server.stop_now()
+            raise
     container.extensions[TEMPORAL_LINK_KEY] = link
     service = SagaService(
         container,
@@ -249,9 +258,21 @@ async def background_services(
         if link.client is not None:
             await service.attach(link.client)
     except BaseException:
-        await service.aclose()
+        if dev_server is not None:
+            await dev_server.stop_now()
         raise
-    return [service, *worker_processes(container, link.address, env, processes)]
+    supervisor: list[BackgroundService] = [] if dev_server is None else [dev_server]
+    return [*supervisor, service, *worker_processes(container, link.address, env, processes, dev_server)]
+
+
+def dev_server_config(data_dir: Path, env: Mapping[str, str]) -> DevServerConfig:
+    """The embedded dev server: state in ``{data_dir}/temporal.db``, the ports from
+    the environment."""
+    return DevServerConfig(
+        port=int(env.get("ORDERSTREAM_TEMPORAL_DEV_PORT") or DEV_SERVER_PORT),
+        ui_port=int(env.get("ORDERSTREAM_TEMPORAL_UI_PORT") or DEV_UI_PORT),
+        db_file=Path(data_dir) / "temporal.db",
+    )
 
 
 async def attach_fulfilment_client(container: Container, *, env: Mapping[str, str] | None = None) -> bool:

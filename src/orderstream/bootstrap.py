@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -284,6 +285,13 @@ def _storage_full(exc: BaseException) -> bool:
     return isinstance(exc, StorageFull)
 
 
+CHILD_RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+"""Seconds before starting again a child process that exited on its own; the delay
+grows while it keeps exiting within :data:`CHILD_STABLE_AFTER` of its start (the
+last one repeats) and starts over after it ran longer."""
+CHILD_STABLE_AFTER = 30.0
+
+
 async def run_child_process(
     name: str,
     argv: Sequence[str],
@@ -293,10 +301,35 @@ async def run_child_process(
     on_line: Callable[[str], None] | None = None,
 ) -> None:
     """Run ``argv`` as a child process until ``stop`` is set, then send it SIGTERM and
-    wait while it drains (its own graceful shutdown). A child that exits on its own
-    is a failure (:class:`RuntimeError`), which, as for any service, stops the
-    process set. ``on_line`` gets each line the child prints (its stdout is piped
-    then). The body of every worker-process service (API workers, saga workers)."""
+    wait while it drains (its own graceful shutdown). The body of every
+    worker-process service (API workers, saga workers).
+
+    A child that exits on its own (a crash, a store it cannot open on a full disk,
+    a kill) is logged and started again after a delay (:data:`CHILD_RESTART_DELAYS`):
+    the process set goes on without it meanwhile rather than exit with it.
+    ``on_line`` gets each line the child prints (its stdout is piped then)."""
+    quick_exits = 0
+    while not stop.is_set():
+        started = time.monotonic()
+        code = await _run_child_once(name, argv, stop, env=env, on_line=on_line)
+        if stop.is_set():
+            return
+        quick_exits = quick_exits + 1 if time.monotonic() - started < CHILD_STABLE_AFTER else 1
+        delay = CHILD_RESTART_DELAYS[min(quick_exits, len(CHILD_RESTART_DELAYS)) - 1]
+        log.error("%s exited with status %s; starting it again in %.1f s", name, code, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+
+
+async def _run_child_once(
+    name: str,
+    argv: Sequence[str],
+    stop: asyncio.Event,
+    *,
+    env: Mapping[str, str] | None,
+    on_line: Callable[[str], None] | None,
+) -> int:
+    """Until the child exits (after SIGTERM once ``stop`` is set); its status."""
     stdout = asyncio.subprocess.PIPE if on_line is not None else None
     process = await asyncio.create_subprocess_exec(*argv, env=env, stdout=stdout)
     relay = None
@@ -308,15 +341,13 @@ async def run_child_process(
         await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
-        code = await exited
+        return await exited
     finally:
         stopping.cancel()
         if process.returncode is None:  # cancelled while draining
             process.kill()
         if relay is not None:
             await relay
-    if not stop.is_set():
-        raise RuntimeError(f"{name} exited with status {code}")
 
 
 async def _relay_lines(process: asyncio.subprocess.Process, on_line: Callable[[str], None]) -> None:

@@ -80,11 +80,15 @@ from orderstream.bootstrap import (
 )
 from orderstream.config import MAX_API_WORKERS, ConfigError, ConnectionLimits, Settings
 from orderstream.eventstore.base import EventFilter, ParkedEventNotFound, RecordedEvent, SkippedEvent
+from orderstream.metrics import metrics_shared_across_processes
 
 if TYPE_CHECKING:
     import uvicorn
 
 log = logging.getLogger("orderstream")
+
+SAGA_WORKER_PROCESSES_ENV = "ORDERSTREAM_SAGA_WORKER_PROCESSES"
+"""How many saga worker processes the saga services start (read by workflows/worker.py)."""
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -318,9 +322,9 @@ class ApiWorkerProcess:
 
     A background service of the first process: it starts the worker, is ready
     when the worker says it listens, sends it SIGTERM when ``stop`` is set and
-    waits for it to drain. A worker that exits on its own is a failure, which
-    (as for any service) shuts the whole process set down. The worker watches
-    our pid and stops if we die without telling it.
+    waits for it to drain. A worker that exits on its own is started again
+    (:func:`~orderstream.bootstrap.run_child_process`): the others answer
+    meanwhile. The worker watches our pid and stops if we die without telling it.
     """
 
     def __init__(self, index: int, argv: list[str]) -> None:
@@ -395,8 +399,9 @@ async def run_process(
     sagas, for ``serve``: requests then never queue behind them on one event
     loop). ``worker_of``: this process is such a worker of that pid.
     """
+    several = worker_of is None and (workers > 1 or (sagas and saga_worker_processes() > 0))
     stop = asyncio.Event()
-    with stop_on_signals(stop):
+    with stop_on_signals(stop), metrics_shared_across_processes(several):  # before our metrics are built
         async with opened(settings) as container:
             services: list[BackgroundService] = []
             if projections:
@@ -470,6 +475,11 @@ async def run_process(
                     sock.close()
             # 3. ``opened`` closes the stores: the event store writes every acknowledged append
         announce("stopped")
+
+
+def saga_worker_processes() -> int:
+    """Saga worker processes the saga services will start (``serve`` sets 1 on 2+ cores)."""
+    return int(os.environ.get(SAGA_WORKER_PROCESSES_ENV) or 0)
 
 
 def prepare_auth(settings: Settings) -> None:
@@ -559,7 +569,7 @@ def serve(host: str, port: int, access_log: bool, workers: int | None, sagas: bo
     if sagas and (os.cpu_count() or 1) >= 2:
         # The saga worker in a process of its own unless told otherwise: measured
         # faster on 2 cores (docs/sagas.md, Throughput); read by workflows/worker.py.
-        os.environ.setdefault("ORDERSTREAM_SAGA_WORKER_PROCESSES", "1")
+        os.environ.setdefault(SAGA_WORKER_PROCESSES_ENV, "1")
     run(
         run_process(
             settings,

@@ -40,12 +40,13 @@ told by the store through a callback (:meth:`Metrics.watch`):
   ``skipped``) and ``orderstream_snapshot_reads_total`` (``outcome``: ``hit``,
   ``miss``: none stored, ``ignored``: stored but unusable)
 
-Several processes (``--workers N``, saga worker processes). Each process counts in
-its own memory, and a scrape reaches one of them. With ``PROMETHEUS_MULTIPROC_DIR``
-set (an empty directory, the same for every process of the service, emptied before
-each start) prometheus_client keeps every value in a file per process there, and
-``/metrics`` answers with the sum over all of them (gauges: the value set last):
-prometheus_client's multiprocess mode, chosen by the environment at import.
+Several processes (``--workers N``, saga worker processes). Each process would count
+in its own memory while a scrape reaches one of them. With ``PROMETHEUS_MULTIPROC_DIR``
+set (an empty directory, the same for every process of the service) prometheus_client
+keeps every value in a file per process there, and ``/metrics`` answers with the sum
+over all of them (gauges: the value set last): prometheus_client's multiprocess mode.
+The process that starts the others sets it to a fresh directory by default
+(:func:`metrics_shared_across_processes`); one process alone keeps the in-memory registry.
 """
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -66,6 +70,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
     multiprocess,
+    values,
 )
 
 from orderstream.application.commands import (
@@ -99,6 +104,9 @@ SAGA_OUTCOMES = ("shipped", "cancelled", "rejected", "compensated", "failed")
 """How a saga ends (docs/sagas.md); ``failed`` is the one that needs a human."""
 SAGAS = ("fulfilment",)
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MEMORY_DIR = "/dev/shm"
+"""Where the processes of one service keep their values by default (see
+:func:`metrics_shared_across_processes`)."""
 SNAPSHOT_COUNTERS = {
     # SnapshotStats field -> (metric, outcome label)
     "written": ("writes", "written"),
@@ -108,6 +116,50 @@ SNAPSHOT_COUNTERS = {
     "misses": ("reads", "miss"),
     "ignored": ("reads", "ignored"),
 }
+
+
+@contextlib.contextmanager
+def metrics_shared_across_processes(
+    several: bool = True, env: MutableMapping[str, str] = os.environ
+) -> Iterator[Path | None]:
+    """Around a process that starts others (``several``: API workers, saga worker
+    processes), entered before it builds its :class:`Metrics`: every process of
+    the service counts into one fresh directory, named in ``env`` for the
+    children, which inherit it; removed on the way out, when they have stopped.
+
+    Yields the directory, or ``None``: one process (its registry stays in
+    memory), or the operator set one (left as it is: theirs to empty before each
+    start).
+
+    Where: in memory (``/dev/shm`` where it exists), never beside the data.
+    prometheus_client maps each process's file into memory and grows it as new
+    label values appear; on a full disk the next write into a grown page kills
+    the process with SIGBUS (seen: ``serve`` vanished without a word when the
+    data disk filled), which would turn a full disk into an outage.
+
+    prometheus_client reads the variable when it is imported, which in this
+    process happened before we knew we would start others: its choice is made
+    again here (``values.ValueClass``, what each new metric's values use)."""
+    if not several or env.get(MULTIPROCESS_ENV):
+        yield None
+        return
+    memory = Path(MEMORY_DIR)
+    parent = memory if memory.is_dir() and os.access(memory, os.W_OK) else None
+    directory = Path(tempfile.mkdtemp(prefix="orderstream-metrics-", dir=parent))
+    env[MULTIPROCESS_ENV] = str(directory)
+    _choose_value_class(env)
+    log.info("metrics: every process of this service counts into %s", directory)
+    try:
+        yield directory
+    finally:
+        del env[MULTIPROCESS_ENV]
+        _choose_value_class(env)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _choose_value_class(env: MutableMapping[str, str]) -> None:
+    if env is os.environ:
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

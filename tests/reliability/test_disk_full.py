@@ -3,14 +3,15 @@
 ``orderstream serve`` runs with its data on a 64 MB tmpfs the test mounts (we
 are root in the test environment; elsewhere the test skips, saying why): with
 ``--no-sagas`` (API and projections), and with the sagas, whose Temporal dev
-server keeps its database on the same disk (the saga trigger used to die of
-the full disk and take the process with it; it now pauses and restarts, but the
-dev server itself dies of the full disk: that variant is an expected failure
-until Temporal outages are survived). A filler file takes most of the space, then orders are
-placed until the disk is full. While it is full: writes answer 507 problems with
+server keeps its database on the same disk (the saga trigger pauses and
+restarts; the saga worker process, which cannot open the event store on a full
+disk, and the dev server, should it die, are started again by ``serve``). A
+filler file takes most of the space, then orders are placed until the disk is
+full. While it is full: writes answer 507 problems with
 ``Retry-After``, never 500; reads (an order, the list, ``/health``) answer; the
 process stays up. Then the filler is deleted and, without a restart, writes are
-accepted again and the projection catches up. Afterwards both databases pass
+accepted again, the projection catches up and (sagas) an order placed then
+ships. Afterwards both databases pass
 ``PRAGMA integrity_check`` and every acknowledged order is in the event store.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import sqlite3
@@ -26,14 +28,24 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from orderstream import bootstrap
+from orderstream.application.commands import CommandContext, CommandHandler
+from orderstream.application.projection_runner import ProjectionRunner
+from orderstream.application.use_cases import UseCases
+from orderstream.domain.common import Money
+from orderstream.events import registry
 from orderstream.eventstore.base import EventStoreFull
+from orderstream.eventstore.sqlite import SqliteEventStore
+from orderstream.readstore.sqlite import SqliteReadStore
+from projections import product_stock
 from tests.api.helpers import assert_problem, order_body
 from tests.api.test_cli import _env
+from tests.served import free_port
 from tests.tokens import admin_headers
 
 DISK_MB = 64
@@ -69,15 +81,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.param(
             ["--sagas"],
             id="sagas",
-            marks=[
-                pytest.mark.temporal,
-                pytest.mark.xfail(
-                    reason="the Temporal dev server `serve` started dies on the full disk, and the saga "
-                    "worker process exits when it cannot connect: a Temporal outage (issue 12 item 1), "
-                    "not handled on this branch; the saga trigger itself now pauses and restarts",
-                    strict=False,
-                ),
-            ],
+            marks=[pytest.mark.temporal],
         ),
     ]
 )
@@ -93,7 +97,11 @@ def server(
             ],
             stdout=stdout,
             stderr=stderr,
-            env=_env(),
+            env={
+                **_env(),
+                "ORDERSTREAM_TEMPORAL_DEV_PORT": str(free_port()),
+                "ORDERSTREAM_TEMPORAL_UI_PORT": str(free_port()),
+            },
         )
         try:
             url = None
@@ -170,6 +178,18 @@ async def _eventually_ok(client: httpx.AsyncClient, path: str, params: dict[str,
         assert time.monotonic() < deadline, response.text
 
 
+async def _ships(client: httpx.AsyncClient, order_id: str, within: float) -> None:
+    """The sagas carry on by themselves: an order placed after the disk was freed ships."""
+    deadline = time.monotonic() + within
+    status = None
+    while time.monotonic() < deadline:
+        status = (await client.get(f"/orders/{order_id}")).json().get("status")
+        if status == "shipped":
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"order {order_id} is {status!r} {within} s after the disk was freed")
+
+
 def _integrity(db: Path) -> str:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
@@ -213,6 +233,8 @@ async def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(
         await _eventually_ok(client, f"/orders/{written['id']}", {"min_position": str(written["position"])})
         last = max(int(str(a["position"])) for a in acknowledged)
         await _eventually_ok(client, "/orders", {"min_position": str(last), "limit": "1"})
+        if "--sagas" in process.args:
+            await _ships(client, str(written["id"]), within=120)
 
     process.terminate()
     assert process.wait(60) == 0
@@ -265,3 +287,79 @@ async def test_a_service_stopped_by_a_full_disk_is_restarted_not_the_process(
     await asyncio.wait_for(bootstrap.run_services([broken], stop), 5)
     assert stop.is_set()
     assert broken.runs == 1
+
+
+class _FullDiskSubscriptions:
+    """The real SQLite event store, except that while ``full`` every subscription
+    fails as on a full disk once connected (claiming events writes), as the
+    projection runners saw it: connected, failed, reconnected, 10 times a second."""
+
+    def __init__(self, inner: SqliteEventStore) -> None:
+        self.inner = inner
+        self.full = True
+        self.failures = 0
+
+    async def connect_subscription_group(self, group: str, **options: Any) -> Any:
+        subscription = await self.inner.connect_subscription_group(group, **options)
+        if not self.full:
+            return subscription
+        await subscription.close()
+        return _FailingSubscription(self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class _FailingSubscription:
+    def __init__(self, store: _FullDiskSubscriptions) -> None:
+        self.store = store
+
+    def __aiter__(self) -> _FailingSubscription:
+        return self
+
+    async def __anext__(self) -> Any:
+        self.store.failures += 1
+        raise EventStoreFull(sqlite3.OperationalError("database or disk is full"))
+
+    async def keep_alive(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_projection_on_a_full_disk_logs_the_outage_once_then_a_summary(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The projection runner reconnected every 0.1 s on a full disk and logged each
+    attempt: now the first failure, then one line when it works again."""
+    events = await SqliteEventStore.open(tmp_path / "events.db", poll_interval=0.05)
+    reads = await SqliteReadStore.open(tmp_path / "read.db")
+    store = _FullDiskSubscriptions(events)
+    runner = ProjectionRunner(store, reads, product_stock.projection)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    try:
+        with caplog.at_level(logging.WARNING, logger="orderstream.application.batch_consumer"):
+            running = asyncio.create_task(runner.run(stop))
+            await asyncio.sleep(2)
+            assert store.failures >= 4
+            lines = [r.getMessage() for r in caplog.records]
+            assert len([line for line in lines if "failed" in line]) == 1, lines
+            assert "database or disk is full" in lines[0]
+
+            store.full = False
+            ctx = CommandContext(actor="test")
+            registered = await UseCases(CommandHandler(events, registry)).register_product(
+                "SKU-9", "Mug", Money(100, "EUR"), ctx
+            )
+            assert await runner.wait_for_position(registered.position, 30)
+            assert await reads.get("products", "SKU-9") is not None
+            lines = [r.getMessage() for r in caplog.records]
+            summary = [line for line in lines if "working again" in line]
+            assert len(summary) == 1, lines
+            assert f"and {store.failures} failed attempts" in summary[0]
+    finally:
+        stop.set()
+        await running
+        await reads.close()
+        await events.close()

@@ -144,19 +144,32 @@ class SnapshotsFail:
 async def test_a_failed_snapshot_write_is_logged_and_never_reaches_the_command(
     store: SqliteEventStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Logged once per outage (a full disk fails every write), then a summary."""
     failing: Any = SnapshotsFail(store)
     snapshots = SnapshotStore(failing, every=3)
     use_cases = UseCases(CommandHandler(failing, registry, snapshots=snapshots))
     await register(use_cases)
-    with caplog.at_level(logging.ERROR, logger="orderstream.snapshots"):
+    with caplog.at_level(logging.WARNING, logger="orderstream.snapshots"):
         for _ in range(8):
             await use_cases.add_stock(SKU, 2, CommandContext())
             await snapshots.drain()
-    await snapshots.close()
     assert snapshots.stats.failed >= 2  # and each later append tried again
-    assert "snapshot of product-SKU-1" in caplog.text
     assert await store.stream_revision(STREAM) == 8
     assert await snapshot_revisions(store) == []
+    failures = [r for r in caplog.records if "snapshot writes: failed" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in caplog.records]
+    assert "snapshot of product-SKU-1" in failures[0].getMessage()
+    assert "working again" not in caplog.text
+
+    snapshots.event_store = store  # space again: the next write goes through
+    with caplog.at_level(logging.WARNING, logger="orderstream.snapshots"):
+        for _ in range(3):
+            await use_cases.add_stock(SKU, 2, CommandContext())
+            await snapshots.drain()
+    await snapshots.close()
+    assert await snapshot_revisions(store)
+    assert "snapshot writes: working again after" in caplog.text
+    assert f"and {snapshots.stats.failed} failed attempts" in caplog.text
 
 
 async def test_snapshot_every_zero_writes_and_reads_none(store: SqliteEventStore) -> None:

@@ -10,7 +10,14 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
-from orderstream.api.schemas import Health, ProjectionReadiness, Readiness, SagaReadiness, TemporalReadiness
+from orderstream.api.schemas import (
+    DevServerReadiness,
+    Health,
+    ProjectionReadiness,
+    Readiness,
+    SagaReadiness,
+    TemporalReadiness,
+)
 from orderstream.application.group_status import state_of
 from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
 from orderstream.bootstrap import Container
@@ -62,19 +69,30 @@ async def refresh_projection_metrics(container: NamedDependency[Container]) -> d
     return out
 
 
-def temporal_readiness(container: Container) -> TemporalReadiness | None:
-    """Whether this process reaches Temporal (``None``: not configured for it)."""
+async def temporal_readiness(container: Container) -> TemporalReadiness | None:
+    """Whether this process reaches Temporal now (``None``: not configured for it)."""
     link = container.extensions.get(TEMPORAL_LINK_KEY)
     if not isinstance(link, TemporalLink):
         return None
-    if link.client is not None:
-        return TemporalReadiness(status="connected", address=link.address)
+    server = link.dev_server
+    dev_server = None
+    if server is not None:
+        dev_server = DevServerReadiness(
+            status=server.status,
+            pid=server.pid,
+            restarts=server.restarts,
+            last_exit=server.last_exit,
+            down_seconds=server.down_seconds,
+        )
+    if link.client is not None and await link.check(PROBE_TIMEOUT):
+        return TemporalReadiness(status="connected", address=link.address, dev_server=dev_server)
     return TemporalReadiness(
-        status="connecting",
+        status="connecting" if link.client is None else "unreachable",
         address=link.address,
-        attempts=link.attempts,
+        attempts=link.attempts if link.client is None else None,
         last_error=link.last_error,
         unreachable_seconds=link.unreachable_seconds,
+        dev_server=dev_server,
     )
 
 
@@ -84,7 +102,7 @@ async def refresh_saga_metrics(container: NamedDependency[Container]) -> SagaRea
     of running sagas, and whether Temporal is connected. ``None`` when no saga
     trigger ever ran against this store and no Temporal is configured. Updates
     the gauges on the way."""
-    temporal = temporal_readiness(container)
+    temporal = await temporal_readiness(container)
     try:
         info = await asyncio.wait_for(
             container.event_store.subscription_group_info(SAGA_GROUP), PROBE_TIMEOUT

