@@ -220,7 +220,8 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
     harness over a fresh store and task queue, with the trigger (and a worker)
     running. ``local_steps=False``: the sagas run their steps as remote activities,
     which lets a test catch a run between two steps. ``event_store_url``: another
-    event store than the SQLite file in ``tmp_path``."""
+    event store than the SQLite file in ``tmp_path``. ``search_attributes``: the
+    sagas start with the custom search attributes (and set ``OrderOutcome``)."""
     created: list[tuple[SagaHarness, contextlib.AsyncExitStack]] = []
 
     async def make(
@@ -230,6 +231,7 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
         local_steps: bool = True,
         max_in_flight: int = 64,
         event_store_url: str = "",
+        search_attributes: bool = False,
     ) -> SagaHarness:
         stack = contextlib.AsyncExitStack()
         container = await build(Settings(data_dir=tmp_path, event_store_url=event_store_url))
@@ -246,6 +248,7 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
             payment_deadline_seconds=payment_deadline,
             local_steps=local_steps,
             max_in_flight=max_in_flight,
+            use_search_attributes=search_attributes,
         )
         # In this event loop (Litestar's test client would run the app in a thread and
         # block this loop, where the worker runs, for the duration of each request).

@@ -66,6 +66,7 @@ from orderstream.eventstore.base import (
 from orderstream.logging_setup import event_context
 from workflows.order_fulfilment.inputs import (
     DEFAULT_PAYMENT_DEADLINE_SECONDS,
+    ORDER_OUTCOME_ATTRIBUTE,
     SAGA_ACTOR,
     SIGNAL_CANCEL,
     SIGNAL_PAYMENT_RESULT,
@@ -87,8 +88,9 @@ Measured on the dev server (docs/sagas.md): past a few dozen, more only queue th
 
 ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
 CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
-SEARCH_ATTRIBUTES = (ORDER_ID_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE)
-"""Custom search attributes the trigger sets when ``use_search_attributes``:
+SEARCH_ATTRIBUTES = (ORDER_ID_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE, ORDER_OUTCOME_ATTRIBUTE)
+"""Custom search attributes the trigger sets when ``use_search_attributes``
+(and the workflow sets ``OrderOutcome`` as it ends, in runs started with them):
 the dev server registers them at start (see ``workflows.runtime``); a real
 cluster needs ``temporal operator search-attribute create`` once."""
 
