@@ -35,7 +35,9 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from orderstream.application.payment_gateway import PaymentGateway
 from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
 from orderstream.application.use_cases import UseCases
+from orderstream.metrics import Metrics
 from workflows.order_fulfilment.activities import FulfilmentActivities
+from workflows.order_fulfilment.outcome_metrics import SagaOutcomeMetrics
 from workflows.order_fulfilment.workflow import OrderFulfilment
 
 log = logging.getLogger("orderstream.saga")
@@ -307,7 +309,9 @@ def build_worker(
     gateway: PaymentGateway,
     task_queue: str,
     tuning: WorkerTuning | None = None,
+    metrics: Metrics | None = None,
 ) -> Worker:
+    """``metrics``: where the sagas' outcomes are counted (:class:`SagaOutcomeMetrics`)."""
     tuning = tuning or WorkerTuning.from_env(os.environ)
     activities = FulfilmentActivities(use_cases, gateway)
     executor = None
@@ -324,6 +328,7 @@ def build_worker(
         max_concurrent_workflow_tasks=tuning.max_concurrent_workflow_tasks,
         max_concurrent_local_activities=tuning.max_concurrent_local_activities,
         workflow_task_executor=executor,
+        interceptors=[SagaOutcomeMetrics(metrics)] if metrics is not None else [],
     )
 
 
@@ -334,9 +339,10 @@ async def run_worker(
     task_queue: str,
     stop: asyncio.Event,
     tuning: WorkerTuning | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Poll ``task_queue`` until ``stop`` is set, then shut down gracefully."""
-    worker = build_worker(client, use_cases, gateway, task_queue, tuning)
+    worker = build_worker(client, use_cases, gateway, task_queue, tuning, metrics)
     log.info("saga worker polling %s (%s)", task_queue, tuning or "tuning from the environment")
     async with worker:
         await stop.wait()

@@ -114,7 +114,9 @@ class SagaHarness:
     def start_worker(self, stop: asyncio.Event | None = None) -> asyncio.Task[None]:
         uc = self.container.use_cases
         stop = stop or self.stop
-        task = asyncio.create_task(run_worker(self.env.client, uc, self.gateway, self.task_queue, stop))
+        metrics = self.container.metrics
+        worker = run_worker(self.env.client, uc, self.gateway, self.task_queue, stop, metrics=metrics)
+        task = asyncio.create_task(worker)
         self.tasks.append(task)
         return task
 
@@ -249,6 +251,7 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
             local_steps=local_steps,
             max_in_flight=max_in_flight,
             use_search_attributes=search_attributes,
+            metrics=container.metrics,
         )
         # In this event loop (Litestar's test client would run the app in a thread and
         # block this loop, where the worker runs, for the duration of each request).

@@ -21,12 +21,19 @@ from temporalio.worker import Replayer, Worker
 from tests.sagas.conftest import SagaFactory, SagaHarness, eventually
 from workflows.order_fulfilment.activities import FulfilmentActivities
 from workflows.order_fulfilment.inputs import COMPENSATION_FAILED, ORDER_OUTCOME_ATTRIBUTE, StockArgs
+from workflows.order_fulfilment.outcome_metrics import SagaOutcomeMetrics
 from workflows.order_fulfilment.workflow import OrderFulfilment
 from workflows.runtime import WORKFLOW_RUNNER
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 
 HISTORIES = Path(__file__).parent / "histories"
+
+
+def _counted(saga: SagaHarness, name: str, **labels: str) -> float:
+    """A sample of the harness's own metrics registry (0 when absent)."""
+    found = saga.container.metrics.registry.get_sample_value(name, {"saga": "fulfilment", **labels})
+    return found or 0.0
 
 
 async def _listed(saga: SagaHarness, query: str) -> list[str]:
@@ -79,6 +86,10 @@ async def test_a_business_outcome_completes_with_it_as_result_and_search_attribu
     report = answer.json()
     assert (report["status"], report["step"], report["outcome"]["status"]) == ("completed", status, status)
     assert report["outcome"]["compensation_failures"] == []
+    assert _counted(saga, "orderstream_saga_starts_total") == 1
+    assert _counted(saga, "orderstream_saga_outcomes_total", outcome=status) == 1
+    # The query above replayed the closed run in the worker: not counted again.
+    assert _counted(saga, "orderstream_saga_outcomes_total", outcome="failed") == 0
 
 
 async def test_shipped_sets_the_outcome_attribute_too(make_saga: SagaFactory) -> None:
@@ -88,6 +99,7 @@ async def test_shipped_sets_the_outcome_attribute_too(make_saga: SagaFactory) ->
 
     assert (await saga.outcome(order_id)).status == "shipped"
     await _assert_listed(saga, order_id, "OrderOutcome = 'shipped' AND ExecutionStatus = 'Completed'")
+    assert _counted(saga, "orderstream_saga_outcomes_total", outcome="shipped") == 1
 
 
 async def test_without_search_attributes_the_run_completes_and_sets_none(make_saga: SagaFactory) -> None:
@@ -124,6 +136,7 @@ async def test_a_failed_compensation_fails_the_run_for_a_human(make_saga: SagaFa
         workflows=[OrderFulfilment],
         workflow_runner=WORKFLOW_RUNNER,
         activities=acts.all(),
+        interceptors=[SagaOutcomeMetrics(saga.container.metrics)],
     )
     async with worker:
         outcome = await saga.outcome(order_id)
@@ -136,6 +149,8 @@ async def test_a_failed_compensation_fails_the_run_for_a_human(make_saga: SagaFa
     report = (await saga.http.get(f"/orders/{order_id}/fulfilment")).json()
     assert (report["status"], report["outcome"]["status"]) == ("failed", "compensated")
     assert report["outcome"]["compensation_failures"] == outcome.raw["compensation_failures"]
+    assert _counted(saga, "orderstream_saga_outcomes_total", outcome="failed") == 1
+    assert _counted(saga, "orderstream_saga_outcomes_total", outcome="compensated") == 0
 
 
 @pytest.mark.parametrize("name", ["rejected", "declined", "deadline", "cancelled"])

@@ -64,6 +64,7 @@ from orderstream.eventstore.base import (
     SubscriptionSettings,
 )
 from orderstream.logging_setup import event_context
+from orderstream.metrics import Metrics
 from workflows.order_fulfilment.inputs import (
     DEFAULT_PAYMENT_DEADLINE_SECONDS,
     ORDER_OUTCOME_ATTRIBUTE,
@@ -130,12 +131,14 @@ class SagaTrigger:
         retry_backoff: tuple[float, float] = (0.2, 30.0),
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         local_steps: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         """``settings`` are used only when the group does not exist yet; by
         default it starts at the beginning of the store. ``retry_backoff`` is
         (first, longest) delay before a failed event is nacked for retry.
         ``max_in_flight``: events handed to Temporal and not yet settled, at most.
-        ``local_steps``: the sagas it starts run their steps as local activities."""
+        ``local_steps``: the sagas it starts run their steps as local activities.
+        ``metrics``: counts the sagas it starts (not those it found started)."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.event_store = event_store
@@ -149,6 +152,7 @@ class SagaTrigger:
         self.retry_backoff = retry_backoff
         self.max_in_flight = max_in_flight
         self.local_steps = local_steps
+        self.metrics = metrics
 
     # ------------------------------------------------------------------ running
 
@@ -290,6 +294,8 @@ class SagaTrigger:
         except RPCError as exc:
             raise TemporalUnavailable(f"start {workflow_id}: {exc.status.name}: {exc.message}") from exc
         log.info("started %s for OrderPlaced@%d", workflow_id, event.position)
+        if self.metrics is not None:
+            self.metrics.saga_started()
         return Handled("started", workflow_id)
 
     async def _signal(self, workflow_id: str, signal: str, arg: str) -> Handled:
