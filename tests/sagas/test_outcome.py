@@ -180,3 +180,26 @@ async def test_a_new_compensated_run_replays(make_saga: SagaFactory) -> None:
 
     assert result.replay_failure is None, result.replay_failure
     assert history.events[-1].HasField("workflow_execution_completed_event_attributes")
+
+
+async def test_cancelled_through_temporal_ends_canceled_with_the_outcome(make_saga: SagaFactory) -> None:
+    """An operator's cancellation (Web UI, CLI) is not a failure either: after the
+    compensations the run ends *Canceled*, its ``OrderOutcome`` ``compensated``."""
+    saga = await make_saga(search_attributes=True)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_pending", ("MUG", 2))
+    await saga.reach_step(order_id, "await-payment-result")
+
+    handle = saga.handle(order_id)
+    await handle.cancel()
+
+    async def canceled() -> bool:
+        return (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+
+    await eventually(canceled, what="the run to end Canceled")
+    description = await handle.describe()
+    assert description.typed_search_attributes.get(ORDER_OUTCOME_ATTRIBUTE) == "compensated"
+    assert (await saga.payment(order_id)).status == "voided"
+    assert _counted(saga, "orderstream_saga_outcomes_total", outcome="compensated") == 1
+    report = (await saga.http.get(f"/orders/{order_id}/fulfilment")).json()
+    assert (report["status"], report["outcome"]["status"]) == ("cancelled", "compensated")
