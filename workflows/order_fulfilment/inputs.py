@@ -45,6 +45,9 @@ reserved stock; the saga reserves the current lines and marks again."""
 ERR_DOMAIN = "DomainError"
 """Any other broken business rule; final like the ones above."""
 
+ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
+CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
+"""Set by the saga trigger at the start, when the cluster has them registered."""
 ORDER_OUTCOME_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderOutcome")
 """Set by the workflow as it ends: ``shipped``, ``rejected``, ``cancelled``,
 ``compensated`` (the run completed) or ``failed`` (it failed: a human is needed).

@@ -73,6 +73,7 @@ with workflow.unsafe.imports_passed_through():
         ERR_NOT_FOUND,
         FAILURE_TYPES,
         MAX_RESERVE_ROUNDS,
+        ORDER_ID_ATTRIBUTE,
         ORDER_OUTCOME_ATTRIBUTE,
         QUERY_STATUS,
         SIGNAL_CANCEL,
@@ -641,12 +642,13 @@ class OrderFulfilment:
         Returns whether this run ends business outcomes as completed runs
         (``False`` while replaying a run recorded before, see :data:`OUTCOME_COMPLETES`).
 
-        Set only when the run was started with the saga's search attributes:
-        the trigger sets them only once the cluster has them registered, and an
-        unregistered attribute would fail every workflow task of the run."""
+        Set only when the run was started with the saga's search attributes
+        (``OrderId`` among them): the trigger sets them only once the cluster has
+        them registered, and an unregistered attribute would fail every workflow
+        task of the run."""
         if not workflow.patched(OUTCOME_COMPLETES):
             return False
-        if workflow.info().typed_search_attributes.search_attributes:
+        if workflow.info().typed_search_attributes.get(ORDER_ID_ATTRIBUTE) is not None:
             workflow.upsert_search_attributes([ORDER_OUTCOME_ATTRIBUTE.value_set(order_outcome)])
         return True
 

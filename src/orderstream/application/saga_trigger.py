@@ -42,7 +42,6 @@ from dataclasses import dataclass
 
 from temporalio.client import Client
 from temporalio.common import (
-    SearchAttributeKey,
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
@@ -66,7 +65,9 @@ from orderstream.eventstore.base import (
 from orderstream.logging_setup import event_context
 from orderstream.metrics import Metrics
 from workflows.order_fulfilment.inputs import (
+    CORRELATION_ID_ATTRIBUTE,
     DEFAULT_PAYMENT_DEADLINE_SECONDS,
+    ORDER_ID_ATTRIBUTE,
     ORDER_OUTCOME_ATTRIBUTE,
     SAGA_ACTOR,
     SIGNAL_CANCEL,
@@ -87,8 +88,6 @@ DEFAULT_MAX_IN_FLIGHT = 64
 """Starts and signals waiting on Temporal at once (``ORDERSTREAM_SAGA_IN_FLIGHT``).
 Measured on the dev server (docs/sagas.md): past a few dozen, more only queue there."""
 
-ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
-CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
 SEARCH_ATTRIBUTES = (ORDER_ID_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE, ORDER_OUTCOME_ATTRIBUTE)
 """Custom search attributes the trigger sets when ``use_search_attributes``
 (and the workflow sets ``OrderOutcome`` as it ends, in runs started with them):
