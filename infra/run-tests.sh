@@ -42,5 +42,11 @@ infra/install-wrk.sh  # tests/load drives a live service with bench.load's wrk s
 # tests/infra/test_prometheus.py runs Debian's prometheus as a plain process (skips without it)
 command -v prometheus >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }; } || echo "prometheus not installed: tests/infra/test_prometheus.py skips" >&2
 
+# tests/sagas/test_outcome_web_ui.py renders the Temporal Web UI in Debian's headless chromium (skips without it)
+command -v chromium >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; } || echo "chromium not installed: the rendered Web UI test skips" >&2
+# tests/sagas/test_deadline_time_skipping.py runs Temporal's time-skipping test server
+# (Maven Central jars); without them it skips, saying so
+infra/temporal-test-server/launcher.sh build >/dev/null || echo "temporal-test-server not built: the time-skipping deadline tests skip" >&2
+
 echo "== pytest"
 "$BIN/python" -m pytest -ra "$@"

@@ -37,7 +37,9 @@ from orderstream import logging_setup
 from orderstream.application.payment_gateway import PaymentGateway
 from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
 from orderstream.application.use_cases import UseCases
+from orderstream.metrics import Metrics
 from workflows.order_fulfilment.activities import FulfilmentActivities
+from workflows.order_fulfilment.outcome_metrics import SagaOutcomeMetrics
 from workflows.order_fulfilment.workflow import OrderFulfilment
 
 if TYPE_CHECKING:
@@ -327,7 +329,9 @@ def build_worker(
     gateway: PaymentGateway,
     task_queue: str,
     tuning: WorkerTuning | None = None,
+    metrics: Metrics | None = None,
 ) -> Worker:
+    """``metrics``: where the sagas' outcomes are counted (:class:`SagaOutcomeMetrics`)."""
     tuning = tuning or WorkerTuning.from_env(os.environ)
     activities = FulfilmentActivities(use_cases, gateway)
     executor = None
@@ -344,6 +348,7 @@ def build_worker(
         max_concurrent_workflow_tasks=tuning.max_concurrent_workflow_tasks,
         max_concurrent_local_activities=tuning.max_concurrent_local_activities,
         workflow_task_executor=executor,
+        interceptors=[SagaOutcomeMetrics(metrics)] if metrics is not None else [],
     )
 
 
@@ -354,9 +359,10 @@ async def run_worker(
     task_queue: str,
     stop: asyncio.Event,
     tuning: WorkerTuning | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Poll ``task_queue`` until ``stop`` is set, then shut down gracefully."""
-    worker = build_worker(client, use_cases, gateway, task_queue, tuning)
+    worker = build_worker(client, use_cases, gateway, task_queue, tuning, metrics)
     log.info("saga worker polling %s (%s)", task_queue, tuning or "tuning from the environment")
     async with worker:
         await stop.wait()

@@ -181,6 +181,7 @@ class SagaService:
                 payment_deadline_seconds=self.config.payment_deadline_seconds,
                 use_search_attributes=searchable,
                 max_in_flight=self.config.max_in_flight,
+                metrics=self.container.metrics,
             )
         self.client = client
 
@@ -194,7 +195,12 @@ class SagaService:
                 if self.with_worker:
                     group.create_task(
                         run_worker(
-                            client, self.container.use_cases, self.gateway, self.config.task_queue, stop
+                            client,
+                            self.container.use_cases,
+                            self.gateway,
+                            self.config.task_queue,
+                            stop,
+                            metrics=self.container.metrics,
                         ),
                         name="saga-worker",
                     )

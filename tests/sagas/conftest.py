@@ -114,7 +114,9 @@ class SagaHarness:
     def start_worker(self, stop: asyncio.Event | None = None) -> asyncio.Task[None]:
         uc = self.container.use_cases
         stop = stop or self.stop
-        task = asyncio.create_task(run_worker(self.env.client, uc, self.gateway, self.task_queue, stop))
+        metrics = self.container.metrics
+        worker = run_worker(self.env.client, uc, self.gateway, self.task_queue, stop, metrics=metrics)
+        task = asyncio.create_task(worker)
         self.tasks.append(task)
         return task
 
@@ -220,7 +222,8 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
     harness over a fresh store and task queue, with the trigger (and a worker)
     running. ``local_steps=False``: the sagas run their steps as remote activities,
     which lets a test catch a run between two steps. ``event_store_url``: another
-    event store than the SQLite file in ``tmp_path``."""
+    event store than the SQLite file in ``tmp_path``. ``search_attributes``: the
+    sagas start with the custom search attributes (and set ``OrderOutcome``)."""
     created: list[tuple[SagaHarness, contextlib.AsyncExitStack]] = []
 
     async def make(
@@ -230,6 +233,7 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
         local_steps: bool = True,
         max_in_flight: int = 64,
         event_store_url: str = "",
+        search_attributes: bool = False,
     ) -> SagaHarness:
         stack = contextlib.AsyncExitStack()
         container = await build(Settings(data_dir=tmp_path, event_store_url=event_store_url))
@@ -246,6 +250,8 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
             payment_deadline_seconds=payment_deadline,
             local_steps=local_steps,
             max_in_flight=max_in_flight,
+            use_search_attributes=search_attributes,
+            metrics=container.metrics,
         )
         # In this event loop (Litestar's test client would run the app in a thread and
         # block this loop, where the worker runs, for the duration of each request).

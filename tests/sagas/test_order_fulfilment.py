@@ -96,7 +96,7 @@ async def test_stock_short_rejects_and_reserves_nothing(make_saga: SagaFactory) 
     outcome = await saga.outcome(order_id)
 
     assert outcome.status == "rejected"
-    assert outcome.error_type == "FulfilmentRejected"
+    assert outcome.error_type is None  # completed: a business outcome
     assert "TEA" in (outcome.reason or "")
     order = await saga.order(order_id)
     assert order.status == "rejected"
@@ -125,7 +125,7 @@ async def test_declined_payment_releases_stock_and_cancels_with_the_reason(make_
     outcome = await saga.outcome(order_id)
 
     assert outcome.status == "compensated"
-    assert outcome.error_type == "FulfilmentCompensated"
+    assert outcome.error_type is None  # completed: a business outcome
     assert outcome.reason == "payment declined: card declined by the issuer"
     order = await saga.order(order_id)
     assert (order.status, order.cancel_reason) == ("cancelled", outcome.reason)
@@ -228,7 +228,7 @@ async def test_customer_cancellation_while_pending_undoes_every_step(make_saga: 
     outcome = await saga.outcome(order_id)
 
     assert outcome.status == "cancelled"
-    assert outcome.error_type == "FulfilmentCancelled"
+    assert outcome.error_type is None  # completed: a business outcome
     assert outcome.reason == "cancelled by the customer: changed my mind"
     assert outcome.compensations == [
         "void-payment: voided",
@@ -310,7 +310,7 @@ async def test_cancelled_right_after_placing_reserves_nothing_in_the_end(make_sa
     outcome = await saga.outcome(order_id)
 
     assert outcome.status == "cancelled"
-    assert outcome.error_type == "FulfilmentCancelled"
+    assert outcome.error_type is None  # completed: a business outcome
     assert (await saga.stock("MUG")).reserved == 0
     assert (await saga.order(order_id)).status == "cancelled"
     assert (await saga.counts(f"order-{order_id}"))["OrderCancelled"] == 1

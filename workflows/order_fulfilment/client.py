@@ -3,7 +3,9 @@
 Used by ``GET /orders/{id}/fulfilment``. The running (or closed) workflow
 answers the ``status`` query; when it cannot (no worker polls the task queue,
 or the query times out) the report falls back to Temporal's description of
-the execution and, for a closed one, its result or failure.
+the execution and, for a closed one, its result (every business outcome) or
+failure (a failed compensation; runs recorded before ``outcome-completes`` also
+failed with their outcome as the failure's first detail).
 
 When Temporal cannot be reached (connection refused, server unavailable or
 overloaded, no answer within :data:`QUERY_TIMEOUT`) the report raises
@@ -83,7 +85,8 @@ class FulfilmentReport:
     workflow_id: str
     run_id: str
     status: str
-    """Temporal's view: running, completed, failed, cancelled, terminated, timed_out, ..."""
+    """Temporal's view: running, completed (any business outcome), failed (a human
+    is needed), cancelled (through Temporal), terminated, timed_out, ..."""
     step: str
     payment_id: str
     web_ui_url: str | None

@@ -5,8 +5,9 @@ SDK's default JSON converter carries them and the Web UI shows them readably.
 Fields may be added later with defaults; never rename or remove one while
 workflows that use it are running.
 
-This module imports nothing but the standard library: the saga trigger, the
-API and the workflow sandbox all import it.
+This module imports nothing but the standard library and ``temporalio.common``
+(for the search attribute keys): the saga trigger, the API and the workflow
+sandbox all import it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
+
+from temporalio.common import SearchAttributeKey
 
 WORKFLOW_TYPE = "OrderFulfilment"
 WORKFLOW_ID_PREFIX = "order-fulfilment-"
@@ -42,13 +45,23 @@ reserved stock; the saga reserves the current lines and marks again."""
 ERR_DOMAIN = "DomainError"
 """Any other broken business rule; final like the ones above."""
 
-# ApplicationError types the workflow fails with when it compensated.
+ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
+CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
+"""Set by the saga trigger at the start, when the cluster has them registered."""
+ORDER_OUTCOME_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderOutcome")
+"""Set by the workflow as it ends: ``shipped``, ``rejected``, ``cancelled``,
+``compensated`` (the run completed) or ``failed`` (it failed: a human is needed).
+The Web UI filters on it (``OrderOutcome="cancelled"``)."""
+
+# ApplicationError types a compensated run failed with before it completed with
+# its outcome (patch ``outcome-completes``): runs recorded before replay them.
 FAILURE_TYPES: dict[str, str] = {
     "rejected": "FulfilmentRejected",
     "cancelled": "FulfilmentCancelled",
     "compensated": "FulfilmentCompensated",
 }
 COMPENSATION_FAILED = "CompensationFailed"
+"""The one failure of a compensated run: a compensation failed, a human must finish it."""
 
 _PAYMENT_ID_NAMESPACE = uuid.UUID("0d8f6c3e-6a43-4b8e-9f0c-5e2b7a91c4d2")
 _TRACKING_NAMESPACE = uuid.UUID("6b2e9d14-2f7a-4c55-8e31-9a0f4c7d8b63")
@@ -209,9 +222,9 @@ class AuthorisationResult:
 
 @dataclass
 class FulfilmentOutcome:
-    """How the saga ended. Returned when ``shipped``; otherwise the workflow
-    fails with an ApplicationError whose type is ``FAILURE_TYPES[status]`` (or
-    ``CompensationFailed``) and whose first detail is this object."""
+    """How the saga ended: the run's result, whatever the status. When a
+    compensation failed (``compensation_failures``) the run fails instead, with
+    an ApplicationError of type ``CompensationFailed`` whose first detail is this."""
 
     status: OutcomeStatus
     reason: str | None = None

@@ -35,13 +35,20 @@ shielded to their end and the saga completes ``shipped`` (the outcome's
 ``reason`` says the cancellation was ignored); only if ``ship-order`` itself
 fails is the cancellation honoured (compensate, end *Canceled*).
 
-Outcome: ``shipped`` is the only successful end (the run returns a
-:class:`FulfilmentOutcome`). Any compensated end fails the workflow with a
-non-retryable ``ApplicationError`` of type ``FulfilmentRejected``,
-``FulfilmentCancelled`` or ``FulfilmentCompensated`` (``CompensationFailed`` if a
-compensation itself failed), the outcome as its first detail. The ``status``
+Outcome: a business end is not a breakage. ``shipped``, ``rejected``,
+``cancelled`` and ``compensated`` (every compensation ran) all *complete* the
+workflow with the :class:`FulfilmentOutcome` as its result, and set the
+``OrderOutcome`` search attribute to the status, so the Web UI lists them
+Completed and filters them (``OrderOutcome="cancelled"``). The workflow *fails*
+only when a human is needed: a compensation itself failed (``CompensationFailed``,
+the outcome as its first detail) or a step past the pivot failed for good;
+``OrderOutcome`` is then ``failed``. A cancellation through Temporal still ends
+*Canceled* (an operator asked for it), after the compensations. The ``status``
 query returns the step, the completed steps, the compensations run and the
 outcome at any time.
+
+Runs recorded before that (patch ``outcome-completes``) replay as they ran:
+a compensated end failed them with ``FAILURE_TYPES[status]``.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ with workflow.unsafe.imports_passed_through():
         ERR_NOT_FOUND,
         FAILURE_TYPES,
         MAX_RESERVE_ROUNDS,
+        ORDER_ID_ATTRIBUTE,
+        ORDER_OUTCOME_ATTRIBUTE,
         QUERY_STATUS,
         SIGNAL_CANCEL,
         SIGNAL_PAYMENT_RESULT,
@@ -94,11 +103,17 @@ Acts = FulfilmentActivities
 
 TEMPORAL_CANCEL_REASON = "saga cancelled through Temporal"
 PAYMENT_DEADLINE_CHECK = "payment-deadline-checks-the-payment"
-JOINED_STEPS = "joined-steps"
-"""``workflow.patched`` id of running adjacent steps as one local activity
-(:meth:`OrderFulfilment._joined`); runs recorded before replay them one by one."""
 """``workflow.patched`` id of the ``payment-deadline`` step (see
 :meth:`OrderFulfilment._payment_deadline_passed`)."""
+JOINED_STEPS = "joined-steps"
+"""``workflow.patched`` id of running adjacent steps as one local activity
+(:meth:`OrderFulfilment._forward`); runs recorded before replay them one by one."""
+OUTCOME_COMPLETES = "outcome-completes"
+"""``workflow.patched`` id of ending every business outcome as a completed run
+with the ``OrderOutcome`` search attribute (:meth:`OrderFulfilment._end`); runs
+recorded before replay their failed end and set no attribute."""
+FAILED = "failed"
+"""``OrderOutcome`` of a run that needs a human (it fails)."""
 
 # ---------------------------------------------------------------- policies (defined once)
 
@@ -239,21 +254,26 @@ class OrderFulfilment:
         try:
             await self._forward()
         except SagaAborted as abort:
-            await self._compensate_and_fail(abort.status, abort.reason)
+            return await self._compensate_and_end(abort.status, abort.reason)
         except ActivityError as err:
             if self._shipped:
-                raise  # past the pivot nothing is undone: the workflow fails for an operator
-            await self._compensate_and_fail("compensated", f"{self._state.step} failed: {_message(err)}")
+                # Past the pivot nothing is undone: the workflow fails for an operator.
+                self._end(FAILED)
+                raise
+            failure = f"{self._state.step} failed: {_message(err)}"
+            return await self._compensate_and_end("compensated", failure)
         except asyncio.CancelledError:
             # Cancelled through Temporal (CLI, Web UI) before ship-order: undo, then
             # end as cancelled. (From ship-order on, the cancellation is held off.)
-            await self._compensate("compensated", TEMPORAL_CANCEL_REASON)
+            outcome = await self._compensate("compensated", TEMPORAL_CANCEL_REASON)
+            self._end(FAILED if outcome.compensation_failures else outcome.status)
             raise
         reason = None
         if self._cancel_held_off:
             reason = "cancellation through Temporal ignored: the order was shipped, nothing is undone"
         outcome = FulfilmentOutcome(status="shipped", reason=reason, tracking_number=self._tracking_number)
         self._finish(outcome)
+        self._end(outcome.status)
         return outcome
 
     async def _forward(self) -> None:
@@ -605,12 +625,32 @@ class OrderFulfilment:
         self._finish(outcome)
         return outcome
 
-    async def _compensate_and_fail(self, status: OutcomeStatus, reason: str) -> None:
+    async def _compensate_and_end(self, status: OutcomeStatus, reason: str) -> FulfilmentOutcome:
+        """Compensate; then complete with the outcome, unless a compensation
+        failed (a human must finish it): then fail with ``CompensationFailed``."""
         outcome = await self._compensate(status, reason)
+        completes = self._end(FAILED if outcome.compensation_failures else status)
+        if completes and not outcome.compensation_failures:
+            return outcome
         kind = COMPENSATION_FAILED if outcome.compensation_failures else FAILURE_TYPES[status]
         raise ApplicationError(
             f"order {self._inp.order_id} {status}: {reason}", outcome, type=kind, non_retryable=True
         )
+
+    def _end(self, order_outcome: str) -> bool:
+        """Record how the run ends in the ``OrderOutcome`` search attribute.
+        Returns whether this run ends business outcomes as completed runs
+        (``False`` while replaying a run recorded before, see :data:`OUTCOME_COMPLETES`).
+
+        Set only when the run was started with the saga's search attributes
+        (``OrderId`` among them): the trigger sets them only once the cluster has
+        them registered, and an unregistered attribute would fail every workflow
+        task of the run."""
+        if not workflow.patched(OUTCOME_COMPLETES):
+            return False
+        if workflow.info().typed_search_attributes.get(ORDER_ID_ATTRIBUTE) is not None:
+            workflow.upsert_search_attributes([ORDER_OUTCOME_ATTRIBUTE.value_set(order_outcome)])
+        return True
 
     def _finish(self, outcome: FulfilmentOutcome) -> None:
         self._state.outcome = outcome

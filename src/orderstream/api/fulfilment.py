@@ -109,11 +109,15 @@ class FulfilmentView(msgspec.Struct, frozen=True, kw_only=True):
     workflow_id: str
     run_id: str
     status: str
-    """The workflow's: running, completed, failed, cancelled, terminated, timed_out."""
+    """The workflow's: running, completed, failed, cancelled, terminated, timed_out.
+    ``completed`` whatever the business outcome (``outcome.status``); ``failed``
+    only when a human is needed (``outcome.compensation_failures``, or a step
+    after shipment failed for good); ``cancelled``: cancelled through Temporal."""
     step: str
     """The step running now, or how it ended (shipped, rejected, cancelled, compensated)."""
     outcome: FulfilmentOutcomeView | None
-    """Set once the saga has ended. Only ``shipped`` is a success; the others were compensated."""
+    """Set once the saga has ended: ``shipped``, or ``rejected``/``cancelled``/``compensated``
+    after every step was undone (listed in ``compensations``)."""
     completed_steps: list[str]
     compensations: list[str]
     payment_id: str

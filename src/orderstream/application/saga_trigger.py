@@ -42,7 +42,6 @@ from dataclasses import dataclass
 
 from temporalio.client import Client
 from temporalio.common import (
-    SearchAttributeKey,
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
@@ -64,8 +63,12 @@ from orderstream.eventstore.base import (
     SubscriptionSettings,
 )
 from orderstream.logging_setup import event_context
+from orderstream.metrics import Metrics
 from workflows.order_fulfilment.inputs import (
+    CORRELATION_ID_ATTRIBUTE,
     DEFAULT_PAYMENT_DEADLINE_SECONDS,
+    ORDER_ID_ATTRIBUTE,
+    ORDER_OUTCOME_ATTRIBUTE,
     SAGA_ACTOR,
     SIGNAL_CANCEL,
     SIGNAL_PAYMENT_RESULT,
@@ -85,10 +88,9 @@ DEFAULT_MAX_IN_FLIGHT = 64
 """Starts and signals waiting on Temporal at once (``ORDERSTREAM_SAGA_IN_FLIGHT``).
 Measured on the dev server (docs/sagas.md): past a few dozen, more only queue there."""
 
-ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
-CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
-SEARCH_ATTRIBUTES = (ORDER_ID_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE)
-"""Custom search attributes the trigger sets when ``use_search_attributes``:
+SEARCH_ATTRIBUTES = (ORDER_ID_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE, ORDER_OUTCOME_ATTRIBUTE)
+"""Custom search attributes the trigger sets when ``use_search_attributes``
+(and the workflow sets ``OrderOutcome`` as it ends, in runs started with them):
 the dev server registers them at start (see ``workflows.runtime``); a real
 cluster needs ``temporal operator search-attribute create`` once."""
 
@@ -128,12 +130,14 @@ class SagaTrigger:
         retry_backoff: tuple[float, float] = (0.2, 30.0),
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         local_steps: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         """``settings`` are used only when the group does not exist yet; by
         default it starts at the beginning of the store. ``retry_backoff`` is
         (first, longest) delay before a failed event is nacked for retry.
         ``max_in_flight``: events handed to Temporal and not yet settled, at most.
-        ``local_steps``: the sagas it starts run their steps as local activities."""
+        ``local_steps``: the sagas it starts run their steps as local activities.
+        ``metrics``: counts the sagas it starts (not those it found started)."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.event_store = event_store
@@ -147,6 +151,7 @@ class SagaTrigger:
         self.retry_backoff = retry_backoff
         self.max_in_flight = max_in_flight
         self.local_steps = local_steps
+        self.metrics = metrics
 
     # ------------------------------------------------------------------ running
 
@@ -288,6 +293,8 @@ class SagaTrigger:
         except RPCError as exc:
             raise TemporalUnavailable(f"start {workflow_id}: {exc.status.name}: {exc.message}") from exc
         log.info("started %s for OrderPlaced@%d", workflow_id, event.position)
+        if self.metrics is not None:
+            self.metrics.saga_started()
         return Handled("started", workflow_id)
 
     async def _signal(self, workflow_id: str, signal: str, arg: str) -> Handled:
