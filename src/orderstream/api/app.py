@@ -46,6 +46,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
 
 import orderstream
+from orderstream import tracing
 from orderstream.api.correlation import log_context_middleware
 from orderstream.api.ops import OpsController
 from orderstream.api.orders import OrderController
@@ -187,6 +188,7 @@ def create_app(
         before_request=strict_request,
         before_send=[make_before_send(container.metrics)],
         middleware=[log_context_middleware, http_latency_middleware(container.metrics)],
+        plugins=tracing.http_plugins(),
         request_max_body_size=container.settings.max_body_bytes,
         openapi_config=openapi_config(),
         lifespan=[lifespan],

@@ -51,6 +51,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from orderstream import tracing
 from orderstream.application.batch_consumer import BatchConsumer, Outcome
 from orderstream.domain import orders, payments
 from orderstream.events import EventRegistry
@@ -199,7 +200,9 @@ class SagaTrigger:
             for index, event in enumerate(events):
                 async with slots:
                     try:
-                        with event_context(event):  # what is logged names the event's stream, position, ids
+                        # What is logged names the event's stream, position and ids; the
+                        # span continues the trace of the request that appended it.
+                        with event_context(event), tracing.span_after(f"saga trigger {event.type}", event):
                             handled = await self.handle(event)
                     except TemporalUnavailable as exc:
                         outcome.unavailable.extend(events[index:])
