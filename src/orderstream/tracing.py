@@ -75,7 +75,7 @@ def configure(
         return _provider
     exporter_from_env = exporter is None
     if exporter is None:
-        exporter = _exporter_from(env)
+        exporter = exporter_from(env)
         if exporter is None:
             return None
         processor: SimpleSpanProcessor | BatchSpanProcessor = BatchSpanProcessor(exporter)
@@ -91,7 +91,8 @@ def configure(
     return provider
 
 
-def _exporter_from(env: Mapping[str, str]) -> SpanExporter | None:
+def exporter_from(env: Mapping[str, str]) -> SpanExporter | None:
+    """The exporter ``OTEL_TRACES_EXPORTER`` names (``None`` for ``none`` or unset)."""
     chosen = (env.get("OTEL_TRACES_EXPORTER") or "none").strip().lower()
     if chosen == "none":
         return None
