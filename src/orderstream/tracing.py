@@ -28,8 +28,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
+from litestar.plugins import PluginProtocol
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -81,7 +81,8 @@ def configure(
         processor: SimpleSpanProcessor | BatchSpanProcessor = BatchSpanProcessor(exporter)
     else:
         processor = SimpleSpanProcessor(exporter)
-    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself.
+    # Resource.create adds OTEL_RESOURCE_ATTRIBUTES; the name is ours to default
+    # ("orderstream", not the SDK's "unknown_service").
     name = env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
     provider.add_span_processor(processor)
@@ -128,16 +129,19 @@ def shutdown() -> None:
 # ----------------------------------------------------------------------- the HTTP span
 
 
-def http_plugins() -> list[Any]:
+def http_plugins() -> list[PluginProtocol]:
     """Litestar plugins for the app: the OpenTelemetry server span when tracing is on,
     none when off (the middleware would cost every request for nothing)."""
     if not enabled():
         return []
     from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
-    # No spans for the ASGI receive/send messages: two per request, nothing to read in them.
+    # No spans for the ASGI receive/send messages (two per request, nothing to read in
+    # them), nor for the scrapes and probes that poll every few seconds.
     config = OpenTelemetryConfig(
-        tracer_provider=_provider, exclude_spans=["receive", "send"], exclude="/metrics"
+        tracer_provider=_provider,
+        exclude_spans=["receive", "send"],
+        exclude=["^/metrics$", "^/health$", "^/ready$"],
     )
     return [OpenTelemetryPlugin(config)]
 
@@ -145,9 +149,16 @@ def http_plugins() -> list[Any]:
 # ---------------------------------------------------------------- the command path
 
 
+_OFF: contextlib.nullcontext[Span] = contextlib.nullcontext(trace.INVALID_SPAN)
+"""What a span is while tracing is off: the API's invalid (non-recording) span, and no
+context switch at all (the no-op tracer's span would still attach a context)."""
+
+
 def command_span(name: str, stream: str) -> contextlib.AbstractContextManager[Span]:
-    """A span of the command handler (``command``, ``command batch``) for ``stream``:
-    the API's no-op span when tracing is off."""
+    """A span of the command handler (``command``, ``command batch``, ``append``) for
+    ``stream``; nothing while tracing is off (every command pays only this call)."""
+    if _provider is None:
+        return _OFF
     return _tracer.start_as_current_span(name, attributes={"orderstream.stream": stream})
 
 

@@ -200,10 +200,8 @@ class SagaTrigger:
             for index, event in enumerate(events):
                 async with slots:
                     try:
-                        # What is logged names the event's stream, position and ids; the
-                        # span continues the trace of the request that appended it.
-                        with event_context(event), tracing.span_after(f"saga trigger {event.type}", event):
-                            handled = await self.handle(event)
+                        with event_context(event):  # what is logged names the event's stream, position, ids
+                            handled = await self._traced(event)
                     except TemporalUnavailable as exc:
                         outcome.unavailable.extend(events[index:])
                         outcome.unavailable_reason = str(exc)
@@ -222,6 +220,15 @@ class SagaTrigger:
         return outcome
 
     # ----------------------------------------------------------------- handling
+
+    async def _traced(self, event: RecordedEvent) -> Handled:
+        """:meth:`handle` in a span continuing the trace of the request that appended
+        ``event`` (the workflow start or signal joins the order's trace)."""
+        with tracing.span_after(f"saga trigger {event.type}", event) as span:
+            handled = await self.handle(event)
+            if span is not None:
+                span.set_attribute("orderstream.saga.action", handled.action)
+            return handled
 
     async def handle(self, event: RecordedEvent) -> Handled:
         """Start or signal for one event. Raises :class:`TemporalUnavailable`
