@@ -169,8 +169,10 @@ _W3C = TraceContextTextMapPropagator()
 
 
 def traceparent_of(span: Span) -> str | None:
-    """A recording span as a W3C ``traceparent``, for event metadata."""
-    if not span.is_recording():
+    """A span as a W3C ``traceparent``, for event metadata; ``None`` while tracing is off.
+    A span that a sampler left out is written too (its flags say so): the consumers'
+    spans then follow the same decision instead of starting traces of their own."""
+    if not span.get_span_context().is_valid:
         return None
     carrier: dict[str, str] = {}
     _W3C.inject(carrier, context=trace.set_span_in_context(span))

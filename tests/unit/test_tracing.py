@@ -153,3 +153,25 @@ def test_a_batch_links_every_traced_event(exported: InMemorySpanExporter) -> Non
     ] == traced
     assert batch.attributes is not None
     assert batch.attributes["orderstream.events"] == 4
+
+
+async def test_a_sampled_out_command_still_writes_its_decision(
+    monkeypatch: pytest.MonkeyPatch, handler: CommandHandler
+) -> None:
+    """With a sampler that leaves the request out, the event still carries the trace,
+    flagged unsampled, so the consumer's span follows the decision (no stray traces)."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    exporter = InMemorySpanExporter()
+    tracing.configure(exporter=exporter)
+    try:
+        await register(handler)
+        (stored,) = await handler.event_store.read_stream(STREAM)
+        assert stored.metadata.traceparent is not None
+        flags = int(stored.metadata.traceparent.rsplit("-", 1)[1], 16)
+        assert flags & 0x01 == 0  # W3C "sampled" unset
+        with tracing.span_after("saga trigger ProductRegistered", stored) as span:
+            assert span is not None
+            assert not span.is_recording()
+    finally:
+        tracing.shutdown()
+    assert exporter.get_finished_spans() == ()

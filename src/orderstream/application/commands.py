@@ -131,7 +131,7 @@ class CommandContext:
         )
 
     def traced(self, span: Span) -> CommandContext:
-        """This context under ``span`` (itself when the span does not record)."""
+        """This context under ``span`` (itself while tracing is off)."""
         traceparent = tracing.traceparent_of(span)
         return self if traceparent is None else dataclasses.replace(self, traceparent=traceparent)
 
@@ -321,7 +321,7 @@ class CommandHandler:
         Traced as one span (the batch runs in the batcher's task, under the context of
         the request that started it), whose ids go into every request's events."""
         with tracing.command_span("command batch", stream) as span:
-            if span.is_recording():
+            if span.get_span_context().is_valid:  # tracing is on
                 span.set_attribute("orderstream.requests", len(requests))
                 requests = [dataclasses.replace(r, context=r.context.traced(span)) for r in requests]
             return await self._with_retry(decider, stream, requests, None)
