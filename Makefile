@@ -31,6 +31,8 @@ lint: install-test
 
 # Every benchmark in order; bench.commands only where it exists. BENCH_LOAD_ARGS passes options to
 # bench.load (e.g. BENCH_LOAD_ARGS="--scenarios place,mixed --duration 20").
+# bench.queries on Elasticsearch only when a node answers ($ORDERSTREAM_TEST_ES_URL, else :9200);
+# bench.freshness skips its Elasticsearch half by itself then.
 bench: install-test
 	bash infra/install-wrk.sh
 	$(BIN)/python -m bench.eventstore_append
@@ -39,6 +41,10 @@ bench: install-test
 	$(BIN)/python -m bench.load $(BENCH_LOAD_ARGS)
 	$(BIN)/python -m bench.commands
 	$(BIN)/python -m bench.queries --orders 200000
+	if curl -sf "$${ORDERSTREAM_TEST_ES_URL:-http://127.0.0.1:9200}" >/dev/null; then \
+		$(BIN)/python -m bench.queries --orders 200000 --read-store es; \
+	else echo "no Elasticsearch node: bench.queries --read-store es skipped"; fi
+	$(BIN)/python -m bench.freshness
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,17 +1,21 @@
-"""Queries on a big read model: ``python -m bench.queries [--orders N]``.
+"""Queries on a big read model: ``python -m bench.queries [--orders N] [--read-store sqlite|es]``.
 
-1. Bulk-loads N orders (default 1,000,000) into a SQLite read store: each order's
-   events are folded by the ``orders`` projection itself and written through the
-   read store's ``write`` API in batches, as a catching-up projection would (no HTTP,
-   no event store: the point is the read side's size, not how it got there).
+1. Bulk-loads N orders (default 1,000,000) into the read store (SQLite, or with
+   ``--read-store es`` Elasticsearch under a fresh index prefix, deleted at the end):
+   each order's events are folded by the ``orders`` projection itself and written
+   through the read store's bulk ``write`` API in batches, as a catching-up projection
+   would (no HTTP, no event store: the point is the read side's size, not how it got there).
 2. Starts ``orderstream api`` on that read store (no projection runner in it) and
-   drives it with wrk (``/usr/bin/wrk``), 32 connections, on: a plain list, a
-   full-text query with many matches, one with few, a status filter, and a list
-   with the status facet.
-3. Prints req/s, p50 and p99 of each beside references from the same run: the warm
-   time of the same query's SQL on the database directly, the SQL the store ran for
-   every list before (count + facet + full-document sort), and ``GET /health`` of the
-   same server under the same wrk load (the HTTP floor on this machine).
+   drives it with wrk, 32 connections, on: a plain list, a full-text query with many
+   matches, one with few, a status filter, a customer filter and lists with the status facet.
+3. Prints req/s, p50 and p99 of each beside references from the same run:
+   ``GET /health`` of the same server under the same wrk load (the HTTP floor on this
+   machine), and per store
+   - SQLite: the warm time of the same query's SQL on the database directly, and the SQL
+     the store ran for every list before (count + facet + full-document sort);
+   - Elasticsearch: the very request the read store sends for that query (recorded from
+     the store), sent straight to the node's ``_search`` by wrk at the same connections,
+     i.e. what the API adds on top of the store; and the node's own ``took``.
 
 The data: a city per order out of eight (``london`` matches 1 in 8 orders), a
 customer out of 20,000, one order in 100,000 shipped to ``Zanzibar`` (the "few
@@ -25,6 +29,7 @@ import asyncio
 import os
 import random
 import re
+import shutil
 import socket
 import sqlite3
 import statistics
@@ -34,16 +39,19 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
+from elasticsearch import AsyncElasticsearch, NotFoundError
 
 from bench import auth as bench_auth
-from orderstream.readstore.base import CollectionSchema, Document, Query, Upsert
+from orderstream.readstore.base import CollectionSchema, Document, Query, ReadStore, Upsert
+from orderstream.readstore.elasticsearch import ElasticsearchReadStore
 from orderstream.readstore.sqlite import PrefixCache, SqliteReadStore, _QueryPlan, _Table
 from projections import order_summary
 
@@ -116,29 +124,35 @@ def _fold(events: Sequence[_Event]) -> tuple[Document, int]:
     return doc, events[-1].revision
 
 
-async def load(path: Path, orders: int, *, seed: int = 7) -> float:
-    """Fold and write ``orders`` orders into the read store at ``path``; returns seconds."""
+async def load(store: ReadStore, orders: int, *, seed: int = 7) -> float:
+    """Fold ``orders`` orders and write them through ``store``'s bulk ``write`` in
+    batches of ``BATCH``; returns seconds. Prints progress every 5% (and every 50,000)."""
     rng = random.Random(seed)
-    store = await SqliteReadStore.open(path)
     started = time.perf_counter()
+    await store.ensure_collection(order_summary.SCHEMA)
+    step = max(BATCH, min(50_000, orders // 20))
+    position = 0
+    for first in range(0, orders, BATCH):
+        ops = []
+        for n in range(first, min(orders, first + BATCH)):
+            events = _events(n, rng, position)
+            position += len(events)
+            doc, version = _fold(events)
+            ops.append(Upsert(id=doc["id"], version=version, document=doc))
+        await store.write(order_summary.NAME, ops)
+        done = first + len(ops)
+        if done % step < BATCH or done == orders:
+            rate = done / (time.perf_counter() - started)
+            print(f"  loaded {done:,}/{orders:,} orders ({rate:,.0f}/s)", flush=True)
+    return time.perf_counter() - started
+
+
+async def load_sqlite(path: Path, orders: int) -> float:
+    store = await SqliteReadStore.open(path)
     try:
-        await store.ensure_collection(order_summary.SCHEMA)
-        position = 0
-        for first in range(0, orders, BATCH):
-            ops = []
-            for n in range(first, min(orders, first + BATCH)):
-                events = _events(n, rng, position)
-                position += len(events)
-                doc, version = _fold(events)
-                ops.append(Upsert(id=doc["id"], version=version, document=doc))
-            await store.write(order_summary.NAME, ops)
-            done = first + len(ops)
-            if done % 50_000 < BATCH or done == orders:
-                rate = done / (time.perf_counter() - started)
-                print(f"  loaded {done:,}/{orders:,} orders ({rate:,.0f}/s)", flush=True)
+        return await load(store, orders)
     finally:
         await store.close()
-    return time.perf_counter() - started
 
 
 # ----------------------------------------------------------------------- the queries
@@ -251,6 +265,92 @@ def raw_times(path: Path, rounds: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+# ------------------------------------------------------------------ Elasticsearch
+
+
+class _RecordingClient:
+    """Passes every call on to the real client and keeps the arguments of each ``search``:
+    the request the read store sends for a query, to replay it straight to ``_search``."""
+
+    def __init__(self, client: AsyncElasticsearch) -> None:
+        self._client = client
+        self.searches: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def search(self, **params: Any) -> Any:
+        self.searches.append(params)
+        return await self._client.search(**params)
+
+
+@dataclass(frozen=True)
+class EsSearch:
+    """One case's request as the read store sends it, and the node's own time for it."""
+
+    url: str
+    """``{node}/{index}/_search``"""
+    body: Path
+    """The JSON body, for ``bench/wrk/search.lua``."""
+    took_ms: float
+    """Median ``took`` the node reports, warm."""
+
+
+def es_reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+async def load_es(url: str, prefix: str, orders: int) -> float:
+    store = await ElasticsearchReadStore.open(url, prefix=prefix, request_timeout=120)
+    try:
+        seconds = await load(store, orders)
+        await store.refresh(order_summary.NAME)
+        return seconds
+    finally:
+        await store.close()
+
+
+async def es_searches(url: str, prefix: str, folder: Path, rounds: int) -> dict[str, EsSearch]:
+    """Per case: the ``_search`` request the store sends (recorded while it answers the
+    case's query) and the median ``took`` of ``rounds`` warm repeats of it."""
+    client = AsyncElasticsearch(url, request_timeout=60)
+    recorder = _RecordingClient(client)
+    store = ElasticsearchReadStore(cast("AsyncElasticsearch", recorder), prefix)
+    out = {}
+    try:
+        for i, case in enumerate(CASES):
+            await store.query(order_summary.NAME, case.query)
+            params = dict(recorder.searches[-1])
+            index = params.pop("index")
+            body = folder / f"search-{i}.json"
+            body.write_bytes(msgspec.json.encode(params))
+            took = [(await client.search(index=index, **params))["took"] for _ in range(rounds)]
+            out[case.name] = EsSearch(f"{url.rstrip('/')}/{index}/_search", body, statistics.median(took))
+    finally:
+        await client.close()
+    return out
+
+
+async def delete_es(url: str, prefix: str) -> None:
+    """Every index and index template under ``prefix``."""
+    client = AsyncElasticsearch(url, request_timeout=60)
+    try:
+        indices = await client.indices.get(index=f"{prefix}*", expand_wildcards="all")
+        for index in indices.body:
+            await client.indices.delete(index=index, ignore_unavailable=True)
+        templates = await client.indices.get_index_template(name=f"{prefix}*")
+        for template in templates["index_templates"]:
+            await client.indices.delete_index_template(name=template["name"])
+    except NotFoundError:
+        pass
+    finally:
+        await client.close()
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -262,14 +362,29 @@ def _ms(text: str) -> float:
     return float(number) * _UNIT[unit]
 
 
-def wrk(url: str, *, seconds: int, connections: int) -> tuple[float, float, float, int]:
-    """req/s, p50 ms, p99 ms and non-2xx count of ``wrk --latency`` on ``url``."""
-    out = subprocess.run(
-        ["/usr/bin/wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", *_auth_option(url), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+WRK_SCRIPTS = Path(__file__).resolve().parent / "wrk"
+
+Result = tuple[float, float, float, int]
+"""req/s, p50 ms, p99 ms, non-2xx answers"""
+
+
+def wrk(
+    url: str, *, seconds: int, connections: int, script: str | None = None, script_args: Sequence[str] = ()
+) -> Result:
+    """req/s, p50 ms, p99 ms and non-2xx count of ``wrk --latency`` on ``url`` (with a
+    script of ``bench/wrk`` and its arguments, if given)."""
+    command = [
+        shutil.which("wrk") or "/usr/bin/wrk",
+        "-t2",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        *_auth_option(url),
+    ]
+    if script is not None:
+        command += ["-s", str(WRK_SCRIPTS / script)]
+    command += [url, *(["--", *script_args] if script_args else [])]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -288,10 +403,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_api(path: Path, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``orderstream api`` on the read store at ``path`` (its own event store)."""
+def start_api(read_store: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``orderstream api`` on the read store at URL ``read_store`` (its own event store)."""
     port = _free_port()
-    env = {**os.environ, "ORDERSTREAM_READ_STORE": f"sqlite:///{path.resolve()}"}
+    env = {**os.environ, "ORDERSTREAM_READ_STORE": read_store}
     process = subprocess.Popen(
         [sys.executable, "-m", "orderstream.cli", "api", "--port", str(port), "--log-level", "warning"],
         env=env,
@@ -329,41 +444,32 @@ def _count(path: Path) -> int:
         conn.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.queries", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--orders", type=int, default=1_000_000, help="orders in the read store")
-    parser.add_argument("--db", type=Path, help="keep the read store here (reused if it holds --orders)")
-    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per query")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=50, help="rounds of each raw SQL timing")
-    args = parser.parse_args(argv)
+def run_sqlite(args: argparse.Namespace, tmp: Path) -> None:
+    path = args.db or tmp / "read.db"
+    if _count(path) == args.orders:
+        print(f"reusing {path} ({args.orders:,} orders)", flush=True)
+    else:
+        for stale in path.parent.glob(f"{path.name}*"):
+            stale.unlink()
+        print(f"bulk-loading {args.orders:,} orders into {path} ...", flush=True)
+        seconds = asyncio.run(load_sqlite(path, args.orders))
+        print(f"loaded in {seconds:.0f} s ({args.orders / seconds:,.0f} orders/s)", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="bench-queries-") as tmp:
-        path = args.db or Path(tmp) / "read.db"
-        if _count(path) == args.orders:
-            print(f"reusing {path} ({args.orders:,} orders)", flush=True)
-        else:
-            for stale in path.parent.glob(f"{path.name}*"):
-                stale.unlink()
-            print(f"bulk-loading {args.orders:,} orders into {path} ...", flush=True)
-            seconds = asyncio.run(load(path, args.orders))
-            print(f"loaded in {seconds:.0f} s ({args.orders / seconds:,.0f} orders/s)", flush=True)
-
-        print("raw SQL, warm, one connection ...", flush=True)
-        raw = raw_times(path, args.rounds)
-        print("starting orderstream api (no projection runner) ...", flush=True)
-        process, base = start_api(path, Path(tmp))
-        rows = []
-        try:
-            print(f"wrk {args.connections} connections, {args.seconds} s: GET /health (reference) ...")
-            floor = wrk(f"{base}/health", seconds=args.seconds, connections=args.connections)
-            for case in CASES:
-                url = f"{base}/orders?{urllib.parse.urlencode(case.params)}"
-                print(f"wrk {args.connections} connections, {args.seconds} s: {case.name} ...", flush=True)
-                rows.append((case, wrk(url, seconds=args.seconds, connections=args.connections)))
-        finally:
-            process.terminate()
-            process.wait(30)
+    print("raw SQL, warm, one connection ...", flush=True)
+    raw = raw_times(path, args.rounds)
+    print("starting orderstream api (no projection runner) ...", flush=True)
+    process, base = start_api(f"sqlite:///{path.resolve()}", tmp)
+    rows = []
+    try:
+        print(f"wrk {args.connections} connections, {args.seconds} s: GET /health (reference) ...")
+        floor = wrk(f"{base}/health", seconds=args.seconds, connections=args.connections)
+        for case in CASES:
+            url = f"{base}/orders?{urllib.parse.urlencode(case.params)}"
+            print(f"wrk {args.connections} connections, {args.seconds} s: {case.name} ...", flush=True)
+            rows.append((case, wrk(url, seconds=args.seconds, connections=args.connections)))
+    finally:
+        process.terminate()
+        process.wait(30)
 
     print()
     print(f"{args.orders:,} orders, SQLite read store, wrk -c{args.connections} on orderstream api")
@@ -383,6 +489,93 @@ def main(argv: list[str] | None = None) -> None:
         "\nbefore SQL: the count + status facet + full-document sort the "
         "store ran for every list before (the reference)."
     )
+
+
+def run_es(args: argparse.Namespace, tmp: Path) -> None:
+    url = args.es_url
+    if not es_reachable(url):
+        raise SystemExit(
+            f"no Elasticsearch node answers at {url} (start one: infra/elasticsearch/dev-node.sh start)"
+        )
+    prefix = f"bench-queries-{uuid.uuid4().hex[:8]}-"
+    try:
+        print(
+            f"bulk-loading {args.orders:,} orders into Elasticsearch {url}, prefix {prefix} ...", flush=True
+        )
+        seconds = asyncio.run(load_es(url, prefix, args.orders))
+        print(f"loaded in {seconds:.0f} s ({args.orders / seconds:,.0f} orders/s)", flush=True)
+        print("recording the store's _search requests, warm took ...", flush=True)
+        searches = asyncio.run(es_searches(url, prefix, tmp, args.rounds))
+        print("starting orderstream api (no projection runner) ...", flush=True)
+        process, base = start_api(f"{url}?prefix={prefix}", tmp)
+        rows = []
+        try:
+            print(f"wrk {args.connections} connections, {args.seconds} s: GET /health (reference) ...")
+            floor = wrk(f"{base}/health", seconds=args.seconds, connections=args.connections)
+            for case in CASES:
+                search = searches[case.name]
+                url_api = f"{base}/orders?{urllib.parse.urlencode(case.params)}"
+                print(
+                    f"wrk {args.connections} connections, {args.seconds} s: {case.name}, API then _search ..."
+                )
+                api = wrk(url_api, seconds=args.seconds, connections=args.connections)
+                direct = wrk(
+                    search.url,
+                    seconds=args.seconds,
+                    connections=args.connections,
+                    script="search.lua",
+                    script_args=[str(search.body)],
+                )
+                rows.append((case, api, direct, search.took_ms))
+        finally:
+            process.terminate()
+            process.wait(30)
+    finally:
+        asyncio.run(delete_es(url, prefix))
+        print(f"deleted the {prefix}* indices and templates", flush=True)
+
+    print()
+    print(f"{args.orders:,} orders, Elasticsearch read store, wrk -c{args.connections} on orderstream api")
+    print(
+        f"{'query':<28} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}"
+        f" {'_search req/s':>14} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'took ms':>8}"
+    )
+    rate, p50, p99, bad = floor
+    print(f"{'GET /health (HTTP floor)':<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d}")
+    for case, (rate, p50, p99, bad), (d_rate, d_p50, d_p99, d_bad), took in rows:
+        print(
+            f"{case.name:<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d}"
+            f" {d_rate:>14.0f} {d_p50:>8.1f} {d_p99:>8.1f} {d_bad:>8d} {took:>8.1f}"
+        )
+    print(
+        "_search: the request the read store sends for this query, straight to the node by wrk "
+        "(same connections);\ntook: the node's own median time for it, warm, one at a time; "
+        "GET /health: the API's cheapest route."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.queries", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--orders", type=int, default=1_000_000, help="orders in the read store")
+    parser.add_argument("--read-store", choices=("sqlite", "es"), default="sqlite")
+    parser.add_argument(
+        "--es-url",
+        default=os.environ.get("ORDERSTREAM_TEST_ES_URL") or "http://127.0.0.1:9200",
+        help="Elasticsearch node for --read-store es (default $ORDERSTREAM_TEST_ES_URL, else the local node)",
+    )
+    parser.add_argument(
+        "--db", type=Path, help="SQLite: keep the read store here (reused if it holds --orders)"
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per query")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=50, help="rounds of each raw SQL / took timing")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-queries-") as tmp:
+        if args.read_store == "es":
+            run_es(args, Path(tmp))
+        else:
+            run_sqlite(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from orderstream import tracing
+from orderstream import logging_setup, tracing
 from orderstream.application.payment_gateway import PaymentGateway
 from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
 from orderstream.application.use_cases import UseCases
@@ -103,6 +103,8 @@ async def start_dev_server(
         ],
         search_attributes=search_attributes,
         dev_server_startup_timeout=timedelta(seconds=60),
+        # Its lines share our stderr: JSON where ours are JSON, so a log shipper parses every line.
+        dev_server_log_format="json" if logging_setup.default_format() == "json" else "pretty",
     )
     address = env.client.service_client.config.target_host
     log.info("Temporal dev server at %s%s", address, f", Web UI on port {ui_port}" if ui else "")
