@@ -56,7 +56,7 @@ import click
 import msgspec
 import uvloop
 
-from orderstream import logging_setup
+from orderstream import logging_setup, tracing
 from orderstream.application import webhook_signature
 from orderstream.application.group_status import GroupStatus
 from orderstream.application.queries import event_data
@@ -126,6 +126,10 @@ def settings_from(options: dict[str, Any]) -> Settings:
     try:
         logging_setup.configure(level)
     except ValueError as exc:  # a bad ORDERSTREAM_LOG_FORMAT
+        raise click.UsageError(str(exc)) from exc
+    try:
+        tracing.configure()  # OTEL_TRACES_EXPORTER etc.; off unless set
+    except tracing.TracingConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     try:
         return Settings.from_env(**options)

@@ -541,3 +541,21 @@ def test_temporal_dynamic_config_parses() -> None:
         assert isinstance(entries, list), f"{key} must be a list of values"
         assert entries, f"{key} has no value"
         assert all("value" in entry for entry in entries), f"{key}: every entry needs a value"
+
+
+# -------------------------------------------------------------------- tracing
+
+
+def test_app_services_send_traces_to_jaeger_and_grafana_reads_them(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    jaeger = services["jaeger"]
+    assert "4318:4318" in jaeger["ports"]
+    assert "16686:16686" in jaeger["ports"]
+    for name in APP_SERVICES:
+        env = _environment(services[name])
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    config = _load_yaml(GRAFANA_DIR / "provisioning" / "datasources" / "jaeger.yml")
+    (datasource,) = config["datasources"]
+    assert (datasource["type"], datasource["url"]) == ("jaeger", "http://jaeger:16686")

@@ -27,7 +27,7 @@ from typing import Any, cast
 import httpx
 import pytest
 import pytest_asyncio
-from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -104,6 +104,8 @@ class SagaHarness:
     """Stops the trigger alone: events are still recorded, no longer forwarded
     to Temporal (what a Temporal outage looks like from the saga's side)."""
     ctx: CommandContext = field(default_factory=lambda: CommandContext(actor="test"))
+    client: Client | None = None
+    """The Temporal client of the trigger and worker (``None``: the dev server's)."""
 
     @property
     def event_store_url(self) -> str:
@@ -115,7 +117,8 @@ class SagaHarness:
         uc = self.container.use_cases
         stop = stop or self.stop
         metrics = self.container.metrics
-        worker = run_worker(self.env.client, uc, self.gateway, self.task_queue, stop, metrics=metrics)
+        client = self.client or self.env.client
+        worker = run_worker(client, uc, self.gateway, self.task_queue, stop, metrics=metrics)
         task = asyncio.create_task(worker)
         self.tasks.append(task)
         return task
@@ -223,7 +226,8 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
     running. ``local_steps=False``: the sagas run their steps as remote activities,
     which lets a test catch a run between two steps. ``event_store_url``: another
     event store than the SQLite file in ``tmp_path``. ``search_attributes``: the
-    sagas start with the custom search attributes (and set ``OrderOutcome``)."""
+    sagas start with the custom search attributes (and set ``OrderOutcome``).
+    ``client``: another Temporal client for the trigger and worker (a traced one)."""
     created: list[tuple[SagaHarness, contextlib.AsyncExitStack]] = []
 
     async def make(
@@ -234,11 +238,12 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
         max_in_flight: int = 64,
         event_store_url: str = "",
         search_attributes: bool = False,
+        client: Client | None = None,
     ) -> SagaHarness:
         stack = contextlib.AsyncExitStack()
         container = await build(Settings(data_dir=tmp_path, event_store_url=event_store_url))
         stack.push_async_callback(container.close)
-        client = temporal_env.client
+        client = client or temporal_env.client
         task_queue = f"test-{uuid.uuid4().hex}"
         container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
             client, web_ui_url=UI, task_queue=task_queue
@@ -266,7 +271,7 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
         )
         stop = asyncio.Event()
         harness = SagaHarness(
-            container, temporal_env, task_queue, SandboxPaymentGateway(), trigger, http, stop
+            container, temporal_env, task_queue, SandboxPaymentGateway(), trigger, http, stop, client=client
         )
         container.extensions[PAYMENT_GATEWAY_KEY] = harness.gateway
         harness.tasks.append(asyncio.create_task(trigger.run(harness.trigger_stop)))

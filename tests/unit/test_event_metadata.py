@@ -24,7 +24,15 @@ from workflows.order_fulfilment.inputs import SAGA_ACTOR, StepRef
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 EVENT_FIXTURES = sorted((FIXTURES / "events").glob("*.v*.json"))
-WRITTEN_BY_ORDERSTREAM = ["api-command", "api-keyed", "api-authenticated", "saga-step", "snapshot", "empty"]
+WRITTEN_BY_ORDERSTREAM = [
+    "api-command",
+    "api-keyed",
+    "api-authenticated",
+    "api-traced",
+    "saga-step",
+    "snapshot",
+    "empty",
+]
 CORRELATION = "6f1c2a9e-3b4d-4e5f-8a7b-9c0d1e2f3a4b"
 ORDER_PLACED_ID = "5f0c6d2e-8a3b-4f4e-9a57-0d3c2b1a9e88"
 
@@ -37,6 +45,12 @@ EXPECTED = {
         request_hash="3f9a0e5571c24b8e8d640c1d2e3f4a5b",
     ),
     "api-authenticated": EventMetadata(actor="alice", correlation_id="req-7", roles="customer"),
+    "api-traced": EventMetadata(
+        actor="alice",
+        correlation_id="req-9",
+        roles="customer",
+        traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ),
     "saga-step": EventMetadata(
         actor=SAGA_ACTOR,
         correlation_id="req-42",
@@ -105,6 +119,14 @@ def test_the_command_contexts_write_the_metadata_they_wrote_before() -> None:
     authenticated = CommandContext(actor="alice", roles="customer", correlation_id="req-7")
     assert authenticated.metadata().to_json() == stored("api-authenticated")
     assert EventMetadata.from_json(stored("api-keyed")).roles is None  # written before roles
+    traced = CommandContext(
+        actor="alice",
+        roles="customer",
+        correlation_id="req-9",
+        traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
+    assert traced.metadata().to_json() == stored("api-traced")
+    assert EventMetadata.from_json(stored("api-authenticated")).traceparent is None  # written before tracing
 
 
 def test_empty_strings_in_a_context_are_not_written() -> None:

@@ -20,7 +20,7 @@ import logging
 import signal
 from collections.abc import Sequence
 
-from orderstream import logging_setup
+from orderstream import logging_setup, tracing
 from orderstream.application.commands import CommandHandler
 from orderstream.application.payment_gateway import SandboxPaymentGateway
 from orderstream.application.snapshots import SnapshotStore
@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--transient-failures", type=int, default=2, help="sandbox: tok_error failures")
     args = parser.parse_args(argv)
     logging_setup.configure(logging.INFO)
+    tracing.configure()  # the OTEL_* environment; off unless OTEL_TRACES_EXPORTER is set
     asyncio.run(serve(args.temporal_address, args.event_store, args.task_queue, args.transient_failures))
 
 

@@ -47,6 +47,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
 
 import orderstream
+from orderstream import tracing
 from orderstream.api.middleware import RequestMiddleware, ResponseStartHook
 from orderstream.api.ops import OpsController
 from orderstream.api.orders import OrderController
@@ -188,6 +189,7 @@ def create_app(
         before_send=[response_start],
         # Access is checked here, not by a Litestar guard: see orderstream.api.middleware.
         middleware=[DefineMiddleware(RequestMiddleware, access=access, metrics=container.metrics)],
+        plugins=tracing.http_plugins(),
         request_max_body_size=container.settings.max_body_bytes,
         openapi_config=openapi_config(),
         lifespan=[lifespan],

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
+from orderstream import tracing
 from orderstream.application.outage_log import OutageLog
 from orderstream.eventstore.base import (
     EventStore,
@@ -241,7 +242,8 @@ class BatchConsumer:
         with contextlib.suppress(Outage):  # only when stopping
             async for attempt in retrying:
                 with attempt:
-                    outcome = await self.handler(pending)
+                    with tracing.batch_span(f"consume {self.name}", pending):
+                        outcome = await self.handler(pending)
                     await self._settle(subscription, outcome)
                     pending = outcome.unavailable
                     if pending:

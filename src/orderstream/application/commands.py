@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
+from opentelemetry.trace import Span
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -49,6 +50,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from orderstream import tracing
 from orderstream.application.snapshots import PendingSnapshot, Snapshot, SnapshotStore, state_schema_id
 from orderstream.domain.common import Decider, DomainError
 from orderstream.events import EventRegistry
@@ -113,6 +115,9 @@ class CommandContext:
     idempotency_key: str | None = None
     request_hash: str | None = None
     """A digest of the request: a reused key with another request is refused."""
+    traceparent: str | None = None
+    """The command's span as a W3C ``traceparent`` when tracing is on (the handler
+    sets it): written into the events' metadata for the consumers to continue."""
 
     def metadata(self) -> EventMetadata:
         return EventMetadata(
@@ -122,7 +127,13 @@ class CommandContext:
             causation_id=self.causation_id or None,
             idempotency_key=self.idempotency_key or None,
             request_hash=self.request_hash or None,
+            traceparent=self.traceparent,
         )
+
+    def traced(self, span: Span) -> CommandContext:
+        """This context under ``span`` (itself while tracing is off)."""
+        traceparent = tracing.traceparent_of(span)
+        return self if traceparent is None else dataclasses.replace(self, traceparent=traceparent)
 
 
 def request_digest(payload: object) -> str:
@@ -292,18 +303,28 @@ class CommandHandler:
         before deciding; without it a lost race is retried from a fresh load
         up to ``max_attempts`` times.
         """
-        request: Request[C, S] = Request(command, context or CommandContext())
-        (outcome,) = await self._with_retry(decider, stream, [request], expected)
-        if isinstance(outcome, DomainError):
-            raise outcome
-        return outcome
+        with tracing.command_span("command", stream) as span:
+            request: Request[C, S] = Request(command, (context or CommandContext()).traced(span))
+            (outcome,) = await self._with_retry(decider, stream, [request], expected)
+            if isinstance(outcome, DomainError):
+                span.set_attribute("orderstream.refused", outcome.code)
+                raise outcome
+            _note_appended(span, outcome)
+            return outcome
 
     async def handle_batch(
         self, decider: Decider[C, E, S], stream: str, requests: Sequence[Request[C, S]]
     ) -> list[Outcome[S]]:
         """Decide every request in order against the evolving state and append all
-        their events in one append; one outcome per request, in order."""
-        return await self._with_retry(decider, stream, requests, None)
+        their events in one append; one outcome per request, in order.
+
+        Traced as one span (the batch runs in the batcher's task, under the context of
+        the request that started it), whose ids go into every request's events."""
+        with tracing.command_span("command batch", stream) as span:
+            if span.get_span_context().is_valid:  # tracing is on
+                span.set_attribute("orderstream.requests", len(requests))
+                requests = [dataclasses.replace(r, context=r.context.traced(span)) for r in requests]
+            return await self._with_retry(decider, stream, requests, None)
 
     async def create(
         self, decider: Decider[C, E, S], stream: str, command: C, *, context: CommandContext | None = None
@@ -312,7 +333,14 @@ class CommandHandler:
         key-derived order id): decided on the initial state and appended with
         ``NO_STREAM``, without reading the stream first. If it exists after all (a
         retried key), the ordinary path answers: a replay, or the decider's refusal."""
-        context = context or CommandContext()
+        with tracing.command_span("command", stream) as span:
+            result = await self._create(decider, stream, command, (context or CommandContext()).traced(span))
+            _note_appended(span, result)
+            return result
+
+    async def _create(
+        self, decider: Decider[C, E, S], stream: str, command: C, context: CommandContext
+    ) -> CommandResult[S]:
         if context.idempotency_key:
             record = await self.event_store.find_idempotency(context.actor, context.idempotency_key, stream)
             if record is not None:
@@ -323,9 +351,10 @@ class CommandHandler:
             raise DomainError(f"{stream}: nothing to do on a stream that does not exist")
         claims = [_claim(context, len(events) - 1)] if context.idempotency_key else []
         try:
-            result = await self.event_store.append(
-                stream, self._to_new_events(events, stream, context), NO_STREAM, idempotency=claims
-            )
+            with tracing.command_span("append", stream):
+                result = await self.event_store.append(
+                    stream, self._to_new_events(events, stream, context), NO_STREAM, idempotency=claims
+                )
         except (WrongExpectedVersion, IdempotencyKeyTaken):
             return await self.handle(decider, stream, command, context=context)
         for event in events:
@@ -391,9 +420,10 @@ class CommandHandler:
             return batch.answers(None)
         expectation = NO_STREAM if loaded.revision is None else loaded.revision
         try:
-            result = await self.event_store.append(
-                stream, batch.new_events, expectation, idempotency=batch.claims
-            )
+            with tracing.command_span("append", stream):
+                result = await self.event_store.append(
+                    stream, batch.new_events, expectation, idempotency=batch.claims
+                )
         except WrongExpectedVersion as conflict:
             if batch.claims and conflict.actual == loaded.revision and not search_metadata:
                 raise _DerivedIdsStored from conflict  # the stream did not move: our ids are stored
@@ -496,6 +526,13 @@ class CommandHandler:
             base=base,
         )
         self.snapshots.after_append(pending)
+
+
+def _note_appended(span: Span, result: CommandResult[Any]) -> None:
+    """The event types a command appended, on its span (what a trace viewer shows)."""
+    if span.is_recording():
+        span.set_attribute("orderstream.appended", [type(event).__name__ for event in result.appended])
+        span.set_attribute("orderstream.revision", result.revision)
 
 
 def _claim(context: CommandContext, last: int) -> IdempotencyClaim:

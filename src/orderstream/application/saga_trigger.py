@@ -50,6 +50,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from orderstream import tracing
 from orderstream.application.batch_consumer import BatchConsumer, Outcome
 from orderstream.domain import orders, payments
 from orderstream.events import EventRegistry
@@ -205,7 +206,7 @@ class SagaTrigger:
                 async with slots:
                     try:
                         with event_context(event):  # what is logged names the event's stream, position, ids
-                            handled = await self.handle(event)
+                            handled = await self._traced(event)
                     except TemporalUnavailable as exc:
                         outcome.unavailable.extend(events[index:])
                         outcome.unavailable_reason = str(exc)
@@ -224,6 +225,15 @@ class SagaTrigger:
         return outcome
 
     # ----------------------------------------------------------------- handling
+
+    async def _traced(self, event: RecordedEvent) -> Handled:
+        """:meth:`handle` in a span continuing the trace of the request that appended
+        ``event`` (the workflow start or signal joins the order's trace)."""
+        with tracing.span_after(f"saga trigger {event.type}", event) as span:
+            handled = await self.handle(event)
+            if span is not None:
+                span.set_attribute("orderstream.saga.action", handled.action)
+            return handled
 
     async def handle(self, event: RecordedEvent) -> Handled:
         """Start or signal for one event. Raises :class:`TemporalUnavailable`

@@ -137,6 +137,13 @@ class EventMetadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     roles: str | None = None
     """The actor's roles when a request caused the event, space-separated (``"customer"``);
     absent on events written before roles existed and on the system's own."""
+    traceparent: str | None = None
+    """The span of the command that appended the event, as a W3C ``traceparent``
+    (``00-<trace id>-<span id>-<flags>``): consumers continue its trace
+    (:mod:`orderstream.tracing`). Absent when tracing is off and on events written
+    before tracing existed. One standard field rather than ``trace_id``/``span_id``
+    keys, which other tools write with meanings of their own (see the ``foreign``
+    metadata fixture)."""
 
     def to_json(self) -> bytes:
         """The stored form (``b"{}"`` when every field is ``None``)."""
