@@ -25,13 +25,12 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > requirements.txt \
     && pip install -r requirements.txt
 
-# Then the project itself (a hatchling package: src/orderstream, workflows, projections).
+# Then the project itself (a hatchling package: src/orderstream, projections).
 COPY README.md ./
 COPY src ./src
-COPY workflows ./workflows
 COPY projections ./projections
 RUN pip install --no-deps . \
-    && cd / && python -c "import orderstream.cli, workflows, projections"
+    && cd / && python -c "import orderstream.cli, orderstream.sagas.fulfilment.saga, projections"
 
 # -------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE} AS runtime

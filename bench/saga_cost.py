@@ -12,7 +12,7 @@ in this process and measures, from then until every saga has ended:
 - per order, from the histories: events, workflow tasks (completed, timed out,
   failed) and local-step markers.
 
-``--variant`` picks worker settings (``workflows.runtime.WorkerTuning``); run
+``--variant`` picks worker settings (``orderstream.sagas.runtime.WorkerTuning``); run
 several to compare them in one sitting (each on a fresh store and dev server):
 ``python -m bench.saga_cost --variant default --variant tasks8``.
 """
@@ -31,15 +31,15 @@ from pathlib import Path
 from temporalio.api.enums.v1 import EventType
 
 from orderstream.application.commands import CommandContext
-from orderstream.application.payment_gateway import SandboxPaymentGateway
-from orderstream.application.saga_trigger import SagaTrigger
 from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import Container, build
 from orderstream.config import Settings
 from orderstream.domain import orders
 from orderstream.domain.common import Money
-from workflows.order_fulfilment.inputs import workflow_id_for
-from workflows.runtime import WorkerTuning, run_worker, start_dev_server
+from orderstream.sagas.fulfilment.inputs import workflow_id_for
+from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
+from orderstream.sagas.fulfilment.trigger import SagaTrigger
+from orderstream.sagas.runtime import WorkerTuning, run_worker, start_dev_server
 
 VARIANTS = {
     "default": WorkerTuning(),

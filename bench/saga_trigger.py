@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 from orderstream.application.commands import CommandContext
-from orderstream.application.saga_trigger import GROUP, SagaTrigger
 from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import Container, build
 from orderstream.config import Settings
 from orderstream.domain import orders
 from orderstream.domain.common import Money
 from orderstream.eventstore.base import EventFilter
-from workflows.runtime import start_dev_server
+from orderstream.sagas.fulfilment.trigger import GROUP, SagaTrigger
+from orderstream.sagas.runtime import start_dev_server
 
 ADDRESS = orders.Address(name="Ada", line1="1 Main St", city="Utrecht", postal_code="3511", country="NL")
 CTX = CommandContext(actor="bench")

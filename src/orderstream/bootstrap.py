@@ -8,7 +8,7 @@ Extension hook (sagas). ``container.background_services`` is a list of
 :class:`BackgroundService` (anything with ``name`` and ``async run(stop)``)
 that ``orderstream serve`` runs beside the API and the projection runners and
 stops on shutdown. ``orderstream serve`` and ``orderstream worker`` fill it
-from ``workflows.worker.background_services(container)`` when that module
+from ``orderstream.sagas.fulfilment.saga.background_services(container)`` when that module
 exists (see :func:`saga_services`); ``container.extensions`` holds objects such
 hooks want to share with route handlers (e.g. a Temporal client under
 ``"temporal_client"``).
@@ -44,7 +44,7 @@ from projections.base import Projection
 
 log = logging.getLogger("orderstream")
 
-SAGA_HOOK_MODULE = "workflows.worker"
+SAGA_HOOK_MODULE = "orderstream.sagas.fulfilment.saga"
 SAGA_HOOK_FUNCTION = "background_services"
 
 
@@ -194,7 +194,7 @@ async def build(
 
 
 def _saga_module() -> Any:
-    """``workflows.worker`` if it exists. A module that exists but fails to import
+    """``orderstream.sagas.fulfilment.saga`` if it exists. A module that exists but fails to import
     is an error, not a silent skip."""
     if importlib.util.find_spec(SAGA_HOOK_MODULE.split(".")[0]) is None:
         return None
@@ -204,7 +204,7 @@ def _saga_module() -> Any:
 
 
 async def saga_services(container: Container) -> list[BackgroundService]:
-    """The saga hook: ``workflows.worker.background_services(container)`` (async,
+    """The saga hook: ``orderstream.sagas.fulfilment.saga.background_services(container)`` (async,
     returning a list of :class:`BackgroundService`), if that module exists."""
     hook = getattr(_saga_module(), SAGA_HOOK_FUNCTION, None)
     if hook is None:
@@ -215,7 +215,7 @@ async def saga_services(container: Container) -> list[BackgroundService]:
 
 async def attach_api_extensions(container: Container) -> None:
     """For a process that serves the API without running the sagas:
-    ``workflows.worker.attach_fulfilment_client(container)`` (connects to
+    ``orderstream.sagas.fulfilment.saga.attach_fulfilment_client(container)`` (connects to
     ``TEMPORAL_ADDRESS`` if set). Failing to connect is logged, not fatal: the
     fulfilment route answers 503 until then."""
     attach = getattr(_saga_module(), "attach_fulfilment_client", None)

@@ -60,7 +60,6 @@ from orderstream import logging_setup, tracing
 from orderstream.application import webhook_signature
 from orderstream.application.group_status import GroupStatus
 from orderstream.application.queries import event_data
-from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
 from orderstream.auth.local_issuer import (
     DEFAULT_TTL,
     MAX_TTL,
@@ -81,6 +80,7 @@ from orderstream.bootstrap import (
 from orderstream.config import MAX_API_WORKERS, ConfigError, ConnectionLimits, Settings
 from orderstream.eventstore.base import EventFilter, ParkedEventNotFound, RecordedEvent, SkippedEvent
 from orderstream.metrics import metrics_shared_across_processes
+from orderstream.sagas.fulfilment.trigger import GROUP as SAGA_GROUP
 
 if TYPE_CHECKING:
     import uvicorn
@@ -88,7 +88,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("orderstream")
 
 SAGA_WORKER_PROCESSES_ENV = "ORDERSTREAM_SAGA_WORKER_PROCESSES"
-"""How many saga worker processes the saga services start (read by workflows/worker.py)."""
+"""How many saga worker processes the saga services start (read by sagas/fulfilment/saga.py)."""
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -572,7 +572,7 @@ def serve(host: str, port: int, access_log: bool, workers: int | None, sagas: bo
     settings = settings_from({**options, "api_workers": workers})
     if sagas and (os.cpu_count() or 1) >= 2:
         # The saga worker in a process of its own unless told otherwise: measured
-        # faster on 2 cores (docs/sagas.md, Throughput); read by workflows/worker.py.
+        # faster on 2 cores (docs/sagas.md, Throughput); read by src/orderstream/sagas/fulfilment/saga.py.
         os.environ.setdefault(SAGA_WORKER_PROCESSES_ENV, "1")
     run(
         run_process(

@@ -11,7 +11,7 @@ Where the spans come from:
   (:func:`batch_span`: a batch mixes many traces), the saga trigger's start or signal is
   a *child* of its event's stored span (:func:`span_after`);
 - Temporal: the SDK's ``TracingInterceptor`` on the client and worker
-  (``workflows/runtime.py``) carries the context through the workflow into each
+  (``src/orderstream/sagas/runtime.py``) carries the context through the workflow into each
   activity, whose commands are then children of the activity span.
 
 Configuration is the standard ``OTEL_*`` environment (:func:`configure`, called once by

@@ -396,7 +396,7 @@ def test_dockerfile_builds_a_non_root_orderstream_image() -> None:
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert users, "the Dockerfile never switches USER"
     assert not users[-1].startswith(("root", "0")), "the image must not run as root"
-    for package in ("src", "workflows", "projections"):
+    for package in ("src", "projections"):
         assert re.search(rf"^COPY {package} ", text, flags=re.MULTILINE), f"{package}/ is not copied"
 
 
@@ -405,7 +405,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
     for entry in (".git", ".venv", "data", "infra/elasticsearch/.build"):
         assert entry in lines, f".dockerignore does not exclude {entry}"
     assert any("__pycache__" in line for line in lines)
-    for needed in ("src", "workflows", "projections", "pyproject.toml", "README.md"):
+    for needed in ("src", "projections", "pyproject.toml", "README.md"):
         assert needed not in lines, f".dockerignore excludes {needed}, which the build needs"
 
 

@@ -19,10 +19,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
-from orderstream.application.saga_trigger import group_settings
 from orderstream.bootstrap import Container
 from orderstream.eventstore.base import ANY, NackAction, NewEvent, SubscriptionGroupNotFound
+from orderstream.sagas.fulfilment.trigger import GROUP as SAGA_GROUP
+from orderstream.sagas.fulfilment.trigger import group_settings
 from tests.api.helpers import assert_problem, order_body, place_order, register_product
 from tests.conftest import MakeClient
 

@@ -24,14 +24,14 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from orderstream.application.commands import CommandContext
-from orderstream.application.saga_trigger import GROUP, SagaTrigger, group_settings
 from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import Container, build
 from orderstream.config import Settings
 from orderstream.domain import orders
 from orderstream.domain.common import Money
-from workflows.order_fulfilment.inputs import workflow_id_for
-from workflows.runtime import NAMESPACE, TemporalBinaryNotFound, start_dev_server, temporal_cli_path
+from orderstream.sagas.fulfilment.inputs import workflow_id_for
+from orderstream.sagas.fulfilment.trigger import GROUP, SagaTrigger, group_settings
+from orderstream.sagas.runtime import NAMESPACE, TemporalBinaryNotFound, start_dev_server, temporal_cli_path
 
 pytestmark = pytest.mark.temporal
 

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from orderstream.sagas.dev_server import DevServerConfig, DevServerExited, SupervisedDevServer
 from tests.served import served
-from workflows.dev_server import DevServerConfig, DevServerExited, SupervisedDevServer
 
 pytestmark = pytest.mark.temporal
 

@@ -35,18 +35,18 @@ from temporalio.testing import WorkflowEnvironment
 from orderstream.api.app import create_app
 from orderstream.application import webhook_signature
 from orderstream.application.commands import CommandContext
-from orderstream.application.payment_gateway import PAYMENT_GATEWAY_KEY, SandboxPaymentGateway
-from orderstream.application.saga_trigger import SagaTrigger
 from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import Container, build
 from orderstream.config import Settings
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import Money
 from orderstream.eventstore.base import RecordedEvent
+from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
+from orderstream.sagas.fulfilment.inputs import payment_id_for, workflow_id_for
+from orderstream.sagas.fulfilment.payment_gateway import PAYMENT_GATEWAY_KEY, SandboxPaymentGateway
+from orderstream.sagas.fulfilment.trigger import SagaTrigger
+from orderstream.sagas.runtime import TemporalBinaryNotFound, run_worker, start_dev_server, temporal_cli_path
 from tests.tokens import admin_headers
-from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
-from workflows.order_fulfilment.inputs import payment_id_for, workflow_id_for
-from workflows.runtime import TemporalBinaryNotFound, run_worker, start_dev_server, temporal_cli_path
 
 WAIT = 30.0
 """Upper bound of any single wait in these tests (seconds)."""
@@ -299,21 +299,21 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass(eq=False)
 class WorkerProcess:
-    """``python -m workflows.order_fulfilment.worker`` in a subprocess (killable)."""
+    """``python -m orderstream.sagas.fulfilment.worker`` in a subprocess (killable)."""
 
     process: asyncio.subprocess.Process
     log: Path
 
     @classmethod
     async def start(cls, saga: SagaHarness, log: Path) -> WorkerProcess:
-        from workflows.order_fulfilment.worker import READY
+        from orderstream.sagas.fulfilment.worker import READY
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)])}
         with log.open("ab") as err:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "workflows.order_fulfilment.worker",
+                "orderstream.sagas.fulfilment.worker",
                 "--temporal-address",
                 saga.env.client.service_client.config.target_host,
                 "--event-store",

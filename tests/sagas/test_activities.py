@@ -11,15 +11,13 @@ import pytest_asyncio
 from temporalio.exceptions import ApplicationError
 
 from orderstream.application.commands import CommandContext, CommandHandler
-from orderstream.application.payment_gateway import SandboxPaymentGateway
 from orderstream.application.use_cases import LineRequest, UseCases
 from orderstream.domain import inventory
 from orderstream.domain.common import Money
 from orderstream.events import registry
 from orderstream.eventstore.sqlite import SqliteEventStore
-from tests.sagas.conftest import ADDRESS
-from workflows.order_fulfilment.activities import FulfilmentActivities
-from workflows.order_fulfilment.inputs import (
+from orderstream.sagas.fulfilment.activities import FulfilmentActivities
+from orderstream.sagas.fulfilment.inputs import (
     Amount,
     Line,
     OrderArgs,
@@ -29,6 +27,8 @@ from workflows.order_fulfilment.inputs import (
     StockArgs,
     payment_id_for,
 )
+from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
+from tests.sagas.conftest import ADDRESS
 
 
 @pytest_asyncio.fixture

@@ -22,11 +22,11 @@ from temporalio.worker import Replayer, Worker
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
 from orderstream.eventstore.base import RecordedEvent
+from orderstream.sagas.fulfilment.activities import FulfilmentActivities
+from orderstream.sagas.fulfilment.inputs import SAGA_ACTOR, OrderArgs, payment_id_for
+from orderstream.sagas.fulfilment.workflow import OrderFulfilment
+from orderstream.sagas.runtime import WORKFLOW_RUNNER
 from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
-from workflows.order_fulfilment.activities import FulfilmentActivities
-from workflows.order_fulfilment.inputs import SAGA_ACTOR, OrderArgs, payment_id_for
-from workflows.order_fulfilment.workflow import OrderFulfilment
-from workflows.runtime import WORKFLOW_RUNNER
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

@@ -20,8 +20,8 @@ import pytest
 import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 
+from orderstream.sagas.fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS
 from tests.sagas.conftest import SagaFactory
-from workflows.order_fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
+from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, QUERY_TIMEOUT, FulfilmentClient
+from orderstream.sagas.runtime import start_dev_server
 from tests.sagas.conftest import SagaFactory, SagaHarness
-from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, QUERY_TIMEOUT, FulfilmentClient
-from workflows.runtime import start_dev_server
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

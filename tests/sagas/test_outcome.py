@@ -18,12 +18,12 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowHistory
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer, Worker
 
+from orderstream.sagas.fulfilment.activities import FulfilmentActivities
+from orderstream.sagas.fulfilment.inputs import COMPENSATION_FAILED, ORDER_OUTCOME_ATTRIBUTE, StockArgs
+from orderstream.sagas.fulfilment.outcome_metrics import SagaOutcomeMetrics
+from orderstream.sagas.fulfilment.workflow import OrderFulfilment
+from orderstream.sagas.runtime import WORKFLOW_RUNNER
 from tests.sagas.conftest import SagaFactory, SagaHarness, eventually
-from workflows.order_fulfilment.activities import FulfilmentActivities
-from workflows.order_fulfilment.inputs import COMPENSATION_FAILED, ORDER_OUTCOME_ATTRIBUTE, StockArgs
-from workflows.order_fulfilment.outcome_metrics import SagaOutcomeMetrics
-from workflows.order_fulfilment.workflow import OrderFulfilment
-from workflows.runtime import WORKFLOW_RUNNER
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

@@ -25,8 +25,8 @@ import pytest
 import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 
+from orderstream.sagas.runtime import NAMESPACE, TemporalBinaryNotFound, start_dev_server, temporal_cli_path
 from tests.sagas.conftest import WAIT, SagaFactory, eventually
-from workflows.runtime import NAMESPACE, TemporalBinaryNotFound, start_dev_server, temporal_cli_path
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

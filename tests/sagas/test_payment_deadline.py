@@ -14,13 +14,13 @@ import asyncio
 import pytest
 from temporalio.api.enums.v1 import EventType
 
-from orderstream.application.payment_gateway import (
+from orderstream.sagas.fulfilment.inputs import payment_id_for
+from orderstream.sagas.fulfilment.payment_gateway import (
     PAYMENT_GATEWAY_KEY,
     PaymentGatewayUnavailable,
     SandboxPaymentGateway,
 )
 from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
-from workflows.order_fulfilment.inputs import payment_id_for
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

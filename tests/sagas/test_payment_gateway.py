@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from orderstream.application.payment_gateway import PaymentGatewayUnavailable, SandboxPaymentGateway
 from orderstream.domain.common import Money
+from orderstream.sagas.fulfilment.payment_gateway import PaymentGatewayUnavailable, SandboxPaymentGateway
 
 EUR = Money(1250, "EUR")
 

@@ -18,13 +18,18 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, Wor
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import Replayer, Worker
 
-from orderstream.application.payment_gateway import PaymentGatewayUnavailable, SandboxPaymentGateway
 from orderstream.domain.common import Money
+from orderstream.sagas.fulfilment.activities import FulfilmentActivities
+from orderstream.sagas.fulfilment.inputs import (
+    OrderArgs,
+    payment_id_for,
+    tracking_number_for,
+    workflow_id_for,
+)
+from orderstream.sagas.fulfilment.payment_gateway import PaymentGatewayUnavailable, SandboxPaymentGateway
+from orderstream.sagas.fulfilment.workflow import TEMPORAL_CANCEL_REASON, OrderFulfilment
+from orderstream.sagas.runtime import WORKFLOW_RUNNER
 from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
-from workflows.order_fulfilment.activities import FulfilmentActivities
-from workflows.order_fulfilment.inputs import OrderArgs, payment_id_for, tracking_number_for, workflow_id_for
-from workflows.order_fulfilment.workflow import TEMPORAL_CANCEL_REASON, OrderFulfilment
-from workflows.runtime import WORKFLOW_RUNNER
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

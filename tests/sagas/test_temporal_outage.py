@@ -24,11 +24,11 @@ from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import build, run_services, saga_services
 from orderstream.config import Settings
 from orderstream.domain.common import Money
+from orderstream.sagas.fulfilment.inputs import workflow_id_for
+from orderstream.sagas.fulfilment.saga import TEMPORAL_CLIENT_KEY
+from orderstream.sagas.runtime import start_dev_server
 from tests.sagas.conftest import ADDRESS, WAIT, eventually
 from tests.tokens import admin_headers
-from workflows.order_fulfilment.inputs import workflow_id_for
-from workflows.runtime import start_dev_server
-from workflows.worker import TEMPORAL_CLIENT_KEY
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

@@ -1,6 +1,6 @@
 """One trace shows a whole order: from the HTTP request that places it, through the
 command and its append, the saga trigger, Temporal (the SDK's tracing interceptor on
-a client made by ``workflows.runtime.connect``), to the activity whose command ships it.
+a client made by ``orderstream.sagas.runtime.connect``), to the activity whose command ships it.
 
 Tracing is turned on for this test only, with the SDK's in-memory exporter
 (:func:`orderstream.tracing.configure`), against the real Temporal dev server.
@@ -18,9 +18,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from orderstream import tracing
 from orderstream.domain import orders
+from orderstream.sagas.runtime import connect
 from tests.api.helpers import order_body
 from tests.sagas.conftest import SagaFactory
-from workflows.runtime import connect
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

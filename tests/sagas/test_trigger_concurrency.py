@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 from temporalio.api.enums.v1 import EventType
 
-from orderstream.application.saga_trigger import SagaTrigger
 from orderstream.domain import orders
 from orderstream.eventstore.base import NackAction, RecordedEvent
+from orderstream.sagas.fulfilment.trigger import SagaTrigger
 from tests.sagas.conftest import SagaFactory, SagaHarness, eventually
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]

@@ -20,8 +20,8 @@ from orderstream.api.app import create_app
 from orderstream.application import webhook_signature
 from orderstream.bootstrap import build
 from orderstream.config import Settings, sqlite_path
+from orderstream.sagas.fulfilment.inputs import payment_id_for
 from tests.sagas.conftest import REPO_ROOT, SagaFactory, SagaHarness
-from workflows.order_fulfilment.inputs import payment_id_for
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

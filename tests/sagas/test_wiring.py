@@ -13,15 +13,15 @@ from temporalio.testing import WorkflowEnvironment
 
 from orderstream.api.app import create_app
 from orderstream.application.commands import CommandContext
-from orderstream.application.saga_trigger import CORRELATION_ID_ATTRIBUTE, ORDER_ID_ATTRIBUTE
 from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import build, run_services, saga_services
 from orderstream.config import Settings
 from orderstream.domain import inventory
 from orderstream.domain.common import Money
+from orderstream.sagas.fulfilment.inputs import workflow_id_for
+from orderstream.sagas.fulfilment.trigger import CORRELATION_ID_ATTRIBUTE, ORDER_ID_ATTRIBUTE
 from tests.sagas.conftest import ADDRESS, WAIT
 from tests.tokens import admin_headers
-from workflows.order_fulfilment.inputs import workflow_id_for
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from orderstream.sagas.fulfilment.inputs import payment_id_for
 from tests.sagas.conftest import WAIT, SagaFactory, WorkerProcess
-from workflows.order_fulfilment.inputs import payment_id_for
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 

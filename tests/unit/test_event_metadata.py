@@ -19,8 +19,8 @@ from orderstream.events import registry
 from orderstream.eventstore.base import EventMetadata, RecordedEvent
 from orderstream.eventstore.sqlite import SqliteEventStore
 from orderstream.eventstore.sqlite_schema import connect
-from workflows.order_fulfilment.activities import context_for
-from workflows.order_fulfilment.inputs import SAGA_ACTOR, StepRef
+from orderstream.sagas.fulfilment.activities import context_for
+from orderstream.sagas.fulfilment.inputs import SAGA_ACTOR, StepRef
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 EVENT_FIXTURES = sorted((FIXTURES / "events").glob("*.v*.json"))

@@ -347,7 +347,7 @@ class TestStaleReservations:
 
     def test_the_limit_outlasts_an_activity_attempt(self) -> None:
         """Temporal's start-to-close timeout ends an attempt before its command is stale."""
-        from workflows.order_fulfilment.workflow import STEP_TIMEOUT
+        from orderstream.sagas.fulfilment.workflow import STEP_TIMEOUT
 
         assert inventory.STALE_AFTER >= STEP_TIMEOUT + inventory.CLOCK_SKEW
         assert inventory.RELEASE_GUARD > inventory.STALE_AFTER

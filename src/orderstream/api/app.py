@@ -2,7 +2,7 @@
 
 Routes are grouped by resource (``ProductController``, ``OrderController``,
 ``OpsController``). The fulfilment routes (``/payments/{payment_id}/webhook``,
-``/orders/{id}/fulfilment``) live in ``orderstream.api.fulfilment``, owned by
+``/orders/{id}/fulfilment``) live in ``orderstream.sagas.fulfilment.routes``, owned by
 the saga work, and come in through ``extra_route_handlers`` (see
 :func:`default_extra_route_handlers`). Handlers can ask for ``container``,
 ``use_cases`` or ``queries`` by parameter name (dependency injection).
@@ -59,7 +59,7 @@ from orderstream.application.use_cases import UseCases
 from orderstream.auth.policy import AccessPolicy
 from orderstream.bootstrap import BackgroundService, Container, run_services
 
-FULFILMENT_MODULE = "orderstream.api.fulfilment"
+FULFILMENT_MODULE = "orderstream.sagas.fulfilment.routes"
 DOCS_ASSETS = "/schema/assets"
 
 DESCRIPTION = """\
@@ -92,7 +92,7 @@ def swagger_assets_dir() -> Path:
 
 
 def default_extra_route_handlers() -> list[ControllerRouterHandler]:
-    """``orderstream.api.fulfilment.route_handlers`` if that module exists."""
+    """``orderstream.sagas.fulfilment.routes.route_handlers`` if that module exists."""
     if importlib.util.find_spec(FULFILMENT_MODULE) is None:
         return []
     module = importlib.import_module(FULFILMENT_MODULE)

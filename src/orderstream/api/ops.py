@@ -19,12 +19,12 @@ from orderstream.api.schemas import (
     TemporalReadiness,
 )
 from orderstream.application.group_status import state_of
-from orderstream.application.saga_trigger import GROUP as SAGA_GROUP
 from orderstream.bootstrap import Container
 from orderstream.eventstore.base import SubscriptionGroupNotFound
-from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
-from workflows.runtime import TemporalLink
-from workflows.worker import TEMPORAL_LINK_KEY
+from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
+from orderstream.sagas.fulfilment.saga import TEMPORAL_LINK_KEY
+from orderstream.sagas.fulfilment.trigger import GROUP as SAGA_GROUP
+from orderstream.sagas.runtime import TemporalLink
 
 log = logging.getLogger("orderstream.api")
 

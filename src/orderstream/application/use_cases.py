@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orderstream.application.commands import CommandContext, CommandResult, Commands
-from orderstream.application.payment_gateway import PaymentVault, SandboxPaymentGateway
 from orderstream.application.stream_batcher import StreamBatcher
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import InvalidCommand, Money
+from orderstream.sagas.fulfilment.payment_gateway import PaymentVault, SandboxPaymentGateway
 
 ORDER_ID_NAMESPACE = uuid.UUID("a4a7f2de-3b59-4d0b-8a39-2f1c7e9b6a10")
 

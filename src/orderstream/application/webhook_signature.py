@@ -14,7 +14,7 @@ being rotated the provider signs with the old and the new one, so a header may
 carry several ``v1=``, and we accept any secret we know (``ORDERSTREAM_WEBHOOK_SECRET``
 is a comma-separated list for that reason). A replay inside the tolerance is
 the route's business: each delivery carries the provider's ``event_id``, which
-is recorded with its effect (see ``api/fulfilment.py``).
+is recorded with its effect (see ``sagas/fulfilment/routes.py``).
 
 With no ``ORDERSTREAM_WEBHOOK_SECRET`` a secret is generated into the data dir
 (:data:`SECRET_FILE`, mode 0600) the first time it is needed, by the server or

@@ -120,7 +120,7 @@ class OrderPlaced(msgspec.Struct, frozen=True, kw_only=True):
     shipping_address: Address
     payment_method_id: str
     """The vault's reference for the card (``pm_...``), never the card token itself
-    (``application/payment_gateway.py``). ``""``: none on file (orders stored before
+    (``sagas/fulfilment/payment_gateway.py``). ``""``: none on file (orders stored before
     the vault existed), which the gateway declines."""
     placed_at: datetime
 

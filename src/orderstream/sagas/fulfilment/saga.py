@@ -15,7 +15,7 @@
 
 If ``TEMPORAL_ADDRESS`` does not answer, steps 2-3 wait: the process starts
 anyway (API, projections, webhook) and :class:`SagaService` keeps connecting
-with back-off (:class:`~workflows.runtime.TemporalLink`), then does 2-3 and runs
+with back-off (:class:`~orderstream.sagas.runtime.TemporalLink`), then does 2-3 and runs
 the worker and the trigger. ``container.extensions["temporal_link"]`` tells
 ``/ready`` which it is.
 
@@ -47,13 +47,13 @@ from pathlib import Path
 
 from temporalio.client import Client
 
-from orderstream.application.payment_gateway import PaymentGateway, shared_gateway
-from orderstream.application.saga_trigger import DEFAULT_MAX_IN_FLIGHT, SagaTrigger
 from orderstream.bootstrap import BackgroundService, Container, run_child_process
-from workflows.dev_server import DevServerConfig, SupervisedDevServer
-from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
-from workflows.order_fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS, DEFAULT_TASK_QUEUE
-from workflows.runtime import (
+from orderstream.sagas.dev_server import DevServerConfig, SupervisedDevServer
+from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
+from orderstream.sagas.fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS, DEFAULT_TASK_QUEUE
+from orderstream.sagas.fulfilment.payment_gateway import PaymentGateway, shared_gateway
+from orderstream.sagas.fulfilment.trigger import DEFAULT_MAX_IN_FLIGHT, SagaTrigger
+from orderstream.sagas.runtime import (
     DEV_SERVER_PORT,
     DEV_UI_PORT,
     TemporalLink,

@@ -65,7 +65,7 @@ from orderstream.eventstore.base import (
 )
 from orderstream.logging_setup import event_context
 from orderstream.metrics import Metrics
-from workflows.order_fulfilment.inputs import (
+from orderstream.sagas.fulfilment.inputs import (
     CORRELATION_ID_ATTRIBUTE,
     DEFAULT_PAYMENT_DEADLINE_SECONDS,
     ORDER_ID_ATTRIBUTE,
@@ -92,7 +92,7 @@ Measured on the dev server (docs/sagas.md): past a few dozen, more only queue th
 SEARCH_ATTRIBUTES = (ORDER_ID_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE, ORDER_OUTCOME_ATTRIBUTE)
 """Custom search attributes the trigger sets when ``use_search_attributes``
 (and the workflow sets ``OrderOutcome`` as it ends, in runs started with them):
-the dev server registers them at start (see ``workflows.runtime``); a real
+the dev server registers them at start (see ``orderstream.sagas.runtime``); a real
 cluster needs ``temporal operator search-attribute create`` once."""
 
 

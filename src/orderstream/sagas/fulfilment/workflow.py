@@ -64,8 +64,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.order_fulfilment.activities import FulfilmentActivities
-    from workflows.order_fulfilment.inputs import (
+    from orderstream.sagas.fulfilment.activities import FulfilmentActivities
+    from orderstream.sagas.fulfilment.inputs import (
         COMPENSATION_FAILED,
         ERR_ILLEGAL_TRANSITION,
         ERR_INSUFFICIENT_STOCK,

@@ -2,9 +2,9 @@
 status of an order.
 
 ``create_app`` picks up :data:`route_handlers`. The status route finds the
-:class:`~workflows.order_fulfilment.client.FulfilmentClient` in
+:class:`~orderstream.sagas.fulfilment.client.FulfilmentClient` in
 ``container.extensions["fulfilment_client"]`` (set by the saga hook,
-``workflows.worker``); without one it answers 503.
+``orderstream.sagas.fulfilment.saga``); without one it answers 503.
 
 The webhook appends ``PaymentAuthorised`` / ``PaymentDeclined`` through the
 payment decider; the saga trigger turns that event into the workflow's
@@ -44,13 +44,17 @@ from orderstream.api.problems import ApiError, problem_responses
 from orderstream.api.schemas import WriteResult
 from orderstream.application import webhook_signature
 from orderstream.application.commands import CommandContext, CommandResult
-from orderstream.application.payment_gateway import PaymentGateway, PaymentGatewayUnavailable, shared_gateway
 from orderstream.application.use_cases import UseCases
 from orderstream.auth.principal import Principal
 from orderstream.bootstrap import Container
 from orderstream.domain import payments
 from orderstream.domain.common import IllegalTransition
-from workflows.order_fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient, FulfilmentReport
+from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient, FulfilmentReport
+from orderstream.sagas.fulfilment.payment_gateway import (
+    PaymentGateway,
+    PaymentGatewayUnavailable,
+    shared_gateway,
+)
 
 PaymentIdPath = Annotated[
     str,
@@ -156,7 +160,7 @@ def fulfilment_view(report: FulfilmentReport) -> FulfilmentView:
 
 def fulfilment_client(container: Container) -> FulfilmentClient:
     """The process's :class:`FulfilmentClient`, put in ``container.extensions`` by
-    the saga hook (``workflows.worker``); 503 in a process without Temporal."""
+    the saga hook (``orderstream.sagas.fulfilment.saga``); 503 in a process without Temporal."""
     client = container.extensions.get(FULFILMENT_CLIENT_KEY)
     if not isinstance(client, FulfilmentClient):
         raise ApiError(

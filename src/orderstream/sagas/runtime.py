@@ -36,16 +36,16 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from orderstream import logging_setup, tracing
-from orderstream.application.payment_gateway import PaymentGateway
-from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
 from orderstream.application.use_cases import UseCases
 from orderstream.metrics import Metrics
-from workflows.order_fulfilment.activities import FulfilmentActivities
-from workflows.order_fulfilment.outcome_metrics import SagaOutcomeMetrics
-from workflows.order_fulfilment.workflow import OrderFulfilment
+from orderstream.sagas.fulfilment.activities import FulfilmentActivities
+from orderstream.sagas.fulfilment.outcome_metrics import SagaOutcomeMetrics
+from orderstream.sagas.fulfilment.payment_gateway import PaymentGateway
+from orderstream.sagas.fulfilment.trigger import SEARCH_ATTRIBUTES
+from orderstream.sagas.fulfilment.workflow import OrderFulfilment
 
 if TYPE_CHECKING:
-    from workflows.dev_server import SupervisedDevServer
+    from orderstream.sagas.dev_server import SupervisedDevServer
 
 log = logging.getLogger("orderstream.saga")
 
@@ -270,7 +270,7 @@ burst of orders keeps more than that many sagas open, and an evicted run is
 replayed from its history on its next task."""
 
 
-PASSED_THROUGH_MODULES = ("workflows.order_fulfilment", "opentelemetry")
+PASSED_THROUGH_MODULES = ("orderstream.sagas.fulfilment", "opentelemetry")
 """``opentelemetry``: the tracing interceptor's workflow side keeps its tracer
 provider in that module's state, which must be the worker's (the SDK's advice).
 

@@ -28,7 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from orderstream.application.errors import ServiceUnavailable
 from orderstream.domain.common import NotFound
-from workflows.order_fulfilment.inputs import (
+from orderstream.sagas.fulfilment.inputs import (
     QUERY_STATUS,
     WORKFLOW_TYPE,
     FulfilmentOutcome,

@@ -1,12 +1,12 @@
 """A standalone order-fulfilment worker process.
 
-    python -m workflows.order_fulfilment.worker \\
+    python -m orderstream.sagas.fulfilment.worker \\
         --temporal-address localhost:7233 --event-store sqlite:///data/events.db
 
 It polls the task queue with the ``OrderFulfilment`` workflow and its
 activities (over the given event store, with the sandbox payment gateway)
 until SIGTERM / SIGINT. ``orderstream worker`` / ``serve`` run the same worker
-through the bootstrap hook in :mod:`workflows.worker`; this entry point needs
+through the bootstrap hook in :mod:`orderstream.sagas.fulfilment.saga`; this entry point needs
 no read store and no settings, which makes it handy for tests that kill a
 worker with SIGKILL mid-saga.
 """
@@ -22,14 +22,14 @@ from collections.abc import Sequence
 
 from orderstream import logging_setup, tracing
 from orderstream.application.commands import CommandHandler
-from orderstream.application.payment_gateway import SandboxPaymentGateway
 from orderstream.application.snapshots import SnapshotStore
 from orderstream.application.use_cases import UseCases
 from orderstream.bootstrap import open_event_store
 from orderstream.config import Settings
 from orderstream.events import registry
-from workflows.order_fulfilment.inputs import DEFAULT_TASK_QUEUE
-from workflows.runtime import build_worker, connect
+from orderstream.sagas.fulfilment.inputs import DEFAULT_TASK_QUEUE
+from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
+from orderstream.sagas.runtime import build_worker, connect
 
 READY = "order-fulfilment worker ready"
 """Printed on stdout once the worker polls."""

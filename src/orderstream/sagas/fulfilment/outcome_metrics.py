@@ -27,7 +27,7 @@ from temporalio.worker import (
 )
 
 from orderstream.metrics import Metrics
-from workflows.order_fulfilment.inputs import WORKFLOW_TYPE, FulfilmentOutcome
+from orderstream.sagas.fulfilment.inputs import WORKFLOW_TYPE, FulfilmentOutcome
 
 FAILED = "failed"
 CANCELLED_THROUGH_TEMPORAL = "compensated"

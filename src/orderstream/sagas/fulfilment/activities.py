@@ -26,12 +26,11 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from orderstream.application.commands import CommandContext
-from orderstream.application.payment_gateway import PaymentGateway
 from orderstream.application.use_cases import UseCases
 from orderstream.domain import orders, payments
 from orderstream.domain.common import DomainError, IllegalTransition, Money, NotFound
 from orderstream.domain.inventory import InsufficientStock
-from workflows.order_fulfilment.inputs import (
+from orderstream.sagas.fulfilment.inputs import (
     ERR_DOMAIN,
     ERR_ILLEGAL_TRANSITION,
     ERR_INSUFFICIENT_STOCK,
@@ -50,6 +49,7 @@ from workflows.order_fulfilment.inputs import (
     StepRef,
     StockArgs,
 )
+from orderstream.sagas.fulfilment.payment_gateway import PaymentGateway
 
 
 def context_for(ref: StepRef) -> CommandContext:

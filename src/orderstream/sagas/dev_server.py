@@ -32,8 +32,8 @@ from typing import Any, Literal
 from temporalio.common import SearchAttributeKey
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from orderstream.application.saga_trigger import SEARCH_ATTRIBUTES
-from workflows.runtime import DEV_SERVER_SQLITE_PRAGMAS, NAMESPACE, temporal_cli_path
+from orderstream.sagas.fulfilment.trigger import SEARCH_ATTRIBUTES
+from orderstream.sagas.runtime import DEV_SERVER_SQLITE_PRAGMAS, NAMESPACE, temporal_cli_path
 
 log = logging.getLogger("orderstream.temporal")
 
