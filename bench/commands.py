@@ -51,6 +51,7 @@ from orderstream.domain import inventory, orders
 from orderstream.domain.common import Money
 from orderstream.events import registry
 from orderstream.eventstore.sqlite import SqliteEventStore
+from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
 
 ROUNDS = 20
 """Interleaved rounds of figures 1 and 3: short ones, so that fsync time drifting
@@ -170,7 +171,7 @@ async def flash_sale(
     much stock; checks the product ends exact."""
     conflicts: list[str] = []
     handler = CommandHandler(store, registry, on_conflict=conflicts.append)
-    use_cases = UseCases(handler)
+    use_cases = UseCases(handler, vault=SandboxPaymentGateway())
     await use_cases.register_product(sku, "Hot item", EUR, CommandContext(actor="admin"))
     await use_cases.add_stock(sku, reservations, CommandContext(actor="admin"))
     stream = inventory.stream_name(sku)
@@ -234,7 +235,7 @@ async def measure(args: argparse.Namespace, folder: Path) -> list[Row]:
     store = await SqliteEventStore.open(folder / "orderstream.db")
     reference = EventsourcingOrders(folder / "eventsourcing.db")
     raw_sqlite = RawSqlite(folder / "raw.db")
-    use_cases = UseCases(CommandHandler(store, registry))
+    use_cases = UseCases(CommandHandler(store, registry), vault=SandboxPaymentGateway())
     await use_cases.register_product("SKU-1", "Mug", EUR, CommandContext(actor="admin"))
     columns = (TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:

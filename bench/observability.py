@@ -37,6 +37,7 @@ from orderstream.domain.common import Money
 from orderstream.events import registry
 from orderstream.eventstore.sqlite import SqliteEventStore
 from orderstream.metrics import MULTIPROCESS_ENV, MeteredCommandHandler, Metrics
+from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
 
 ADDRESS = orders.Address(name="Ada", line1="1 Loop St", city="Lyon", postal_code="69001", country="FR")
 OBSERVATIONS = 50_000
@@ -46,7 +47,7 @@ async def measure(commands: int) -> dict[str, float]:
     """Microseconds of CPU per command: placing an order, and observing one."""
     with tempfile.TemporaryDirectory() as tmp:
         async with await SqliteEventStore.open(Path(tmp) / "events.db") as store:
-            plain = UseCases(CommandHandler(store, registry))
+            plain = UseCases(CommandHandler(store, registry), vault=SandboxPaymentGateway())
             await plain.register_product("SKU-1", "Mug", Money(1999, "EUR"), CommandContext(actor="admin"))
             context = CommandContext(actor="bench")
 

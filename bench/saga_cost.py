@@ -12,7 +12,7 @@ in this process and measures, from then until every saga has ended:
 - per order, from the histories: events, workflow tasks (completed, timed out,
   failed) and local-step markers.
 
-``--variant`` picks worker settings (``orderstream.sagas.runtime.WorkerTuning``); run
+``--variant`` picks worker settings (``orderstream.sagas.fulfilment.settings.WorkerTuning``); run
 several to compare them in one sitting (each on a fresh store and dev server):
 ``python -m bench.saga_cost --variant default --variant tasks8``.
 """
@@ -32,14 +32,17 @@ from temporalio.api.enums.v1 import EventType
 
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
-from orderstream.bootstrap import Container, build
+from orderstream.bootstrap import build
 from orderstream.config import Settings
+from orderstream.container import Container
 from orderstream.domain import orders
 from orderstream.domain.common import Money
-from orderstream.sagas.fulfilment.inputs import workflow_id_for
+from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES, workflow_id_for
 from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
+from orderstream.sagas.fulfilment.settings import WorkerTuning
 from orderstream.sagas.fulfilment.trigger import SagaTrigger
-from orderstream.sagas.runtime import WorkerTuning, run_worker, start_dev_server
+from orderstream.sagas.fulfilment.worker import run_worker
+from orderstream.sagas.runtime import start_dev_server
 
 VARIANTS = {
     "default": WorkerTuning(),
@@ -86,7 +89,9 @@ async def run_variant(
     name: str, tuning: WorkerTuning, count: int, workdir: Path, *, memory_db: bool = False
 ) -> dict[str, float]:
     data = workdir / f"{name}-{uuid.uuid4().hex[:6]}"
-    _address, env = await start_dev_server(None if memory_db else data, port=None, ui=False)
+    _address, env = await start_dev_server(
+        None if memory_db else data, port=None, ui=False, search_attributes=SEARCH_ATTRIBUTES
+    )
     container = await build(Settings(data_dir=data))
     task_queue = f"cost-{uuid.uuid4().hex}"
     stop = asyncio.Event()

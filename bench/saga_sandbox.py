@@ -1,7 +1,7 @@
 """The workflow sandbox's cost per new saga: ``python -m bench.saga_sandbox [-n 300]``.
 
 Every new workflow run gets a fresh sandbox, which executes the workflow's
-module again unless it is passed through (``orderstream.sagas.runtime.WORKFLOW_RUNNER``).
+module again unless it is passed through (``orderstream.sagas.fulfilment.worker.WORKFLOW_RUNNER``).
 This replays one recorded history of a shipped saga (``tests/sagas/histories``,
 local steps) ``-n`` times, each replay a new run, with the SDK's default sandbox
 and with ours, and prints the worker CPU per run of each: the reference is the
@@ -20,8 +20,8 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
+from orderstream.sagas.fulfilment.worker import WORKFLOW_RUNNER
 from orderstream.sagas.fulfilment.workflow import OrderFulfilment
-from orderstream.sagas.runtime import WORKFLOW_RUNNER
 
 HISTORY = Path(__file__).resolve().parents[1] / "tests/sagas/histories/shipped-local-steps.json"
 

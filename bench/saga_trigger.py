@@ -18,11 +18,13 @@ from pathlib import Path
 
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
-from orderstream.bootstrap import Container, build
+from orderstream.bootstrap import build
 from orderstream.config import Settings
+from orderstream.container import Container
 from orderstream.domain import orders
 from orderstream.domain.common import Money
 from orderstream.eventstore.base import EventFilter
+from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES
 from orderstream.sagas.fulfilment.trigger import GROUP, SagaTrigger
 from orderstream.sagas.runtime import start_dev_server
 
@@ -46,7 +48,7 @@ async def placed(folder: Path, count: int) -> Container:
 
 
 async def measure(folder: Path, count: int, in_flight: int) -> tuple[float, float]:
-    _address, env = await start_dev_server(None, port=None, ui=False)
+    _address, env = await start_dev_server(None, port=None, ui=False, search_attributes=SEARCH_ATTRIBUTES)
     try:
         reference = await placed(folder / "reference", count)
         try:

@@ -29,8 +29,9 @@ import pytest
 from litestar import Litestar
 
 from orderstream.api.app import create_app
-from orderstream.bootstrap import Container, build
+from orderstream.bootstrap import build
 from orderstream.config import Settings
+from orderstream.container import Container
 from tests.tokens import admin_headers, bearer
 
 BASE_URL = "http://orderstream.test"

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import getpass
 import json
 import logging
@@ -68,27 +67,20 @@ from orderstream.auth.local_issuer import (
     issue_token,
 )
 from orderstream.auth.principal import Role
-from orderstream.bootstrap import (
-    BackgroundService,
-    Container,
-    attach_api_extensions,
-    build,
-    run_child_process,
-    run_services,
-    saga_services,
-)
+from orderstream.bootstrap import build
 from orderstream.config import MAX_API_WORKERS, ConfigError, ConnectionLimits, Settings
+from orderstream.container import Container
 from orderstream.eventstore.base import EventFilter, ParkedEventNotFound, RecordedEvent, SkippedEvent
 from orderstream.metrics import metrics_shared_across_processes
+from orderstream.sagas.fulfilment.saga import FulfilmentSaga
+from orderstream.sagas.fulfilment.settings import FulfilmentSettings
 from orderstream.sagas.fulfilment.trigger import GROUP as SAGA_GROUP
+from orderstream.services import BackgroundService, run_child_process, run_services
 
 if TYPE_CHECKING:
     import uvicorn
 
 log = logging.getLogger("orderstream")
-
-SAGA_WORKER_PROCESSES_ENV = "ORDERSTREAM_SAGA_WORKER_PROCESSES"
-"""How many saga worker processes the saga services start (read by sagas/fulfilment/saga.py)."""
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,6 +114,9 @@ def store_options(fn: F) -> F:
 
 
 def settings_from(options: dict[str, Any]) -> Settings:
+    """The settings of the core; call :func:`saga_settings_from` first where the
+    saga's (``--temporal-address``) matter."""
+    options.pop("temporal_address", None)
     level = str(options.pop("log_level", "info")).upper()
     try:
         logging_setup.configure(level)
@@ -134,6 +129,20 @@ def settings_from(options: dict[str, Any]) -> Settings:
     try:
         return Settings.from_env(**options)
     except (ConfigError, TypeError) as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def saga_settings_from(options: dict[str, Any], *, serve: bool = False) -> FulfilmentSettings:
+    """The fulfilment saga's settings: the environment and ``--temporal-address``.
+    ``serve`` runs the saga worker in a process of its own where there are 2 cores
+    or more, unless ``ORDERSTREAM_SAGA_WORKER_PROCESSES`` says otherwise: measured
+    faster on 2 cores (docs/sagas.md, Throughput)."""
+    processes = 1 if serve and (os.cpu_count() or 1) >= 2 else 0
+    try:
+        return FulfilmentSettings.from_env(
+            os.environ, temporal_address=options.pop("temporal_address", None), worker_processes=processes
+        )
+    except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
 
 
@@ -167,8 +176,8 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
 
 
 @contextlib.asynccontextmanager
-async def opened(settings: Settings) -> AsyncIterator[Container]:
-    container = await build(settings)
+async def opened(settings: Settings, saga: FulfilmentSaga | None = None) -> AsyncIterator[Container]:
+    container = await build(settings, saga=saga)
     try:
         yield container
     finally:
@@ -350,14 +359,18 @@ class ApiWorkerProcess:
         log.info("%s: %s", self.name, line)
 
 
-def worker_argv(settings: Settings, host: str, port: int, *, access_log: bool) -> list[str]:
-    """The command line of an API worker: our settings, our port, our pid."""
+def worker_argv(
+    settings: Settings, host: str, port: int, *, access_log: bool, temporal_address: str | None = None
+) -> list[str]:
+    """The command line of an API worker: our settings, our port, our pid, and the
+    Temporal server we use (the dev server ``serve`` started, so that the workers'
+    fulfilment route reaches the same server)."""
     argv = [sys.executable, "-m", "orderstream.cli", "api", "--host", host, "--port", str(port)]
     argv += ["--worker-of", str(os.getpid()), "--workers", "1"]
     argv += ["--data-dir", str(settings.data_dir), "--event-store", settings.event_store_url]
     argv += ["--read-store", settings.read_store_url]
-    if settings.temporal_address:
-        argv += ["--temporal-address", settings.temporal_address]
+    if temporal_address:
+        argv += ["--temporal-address", temporal_address]
     argv += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
     argv.append("--access-log" if access_log else "--no-access-log")
     if not settings.auth_enabled:
@@ -386,6 +399,7 @@ class ParentWatch:
 
 async def run_process(
     settings: Settings,
+    saga_settings: FulfilmentSettings,
     *,
     host: str | None,
     port: int | None,
@@ -403,17 +417,16 @@ async def run_process(
     sagas, for ``serve``: requests then never queue behind them on one event
     loop). ``worker_of``: this process is such a worker of that pid.
     """
-    several = worker_of is None and (workers > 1 or (sagas and saga_worker_processes() > 0))
+    several = worker_of is None and (workers > 1 or (sagas and saga_settings.worker_processes > 0))
+    saga = FulfilmentSaga(saga_settings)
     stop = asyncio.Event()
     with stop_on_signals(stop), metrics_shared_across_processes(several):  # before our metrics are built
-        async with opened(settings) as container:
+        async with opened(settings, saga) as container:
             services: list[BackgroundService] = []
             if projections:
                 services += container.projection_services
             if sagas:
-                extra = await saga_services(container)
-                container.background_services.extend(extra)
-                services += container.background_services
+                services += await saga.services(container)
             listen = (host, port) if host is not None and port is not None else None
             if listen is not None:
                 prepare_auth(settings)
@@ -422,11 +435,10 @@ async def run_process(
             if listen is not None and workers > 1:
                 sock = shared_port_socket(*listen, listen=False)
                 listen = (listen[0], int(sock.getsockname()[1]))
-                worker_settings = _with_temporal_address(settings, container)
-                api_workers = [
-                    ApiWorkerProcess(i, worker_argv(worker_settings, *listen, access_log=access_log))
-                    for i in range(1, workers + 1)
-                ]
+                argv = worker_argv(
+                    settings, *listen, access_log=access_log, temporal_address=saga.temporal_address
+                )
+                api_workers = [ApiWorkerProcess(i, argv) for i in range(1, workers + 1)]
                 services += api_workers
             elif listen is not None and worker_of is not None:
                 sock = shared_port_socket(*listen, listen=True)
@@ -439,7 +451,7 @@ async def run_process(
                 from orderstream.api.app import create_app
 
                 if not sagas:
-                    await attach_api_extensions(container)
+                    await connect_api(saga)
 
                 server = EmbeddedServer(
                     create_app(container),
@@ -481,11 +493,6 @@ async def run_process(
         announce("stopped")
 
 
-def saga_worker_processes() -> int:
-    """Saga worker processes the saga services will start (``serve`` sets 1 on 2+ cores)."""
-    return int(os.environ.get(SAGA_WORKER_PROCESSES_ENV) or 0)
-
-
 def prepare_auth(settings: Settings) -> None:
     """Before serving: create the local issuer's key (first start; before any API
     worker starts), or say loudly that authentication is off."""
@@ -498,15 +505,14 @@ def prepare_auth(settings: Settings) -> None:
         ensure_signing_key(settings.data_dir)
 
 
-def _with_temporal_address(settings: Settings, container: Container) -> Settings:
-    """The settings for API workers: with the Temporal address this process
-    connected to (the dev server ``serve`` started), so that their fulfilment
-    route reaches the same server."""
-    client = container.extensions.get("temporal_client")
-    address = getattr(getattr(getattr(client, "service_client", None), "config", None), "target_host", None)
-    if settings.temporal_address or not isinstance(address, str):
-        return settings
-    return dataclasses.replace(settings, temporal_address=address)
+async def connect_api(saga: FulfilmentSaga) -> None:
+    """For a process that serves the API without running the sagas: connect the
+    saga's status route to ``TEMPORAL_ADDRESS`` if set. Failing is logged, not
+    fatal: the fulfilment route answers 503 until then."""
+    try:
+        await saga.connect_api()
+    except Exception as exc:
+        log.warning("sagas unavailable to the API (%s): GET /orders/{id}/fulfilment answers 503", exc)
 
 
 async def _wait_for_workers(workers: list[ApiWorkerProcess], services: asyncio.Task[None]) -> None:
@@ -569,14 +575,12 @@ def _http_options(fn: F) -> F:
 def serve(host: str, port: int, access_log: bool, workers: int | None, sagas: bool, **options: Any) -> None:
     """The API, every projection runner and the saga services in one process
     (with --workers N, the API in N worker processes beside it)."""
+    saga_settings = saga_settings_from(options, serve=True)
     settings = settings_from({**options, "api_workers": workers})
-    if sagas and (os.cpu_count() or 1) >= 2:
-        # The saga worker in a process of its own unless told otherwise: measured
-        # faster on 2 cores (docs/sagas.md, Throughput); read by src/orderstream/sagas/fulfilment/saga.py.
-        os.environ.setdefault(SAGA_WORKER_PROCESSES_ENV, "1")
     run(
         run_process(
             settings,
+            saga_settings,
             host=host,
             port=port,
             projections=True,
@@ -595,10 +599,12 @@ def api(
     host: str, port: int, access_log: bool, workers: int | None, worker_of: int | None, **options: Any
 ) -> None:
     """The API only (run the projections with `orderstream project`)."""
+    saga_settings = saga_settings_from(options)
     settings = settings_from({**options, "api_workers": workers})
     run(
         run_process(
             settings,
+            saga_settings,
             host=host,
             port=port,
             projections=False,
@@ -614,8 +620,9 @@ def api(
 @store_options
 def project(**options: Any) -> None:
     """The projection runners only."""
+    saga_settings = saga_settings_from(options)
     settings = settings_from(options)
-    run(run_process(settings, host=None, port=None, projections=True, sagas=False))
+    run(run_process(settings, saga_settings, host=None, port=None, projections=True, sagas=False))
 
 
 @main.command()
@@ -623,8 +630,13 @@ def project(**options: Any) -> None:
 @store_options
 def worker(worker_of: int | None, **options: Any) -> None:
     """The saga services only (Temporal worker and saga trigger)."""
+    saga_settings = saga_settings_from(options)
     settings = settings_from(options)
-    run(run_process(settings, host=None, port=None, projections=False, sagas=True, worker_of=worker_of))
+    run(
+        run_process(
+            settings, saga_settings, host=None, port=None, projections=False, sagas=True, worker_of=worker_of
+        )
+    )
 
 
 # ------------------------------------------------------------------------ projections

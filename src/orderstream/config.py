@@ -5,7 +5,8 @@
   ``kurrentdb://host:2113?tls=false`` / ``esdb://...``.
 - ``ORDERSTREAM_READ_STORE`` (``sqlite:///{data_dir}/read.db``): or ``http(s)://host:9200``
   (Elasticsearch; ``?prefix=name-`` sets the index prefix).
-- ``TEMPORAL_ADDRESS`` (unset): ``host:7233``; unset, ``serve`` starts the dev server itself.
+- The sagas' variables (``TEMPORAL_ADDRESS``, ``ORDERSTREAM_TASK_QUEUE``, ...) are the saga
+  package's settings: ``orderstream.sagas.fulfilment.settings``.
 - ``ORDERSTREAM_AUTH`` (``on``): ``off`` turns authentication off (experiments only: a
   loud warning in the log and in ``/ready``). On, every route but ``/health``, ``/ready``
   and the OpenAPI document needs ``Authorization: Bearer <JWT>`` (see ``orderstream.auth``).
@@ -83,7 +84,7 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable."""
 
 
-def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+def env_switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if not raw:
         return default
@@ -138,10 +139,10 @@ class ConnectionLimits:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ConnectionLimits:
         return cls(
-            header_timeout=_float(env, "ORDERSTREAM_HEADER_TIMEOUT", cls.header_timeout),
-            body_timeout=_float(env, "ORDERSTREAM_BODY_TIMEOUT", cls.body_timeout),
-            keep_alive_timeout=_float(env, "ORDERSTREAM_KEEP_ALIVE_TIMEOUT", cls.keep_alive_timeout),
-            max_connections=_int(env, "ORDERSTREAM_MAX_CONNECTIONS", 0, minimum=0),
+            header_timeout=env_float(env, "ORDERSTREAM_HEADER_TIMEOUT", cls.header_timeout),
+            body_timeout=env_float(env, "ORDERSTREAM_BODY_TIMEOUT", cls.body_timeout),
+            keep_alive_timeout=env_float(env, "ORDERSTREAM_KEEP_ALIVE_TIMEOUT", cls.keep_alive_timeout),
+            max_connections=env_int(env, "ORDERSTREAM_MAX_CONNECTIONS", 0, minimum=0),
         )
 
 
@@ -158,7 +159,7 @@ def sqlite_path(url: str) -> Path:
     return Path(url[len(prefix) :])
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -171,7 +172,7 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
     """An integer of at least ``minimum`` (``minimum=0``: ``0`` means "off")."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -193,7 +194,6 @@ class Settings:
     """Empty: ``sqlite:///{data_dir}/events.db``."""
     read_store_url: str = ""
     """Empty: ``sqlite:///{data_dir}/read.db``."""
-    temporal_address: str | None = None
     auth_enabled: bool = True
     """False: every caller is ``anonymous`` with every role (experiments only)."""
     auth_issuer: str | None = None
@@ -277,21 +277,20 @@ class Settings:
             "data_dir": Path(env.get("ORDERSTREAM_DATA_DIR") or DEFAULT_DATA_DIR),
             "event_store_url": env.get("ORDERSTREAM_EVENT_STORE", ""),
             "read_store_url": env.get("ORDERSTREAM_READ_STORE", ""),
-            "temporal_address": env.get("TEMPORAL_ADDRESS") or None,
-            "auth_enabled": _switch(env, "ORDERSTREAM_AUTH", True),
+            "auth_enabled": env_switch(env, "ORDERSTREAM_AUTH", True),
             "auth_issuer": env.get("ORDERSTREAM_AUTH_ISSUER") or None,
             "auth_jwks_url": env.get("ORDERSTREAM_AUTH_JWKS_URL") or None,
             "auth_audience": env.get("ORDERSTREAM_AUTH_AUDIENCE") or DEFAULT_AUTH_AUDIENCE,
             "auth_roles_claim": env.get("ORDERSTREAM_AUTH_ROLES_CLAIM") or DEFAULT_ROLES_CLAIM,
             "auth_customer_claim": env.get("ORDERSTREAM_AUTH_CUSTOMER_CLAIM") or DEFAULT_CUSTOMER_CLAIM,
-            "metrics_public": _switch(env, "ORDERSTREAM_METRICS_PUBLIC", True),
+            "metrics_public": env_switch(env, "ORDERSTREAM_METRICS_PUBLIC", True),
             "write_rate_limit": env.get("ORDERSTREAM_WRITE_RATE_LIMIT") or DEFAULT_WRITE_RATE_LIMIT,
-            "consistency_timeout": _float(
+            "consistency_timeout": env_float(
                 env, "ORDERSTREAM_CONSISTENCY_TIMEOUT", DEFAULT_CONSISTENCY_TIMEOUT
             ),
-            "max_body_bytes": _int(env, "ORDERSTREAM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
-            "snapshot_every": _int(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY, minimum=0),
-            "api_workers": _int(env, "ORDERSTREAM_API_WORKERS", AUTO_API_WORKERS, minimum=0),
+            "max_body_bytes": env_int(env, "ORDERSTREAM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+            "snapshot_every": env_int(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY, minimum=0),
+            "api_workers": env_int(env, "ORDERSTREAM_API_WORKERS", AUTO_API_WORKERS, minimum=0),
             "webhook_secrets": parse_webhook_secrets(env.get("ORDERSTREAM_WEBHOOK_SECRET")),
             "connections": ConnectionLimits.from_env(env),
         }
@@ -306,7 +305,6 @@ class Settings:
             "data_dir": str(self.data_dir),
             "event_store": _redact(self.event_store_url),
             "read_store": _redact(self.read_store_url),
-            "temporal_address": self.temporal_address,
             "auth": self.auth_description(),
             "consistency_timeout": self.consistency_timeout,
             "max_body_bytes": self.max_body_bytes,

@@ -21,8 +21,9 @@ import httpx
 import pytest
 
 from orderstream.api.app import create_app
-from orderstream.bootstrap import Container, build
+from orderstream.bootstrap import build
 from orderstream.config import Settings
+from orderstream.container import Container
 from tests.conftest import ADMIN, MakeClient, client_for
 from tests.contract.conftest import ES_HOW, drop_es_prefix
 from tests.kurrentdb_standin import StandIn

@@ -12,7 +12,7 @@ import httpx
 import msgspec
 import pytest
 
-from orderstream.bootstrap import Container
+from orderstream.container import Container
 from tests.api.helpers import ADDRESS, assert_problem, order_body, place_order, register_product
 
 Body = dict[str, Any]

@@ -24,7 +24,6 @@ def test_defaults_follow_the_data_dir() -> None:
     assert settings.write_rate_limit == "120/minute"
     assert settings.consistency_timeout == 5.0
     assert settings.max_body_bytes == 64 * 1024
-    assert settings.temporal_address is None
 
 
 def test_environment_and_overrides() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from orderstream.bootstrap import Container
+from orderstream.container import Container
 from orderstream.domain import inventory, orders
 from tests.api.helpers import ADDRESS, assert_problem, order_body, place_order, register_product
 from tests.conftest import MakeClient

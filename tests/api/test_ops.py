@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from orderstream.bootstrap import Container
+from orderstream.container import Container
 from orderstream.readstore.elasticsearch import ElasticsearchReadStore
 from tests.api.helpers import place_order, register_product
 

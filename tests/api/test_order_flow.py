@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from orderstream.bootstrap import Container
+from orderstream.container import Container
 from tests.api.helpers import ADDRESS, assert_problem, order_body, place_order, register_product
 from tests.conftest import MakeClient
 

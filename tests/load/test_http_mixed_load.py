@@ -12,7 +12,7 @@ import random
 
 import httpx
 
-from orderstream.bootstrap import Container
+from orderstream.container import Container
 from orderstream.domain import orders
 from tests.api.helpers import ADDRESS, order_body, register_product
 

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orderstream import bootstrap
+from orderstream import services
 from orderstream.application.commands import CommandContext, CommandHandler
 from orderstream.application.projection_runner import ProjectionRunner
 from orderstream.application.use_cases import UseCases
@@ -270,12 +270,12 @@ async def test_a_service_stopped_by_a_full_disk_is_restarted_not_the_process(
     """The saga trigger died on a full disk and took the process with it
     ("sagas failed; shutting down"): a service that stops on a full disk is
     restarted after a delay; any other failure still shuts the process down."""
-    monkeypatch.setattr(bootstrap, "STORAGE_FULL_RESTART_DELAYS", (0.01,))
+    monkeypatch.setattr(services, "STORAGE_FULL_RESTART_DELAYS", (0.01,))
     disk_full = EventStoreFull(sqlite3.OperationalError("database or disk is full"))
     for error in (disk_full, ExceptionGroup("deliveries", [disk_full, disk_full])):
         stop = asyncio.Event()
         full = _FlakyService(error, failures=3)
-        running = asyncio.create_task(bootstrap.run_services([full], stop))
+        running = asyncio.create_task(services.run_services([full], stop))
         await asyncio.wait_for(full.running.wait(), 5)
         assert full.runs == 4
         assert not stop.is_set()
@@ -284,7 +284,7 @@ async def test_a_service_stopped_by_a_full_disk_is_restarted_not_the_process(
 
     stop = asyncio.Event()
     broken = _FlakyService(RuntimeError("a bug"), failures=1)
-    await asyncio.wait_for(bootstrap.run_services([broken], stop), 5)
+    await asyncio.wait_for(services.run_services([broken], stop), 5)
     assert stop.is_set()
     assert broken.runs == 1
 

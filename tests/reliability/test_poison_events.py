@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from orderstream.bootstrap import Container
+from orderstream.container import Container
 from orderstream.eventstore.base import ANY, NackAction, NewEvent, SubscriptionGroupNotFound
 from orderstream.sagas.fulfilment.trigger import GROUP as SAGA_GROUP
 from orderstream.sagas.fulfilment.trigger import group_settings

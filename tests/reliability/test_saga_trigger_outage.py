@@ -25,11 +25,12 @@ from temporalio.testing import WorkflowEnvironment
 
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
-from orderstream.bootstrap import Container, build
+from orderstream.bootstrap import build
 from orderstream.config import Settings
+from orderstream.container import Container
 from orderstream.domain import orders
 from orderstream.domain.common import Money
-from orderstream.sagas.fulfilment.inputs import workflow_id_for
+from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES, workflow_id_for
 from orderstream.sagas.fulfilment.trigger import GROUP, SagaTrigger, group_settings
 from orderstream.sagas.runtime import NAMESPACE, TemporalBinaryNotFound, start_dev_server, temporal_cli_path
 
@@ -93,7 +94,9 @@ async def test_a_temporal_outage_of_many_ack_timeouts_parks_nothing_and_every_or
 ) -> None:
     port = free_port()
     temporal_dir = tmp_path / "temporal"
-    address, env = await start_dev_server(temporal_dir, port=port, ui=False)
+    address, env = await start_dev_server(
+        temporal_dir, port=port, ui=False, search_attributes=SEARCH_ATTRIBUTES
+    )
     client = await Client.connect(address, namespace=NAMESPACE)
     await env.shutdown()  # Temporal is down from here on
     restarted: WorkflowEnvironment | None = None
@@ -122,7 +125,9 @@ async def test_a_temporal_outage_of_many_ack_timeouts_parks_nothing_and_every_or
         assert info.lag_events >= len(order_ids)
         assert not task.done()
 
-        restarted = (await start_dev_server(temporal_dir, port=port, ui=False))[1]
+        restarted = (
+            await start_dev_server(temporal_dir, port=port, ui=False, search_attributes=SEARCH_ATTRIBUTES)
+        )[1]
 
         async def all_started() -> bool:
             return all([await started(client, order_id) for order_id in order_ids])

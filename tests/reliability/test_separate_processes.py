@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from orderstream.application.commands import CommandContext
-from orderstream.bootstrap import Container, build
+from orderstream.bootstrap import build
 from orderstream.config import Settings
+from orderstream.container import Container
 from orderstream.domain.common import Money
 from tests.contract.conftest import ES_HOW, drop_es_prefix
 

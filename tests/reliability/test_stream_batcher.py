@@ -33,6 +33,7 @@ from orderstream.domain.common import DomainError, Money
 from orderstream.events import registry
 from orderstream.eventstore.sqlite import EventStoreClosed, SqliteEventStore
 from orderstream.metrics import MeteredCommandHandler, Metrics
+from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
 
 SKU = "HOT-1"
 STREAM = inventory.stream_name(SKU)
@@ -65,7 +66,9 @@ async def test_500_concurrent_reservations_of_one_sku_never_oversell_and_share_a
     store: SqliteEventStore,
 ) -> None:
     conflicts: list[str] = []
-    use_cases = UseCases(CommandHandler(store, registry, on_conflict=conflicts.append))
+    use_cases = UseCases(
+        CommandHandler(store, registry, on_conflict=conflicts.append), vault=SandboxPaymentGateway()
+    )
     await product_with_stock(use_cases, 250)
     appends_before = store.stats.appends
 
@@ -103,7 +106,10 @@ async def test_two_writers_on_one_stream_race_between_batches_and_still_never_ov
     store: SqliteEventStore,
 ) -> None:
     """Two processes' batchers (here two handlers on one store) retry their lost races."""
-    first, second = UseCases(CommandHandler(store, registry)), UseCases(CommandHandler(store, registry))
+    first, second = (
+        UseCases(CommandHandler(store, registry), vault=SandboxPaymentGateway()),
+        UseCases(CommandHandler(store, registry), vault=SandboxPaymentGateway()),
+    )
     await product_with_stock(first, 100)
     outcomes = await asyncio.gather(
         *(
@@ -120,7 +126,7 @@ async def test_two_writers_on_one_stream_race_between_batches_and_still_never_ov
 
 async def test_a_broken_rule_fails_only_its_own_command_of_the_batch(store: SqliteEventStore) -> None:
     handler = CommandHandler(store, registry)
-    await product_with_stock(UseCases(handler), 3)
+    await product_with_stock(UseCases(handler, vault=SandboxPaymentGateway()), 3)
     keyed = CommandContext(actor="saga", idempotency_key="k-b", correlation_id="c-b")
     outcomes = await handler.handle_batch(
         inventory.decider,
@@ -159,7 +165,7 @@ async def test_one_key_twice_in_a_batch_writes_once_and_another_body_is_refused(
     store: SqliteEventStore,
 ) -> None:
     handler = CommandHandler(store, registry)
-    await product_with_stock(UseCases(handler), 10)
+    await product_with_stock(UseCases(handler, vault=SandboxPaymentGateway()), 10)
 
     def context(quantity: int) -> CommandContext:
         return CommandContext(actor="alice", idempotency_key="dup", request_hash=request_digest(quantity))
@@ -210,7 +216,7 @@ async def test_placing_an_order_reads_neither_its_new_stream_nor_a_known_product
     store: SqliteEventStore,
 ) -> None:
     counted: Any = ReadsCounted(store)
-    use_cases = UseCases(CommandHandler(counted, registry))
+    use_cases = UseCases(CommandHandler(counted, registry), vault=SandboxPaymentGateway())
     await product_with_stock(use_cases, 10)
     first = await place(use_cases, CommandContext())  # learns the price
     counted.reads.clear()
@@ -230,7 +236,7 @@ async def test_placing_an_order_reads_neither_its_new_stream_nor_a_known_product
 
 
 async def test_an_unknown_sku_is_refused_every_time_until_it_is_registered(store: SqliteEventStore) -> None:
-    use_cases = UseCases(CommandHandler(store, registry))
+    use_cases = UseCases(CommandHandler(store, registry), vault=SandboxPaymentGateway())
     head = await store.head_position()
     for _ in range(2):
         with pytest.raises(UnknownProduct):
@@ -266,7 +272,7 @@ async def test_batched_commands_are_counted_one_by_one_by_the_metrics_wrapper(
     handler = MeteredCommandHandler(
         CommandHandler(store, registry, on_conflict=metrics.conflict_retried), metrics
     )
-    use_cases = UseCases(handler)
+    use_cases = UseCases(handler, vault=SandboxPaymentGateway())
     await product_with_stock(use_cases, 2)
     outcomes = await asyncio.gather(
         *(use_cases.reserve_stock(SKU, f"o-{n}", 1, CommandContext()) for n in range(3)),
@@ -288,7 +294,7 @@ async def test_batched_commands_are_counted_one_by_one_by_the_metrics_wrapper(
 async def test_batches_leave_snapshots_that_load_as_the_full_fold(store: SqliteEventStore) -> None:
     snapshots = SnapshotStore(store, every=10)
     handler = CommandHandler(store, registry, snapshots=snapshots)
-    use_cases = UseCases(handler)
+    use_cases = UseCases(handler, vault=SandboxPaymentGateway())
     await product_with_stock(use_cases, 60)
     for wave in range(4):  # several batches, each past a snapshot boundary
         await asyncio.gather(
@@ -307,7 +313,7 @@ async def test_batches_leave_snapshots_that_load_as_the_full_fold(store: SqliteE
 
 async def test_a_failed_batch_fails_each_caller_and_the_next_batch_starts_afresh(tmp_path: Path) -> None:
     store = await SqliteEventStore.open(tmp_path / "closing.db")
-    use_cases = UseCases(CommandHandler(store, registry))
+    use_cases = UseCases(CommandHandler(store, registry), vault=SandboxPaymentGateway())
     await product_with_stock(use_cases, 5)
     await store.close()
     outcomes = await asyncio.gather(

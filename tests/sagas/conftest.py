@@ -36,16 +36,19 @@ from orderstream.api.app import create_app
 from orderstream.application import webhook_signature
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
-from orderstream.bootstrap import Container, build
+from orderstream.bootstrap import build
 from orderstream.config import Settings
+from orderstream.container import Container
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import Money
 from orderstream.eventstore.base import RecordedEvent
-from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
-from orderstream.sagas.fulfilment.inputs import payment_id_for, workflow_id_for
-from orderstream.sagas.fulfilment.payment_gateway import PAYMENT_GATEWAY_KEY, SandboxPaymentGateway
+from orderstream.sagas.fulfilment.client import FulfilmentClient
+from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES, payment_id_for, workflow_id_for
+from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
+from orderstream.sagas.fulfilment.saga import FulfilmentSaga
 from orderstream.sagas.fulfilment.trigger import SagaTrigger
-from orderstream.sagas.runtime import TemporalBinaryNotFound, run_worker, start_dev_server, temporal_cli_path
+from orderstream.sagas.fulfilment.worker import run_worker
+from orderstream.sagas.runtime import TemporalBinaryNotFound, start_dev_server, temporal_cli_path
 from tests.tokens import admin_headers
 
 WAIT = 30.0
@@ -62,7 +65,7 @@ async def temporal_env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     except TemporalBinaryNotFound as exc:
         pytest.skip(str(exc))
     data_dir = tmp_path_factory.mktemp("temporal")
-    _address, env = await start_dev_server(data_dir, port=None, ui=False)
+    _address, env = await start_dev_server(data_dir, port=None, ui=False, search_attributes=SEARCH_ATTRIBUTES)
     try:
         yield env
     finally:
@@ -93,6 +96,8 @@ class Outcome:
 @dataclass(eq=False)
 class SagaHarness:
     container: Container
+    fulfilment: FulfilmentSaga
+    """The saga the container was built with (its routes' gateway and status client)."""
     env: WorkflowEnvironment
     task_queue: str
     gateway: SandboxPaymentGateway
@@ -241,13 +246,13 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
         client: Client | None = None,
     ) -> SagaHarness:
         stack = contextlib.AsyncExitStack()
-        container = await build(Settings(data_dir=tmp_path, event_store_url=event_store_url))
+        gateway = SandboxPaymentGateway()
+        fulfilment = FulfilmentSaga(gateway=gateway)
+        container = await build(Settings(data_dir=tmp_path, event_store_url=event_store_url), saga=fulfilment)
         stack.push_async_callback(container.close)
         client = client or temporal_env.client
         task_queue = f"test-{uuid.uuid4().hex}"
-        container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
-            client, web_ui_url=UI, task_queue=task_queue
-        )
+        fulfilment.client = FulfilmentClient(client, web_ui_url=UI, task_queue=task_queue)
         trigger = SagaTrigger(
             container.event_store,
             client,
@@ -271,9 +276,8 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
         )
         stop = asyncio.Event()
         harness = SagaHarness(
-            container, temporal_env, task_queue, SandboxPaymentGateway(), trigger, http, stop, client=client
+            container, fulfilment, temporal_env, task_queue, gateway, trigger, http, stop, client=client
         )
-        container.extensions[PAYMENT_GATEWAY_KEY] = harness.gateway
         harness.tasks.append(asyncio.create_task(trigger.run(harness.trigger_stop)))
         if worker:
             harness.start_worker()

@@ -40,7 +40,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
 
 @pytest_asyncio.fixture
 async def acts(store: SqliteEventStore) -> FulfilmentActivities:
-    use_cases = UseCases(CommandHandler(store, registry))
+    use_cases = UseCases(CommandHandler(store, registry), vault=SandboxPaymentGateway())
     ctx = CommandContext(actor="test")
     await use_cases.register_product("MUG", "mug", Money(500, "EUR"), ctx)
     await use_cases.add_stock("MUG", 3, ctx)

@@ -24,8 +24,8 @@ from orderstream.application.use_cases import LineRequest
 from orderstream.eventstore.base import RecordedEvent
 from orderstream.sagas.fulfilment.activities import FulfilmentActivities
 from orderstream.sagas.fulfilment.inputs import SAGA_ACTOR, OrderArgs, payment_id_for
+from orderstream.sagas.fulfilment.worker import WORKFLOW_RUNNER
 from orderstream.sagas.fulfilment.workflow import OrderFulfilment
-from orderstream.sagas.runtime import WORKFLOW_RUNNER
 from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, QUERY_TIMEOUT, FulfilmentClient
+from orderstream.sagas.fulfilment.client import QUERY_TIMEOUT, FulfilmentClient
+from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES
 from orderstream.sagas.runtime import start_dev_server
 from tests.sagas.conftest import SagaFactory, SagaHarness
 
@@ -43,16 +44,16 @@ async def _assert_503(saga: SagaHarness, order_id: str) -> dict[str, Any]:
 async def test_temporal_not_listening_is_503(make_saga: SagaFactory) -> None:
     saga = await make_saga(worker=False)
     client = await Client.connect(f"127.0.0.1:{_closed_port()}", lazy=True)
-    saga.container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(client)
+    saga.fulfilment.client = FulfilmentClient(client)
 
     await _assert_503(saga, "some-order")
 
 
 async def test_temporal_stopped_is_503_and_unknown_order_was_404(make_saga: SagaFactory) -> None:
     saga = await make_saga(worker=False)
-    _address, env = await start_dev_server(None, port=None, ui=False)
+    _address, env = await start_dev_server(None, port=None, ui=False, search_attributes=SEARCH_ATTRIBUTES)
     try:
-        saga.container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(env.client)
+        saga.fulfilment.client = FulfilmentClient(env.client)
         assert (await saga.http.get("/orders/some-order/fulfilment")).status_code == 404
     finally:
         await env.shutdown()

@@ -13,8 +13,8 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from orderstream.domain.common import IllegalTransition
 from orderstream.sagas.fulfilment.inputs import payment_id_for, tracking_number_for, workflow_id_for
+from orderstream.sagas.fulfilment.worker import WORKFLOW_RUNNER
 from orderstream.sagas.fulfilment.workflow import OrderFulfilment
-from orderstream.sagas.runtime import WORKFLOW_RUNNER
 from tests.sagas.conftest import WAIT, SagaFactory
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]

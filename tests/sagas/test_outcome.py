@@ -21,8 +21,8 @@ from temporalio.worker import Replayer, Worker
 from orderstream.sagas.fulfilment.activities import FulfilmentActivities
 from orderstream.sagas.fulfilment.inputs import COMPENSATION_FAILED, ORDER_OUTCOME_ATTRIBUTE, StockArgs
 from orderstream.sagas.fulfilment.outcome_metrics import SagaOutcomeMetrics
+from orderstream.sagas.fulfilment.worker import WORKFLOW_RUNNER
 from orderstream.sagas.fulfilment.workflow import OrderFulfilment
-from orderstream.sagas.runtime import WORKFLOW_RUNNER
 from tests.sagas.conftest import SagaFactory, SagaHarness, eventually
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]

@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 
+from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES
 from orderstream.sagas.runtime import NAMESPACE, TemporalBinaryNotFound, start_dev_server, temporal_cli_path
 from tests.sagas.conftest import WAIT, SagaFactory, eventually
 
@@ -56,7 +57,9 @@ async def temporal_env(
     except TemporalBinaryNotFound as exc:
         pytest.skip(str(exc))
     data_dir = tmp_path_factory.mktemp("temporal-ui")
-    _address, env = await start_dev_server(data_dir, port=None, ui=True, ui_port=ui_port)
+    _address, env = await start_dev_server(
+        data_dir, port=None, ui=True, ui_port=ui_port, search_attributes=SEARCH_ATTRIBUTES
+    )
     try:
         yield env
     finally:

@@ -16,7 +16,6 @@ from temporalio.api.enums.v1 import EventType
 
 from orderstream.sagas.fulfilment.inputs import payment_id_for
 from orderstream.sagas.fulfilment.payment_gateway import (
-    PAYMENT_GATEWAY_KEY,
     PaymentGatewayUnavailable,
     SandboxPaymentGateway,
 )
@@ -116,7 +115,7 @@ async def test_a_late_authorisation_while_the_gateway_is_down_is_503_and_records
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_pending", ("MUG", 1))
     assert (await saga.outcome(order_id)).status == "compensated"
-    saga.container.extensions[PAYMENT_GATEWAY_KEY] = UnreachableGateway()
+    saga.fulfilment.gateway = UnreachableGateway()
     pid = payment_id_for(order_id)
     before = await saga.types(f"payment-{pid}")
 
@@ -126,7 +125,7 @@ async def test_a_late_authorisation_while_the_gateway_is_down_is_503_and_records
     assert late.headers["retry-after"] == "5"
     assert late.headers["content-type"].startswith("application/problem+json")
     assert await saga.types(f"payment-{pid}") == before
-    saga.container.extensions[PAYMENT_GATEWAY_KEY] = saga.gateway
+    saga.fulfilment.gateway = saga.gateway
     retried = await saga.webhook(order_id, {"status": "authorised", "authorisation_code": "LATE-2"})
     assert retried.status_code == 200, retried.text
     assert (await saga.payment(order_id)).late_authorisations_voided == ("LATE-2",)

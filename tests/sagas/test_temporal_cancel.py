@@ -27,8 +27,8 @@ from orderstream.sagas.fulfilment.inputs import (
     workflow_id_for,
 )
 from orderstream.sagas.fulfilment.payment_gateway import PaymentGatewayUnavailable, SandboxPaymentGateway
+from orderstream.sagas.fulfilment.worker import WORKFLOW_RUNNER
 from orderstream.sagas.fulfilment.workflow import TEMPORAL_CANCEL_REASON, OrderFulfilment
-from orderstream.sagas.runtime import WORKFLOW_RUNNER
 from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]

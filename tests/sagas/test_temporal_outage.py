@@ -21,16 +21,23 @@ import pytest
 from orderstream.api.app import create_app
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
-from orderstream.bootstrap import build, run_services, saga_services
+from orderstream.bootstrap import build
 from orderstream.config import Settings
 from orderstream.domain.common import Money
-from orderstream.sagas.fulfilment.inputs import workflow_id_for
-from orderstream.sagas.fulfilment.saga import TEMPORAL_CLIENT_KEY
-from orderstream.sagas.runtime import start_dev_server
+from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES, workflow_id_for
+from orderstream.sagas.fulfilment.saga import FulfilmentSaga
+from orderstream.sagas.fulfilment.settings import FulfilmentSettings
+from orderstream.sagas.runtime import TemporalSettings, start_dev_server
+from orderstream.services import run_services
 from tests.sagas.conftest import ADDRESS, WAIT, eventually
 from tests.tokens import admin_headers
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
+
+
+def _saga(port: int) -> FulfilmentSaga:
+    temporal = TemporalSettings(address=f"127.0.0.1:{port}")
+    return FulfilmentSaga(FulfilmentSettings(temporal=temporal, task_queue=f"test-{uuid.uuid4().hex}"))
 
 
 def _free_port() -> int:
@@ -40,14 +47,16 @@ def _free_port() -> int:
 
 
 async def test_sagas_start_while_temporal_is_down_and_connect_when_it_is_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     port = _free_port()
     temporal_dir = tmp_path / "temporal"
-    _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
+    _address, dev_server = await start_dev_server(
+        temporal_dir, port=port, ui=False, search_attributes=SEARCH_ATTRIBUTES
+    )
     await dev_server.shutdown()  # the real server, stopped: its port refuses connections
-    monkeypatch.setenv("ORDERSTREAM_TASK_QUEUE", f"test-{uuid.uuid4().hex}")
-    container = await build(Settings(data_dir=tmp_path / "data", temporal_address=f"127.0.0.1:{port}"))
+    saga = _saga(port)
+    container = await build(Settings(data_dir=tmp_path / "data"), saga=saga)
     stop = asyncio.Event()
     running: asyncio.Task[None] | None = None
     dev_server = None
@@ -56,7 +65,7 @@ async def test_sagas_start_while_temporal_is_down_and_connect_when_it_is_back(
         transport=transport, base_url="http://test", timeout=WAIT, headers=admin_headers(container.settings)
     )
     try:
-        services = await saga_services(container)  # does not raise: Temporal is down
+        services = await saga.services(container)  # does not raise: Temporal is down
         running = asyncio.create_task(run_services(services, stop))
         ctx = CommandContext(actor="test")
         await container.use_cases.register_product("MUG", "mug", Money(100, "EUR"), ctx)
@@ -79,7 +88,9 @@ async def test_sagas_start_while_temporal_is_down_and_connect_when_it_is_back(
         assert (await http.get(f"/orders/{order_id}/fulfilment")).status_code == 503
         assert not running.done()
 
-        _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
+        _address, dev_server = await start_dev_server(
+            temporal_dir, port=port, ui=False, search_attributes=SEARCH_ATTRIBUTES
+        )
 
         async def connected() -> bool:
             body = (await http.get("/ready")).json()
@@ -92,7 +103,7 @@ async def test_sagas_start_while_temporal_is_down_and_connect_when_it_is_back(
             return view.status_code == 200 and view.json()["step"] == "shipped"
 
         await eventually(shipped, what="the order placed during the outage to ship")
-        handle = container.extensions[TEMPORAL_CLIENT_KEY].get_workflow_handle(workflow_id_for(order_id))
+        handle = cast("Any", saga.link).client.get_workflow_handle(workflow_id_for(order_id))
         assert (await handle.result())["status"] == "shipped"
         assert not running.done()
     finally:
@@ -106,13 +117,15 @@ async def test_sagas_start_while_temporal_is_down_and_connect_when_it_is_back(
 
 
 async def test_the_sagas_survive_temporal_going_away_and_coming_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     port = _free_port()
     temporal_dir = tmp_path / "temporal"
-    _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
-    monkeypatch.setenv("ORDERSTREAM_TASK_QUEUE", f"test-{uuid.uuid4().hex}")
-    container = await build(Settings(data_dir=tmp_path / "data", temporal_address=f"127.0.0.1:{port}"))
+    _address, dev_server = await start_dev_server(
+        temporal_dir, port=port, ui=False, search_attributes=SEARCH_ATTRIBUTES
+    )
+    saga = _saga(port)
+    container = await build(Settings(data_dir=tmp_path / "data"), saga=saga)
     stop = asyncio.Event()
     running: asyncio.Task[None] | None = None
     transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
@@ -139,7 +152,7 @@ async def test_the_sagas_survive_temporal_going_away_and_coming_back(
         await eventually(check, within=60, what=f"order {order_id} to ship")
 
     try:
-        running = asyncio.create_task(run_services(await saga_services(container), stop))
+        running = asyncio.create_task(run_services(await saga.services(container), stop))
         await container.use_cases.register_product("MUG", "mug", Money(100, "EUR"), ctx)
         await container.use_cases.add_stock("MUG", 5, ctx)
         await shipped(await place())
@@ -149,7 +162,9 @@ async def test_the_sagas_survive_temporal_going_away_and_coming_back(
         during = await place()  # accepted while Temporal is down
         await asyncio.sleep(5)
         assert not running.done(), "the saga services stopped while Temporal was down"
-        _address, dev_server = await start_dev_server(temporal_dir, port=port, ui=False)
+        _address, dev_server = await start_dev_server(
+            temporal_dir, port=port, ui=False, search_attributes=SEARCH_ATTRIBUTES
+        )
 
         await shipped(during)
         await shipped(await place())

@@ -1,4 +1,5 @@
-"""The composition root's saga hook, as ``orderstream serve`` / ``worker`` use it."""
+"""The fulfilment saga as the composition root registers it, and its services as
+``orderstream serve`` / ``worker`` run them."""
 
 from __future__ import annotations
 
@@ -14,28 +15,32 @@ from temporalio.testing import WorkflowEnvironment
 from orderstream.api.app import create_app
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
-from orderstream.bootstrap import build, run_services, saga_services
+from orderstream.bootstrap import build
 from orderstream.config import Settings
 from orderstream.domain import inventory
 from orderstream.domain.common import Money
-from orderstream.sagas.fulfilment.inputs import workflow_id_for
-from orderstream.sagas.fulfilment.trigger import CORRELATION_ID_ATTRIBUTE, ORDER_ID_ATTRIBUTE
+from orderstream.sagas.fulfilment.inputs import CORRELATION_ID_ATTRIBUTE, ORDER_ID_ATTRIBUTE, workflow_id_for
+from orderstream.sagas.fulfilment.saga import FulfilmentSaga
+from orderstream.sagas.fulfilment.settings import FulfilmentSettings
+from orderstream.sagas.runtime import TemporalSettings
+from orderstream.services import run_services
 from tests.sagas.conftest import ADDRESS, WAIT
 from tests.tokens import admin_headers
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 
 
-async def test_saga_hook_runs_worker_and_trigger_and_serves_status(
-    temporal_env: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_the_saga_runs_worker_and_trigger_and_serves_status(
+    temporal_env: WorkflowEnvironment, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("ORDERSTREAM_TASK_QUEUE", f"test-{uuid.uuid4().hex}")
-    monkeypatch.setenv("ORDERSTREAM_TEMPORAL_UI_URL", "http://ui.example:8080")
     address = temporal_env.client.service_client.config.target_host
-    container = await build(Settings(data_dir=tmp_path, temporal_address=address))
+    temporal = TemporalSettings(address=address, web_ui_url="http://ui.example:8080")
+    saga = FulfilmentSaga(FulfilmentSettings(temporal=temporal, task_queue=f"test-{uuid.uuid4().hex}"))
+    container = await build(Settings(data_dir=tmp_path), saga=saga)
+    assert container.saga is saga
     stop = asyncio.Event()
     try:
-        services = await saga_services(container)
+        services = await saga.services(container)
         assert [s.name for s in services] == ["sagas"]
         running = asyncio.create_task(run_services(services, stop))
         ctx = CommandContext(actor="test")
@@ -49,7 +54,7 @@ async def test_saga_hook_runs_worker_and_trigger_and_serves_status(
             context=ctx,
         )
         order_id = placed.state.order_id
-        handle = container.extensions["temporal_client"].get_workflow_handle(workflow_id_for(order_id))
+        handle = cast("Any", saga.link).client.get_workflow_handle(workflow_id_for(order_id))
         result = None
         async with asyncio.timeout(WAIT):
             while result is None:
@@ -79,15 +84,17 @@ async def test_saga_hook_runs_worker_and_trigger_and_serves_status(
 
 
 async def test_with_worker_processes_the_sagas_run_in_a_child_that_drains_on_stop(
-    temporal_env: WorkflowEnvironment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    temporal_env: WorkflowEnvironment, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("ORDERSTREAM_TASK_QUEUE", f"test-{uuid.uuid4().hex}")
-    monkeypatch.setenv("ORDERSTREAM_SAGA_WORKER_PROCESSES", "1")
     address = temporal_env.client.service_client.config.target_host
-    container = await build(Settings(data_dir=tmp_path, temporal_address=address))
+    settings = FulfilmentSettings(
+        temporal=TemporalSettings(address=address), task_queue=f"test-{uuid.uuid4().hex}", worker_processes=1
+    )
+    saga = FulfilmentSaga(settings)
+    container = await build(Settings(data_dir=tmp_path), saga=saga)
     stop = asyncio.Event()
     try:
-        services = await saga_services(container)
+        services = await saga.services(container)
         assert [s.name for s in services] == ["sagas", "saga-worker-1"]
         assert not cast("Any", services[0]).with_worker  # only the child polls the task queue
         running = asyncio.create_task(run_services(services, stop))
@@ -101,9 +108,7 @@ async def test_with_worker_processes_the_sagas_run_in_a_child_that_drains_on_sto
             payment_token="tok_approve",
             context=ctx,
         )
-        handle = container.extensions["temporal_client"].get_workflow_handle(
-            workflow_id_for(placed.state.order_id)
-        )
+        handle = cast("Any", saga.link).client.get_workflow_handle(workflow_id_for(placed.state.order_id))
         result = None
         async with asyncio.timeout(WAIT):
             while result is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from orderstream.bootstrap import Container
+from orderstream.container import Container
 from orderstream.metrics import SAGA_OUTCOMES, Metrics
 from tests.api.helpers import ADDRESS, order_body, place_order, register_product
 

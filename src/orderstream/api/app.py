@@ -1,11 +1,11 @@
 """``create_app(container)``: the Litestar application.
 
 Routes are grouped by resource (``ProductController``, ``OrderController``,
-``OpsController``). The fulfilment routes (``/payments/{payment_id}/webhook``,
-``/orders/{id}/fulfilment``) live in ``orderstream.sagas.fulfilment.routes``, owned by
-the saga work, and come in through ``extra_route_handlers`` (see
-:func:`default_extra_route_handlers`). Handlers can ask for ``container``,
-``use_cases`` or ``queries`` by parameter name (dependency injection).
+``OpsController``). The saga's routes (``/payments/{payment_id}/webhook``,
+``/orders/{id}/fulfilment``) are its own: ``container.saga.route_handlers()``
+(the composition root registered the saga; this module does not import it).
+Handlers can ask for ``container``, ``use_cases`` or ``queries`` by parameter
+name (dependency injection).
 
 OpenAPI: ``/schema/openapi.json``; a Swagger UI page at ``/schema`` (and
 ``/schema/swagger``) whose JS/CSS are served by this app from the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import importlib
 import importlib.util
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -57,9 +56,9 @@ from orderstream.api.products import ProductController
 from orderstream.application.queries import Queries
 from orderstream.application.use_cases import UseCases
 from orderstream.auth.policy import AccessPolicy
-from orderstream.bootstrap import BackgroundService, Container, run_services
+from orderstream.container import Container
+from orderstream.services import BackgroundService, run_services
 
-FULFILMENT_MODULE = "orderstream.sagas.fulfilment.routes"
 DOCS_ASSETS = "/schema/assets"
 
 DESCRIPTION = """\
@@ -89,14 +88,6 @@ def swagger_assets_dir() -> Path:
     if not found:
         raise RuntimeError(f"no Swagger UI bundle under {vendor}")
     return found[-1].parent
-
-
-def default_extra_route_handlers() -> list[ControllerRouterHandler]:
-    """``orderstream.sagas.fulfilment.routes.route_handlers`` if that module exists."""
-    if importlib.util.find_spec(FULFILMENT_MODULE) is None:
-        return []
-    module = importlib.import_module(FULFILMENT_MODULE)
-    return list(getattr(module, "route_handlers", ()))
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -135,11 +126,14 @@ def create_app(
 ) -> Litestar:
     """The API over ``container``.
 
-    ``extra_route_handlers``: more controllers/routers (``None``: the fulfilment
-    routes if their module exists). ``background``: services (e.g.
-    ``container.projection_services``) run for the app's lifetime.
+    ``extra_route_handlers``: more controllers/routers (``None``: the registered
+    saga's, if any). ``background``: services (e.g. ``container.projection_services``)
+    run for the app's lifetime.
     """
-    extra = default_extra_route_handlers() if extra_route_handlers is None else list(extra_route_handlers)
+    if extra_route_handlers is not None:
+        extra = list(extra_route_handlers)
+    else:
+        extra = list(container.saga.route_handlers()) if container.saga is not None else []
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:

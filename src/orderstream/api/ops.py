@@ -10,21 +10,9 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
-from orderstream.api.schemas import (
-    DevServerReadiness,
-    Health,
-    ProjectionReadiness,
-    Readiness,
-    SagaReadiness,
-    TemporalReadiness,
-)
+from orderstream.api.schemas import Health, ProjectionReadiness, Readiness, SagaReadiness
 from orderstream.application.group_status import state_of
-from orderstream.bootstrap import Container
-from orderstream.eventstore.base import SubscriptionGroupNotFound
-from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
-from orderstream.sagas.fulfilment.saga import TEMPORAL_LINK_KEY
-from orderstream.sagas.fulfilment.trigger import GROUP as SAGA_GROUP
-from orderstream.sagas.runtime import TemporalLink
+from orderstream.container import Container
 
 log = logging.getLogger("orderstream.api")
 
@@ -69,69 +57,11 @@ async def refresh_projection_metrics(container: NamedDependency[Container]) -> d
     return out
 
 
-async def temporal_readiness(container: Container) -> TemporalReadiness | None:
-    """Whether this process reaches Temporal now (``None``: not configured for it)."""
-    link = container.extensions.get(TEMPORAL_LINK_KEY)
-    if not isinstance(link, TemporalLink):
-        return None
-    server = link.dev_server
-    dev_server = None
-    if server is not None:
-        dev_server = DevServerReadiness(
-            status=server.status,
-            pid=server.pid,
-            restarts=server.restarts,
-            last_exit=server.last_exit,
-            down_seconds=server.down_seconds,
-        )
-    if link.client is not None and await link.check(PROBE_TIMEOUT):
-        return TemporalReadiness(status="connected", address=link.address, dev_server=dev_server)
-    return TemporalReadiness(
-        status="connecting" if link.client is None else "unreachable",
-        address=link.address,
-        attempts=link.attempts if link.client is None else None,
-        last_error=link.last_error,
-        unreachable_seconds=link.unreachable_seconds,
-        dev_server=dev_server,
-    )
-
-
 async def refresh_saga_metrics(container: NamedDependency[Container]) -> SagaReadiness | None:
-    """How far the sagas trail: the trigger group's status (any process sharing the
-    event store can tell) and, where this process has a Temporal client, the count
-    of running sagas, and whether Temporal is connected. ``None`` when no saga
-    trigger ever ran against this store and no Temporal is configured. Updates
-    the gauges on the way."""
-    temporal = await temporal_readiness(container)
-    try:
-        info = await asyncio.wait_for(
-            container.event_store.subscription_group_info(SAGA_GROUP), PROBE_TIMEOUT
-        )
-    except SubscriptionGroupNotFound:
-        return None if temporal is None else SagaReadiness(temporal=temporal)
-    except Exception as exc:
-        log.warning("saga trigger status failed: %s", exc)
-        return SagaReadiness(error=type(exc).__name__, temporal=temporal)
-    running: int | None = None
-    fulfilment = container.extensions.get(FULFILMENT_CLIENT_KEY)
-    if isinstance(fulfilment, FulfilmentClient):
-        try:
-            running = await asyncio.wait_for(fulfilment.running_workflows(), PROBE_TIMEOUT)
-        except Exception as exc:  # Temporal down: the lag in the store is still worth reporting
-            log.warning("saga workflow count failed: %s", exc)
-    container.metrics.set_saga(info.lag_events, info.in_flight, info.parked, running)
-    oldest = None
-    if info.parked:
-        parked = await container.event_store.list_parked(SAGA_GROUP, limit=1000)
-        oldest = min((p.event.position for p in parked), default=None)
-    return SagaReadiness(
-        trigger_lag_events=info.lag_events,
-        in_flight=info.in_flight,
-        parked=info.parked,
-        oldest_parked_position=oldest,
-        workflows_running=running,
-        temporal=temporal,
-    )
+    """The registered saga's readiness (``None`` without one); it updates its gauges."""
+    if container.saga is None:
+        return None
+    return await container.saga.readiness(container, PROBE_TIMEOUT)
 
 
 class OpsController(Controller):

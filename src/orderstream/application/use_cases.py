@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orderstream.application.commands import CommandContext, CommandResult, Commands
+from orderstream.application.payment_vault import PaymentVault
 from orderstream.application.stream_batcher import StreamBatcher
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import InvalidCommand, Money
-from orderstream.sagas.fulfilment.payment_gateway import PaymentVault, SandboxPaymentGateway
 
 ORDER_ID_NAMESPACE = uuid.UUID("a4a7f2de-3b59-4d0b-8a39-2f1c7e9b6a10")
 
@@ -78,8 +78,9 @@ class PriceCache:
 class UseCases:
     def __init__(self, handler: Commands, *, vault: PaymentVault | None = None) -> None:
         self.handler = handler
-        self.vault: PaymentVault = vault or SandboxPaymentGateway()
-        """Exchanges the card token of a new order for a payment-method reference."""
+        self.vault = vault
+        """Exchanges the card token of a new order for a payment-method reference
+        (the composition root's; ``None``: this process places no orders)."""
         self.products = StreamBatcher(handler)
         """The product streams' single writer (commands without ``If-Match``)."""
         self.prices = PriceCache(handler)
@@ -142,6 +143,8 @@ class UseCases:
     ) -> CommandResult[orders.Order]:
         """Place an order. The card token goes to the vault and no further: the
         order (its event, the saga's input) holds only the vault's reference."""
+        if self.vault is None:
+            raise RuntimeError("no payment vault: the composition root passes one (UseCases(vault=...))")
         order_id = order_id_for(context)
         priced = await self._priced_lines(lines)  # an unknown SKU is refused before the vault is asked
         cmd = orders.PlaceOrder(

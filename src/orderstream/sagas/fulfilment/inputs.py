@@ -49,6 +49,13 @@ ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
 CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
 """Set by the saga trigger at the start, when the cluster has them registered."""
 ORDER_OUTCOME_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderOutcome")
+SEARCH_ATTRIBUTES = (ORDER_ID_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE, ORDER_OUTCOME_ATTRIBUTE)
+"""The saga's custom search attributes: the trigger sets the first two when its
+``use_search_attributes`` (and the workflow sets ``OrderOutcome`` as it ends, in
+runs started with them); the dev server registers them at start
+(:func:`orderstream.sagas.fulfilment.saga.dev_server_config`), the saga's services
+on a cluster that lacks them (``ensure_search_attributes``), or an operator with
+``temporal operator search-attribute create``."""
 """Set by the workflow as it ends: ``shipped``, ``rejected``, ``cancelled``,
 ``compensated`` (the run completed) or ``failed`` (it failed: a human is needed).
 The Web UI filters on it (``OrderOutcome="cancelled"``)."""

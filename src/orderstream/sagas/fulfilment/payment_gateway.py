@@ -5,12 +5,12 @@ only; a real processor (Stripe, Adyen, ...) plugs in behind the same four
 calls. Every call is keyed by the payment id, which a real adapter sends as the
 processor's idempotency key: a retried activity must not charge twice.
 
-No card token at rest. The token a client sends when it places an order is a
-secret (whoever holds it can charge the card). :class:`PaymentVault` exchanges
-it, once, at ``PlaceOrder``, for a payment-method reference (``pm_...``): an id
-that is useless without the merchant's credentials at the processor, the way
-Stripe's PaymentMethods and Adyen's stored-payment references work. Events,
-read models, workflow inputs and logs only ever hold the reference.
+No card token at rest: placing an order exchanges the token at the payment
+vault (:class:`~orderstream.application.payment_vault.PaymentVault`, the core's
+port) for a payment-method reference (``pm_...``); events, read models, workflow
+inputs and logs only ever hold the reference. One gateway object serves the
+process: the composition root gives it to the use cases as their vault, to the
+activities, and to the webhook (:class:`~orderstream.sagas.fulfilment.saga.FulfilmentSaga`).
 
 The sandbox (:class:`SandboxPaymentGateway`) plays both the vault and the
 processor. It keeps no state between processes (the API that places the order
@@ -39,10 +39,10 @@ anything else       ``pm_sbx_unknown_…``  declined ("unknown payment method")
 from __future__ import annotations
 
 import secrets
-from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
+from orderstream.application.payment_vault import PaymentVault
 from orderstream.domain.common import Money
 
 AuthorisationStatus = Literal["approved", "declined", "pending"]
@@ -63,14 +63,7 @@ class PaymentGatewayUnavailable(Exception):
     """A transient failure (network, 5xx, rate limit): the call may be retried."""
 
 
-class PaymentVault(Protocol):
-    async def store(self, token: str) -> str:
-        """Exchange a card token for a payment-method reference (``pm_...``).
-
-        The token is not kept anywhere on our side; only the reference is."""
-        ...
-
-
+@runtime_checkable  # the webhook route gets it injected, and Litestar checks what it injects
 class PaymentGateway(Protocol):
     async def authorise(self, payment_id: str, amount: Money, payment_method: str) -> Authorisation:
         """Hold ``amount`` on the card behind the ``payment_method`` reference.
@@ -90,23 +83,9 @@ class PaymentGateway(Protocol):
         ...
 
 
-PAYMENT_GATEWAY_KEY = "payment_gateway"
-"""Where the process's gateway sits in ``container.extensions``: the saga worker's
-activities and the webhook (which voids an authorisation that came after the
-void) use the same one. Unset: the sandbox."""
-
-
-def shared_gateway(
-    extensions: MutableMapping[str, Any], gateway: PaymentGateway | None = None
-) -> PaymentGateway:
-    """The process's gateway in ``extensions`` (a container's): ``gateway`` if
-    given (it becomes the shared one), else the one already there, else a new
-    sandbox (kept there)."""
-    if gateway is not None:
-        extensions[PAYMENT_GATEWAY_KEY] = gateway
-        return gateway
-    found: PaymentGateway = extensions.setdefault(PAYMENT_GATEWAY_KEY, SandboxPaymentGateway())
-    return found
+class PaymentProvider(PaymentVault, PaymentGateway, Protocol):
+    """A payment provider's adapter is both: the vault at ``PlaceOrder`` and the
+    gateway of the saga's steps and the webhook (the sandbox, Stripe, Adyen)."""
 
 
 SANDBOX_TOKENS = ("tok_approve", "tok_decline", "tok_pending", "tok_error")

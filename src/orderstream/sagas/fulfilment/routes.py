@@ -1,10 +1,11 @@
 """The saga's HTTP surface: the payment provider's webhook, and the fulfilment
 status of an order.
 
-``create_app`` picks up :data:`route_handlers`. The status route finds the
-:class:`~orderstream.sagas.fulfilment.client.FulfilmentClient` in
-``container.extensions["fulfilment_client"]`` (set by the saga hook,
-``orderstream.sagas.fulfilment.saga``); without one it answers 503.
+:meth:`FulfilmentSaga.route_handlers <orderstream.sagas.fulfilment.saga.FulfilmentSaga.route_handlers>`
+mounts :class:`FulfilmentController` with two dependencies of the saga: its
+``payment_gateway`` and its ``fulfilment_client`` (the
+:class:`~orderstream.sagas.fulfilment.client.FulfilmentClient`; 503 while the
+process has no Temporal connection).
 
 The webhook appends ``PaymentAuthorised`` / ``PaymentDeclined`` through the
 payment decider; the saga trigger turns that event into the workflow's
@@ -46,14 +47,12 @@ from orderstream.application import webhook_signature
 from orderstream.application.commands import CommandContext, CommandResult
 from orderstream.application.use_cases import UseCases
 from orderstream.auth.principal import Principal
-from orderstream.bootstrap import Container
 from orderstream.domain import payments
 from orderstream.domain.common import IllegalTransition
-from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient, FulfilmentReport
+from orderstream.sagas.fulfilment.client import FulfilmentClient, FulfilmentReport
 from orderstream.sagas.fulfilment.payment_gateway import (
     PaymentGateway,
     PaymentGatewayUnavailable,
-    shared_gateway,
 )
 
 PaymentIdPath = Annotated[
@@ -158,17 +157,6 @@ def fulfilment_view(report: FulfilmentReport) -> FulfilmentView:
     )
 
 
-def fulfilment_client(container: Container) -> FulfilmentClient:
-    """The process's :class:`FulfilmentClient`, put in ``container.extensions`` by
-    the saga hook (``orderstream.sagas.fulfilment.saga``); 503 in a process without Temporal."""
-    client = container.extensions.get(FULFILMENT_CLIENT_KEY)
-    if not isinstance(client, FulfilmentClient):
-        raise ApiError(
-            503, "unavailable", "Sagas are not available in this process (no Temporal connection)."
-        )
-    return client
-
-
 def _webhook_secrets(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str, ...]:
     """The configured secrets, or the data dir's (read, or generated, once per app)."""
     found: tuple[str, ...] | None = connection.app.state.get("webhook_secrets")
@@ -260,7 +248,7 @@ class FulfilmentController(Controller):
         data: JSONBody[PaymentWebhook],
         use_cases: NamedDependency[UseCases],
         signature: SignatureHeader,
-        container: NamedDependency[Container],
+        payment_gateway: NamedDependency[PaymentGateway],
     ) -> Response[WriteResult]:
         """``signature`` is checked by the guard; declared here for the OpenAPI document."""
         now = use_cases.handler.clock()
@@ -276,8 +264,7 @@ class FulfilmentController(Controller):
         except IllegalTransition as exc:
             if exc.status != "voided":
                 raise
-            gateway = shared_gateway(container.extensions)
-            result = await void_late_authorisation(payment_id, code, gateway, use_cases, context)
+            result = await void_late_authorisation(payment_id, code, payment_gateway, use_cases, context)
         return written(payment_id, result)
 
     @get(
@@ -288,10 +275,6 @@ class FulfilmentController(Controller):
         responses=problem_responses(400, 404, 503),
     )
     async def get_fulfilment(
-        self, order_id: OrderIdPath, container: NamedDependency[Container]
+        self, order_id: OrderIdPath, fulfilment_client: NamedDependency[FulfilmentClient]
     ) -> FulfilmentView:
-        return fulfilment_view(await fulfilment_client(container).report(order_id))
-
-
-route_handlers = [FulfilmentController]
-"""Picked up by ``create_app`` (``default_extra_route_handlers``)."""
+        return fulfilment_view(await fulfilment_client.report(order_id))

