@@ -1,7 +1,8 @@
 """The long-running parts of a process and how they run: :class:`BackgroundService`
 (anything with ``name`` and ``async run(stop)``), :func:`run_services` (run them
 until ``stop``, restart one paused by a full disk) and :func:`run_child_process`
-(a service that is a child process: API workers, saga workers).
+(a service that is a child process: API workers, saga workers), and
+:func:`retry_until_stopped` (a service waiting for something to come back).
 
 ``orderstream serve`` runs the projection runners, the saga's services and the
 API workers this way; the composition root (:mod:`orderstream.bootstrap`,
@@ -17,11 +18,16 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity.wait import wait_base
 
 from orderstream.application.errors import StorageFull
 
 log = logging.getLogger("orderstream")
+
+T = TypeVar("T")
 
 
 class BackgroundService(Protocol):
@@ -171,3 +177,47 @@ async def _relay_lines(process: asyncio.subprocess.Process, on_line: Callable[[s
     assert process.stdout is not None
     async for raw in process.stdout:
         on_line(raw.decode(errors="replace").rstrip())
+
+
+BACKOFF = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
+"""Between attempts: 0.5 s doubling (with jitter) up to 30 s."""
+
+
+async def retry_until_stopped(
+    attempt: Callable[[], Awaitable[T]],
+    stop: asyncio.Event,
+    *,
+    errors: tuple[type[BaseException], ...],
+    log_retry: Callable[[int, float], None],
+    wait: wait_base = BACKOFF,
+) -> T | None:
+    """``await attempt()`` until it returns, again after each of ``errors`` with a
+        back-off (``wait``, cut short when ``stop`` is set); ``None`` if ``stop`` is set
+        first. ``log_retry(attempt, seconds)`` is told of each failed attempt and the
+    wait that follows. Any other
+        error propagates. The one retry loop of a service that waits for something to
+        come back (Temporal's frontend, the dev server)."""
+
+    async def sleep_unless_stopped(seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(errors),
+        wait=wait,
+        stop=lambda _state: stop.is_set(),
+        sleep=sleep_unless_stopped,
+        before_sleep=lambda state: log_retry(state.attempt_number, _next_wait(state)),
+        reraise=True,
+    )
+    try:
+        async for try_ in retrying:
+            with try_:
+                return await attempt()
+    except errors:
+        pass  # stopped while it was still failing
+    return None
+
+
+def _next_wait(state: RetryCallState) -> float:
+    return state.next_action.sleep if state.next_action is not None else 0.0

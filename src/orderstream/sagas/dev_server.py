@@ -9,10 +9,11 @@ child process of its own and waits on it.
 
 On an exit that was not asked for, :class:`SupervisedDevServer` starts it again
 on the same ports and database file (the workflows carry on from it), retrying
-with back-off (tenacity: 0.5 s doubling up to 30 s) while it will not start or
-stay up, e.g. while the disk is still full. The clients already connected to it
-(the saga worker, the trigger, the fulfilment route, in this process and the
-worker processes) reconnect by themselves when its port answers again.
+with back-off (:func:`~orderstream.services.retry_until_stopped`: 0.5 s doubling
+up to 30 s) while it will not start or stay up, e.g. while the disk is still
+full. The clients already connected to it (the saga worker, the trigger, the
+fulfilment route, in this process and the worker processes) reconnect by
+themselves when its port answers again.
 ``/ready`` shows its state (``sagas.temporal.dev_server``).
 """
 
@@ -30,9 +31,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from temporalio.common import SearchAttributeKey
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from orderstream.sagas.runtime import DEV_SERVER_SQLITE_PRAGMAS, NAMESPACE, temporal_cli_path
+from orderstream.services import retry_until_stopped
 
 log = logging.getLogger("orderstream.temporal")
 
@@ -47,7 +48,6 @@ RELEASE_TIMEOUT = 7.0
 """On shutdown, how long the server waits for the services using it to finish
 (the worker's graceful shutdown, 5 s, needs it) before it is stopped anyway;
 below ``run_services``'s 10 s for every service to stop."""
-RESTART_WAIT = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
 OUTPUT_LINES_KEPT = 20
 
 Status = Literal["starting", "running", "restarting", "stopped"]
@@ -191,45 +191,34 @@ class SupervisedDevServer:
     async def _restart(self, stop: asyncio.Event) -> None:
         """Start it again until it stays up; returns early if ``stop`` is set."""
 
-        async def sleep_unless_stopped(seconds: float) -> None:
+        async def start_and_stay_up() -> asyncio.subprocess.Process:
+            await self.start()
+            assert self.process is not None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), seconds)
+                await asyncio.wait_for(_first(self.process.wait(), stop.wait()), STABLE_AFTER)
+            if self.process.returncode is not None:
+                self._exited(self.process)
+                raise DevServerExited(self.last_exit)
+            return self.process
 
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(DevServerExited),
-            wait=RESTART_WAIT,
-            stop=lambda _state: stop.is_set(),
-            sleep=sleep_unless_stopped,
-            before_sleep=self._log_retry,
-            reraise=True,
+        back = await retry_until_stopped(
+            start_and_stay_up, stop, errors=(DevServerExited,), log_retry=self._log_retry
         )
-        with contextlib.suppress(DevServerExited):  # only when stopped meanwhile
-            async for attempt in retrying:
-                with attempt:
-                    await self._start_and_stay_up(stop)
-                    self.restarts += 1
-                    log.warning(
-                        "Temporal dev server is back at %s after %.1f s (restart %d)",
-                        self.address,
-                        self.down_seconds or 0.0,
-                        self.restarts,
-                    )
-                    self.down_since = None
+        if back is None:
+            return  # stopped meanwhile
+        self.restarts += 1
+        log.warning(
+            "Temporal dev server is back at %s after %.1f s (restart %d)",
+            self.address,
+            self.down_seconds or 0.0,
+            self.restarts,
+        )
+        self.down_since = None
 
-    async def _start_and_stay_up(self, stop: asyncio.Event) -> None:
-        await self.start()
-        assert self.process is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(_first(self.process.wait(), stop.wait()), STABLE_AFTER)
-        if self.process.returncode is not None:
-            self._exited(self.process)
-            raise DevServerExited(self.last_exit)
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        wait = state.next_action.sleep if state.next_action else 0.0
+    def _log_retry(self, attempt: int, wait: float) -> None:
         log.warning(
             "Temporal dev server did not start again (attempt %d: %s); next try in %.1f s",
-            state.attempt_number,
+            attempt,
             self.last_exit,
             wait,
         )

@@ -10,7 +10,6 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import sysconfig
@@ -29,10 +28,10 @@ from temporalio.common import SearchAttributeKey
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from orderstream import logging_setup, tracing
 from orderstream.config import env_int
+from orderstream.services import retry_until_stopped
 
 if TYPE_CHECKING:
     from orderstream.sagas.dev_server import SupervisedDevServer
@@ -124,8 +123,6 @@ CONNECT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, RPCError, OSErr
 """What a failed ``Client.connect`` raises: the SDK's ``RuntimeError("Failed client
 connect: ...")`` for a refused or unresolvable address, an ``RPCError`` from the
 namespace check, our timeout."""
-RECONNECT_WAIT = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
-"""Between attempts: 0.5 s doubling (with jitter) up to 30 s."""
 
 
 @dataclass(eq=False)
@@ -160,26 +157,9 @@ class TemporalLink:
         set first."""
         if self.client is not None:
             return self.client
-
-        async def sleep_unless_stopped(seconds: float) -> None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), seconds)
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(CONNECT_ERRORS),
-            wait=RECONNECT_WAIT,
-            stop=lambda _state: stop.is_set(),
-            sleep=sleep_unless_stopped,
-            before_sleep=self._log_retry,
-            reraise=True,
+        return await retry_until_stopped(
+            self._attempt, stop, errors=CONNECT_ERRORS, log_retry=self._log_retry
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._attempt()
-        except CONNECT_ERRORS:
-            pass  # stopped while Temporal was still away
-        return None
 
     async def _attempt(self) -> Client:
         self.attempts += 1
@@ -210,12 +190,11 @@ class TemporalLink:
         self.last_error = self.unreachable_since = None
         return True
 
-    def _log_retry(self, state: RetryCallState) -> None:
-        wait = state.next_action.sleep if state.next_action else 0.0
+    def _log_retry(self, attempt: int, wait: float) -> None:
         log.warning(
             "Temporal at %s cannot be reached (attempt %d: %s); sagas wait, next try in %.1f s",
             self.address,
-            state.attempt_number,
+            attempt,
             self.last_error,
             wait,
         )
