@@ -336,7 +336,7 @@ class ApiWorkerProcess:
     A background service of the first process: it starts the worker, is ready
     when the worker says it listens, sends it SIGTERM when ``stop`` is set and
     waits for it to drain. A worker that exits on its own is started again
-    (:func:`~orderstream.bootstrap.run_child_process`): the others answer
+    (:func:`~orderstream.services.run_child_process`): the others answer
     meanwhile. The worker watches our pid and stops if we die without telling it.
     """
 
