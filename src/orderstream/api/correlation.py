@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import uuid
 from typing import Any
 
 from litestar.types import Scope
@@ -25,8 +24,15 @@ _random = random.Random()  # seeded from os.urandom
 os.register_at_fork(after_in_child=_random.seed)  # a forked worker must not repeat its parent's ids
 
 
+_VERSION_4 = (0x4000 << 64) | (0x8000 << 48)
+_VERSION_BITS = ~((0xF000 << 64) | (0xC000 << 48))
+
+
 def new_id() -> str:
-    return str(uuid.UUID(int=_random.getrandbits(128), version=4))
+    """``str(uuid.UUID(int=<128 random bits>, version=4))``, formatted directly (no
+    ``UUID`` object: 1.0 against 1.7 us)."""
+    h = f"{_random.getrandbits(128) & _VERSION_BITS | _VERSION_4:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def correlation_id(scope: Scope) -> str:

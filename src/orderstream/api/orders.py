@@ -26,7 +26,7 @@ from orderstream.api.common import (
     id_of,
     written,
 )
-from orderstream.api.plumbing import command_context, etag, parse_if_match
+from orderstream.api.plumbing import command_context, etag, parse_if_match, use_cases_of
 from orderstream.api.problems import problem_responses, unprocessable
 from orderstream.api.schemas import (
     EventView,
@@ -44,7 +44,7 @@ from orderstream.api.schemas import (
     WriteResult,
 )
 from orderstream.application.queries import ORDER_SORT_FIELDS, Queries, event_data
-from orderstream.application.use_cases import LineRequest, UseCases
+from orderstream.application.use_cases import LineRequest
 from orderstream.auth.policy import check_customer, visible_customer
 from orderstream.domain import orders
 from orderstream.readstore.base import Document
@@ -152,12 +152,11 @@ class OrderController(Controller):
         self,
         request: Request[Any, Any, Any],
         data: JSONBody[OrderPlacement],
-        use_cases: NamedDependency[UseCases],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[WriteResult]:
         check_customer(request, data.customer_id)
         context = command_context(request, idempotency_key=idempotency_key, request_body=data)
-        result = await use_cases.place_order(
+        result = await use_cases_of(request).place_order(
             customer_id=data.customer_id,
             lines=_lines(data.lines),
             shipping_address=_address(data.shipping_address),
@@ -184,13 +183,12 @@ class OrderController(Controller):
         request: Request[Any, Any, Any],
         order_id: OrderIdPath,
         data: JSONBody[OrderChange],
-        use_cases: NamedDependency[UseCases],
         if_match: IfMatch = None,
     ) -> Response[WriteResult]:
         expected = parse_if_match(if_match)
         if data.shipping_address is None and data.lines is None:
             raise unprocessable("nothing-to-change", "Give shipping_address and/or lines.")
-        result = await use_cases.change_order(
+        result = await use_cases_of(request).change_order(
             order_id,
             shipping_address=None if data.shipping_address is None else _address(data.shipping_address),
             lines=None if data.lines is None else _lines(data.lines),
@@ -213,12 +211,11 @@ class OrderController(Controller):
         self,
         request: Request[Any, Any, Any],
         order_id: OrderIdPath,
-        use_cases: NamedDependency[UseCases],
         reason: CancelReason = None,
         if_match: IfMatch = None,
     ) -> Response[WriteResult]:
         expected = parse_if_match(if_match)
-        result = await use_cases.cancel_order(
+        result = await use_cases_of(request).cancel_order(
             order_id, reason or DEFAULT_CANCEL_REASON, command_context(request), expected=expected
         )
         return written(order_id, result)

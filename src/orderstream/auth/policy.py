@@ -217,8 +217,9 @@ def _remember(scope: Scope, principal: Principal) -> None:
 
 def principal_of(request: Request[Any, Any, Any]) -> Principal:
     """The caller :meth:`AccessPolicy.authorize` let in (:data:`ANONYMOUS` on a public
-    route or with auth off)."""
-    found = request.state.get("principal")
+    route or with auth off). Read from the scope's state dict itself: ``request.state``
+    builds a ``State`` around it on every access."""
+    found = request.scope.get("state", {}).get("principal")
     return found if isinstance(found, Principal) else ANONYMOUS
 
 
