@@ -389,6 +389,31 @@ async def test_an_event_id_is_unique_across_streams(tmp_path: Path) -> None:
         assert await store.stream_revision("order-2") is None
 
 
+async def test_one_event_whose_id_is_in_another_stream_is_refused(tmp_path: Path) -> None:
+    """The one-statement append (no read first) still names the other stream."""
+    async with opened(tmp_path / "events.db") as store:
+        shared = event()
+        await store.append("order-1", [shared], NO_STREAM)
+        await store.append("order-2", [event()], NO_STREAM)
+        for expected in (NO_STREAM, 0):
+            with pytest.raises(DuplicateEventId) as raised:
+                await store.append("order-2" if expected == 0 else "order-3", [shared], expected)
+            assert raised.value.other_stream == "order-1"
+        assert await store.stream_revision("order-2") == 0
+        assert await store.stream_revision("order-3") is None
+
+
+async def test_one_event_that_is_not_json_is_refused_and_the_stream_goes_on(tmp_path: Path) -> None:
+    async with opened(tmp_path / "events.db") as store:
+        bad = NewEvent(id=uuid.uuid4(), type="Placed", data=b"{not json")
+        for expected in (NO_STREAM, 0):
+            with pytest.raises(EventStoreError, match="rejected"):
+                await store.append("order-1", [bad], expected)
+            if expected is NO_STREAM:
+                await store.append("order-1", [event()], NO_STREAM)
+        assert (await store.append("order-1", [event()], 0)).revision == 1
+
+
 async def test_the_file_is_readable_with_plain_sqlite(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
     async with opened(path) as store:

@@ -382,9 +382,14 @@ class SqliteEventStore:
         claims = _check_claims(stream, idempotency, len(rows))
         category = category_of(stream)
         legacy = self._legacy_up_to
-        return await self._submit(
+        job = self._new_job(
             lambda conn: _append_tx(conn, stream, category, rows, expected, claims, legacy), appends=True
         )
+        if self._tick is None and not self._handed_over:
+            await self._lead_tick(job)
+        else:
+            self._enqueue(job)
+        return await job.future  # no wait when it was written on the loop's thread
 
     async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
         legacy = self._legacy_up_to
@@ -402,10 +407,34 @@ class SqliteEventStore:
         )
 
     def _submit(self, run: Callable[[sqlite3.Connection], T], *, appends: bool = False) -> asyncio.Future[T]:
+        job = self._new_job(run, appends=appends)
+        self._enqueue(job)
+        return job.future
+
+    def _new_job(self, run: Callable[[sqlite3.Connection], T], *, appends: bool) -> _Job[T]:
         if self._closed:
             raise EventStoreClosed(f"event store {self.path} is closed")
-        future: asyncio.Future[T] = self._loop.create_future()
-        job = _Job(run, future, appends)
+        return _Job(run, self._loop.create_future(), appends)
+
+    async def _lead_tick(self, job: _Job[Any]) -> None:
+        """Open this loop iteration's tick with an append and flush it from the appending
+        task itself after one turn of the loop, where :meth:`_enqueue` would schedule
+        :meth:`_flush_tick` and the task would wake from its future one turn later still.
+        Jobs submitted meanwhile join the tick as usual; a lone append is then written here
+        and its future resolved before the task resumes, so awaiting it costs no turn
+        (issue 7: a lone append's second turn of the loop, an ``epoll_wait`` and a callback,
+        was a tenth of its CPU)."""
+        tick = self._tick = [job]
+        try:
+            await asyncio.sleep(0)  # the end of this iteration: did other writes come?
+        except asyncio.CancelledError:
+            job.future.cancel()  # not written; the others in the tick still are
+            raise
+        finally:
+            if self._tick is tick:  # else close() handed it over
+                self._flush_tick()
+
+    def _enqueue(self, job: _Job[Any]) -> None:
         if self._tick is not None:
             self._tick.append(job)
         elif self._handed_over:
@@ -414,7 +443,6 @@ class SqliteEventStore:
         else:
             self._tick = [job]
             self._loop.call_soon(self._flush_tick)
-        return future
 
     def _hand_over(self, jobs: list[_Job[Any]]) -> None:
         self._handed_over += len(jobs)
@@ -943,6 +971,52 @@ def _append_tx(
     claims: Sequence[IdempotencyClaim] = (),
     legacy_up_to: int | None = None,
 ) -> AppendResult:
+    result = _append_one(conn, stream, category, rows, expected)
+    if result is None:
+        result = _append_checked(conn, stream, category, rows, expected)
+    if claims and not result.already_stored and rows:
+        # One transaction, one writer: the append's positions are consecutive.
+        first = result.revision - len(rows) + 1
+        _insert_claims(conn, stream, claims, first, result.position - len(rows) + 1, legacy_up_to)
+    return result
+
+
+def _append_one(
+    conn: sqlite3.Connection, stream: str, category: str, rows: list[_Row], expected: Expected
+) -> AppendResult | None:
+    """One event at an expectation that names its revision (``NO_STREAM``: 0; revision r:
+    r + 1), written without reading first: ``UNIQUE (stream, revision)`` refuses a stream
+    that is further on, ``UNIQUE (id)`` an id stored already, and the ``EXISTS`` a stream
+    that is not as far as ``expected``. ``None`` when refused: nothing was written, and
+    :func:`_append_checked` finds out why (idempotent replay, conflict, invalid JSON).
+    The common append (a new order, a command at a known revision) runs one statement
+    instead of a read and an insert (issue 7: the read was a tenth of a lone append's
+    instructions)."""
+    if len(rows) != 1 or expected is ANY or expected is STREAM_EXISTS:
+        return None
+    id_, type_, version, data, metadata = rows[0]
+    recorded_at = datetime.now(UTC).isoformat()
+    try:
+        if expected is NO_STREAM:
+            revision = 0
+            params: tuple[Any, ...] = (id_, stream, category, 0, type_, version, data, metadata, recorded_at)
+            position = conn.execute(_INSERT, params).lastrowid
+        else:
+            assert isinstance(expected, int)
+            revision = expected + 1
+            params = (id_, stream, category, stream, expected, revision)
+            params += (type_, version, data, metadata, recorded_at)
+            position = conn.execute(_INSERT_AFTER, params).lastrowid
+    except sqlite3.IntegrityError:
+        return None
+    assert position is not None
+    return AppendResult(revision, position)
+
+
+def _append_checked(
+    conn: sqlite3.Connection, stream: str, category: str, rows: list[_Row], expected: Expected
+) -> AppendResult:
+    """Any append: read the stream's revision and look for stored ids, then insert."""
     ids = [row[0] for row in rows]
     check_ids = 0 < len(ids) <= 500
     marks = ", ".join("?" * len(ids)) if check_ids else ""
@@ -972,9 +1046,6 @@ def _append_tx(
         conn.executemany(_INSERT, values)
         position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
     assert position is not None
-    if claims:
-        # One transaction, one writer: the append's positions are consecutive.
-        _insert_claims(conn, stream, claims, first, position - len(rows) + 1, legacy_up_to)
     return AppendResult(first + len(rows) - 1, position)
 
 
@@ -1101,6 +1172,15 @@ _INSERT = (
     "INSERT INTO events (id, stream, category, revision, type, schema_version, data, metadata, recorded_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_AFTER = (
+    "INSERT INTO events (id, stream, category, revision, type, schema_version, data, metadata, recorded_at)"
+    " VALUES (?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM events WHERE stream = ? AND revision = ?) THEN ? END,"
+    " ?, ?, ?, ?, ?)"
+)
+"""Insert an event after the expected revision: a NULL revision (refused, ``NOT NULL``) when
+the stream has no event at that revision, and ``UNIQUE (stream, revision)`` refuses it when
+the stream is further on. (Not ``INSERT ... SELECT ... WHERE``: SQLite copies a SELECT from
+the table it inserts into through a temporary table, which cost more than the read it saves.)"""
 
 
 def _stored(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[str, int, int]]:
