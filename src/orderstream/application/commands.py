@@ -331,8 +331,11 @@ class CommandHandler:
     ) -> CommandResult[S]:
         """A command that starts a stream no one else can know yet (a new random or
         key-derived order id): decided on the initial state and appended with
-        ``NO_STREAM``, without reading the stream first. If it exists after all (a
-        retried key), the ordinary path answers: a replay, or the decider's refusal."""
+        ``NO_STREAM``, without reading the stream or looking the key up first. If it
+        exists after all, the append says so: a retry of the same keyed request appends
+        the same derived ids, which the store recognises (``already_stored``: a replay);
+        anything else conflicts and the ordinary path answers (the key's record: a replay
+        or :class:`IdempotencyKeyReused`; else the decider's refusal)."""
         with tracing.command_span("command", stream) as span:
             result = await self._create(decider, stream, command, (context or CommandContext()).traced(span))
             _note_appended(span, result)
@@ -341,10 +344,7 @@ class CommandHandler:
     async def _create(
         self, decider: Decider[C, E, S], stream: str, command: C, context: CommandContext
     ) -> CommandResult[S]:
-        if context.idempotency_key:
-            record = await self.event_store.find_idempotency(context.actor, context.idempotency_key, stream)
-            if record is not None:
-                return self._replayed(record, context, stream, decider.initial_state())
+        # No look-up of the key first (issue 7: one read per keyed POST): see the docstring.
         state = decider.initial_state()
         events = list(decider.decide(command, state))
         if not events:
