@@ -36,7 +36,14 @@ a lone writer's append 0.6x raw sqlite3):
   in the iteration, or the writer busy) they go to the writer thread and its
   group commit. So a single awaited append pays no hand-off, while concurrent
   ones still share an fsync; the price is that the event loop waits out that
-  one fsync, which only happens when it had nothing else to hand over.
+  one fsync, which only happens when it had nothing else to hand over. An append
+  that opens the iteration's batch flushes it from its own task after one turn of
+  the loop (:meth:`_lead_tick`), so when it is written there it returns without
+  a further turn.
+- One event at ``NO_STREAM`` or at a revision is written by one ``INSERT``, with
+  no read first (:func:`_append_one`): the table's unique constraints and a
+  ``CASE WHEN EXISTS`` refuse what the read would have, and a refusal (nothing
+  written) takes the checked path, which says why.
 
 *Group commit.* ``append`` validates its input, puts a job on a thread-safe
 queue and awaits a future. The writer thread takes everything queued (up to
