@@ -188,8 +188,9 @@ READ_BATCH = 500
 CONCURRENT_SECONDS = 0.1
 """After writes were seen to be concurrent, how long every write goes to the writer thread."""
 
-PROBE_EVERY = 16
-"""One lone write in this many goes to the writer thread to see whether others join it."""
+PROBE_SECONDS = 0.02
+"""At most this long between two lone writes that go to the writer thread to see whether
+others join them (see :meth:`SqliteEventStore._flush_tick`)."""
 
 INLINE_ROWS = 256
 """Events of a stream read on the event loop's thread; the rest (if any) in the reader pool."""
@@ -300,7 +301,8 @@ class SqliteEventStore:
         """Jobs given to the writer thread and not finished yet (kept on the loop's thread)."""
         self._concurrent_until = 0.0
         """Until when (``time.monotonic()``) writes count as concurrent: see :meth:`_flush_tick`."""
-        self._lone_jobs = 0
+        self._next_probe = 0.0
+        """When (``time.monotonic()``) the next lone write goes to the writer thread as a probe."""
         self._loop_reader: sqlite3.Connection | None = None
         row = connection.execute("SELECT up_to FROM idempotency_legacy").fetchone()
         self._legacy_up_to: int | None = None if row is None else row[0]
@@ -468,9 +470,11 @@ class SqliteEventStore:
         fsync of their own and the loop would sit idle through them (measured: 2,682 ->
         1,661 POST/s). So once writes are seen to be concurrent (several in one
         iteration, or one arriving while the writer thread is busy) every write goes to
-        the writer thread for :data:`CONCURRENT_SECONDS`; and one lone write in
-        :data:`PROBE_EVERY` goes there anyway, to notice concurrency that writes done
-        here would hide (nothing can join them)."""
+        the writer thread for :data:`CONCURRENT_SECONDS`; and a lone write goes there
+        anyway once every :data:`PROBE_SECONDS`, to notice concurrency that writes done
+        here would hide (nothing can join them). By time, not by count: a probe's two
+        thread hand-offs cost a single writer about 15 us of CPU per append when one in
+        16 went (issue 7), and what bounds the blind spell is time."""
         jobs, self._tick = self._tick, None
         if not jobs:
             return  # close() handed them over already
@@ -478,9 +482,11 @@ class SqliteEventStore:
         if len(jobs) > 1:
             self._concurrent_until = now + CONCURRENT_SECONDS
         elif self._may_write_here(jobs[0], now):
-            self._lone_jobs += 1
-            if self._lone_jobs % PROBE_EVERY and self._write_here(jobs[0]):
-                return
+            if now < self._next_probe:
+                if self._write_here(jobs[0]):
+                    return
+            else:
+                self._next_probe = now + PROBE_SECONDS
         self._hand_over(jobs)
 
     def _may_write_here(self, job: _Job[Any], now: float) -> bool:
