@@ -558,6 +558,33 @@ async def test_concurrent_appends_still_share_one_transaction(tmp_path: Path) ->
         assert store.stats.on_loop_thread == on_loop
 
 
+async def test_an_append_cancelled_within_its_turn_writes_nothing_and_the_others_go_on(
+    tmp_path: Path,
+) -> None:
+    """The append that opens a loop turn's batch flushes it from its own task: cancelled
+    before the turn ends, it is not written, and the appends that joined it still are."""
+    async with opened(tmp_path / "events.db") as store:
+        alone = asyncio.ensure_future(store.append("order-alone", [event()], NO_STREAM))
+        await asyncio.sleep(0)  # its task has started and opened the batch
+        alone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await alone
+        # Queued behind whatever the writer had: once written, the writer is idle again.
+        await store.append("order-after", [event()], NO_STREAM)
+        assert await store.stream_revision("order-alone") is None
+
+        leader = asyncio.ensure_future(store.append("order-lead", [event()], NO_STREAM))
+        joined = asyncio.ensure_future(store.append("order-joined", [event()], NO_STREAM))
+        await asyncio.sleep(0)  # both started: the second joined the batch the first opened
+        leader.cancel()
+        assert (await joined).revision == 0
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        await store.append("order-after", [event()], 0)
+        assert await store.stream_revision("order-lead") is None
+        assert (await store.append("order-lead", [event()], NO_STREAM)).revision == 0
+
+
 async def test_a_lone_append_waits_for_another_process_in_the_writer_thread(tmp_path: Path) -> None:
     """While another process holds the writer lock, the append waits in the writer
     thread, not on the event loop: other tasks keep running, and it commits after."""
