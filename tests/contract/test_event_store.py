@@ -301,6 +301,48 @@ async def test_any_appends_to_new_and_existing_streams(event_store: EventStore, 
     assert len(await event_store.read_stream(stream)) == 3
 
 
+async def test_a_one_event_append_is_checked_like_a_batch(event_store: EventStore, unique: str) -> None:
+    """One event at ``NO_STREAM`` or a revision (SQLite writes it without reading first):
+    a stream further on, not as far, or missing conflicts, and nothing is written."""
+    stream = f"order-{unique}"
+    await event_store.append(stream, events(3), NO_STREAM)
+    for stale_or_ahead in (1, 0, 3, 7):
+        with pytest.raises(WrongExpectedVersion) as raised:
+            await event_store.append(stream, [event()], stale_or_ahead)
+        assert (raised.value.expected, raised.value.actual) == (stale_or_ahead, 2)
+    with pytest.raises(WrongExpectedVersion) as raised:
+        await event_store.append(stream, [event()], NO_STREAM)
+    assert raised.value.actual == 2
+    with pytest.raises(WrongExpectedVersion) as raised:
+        await event_store.append(f"{stream}x", [event()], 0)
+    assert raised.value.actual is None
+    assert [e.revision for e in await event_store.read_stream(stream)] == [0, 1, 2]
+    assert await event_store.stream_revision(f"{stream}x") is None
+    assert (await event_store.append(stream, [event()], 2)).revision == 3
+
+
+@pytest.mark.parametrize("expectation", ["no_stream", "revision"])
+async def test_one_event_appended_again_writes_nothing(
+    event_store: EventStore, unique: str, expectation: str
+) -> None:
+    stream = f"order-{unique}"
+    expected: Expected = NO_STREAM
+    if expectation == "revision":
+        expected = (await event_store.append(stream, [event()], NO_STREAM)).revision
+    once = event()
+    first = await event_store.append(stream, [once], expected)
+    await event_store.append(stream, [event()], ANY)  # the stream moves on
+
+    again = await event_store.append(stream, [once], expected)
+
+    assert (again.revision, again.position) == (first.revision, first.position)
+    assert again.already_stored or not isinstance(event_store, SqliteEventStore)
+    assert ids(await event_store.read_stream(stream)).count(once.id) == 1
+    if isinstance(event_store, SqliteEventStore):  # KurrentDB may see a re-append (docs/command-path.md)
+        with pytest.raises(WrongExpectedVersion):  # the same event at the stream's current revision
+            await event_store.append(stream, [once], first.revision + 1)
+
+
 # =================================================================== idempotent append
 
 

@@ -44,7 +44,7 @@ from orderstream.eventstore.base import (
 )
 from orderstream.eventstore.sqlite import (
     INLINE_ROWS,
-    PROBE_EVERY,
+    PROBE_SECONDS,
     DuplicateEventId,
     EventStoreClosed,
     SqliteEventStore,
@@ -389,6 +389,31 @@ async def test_an_event_id_is_unique_across_streams(tmp_path: Path) -> None:
         assert await store.stream_revision("order-2") is None
 
 
+async def test_one_event_whose_id_is_in_another_stream_is_refused(tmp_path: Path) -> None:
+    """The one-statement append (no read first) still names the other stream."""
+    async with opened(tmp_path / "events.db") as store:
+        shared = event()
+        await store.append("order-1", [shared], NO_STREAM)
+        await store.append("order-2", [event()], NO_STREAM)
+        for expected in (NO_STREAM, 0):
+            with pytest.raises(DuplicateEventId) as raised:
+                await store.append("order-2" if expected == 0 else "order-3", [shared], expected)
+            assert raised.value.other_stream == "order-1"
+        assert await store.stream_revision("order-2") == 0
+        assert await store.stream_revision("order-3") is None
+
+
+async def test_one_event_that_is_not_json_is_refused_and_the_stream_goes_on(tmp_path: Path) -> None:
+    async with opened(tmp_path / "events.db") as store:
+        bad = NewEvent(id=uuid.uuid4(), type="Placed", data=b"{not json")
+        for expected in (NO_STREAM, 0):
+            with pytest.raises(EventStoreError, match="rejected"):
+                await store.append("order-1", [bad], expected)
+            if expected is NO_STREAM:
+                await store.append("order-1", [event()], NO_STREAM)
+        assert (await store.append("order-1", [event()], 0)).revision == 1
+
+
 async def test_the_file_is_readable_with_plain_sqlite(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
     async with opened(path) as store:
@@ -509,11 +534,13 @@ async def test_a_lone_append_is_written_on_the_loop_thread_and_is_durable(tmp_pa
     async with opened(path) as store:
         before = store.stats.on_loop_thread
         expected: Expected = NO_STREAM
+        started = time.monotonic()
         for n in range(32):
             result = await store.append("order-1", [event(n)], expected)
             expected = result.revision
-        # No hand-off to the writer thread, but for the probe of one in PROBE_EVERY.
-        assert store.stats.on_loop_thread - before == 32 - 32 // PROBE_EVERY
+        # No hand-off to the writer thread, but for a probe once every PROBE_SECONDS.
+        probes = 1 + int((time.monotonic() - started) / PROBE_SECONDS)
+        assert 32 - probes <= store.stats.on_loop_thread - before < 32
     with sqlite3.connect(path) as conn:  # committed, in the file, before close() was needed
         assert conn.execute("SELECT count(*) FROM events WHERE stream = 'order-1'").fetchone()[0] == 32
 
@@ -529,6 +556,33 @@ async def test_concurrent_appends_still_share_one_transaction(tmp_path: Path) ->
         # Concurrency seen: the next lone append goes to the writer thread too.
         await store.append("order-lone", [event()], NO_STREAM)
         assert store.stats.on_loop_thread == on_loop
+
+
+async def test_an_append_cancelled_within_its_turn_writes_nothing_and_the_others_go_on(
+    tmp_path: Path,
+) -> None:
+    """The append that opens a loop turn's batch flushes it from its own task: cancelled
+    before the turn ends, it is not written, and the appends that joined it still are."""
+    async with opened(tmp_path / "events.db") as store:
+        alone = asyncio.ensure_future(store.append("order-alone", [event()], NO_STREAM))
+        await asyncio.sleep(0)  # its task has started and opened the batch
+        alone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await alone
+        # Queued behind whatever the writer had: once written, the writer is idle again.
+        await store.append("order-after", [event()], NO_STREAM)
+        assert await store.stream_revision("order-alone") is None
+
+        leader = asyncio.ensure_future(store.append("order-lead", [event()], NO_STREAM))
+        joined = asyncio.ensure_future(store.append("order-joined", [event()], NO_STREAM))
+        await asyncio.sleep(0)  # both started: the second joined the batch the first opened
+        leader.cancel()
+        assert (await joined).revision == 0
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        await store.append("order-after", [event()], 0)
+        assert await store.stream_revision("order-lead") is None
+        assert (await store.append("order-lead", [event()], NO_STREAM)).revision == 0
 
 
 async def test_a_lone_append_waits_for_another_process_in_the_writer_thread(tmp_path: Path) -> None:
@@ -590,3 +644,19 @@ async def test_a_long_stream_reads_whole_across_the_loop_thread_page(tmp_path: P
         assert await revisions(backwards=True, from_revision=INLINE_ROWS - 1) == list(
             range(INLINE_ROWS - 1, -1, -1)
         )
+
+
+def test_the_stored_texts_are_what_str_and_isoformat_write() -> None:
+    """The fast encoders of the append path write the very text the stdlib does."""
+    from datetime import UTC, datetime, timedelta
+
+    from orderstream.eventstore.sqlite import _utc_text, _uuid_text
+
+    for _ in range(100):
+        id_ = uuid.uuid4()
+        assert _uuid_text(id_) == str(id_)
+    start = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    for moment in [start, datetime.now(UTC)] + [
+        start + timedelta(microseconds=m) for m in (1, 10, 999_999, 123_456)
+    ]:
+        assert _utc_text(moment) == moment.isoformat()

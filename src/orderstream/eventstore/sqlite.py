@@ -36,7 +36,14 @@ a lone writer's append 0.6x raw sqlite3):
   in the iteration, or the writer busy) they go to the writer thread and its
   group commit. So a single awaited append pays no hand-off, while concurrent
   ones still share an fsync; the price is that the event loop waits out that
-  one fsync, which only happens when it had nothing else to hand over.
+  one fsync, which only happens when it had nothing else to hand over. An append
+  that opens the iteration's batch flushes it from its own task after one turn of
+  the loop (:meth:`_lead_tick`), so when it is written there it returns without
+  a further turn.
+- One event at ``NO_STREAM`` or at a revision is written by one ``INSERT``, with
+  no read first (:func:`_append_one`): the table's unique constraints and a
+  ``CASE WHEN EXISTS`` refuse what the read would have, and a refusal (nothing
+  written) takes the checked path, which says why.
 
 *Group commit.* ``append`` validates its input, puts a job on a thread-safe
 queue and awaits a future. The writer thread takes everything queued (up to
@@ -140,6 +147,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+import msgspec
+
 from orderstream.application.errors import is_storage_full
 from orderstream.eventstore import sqlite_groups as groups
 from orderstream.eventstore.base import (
@@ -179,8 +188,9 @@ READ_BATCH = 500
 CONCURRENT_SECONDS = 0.1
 """After writes were seen to be concurrent, how long every write goes to the writer thread."""
 
-PROBE_EVERY = 16
-"""One lone write in this many goes to the writer thread to see whether others join it."""
+PROBE_SECONDS = 0.02
+"""At most this long between two lone writes that go to the writer thread to see whether
+others join them (see :meth:`SqliteEventStore._flush_tick`)."""
 
 INLINE_ROWS = 256
 """Events of a stream read on the event loop's thread; the rest (if any) in the reader pool."""
@@ -291,7 +301,8 @@ class SqliteEventStore:
         """Jobs given to the writer thread and not finished yet (kept on the loop's thread)."""
         self._concurrent_until = 0.0
         """Until when (``time.monotonic()``) writes count as concurrent: see :meth:`_flush_tick`."""
-        self._lone_jobs = 0
+        self._next_probe = 0.0
+        """When (``time.monotonic()``) the next lone write goes to the writer thread as a probe."""
         self._loop_reader: sqlite3.Connection | None = None
         row = connection.execute("SELECT up_to FROM idempotency_legacy").fetchone()
         self._legacy_up_to: int | None = None if row is None else row[0]
@@ -382,9 +393,14 @@ class SqliteEventStore:
         claims = _check_claims(stream, idempotency, len(rows))
         category = category_of(stream)
         legacy = self._legacy_up_to
-        return await self._submit(
+        job = self._new_job(
             lambda conn: _append_tx(conn, stream, category, rows, expected, claims, legacy), appends=True
         )
+        if self._tick is None and not self._handed_over:
+            await self._lead_tick(job)
+        else:
+            self._enqueue(job)
+        return await job.future  # no wait when it was written on the loop's thread
 
     async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
         legacy = self._legacy_up_to
@@ -402,10 +418,34 @@ class SqliteEventStore:
         )
 
     def _submit(self, run: Callable[[sqlite3.Connection], T], *, appends: bool = False) -> asyncio.Future[T]:
+        job = self._new_job(run, appends=appends)
+        self._enqueue(job)
+        return job.future
+
+    def _new_job(self, run: Callable[[sqlite3.Connection], T], *, appends: bool) -> _Job[T]:
         if self._closed:
             raise EventStoreClosed(f"event store {self.path} is closed")
-        future: asyncio.Future[T] = self._loop.create_future()
-        job = _Job(run, future, appends)
+        return _Job(run, self._loop.create_future(), appends)
+
+    async def _lead_tick(self, job: _Job[Any]) -> None:
+        """Open this loop iteration's tick with an append and flush it from the appending
+        task itself after one turn of the loop, where :meth:`_enqueue` would schedule
+        :meth:`_flush_tick` and the task would wake from its future one turn later still.
+        Jobs submitted meanwhile join the tick as usual; a lone append is then written here
+        and its future resolved before the task resumes, so awaiting it costs no turn
+        (issue 7: a lone append's second turn of the loop, an ``epoll_wait`` and a callback,
+        was a tenth of its CPU)."""
+        tick = self._tick = [job]
+        try:
+            await asyncio.sleep(0)  # the end of this iteration: did other writes come?
+        except asyncio.CancelledError:
+            job.future.cancel()  # not written; the others in the tick still are
+            raise
+        finally:
+            if self._tick is tick:  # else close() handed it over
+                self._flush_tick()
+
+    def _enqueue(self, job: _Job[Any]) -> None:
         if self._tick is not None:
             self._tick.append(job)
         elif self._handed_over:
@@ -414,7 +454,6 @@ class SqliteEventStore:
         else:
             self._tick = [job]
             self._loop.call_soon(self._flush_tick)
-        return future
 
     def _hand_over(self, jobs: list[_Job[Any]]) -> None:
         self._handed_over += len(jobs)
@@ -431,9 +470,11 @@ class SqliteEventStore:
         fsync of their own and the loop would sit idle through them (measured: 2,682 ->
         1,661 POST/s). So once writes are seen to be concurrent (several in one
         iteration, or one arriving while the writer thread is busy) every write goes to
-        the writer thread for :data:`CONCURRENT_SECONDS`; and one lone write in
-        :data:`PROBE_EVERY` goes there anyway, to notice concurrency that writes done
-        here would hide (nothing can join them)."""
+        the writer thread for :data:`CONCURRENT_SECONDS`; and a lone write goes there
+        anyway once every :data:`PROBE_SECONDS`, to notice concurrency that writes done
+        here would hide (nothing can join them). By time, not by count: a probe's two
+        thread hand-offs cost a single writer about 15 us of CPU per append when one in
+        16 went (issue 7), and what bounds the blind spell is time."""
         jobs, self._tick = self._tick, None
         if not jobs:
             return  # close() handed them over already
@@ -441,9 +482,11 @@ class SqliteEventStore:
         if len(jobs) > 1:
             self._concurrent_until = now + CONCURRENT_SECONDS
         elif self._may_write_here(jobs[0], now):
-            self._lone_jobs += 1
-            if self._lone_jobs % PROBE_EVERY and self._write_here(jobs[0]):
-                return
+            if now < self._next_probe:
+                if self._write_here(jobs[0]):
+                    return
+            else:
+                self._next_probe = now + PROBE_SECONDS
         self._hand_over(jobs)
 
     def _may_write_here(self, job: _Job[Any], now: float) -> bool:
@@ -455,20 +498,51 @@ class SqliteEventStore:
     def _write_here(self, job: _Job[Any]) -> bool:
         """Write one job on the loop's thread, unless another process holds the writer lock
         (then the writer thread waits for it, not the event loop). The writer thread has
-        nothing handed over, so it does not touch the connection meanwhile."""
+        nothing handed over, so it does not touch the connection meanwhile.
+
+        This is :meth:`_execute` and :meth:`_finish` for a batch of one, without the
+        batch's loops and lists: their generality was 16k of the 197k instructions of a
+        lone append (issue 7, callgrind). A job that fails takes the general
+        :meth:`_finish`, so the bookkeeping of every outcome stays in one place."""
         try:
             fcntl.flock(self._process_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        conn = self._connection
         try:
-            outcomes, changed, commit_seconds = self._execute([job], locked=True)
+            if not self._sync_full:
+                conn.execute("PRAGMA synchronous=FULL")
+                self._sync_full = True
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                value = job.run(conn)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    raise  # SQLite rolled the whole transaction back (I/O error, disk full)
+                conn.execute("ROLLBACK")
+                self.stats.on_loop_thread += 1
+                self._finish([job], [(False, _translate(exc))], False)
+                return True
+            committing = time.perf_counter()
+            conn.execute("COMMIT")
+            commit_seconds = time.perf_counter() - committing
         except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             self._failed([job], exc)
-        else:
-            self.stats.on_loop_thread += 1
-            self._finish([job], outcomes, changed, commit_seconds=commit_seconds)
+            return True
         finally:
             fcntl.flock(self._process_lock, fcntl.LOCK_UN)
+        stats = self.stats
+        stats.transactions += 1
+        stats.on_loop_thread += 1
+        stats.jobs += 1
+        stats.appends += job.appends
+        if self.on_commit is not None:
+            self.on_commit(1, int(job.appends), commit_seconds)
+        job.future.set_result(value)
+        self._appended.fire()
+        self._changed.fire()
         return True
 
     def _write_loop(self) -> None:
@@ -930,8 +1004,22 @@ def _prepare(stream: str, events: Sequence[NewEvent], expected: Expected) -> lis
         except UnicodeDecodeError as exc:
             raise EventStoreError(f"{stream}: event {event.id} data must be UTF-8 JSON") from exc
         metadata = event.metadata.to_json().decode()  # encoded once, here
-        rows.append((str(event.id), event.type, event.schema_version, data, metadata))
+        rows.append((_uuid_text(event.id), event.type, event.schema_version, data, metadata))
     return rows
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _utc_text(moment: datetime) -> str:
+    """``moment.isoformat()`` of a UTC datetime (``...+00:00``), the same text at half the
+    CPU: msgspec writes it in C (``"...Z"``), ``isoformat`` goes through ``printf``."""
+    return _encoder.encode(moment)[1:-2].decode() + "+00:00"
+
+
+def _uuid_text(id_: uuid.UUID) -> str:
+    """``str(id_)``, the same text at a third of the CPU (``UUID.__str__`` is Python code)."""
+    return _encoder.encode(id_)[1:-1].decode()
 
 
 def _append_tx(
@@ -943,6 +1031,52 @@ def _append_tx(
     claims: Sequence[IdempotencyClaim] = (),
     legacy_up_to: int | None = None,
 ) -> AppendResult:
+    result = _append_one(conn, stream, category, rows, expected)
+    if result is None:
+        result = _append_checked(conn, stream, category, rows, expected)
+    if claims and not result.already_stored and rows:
+        # One transaction, one writer: the append's positions are consecutive.
+        first = result.revision - len(rows) + 1
+        _insert_claims(conn, stream, claims, first, result.position - len(rows) + 1, legacy_up_to)
+    return result
+
+
+def _append_one(
+    conn: sqlite3.Connection, stream: str, category: str, rows: list[_Row], expected: Expected
+) -> AppendResult | None:
+    """One event at an expectation that names its revision (``NO_STREAM``: 0; revision r:
+    r + 1), written without reading first: ``UNIQUE (stream, revision)`` refuses a stream
+    that is further on, ``UNIQUE (id)`` an id stored already, and the ``EXISTS`` a stream
+    that is not as far as ``expected``. ``None`` when refused: nothing was written, and
+    :func:`_append_checked` finds out why (idempotent replay, conflict, invalid JSON).
+    The common append (a new order, a command at a known revision) runs one statement
+    instead of a read and an insert (issue 7: the read was a tenth of a lone append's
+    instructions)."""
+    if len(rows) != 1 or expected is ANY or expected is STREAM_EXISTS:
+        return None
+    id_, type_, version, data, metadata = rows[0]
+    recorded_at = _utc_text(datetime.now(UTC))
+    try:
+        if expected is NO_STREAM:
+            revision = 0
+            params: tuple[Any, ...] = (id_, stream, category, 0, type_, version, data, metadata, recorded_at)
+            position = conn.execute(_INSERT, params).lastrowid
+        else:
+            assert isinstance(expected, int)
+            revision = expected + 1
+            params = (id_, stream, category, stream, expected, revision)
+            params += (type_, version, data, metadata, recorded_at)
+            position = conn.execute(_INSERT_AFTER, params).lastrowid
+    except sqlite3.IntegrityError:
+        return None
+    assert position is not None
+    return AppendResult(revision, position)
+
+
+def _append_checked(
+    conn: sqlite3.Connection, stream: str, category: str, rows: list[_Row], expected: Expected
+) -> AppendResult:
+    """Any append: read the stream's revision and look for stored ids, then insert."""
     ids = [row[0] for row in rows]
     check_ids = 0 < len(ids) <= 500
     marks = ", ".join("?" * len(ids)) if check_ids else ""
@@ -961,7 +1095,7 @@ def _append_tx(
     if not rows:
         return AppendResult(-1, -1) if actual is None else AppendResult(actual, last_position)
     first = 0 if actual is None else actual + 1
-    recorded_at = datetime.now(UTC).isoformat()
+    recorded_at = _utc_text(datetime.now(UTC))
     values = [
         (id_, stream, category, first + i, type_, version, data, metadata, recorded_at)
         for i, (id_, type_, version, data, metadata) in enumerate(rows)
@@ -972,9 +1106,6 @@ def _append_tx(
         conn.executemany(_INSERT, values)
         position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
     assert position is not None
-    if claims:
-        # One transaction, one writer: the append's positions are consecutive.
-        _insert_claims(conn, stream, claims, first, position - len(rows) + 1, legacy_up_to)
     return AppendResult(first + len(rows) - 1, position)
 
 
@@ -1101,6 +1232,15 @@ _INSERT = (
     "INSERT INTO events (id, stream, category, revision, type, schema_version, data, metadata, recorded_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_AFTER = (
+    "INSERT INTO events (id, stream, category, revision, type, schema_version, data, metadata, recorded_at)"
+    " VALUES (?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM events WHERE stream = ? AND revision = ?) THEN ? END,"
+    " ?, ?, ?, ?, ?)"
+)
+"""Insert an event after the expected revision: a NULL revision (refused, ``NOT NULL``) when
+the stream has no event at that revision, and ``UNIQUE (stream, revision)`` refuses it when
+the stream is further on. (Not ``INSERT ... SELECT ... WHERE``: SQLite copies a SELECT from
+the table it inserts into through a temporary table, which cost more than the read it saves.)"""
 
 
 def _stored(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[str, int, int]]:
