@@ -5,12 +5,8 @@ from __future__ import annotations
 import random
 import uuid
 
-from orderstream.application.commands import (
-    IDEMPOTENCY_NAMESPACE,
-    CommandContext,
-    derived_event_id,
-    uuid5,
-)
+from orderstream.application.commands import IDEMPOTENCY_NAMESPACE, CommandContext, derived_event_id
+from orderstream.application.ids import uuid5, uuid5_text
 
 
 def test_uuid5_is_the_stdlib_s() -> None:
@@ -23,6 +19,7 @@ def test_uuid5_is_the_stdlib_s() -> None:
         for name in names:
             ours = uuid5(namespace, name)
             assert ours == uuid.uuid5(namespace, name)
+            assert uuid5_text(namespace, name) == str(uuid.uuid5(namespace, name))
             assert (ours.version, ours.variant) == (5, uuid.RFC_4122)
 
 

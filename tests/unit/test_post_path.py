@@ -20,7 +20,8 @@ from orderstream.api.common import WrittenResponse, written
 from orderstream.api.plumbing import _key_count
 from orderstream.api.schemas import WriteResult
 from orderstream.application.commands import CommandResult
-from orderstream.application.use_cases import ORDER_ID_NAMESPACE, uuid5_text
+from orderstream.application.ids import uuid5_text
+from orderstream.application.use_cases import ORDER_ID_NAMESPACE
 
 
 @given(st.text(max_size=300))

@@ -51,6 +51,7 @@ from tenacity import (
 )
 
 from orderstream import tracing
+from orderstream.application.ids import uuid5
 from orderstream.application.snapshots import PendingSnapshot, Snapshot, SnapshotStore, state_schema_id
 from orderstream.domain.common import Decider, DomainError
 from orderstream.events import EventRegistry
@@ -150,17 +151,6 @@ def derived_event_id(context: CommandContext, stream: str, index: int) -> uuid.U
     assert context.idempotency_key is not None
     scope = f"{context.actor}\x1f{context.idempotency_key}\x1f{context.request_hash or ''}"
     return uuid5(IDEMPOTENCY_NAMESPACE, f"{scope}\x1f{stream}\x1f{index}")
-
-
-def uuid5(namespace: uuid.UUID, name: str) -> uuid.UUID:
-    """``uuid.uuid5(namespace, name)``: the same UUID (RFC 4122 name-based, SHA-1) at
-    about a third of the CPU. The stdlib builds it through ``UUID.__init__``'s checks in
-    Python, twice per keyed place-order (issue 7: a sixth of the command path's bytecodes
-    in a profile); msgspec parses the hex in C."""
-    digest = bytearray(hashlib.sha1(namespace.bytes + name.encode(), usedforsecurity=False).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
-    return msgspec.convert(digest.hex(), uuid.UUID)
 
 
 @dataclass(frozen=True)

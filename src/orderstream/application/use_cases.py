@@ -15,12 +15,12 @@ Two shortcuts keep the hot paths lean:
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orderstream.application.commands import CommandContext, CommandResult, Commands
+from orderstream.application.ids import uuid5_text
 from orderstream.application.payment_vault import PaymentVault
 from orderstream.application.stream_batcher import StreamBatcher
 from orderstream.domain import inventory, orders, payments
@@ -51,18 +51,6 @@ def order_id_for(context: CommandContext) -> str:
     if context.idempotency_key:
         return uuid5_text(ORDER_ID_NAMESPACE, f"{context.actor}\x1f{context.idempotency_key}")
     return str(uuid.uuid4())
-
-
-_VERSION_5 = (0x5000 << 64) | (0x8000 << 48)
-_VERSION_BITS = ~((0xF000 << 64) | (0xC000 << 48))
-
-
-def uuid5_text(namespace: uuid.UUID, name: str) -> str:
-    """``str(uuid.uuid5(namespace, name))``, the same text in less than half the CPU
-    (1.4 against 3.3 us: no ``UUID`` object in between); every keyed POST makes one."""
-    digest = hashlib.sha1(namespace.bytes + name.encode()).digest()
-    h = f"{int.from_bytes(digest[:16]) & _VERSION_BITS | _VERSION_5:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class PriceCache:
