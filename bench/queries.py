@@ -50,6 +50,7 @@ import msgspec
 from elasticsearch import AsyncElasticsearch, NotFoundError
 
 from bench import auth as bench_auth
+from orderstream.api.schemas import OrderView
 from orderstream.readstore.base import CollectionSchema, Document, Query, ReadStore, Upsert
 from orderstream.readstore.elasticsearch import ElasticsearchReadStore
 from orderstream.readstore.sqlite import PrefixCache, SqliteReadStore, _QueryPlan, _Table
@@ -258,7 +259,7 @@ def raw_times(path: Path, rounds: int) -> dict[str, tuple[float, float]]:
     out = {}
     prefixes: PrefixCache = {}  # as the store keeps it
     for case in CASES:
-        now = _median_ms(lambda c=case: _QueryPlan(table, c.query, prefixes).run(conn), rounds)  # type: ignore[misc]
+        now = _median_ms(lambda c=case: _QueryPlan(table, c.query, prefixes).run(conn, OrderView), rounds)  # type: ignore[misc]
         before = _median_ms(lambda c=case: _old_sql(conn, physical, c.query), max(1, rounds // 5))  # type: ignore[misc]
         out[case.name] = (now, before)
     conn.close()
@@ -484,7 +485,8 @@ def run_sqlite(args: argparse.Namespace, tmp: Path) -> None:
         now, before = raw[case.name]
         print(f"{case.name:<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d} {now:>13.2f} {before:>14.1f}")
     print(
-        "store SQL: this query through the read store's query plan (SQL + decode) on one "
+        "store SQL: this query through the read store's query plan (SQL + decoding the page into the "
+        "API's OrderView) on one "
         "connection, no HTTP;\nGET /health: the same server's cheapest route, the most any route can do here;"
         "\nbefore SQL: the count + status facet + full-document sort the "
         "store ran for every list before (the reference)."
@@ -554,6 +556,105 @@ def run_es(args: argparse.Namespace, tmp: Path) -> None:
     )
 
 
+# ------------------------------------------------------------ CPU per request, in process
+
+
+async def _cpu_per_request(
+    app: Any, path: str, params: Mapping[str, str], requests: int, auth: list[tuple[bytes, bytes]]
+) -> float:
+    """CPU seconds (every thread of the process: event loop and read-store readers) per
+    ``GET path?params`` of ``requests`` sent by 32 tasks straight to the ASGI callable."""
+    from bench.api_cpu import CONCURRENCY, call
+
+    query_string = urllib.parse.urlencode(params).encode()
+    failures: list[int] = []
+
+    async def worker(first: int) -> None:
+        for _ in range(first, requests, CONCURRENCY):
+            status = await call(app, "GET", path, b"", auth, query_string)
+            if status >= 300:
+                failures.append(status)
+
+    started = time.process_time()
+    await asyncio.gather(*(worker(i) for i in range(CONCURRENCY)))
+    spent = time.process_time() - started
+    if failures:
+        raise RuntimeError(f"{len(failures)} of GET {path}?{query_string.decode()} failed: {failures[:5]}")
+    return spent / requests
+
+
+async def _cpu_child(read_store: str, requests: int) -> dict[str, float]:
+    """Per case (and ``GET /health``): CPU per request of the app of whichever
+    ``orderstream`` this process imports, on the read store at URL ``read_store``."""
+    from bench.api_cpu import admin_authorization
+    from orderstream.api.app import create_app
+    from orderstream.bootstrap import build
+    from orderstream.config import Settings
+
+    with tempfile.TemporaryDirectory(prefix="bench-queries-cpu-") as tmp:
+        settings = Settings(data_dir=Path(tmp) / "data", read_store_url=read_store)
+        container = await build(settings)
+        try:
+            app = create_app(container, extra_route_handlers=(), background=())
+            auth = admin_authorization(settings)
+            out = {}
+            for name, path, params in [
+                ("GET /health", "/health", {}),
+                *((case.name, "/orders", case.params) for case in CASES),
+            ]:
+                await _cpu_per_request(app, path, params, max(64, requests // 10), auth)  # warm
+                out[name] = await _cpu_per_request(app, path, params, requests, auth)
+            return out
+        finally:
+            await container.close()
+
+
+def run_cpu(args: argparse.Namespace) -> None:
+    """``--cpu``: CPU per request in process, this checkout beside each ``--src``
+    checkout (e.g. ``/work/main/src``), each round of each in its own process, interleaved."""
+    if args.db is None or _count(args.db) != args.orders:
+        raise SystemExit(
+            f"--cpu needs --db holding --orders ({args.orders:,}) orders: run without --cpu first"
+        )
+    contenders: list[tuple[str, str | None]] = [("this checkout", None), *((src, src) for src in args.src)]
+    results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in contenders}
+    for round_ in range(args.rounds_cpu):
+        for label, src in contenders:
+            env = dict(os.environ)
+            if src is not None:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+            argv = [sys.executable, "-m", "bench.queries", "--cpu-child", str(args.db)]
+            argv += ["--requests", str(args.requests)]
+            done = subprocess.run(
+                argv, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{label}: {done.stderr[-3000:]}")
+            figures = msgspec.json.decode(done.stdout.strip().splitlines()[-1], type=dict[str, float])
+            results[label].append(figures)
+            print(
+                f"round {round_ + 1}: {label}: list limit=20 {figures[CASES[0].name] * 1e6:.0f} us",
+                flush=True,
+            )
+
+    def median_us(label: str, name: str) -> float:
+        return statistics.median(r[name] for r in results[label]) * 1e6
+
+    print()
+    print(
+        f"CPU per request in process, {args.orders:,} orders, SQLite, 32 tasks, "
+        f"{args.requests} requests per case, median of {args.rounds_cpu} rounds (us):"
+    )
+    print(f"{'query':<28}" + "".join(f" {label[-24:]:>24}" for label, _ in contenders))
+    for name in ["GET /health", *(case.name for case in CASES)]:
+        row = f"{name:<28}" + "".join(f" {median_us(label, name):>24.0f}" for label, _ in contenders)
+        if len(contenders) > 1:
+            row += f"  {median_us(contenders[1][0], name) / median_us(contenders[0][0], name):.2f}x"
+        print(row)
+    if len(contenders) > 1:
+        print(f"ratio: {contenders[1][0]}'s CPU per request / this checkout's (above 1: this one is cheaper)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.queries", description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=1_000_000, help="orders in the read store")
@@ -569,7 +670,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per query")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=50, help="rounds of each raw SQL / took timing")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="SQLite, instead of wrk: CPU per request in process (needs --db), beside each --src",
+    )
+    parser.add_argument("--src", action="append", default=[], help="--cpu: another checkout's src (repeat)")
+    parser.add_argument("--requests", type=int, default=2000, help="--cpu: requests per case per round")
+    parser.add_argument("--rounds-cpu", type=int, default=3, help="--cpu: rounds per contender")
+    parser.add_argument("--cpu-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.cpu_child is not None:
+        import uvloop
+
+        print(
+            msgspec.json.encode(
+                uvloop.run(_cpu_child(f"sqlite:///{args.cpu_child.resolve()}", args.requests))
+            ).decode()
+        )
+        return
+    if args.cpu:
+        run_cpu(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-queries-") as tmp:
         if args.read_store == "es":

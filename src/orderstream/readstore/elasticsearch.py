@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -55,6 +55,7 @@ from orderstream.readstore.base import (
     ReadStoreUnavailable,
     SortField,
     Stored,
+    T,
     Upsert,
     WriteOp,
     WriteOutcome,
@@ -318,6 +319,11 @@ class ElasticsearchReadStore:
         source: Document = answer["_source"]
         return source
 
+    async def get_as(self, collection: str, doc_id: str, as_type: type[T]) -> T | None:
+        """The client has already parsed ``_source``: converted like ``msgspec.convert``."""
+        doc = await self.get(collection, doc_id)
+        return None if doc is None else msgspec.convert(doc, as_type, strict=False)
+
     async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
         try:
             async with _reachable():
@@ -403,7 +409,16 @@ class ElasticsearchReadStore:
             sort.append(SortField(schema.id_field, descending=sort[-1].descending if sort else False))
         return sort
 
-    async def query(self, collection: str, query: Query) -> Page:
+    async def query(self, collection: str, query: Query) -> Page[Document]:
+        return await self._query(collection, query, lambda source: source)
+
+    async def query_as(self, collection: str, query: Query, as_type: type[T]) -> Page[T]:
+        """The client has already parsed each ``_source``: converted like ``msgspec.convert``."""
+        return await self._query(
+            collection, query, lambda source: msgspec.convert(source, as_type, strict=False)
+        )
+
+    async def _query(self, collection: str, query: Query, convert: Callable[[Document], T]) -> Page[T]:
         if not 1 <= query.limit <= MAX_LIMIT:
             raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}")
         schema = await self._schema(collection)
@@ -456,7 +471,7 @@ class ElasticsearchReadStore:
             for name in aggs
         }
         return Page(
-            items=[h["_source"] for h in hits],
+            items=[convert(h["_source"]) for h in hits],
             next_cursor=next_cursor,
             facets=facets,
             total=int(answer["hits"]["total"]["value"]) if query.count or query.facets else None,
