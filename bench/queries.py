@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import random
 import re
@@ -583,9 +584,15 @@ async def _cpu_per_request(
     return spent / requests
 
 
+GC_LONGEST = "longest GC pause (ms)"
+GC_PER_REQUEST = "GC time per request (us)"
+
+
 async def _cpu_child(read_store: str, requests: int) -> dict[str, float]:
     """Per case (and ``GET /health``): CPU per request of the app of whichever
-    ``orderstream`` this process imports, on the read store at URL ``read_store``."""
+    ``orderstream`` this process imports, on the read store at URL ``read_store``; and
+    the garbage collector's pauses over all of them (a pause holds the GIL, so every
+    request in flight waits it out: it lands in the p99, not in a mean)."""
     from bench.api_cpu import admin_authorization
     from orderstream.api.app import create_app
     from orderstream.bootstrap import build
@@ -597,13 +604,31 @@ async def _cpu_child(read_store: str, requests: int) -> dict[str, float]:
         try:
             app = create_app(container, extra_route_handlers=(), background=())
             auth = admin_authorization(settings)
+            from orderstream import cli
+
+            freeze = getattr(cli, "freeze_start_up_heap", None)  # as `orderstream api` does (where it does)
+            if freeze is not None:
+                freeze()
             out = {}
+            pauses: list[float] = []
+            started: list[float] = []
+
+            def on_collection(phase: str, _info: dict[str, Any]) -> None:
+                if phase == "start":
+                    started[:] = [time.perf_counter()]
+                elif started:
+                    pauses.append(time.perf_counter() - started[0])
+
+            gc.callbacks.append(on_collection)
             for name, path, params in [
                 ("GET /health", "/health", {}),
                 *((case.name, "/orders", case.params) for case in CASES),
             ]:
                 await _cpu_per_request(app, path, params, max(64, requests // 10), auth)  # warm
                 out[name] = await _cpu_per_request(app, path, params, requests, auth)
+            gc.callbacks.remove(on_collection)
+            out[GC_LONGEST] = max(pauses, default=0.0) * 1e3
+            out[GC_PER_REQUEST] = sum(pauses) / (requests * (len(CASES) + 1)) * 1e6
             return out
         finally:
             await container.close()
@@ -651,8 +676,17 @@ def run_cpu(args: argparse.Namespace) -> None:
         if len(contenders) > 1:
             row += f"  {median_us(contenders[1][0], name) / median_us(contenders[0][0], name):.2f}x"
         print(row)
+    for name in (GC_LONGEST, GC_PER_REQUEST):
+        row = f"{name:<28}" + "".join(
+            f" {statistics.median(r[name] for r in results[label]):>24.1f}" for label, _ in contenders
+        )
+        print(row)
     if len(contenders) > 1:
         print(f"ratio: {contenders[1][0]}'s CPU per request / this checkout's (above 1: this one is cheaper)")
+    print(
+        "GC: wall time of the garbage collector's passes over all the cases (median over rounds); "
+        "a pass holds the GIL, so it stalls every request in flight"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
