@@ -17,6 +17,15 @@
      the store), sent straight to the node's ``_search`` by wrk at the same connections,
      i.e. what the API adds on top of the store; and the node's own ``took``.
 
+``--db DIR/read.db`` keeps the loaded read store and reuses it when it holds ``--orders``
+orders (1,000,000 take ~4 minutes to load). ``--src /work/main/src`` (repeatable) also
+starts ``orderstream api`` from another checkout and runs every case on each server in
+turn: before and after in one sitting. ``--cpu`` measures instead the CPU per request
+inside the app (its ASGI callable driven by 32 tasks, no server or socket: what a busy,
+shared machine does to wrk's figures stays out), this checkout beside each ``--src`` in
+interleaved processes, and the garbage collector's longest pause; on SQLite it needs
+``--db``, with ``--read-store es`` it loads ``--orders`` under a fresh prefix.
+
 The data: a city per order out of eight (``london`` matches 1 in 8 orders), a
 customer out of 20,000, one order in 100,000 shipped to ``Zanzibar`` (the "few
 matches" query), statuses spread over placed / cancelled / shipped / rejected.
@@ -405,10 +414,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_api(read_store: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``orderstream api`` on the read store at URL ``read_store`` (its own event store)."""
+def start_api(read_store: str, data_dir: Path, src: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """``orderstream api`` on the read store at URL ``read_store`` (its own event store),
+    from another checkout's ``src`` if given."""
     port = _free_port()
     env = {**os.environ, "ORDERSTREAM_READ_STORE": read_store}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     process = subprocess.Popen(
         [sys.executable, "-m", "orderstream.cli", "api", "--port", str(port), "--log-level", "warning"],
         env=env,
@@ -459,19 +471,26 @@ def run_sqlite(args: argparse.Namespace, tmp: Path) -> None:
 
     print("raw SQL, warm, one connection ...", flush=True)
     raw = raw_times(path, args.rounds)
-    print("starting orderstream api (no projection runner) ...", flush=True)
-    process, base = start_api(f"sqlite:///{path.resolve()}", tmp)
-    rows = []
+    contenders: list[tuple[str, str | None]] = [("", None), *((f" [{src}]", src) for src in args.src)]
+    print(f"starting orderstream api (no projection runner) x{len(contenders)} ...", flush=True)
+    servers: list[tuple[str, subprocess.Popen[bytes], str]] = []
+    rows: list[tuple[str, Case | None, Result]] = []
     try:
-        print(f"wrk {args.connections} connections, {args.seconds} s: GET /health (reference) ...")
-        floor = wrk(f"{base}/health", seconds=args.seconds, connections=args.connections)
-        for case in CASES:
-            url = f"{base}/orders?{urllib.parse.urlencode(case.params)}"
-            print(f"wrk {args.connections} connections, {args.seconds} s: {case.name} ...", flush=True)
-            rows.append((case, wrk(url, seconds=args.seconds, connections=args.connections)))
+        for i, (label, src) in enumerate(contenders):
+            folder = tmp / f"api-{i}"
+            folder.mkdir()
+            servers.append((label, *start_api(f"sqlite:///{path.resolve()}", folder, src)))
+        for case in [None, *CASES]:  # None: GET /health, the reference
+            for label, _, base in servers:  # each case on each server in turn: the same sitting
+                query = "" if case is None else urllib.parse.urlencode(case.params)
+                url = f"{base}/health" if case is None else f"{base}/orders?{query}"
+                what = "GET /health (reference)" if case is None else case.name
+                print(f"wrk {args.connections} connections, {args.seconds} s: {what}{label} ...", flush=True)
+                rows.append((label, case, wrk(url, seconds=args.seconds, connections=args.connections)))
     finally:
-        process.terminate()
-        process.wait(30)
+        for _, process, _ in servers:
+            process.terminate()
+            process.wait(30)
 
     print()
     print(f"{args.orders:,} orders, SQLite read store, wrk -c{args.connections} on orderstream api")
@@ -480,11 +499,13 @@ def run_sqlite(args: argparse.Namespace, tmp: Path) -> None:
         f" {'store SQL ms':>13} {'before SQL ms':>14}"
     )
     print(header)
-    rate, p50, p99, bad = floor
-    print(f"{'GET /health (HTTP floor)':<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d}")
-    for case, (rate, p50, p99, bad) in rows:
+    for label, case, (rate, p50, p99, bad) in rows:
+        if case is None:
+            print(f"{'GET /health (HTTP floor)' + label:<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d}")
+            continue
         now, before = raw[case.name]
-        print(f"{case.name:<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d} {now:>13.2f} {before:>14.1f}")
+        sql = f" {now:>13.2f} {before:>14.1f}" if not label else ""
+        print(f"{case.name + label:<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d}{sql}")
     print(
         "store SQL: this query through the read store's query plan (SQL + decoding the page into the "
         "API's OrderView) on one "
@@ -636,11 +657,25 @@ async def _cpu_child(read_store: str, requests: int) -> dict[str, float]:
 
 def run_cpu(args: argparse.Namespace) -> None:
     """``--cpu``: CPU per request in process, this checkout beside each ``--src``
-    checkout (e.g. ``/work/main/src``), each round of each in its own process, interleaved."""
+    checkout (e.g. ``/work/main/src``), each round of each in its own process, interleaved.
+    SQLite: on ``--db``; Elasticsearch: on ``--orders`` loaded under a fresh prefix."""
+    if args.read_store == "es":
+        prefix = f"bench-queries-{uuid.uuid4().hex[:8]}-"
+        try:
+            print(f"bulk-loading {args.orders:,} orders into Elasticsearch, prefix {prefix} ...", flush=True)
+            asyncio.run(load_es(args.es_url, prefix, args.orders))
+            _run_cpu(args, f"{args.es_url}?prefix={prefix}", "Elasticsearch")
+        finally:
+            asyncio.run(delete_es(args.es_url, prefix))
+        return
     if args.db is None or _count(args.db) != args.orders:
         raise SystemExit(
             f"--cpu needs --db holding --orders ({args.orders:,}) orders: run without --cpu first"
         )
+    _run_cpu(args, f"sqlite:///{args.db.resolve()}", "SQLite")
+
+
+def _run_cpu(args: argparse.Namespace, read_store: str, store_name: str) -> None:
     contenders: list[tuple[str, str | None]] = [("this checkout", None), *((src, src) for src in args.src)]
     results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in contenders}
     for round_ in range(args.rounds_cpu):
@@ -648,7 +683,7 @@ def run_cpu(args: argparse.Namespace) -> None:
             env = dict(os.environ)
             if src is not None:
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-            argv = [sys.executable, "-m", "bench.queries", "--cpu-child", str(args.db)]
+            argv = [sys.executable, "-m", "bench.queries", "--cpu-child", read_store]
             argv += ["--requests", str(args.requests)]
             done = subprocess.run(
                 argv, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True
@@ -667,7 +702,7 @@ def run_cpu(args: argparse.Namespace) -> None:
 
     print()
     print(
-        f"CPU per request in process, {args.orders:,} orders, SQLite, 32 tasks, "
+        f"CPU per request in process, {args.orders:,} orders, {store_name}, 32 tasks, "
         f"{args.requests} requests per case, median of {args.rounds_cpu} rounds (us):"
     )
     print(f"{'query':<28}" + "".join(f" {label[-24:]:>24}" for label, _ in contenders))
@@ -707,22 +742,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cpu",
         action="store_true",
-        help="SQLite, instead of wrk: CPU per request in process (needs --db), beside each --src",
+        help="instead of wrk: CPU per request in process (SQLite: needs --db), beside each --src",
     )
-    parser.add_argument("--src", action="append", default=[], help="--cpu: another checkout's src (repeat)")
+    parser.add_argument(
+        "--src",
+        action="append",
+        default=[],
+        help="SQLite: also measure another checkout's src (e.g. /work/main/src), case by case (repeat)",
+    )
     parser.add_argument("--requests", type=int, default=2000, help="--cpu: requests per case per round")
     parser.add_argument("--rounds-cpu", type=int, default=3, help="--cpu: rounds per contender")
-    parser.add_argument("--cpu-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu-child", metavar="READ_STORE_URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.cpu_child is not None:
         import uvloop
 
-        print(
-            msgspec.json.encode(
-                uvloop.run(_cpu_child(f"sqlite:///{args.cpu_child.resolve()}", args.requests))
-            ).decode()
-        )
+        print(msgspec.json.encode(uvloop.run(_cpu_child(args.cpu_child, args.requests))).decode())
         return
     if args.cpu:
         run_cpu(args)
