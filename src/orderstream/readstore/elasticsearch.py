@@ -161,9 +161,9 @@ def check_filter_value(field: str, kind: FieldKind, value: FilterValue) -> None:
 
 
 class MsgspecJsonSerializer(JsonSerializer):
-    """The node's JSON answers parsed by msgspec rather than the standard library:
-    half the time (a page of 20 orders: ~57 µs instead of ~111 µs), for every answer
-    (searches, ``get``, the projections' ``mget`` and bulk results)."""
+    """The node's JSON answers (searches, ``get``, the projections' ``mget`` and bulk
+    results) parsed by msgspec rather than the standard library's ``json``, which is
+    slower (docs/read-models.md: on a list the HTTP round trip is the larger cost)."""
 
     def json_loads(self, data: bytes) -> Any:
         return msgspec.json.decode(data)
