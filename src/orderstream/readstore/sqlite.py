@@ -65,6 +65,8 @@ FACET_SIZE = 100
 FEW_MATCHES = 2000
 """Below this many full-text matches a query sorts the matches; from it on, it walks
 the rows in sort order instead (``_QueryPlan._walk``)."""
+FEW_CACHE_SECONDS = 1.0
+"""How long the answer "few or many matches?" is reused per search (``_QueryPlan._few_matches``)."""
 WINDOW_ROWS_PER_RESULT = 16
 MAX_WINDOW = 32_768
 """Rows per step of that walk: the first step takes 16 per row of the page (enough
@@ -184,6 +186,8 @@ class _Table:
 
 PrefixCache = dict[tuple[str, str], tuple[float, list[str] | None]]
 """(FTS table, prefix) -> (when read, its words): one per store, as it is one per database."""
+FewCache = dict[tuple[str, str], tuple[float, bool]]
+"""(FTS table, match expression) -> (when counted, fewer than :data:`FEW_MATCHES`?): one per store."""
 
 
 def _prefix_words(conn: sqlite3.Connection, cache: PrefixCache, fts: str, prefix: str) -> list[str] | None:
@@ -385,6 +389,7 @@ class SqliteReadStore:
         self._readers = readers
         self._tables: dict[str, _Table] = {}
         self._prefixes: PrefixCache = {}
+        self._few: FewCache = {}
         self._upgraded: set[str] = set()
         """Physical tables given their counts and indexes by this store (``_upgrade``)."""
         self._closed = False
@@ -758,7 +763,7 @@ class SqliteReadStore:
             if table is None:  # never ensured: nothing to find yet
                 total = 0 if query.count or query.facets else None
                 return Page(items=[], next_cursor=None, facets={f: {} for f in query.facets}, total=total)
-            return _QueryPlan(table, query, self._prefixes).run(conn, as_type)
+            return _QueryPlan(table, query, self._prefixes, self._few).run(conn, as_type)
 
         return await self._read(read)
 
@@ -766,10 +771,13 @@ class SqliteReadStore:
 class _QueryPlan:
     """One :class:`Query` translated to SQL against one physical table."""
 
-    def __init__(self, table: _Table, query: Query, prefixes: PrefixCache | None = None) -> None:
+    def __init__(
+        self, table: _Table, query: Query, prefixes: PrefixCache | None = None, few: FewCache | None = None
+    ) -> None:
         self.table = table
         self.query = query
         self.prefixes: PrefixCache = {} if prefixes is None else prefixes
+        self.few: FewCache = {} if few is None else few
         self.where: list[str] = ["doc IS NOT NULL"]
         self.params: list[Any] = []
         self.match: str | None = None
@@ -885,13 +893,26 @@ class _QueryPlan:
 
     def _few_matches(self, conn: sqlite3.Connection) -> bool:
         """Does the text match fewer than :data:`FEW_MATCHES` documents? Counting
-        stops at the bound, so this costs at most that many FTS rowids."""
+        stops at the bound, so this costs at most that many FTS rowids: for a word that
+        matches many, about a quarter of the whole query. The answer is kept
+        :data:`FEW_CACHE_SECONDS` per search: it changes only when a word crosses the
+        bound, and a stale one picks the slower of two plans that find the same page."""
+        assert self.match is not None
+        key = (self.table.fts, self.match)
+        now = time.monotonic()
+        cached = self.few.get(key)
+        if cached is not None and now - cached[0] < FEW_CACHE_SECONDS:
+            return cached[1]
         fts = _q(self.table.fts)
         row = conn.execute(
             f"SELECT count(*) FROM (SELECT rowid FROM {fts} WHERE {fts} MATCH ? LIMIT {FEW_MATCHES})",
             (self.match,),
         ).fetchone()
-        return int(row[0]) < FEW_MATCHES
+        few = int(row[0]) < FEW_MATCHES
+        if len(self.few) > 10_000:
+            self.few.clear()
+        self.few[key] = (now, few)
+        return few
 
     def _expand_prefix(self, conn: sqlite3.Connection) -> None:
         """Replace the trailing prefix (``"lon"*``) by the words it stands for
