@@ -64,7 +64,7 @@ from bench import auth as bench_auth
 from orderstream.api.schemas import OrderView
 from orderstream.readstore.base import CollectionSchema, Document, Query, ReadStore, Upsert
 from orderstream.readstore.elasticsearch import ElasticsearchReadStore
-from orderstream.readstore.sqlite import FewCache, PrefixCache, SqliteReadStore, _QueryPlan, _Table
+from orderstream.readstore.sqlite import SqliteReadStore
 from projections import order_summary
 
 CITIES = ("London", "Paris", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Lisbon")
@@ -263,6 +263,9 @@ def _median_ms(fn: Callable[[], object], rounds: int) -> float:
 def raw_times(path: Path, rounds: int) -> dict[str, tuple[float, float]]:
     """Per case: (the store's SQL for the query now, the SQL it ran before), warm
     median ms on one connection, no HTTP."""
+    # Here, not at the top: a --cpu child imports this module from another checkout's src.
+    from orderstream.readstore.sqlite import FewCache, PrefixCache, _QueryPlan, _Table
+
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     physical = conn.execute("SELECT physical FROM aliases WHERE collection = 'orders'").fetchone()[0]
     row = conn.execute("SELECT schema FROM physicals WHERE physical = ?", (physical,)).fetchone()
