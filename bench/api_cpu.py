@@ -35,7 +35,14 @@ SKUS = ["BENCH-HOT", *(f"BENCH-{i}" for i in range(8))]
 Asgi = Callable[..., Awaitable[None]]
 
 
-async def call(app: Asgi, method: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+async def call(
+    app: Asgi,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    query_string: bytes = b"",
+) -> int:
     """One request through the ASGI callable; the answer's status."""
     status = 0
     delivered = False
@@ -62,7 +69,7 @@ async def call(app: Asgi, method: str, path: str, body: bytes, headers: list[tup
         "path": path,
         "raw_path": path.encode(),
         "root_path": "",
-        "query_string": b"",
+        "query_string": query_string,
         "headers": [
             (b"host", b"bench"),
             (b"content-type", b"application/json"),

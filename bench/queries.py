@@ -17,6 +17,15 @@
      the store), sent straight to the node's ``_search`` by wrk at the same connections,
      i.e. what the API adds on top of the store; and the node's own ``took``.
 
+``--db DIR/read.db`` keeps the loaded read store and reuses it when it holds ``--orders``
+orders (1,000,000 take ~4 minutes to load). ``--src /work/main/src`` (repeatable) also
+starts ``orderstream api`` from another checkout and runs every case on each server in
+turn: before and after in one sitting. ``--cpu`` measures instead the CPU per request
+inside the app (its ASGI callable driven by 32 tasks, no server or socket: what a busy,
+shared machine does to wrk's figures stays out), this checkout beside each ``--src`` in
+interleaved processes, and the garbage collector's longest pause; on SQLite it needs
+``--db``, with ``--read-store es`` it loads ``--orders`` under a fresh prefix.
+
 The data: a city per order out of eight (``london`` matches 1 in 8 orders), a
 customer out of 20,000, one order in 100,000 shipped to ``Zanzibar`` (the "few
 matches" query), statuses spread over placed / cancelled / shipped / rejected.
@@ -26,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import gc
 import os
 import random
 import re
@@ -50,9 +61,10 @@ import msgspec
 from elasticsearch import AsyncElasticsearch, NotFoundError
 
 from bench import auth as bench_auth
+from orderstream.api.schemas import OrderView
 from orderstream.readstore.base import CollectionSchema, Document, Query, ReadStore, Upsert
 from orderstream.readstore.elasticsearch import ElasticsearchReadStore
-from orderstream.readstore.sqlite import PrefixCache, SqliteReadStore, _QueryPlan, _Table
+from orderstream.readstore.sqlite import SqliteReadStore
 from projections import order_summary
 
 CITIES = ("London", "Paris", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Lisbon")
@@ -251,14 +263,19 @@ def _median_ms(fn: Callable[[], object], rounds: int) -> float:
 def raw_times(path: Path, rounds: int) -> dict[str, tuple[float, float]]:
     """Per case: (the store's SQL for the query now, the SQL it ran before), warm
     median ms on one connection, no HTTP."""
+    # Here, not at the top: a --cpu child imports this module from another checkout's src.
+    from orderstream.readstore.sqlite import FewCache, PrefixCache, _QueryPlan, _Table
+
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     physical = conn.execute("SELECT physical FROM aliases WHERE collection = 'orders'").fetchone()[0]
     row = conn.execute("SELECT schema FROM physicals WHERE physical = ?", (physical,)).fetchone()
     table = _Table(physical, "orders", msgspec.json.decode(row[0], type=CollectionSchema))
     out = {}
-    prefixes: PrefixCache = {}  # as the store keeps it
+    prefixes: PrefixCache = {}  # as the store keeps them
+    few: FewCache = {}
     for case in CASES:
-        now = _median_ms(lambda c=case: _QueryPlan(table, c.query, prefixes).run(conn), rounds)  # type: ignore[misc]
+        plan = functools.partial(_QueryPlan, table, case.query, prefixes, few)
+        now = _median_ms(lambda p=plan: p().run(conn, OrderView), rounds)  # type: ignore[misc]
         before = _median_ms(lambda c=case: _old_sql(conn, physical, c.query), max(1, rounds // 5))  # type: ignore[misc]
         out[case.name] = (now, before)
     conn.close()
@@ -403,10 +420,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_api(read_store: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``orderstream api`` on the read store at URL ``read_store`` (its own event store)."""
+def start_api(read_store: str, data_dir: Path, src: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """``orderstream api`` on the read store at URL ``read_store`` (its own event store),
+    from another checkout's ``src`` if given."""
     port = _free_port()
     env = {**os.environ, "ORDERSTREAM_READ_STORE": read_store}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     process = subprocess.Popen(
         [sys.executable, "-m", "orderstream.cli", "api", "--port", str(port), "--log-level", "warning"],
         env=env,
@@ -457,19 +477,26 @@ def run_sqlite(args: argparse.Namespace, tmp: Path) -> None:
 
     print("raw SQL, warm, one connection ...", flush=True)
     raw = raw_times(path, args.rounds)
-    print("starting orderstream api (no projection runner) ...", flush=True)
-    process, base = start_api(f"sqlite:///{path.resolve()}", tmp)
-    rows = []
+    contenders: list[tuple[str, str | None]] = [("", None), *((f" [{src}]", src) for src in args.src)]
+    print(f"starting orderstream api (no projection runner) x{len(contenders)} ...", flush=True)
+    servers: list[tuple[str, subprocess.Popen[bytes], str]] = []
+    rows: list[tuple[str, Case | None, Result]] = []
     try:
-        print(f"wrk {args.connections} connections, {args.seconds} s: GET /health (reference) ...")
-        floor = wrk(f"{base}/health", seconds=args.seconds, connections=args.connections)
-        for case in CASES:
-            url = f"{base}/orders?{urllib.parse.urlencode(case.params)}"
-            print(f"wrk {args.connections} connections, {args.seconds} s: {case.name} ...", flush=True)
-            rows.append((case, wrk(url, seconds=args.seconds, connections=args.connections)))
+        for i, (label, src) in enumerate(contenders):
+            folder = tmp / f"api-{i}"
+            folder.mkdir()
+            servers.append((label, *start_api(f"sqlite:///{path.resolve()}", folder, src)))
+        for case in [None, *CASES]:  # None: GET /health, the reference
+            for label, _, base in servers:  # each case on each server in turn: the same sitting
+                query = "" if case is None else urllib.parse.urlencode(case.params)
+                url = f"{base}/health" if case is None else f"{base}/orders?{query}"
+                what = "GET /health (reference)" if case is None else case.name
+                print(f"wrk {args.connections} connections, {args.seconds} s: {what}{label} ...", flush=True)
+                rows.append((label, case, wrk(url, seconds=args.seconds, connections=args.connections)))
     finally:
-        process.terminate()
-        process.wait(30)
+        for _, process, _ in servers:
+            process.terminate()
+            process.wait(30)
 
     print()
     print(f"{args.orders:,} orders, SQLite read store, wrk -c{args.connections} on orderstream api")
@@ -478,13 +505,16 @@ def run_sqlite(args: argparse.Namespace, tmp: Path) -> None:
         f" {'store SQL ms':>13} {'before SQL ms':>14}"
     )
     print(header)
-    rate, p50, p99, bad = floor
-    print(f"{'GET /health (HTTP floor)':<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d}")
-    for case, (rate, p50, p99, bad) in rows:
+    for label, case, (rate, p50, p99, bad) in rows:
+        if case is None:
+            print(f"{'GET /health (HTTP floor)' + label:<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d}")
+            continue
         now, before = raw[case.name]
-        print(f"{case.name:<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d} {now:>13.2f} {before:>14.1f}")
+        sql = f" {now:>13.2f} {before:>14.1f}" if not label else ""
+        print(f"{case.name + label:<28} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {bad:>8d}{sql}")
     print(
-        "store SQL: this query through the read store's query plan (SQL + decode) on one "
+        "store SQL: this query through the read store's query plan (SQL + decoding the page into the "
+        "API's OrderView) on one "
         "connection, no HTTP;\nGET /health: the same server's cheapest route, the most any route can do here;"
         "\nbefore SQL: the count + status facet + full-document sort the "
         "store ran for every list before (the reference)."
@@ -554,6 +584,152 @@ def run_es(args: argparse.Namespace, tmp: Path) -> None:
     )
 
 
+# ------------------------------------------------------------ CPU per request, in process
+
+
+async def _cpu_per_request(
+    app: Any, path: str, params: Mapping[str, str], requests: int, auth: list[tuple[bytes, bytes]]
+) -> float:
+    """CPU seconds (every thread of the process: event loop and read-store readers) per
+    ``GET path?params`` of ``requests`` sent by 32 tasks straight to the ASGI callable."""
+    from bench.api_cpu import CONCURRENCY, call
+
+    query_string = urllib.parse.urlencode(params).encode()
+    failures: list[int] = []
+
+    async def worker(first: int) -> None:
+        for _ in range(first, requests, CONCURRENCY):
+            status = await call(app, "GET", path, b"", auth, query_string)
+            if status >= 300:
+                failures.append(status)
+
+    started = time.process_time()
+    await asyncio.gather(*(worker(i) for i in range(CONCURRENCY)))
+    spent = time.process_time() - started
+    if failures:
+        raise RuntimeError(f"{len(failures)} of GET {path}?{query_string.decode()} failed: {failures[:5]}")
+    return spent / requests
+
+
+GC_LONGEST = "longest GC pause (ms)"
+GC_PER_REQUEST = "GC time per request (us)"
+
+
+async def _cpu_child(read_store: str, requests: int) -> dict[str, float]:
+    """Per case (and ``GET /health``): CPU per request of the app of whichever
+    ``orderstream`` this process imports, on the read store at URL ``read_store``; and
+    the garbage collector's pauses over all of them (a pause holds the GIL, so every
+    request in flight waits it out: it lands in the p99, not in a mean)."""
+    from bench.api_cpu import admin_authorization
+    from orderstream.api.app import create_app
+    from orderstream.bootstrap import build
+    from orderstream.config import Settings
+
+    with tempfile.TemporaryDirectory(prefix="bench-queries-cpu-") as tmp:
+        settings = Settings(data_dir=Path(tmp) / "data", read_store_url=read_store)
+        container = await build(settings)
+        try:
+            app = create_app(container, extra_route_handlers=(), background=())
+            auth = admin_authorization(settings)
+            from orderstream import cli
+
+            freeze = getattr(cli, "freeze_start_up_heap", None)  # as `orderstream api` does (where it does)
+            if freeze is not None:
+                freeze()
+            out = {}
+            pauses: list[float] = []
+            started: list[float] = []
+
+            def on_collection(phase: str, _info: dict[str, Any]) -> None:
+                if phase == "start":
+                    started[:] = [time.perf_counter()]
+                elif started:
+                    pauses.append(time.perf_counter() - started[0])
+
+            gc.callbacks.append(on_collection)
+            for name, path, params in [
+                ("GET /health", "/health", {}),
+                *((case.name, "/orders", case.params) for case in CASES),
+            ]:
+                await _cpu_per_request(app, path, params, max(64, requests // 10), auth)  # warm
+                out[name] = await _cpu_per_request(app, path, params, requests, auth)
+            gc.callbacks.remove(on_collection)
+            out[GC_LONGEST] = max(pauses, default=0.0) * 1e3
+            out[GC_PER_REQUEST] = sum(pauses) / (requests * (len(CASES) + 1)) * 1e6
+            return out
+        finally:
+            await container.close()
+
+
+def run_cpu(args: argparse.Namespace) -> None:
+    """``--cpu``: CPU per request in process, this checkout beside each ``--src``
+    checkout (e.g. ``/work/main/src``), each round of each in its own process, interleaved.
+    SQLite: on ``--db``; Elasticsearch: on ``--orders`` loaded under a fresh prefix."""
+    if args.read_store == "es":
+        prefix = f"bench-queries-{uuid.uuid4().hex[:8]}-"
+        try:
+            print(f"bulk-loading {args.orders:,} orders into Elasticsearch, prefix {prefix} ...", flush=True)
+            asyncio.run(load_es(args.es_url, prefix, args.orders))
+            _run_cpu(args, f"{args.es_url}?prefix={prefix}", "Elasticsearch")
+        finally:
+            asyncio.run(delete_es(args.es_url, prefix))
+        return
+    if args.db is None or _count(args.db) != args.orders:
+        raise SystemExit(
+            f"--cpu needs --db holding --orders ({args.orders:,}) orders: run without --cpu first"
+        )
+    _run_cpu(args, f"sqlite:///{args.db.resolve()}", "SQLite")
+
+
+def _run_cpu(args: argparse.Namespace, read_store: str, store_name: str) -> None:
+    contenders: list[tuple[str, str | None]] = [("this checkout", None), *((src, src) for src in args.src)]
+    results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in contenders}
+    for round_ in range(args.rounds_cpu):
+        for label, src in contenders:
+            env = dict(os.environ)
+            if src is not None:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+            argv = [sys.executable, "-m", "bench.queries", "--cpu-child", read_store]
+            argv += ["--requests", str(args.requests)]
+            done = subprocess.run(
+                argv, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{label}: {done.stderr[-3000:]}")
+            figures = msgspec.json.decode(done.stdout.strip().splitlines()[-1], type=dict[str, float])
+            results[label].append(figures)
+            print(
+                f"round {round_ + 1}: {label}: list limit=20 {figures[CASES[0].name] * 1e6:.0f} us",
+                flush=True,
+            )
+
+    def median_us(label: str, name: str) -> float:
+        return statistics.median(r[name] for r in results[label]) * 1e6
+
+    print()
+    print(
+        f"CPU per request in process, {args.orders:,} orders, {store_name}, 32 tasks, "
+        f"{args.requests} requests per case, median of {args.rounds_cpu} rounds (us):"
+    )
+    print(f"{'query':<28}" + "".join(f" {label[-24:]:>24}" for label, _ in contenders))
+    for name in ["GET /health", *(case.name for case in CASES)]:
+        row = f"{name:<28}" + "".join(f" {median_us(label, name):>24.0f}" for label, _ in contenders)
+        if len(contenders) > 1:
+            row += f"  {median_us(contenders[1][0], name) / median_us(contenders[0][0], name):.2f}x"
+        print(row)
+    for name in (GC_LONGEST, GC_PER_REQUEST):
+        row = f"{name:<28}" + "".join(
+            f" {statistics.median(r[name] for r in results[label]):>24.1f}" for label, _ in contenders
+        )
+        print(row)
+    if len(contenders) > 1:
+        print(f"ratio: {contenders[1][0]}'s CPU per request / this checkout's (above 1: this one is cheaper)")
+    print(
+        "GC: wall time of the garbage collector's passes over all the cases (median over rounds); "
+        "a pass holds the GIL, so it stalls every request in flight"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.queries", description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=1_000_000, help="orders in the read store")
@@ -569,7 +745,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per query")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=50, help="rounds of each raw SQL / took timing")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="instead of wrk: CPU per request in process (SQLite: needs --db), beside each --src",
+    )
+    parser.add_argument(
+        "--src",
+        action="append",
+        default=[],
+        help="SQLite: also measure another checkout's src (e.g. /work/main/src), case by case (repeat)",
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="--cpu: requests per case per round")
+    parser.add_argument("--rounds-cpu", type=int, default=3, help="--cpu: rounds per contender")
+    parser.add_argument("--cpu-child", metavar="READ_STORE_URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.cpu_child is not None:
+        import uvloop
+
+        print(msgspec.json.encode(uvloop.run(_cpu_child(args.cpu_child, args.requests))).decode())
+        return
+    if args.cpu:
+        run_cpu(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-queries-") as tmp:
         if args.read_store == "es":

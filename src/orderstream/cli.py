@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import getpass
 import json
 import logging
@@ -231,6 +232,16 @@ def event_json(event: RecordedEvent) -> str:
 
 
 # ------------------------------------------------------------------------------ serve
+
+
+def freeze_start_up_heap() -> None:
+    """Once serving: collect, then move every object made at start-up (modules, routes,
+    schemas: ~140,000) out of the garbage collector's sight (``gc.freeze``). A full
+    collection otherwise scans them all, holding the GIL: under a list load that paused
+    every request in flight for 160-300 ms a few times a minute (bench.queries --cpu,
+    docs/read-models.md)."""
+    gc.collect()
+    gc.freeze()
 
 
 class EmbeddedServer:
@@ -464,6 +475,7 @@ async def run_process(
                 listen = (listen[0], await _started(server, server_task))
             if listen is not None:
                 await _wait_for_workers(api_workers, services_task)
+                freeze_start_up_heap()
                 url = f"http://{listen[0]}:{listen[1]}"
                 announce(
                     f"orderstream listening on {url}" + (f" ({workers} API workers)" if api_workers else "")

@@ -7,6 +7,7 @@ so backends with near-real-time search (Elasticsearch) see every write.
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
@@ -126,6 +127,74 @@ async def test_get_many_reads_what_a_batch_touches_at_once(store: ReadStore) -> 
     if "b" in found:  # a tombstone: no document, its version kept (where the backend keeps it)
         assert found["b"] == Stored(version=1, document=None)
     assert await store.get_many(C, []) == {}
+
+
+# ----------------------------------------------------------------- typed reads (views)
+
+
+class Nested(msgspec.Struct, frozen=True):
+    kept: list[int]
+
+
+class ThingView(msgspec.Struct, frozen=True, kw_only=True):
+    """What an API view is to a stored document: some of its fields, typed."""
+
+    id: str
+    colour: str
+    size: int
+    made_at: datetime
+    nested: Nested
+    note: str = "none"
+    gone: str | None = None
+
+
+async def test_query_as_decodes_each_document_into_the_type_as_convert_would(store: ReadStore) -> None:
+    lax = {**thing("c", made_at="2024-05-03T12:00:00+02:00"), "size": "7", "note": "lax"}
+    await put(store, thing("a", made_at="2024-05-01T12:00:00Z", extra={"x": 1}), thing("b"), lax)
+    query = Query(limit=2, count=True, facets=("colour",))
+
+    plain = await store.query(C, query)
+    typed = await store.query_as(C, query, ThingView)
+
+    assert typed.items == [msgspec.convert(d, ThingView, strict=False) for d in plain.items]
+    assert typed.items[0] == ThingView(
+        id="c",
+        colour="red",
+        size=7,  # a number stored as a string, accepted as convert(strict=False) accepts it
+        made_at=datetime(2024, 5, 3, 10, 0, tzinfo=UTC),
+        nested=Nested(kept=[1, 2, 3]),
+        note="lax",
+    )
+    assert typed.items[1].gone is None  # absent: the default; "title", "body", "extra": skipped
+    assert (typed.next_cursor, typed.total, typed.facets) == (plain.next_cursor, plain.total, plain.facets)
+    rest = await store.query_as(C, msgspec.structs.replace(query, cursor=typed.next_cursor), ThingView)
+    assert [t.id for t in rest.items] == ["a"]
+    assert (await store.query_as(C, query, Document)).items == plain.items
+
+
+async def test_get_as_decodes_the_document_into_the_type(store: ReadStore) -> None:
+    await put(store, thing("a", note="hello"))
+    await store.write(C, [Delete(id="a", version=2)])
+    await put(store, thing("b", note="hello"))
+
+    assert await store.get_as(C, "b", ThingView) == msgspec.convert(await store.get(C, "b"), ThingView)
+    assert await store.get_as(C, "a", ThingView) is None  # deleted
+    assert await store.get_as(C, "nope", ThingView) is None
+    assert await store.get_as(C, "b", Document) == await store.get(C, "b")
+
+
+async def test_a_document_the_type_cannot_hold_is_a_validation_error(store: ReadStore) -> None:
+    await put(store, {**thing("a"), "nested": "not an object"})
+    with pytest.raises(msgspec.ValidationError):
+        await store.query_as(C, Query(), ThingView)
+    with pytest.raises(msgspec.ValidationError):
+        await store.get_as(C, "a", ThingView)
+
+
+async def test_typed_reads_of_a_collection_never_ensured_find_nothing(read_store: ReadStore) -> None:
+    page = await read_store.query_as("never", Query(count=True), ThingView)
+    assert (page.items, page.total) == ([], 0)
+    assert await read_store.get_as("never", "a", ThingView) is None
 
 
 # ---------------------------------------------------------------------------- writes

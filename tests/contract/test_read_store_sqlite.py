@@ -86,9 +86,32 @@ async def test_the_sort_order_walk_finds_what_sorting_every_match_finds(
     sorted_pages = await pages(sqlite_store, query)
     monkeypatch.setattr(sqlite_module, "FEW_MATCHES", 1)
     monkeypatch.setattr(sqlite_module, "WINDOW_ROWS_PER_RESULT", 1)
+    sqlite_store._few.clear()  # forget "few" for these searches
     walked_pages = await pages(sqlite_store, query)
     assert walked_pages == sorted_pages
     assert sum(len(p) for p in sorted_pages) > query.limit  # more than one page was compared
+
+
+async def test_a_word_that_crosses_the_bound_while_its_answer_is_kept_still_finds_every_match(
+    sqlite_store: SqliteReadStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "Few or many matches?" is kept a second per search: a kept "few" for a word that
+    now matches many sorts them all, the walk does once it expires; both find the same."""
+    monkeypatch.setattr(sqlite_module, "FEW_MATCHES", 25)
+    await _fill(sqlite_store, n=40)  # "alpha*" (alpha, alphabet): 20 matches, few
+    query = Query(text="alpha", limit=5)
+    assert len(await ids(sqlite_store, query)) == 5
+    assert list(sqlite_store._few.values())[-1][1] is True
+
+    more = [thing(f"u{i:02d}", made_at=f"2024-02-{1 + i:02d}T00:00:00Z", title="alpha") for i in range(20)]
+    await sqlite_store.write(C, [Upsert(id=d["id"], version=1, document=d) for d in more])
+    kept = await pages(sqlite_store, query)  # 40 matches, still planned as few
+    monkeypatch.setattr(sqlite_module, "FEW_CACHE_SECONDS", 0.0)
+    walked = await pages(sqlite_store, query)
+    assert list(sqlite_store._few.values())[-1][1] is False
+    assert walked == kept
+    assert sum(len(p) for p in kept) == 40
+    assert kept[0][:2] == ["u19", "u18"]  # the newest first: the new ones are found
 
 
 async def test_a_prefix_with_too_many_words_is_still_searched_as_a_prefix(

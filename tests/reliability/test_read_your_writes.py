@@ -19,6 +19,7 @@ from orderstream.domain.common import Money
 from orderstream.events import registry
 from orderstream.eventstore.base import ANY, NewEvent, SubscriptionGroupNotFound
 from orderstream.eventstore.sqlite import SqliteEventStore
+from orderstream.readstore.base import Document
 from orderstream.readstore.sqlite import SqliteReadStore
 from projections import product_stock
 
@@ -63,14 +64,14 @@ async def test_a_parked_event_elsewhere_does_not_fail_a_document_read(tmp_path: 
         ok = inventory.ProductRegistered(sku="OK", name="ok", price=Money(1, "EUR"), at=NOW)
         written = await events.append("product-OK", [registry.to_new_event(ok, event_id=uuid.uuid4())], ANY)
         started = time.monotonic()
-        doc = await queries.get_product("OK", min_position=written.position)
+        doc = await queries.get_product("OK", as_type=Document, min_position=written.position)
         assert doc["position"] >= written.position
         assert time.monotonic() - started < 2.0  # well inside the consistency timeout
         # The projection as a whole has not applied everything up to that position
         # (the parked event is below it): lists and searches say so at once.
         assert not await runner.wait_for_position(written.position, 0.5, stop_at_parked=False)
         with pytest.raises(ParkedEventBlocks):
-            await queries.list_products(min_position=written.position)
+            await queries.list_products(as_type=Document, min_position=written.position)
     finally:
         stop.set()
         await task

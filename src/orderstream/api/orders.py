@@ -47,7 +47,6 @@ from orderstream.application.queries import ORDER_SORT_FIELDS, Queries, event_da
 from orderstream.application.use_cases import LineRequest
 from orderstream.auth.policy import check_customer, visible_customer
 from orderstream.domain import orders
-from orderstream.readstore.base import Document
 
 CancelReason = Annotated[
     str | None,
@@ -103,10 +102,6 @@ def _address(a: ShippingAddress) -> orders.Address:
 
 def _lines(lines: list[OrderLineRequest]) -> list[LineRequest]:
     return [LineRequest(sku=line.sku, quantity=line.quantity) for line in lines]
-
-
-def order_view(doc: Document) -> OrderView:
-    return msgspec.convert(doc, OrderView, strict=False)
 
 
 def _snapshot(state: orders.Order) -> OrderStateSnapshot:
@@ -232,7 +227,7 @@ class OrderController(Controller):
     async def get_order(
         self, order_id: OrderIdPath, queries: NamedDependency[Queries], min_position: MinPosition = None
     ) -> Response[OrderView]:
-        view = order_view(await queries.get_order(order_id, min_position=min_position))
+        view = await queries.get_order(order_id, as_type=OrderView, min_position=min_position)
         return Response(view, headers={"ETag": etag(view.revision)})
 
     @get(
@@ -258,6 +253,7 @@ class OrderController(Controller):
         facets: FacetsParameter = None,
     ) -> OrderPage:
         page = await queries.list_orders(
+            as_type=OrderView,
             customer_id=visible_customer(request, customer_id),
             status=list(status or ()),
             q=q,
@@ -268,7 +264,7 @@ class OrderController(Controller):
             facets=list(facets or ()),
         )
         return OrderPage(
-            items=[order_view(d) for d in page.items],
+            items=page.items,
             next_cursor=page.next_cursor,
             facets=StatusFacets(status=dict(page.facets.get("status", {}))),
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
@@ -31,11 +30,6 @@ from orderstream.api.schemas import ProductPage, ProductRegistration, ProductVie
 from orderstream.application.queries import Queries
 from orderstream.application.use_cases import UseCases
 from orderstream.domain.common import Money
-from orderstream.readstore.base import Document
-
-
-def product_view(doc: Document) -> ProductView:
-    return msgspec.convert(doc, ProductView, strict=False)
 
 
 class ProductController(Controller):
@@ -103,7 +97,7 @@ class ProductController(Controller):
     async def get_product(
         self, sku: SkuPath, queries: NamedDependency[Queries], min_position: MinPosition = None
     ) -> Response[ProductView]:
-        view = product_view(await queries.get_product(sku, min_position=min_position))
+        view = await queries.get_product(sku, as_type=ProductView, min_position=min_position)
         return Response(view, headers={"ETag": etag(view.revision)})
 
     @get(
@@ -121,5 +115,7 @@ class ProductController(Controller):
         limit: Limit = 20,
         min_position: MinPosition = None,
     ) -> ProductPage:
-        page = await queries.list_products(q=q, cursor=cursor, limit=limit, min_position=min_position)
-        return ProductPage(items=[product_view(d) for d in page.items], next_cursor=page.next_cursor)
+        page = await queries.list_products(
+            as_type=ProductView, q=q, cursor=cursor, limit=limit, min_position=min_position
+        )
+        return ProductPage(items=page.items, next_cursor=page.next_cursor)

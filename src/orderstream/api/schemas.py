@@ -102,7 +102,12 @@ class ShippingAddress(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
     line2: OptionalText | None = None
 
 
-class MoneyView(msgspec.Struct, frozen=True):
+# The views a read answers with (MoneyView, AddressView, ProductView, OrderLineView,
+# StatusChange, OrderView) are decoded by the thousand straight from the read store
+# (ReadStore.query_as) and hold no reference cycles, so they are ``gc=False``: the garbage
+# collector does not track them, and a page of them no longer sets off collections of the
+# whole heap (bench.queries --cpu; docs/read-models.md).
+class MoneyView(msgspec.Struct, frozen=True, gc=False):
     """:class:`Money` as stored: answers show what was accepted when it was written,
     even where the request checks have become stricter since."""
 
@@ -110,7 +115,7 @@ class MoneyView(msgspec.Struct, frozen=True):
     currency: str
 
 
-class AddressView(msgspec.Struct, frozen=True, omit_defaults=True):
+class AddressView(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     """:class:`ShippingAddress` as stored (see :class:`MoneyView`)."""
 
     name: str
@@ -175,7 +180,7 @@ class WriteResult(msgspec.Struct, frozen=True):
     position: Position
 
 
-class ProductView(msgspec.Struct, frozen=True, kw_only=True):
+class ProductView(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     sku: str
     name: str
     price: MoneyView
@@ -190,20 +195,20 @@ class ProductPage(msgspec.Struct, frozen=True, kw_only=True):
     next_cursor: str | None
 
 
-class OrderLineView(msgspec.Struct, frozen=True, kw_only=True):
+class OrderLineView(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     sku: str
     quantity: int
     unit_price: MoneyView
     subtotal: MoneyView | None = None
 
 
-class StatusChange(msgspec.Struct, frozen=True, kw_only=True):
+class StatusChange(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     status: OrderStatus
     at: datetime
     revision: Revision
 
 
-class OrderView(msgspec.Struct, frozen=True, kw_only=True):
+class OrderView(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     id: str
     customer_id: str
     status: OrderStatus

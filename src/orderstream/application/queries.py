@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -27,7 +27,9 @@ from orderstream.application.commands import Commands, Loaded
 from orderstream.domain import orders
 from orderstream.domain.common import NotFound
 from orderstream.eventstore.base import EventStore, RecordedEvent
-from orderstream.readstore.base import Document, InvalidQuery, Page, Query, ReadStore, SortField
+from orderstream.readstore.base import InvalidQuery, Page, Query, ReadStore, SortField
+
+T = TypeVar("T")
 
 ORDERS = "orders"
 PRODUCTS = "products"
@@ -146,18 +148,25 @@ class Queries:
             return
         raise NotYetConsistent(collection, position, await tracker.reached_position())
 
-    async def _get(self, collection: str, doc_id: str, min_position: int | None) -> Document | None:
-        """One document, at least as fresh as ``min_position``.
+    async def _get(
+        self, collection: str, doc_id: str, min_position: int | None, as_type: type[T]
+    ) -> T | None:
+        """One document decoded as ``as_type``, at least as fresh as ``min_position``."""
+        if min_position is not None:
+            await self._wait_for_document(collection, doc_id, min_position)
+        return await self.read_store.get_as(collection, doc_id, as_type)
 
-        Fresh enough when the projection has applied everything up to the position,
-        or when the document itself has: its ``position`` is that of the last event
-        folded into it, and a projection's document follows one stream in revision
-        order, so every event of that stream at or below the position is in it. The
-        document is re-read while waiting, so an event parked in another stream
-        (which holds the projection-wide mark back) does not fail this read."""
-        doc = await self.read_store.get(collection, doc_id)
-        if min_position is None or _fresh(doc, min_position):
-            return doc
+    async def _wait_for_document(self, collection: str, doc_id: str, min_position: int) -> None:
+        """Return once the document is fresh enough for ``min_position``: when the
+        projection has applied everything up to the position, or when the document
+        itself has: its ``position`` is that of the last event folded into it, and a
+        projection's document follows one stream in revision order, so every event of
+        that stream at or below the position is in it. Only the position is decoded
+        (:class:`_Position`). The document is re-read while waiting, so an event parked
+        in another stream (which holds the projection-wide mark back) does not fail
+        this read. Documents only get fresher, so the read that follows is too."""
+        if _fresh(await self.read_store.get_as(collection, doc_id, _Position), min_position):
+            return
         tracker = self.trackers.get(collection)
         if tracker is None:
             raise NotYetConsistent(collection, min_position, None)
@@ -167,17 +176,18 @@ class Queries:
             remaining = deadline - loop.time()
             wait = min(DOCUMENT_RECHECK, max(0.0, remaining))
             if await tracker.wait_for_position(min_position, wait, stop_at_parked=False):
-                return await self.read_store.get(collection, doc_id)
-            doc = await self.read_store.get(collection, doc_id)
-            if _fresh(doc, min_position):
-                return doc
+                return
+            if _fresh(await self.read_store.get_as(collection, doc_id, _Position), min_position):
+                return
             if loop.time() >= deadline:
                 raise NotYetConsistent(collection, min_position, await tracker.reached_position())
 
     # ---------------------------------------------------------------------- orders
 
-    async def get_order(self, order_id: str, *, min_position: int | None = None) -> Document:
-        doc = await self._get(ORDERS, order_id, min_position)
+    async def get_order(self, order_id: str, *, as_type: type[T], min_position: int | None = None) -> T:
+        """The order's document decoded as ``as_type`` (the API's view), straight from
+        what the read store holds (``ReadStore.get_as``)."""
+        doc = await self._get(ORDERS, order_id, min_position, as_type)
         if doc is None:
             raise NotFound("order", order_id)
         return doc
@@ -185,6 +195,7 @@ class Queries:
     async def list_orders(
         self,
         *,
+        as_type: type[T],
         customer_id: str | None = None,
         status: Sequence[str] = (),
         q: str | None = None,
@@ -193,10 +204,11 @@ class Queries:
         limit: int = 20,
         min_position: int | None = None,
         facets: Sequence[str] = (),
-    ) -> Page:
-        """A page of orders. ``facets`` (``"status"``) asks for counts over every
-        match: they cost a pass over the matches, so only a client that shows them
-        pays for them (docs/read-models.md)."""
+    ) -> Page[T]:
+        """A page of orders, each decoded as ``as_type`` (``ReadStore.query_as``).
+        ``facets`` (``"status"``) asks for counts over every match: they cost a pass
+        over the matches, so only a client that shows them pays for them
+        (docs/read-models.md)."""
         unknown_facets = sorted(set(facets) - ORDER_FACETS)
         if unknown_facets:
             raise InvalidQuery(
@@ -219,7 +231,7 @@ class Queries:
             facets=tuple(dict.fromkeys(facets)),
         )
         await self.wait_for(ORDERS, min_position)
-        return await self.read_store.query(ORDERS, query)
+        return await self.read_store.query_as(ORDERS, query, as_type)
 
     async def order_events(self, order_id: str) -> list[RecordedEvent]:
         events = await self.event_store.read_stream(orders.stream_name(order_id))
@@ -242,8 +254,8 @@ class Queries:
 
     # -------------------------------------------------------------------- products
 
-    async def get_product(self, sku: str, *, min_position: int | None = None) -> Document:
-        doc = await self._get(PRODUCTS, sku, min_position)
+    async def get_product(self, sku: str, *, as_type: type[T], min_position: int | None = None) -> T:
+        doc = await self._get(PRODUCTS, sku, min_position, as_type)
         if doc is None:
             raise NotFound("product", sku)
         return doc
@@ -251,12 +263,13 @@ class Queries:
     async def list_products(
         self,
         *,
+        as_type: type[T],
         q: str | None = None,
         sort: str | None = None,
         cursor: str | None = None,
         limit: int = 20,
         min_position: int | None = None,
-    ) -> Page:
+    ) -> Page[T]:
         query = Query(
             text=_check_text(q),
             sort=parse_sort(sort, PRODUCT_SORT_FIELDS),
@@ -264,15 +277,21 @@ class Queries:
             limit=_check_limit(limit),
         )
         await self.wait_for(PRODUCTS, min_position)
-        return await self.read_store.query(PRODUCTS, query)
+        return await self.read_store.query_as(PRODUCTS, query, as_type)
 
 
 DOCUMENT_RECHECK = 0.1
 """Seconds between re-reads of a document while a ``min_position`` read waits."""
 
 
-def _fresh(doc: Document | None, min_position: int) -> bool:
-    return doc is not None and int(doc.get("position", -1)) >= min_position
+class _Position(msgspec.Struct, frozen=True):
+    """A read-model document's ``position`` alone: what a ``min_position`` read checks."""
+
+    position: int = -1
+
+
+def _fresh(doc: _Position | None, min_position: int) -> bool:
+    return doc is not None and doc.position >= min_position
 
 
 SECRET_FIELDS = frozenset({"payment_token", "token"})

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import msgspec
 
 from orderstream.application.errors import ServiceUnavailable, StorageFull
 
 Document = dict[str, Any]
+T = TypeVar("T")
 
 
 class FieldKind(enum.Enum):
@@ -113,8 +114,10 @@ class Query(msgspec.Struct, frozen=True, kw_only=True):
     count: bool = False
 
 
-class Page(msgspec.Struct, frozen=True, kw_only=True):
-    items: list[Document]
+class Page(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
+    items: list[T]
+    """The page's documents: dicts from :meth:`ReadStore.query`, the asked type from
+    :meth:`ReadStore.query_as`."""
     next_cursor: str | None
     facets: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
     total: int | None = None
@@ -217,7 +220,24 @@ class ReadStore(Protocol):
         writes to a specific table/index (rebuild) instead of the alias target."""
         ...
 
-    async def query(self, collection: str, query: Query) -> Page: ...
+    async def query(self, collection: str, query: Query) -> Page[Document]:
+        """A page of documents as stored (dicts): ``query_as(collection, query, Document)``."""
+        ...
+
+    async def query_as(self, collection: str, query: Query, as_type: type[T]) -> Page[T]:
+        """A page whose documents are decoded straight into ``as_type`` (a msgspec Struct,
+        such as the API's view of an order), with no dict in between: what a store holds
+        as JSON (SQLite's column, Elasticsearch's ``_source``) is decoded once, into the
+        type the answer is made of. Decoded as ``msgspec.convert(doc, as_type,
+        strict=False)`` would: stored fields the type does not declare are skipped, ISO
+        strings become datetimes, a missing field takes the type's default; a document the
+        type cannot hold raises ``msgspec.ValidationError``."""
+        ...
+
+    async def get_as(self, collection: str, doc_id: str, as_type: type[T]) -> T | None:
+        """One document through the alias, decoded into ``as_type`` as :meth:`query_as`
+        decodes; ``None`` if absent."""
+        ...
 
     async def switch_alias(self, collection: str, physical: str) -> str | None:
         """Point the alias at ``physical`` atomically; returns the previous target."""

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -65,6 +65,8 @@ FACET_SIZE = 100
 FEW_MATCHES = 2000
 """Below this many full-text matches a query sorts the matches; from it on, it walks
 the rows in sort order instead (``_QueryPlan._walk``)."""
+FEW_CACHE_SECONDS = 1.0
+"""How long the answer "few or many matches?" is reused per search (``_QueryPlan._few_matches``)."""
 WINDOW_ROWS_PER_RESULT = 16
 MAX_WINDOW = 32_768
 """Rows per step of that walk: the first step takes 16 per row of the page (enough
@@ -101,7 +103,16 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 _schema_encoder = msgspec.json.Encoder()
 _schema_decoder = msgspec.json.Decoder(CollectionSchema)
 _doc_encoder = msgspec.json.Encoder()
-_doc_decoder = msgspec.json.Decoder(dict[str, Any])
+_decoders: dict[object, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(as_type: type[T]) -> msgspec.json.Decoder[T]:
+    """The stored JSON -> ``as_type`` decoder, one per type. Lax (``strict=False``) like
+    the ``msgspec.convert(doc, as_type, strict=False)`` it replaces (``ReadStore.query_as``)."""
+    decoder = _decoders.get(as_type)
+    if decoder is None:
+        decoder = _decoders[as_type] = msgspec.json.Decoder(as_type, strict=False)
+    return cast("msgspec.json.Decoder[T]", decoder)
 
 
 def _q(name: str) -> str:
@@ -175,6 +186,8 @@ class _Table:
 
 PrefixCache = dict[tuple[str, str], tuple[float, list[str] | None]]
 """(FTS table, prefix) -> (when read, its words): one per store, as it is one per database."""
+FewCache = dict[tuple[str, str], tuple[float, bool]]
+"""(FTS table, match expression) -> (when counted, fewer than :data:`FEW_MATCHES`?): one per store."""
 
 
 def _prefix_words(conn: sqlite3.Connection, cache: PrefixCache, fts: str, prefix: str) -> list[str] | None:
@@ -376,6 +389,7 @@ class SqliteReadStore:
         self._readers = readers
         self._tables: dict[str, _Table] = {}
         self._prefixes: PrefixCache = {}
+        self._few: FewCache = {}
         self._upgraded: set[str] = set()
         """Physical tables given their counts and indexes by this store (``_upgrade``)."""
         self._closed = False
@@ -609,17 +623,22 @@ class SqliteReadStore:
 
     # ------------------------------------------------------------------- reads
 
-    async def get(self, collection: str, doc_id: str, *, physical: str | None = None) -> Document | None:
-        def read(conn: sqlite3.Connection) -> Document | None:
-            table = self._resolve(collection, physical, conn)
-            if table is None:
-                return None
-            row = conn.execute(f"SELECT doc FROM {_q(table.physical)} WHERE id = ?", (doc_id,)).fetchone()
-            return None if row is None or row[0] is None else _doc_decoder.decode(row[0])
+    def _get(
+        self, conn: sqlite3.Connection, collection: str, doc_id: str, physical: str | None, as_type: type[T]
+    ) -> T | None:
+        table = self._resolve(collection, physical, conn)
+        if table is None:
+            return None
+        row = conn.execute(f"SELECT doc FROM {_q(table.physical)} WHERE id = ?", (doc_id,)).fetchone()
+        return None if row is None or row[0] is None else _decoder(as_type).decode(row[0])
 
+    async def get(self, collection: str, doc_id: str, *, physical: str | None = None) -> Document | None:
         if physical is not None:  # a rebuild folding into its own table: the writer's view
-            return await self._run(lambda: read(self._conn))
-        return await self._read(read)
+            return await self._run(lambda: self._get(self._conn, collection, doc_id, physical, Document))
+        return await self.get_as(collection, doc_id, Document)
+
+    async def get_as(self, collection: str, doc_id: str, as_type: type[T]) -> T | None:
+        return await self._read(lambda conn: self._get(conn, collection, doc_id, None, as_type))
 
     async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
         def read() -> int | None:
@@ -654,7 +673,7 @@ class SqliteReadStore:
                     chunk,
                 )
                 for doc_id, version, doc in rows:
-                    document = None if doc is None else _doc_decoder.decode(doc)
+                    document = None if doc is None else _decoder(Document).decode(doc)
                     found[doc_id] = Stored(version=int(version), document=document)
             return found
 
@@ -732,16 +751,19 @@ class SqliteReadStore:
 
     # ----------------------------------------------------------------- queries
 
-    async def query(self, collection: str, query: Query) -> Page:
+    async def query(self, collection: str, query: Query) -> Page[Document]:
+        return await self.query_as(collection, query, Document)
+
+    async def query_as(self, collection: str, query: Query, as_type: type[T]) -> Page[T]:
         if not 1 <= query.limit <= MAX_LIMIT:
             raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}")
 
-        def read(conn: sqlite3.Connection) -> Page:
+        def read(conn: sqlite3.Connection) -> Page[T]:
             table = self._resolve(collection, None, conn)
             if table is None:  # never ensured: nothing to find yet
                 total = 0 if query.count or query.facets else None
                 return Page(items=[], next_cursor=None, facets={f: {} for f in query.facets}, total=total)
-            return _QueryPlan(table, query, self._prefixes).run(conn)
+            return _QueryPlan(table, query, self._prefixes, self._few).run(conn, as_type)
 
         return await self._read(read)
 
@@ -749,10 +771,13 @@ class SqliteReadStore:
 class _QueryPlan:
     """One :class:`Query` translated to SQL against one physical table."""
 
-    def __init__(self, table: _Table, query: Query, prefixes: PrefixCache | None = None) -> None:
+    def __init__(
+        self, table: _Table, query: Query, prefixes: PrefixCache | None = None, few: FewCache | None = None
+    ) -> None:
         self.table = table
         self.query = query
         self.prefixes: PrefixCache = {} if prefixes is None else prefixes
+        self.few: FewCache = {} if few is None else few
         self.where: list[str] = ["doc IS NOT NULL"]
         self.params: list[Any] = []
         self.match: str | None = None
@@ -868,13 +893,26 @@ class _QueryPlan:
 
     def _few_matches(self, conn: sqlite3.Connection) -> bool:
         """Does the text match fewer than :data:`FEW_MATCHES` documents? Counting
-        stops at the bound, so this costs at most that many FTS rowids."""
+        stops at the bound, so this costs at most that many FTS rowids: for a word that
+        matches many, about a quarter of the whole query. The answer is kept
+        :data:`FEW_CACHE_SECONDS` per search: it changes only when a word crosses the
+        bound, and a stale one picks the slower of two plans that find the same page."""
+        assert self.match is not None
+        key = (self.table.fts, self.match)
+        now = time.monotonic()
+        cached = self.few.get(key)
+        if cached is not None and now - cached[0] < FEW_CACHE_SECONDS:
+            return cached[1]
         fts = _q(self.table.fts)
         row = conn.execute(
             f"SELECT count(*) FROM (SELECT rowid FROM {fts} WHERE {fts} MATCH ? LIMIT {FEW_MATCHES})",
             (self.match,),
         ).fetchone()
-        return int(row[0]) < FEW_MATCHES
+        few = int(row[0]) < FEW_MATCHES
+        if len(self.few) > 10_000:
+            self.few.clear()
+        self.few[key] = (now, few)
+        return few
 
     def _expand_prefix(self, conn: sqlite3.Connection) -> None:
         """Replace the trailing prefix (``"lon"*``) by the words it stands for
@@ -984,7 +1022,8 @@ class _QueryPlan:
             facets[facet] = {str(value): int(n) for value, n in rows}
         return total, facets
 
-    def run(self, conn: sqlite3.Connection) -> Page:
+    def run(self, conn: sqlite3.Connection, as_type: type[T]) -> Page[T]:
+        """The page, its documents decoded from the stored JSON straight into ``as_type``."""
         physical = _q(self.table.physical)
         where, params = list(self.where), list(self.params)
         walk = False
@@ -1046,8 +1085,9 @@ class _QueryPlan:
         if has_more and keys:
             last = keys[-1]
             next_cursor = encode_cursor(self.signature, [*last[1:-1], str(last[-1])])
+        decoder = _decoder(as_type)
         return Page(
-            items=[_doc_decoder.decode(docs[key[0]]) for key in keys],
+            items=[decoder.decode(docs[key[0]]) for key in keys],
             next_cursor=next_cursor,
             facets=facets,
             total=total,
