@@ -37,7 +37,6 @@ import contextvars
 import logging
 import os
 import sys
-from collections.abc import Mapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -150,25 +149,47 @@ def _formatter(fmt: LogFormat, *, colors: bool) -> structlog.stdlib.ProcessorFor
 class Bound:
     """The context manager :func:`bound` returns.
 
-    Binds and resets through the variables' tokens, which restores exactly what was
-    bound before; structlog's ``bound_contextvars`` copies the whole context first,
-    measurable on the command path (bench.observability). A plain class rather than
-    a ``@contextmanager`` generator: every API request enters one, and the
-    generator's set-up showed as 4% of ``POST /orders`` in the profile (issue 7)."""
+    Binds and resets through structlog's context variables themselves (each key's
+    ``ContextVar``, found once and kept: :func:`_context_var`), which restores
+    exactly what was bound before. A key already bound to the same value is left
+    as it is (the command handler binds the request's correlation id again inside
+    the request that bound it). structlog's ``bound_contextvars`` copies the whole
+    context first, and ``bind_contextvars`` formats each key's name on every call:
+    both measurable on the command path (bench.observability, issue 7). A plain
+    class rather than a ``@contextmanager`` generator: every API request enters
+    one, and the generator's set-up showed as 4% of ``POST /orders`` in the
+    profile (issue 7)."""
 
     __slots__ = ("_fields", "_tokens")
 
     def __init__(self, fields: dict[str, object]) -> None:
         self._fields = fields
-        self._tokens: Mapping[str, contextvars.Token[Any]] = {}
+        self._tokens: list[contextvars.Token[Any]] = []
 
     def __enter__(self) -> None:
-        self._tokens = structlog.contextvars.bind_contextvars(
-            **{k: v for k, v in self._fields.items() if v is not None}
-        )
+        tokens = self._tokens = []
+        for key, value in self._fields.items():
+            if value is not None:
+                var = _CONTEXT_VARS.get(key) or _context_var(key)
+                if var.get() != value:
+                    tokens.append(var.set(value))
 
     def __exit__(self, *_exc: object) -> None:
-        structlog.contextvars.reset_contextvars(**self._tokens)
+        for token in reversed(self._tokens):
+            token.var.reset(token)
+
+
+_CONTEXT_VARS: dict[str, contextvars.ContextVar[Any]] = {}
+"""Key -> the ``ContextVar`` structlog's ``merge_contextvars`` reads it from."""
+
+
+def _context_var(key: str) -> contextvars.ContextVar[Any]:
+    """structlog's variable for ``key`` (structlog creates it on the first bind; its
+    token names it), kept for the next :class:`Bound`."""
+    token = next(iter(structlog.contextvars.bind_contextvars(**{key: ...}).values()))
+    token.var.reset(token)
+    _CONTEXT_VARS[key] = token.var
+    return token.var
 
 
 def bound(**fields: object) -> Bound:

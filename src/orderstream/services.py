@@ -196,7 +196,8 @@ async def retry_until_stopped(
         first. ``log_retry(attempt, seconds)`` is told of each failed attempt and the
     wait that follows. Any other
         error propagates. The one retry loop of a service that waits for something to
-        come back (Temporal's frontend, the dev server)."""
+        come back (Temporal's frontend, the dev server, a batch consumer's store and
+        downstream)."""
 
     async def sleep_unless_stopped(seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

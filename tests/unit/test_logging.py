@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from orderstream import logging_setup
+from orderstream.application.commands import CommandContext
+from orderstream.domain.common import Money
 from orderstream.eventstore.base import EventMetadata, RecordedEvent
 from tests.api.helpers import order_body, register_product
 from tests.api.test_cli import _env
@@ -81,6 +83,29 @@ def test_a_nested_binding_restores_the_outer_one(captured: Captured) -> None:
     inner, outer = captured.records()
     assert (inner["stream"], inner["position"]) == ("product-A", 1)
     assert (outer["stream"], outer["position"]) == ("order-1", 1)
+
+
+def test_binding_a_value_already_bound_changes_nothing_and_a_new_one_is_restored(
+    captured: Captured,
+) -> None:
+    """``bound`` leaves a key bound to the same value alone (the command handler
+    inside a request) and still binds and restores one bound to another value."""
+    log = logging.getLogger("orderstream.test")
+    with logging_setup.bound(correlation_id="corr-1"):
+        with logging_setup.bound(correlation_id="corr-1", stream="order-1"):
+            log.info("same")
+        with logging_setup.bound(correlation_id="corr-2", causation_id="cause-2"):
+            log.info("other")
+        log.info("outer")
+    log.info("outside")
+
+    same, other, outer, outside = captured.records()
+    assert (same["correlation_id"], same["stream"]) == ("corr-1", "order-1")
+    assert (other["correlation_id"], other["causation_id"]) == ("corr-2", "cause-2")
+    assert outer["correlation_id"] == "corr-1"
+    assert "stream" not in outer
+    assert "causation_id" not in outer
+    assert not {"correlation_id", "stream", "causation_id"} & outside.keys()
 
 
 def test_an_exception_is_a_structured_traceback_on_the_same_line(captured: Captured) -> None:
@@ -212,3 +237,21 @@ async def test_what_a_command_logs_carries_the_request_correlation_id_and_the_st
     assert any(r["message"].startswith("PlaceOrder: ok") for r in command_lines)
     stock_lines = [r for r in captured.records() if r["message"].startswith("AddStock: ok")]
     assert [r.get("stream") for r in stock_lines] == ["product-SKU-1"]  # a batched command too
+
+
+async def test_a_command_outside_a_request_logs_its_own_correlation_and_causation_ids(
+    captured: Captured, make_client: MakeClient
+) -> None:
+    """A saga activity's command has no request around it: the metered handler binds
+    the context's ids itself."""
+    async with make_client() as (_client, container):
+        context = CommandContext(actor="saga", correlation_id="corr-saga", causation_id="cause-saga")
+        price = Money(amount=100, currency="EUR")
+        await container.use_cases.register_product("SKU-9", "Mug", price, context)
+
+    (line,) = [r for r in captured.records() if r["message"].startswith("RegisterProduct: ok")]
+    assert (line["stream"], line["correlation_id"], line["causation_id"]) == (
+        "product-SKU-9",
+        "corr-saga",
+        "cause-saga",
+    )

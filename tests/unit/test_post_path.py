@@ -15,7 +15,7 @@ from litestar import Litestar, Request, post
 from litestar.datastructures import Cookie
 from litestar.testing import TestClient
 
-from orderstream.api import correlation
+from orderstream.api import correlation, plumbing
 from orderstream.api.common import WrittenResponse, written
 from orderstream.api.plumbing import _key_count
 from orderstream.api.schemas import WriteResult
@@ -106,3 +106,91 @@ def test_written_response_takes_litestars_path_for_what_it_does_not_handle() -> 
     assert answer.status_code == 200
     assert "set-cookie" in answer.headers
     assert answer.headers["etag"] == '"3"'
+
+
+def _body_app() -> Litestar:
+    """``/ours`` reads the body as ``strict_body`` does, ``/litestars`` with
+    ``request.body()``; both answer what they read (and what Litestar reads after)."""
+
+    @post("/ours", request_max_body_size=10, status_code=200)
+    async def ours(request: Request[Any, Any, Any]) -> dict[str, str]:
+        _media_type, length = plumbing._body_headers(request.scope["headers"])
+        body = await plumbing._receive_body(request, length)
+        return {"body": body.decode(), "again": (await request.body()).decode()}
+
+    @post("/litestars", request_max_body_size=10, status_code=200)
+    async def litestars(request: Request[Any, Any, Any]) -> dict[str, str]:
+        body = await request.body()
+        return {"body": body.decode(), "again": (await request.body()).decode()}
+
+    return Litestar([ours, litestars], openapi_config=None)
+
+
+async def _post_chunks(
+    app: Litestar, path: str, chunks: list[bytes], length: str | None, *, leaves: bool
+) -> tuple[int, bytes]:
+    """POST ``chunks`` as ASGI messages (``leaves``: the client disconnects after them)."""
+    messages = [
+        {"type": "http.request", "body": c, "more_body": leaves or i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+    received: list[bytes] = []
+    answer: dict[str, Any] = {}
+
+    async def receive() -> dict[str, Any]:
+        received.append(b"")
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        else:
+            answer["body"] = answer.get("body", b"") + message.get("body", b"")
+
+    headers = [(b"content-type", b"application/json")]
+    if length is not None:
+        headers.append((b"content-length", length.encode()))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+        "state": {},
+    }
+    await app(scope, receive, send)
+    if length is not None and length.isdigit() and int(length) > 10:
+        assert not received  # refused on the announced length, before reading
+    return answer["status"], answer["body"]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "length", "leaves", "status"),
+    [
+        ([b"[1, 2]"], "6", False, 200),
+        ([b"[1,", b" 2", b"]"], None, False, 200),  # streamed in parts, no length announced
+        ([b""], "0", False, 200),
+        ([b"[1, 2, 3, 4]"], "12", False, 413),  # announced over the limit
+        ([b"[1, 2, ", b"3, 4]"], None, False, 413),  # streams past the limit
+        ([b"[1]"], "three", False, 400),  # not a length
+        ([b"[1,"], None, True, 500),  # the client left before the end
+    ],
+)
+async def test_the_body_reader_answers_as_litestars_request_body(
+    chunks: list[bytes], length: str | None, leaves: bool, status: int
+) -> None:
+    app = _body_app()
+    ours = await _post_chunks(app, "/ours", chunks, length, leaves=leaves)
+    theirs = await _post_chunks(app, "/litestars", chunks, length, leaves=leaves)
+    assert ours == theirs
+    assert ours[0] == status
+    if status == 200:
+        body = b"".join(chunks).decode()
+        assert msgspec.json.decode(ours[1]) == {"body": body, "again": body}

@@ -1,13 +1,18 @@
 """The one retry loop of the services that wait for something to come back
-(:func:`orderstream.services.retry_until_stopped`: Temporal's link, the dev server)."""
+(:func:`orderstream.services.retry_until_stopped`: Temporal's link, the dev server, the
+batch consumer's reconnection and outage hold)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
-from tenacity import wait_fixed
+from tenacity import RetryCallState, wait_fixed
 
+from orderstream.application.batch_consumer import OutageBackoff
+from orderstream.application.outage_log import OutageLog
+from orderstream.eventstore.base import EventStoreError
 from orderstream.services import retry_until_stopped
 
 
@@ -56,3 +61,19 @@ async def test_another_error_is_not_retried() -> None:
 
     with pytest.raises(KeyError):
         await retry_until_stopped(attempt, asyncio.Event(), errors=(Away,), log_retry=lambda n, s: None)
+
+
+def test_the_batch_consumers_reconnection_wait_grows_within_an_outage_and_starts_short_after_it() -> None:
+    """Counted by the consumer's outage log, not by tenacity's attempts (which grow over
+    the consumer's whole life): a failure after batches went through waits ``first``."""
+    outage = OutageLog(logging.getLogger("test"), "consumer")
+    wait = OutageBackoff(outage, 0.05, 0.3)
+    state = RetryCallState(None, None, (), {})
+    seen = []
+    for _ in range(5):
+        outage.failed(EventStoreError("gone"))
+        seen.append(wait(state))
+    assert seen == [0.05, 0.1, 0.2, 0.3, 0.3]
+    outage.succeeded()
+    outage.failed(EventStoreError("gone again"))
+    assert wait(state) == 0.05

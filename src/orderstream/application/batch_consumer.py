@@ -35,7 +35,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity.wait import wait_base
 
 from orderstream import tracing
 from orderstream.application.outage_log import OutageLog
@@ -47,6 +48,7 @@ from orderstream.eventstore.base import (
     RecordedEvent,
 )
 from orderstream.logging_setup import event_context
+from orderstream.services import retry_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,19 @@ Prepare = Callable[[], Awaitable[bool]]
 _END = object()
 
 
+class OutageBackoff(wait_base):
+    """The wait before reconnecting: ``first`` seconds, doubled with each failed
+    attempt of the current outage up to ``longest``. Counted by the outage log, so
+    a failure after batches went through again starts short (tenacity's own count
+    would keep growing over the consumer's life)."""
+
+    def __init__(self, outage: OutageLog, first: float, longest: float) -> None:
+        self.outage, self.first, self.longest = outage, first, longest
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        return min(self.first * 2.0 ** max(self.outage.failures - 1, 0), self.longest)
+
+
 class BatchConsumer:
     def __init__(
         self,
@@ -125,11 +140,12 @@ class BatchConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set or a :class:`StopConsuming`. Event store
-        failures (and a subscription that ends) reconnect after a back-off."""
+        failures (and a subscription that ends) reconnect after a back-off
+        (:func:`~orderstream.services.retry_until_stopped`, :class:`OutageBackoff`)."""
         prepared = self.prepare is None
-        delay = self.backoff[0]
-        while not stop.is_set():
-            subscription: PersistentSubscription | None = None
+
+        async def connect_and_consume() -> None:
+            nonlocal prepared
             try:
                 if not prepared:
                     assert self.prepare is not None
@@ -139,20 +155,24 @@ class BatchConsumer:
                 subscription = await self.event_store.connect_subscription_group(
                     self.group, prefetch=self.batch_size
                 )
-                if not self._outage.active:  # an outage's back-off grows until a batch goes through
-                    delay = self.backoff[0]
-                await self.consume(subscription, stop)
-            except StopConsuming as exc:
-                log.warning("%s: %s; stopping", self.name, exc)
-                return
-            except Exception as exc:
-                self._outage.failed(exc, traceback=not isinstance(exc, EventStoreError))
-                await _sleep_unless(stop, delay)
-                delay = min(delay * 2, self.backoff[1])
-            finally:
-                if subscription is not None:
+                try:
+                    await self.consume(subscription, stop)
+                finally:
                     with contextlib.suppress(Exception):
                         await subscription.close()
+            except StopConsuming as exc:
+                log.warning("%s: %s; stopping", self.name, exc)
+            except Exception as exc:
+                self._outage.failed(exc, traceback=not isinstance(exc, EventStoreError))
+                raise
+
+        await retry_until_stopped(
+            connect_and_consume,
+            stop,
+            errors=(Exception,),
+            log_retry=lambda _attempt, _seconds: None,  # the outage log wrote what matters
+            wait=OutageBackoff(self._outage, *self.backoff),
+        )
 
     # ------------------------------------------------------------------- consuming
 
@@ -231,33 +251,28 @@ class BatchConsumer:
         again after a back-off until it goes through or ``stop`` is set (then it stays
         unsettled: closing the subscription hands it back)."""
         pending = batch
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Outage),
-            wait=wait_exponential_jitter(multiplier=self.backoff[0], max=self.backoff[1]),
-            stop=lambda _state: stop.is_set(),
-            sleep=lambda seconds: _sleep_unless(stop, seconds),
-            before_sleep=self._log_outage,
-            reraise=True,
-        )
-        with contextlib.suppress(Outage):  # only when stopping
-            async for attempt in retrying:
-                with attempt:
-                    with tracing.batch_span(f"consume {self.name}", pending):
-                        outcome = await self.handler(pending)
-                    await self._settle(subscription, outcome)
-                    pending = outcome.unavailable
-                    if pending:
-                        raise Outage(outcome.unavailable_reason or "downstream unavailable")
+        reason = ""
 
-    def _log_outage(self, state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome is not None else None
-        delay = state.next_action.sleep if state.next_action is not None else 0.0
-        log.warning(
-            "%s: %s; holding the events (attempt %d), again in %.1fs",
-            self.name,
-            error,
-            state.attempt_number,
-            delay,
+        async def handle_and_settle() -> None:
+            nonlocal pending, reason
+            with tracing.batch_span(f"consume {self.name}", pending):
+                outcome = await self.handler(pending)
+            await self._settle(subscription, outcome)
+            pending, reason = outcome.unavailable, outcome.unavailable_reason or "downstream unavailable"
+            if pending:
+                raise Outage(reason)
+
+        def log_outage(attempt: int, seconds: float) -> None:
+            log.warning(
+                "%s: %s; holding the events (attempt %d), again in %.1fs", self.name, reason, attempt, seconds
+            )
+
+        await retry_until_stopped(
+            handle_and_settle,
+            stop,
+            errors=(Outage,),
+            log_retry=log_outage,
+            wait=wait_exponential_jitter(multiplier=self.backoff[0], max=self.backoff[1]),
         )
 
     async def _settle(self, subscription: PersistentSubscription, outcome: Outcome) -> None:
@@ -275,8 +290,3 @@ class BatchConsumer:
         self._outage.succeeded()
         if self.on_settled is not None:
             self.on_settled()
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
