@@ -12,6 +12,12 @@ in this process and measures, from then until every saga has ended:
 - per order, from the histories: events, workflow tasks (completed, timed out,
   failed) and local-step markers.
 
+``--steps`` also runs the saga's local steps directly on ``FulfilmentActivities``
+(no Temporal), one saga after another, and prints their CPU per saga and per
+step beside ``place_order``'s in the same run; ``--payloads`` prints the CPU of
+decoding each step's arguments with the SDK's converter and with the worker's
+(``orderstream.sagas.payloads``).
+
 ``--variant`` picks worker settings (``orderstream.sagas.fulfilment.settings.WorkerTuning``); run
 several to compare them in one sitting (each on a fresh store and dev server):
 ``python -m bench.saga_cost --variant default --variant tasks8``.
@@ -26,9 +32,11 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from temporalio.api.enums.v1 import EventType
+from temporalio.converter import DataConverter
 
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
@@ -37,11 +45,26 @@ from orderstream.config import Settings
 from orderstream.container import Container
 from orderstream.domain import orders
 from orderstream.domain.common import Money
-from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES, workflow_id_for
+from orderstream.sagas.fulfilment.activities import FulfilmentActivities
+from orderstream.sagas.fulfilment.inputs import (
+    SEARCH_ATTRIBUTES,
+    Amount,
+    ConfirmSteps,
+    FulfilmentInput,
+    Line,
+    OrderArgs,
+    PaymentArgs,
+    PaymentSteps,
+    SettleSteps,
+    StepRef,
+    StockArgs,
+    workflow_id_for,
+)
 from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
 from orderstream.sagas.fulfilment.settings import WorkerTuning
 from orderstream.sagas.fulfilment.trigger import SagaTrigger
 from orderstream.sagas.fulfilment.worker import run_worker
+from orderstream.sagas.payloads import SAGA_DATA_CONVERTER
 from orderstream.sagas.runtime import start_dev_server
 
 VARIANTS = {
@@ -154,6 +177,100 @@ async def run_variant(
     }
 
 
+async def one_saga(acts: FulfilmentActivities, placed: orders.Order, method: str) -> dict[str, float]:
+    """The happy path's steps as the workflow sends them (joined steps); CPU per step."""
+    order_id, sku = placed.order_id, placed.lines[0].sku
+    assert placed.total is not None
+    wf, payment_id = workflow_id_for(order_id), f"pay-{order_id}"
+    amount = Amount(placed.total.amount, placed.total.currency)
+
+    def ref(step: str) -> StepRef:
+        return StepRef(wf, step, "bench", "bench")
+
+    def pay(step: str) -> PaymentArgs:
+        return PaymentArgs(ref(step), payment_id, order_id, amount, payment_method_id=method)
+
+    def order(step: str, lines: list[Line] | None = None) -> OrderArgs:
+        return OrderArgs(ref(step), order_id, lines=lines or [], payment_id=payment_id, tracking_number="T")
+
+    steps: dict[str, Callable[[], Awaitable[object]]] = {
+        "reserve": lambda: acts.reserve_stock(StockArgs(ref(f"reserve-stock/{sku}"), order_id, sku, 1)),
+        "mark-reserved": lambda: acts.mark_stock_reserved(order("mark-stock-reserved", [Line(sku, 1)])),
+        "pay": lambda: acts.request_and_authorise_payment(
+            PaymentSteps(pay("request-payment"), pay("authorise-payment"))
+        ),
+        "confirm": lambda: acts.confirm_paid_order(
+            ConfirmSteps(order("mark-payment-authorised"), order("confirm-order"))
+        ),
+        "ship": lambda: acts.ship_order(order("ship-order")),
+        "settle": lambda: acts.settle_shipped_order(
+            SettleSteps(pay("capture-payment"), [StockArgs(ref(f"commit-stock/{sku}"), order_id, sku)])
+        ),
+    }
+    cpu: dict[str, float] = {}
+    for name, step in steps.items():
+        before = time.process_time()
+        await step()
+        cpu[name] = time.process_time() - before
+    return cpu
+
+
+async def direct_steps(count: int, workdir: Path) -> None:
+    """``--steps``: the local steps without Temporal, beside ``place_order``."""
+    container = await build(Settings(data_dir=workdir / "steps"))
+    try:
+        ctx = CommandContext(actor="bench")
+        for sku in SKUS:
+            await container.use_cases.register_product(sku, sku.lower(), Money(100, "EUR"), ctx)
+            await container.use_cases.add_stock(sku, 1_000_000, ctx)
+        placed = []
+        before = time.process_time()
+        for i in range(count):
+            result = await container.use_cases.place_order(
+                customer_id="c",
+                lines=[LineRequest(SKUS[i % len(SKUS)], 1)],
+                shipping_address=ADDRESS,
+                payment_token="tok_approve",
+                context=CommandContext(actor="bench"),
+            )
+            placed.append((result.state, result.appended[0].payment_method_id))
+        place_ms = 1000 * (time.process_time() - before) / count
+        acts = FulfilmentActivities(container.use_cases, SandboxPaymentGateway())
+        total: Counter[str] = Counter()
+        for order, method in placed:
+            total.update(await one_saga(acts, order, method))
+    finally:
+        await container.close()
+    steps_ms = 1000 * sum(total.values()) / count
+    print(f"\nlocal steps run directly (no Temporal), {count} sagas one after another, CPU of this process:")
+    print(f"  place_order (1 command): {place_ms:.2f} ms; the saga's 6 steps (9 commands): {steps_ms:.2f} ms")
+    print("  " + ", ".join(f"{name} {1000 * cpu / count:.2f}" for name, cpu in total.items()) + " (ms)")
+
+
+def payload_decoding(rounds: int = 2000) -> None:
+    """``--payloads``: decoding each step's arguments, the SDK's converter beside the worker's."""
+    ref = StepRef("order-fulfilment-o1", "ship-order", "c", "d")
+    pay = PaymentArgs(ref, "p1", "o1", Amount(100, "EUR"), payment_method_id="pm")
+    values = [
+        StockArgs(ref, "o1", "MUG", quantity=1),
+        OrderArgs(ref, "o1", lines=[Line("MUG", 1)], payment_id="p1", tracking_number="T"),
+        PaymentSteps(pay, pay),
+        SettleSteps(pay, [StockArgs(ref, "o1", "MUG")]),
+        FulfilmentInput("o1", "p1", [Line("MUG", 1)], Amount(100, "EUR"), "c", "d", "pm", 60.0, True),
+    ]
+    sdk, ours = DataConverter.default.payload_converter, SAGA_DATA_CONVERTER.payload_converter
+    print(f"\ndecoding one payload, CPU us ({rounds} rounds): the SDK's converter / the worker's")
+    for value in values:
+        payloads, hint = sdk.to_payloads([value]), [type(value)]
+        figures = []
+        for converter in (sdk, ours):
+            before = time.process_time()
+            for _ in range(rounds):
+                converter.from_payloads(payloads, hint)
+            figures.append(1e6 * (time.process_time() - before) / rounds)
+        print(f"  {type(value).__name__:<16}{figures[0]:8.1f} /{figures[1]:6.1f}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=300)
@@ -163,6 +280,8 @@ async def main() -> None:
         action="store_true",
         help="also the first variant with the dev server's state in memory",
     )
+    parser.add_argument("--steps", action="store_true", help="also the local steps without Temporal")
+    parser.add_argument("--payloads", action="store_true", help="also the payload decoding figures")
     args = parser.parse_args()
     names = args.variant or ["default"]
     with tempfile.TemporaryDirectory(prefix="saga-cost-") as workdir:
@@ -191,6 +310,11 @@ async def main() -> None:
         "workflow start (the trigger's, while orders were placed); /core: sagas per second one "
         "core of the worker / of the dev server (run + start) would sustain"
     )
+    if args.steps:
+        with tempfile.TemporaryDirectory(prefix="saga-steps-") as workdir:
+            await direct_steps(args.orders, Path(workdir))
+    if args.payloads:
+        payload_decoding()
 
 
 if __name__ == "__main__":

@@ -8,9 +8,13 @@ workflows that use it are running.
 This module imports nothing but the standard library and ``temporalio.common``
 (for the search attribute keys): the saga trigger, the API and the workflow
 sandbox all import it.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations``: with string annotations every
+decode of a payload into these dataclasses (the SDK's converter calls
+``typing.get_type_hints`` per dataclass, per payload) compiled each hint again,
+2.5-3x the cost of a decode; and inside the workflow sandbox a string hint is
+resolved in the sandbox's ``sys.modules`` (docs/sagas.md, "The workflow sandbox").
+"""
 
 import uuid
 from dataclasses import dataclass, field

@@ -41,6 +41,7 @@ from orderstream.sagas.fulfilment.outcome_metrics import SagaOutcomeMetrics
 from orderstream.sagas.fulfilment.payment_gateway import PaymentGateway, SandboxPaymentGateway
 from orderstream.sagas.fulfilment.settings import WorkerTuning
 from orderstream.sagas.fulfilment.workflow import OrderFulfilment
+from orderstream.sagas.payloads import with_saga_payloads
 from orderstream.sagas.runtime import connect
 
 log = logging.getLogger("orderstream.saga")
@@ -83,14 +84,15 @@ def build_worker(
     tuning: WorkerTuning | None = None,
     metrics: Metrics | None = None,
 ) -> Worker:
-    """``metrics``: where the sagas' outcomes are counted (:class:`SagaOutcomeMetrics`)."""
+    """``metrics``: where the sagas' outcomes are counted (:class:`SagaOutcomeMetrics`).
+    The worker decodes payloads with msgspec (:mod:`orderstream.sagas.payloads`)."""
     tuning = tuning or WorkerTuning()
     activities = FulfilmentActivities(use_cases, gateway)
     executor = None
     if tuning.workflow_threads:
         executor = ThreadPoolExecutor(tuning.workflow_threads, thread_name_prefix="saga-workflow")
     return Worker(
-        client,
+        with_saga_payloads(client),
         task_queue=task_queue,
         workflows=[OrderFulfilment],
         workflow_runner=WORKFLOW_RUNNER if tuning.sandbox else UnsandboxedWorkflowRunner(),
