@@ -545,6 +545,46 @@ async def test_a_lone_append_is_written_on_the_loop_thread_and_is_durable(tmp_pa
         assert conn.execute("SELECT count(*) FROM events WHERE stream = 'order-1'").fetchone()[0] == 32
 
 
+async def test_a_lone_writer_appends_without_a_loop_turn_but_yields_for_the_probe(tmp_path: Path) -> None:
+    """One task appending again and again is written at once, without waiting out a turn
+    of the loop for others to join; the probe (every PROBE_SECONDS) still yields."""
+    async with opened(tmp_path / "events.db") as store:
+        turns = 0
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while True:
+                await asyncio.sleep(0)
+                turns += 1
+
+        counter = asyncio.create_task(count_turns())
+        await asyncio.sleep(0)
+        expected: Expected = NO_STREAM
+        started, yielded = time.monotonic(), 0
+        for n in range(64):
+            before = turns
+            expected = (await store.append("order-1", [event(n)], expected)).revision
+            yielded += turns != before  # the loop ran another task during this append
+        probes = 1 + int((time.monotonic() - started) / PROBE_SECONDS)
+        counter.cancel()
+        # A turn per append would be 64; the first append and each probe yield.
+        assert 1 <= yielded <= probes + 1 < 64
+
+
+async def test_two_tasks_appending_one_after_another_share_commits(tmp_path: Path) -> None:
+    """Only a task following itself skips the turn: two tasks' appends meet in it."""
+    async with opened(tmp_path / "events.db") as store:
+        transactions = store.stats.transactions
+
+        async def writer(stream: str) -> None:
+            expected: Expected = NO_STREAM
+            for n in range(32):
+                expected = (await store.append(stream, [event(n)], expected)).revision
+
+        await asyncio.gather(writer("order-a"), writer("order-b"))
+        assert store.stats.transactions - transactions <= 33  # 64 appends, two per commit
+
+
 async def test_concurrent_appends_still_share_one_transaction(tmp_path: Path) -> None:
     async with opened(tmp_path / "events.db") as store:
         transactions, on_loop = store.stats.transactions, store.stats.on_loop_thread
