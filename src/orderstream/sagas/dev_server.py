@@ -33,7 +33,7 @@ from typing import Any, Literal
 from temporalio.common import SearchAttributeKey
 
 from orderstream.sagas.runtime import DEV_SERVER_SQLITE_PRAGMAS, NAMESPACE, temporal_cli_path
-from orderstream.services import retry_until_stopped
+from orderstream.services import lower_priority, retry_until_stopped
 
 log = logging.getLogger("orderstream.temporal")
 
@@ -70,6 +70,8 @@ class DevServerConfig:
     namespace: str = NAMESPACE
     search_attributes: Sequence[SearchAttributeKey[str]] = ()
     """Registered at every start (a saga's custom search attributes)."""
+    nice: int = 0
+    """How much lower its CPU priority is than ours (:func:`~orderstream.services.lower_priority`)."""
 
     @property
     def address(self) -> str:
@@ -131,6 +133,7 @@ class SupervisedDevServer:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
+        lower_priority(self.process.pid, self.config.nice)
         self._relaying = asyncio.create_task(self._relay(self.process), name=f"{self.name}-output")
         try:
             await self._until_listening(self.process)

@@ -228,7 +228,7 @@ class FulfilmentSaga:
                     link.last_error,
                 )
         else:
-            config = dev_server_config(container.settings.data_dir, settings.temporal)
+            config = dev_server_config(container.settings.data_dir, settings.temporal, nice=settings.nice)
             dev_server = SupervisedDevServer(config)
             await dev_server.start()
             link = TemporalLink(dev_server.address, dev_server=dev_server)
@@ -340,6 +340,8 @@ class SagaWorkerProcess:
     env: dict[str, str]
     index: int = 1
     dev_server: SupervisedDevServer | None = None
+    nice: int = 0
+    """How much lower its CPU priority is than ours (``FulfilmentSettings.nice``)."""
 
     @property
     def name(self) -> str:
@@ -347,7 +349,7 @@ class SagaWorkerProcess:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with _holding(self.dev_server):
-            await run_child_process(self.name, self.argv, stop, env=self.env)
+            await run_child_process(self.name, self.argv, stop, env=self.env, nice=self.nice)
 
 
 def worker_processes(
@@ -367,19 +369,23 @@ def worker_processes(
     argv += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
     ours = dataclasses.replace(settings, worker_processes=0, trigger=False)
     child_env = {**os.environ, **ours.to_env()}
-    return [SagaWorkerProcess(argv, child_env, index, dev_server) for index in range(1, count + 1)]
+    return [
+        SagaWorkerProcess(argv, child_env, index, dev_server, nice=settings.nice)
+        for index in range(1, count + 1)
+    ]
 
 
 def _holding(dev_server: SupervisedDevServer | None) -> contextlib.AbstractAsyncContextManager[None]:
     return contextlib.nullcontext() if dev_server is None else dev_server.held()
 
 
-def dev_server_config(data_dir: Path, temporal: TemporalSettings) -> DevServerConfig:
+def dev_server_config(data_dir: Path, temporal: TemporalSettings, *, nice: int = 0) -> DevServerConfig:
     """The embedded dev server: state in ``{data_dir}/temporal.db``, the configured
-    ports, the fulfilment saga's search attributes."""
+    ports, the fulfilment saga's search attributes, ``nice`` steps below our priority."""
     return DevServerConfig(
         port=temporal.dev_server_port,
         ui_port=temporal.ui_port,
         db_file=Path(data_dir) / "temporal.db",
         search_attributes=SEARCH_ATTRIBUTES,
+        nice=nice,
     )
