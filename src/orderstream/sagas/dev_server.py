@@ -81,6 +81,9 @@ class DevServerConfig:
         argv = [temporal_cli_path(), "server", "start-dev", "--ip", self.ip, "--port", str(self.port)]
         argv += ["--namespace", self.namespace, "--log-format", "json", "--log-level", "warn"]
         argv += ["--dynamic-config-value", "frontend.enableServerVersionCheck=false"]
+        # A start from a process whose worker polls the task queue gets the first workflow task
+        # in its answer (the saga trigger beside the worker: SagaTrigger's eager_start).
+        argv += ["--dynamic-config-value", "system.enableEagerWorkflowStart=true"]
         argv += ["--headless"] if self.ui_port is None else ["--ui-port", str(self.ui_port)]
         for key in self.search_attributes:
             argv += ["--search-attribute", f"{key.name}=Keyword"]
