@@ -41,6 +41,19 @@ def _until(client: httpx.Client, check: Any, within: float, what: str) -> dict[s
         time.sleep(0.2)
 
 
+def _saga_workers_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"worker" in argv and b"--worker-of" in argv and str(pid).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
 def test_a_killed_dev_server_is_restarted_and_orders_still_ship(tmp_path: Path) -> None:
     with served(tmp_path) as serve, serve.client() as client:
         serve.place_and_ship(client)
@@ -49,6 +62,12 @@ def test_a_killed_dev_server_is_restarted_and_orders_still_ship(tmp_path: Path) 
         assert before["dev_server"]["status"] == "running", before
         assert before["dev_server"]["restarts"] == 0
         killed = before["dev_server"]["pid"]
+        # The dev server and the saga worker process run below the API (ORDERSTREAM_SAGA_NICE: 10).
+        below_serve = min(19, os.getpriority(os.PRIO_PROCESS, serve.process.pid) + 10)
+        assert os.getpriority(os.PRIO_PROCESS, killed) == below_serve
+        workers = _saga_workers_of(serve.process.pid)
+        assert workers, "serve started no saga worker process"
+        assert all(os.getpriority(os.PRIO_PROCESS, pid) == below_serve for pid in workers)
 
         os.kill(killed, signal.SIGKILL)
         down = _until(client, lambda t: t["status"] != "connected", 10, "the outage not seen")
@@ -63,6 +82,7 @@ def test_a_killed_dev_server_is_restarted_and_orders_still_ship(tmp_path: Path) 
         )
         assert back["dev_server"]["status"] == "running"
         assert back["dev_server"]["pid"] not in (None, killed)
+        assert os.getpriority(os.PRIO_PROCESS, back["dev_server"]["pid"]) == below_serve  # at a restart too
         assert "exit status -9" in back["dev_server"]["last_exit"]
 
         serve.place_and_ship(client, within=90)

@@ -262,6 +262,7 @@ async def make_saga(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncI
             max_in_flight=max_in_flight,
             use_search_attributes=search_attributes,
             metrics=container.metrics,
+            eager_start=True,  # as serve runs it: the worker (when started) polls through this client
         )
         # In this event loop (Litestar's test client would run the app in a thread and
         # block this loop, where the worker runs, for the duration of each request).

@@ -19,6 +19,7 @@ def test_defaults() -> None:
     assert settings.max_in_flight == 64
     assert (settings.worker_processes, settings.trigger) == (0, True)
     assert settings.tuning == WorkerTuning()
+    assert settings.nice == 10  # worker processes and the dev server below the API
     assert settings.temporal.ui_url(dev_server=True) == "http://localhost:8233"
     assert settings.temporal.ui_url(dev_server=False) is None
 
@@ -35,6 +36,7 @@ def test_environment_and_the_address_option() -> None:
         "ORDERSTREAM_SAGA_TRIGGER": "off",
         "ORDERSTREAM_SAGA_WORKFLOW_TASKS": "4",
         "ORDERSTREAM_SAGA_SANDBOX": "on",
+        "ORDERSTREAM_SAGA_NICE": "0",
     }
     settings = FulfilmentSettings.from_env(env, worker_processes=1)
     assert settings.temporal == TemporalSettings(
@@ -44,6 +46,7 @@ def test_environment_and_the_address_option() -> None:
     assert (settings.task_queue, settings.payment_deadline_seconds, settings.max_in_flight) == ("q", 2.5, 8)
     assert (settings.worker_processes, settings.trigger) == (2, False)
     assert settings.tuning == WorkerTuning(max_concurrent_workflow_tasks=4, sandbox=True)
+    assert settings.nice == 0
     assert FulfilmentSettings.from_env(env, temporal_address="other:7233").temporal.address == "other:7233"
     assert FulfilmentSettings.from_env({}, worker_processes=1).worker_processes == 1  # serve's default
 
@@ -57,6 +60,8 @@ def test_environment_and_the_address_option() -> None:
         ("ORDERSTREAM_SAGA_WORKER_PROCESSES", "-1"),
         ("ORDERSTREAM_SAGA_TRIGGER", "maybe"),
         ("ORDERSTREAM_TEMPORAL_DEV_PORT", "x"),
+        ("ORDERSTREAM_SAGA_NICE", "-5"),
+        ("ORDERSTREAM_SAGA_NICE", "20"),
     ],
 )
 def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
@@ -73,5 +78,6 @@ def test_a_worker_process_reads_back_the_settings_it_was_given() -> None:
         worker_processes=0,
         trigger=False,
         tuning=WorkerTuning(max_concurrent_local_activities=16, workflow_threads=2, sandbox=True),
+        nice=3,
     )
     assert FulfilmentSettings.from_env(settings.to_env()) == settings

@@ -166,3 +166,15 @@ async def test_saga_lag_is_reported_and_drains_to_zero(make_saga: SagaFactory) -
     assert "orderstream_saga_trigger_lag_events 0.0" in metrics
     assert "orderstream_saga_workflows_running 0.0" in metrics
     assert "orderstream_saga_trigger_parked 0.0" in metrics
+
+
+async def test_the_trigger_beside_its_worker_starts_the_runs_eagerly(make_saga: SagaFactory) -> None:
+    """With the worker polling through the trigger's client (serve: the first saga worker
+    process runs the trigger), each start comes back with the run's first workflow task:
+    no poll, no matching round trip on the Temporal server."""
+    saga = await make_saga()
+    await saga.product("MUG", 10)
+    order_ids = await _place_many(saga, 3)
+    for order_id in order_ids:
+        assert (await saga.outcome(order_id)).status == "shipped"
+    assert saga.trigger.eagerly_started == len(order_ids)

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from temporalio.common import SearchAttributeKey
 
 from orderstream.sagas.runtime import DEV_SERVER_SQLITE_PRAGMAS, NAMESPACE, temporal_cli_path
-from orderstream.services import retry_until_stopped
+from orderstream.services import lower_priority, retry_until_stopped
 
 log = logging.getLogger("orderstream.temporal")
 
@@ -70,6 +70,8 @@ class DevServerConfig:
     namespace: str = NAMESPACE
     search_attributes: Sequence[SearchAttributeKey[str]] = ()
     """Registered at every start (a saga's custom search attributes)."""
+    nice: int = 0
+    """How much lower its CPU priority is than ours (:func:`~orderstream.services.lower_priority`)."""
 
     @property
     def address(self) -> str:
@@ -79,6 +81,9 @@ class DevServerConfig:
         argv = [temporal_cli_path(), "server", "start-dev", "--ip", self.ip, "--port", str(self.port)]
         argv += ["--namespace", self.namespace, "--log-format", "json", "--log-level", "warn"]
         argv += ["--dynamic-config-value", "frontend.enableServerVersionCheck=false"]
+        # A start from a process whose worker polls the task queue gets the first workflow task
+        # in its answer (the saga trigger beside the worker: SagaTrigger's eager_start).
+        argv += ["--dynamic-config-value", "system.enableEagerWorkflowStart=true"]
         argv += ["--headless"] if self.ui_port is None else ["--ui-port", str(self.ui_port)]
         for key in self.search_attributes:
             argv += ["--search-attribute", f"{key.name}=Keyword"]
@@ -131,6 +136,7 @@ class SupervisedDevServer:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
+        lower_priority(self.process.pid, self.config.nice)
         self._relaying = asyncio.create_task(self._relay(self.process), name=f"{self.name}-output")
         try:
             await self._until_listening(self.process)

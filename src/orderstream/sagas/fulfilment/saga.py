@@ -228,7 +228,7 @@ class FulfilmentSaga:
                     link.last_error,
                 )
         else:
-            config = dev_server_config(container.settings.data_dir, settings.temporal)
+            config = dev_server_config(container.settings.data_dir, settings.temporal, nice=settings.nice)
             dev_server = SupervisedDevServer(config)
             await dev_server.start()
             link = TemporalLink(dev_server.address, dev_server=dev_server)
@@ -238,8 +238,15 @@ class FulfilmentSaga:
                 await dev_server.stop_now()
                 raise
         self.link = link
+        # With worker processes, the trigger runs in the first of them: it starts the runs
+        # that worker executes (eager start, same client) at the worker's lower priority.
         service = SagaService(
-            self, container, link, with_trigger=trigger, dev_server=dev_server, with_worker=not processes
+            self,
+            container,
+            link,
+            with_trigger=trigger and not processes,
+            dev_server=dev_server,
+            with_worker=not processes,
         )
         try:
             if link.client is not None:
@@ -249,7 +256,7 @@ class FulfilmentSaga:
                 await dev_server.stop_now()
             raise
         supervisor: list[BackgroundService] = [] if dev_server is None else [dev_server]
-        children = worker_processes(container, link.address, settings, processes, dev_server)
+        children = worker_processes(container, link.address, settings, processes, dev_server, trigger=trigger)
         return [*supervisor, service, *children]
 
     @property
@@ -295,6 +302,7 @@ class SagaService:
                 use_search_attributes=searchable,
                 max_in_flight=settings.max_in_flight,
                 metrics=self.container.metrics,
+                eager_start=self.with_worker,
             )
         self.client = client
 
@@ -325,11 +333,13 @@ class SagaService:
 @dataclass(eq=False)
 class SagaWorkerProcess:
     """The saga worker in a process of its own: ``orderstream worker --worker-of
-    <our pid>`` against the Temporal server this process uses, without a trigger
-    (the trigger stays here: one consumer of the subscription group is enough).
+    <our pid>`` against the Temporal server this process uses. The first of them
+    runs the trigger too (one consumer of the subscription group is enough): its
+    starts then come back with each run's first workflow task for the worker beside
+    it (eager start), and it runs at the worker's lower priority (``nice``).
 
     Why: the workflow tasks and local steps are CPU-bound Python; in the process
-    that also runs the projections and the trigger they share one GIL. A background
+    that also runs the projections they would share one GIL. A background
     service of ours: SIGTERM when ``stop`` is set, then wait while the worker
     drains (its graceful shutdown); a worker that exits on its own is started
     again after a delay (:func:`~orderstream.services.run_child_process`). The
@@ -340,6 +350,8 @@ class SagaWorkerProcess:
     env: dict[str, str]
     index: int = 1
     dev_server: SupervisedDevServer | None = None
+    nice: int = 0
+    """How much lower its CPU priority is than ours (``FulfilmentSettings.nice``)."""
 
     @property
     def name(self) -> str:
@@ -347,7 +359,7 @@ class SagaWorkerProcess:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with _holding(self.dev_server):
-            await run_child_process(self.name, self.argv, stop, env=self.env)
+            await run_child_process(self.name, self.argv, stop, env=self.env, nice=self.nice)
 
 
 def worker_processes(
@@ -356,30 +368,38 @@ def worker_processes(
     settings: FulfilmentSettings,
     count: int,
     dev_server: SupervisedDevServer | None = None,
+    *,
+    trigger: bool = False,
 ) -> list[SagaWorkerProcess]:
     """``count`` worker processes on the store of ``container`` and the Temporal
     server at ``address``, with our saga settings (in its environment, where its
-    CLI reads them) but no trigger and no process of its own."""
+    CLI reads them) but no process of its own; the first of them runs the trigger
+    when ``trigger``."""
     stores = container.settings
     argv = [sys.executable, "-m", "orderstream.cli", "worker", "--worker-of", str(os.getpid())]
     argv += ["--data-dir", str(stores.data_dir), "--event-store", stores.event_store_url]
     argv += ["--read-store", stores.read_store_url, "--temporal-address", address]
     argv += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
-    ours = dataclasses.replace(settings, worker_processes=0, trigger=False)
-    child_env = {**os.environ, **ours.to_env()}
-    return [SagaWorkerProcess(argv, child_env, index, dev_server) for index in range(1, count + 1)]
+    ours = dataclasses.replace(settings, worker_processes=0)
+
+    def env(index: int) -> dict[str, str]:
+        return {**os.environ, **dataclasses.replace(ours, trigger=trigger and index == 1).to_env()}
+
+    nice = settings.nice
+    return [SagaWorkerProcess(argv, env(i), i, dev_server, nice=nice) for i in range(1, count + 1)]
 
 
 def _holding(dev_server: SupervisedDevServer | None) -> contextlib.AbstractAsyncContextManager[None]:
     return contextlib.nullcontext() if dev_server is None else dev_server.held()
 
 
-def dev_server_config(data_dir: Path, temporal: TemporalSettings) -> DevServerConfig:
+def dev_server_config(data_dir: Path, temporal: TemporalSettings, *, nice: int = 0) -> DevServerConfig:
     """The embedded dev server: state in ``{data_dir}/temporal.db``, the configured
-    ports, the fulfilment saga's search attributes."""
+    ports, the fulfilment saga's search attributes, ``nice`` steps below our priority."""
     return DevServerConfig(
         port=temporal.dev_server_port,
         ui_port=temporal.ui_port,
         db_file=Path(data_dir) / "temporal.db",
         search_attributes=SEARCH_ATTRIBUTES,
+        nice=nice,
     )

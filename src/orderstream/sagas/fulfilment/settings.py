@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from orderstream.config import env_float, env_int, env_switch
+from orderstream.config import ConfigError, env_float, env_int, env_switch
 from orderstream.sagas.fulfilment.inputs import DEFAULT_PAYMENT_DEADLINE_SECONDS, DEFAULT_TASK_QUEUE
 from orderstream.sagas.fulfilment.trigger import DEFAULT_MAX_IN_FLIGHT
 from orderstream.sagas.runtime import TemporalSettings
@@ -35,6 +35,11 @@ burst of orders keeps more than that many sagas open, and an evicted run is
 replayed from its history on its next task."""
 WORKER_PROCESSES_ENV = "ORDERSTREAM_SAGA_WORKER_PROCESSES"
 TRIGGER_ENV = "ORDERSTREAM_SAGA_TRIGGER"
+DEFAULT_NICE = 10
+"""Saga worker processes and the dev server run 10 nice steps below the API: under
+overload CFS gives them about a tenth of a contended core's time beside a request-serving
+process, and all of an idle one."""
+MAX_NICE = 19
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,9 @@ class FulfilmentSettings:
     trigger: bool = True
     """Run the saga trigger in this process."""
     tuning: WorkerTuning = field(default_factory=lambda: WorkerTuning())
+    nice: int = DEFAULT_NICE
+    """How much lower the CPU priority of the worker processes and the embedded dev
+    server is than the API's (``ORDERSTREAM_SAGA_NICE``; 0: the same)."""
 
     @classmethod
     def from_env(
@@ -105,6 +113,7 @@ class FulfilmentSettings:
             worker_processes=env_int(env, WORKER_PROCESSES_ENV, worker_processes, minimum=0),
             trigger=env_switch(env, TRIGGER_ENV, True),
             tuning=WorkerTuning.from_env(env),
+            nice=_nice(env),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -117,6 +126,7 @@ class FulfilmentSettings:
             WORKER_PROCESSES_ENV: str(self.worker_processes),
             TRIGGER_ENV: "on" if self.trigger else "off",
             "ORDERSTREAM_SAGA_SANDBOX": "on" if self.tuning.sandbox else "off",
+            "ORDERSTREAM_SAGA_NICE": str(self.nice),
         }
         for name, value in (
             ("ORDERSTREAM_SAGA_WORKFLOW_TASKS", self.tuning.max_concurrent_workflow_tasks),
@@ -127,3 +137,10 @@ class FulfilmentSettings:
         if self.temporal.web_ui_url:
             env["ORDERSTREAM_TEMPORAL_UI_URL"] = self.temporal.web_ui_url
         return env
+
+
+def _nice(env: Mapping[str, str]) -> int:
+    nice = env_int(env, "ORDERSTREAM_SAGA_NICE", DEFAULT_NICE, minimum=0)
+    if nice > MAX_NICE:
+        raise ConfigError(f"ORDERSTREAM_SAGA_NICE: at most {MAX_NICE} (a nice increment), got {nice}")
+    return nice

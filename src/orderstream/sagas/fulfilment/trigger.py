@@ -125,17 +125,24 @@ class SagaTrigger:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         local_steps: bool = True,
         metrics: Metrics | None = None,
+        eager_start: bool = False,
     ) -> None:
         """``settings`` are used only when the group does not exist yet; by
         default it starts at the beginning of the store. ``retry_backoff`` is
         (first, longest) delay before a failed event is nacked for retry.
         ``max_in_flight``: events handed to Temporal and not yet settled, at most.
         ``local_steps``: the sagas it starts run their steps as local activities.
-        ``metrics``: counts the sagas it starts (not those it found started)."""
+        ``metrics``: counts the sagas it starts (not those it found started).
+        ``eager_start``: a worker of ``task_queue`` polls through ``temporal_client`` in
+        this process, so a start asks for the run's first workflow task in its answer
+        (Temporal's eager workflow start: no poll and no matching round trip)."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.event_store = event_store
         self.client = temporal_client
+        self.eager_start = eager_start
+        self.eagerly_started = 0
+        """Starts answered with the run's first workflow task (``eager_start``)."""
         self.task_queue = task_queue
         self.registry = registry
         self.group = group
@@ -274,7 +281,7 @@ class SagaTrigger:
                 ]
             )
         try:
-            await self.client.start_workflow(
+            handle = await self.client.start_workflow(
                 WORKFLOW_TYPE,
                 inp,
                 id=workflow_id,
@@ -289,7 +296,10 @@ class SagaTrigger:
                 },
                 search_attributes=search_attributes,
                 static_summary=f"Fulfil order {placed.order_id}",
+                request_eager_start=self.eager_start,
             )
+            # The SDK marks a start that got its first workflow task in the answer (no public accessor).
+            self.eagerly_started += bool(getattr(handle, "__temporal_eagerly_started", False))
         except WorkflowAlreadyStartedError:
             log.info("%s already started: OrderPlaced@%d redelivered", workflow_id, event.position)
             return Handled("already started", workflow_id)
