@@ -555,7 +555,8 @@ async def test_histories_replay_deterministically(make_saga: SagaFactory) -> Non
         assert result.replay_failure is None, result.replay_failure
 
 
-RECORDED_HISTORY = Path(__file__).parent / "histories" / "shipped-local-steps.json"
+HISTORIES = Path(__file__).parent / "histories"
+RECORDED_HISTORY = HISTORIES / "shipped-local-steps.json"
 
 
 @pytest.mark.parametrize(
@@ -573,3 +574,74 @@ async def test_a_recorded_history_replays_in_either_sandbox(runner: WorkflowRunn
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
 
     assert result.replay_failure is None, result.replay_failure
+
+
+RECORDED_LOCAL_ACTIVITIES = {
+    # Recorded by main's code (session 16): patch joined-steps, outcome-completes.
+    "shipped-joined-steps": [
+        "reserve_stock",
+        "reserve_stock",
+        "mark_stock_reserved",
+        "request_and_authorise_payment",
+        "confirm_paid_order",
+        "ship_order",
+        "settle_shipped_order",
+    ],
+    "rejected-joined-steps": [
+        "reserve_stock",
+        "reserve_stock",  # short: TEA
+        "load_order_lines",
+        "release_stock",
+        "release_stock",
+        "reject_order",
+    ],
+    "lines-changed-joined-steps": [
+        "reserve_stock",
+        "reserve_stock",
+        "mark_stock_reserved",  # refused: the lines changed
+        "load_order_lines",
+        "reserve_stock",
+        "reserve_stock",
+        "mark_stock_reserved",
+        "release_stock",
+        "request_and_authorise_payment",
+        "confirm_paid_order",
+        "ship_order",
+        "settle_shipped_order",
+    ],
+    # ... and by this code, with patch joined-reserve-and-ship.
+    "shipped-joined-reserve-and-ship": JOINED,
+    "rejected-joined-reserve-and-ship": [
+        "reserve_and_mark_stock",  # short at TEA: CUP untried
+        "load_order_lines",
+        "release_stock",
+        "release_stock",
+        "reject_order",
+    ],
+    "lines-changed-joined-reserve-and-ship": [
+        "reserve_and_mark_stock",  # refused at the mark
+        "load_order_lines",
+        "reserve_stock",
+        "reserve_stock",
+        "mark_stock_reserved",
+        "release_stock",
+        "request_and_authorise_payment",
+        "confirm_paid_order",
+        "ship_and_settle_order",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_LOCAL_ACTIVITIES))
+async def test_runs_recorded_before_and_after_the_reserve_and_ship_joins_replay(name: str) -> None:
+    """Shipped, rejected (short stock) and lines-changed runs recorded with the
+    saga's search attributes, by the code before ``joined-reserve-and-ship`` (its
+    runs replay their steps one by one) and by this code."""
+    history = WorkflowHistory.from_json(f"recorded-{name}", (HISTORIES / f"{name}.json").read_text())
+    assert local_activities(history) == RECORDED_LOCAL_ACTIVITIES[name]
+    replayer = Replayer(workflows=[OrderFulfilment], workflow_runner=WORKFLOW_RUNNER)
+
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+
+    assert result.replay_failure is None, result.replay_failure
+    assert history.events[-1].HasField("workflow_execution_completed_event_attributes")
