@@ -189,6 +189,36 @@ def _failure(err: ActivityError) -> tuple[str | None, dict[str, Any]]:
     return None, {}
 
 
+def failed_for_good_at(err: ActivityError, steps: Sequence[str]) -> int | None:
+    """The index in ``steps`` (a joined activity's, in order) of the step whose
+    final error (non-retryable) failed the activity; ``None`` for any other
+    failure. After a final error no attempt of the activity got past that step:
+    a step done in an earlier attempt answers from its idempotency record, it
+    does not fail for good. After a transient one (the last attempt's, once the
+    retry policy gave up) an earlier attempt may have got further."""
+    cause = err.cause
+    failed = _failure(err)[1].get(FAILED_STEP)
+    if isinstance(cause, ApplicationError) and cause.non_retryable and failed in steps:
+        return steps.index(failed)
+    return None
+
+
+def said_shipped(err: ActivityError) -> bool | None:
+    """What a failure of ``ship_and_settle_order`` says of the shipment: ``True``
+    when a step after ``ship-order`` failed (the order is shipped), ``False`` when
+    ``ship-order`` itself failed for good (a final error: not shipped, in any
+    attempt), ``None`` when it cannot tell: ``ship-order`` failed transiently on
+    the last attempt (an earlier attempt may have shipped; or the append may
+    have committed with its answer lost), or the activity gave no word at all
+    (it timed out)."""
+    shipped = _failure(err)[1].get(SHIPPED)
+    if shipped is True:
+        return True
+    if shipped is False and failed_for_good_at(err, ["ship-order"]) == 0:
+        return False
+    return None
+
+
 def _as_activity_error(fn: Callable[..., Any]) -> ActivityError:
     """A local activity's failure reaches the workflow as the bare error (an
     ``ApplicationError``, a timeout); a remote one's as an ``ActivityError``
@@ -386,10 +416,12 @@ class OrderFulfilment:
         step and its retry-until-success policy, as before the join (a retry
         replays the steps already done: their commands answer from their
         idempotency records). Which of the two it was, the failure says
-        (:func:`~orderstream.sagas.fulfilment.activities.at_step`); a failure that
-        does not (the activity timed out) is settled by reading the order's
-        status (``check-shipped``). The whole runs in :meth:`_shielded`, so a
-        cancellation through Temporal reaches none of these activities either."""
+        (:func:`~orderstream.sagas.fulfilment.activities.at_step`,
+        :func:`said_shipped`); when it cannot tell (``ship-order`` failed
+        transiently on the last attempt, or the activity timed out), the order's
+        status decides (``check-shipped``). The whole runs in :meth:`_shielded`,
+        so a cancellation through Temporal reaches none of these activities
+        either."""
         ship = self._order_args("ship-order")
         settle = self._settle_steps()
         also = ["capture-payment", *(c.ref.step for c in settle.commits)]
@@ -408,17 +440,19 @@ class OrderFulfilment:
         self._pivot()
 
     async def _was_shipped(self, err: ActivityError) -> bool:
-        """Whether ``ship_and_settle_order`` shipped the order before it failed."""
-        shipped = _failure(err)[1].get(SHIPPED)
-        if isinstance(shipped, bool):
+        """Whether ``ship_and_settle_order`` shipped the order before it failed:
+        from the failure (:func:`said_shipped`) or, when it cannot tell, from
+        the order's stream."""
+        shipped = said_shipped(err)
+        if shipped is not None:
             return shipped
-        # No word from the activity (a timeout): the order's stream decides. Not
-        # through _step: a cancel signal must not stop this check.
+        # Not through _step: a cancel signal must not stop this check.
         self._state.step = step = "check-shipped"
         status = await self._call(Acts.load_order_status, self._order_args(step), retry=MUST_COMPLETE_RETRY)
         self._state.completed_steps.append(step)
         if status == "shipped":
-            self._state.completed_steps.append("ship-order")
+            if "ship-order" not in self._state.completed_steps:
+                self._state.completed_steps.append("ship-order")
             return True
         self._state.step = "ship-order"  # what failed: the saga compensates
         return False
@@ -512,10 +546,12 @@ class OrderFulfilment:
         """Round 1 as one activity, ``reserve_and_mark_stock`` (:data:`JOINED_STEPS_2`):
         every line's ``reserve-stock/{sku}``, then ``mark-stock-reserved``, each
         command under its own key. Every line's ``release-stock/{sku}`` is
-        registered before it. When the activity fails at one of its steps, the
-        lines before that step are held and the later ones were never tried:
-        their compensations are dropped again, so the saga ends as when the steps
-        ran one by one (same ``_held``, same compensations, same outcome)."""
+        registered before it. When the activity fails for good at one of its
+        steps, the lines before that step are held and the later ones were never
+        tried: their compensations are dropped again, so the saga ends as when
+        the steps ran one by one (same ``_held``, same compensations, same
+        outcome). Any other failure compensates every line (a release of what
+        is not held is a no-op)."""
         for line in lines:
             self._register_once(f"release-stock/{line.sku}", self._releaser(line.sku))
         reserves = [
@@ -528,12 +564,16 @@ class OrderFulfilment:
             await self._step(names[0], Acts.reserve_and_mark_stock, steps, also=names[1:])
         except (ActivityError, SagaAborted) as exc:
             err = exc if isinstance(exc, ActivityError) else exc.__cause__
-            kind, details = _failure(err) if isinstance(err, ActivityError) else (None, {})
-            failed = details.get(FAILED_STEP) if err is not None else names[0]
-            if isinstance(failed, str) and failed in names:
-                self._reserved_before(lines, names.index(failed))
-            if kind == ERR_LINES_CHANGED and isinstance(exc, ActivityError):
-                return False
+            if err is None:  # the customer cancelled before it started: nothing tried
+                self._reserved_before(lines, 0)
+            elif isinstance(err, ActivityError):
+                # Only a final error tells how far every attempt got; after a
+                # transient one the saga compensates every line registered.
+                done = failed_for_good_at(err, names)
+                if done is not None:
+                    self._reserved_before(lines, done)
+                if _failure(err)[0] == ERR_LINES_CHANGED and exc is err:
+                    return False
             raise
         self._reserved_before(lines, len(lines))
         return True
