@@ -12,6 +12,10 @@ Errors: a broken business rule is final, so it becomes a non-retryable
 facts in its details. Anything else (event store down, lost write races,
 gateway outage) propagates and is retried by the activity's retry policy.
 
+Joined steps: some activities run several steps in a row, each command under
+its own step's key (a retry replays the ones done); a failure names its step
+(:func:`at_step`).
+
 Reads: ``load_order_lines`` folds the order's stream through the command
 handler (no read model, so no projection lag); reading is idempotent by nature.
 """
@@ -222,7 +226,7 @@ class FulfilmentActivities:
     async def load_order_status(self, args: OrderArgs) -> str:
         """The order's status as its stream has it (``shipped``, ...): how the
         saga learns whether ``ship_and_settle_order`` shipped the order when
-        that activity failed without saying (it timed out)."""
+        that activity's failure cannot tell (``workflow.said_shipped``)."""
         loaded = await self.use_cases.handler.load(orders.decider, orders.stream_name(args.order_id))
         return loaded.state.status or "unknown"
 
@@ -382,9 +386,9 @@ class FulfilmentActivities:
     @activity.defn(name="ship_and_settle_order")
     async def ship_and_settle_order(self, args: ShipSteps) -> None:
         """``ship-order`` (the pivot), then ``settle_shipped_order``'s steps. Every
-        failure says whether the order was shipped (:data:`SHIPPED`): the workflow
-        compensates only if it was not, else settles with the retry of the steps
-        past the pivot."""
+        failure says whether this attempt got past ``ship-order`` (:data:`SHIPPED`):
+        the workflow settles when it did, compensates when ``ship-order`` failed
+        for good, and reads the order's status otherwise."""
         await _in_step(args.ship.ref.step, self.ship_order(args.ship), **{SHIPPED: False})
         settle = args.settle
         await _in_step(settle.capture.ref.step, self.capture_payment(settle.capture), **{SHIPPED: True})
