@@ -10,7 +10,8 @@ in this process and measures, from then until every saga has ended:
   and of the dev server process (its own SQLite file, WAL, as ``serve`` runs it),
   per order, and the orders per second one core of each would sustain;
 - per order, from the histories: events, workflow tasks (completed, timed out,
-  failed) and local-step markers.
+  failed), markers, and of those the local activities (the rest are patch
+  markers).
 
 ``--steps`` also runs the saga's local steps directly on ``FulfilmentActivities``
 (no Temporal), one saga after another, and prints their CPU per saga and per
@@ -55,7 +56,9 @@ from orderstream.sagas.fulfilment.inputs import (
     OrderArgs,
     PaymentArgs,
     PaymentSteps,
+    ReserveSteps,
     SettleSteps,
+    ShipSteps,
     StepRef,
     StockArgs,
     workflow_id_for,
@@ -155,6 +158,8 @@ async def run_variant(
         for handle in sample:
             history = await handle.fetch_history()
             events.update(EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in history.events)
+            markers = [e.marker_recorded_event_attributes.marker_name for e in history.events]
+            events["local activities"] += markers.count("core_local_activity")
         stop.set()
         await worker
     finally:
@@ -162,6 +167,7 @@ async def run_variant(
         await trigger_task
         await container.close()
         await env.shutdown()
+    local_activities = events.pop("local activities", 0) / len(sample)
     per = {k: v / len(sample) for k, v in events.items()}
     return {
         "wall_s": wall,
@@ -174,11 +180,13 @@ async def run_variant(
         "wft_timed_out": per.get("WORKFLOW_TASK_TIMED_OUT", 0.0),
         "wft_failed": per.get("WORKFLOW_TASK_FAILED", 0.0),
         "markers": per.get("MARKER_RECORDED", 0.0),
+        "local_activities": local_activities,
     }
 
 
 async def one_saga(acts: FulfilmentActivities, placed: orders.Order, method: str) -> dict[str, float]:
-    """The happy path's steps as the workflow sends them (joined steps); CPU per step."""
+    """The happy path's steps as the workflow sends them (joined steps, one
+    activity each); CPU per step."""
     order_id, sku = placed.order_id, placed.lines[0].sku
     assert placed.total is not None
     wf, payment_id = workflow_id_for(order_id), f"pay-{order_id}"
@@ -193,19 +201,19 @@ async def one_saga(acts: FulfilmentActivities, placed: orders.Order, method: str
     def order(step: str, lines: list[Line] | None = None) -> OrderArgs:
         return OrderArgs(ref(step), order_id, lines=lines or [], payment_id=payment_id, tracking_number="T")
 
+    reserves = [StockArgs(ref(f"reserve-stock/{sku}"), order_id, sku, 1)]
+    settle = SettleSteps(pay("capture-payment"), [StockArgs(ref(f"commit-stock/{sku}"), order_id, sku)])
     steps: dict[str, Callable[[], Awaitable[object]]] = {
-        "reserve": lambda: acts.reserve_stock(StockArgs(ref(f"reserve-stock/{sku}"), order_id, sku, 1)),
-        "mark-reserved": lambda: acts.mark_stock_reserved(order("mark-stock-reserved", [Line(sku, 1)])),
+        "reserve+mark": lambda: acts.reserve_and_mark_stock(
+            ReserveSteps(reserves, order("mark-stock-reserved", [Line(sku, 1)]))
+        ),
         "pay": lambda: acts.request_and_authorise_payment(
             PaymentSteps(pay("request-payment"), pay("authorise-payment"))
         ),
         "confirm": lambda: acts.confirm_paid_order(
             ConfirmSteps(order("mark-payment-authorised"), order("confirm-order"))
         ),
-        "ship": lambda: acts.ship_order(order("ship-order")),
-        "settle": lambda: acts.settle_shipped_order(
-            SettleSteps(pay("capture-payment"), [StockArgs(ref(f"commit-stock/{sku}"), order_id, sku)])
-        ),
+        "ship+settle": lambda: acts.ship_and_settle_order(ShipSteps(order("ship-order"), settle)),
     }
     cpu: dict[str, float] = {}
     for name, step in steps.items():
@@ -243,7 +251,8 @@ async def direct_steps(count: int, workdir: Path) -> None:
         await container.close()
     steps_ms = 1000 * sum(total.values()) / count
     print(f"\nlocal steps run directly (no Temporal), {count} sagas one after another, CPU of this process:")
-    print(f"  place_order (1 command): {place_ms:.2f} ms; the saga's 6 steps (9 commands): {steps_ms:.2f} ms")
+    print(f"  place_order (1 command): {place_ms:.2f} ms; the saga's 4 activities (9 commands): ", end="")
+    print(f"{steps_ms:.2f} ms")
     print("  " + ", ".join(f"{name} {1000 * cpu / count:.2f}" for name, cpu in total.items()) + " (ms)")
 
 
@@ -254,8 +263,10 @@ def payload_decoding(rounds: int = 2000) -> None:
     values = [
         StockArgs(ref, "o1", "MUG", quantity=1),
         OrderArgs(ref, "o1", lines=[Line("MUG", 1)], payment_id="p1", tracking_number="T"),
+        ReserveSteps([StockArgs(ref, "o1", "MUG", quantity=1)], OrderArgs(ref, "o1", lines=[Line("MUG", 1)])),
         PaymentSteps(pay, pay),
         SettleSteps(pay, [StockArgs(ref, "o1", "MUG")]),
+        ShipSteps(OrderArgs(ref, "o1", tracking_number="T"), SettleSteps(pay, [StockArgs(ref, "o1", "MUG")])),
         FulfilmentInput("o1", "p1", [Line("MUG", 1)], Amount(100, "EUR"), "c", "d", "pm", 60.0, True),
     ]
     sdk, ours = DataConverter.default.payload_converter, SAGA_DATA_CONVERTER.payload_converter
@@ -295,7 +306,7 @@ async def main() -> None:
             results[f"{names[0]} (memory db)"] = memory
     print(f"{args.orders} sagas (tok_approve), worker in this process, dev server with its SQLite file")
     head = f"{'variant':<22}{'wall s':>7}{'sagas/s':>8}{'worker ms':>10}{'server ms':>10}{'start ms':>9}"
-    head += f"{'/core w':>9}{'/core s':>9}{'events':>8}{'WFT ok':>8}{'WFT t/o':>8}{'markers':>8}"
+    head += f"{'/core w':>9}{'/core s':>9}{'events':>8}{'WFT ok':>8}{'WFT t/o':>8}{'markers':>8}{'LAs':>6}"
     print(head)
     for name, r in results.items():
         server_ms = r["server_cpu_ms"] + r["start_cpu_ms"]
@@ -304,11 +315,13 @@ async def main() -> None:
             f"{r['server_cpu_ms']:10.1f}{r['start_cpu_ms']:9.1f}{1000 / r['worker_cpu_ms']:9.0f}"
             f"{1000 / server_ms:9.0f}"
             f"{r['events']:8.1f}{r['wft_completed']:8.2f}{r['wft_timed_out']:8.2f}{r['markers']:8.1f}"
+            f"{r['local_activities']:6.1f}"
         )
     print(
         "worker/server ms: CPU per saga while the sagas ran; start ms: the dev server's CPU per "
         "workflow start (the trigger's, while orders were placed); /core: sagas per second one "
-        "core of the worker / of the dev server (run + start) would sustain"
+        "core of the worker / of the dev server (run + start) would sustain; LAs: local activities "
+        "per order (the other markers are patches)"
     )
     if args.steps:
         with tempfile.TemporaryDirectory(prefix="saga-steps-") as workdir:

@@ -27,7 +27,8 @@ from typing import Any, cast
 import httpx
 import pytest
 import pytest_asyncio
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -80,6 +81,18 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = WA
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what or check}")
         await asyncio.sleep(0.05)
+
+
+def local_activities(history: WorkflowHistory) -> list[str]:
+    """The activity type of every local activity the run recorded, in order."""
+    types = []
+    for event in history.events:
+        if event.event_type != EventType.EVENT_TYPE_MARKER_RECORDED:
+            continue
+        marker = event.marker_recorded_event_attributes
+        if marker.marker_name == "core_local_activity":
+            types.append(json.loads(marker.details["data"].payloads[0].data)["activity_type"])
+    return types
 
 
 @dataclass

@@ -23,11 +23,14 @@ from orderstream.sagas.fulfilment.inputs import (
     OrderArgs,
     OrderLines,
     PaymentArgs,
+    ReserveSteps,
+    SettleSteps,
+    ShipSteps,
     StepRef,
     StockArgs,
     payment_id_for,
 )
-from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
+from orderstream.sagas.fulfilment.payment_gateway import PaymentGatewayUnavailable, SandboxPaymentGateway
 from tests.sagas.conftest import ADDRESS
 
 
@@ -218,3 +221,104 @@ async def test_each_round_resizes_the_reservation_under_its_own_key(
         "order-fulfilment-x/reserve-stock/MUG",
         "order-fulfilment-x/reserve-stock/2/MUG",
     ]
+
+
+# Joined steps (patch joined-reserve-and-ship): a failure names its step.
+
+
+async def test_joined_reservation_fails_naming_its_step_and_a_retry_replays_the_rest(
+    acts: FulfilmentActivities, store: SqliteEventStore
+) -> None:
+    ctx = CommandContext(actor="test")
+    await acts.use_cases.register_product("TEA", "tea", Money(300, "EUR"), ctx)
+    await acts.use_cases.add_stock("TEA", 1, ctx)
+    order_id = (
+        await acts.use_cases.place_order(
+            customer_id="c",
+            lines=[LineRequest("MUG", 2), LineRequest("TEA", 1)],
+            shipping_address=ADDRESS,
+            payment_token="tok_approve",
+            context=ctx,
+        )
+    ).state.order_id
+    lines = [Line("MUG", 2), Line("TEA", 1)]
+    mark = OrderArgs(_ref("mark-stock-reserved"), order_id, lines)
+
+    def steps(tea: int) -> ReserveSteps:
+        mug = StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=2)
+        return ReserveSteps([mug, StockArgs(_ref("reserve-stock/TEA"), order_id, "TEA", quantity=tea)], mark)
+
+    with pytest.raises(ApplicationError) as caught:
+        await acts.reserve_and_mark_stock(steps(tea=2))
+    assert (caught.value.type, caught.value.non_retryable) == ("InsufficientStock", True)
+    assert caught.value.details[0] == {
+        "code": "insufficient-stock",
+        "sku": "TEA",
+        "requested": 2,
+        "available": 1,
+        "step": "reserve-stock/TEA",
+    }
+
+    for _attempt in range(2):  # a retry replays every step already done
+        await acts.reserve_and_mark_stock(steps(tea=1))
+    assert Counter(e.type for e in await store.read_stream("product-MUG"))["StockReserved"] == 1
+    order = [e.type for e in await store.read_stream(f"order-{order_id}")]
+    assert order == ["OrderPlaced", "OrderStockReserved"]
+
+
+async def test_joined_reservation_refused_at_the_mark_says_so(acts: FulfilmentActivities) -> None:
+    order_id = await _order(acts)
+    await acts.use_cases.change_order(
+        order_id, shipping_address=None, lines=[LineRequest("MUG", 3)], context=CommandContext(actor="test")
+    )
+    reserve = StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=2)
+    mark = OrderArgs(_ref("mark-stock-reserved"), order_id, [Line("MUG", 2)])
+    with pytest.raises(ApplicationError) as caught:
+        await acts.reserve_and_mark_stock(ReserveSteps([reserve], mark))
+    assert (caught.value.type, caught.value.non_retryable) == ("LinesChanged", True)
+    assert caught.value.details[0]["step"] == "mark-stock-reserved"
+    assert caught.value.details[0]["current"] == [{"sku": "MUG", "quantity": 3}]
+
+
+class CaptureUnavailable(SandboxPaymentGateway):
+    async def capture(self, payment_id: str, amount: Money) -> None:
+        raise PaymentGatewayUnavailable("capture timed out")
+
+
+async def test_joined_ship_and_settle_says_whether_it_shipped(acts: FulfilmentActivities) -> None:
+    order_id = await _order(acts)
+    pid = payment_id_for(order_id)
+    amount = Amount(1000, "EUR")
+    ship = OrderArgs(_ref("ship-order"), order_id, tracking_number="T1")
+    settle = SettleSteps(
+        PaymentArgs(_ref("capture-payment"), pid, order_id, amount),
+        [StockArgs(_ref("commit-stock/MUG"), order_id, "MUG")],
+    )
+    # Not shipped: the order is not confirmed (a final error, as ship_order's own).
+    with pytest.raises(ApplicationError) as caught:
+        await acts.ship_and_settle_order(ShipSteps(ship, settle))
+    assert (caught.value.type, caught.value.non_retryable) == ("IllegalTransition", True)
+    details = caught.value.details[0]
+    assert (details["status"], details["step"], details["shipped"]) == ("placed", "ship-order", False)
+
+    reserve = StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=2)
+    await acts.reserve_and_mark_stock(
+        ReserveSteps([reserve], OrderArgs(_ref("mark-stock-reserved"), order_id, [Line("MUG", 2)]))
+    )
+    card = await acts.gateway.store("tok_approve")
+    pay = PaymentArgs(_ref("request-payment"), pid, order_id, amount, card)
+    await acts.request_payment(pay)
+    await acts.authorise_payment(PaymentArgs(_ref("authorise-payment"), pid, order_id, amount, card))
+    await acts.mark_payment_authorised(OrderArgs(_ref("mark-payment-authorised"), order_id, payment_id=pid))
+    await acts.confirm_order(OrderArgs(_ref("confirm-order"), order_id))
+    # Shipped, then the gateway is down: a transient error (retryable), saying shipped.
+    flaky = FulfilmentActivities(acts.use_cases, CaptureUnavailable())
+    with pytest.raises(ApplicationError) as caught:
+        await flaky.ship_and_settle_order(ShipSteps(ship, settle))
+    assert (caught.value.type, caught.value.non_retryable) == ("PaymentGatewayUnavailable", False)
+    assert caught.value.message == "capture timed out"
+    assert caught.value.details[0] == {"step": "capture-payment", "shipped": True}
+    assert await acts.load_order_status(ship) == "shipped"
+    await acts.ship_and_settle_order(ShipSteps(ship, settle))  # the retry replays ship-order
+    order = [e.type for e in await acts.use_cases.handler.event_store.read_stream(f"order-{order_id}")]
+    assert order.count("OrderShipped") == 1

@@ -26,7 +26,7 @@ from orderstream.sagas.fulfilment.activities import FulfilmentActivities
 from orderstream.sagas.fulfilment.inputs import SAGA_ACTOR, OrderArgs, payment_id_for
 from orderstream.sagas.fulfilment.worker import WORKFLOW_RUNNER
 from orderstream.sagas.fulfilment.workflow import OrderFulfilment
-from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
+from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness, local_activities
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 
@@ -137,6 +137,17 @@ async def test_lines_changed_while_reserving_ship_the_new_lines(make_saga: SagaF
     ]
     assert status["completed_steps"][-3:] == ["capture-payment", "commit-stock/MUG", "commit-stock/CUP"]
     assert status["compensations"] == []
+    # Round 1 ran as one activity (refused at its mark, with every line held);
+    # round 2 runs one step at a time.
+    steps = local_activities(await saga.handle(order_id).fetch_history())
+    assert steps[:6] == [
+        "reserve_and_mark_stock",
+        "load_order_lines",
+        "reserve_stock",
+        "reserve_stock",
+        "mark_stock_reserved",
+        "release_stock",
+    ]
     await _assert_replays(saga, order_id)
 
 
@@ -164,6 +175,8 @@ async def test_stock_short_for_stale_lines_only_is_no_rejection(make_saga: SagaF
         "reserve-stock/2/TEA",  # MUG x 2 is held already
         "mark-stock-reserved/2",
     ]
+    steps = local_activities(await saga.handle(order_id).fetch_history())
+    assert steps[:4] == ["reserve_and_mark_stock", "load_order_lines", "reserve_stock", "mark_stock_reserved"]
     await _assert_replays(saga, order_id)
 
 

@@ -7,15 +7,50 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
-from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from orderstream.domain.common import IllegalTransition
-from orderstream.sagas.fulfilment.inputs import payment_id_for, tracking_number_for, workflow_id_for
+from orderstream.domain.common import IllegalTransition, Money
+from orderstream.sagas.fulfilment.activities import FulfilmentActivities
+from orderstream.sagas.fulfilment.inputs import (
+    OrderArgs,
+    ShipSteps,
+    payment_id_for,
+    tracking_number_for,
+    workflow_id_for,
+)
+from orderstream.sagas.fulfilment.payment_gateway import PaymentGatewayUnavailable, SandboxPaymentGateway
 from orderstream.sagas.fulfilment.worker import WORKFLOW_RUNNER
 from orderstream.sagas.fulfilment.workflow import OrderFulfilment
-from tests.sagas.conftest import WAIT, SagaFactory
+from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness, local_activities
+
+HAPPY_STEPS = [
+    "reserve-stock/MUG",
+    "reserve-stock/TEA",
+    "mark-stock-reserved",
+    "request-payment",
+    "authorise-payment",
+    "mark-payment-authorised",
+    "confirm-order",
+    "ship-order",
+    "capture-payment",
+    "commit-stock/MUG",
+    "commit-stock/TEA",
+]
+"""Every step of a shipped order of MUG and TEA, as the ``status`` query lists them."""
+ONE_LINE_STEPS = [step for step in HAPPY_STEPS if not step.endswith("/TEA")]
+"""... of an order of MUG alone."""
+JOINED = [
+    "reserve_and_mark_stock",
+    "request_and_authorise_payment",
+    "confirm_paid_order",
+    "ship_and_settle_order",
+]
+"""The local activities of a shipped order (one workflow activation each)."""
+
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 
@@ -50,7 +85,8 @@ async def test_happy_path_ships_commits_stock_and_captures_payment(make_saga: Sa
     status = await saga.status(order_id)
     assert status["step"] == "shipped"
     assert status["compensations"] == []
-    assert status["completed_steps"][-3:] == ["capture-payment", "commit-stock/MUG", "commit-stock/TEA"]
+    assert status["completed_steps"] == HAPPY_STEPS  # every step, though they ran joined
+    assert local_activities(await saga.handle(order_id).fetch_history()) == JOINED
 
 
 async def test_saga_events_carry_correlation_causation_and_step_keys(make_saga: SagaFactory) -> None:
@@ -91,7 +127,8 @@ async def test_stock_short_rejects_and_reserves_nothing(make_saga: SagaFactory) 
     saga = await make_saga()
     await saga.product("MUG", 10)
     await saga.product("TEA", 1)
-    order_id = await saga.place("tok_approve", ("MUG", 2), ("TEA", 3))
+    await saga.product("CUP", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2), ("TEA", 3), ("CUP", 1))
 
     outcome = await saga.outcome(order_id)
 
@@ -109,12 +146,17 @@ async def test_stock_short_rejects_and_reserves_nothing(make_saga: SagaFactory) 
         "StockReserved",
         "StockReleased",
     ]
+    # Round 1 runs as one activity; it stopped at TEA, so CUP was never touched,
+    # not even released (as when the reservations ran one by one).
+    assert await saga.types("product-CUP") == ["ProductRegistered", "StockAdded"]
     assert await saga.types(f"payment-{payment_id_for(order_id)}") == []  # never asked for money
     assert outcome.compensations == [
         "release-stock/TEA: nothing reserved",
         "release-stock/MUG: released",
         "close-order: rejected",
     ]
+    # The lines are read again (the customer may have changed them): they did not change.
+    assert (await saga.status(order_id))["completed_steps"] == ["reserve-stock/MUG", "load-order-lines/2"]
 
 
 async def test_declined_payment_releases_stock_and_cancels_with_the_reason(make_saga: SagaFactory) -> None:
@@ -258,6 +300,169 @@ async def test_cancellation_after_shipment_is_refused(make_saga: SagaFactory) ->
     assert (await saga.order(order_id)).status == "shipped"
 
 
+# ----------------------------------------------- the pivot: ship-order and what follows
+# ship-order, the capture and the commits run as one activity (ship_and_settle_order)
+# under the forward retry policy; what fails after the parcel left is settled by the
+# separate settle_shipped_order step, retried until it succeeds.
+
+
+class CaptureFails(SandboxPaymentGateway):
+    """The first ``failures`` captures fail: transiently (retried) or for good."""
+
+    def __init__(self, failures: int, *, for_good: bool) -> None:
+        super().__init__()
+        self.failures, self.for_good, self.captures = failures, for_good, 0
+
+    async def capture(self, payment_id: str, amount: Money) -> None:
+        self.captures += 1
+        if self.captures <= self.failures:
+            if self.for_good:
+                refused = "the processor refused the capture"
+                raise ApplicationError(refused, {}, type="DomainError", non_retryable=True)
+            raise PaymentGatewayUnavailable("capture timed out")
+        await super().capture(payment_id, amount)
+
+
+class ShippingRefused(FulfilmentActivities):
+    """``ship-order`` fails for good: the order is not shipped."""
+
+    @activity.defn(name="ship_order")
+    async def ship_order(self, args: OrderArgs) -> None:
+        raise ApplicationError("the carrier refused the parcel", {}, type="DomainError", non_retryable=True)
+
+
+class NoWordFromShipping(FulfilmentActivities):
+    """``ship_and_settle_order`` fails without saying whether it shipped, as a
+    timed-out activity does; ``ships``: it shipped the order first."""
+
+    ships = True
+
+    @activity.defn(name="ship_and_settle_order")
+    async def ship_and_settle_order(self, args: ShipSteps) -> None:
+        if self.ships:
+            await self.ship_order(args.ship)
+        raise ApplicationError("no answer", type="Timeout", non_retryable=True)
+
+
+def _worker(saga: SagaHarness, acts: FulfilmentActivities) -> Worker:
+    return Worker(
+        saga.env.client,
+        task_queue=saga.task_queue,
+        workflows=[OrderFulfilment],
+        workflow_runner=WORKFLOW_RUNNER,
+        activities=acts.all(),
+    )
+
+
+async def _assert_replays(saga: SagaHarness, order_id: str) -> None:
+    history = await saga.handle(order_id).fetch_history()
+    result = await Replayer(workflows=[OrderFulfilment], workflow_runner=WORKFLOW_RUNNER).replay_workflow(
+        history, raise_on_replay_failure=False
+    )
+    assert result.replay_failure is None, result.replay_failure
+
+
+async def test_ship_refused_for_good_compensates(make_saga: SagaFactory) -> None:
+    saga = await make_saga(worker=False)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    async with _worker(saga, ShippingRefused(saga.container.use_cases, saga.gateway)):
+        outcome = await saga.outcome(order_id)
+        status = await saga.status(order_id)
+
+    assert (outcome.status, outcome.error_type) == ("compensated", None)
+    assert outcome.reason == "ship-order failed: the carrier refused the parcel"
+    assert outcome.compensations == [
+        "void-payment: voided",
+        "release-stock/MUG: released",
+        "close-order: cancelled",
+    ]
+    assert (await saga.order(order_id)).status == "cancelled"
+    mug = await saga.stock("MUG")
+    assert (mug.on_hand, mug.reserved) == (10, 0)
+    assert (await saga.payment(order_id)).status == "voided"
+    assert not [call for call in saga.gateway.calls if call[0] == "capture"]
+    assert status["completed_steps"] == ONE_LINE_STEPS[:6]  # up to confirm-order
+    await _assert_replays(saga, order_id)
+
+
+@pytest.mark.parametrize("for_good", [False, True], ids=["transient", "for-good"])
+async def test_a_capture_failing_after_ship_still_ships(make_saga: SagaFactory, for_good: bool) -> None:
+    """Transient: the joined activity is retried (ship-order replays its result).
+    For good: the order is shipped all the same; the capture and commit are
+    settled on their own (``settle_shipped_order``, retried until they succeed)."""
+    saga = await make_saga(worker=False)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    gateway = CaptureFails(1, for_good=for_good)
+    async with _worker(saga, FulfilmentActivities(saga.container.use_cases, gateway)):
+        outcome = await saga.outcome(order_id)
+        status = await saga.status(order_id)
+
+    assert (outcome.status, outcome.error_type, outcome.compensations) == ("shipped", None, [])
+    assert gateway.captures == 2
+    assert (await saga.counts(f"order-{order_id}"))["OrderShipped"] == 1
+    assert (await saga.counts(f"payment-{payment_id_for(order_id)}"))["PaymentCaptured"] == 1
+    mug = await saga.stock("MUG")
+    assert (mug.on_hand, mug.reserved) == (8, 0)
+    assert status["completed_steps"] == ONE_LINE_STEPS
+    settled_apart = ["settle_shipped_order"] if for_good else []
+    assert local_activities(await saga.handle(order_id).fetch_history()) == JOINED + settled_apart
+    await _assert_replays(saga, order_id)
+
+
+async def test_a_capture_refused_for_good_after_ship_fails_the_run_and_undoes_nothing(
+    make_saga: SagaFactory,
+) -> None:
+    saga = await make_saga(worker=False)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    gateway = CaptureFails(1_000, for_good=True)
+    async with _worker(saga, FulfilmentActivities(saga.container.use_cases, gateway)):
+        handle = await saga.started(order_id)
+        with pytest.raises(WorkflowFailureError) as failed:
+            await asyncio.wait_for(handle.result(), WAIT)
+        status = await saga.status(order_id)
+
+    assert isinstance(failed.value.cause, ActivityError)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.FAILED
+    assert gateway.captures == 2  # the joined activity's, then settle_shipped_order's
+    assert (await saga.order(order_id)).status == "shipped"
+    mug = await saga.stock("MUG")
+    assert (mug.on_hand, mug.reserved) == (10, 2)  # held for an operator: neither released nor committed
+    assert (await saga.payment(order_id)).status == "authorised"  # not voided
+    assert status["compensations"] == []
+    assert status["step"] == "capture-payment"
+
+
+@pytest.mark.parametrize("ships", [True, False], ids=["shipped", "not-shipped"])
+async def test_no_word_from_the_ship_activity_reads_the_order(make_saga: SagaFactory, ships: bool) -> None:
+    saga = await make_saga(worker=False)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    acts = NoWordFromShipping(saga.container.use_cases, saga.gateway)
+    acts.ships = ships
+    async with _worker(saga, acts):
+        outcome = await saga.outcome(order_id)
+        status = await saga.status(order_id)
+
+    steps = local_activities(await saga.handle(order_id).fetch_history())
+    assert steps[:5] == [*JOINED, "load_order_status"]
+    if ships:
+        assert (outcome.status, outcome.compensations) == ("shipped", [])
+        assert steps[5:] == ["settle_shipped_order"]
+        assert status["completed_steps"] == [*ONE_LINE_STEPS[:6], "check-shipped", *ONE_LINE_STEPS[6:]]
+        assert (await saga.payment(order_id)).status == "captured"
+        assert (await saga.stock("MUG")).on_hand == 8
+    else:
+        assert (outcome.status, outcome.reason) == ("compensated", "ship-order failed: no answer")
+        assert (await saga.order(order_id)).status == "cancelled"
+        assert (await saga.payment(order_id)).status == "voided"
+        assert steps[5:] == ["void_payment", "release_stock", "cancel_order"]
+        assert status["completed_steps"] == [*ONE_LINE_STEPS[:6], "check-shipped"]
+    await _assert_replays(saga, order_id)
+
+
 async def test_redelivered_order_placed_starts_one_workflow(make_saga: SagaFactory) -> None:
     saga = await make_saga()
     await saga.product("MUG", 10)
@@ -350,7 +555,8 @@ async def test_histories_replay_deterministically(make_saga: SagaFactory) -> Non
         assert result.replay_failure is None, result.replay_failure
 
 
-RECORDED_HISTORY = Path(__file__).parent / "histories" / "shipped-local-steps.json"
+HISTORIES = Path(__file__).parent / "histories"
+RECORDED_HISTORY = HISTORIES / "shipped-local-steps.json"
 
 
 @pytest.mark.parametrize(
@@ -368,3 +574,74 @@ async def test_a_recorded_history_replays_in_either_sandbox(runner: WorkflowRunn
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
 
     assert result.replay_failure is None, result.replay_failure
+
+
+RECORDED_LOCAL_ACTIVITIES = {
+    # Recorded by main's code (session 16): patch joined-steps, outcome-completes.
+    "shipped-joined-steps": [
+        "reserve_stock",
+        "reserve_stock",
+        "mark_stock_reserved",
+        "request_and_authorise_payment",
+        "confirm_paid_order",
+        "ship_order",
+        "settle_shipped_order",
+    ],
+    "rejected-joined-steps": [
+        "reserve_stock",
+        "reserve_stock",  # short: TEA
+        "load_order_lines",
+        "release_stock",
+        "release_stock",
+        "reject_order",
+    ],
+    "lines-changed-joined-steps": [
+        "reserve_stock",
+        "reserve_stock",
+        "mark_stock_reserved",  # refused: the lines changed
+        "load_order_lines",
+        "reserve_stock",
+        "reserve_stock",
+        "mark_stock_reserved",
+        "release_stock",
+        "request_and_authorise_payment",
+        "confirm_paid_order",
+        "ship_order",
+        "settle_shipped_order",
+    ],
+    # ... and by this code, with patch joined-reserve-and-ship.
+    "shipped-joined-reserve-and-ship": JOINED,
+    "rejected-joined-reserve-and-ship": [
+        "reserve_and_mark_stock",  # short at TEA: CUP untried
+        "load_order_lines",
+        "release_stock",
+        "release_stock",
+        "reject_order",
+    ],
+    "lines-changed-joined-reserve-and-ship": [
+        "reserve_and_mark_stock",  # refused at the mark
+        "load_order_lines",
+        "reserve_stock",
+        "reserve_stock",
+        "mark_stock_reserved",
+        "release_stock",
+        "request_and_authorise_payment",
+        "confirm_paid_order",
+        "ship_and_settle_order",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_LOCAL_ACTIVITIES))
+async def test_runs_recorded_before_and_after_the_reserve_and_ship_joins_replay(name: str) -> None:
+    """Shipped, rejected (short stock) and lines-changed runs recorded with the
+    saga's search attributes, by the code before ``joined-reserve-and-ship`` (its
+    runs replay their steps one by one) and by this code."""
+    history = WorkflowHistory.from_json(f"recorded-{name}", (HISTORIES / f"{name}.json").read_text())
+    assert local_activities(history) == RECORDED_LOCAL_ACTIVITIES[name]
+    replayer = Replayer(workflows=[OrderFulfilment], workflow_runner=WORKFLOW_RUNNER)
+
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+
+    assert result.replay_failure is None, result.replay_failure
+    assert history.events[-1].HasField("workflow_execution_completed_event_attributes")

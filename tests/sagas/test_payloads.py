@@ -11,12 +11,17 @@ from temporalio.converter import DataConverter
 from orderstream.sagas.fulfilment.inputs import (
     Amount,
     AuthorisationResult,
+    ConfirmSteps,
     FulfilmentInput,
     FulfilmentOutcome,
     Line,
     OrderArgs,
+    OrderLines,
     PaymentArgs,
+    PaymentSteps,
+    ReserveSteps,
     SettleSteps,
+    ShipSteps,
     StepRef,
     StockArgs,
 )
@@ -26,11 +31,19 @@ SDK = DataConverter.default.payload_converter
 OURS = SAGA_DATA_CONVERTER.payload_converter
 REF = StepRef("order-fulfilment-o1", "ship-order", "corr", "cause")
 PAY = PaymentArgs(REF, "p1", "o1", Amount(1250, "EUR"), payment_method_id="pm_1")
+ORDER = OrderArgs(REF, "o1", lines=[Line("MUG", 2), Line("CAP", 1)], payment_id="p1", tracking_number="T1")
+SETTLE = SettleSteps(PAY, [StockArgs(REF, "o1", "MUG"), StockArgs(REF, "o1", "CAP")])
 
 VALUES: list[Any] = [
     StockArgs(REF, "o1", "MUG", quantity=2),
-    OrderArgs(REF, "o1", lines=[Line("MUG", 2), Line("CAP", 1)], payment_id="p1", tracking_number="T1"),
-    SettleSteps(PAY, [StockArgs(REF, "o1", "MUG"), StockArgs(REF, "o1", "CAP")]),
+    ORDER,
+    SETTLE,
+    # Every activity input that joins steps (nested dataclasses):
+    ReserveSteps([StockArgs(REF, "o1", "MUG", quantity=2), StockArgs(REF, "o1", "CAP", quantity=1)], ORDER),
+    PaymentSteps(PAY, PAY),
+    ConfirmSteps(ORDER, ORDER),
+    ShipSteps(ORDER, SETTLE),
+    OrderLines([Line("MUG", 2)], Amount(2500, "EUR")),
     AuthorisationResult("declined", "insufficient funds"),
     FulfilmentOutcome("compensated", "payment declined", compensations=["void-payment"]),
     FulfilmentInput("o1", "p1", [Line("MUG", 2)], Amount(1250, "EUR"), "corr", "cause", "pm_1", 60.0, True),

@@ -29,7 +29,7 @@ from orderstream.sagas.fulfilment.inputs import (
 from orderstream.sagas.fulfilment.payment_gateway import PaymentGatewayUnavailable, SandboxPaymentGateway
 from orderstream.sagas.fulfilment.worker import WORKFLOW_RUNNER
 from orderstream.sagas.fulfilment.workflow import TEMPORAL_CANCEL_REASON, OrderFulfilment
-from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness
+from tests.sagas.conftest import WAIT, SagaFactory, SagaHarness, eventually
 
 pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 
@@ -106,8 +106,12 @@ async def test_cancelled_while_capturing_still_captures_and_commits(make_saga: S
     saga.start_worker()
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
-    await saga.reach_step(order_id, "capture-payment")
+    await saga.reach_step(order_id, "ship-order")  # ship-order, capture and commit: one activity
 
+    async def shipped() -> bool:
+        return (await saga.order(order_id)).status == "shipped"
+
+    await eventually(shipped, what="the order shipped")  # the activity is capturing now
     await saga.handle(order_id).cancel()  # an operator, after the pivot
 
     await _assert_shipped_and_settled(saga, order_id)

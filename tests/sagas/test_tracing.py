@@ -82,15 +82,16 @@ async def test_one_trace_from_post_to_shipped(
     assert root.parent is not None
     assert format_span_id(root.parent.span_id) == CALLER_SPAN
     # Top-down: the request, the command placing the order, the trigger starting the
-    # saga, the workflow's shipping activity (the classic interceptor parents activity
-    # starts on the workflow's start), the command shipping the order.
+    # saga, the workflow's shipping activity (ship-order joined with capture and
+    # commit; the classic interceptor parents activity starts on the workflow's
+    # start), the command shipping the order.
     assert names[::-1] == [
         "POST /orders",
         "command",
         "saga trigger OrderPlaced",
         "StartWorkflow:OrderFulfilment",
-        "StartActivity:ship_order",
-        "RunActivity:ship_order",
+        "StartActivity:ship_and_settle_order",
+        "RunActivity:ship_and_settle_order",
         "command",
     ]
     placing, start = chain[-2], chain[-4]

@@ -12,15 +12,19 @@ Errors: a broken business rule is final, so it becomes a non-retryable
 facts in its details. Anything else (event store down, lost write races,
 gateway outage) propagates and is retried by the activity's retry policy.
 
+Joined steps: some activities run several steps in a row, each command under
+its own step's key (a retry replays the ones done); a failure names its step
+(:func:`at_step`).
+
 Reads: ``load_order_lines`` folds the order's stream through the command
 handler (no read model, so no projection lag); reading is idempotent by nature.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -36,7 +40,9 @@ from orderstream.sagas.fulfilment.inputs import (
     ERR_INSUFFICIENT_STOCK,
     ERR_LINES_CHANGED,
     ERR_NOT_FOUND,
+    FAILED_STEP,
     SAGA_ACTOR,
+    SHIPPED,
     Amount,
     AuthorisationResult,
     ConfirmSteps,
@@ -45,7 +51,9 @@ from orderstream.sagas.fulfilment.inputs import (
     OrderLines,
     PaymentArgs,
     PaymentSteps,
+    ReserveSteps,
     SettleSteps,
+    ShipSteps,
     StepRef,
     StockArgs,
 )
@@ -85,6 +93,29 @@ def final_error(exc: DomainError) -> ApplicationError:
     return ApplicationError(str(exc), details, type=kind, non_retryable=True)
 
 
+def at_step(exc: Exception, step: str, **facts: Any) -> ApplicationError:
+    """``exc``, the failure of ``step`` within an activity that runs several
+    steps, with the step (and ``facts``) added to its details: same message,
+    same type (an ``ApplicationError``'s, else the exception's class name, as
+    the SDK would report it), same retryability. The workflow learns from it
+    which steps before ``step`` were done (:data:`FAILED_STEP`)."""
+    if isinstance(exc, ApplicationError):
+        first = exc.details[0] if exc.details and isinstance(exc.details[0], dict) else {}
+        details = {**first, FAILED_STEP: step, **facts}
+        return ApplicationError(exc.message, details, type=exc.type, non_retryable=exc.non_retryable)
+    return ApplicationError(str(exc), {FAILED_STEP: step, **facts}, type=type(exc).__name__)
+
+
+T = TypeVar("T")
+
+
+async def _in_step(step: str, call: Awaitable[T], **facts: Any) -> T:
+    try:
+        return await call
+    except Exception as exc:
+        raise at_step(exc, step, **facts) from exc
+
+
 def _money(amount: Amount) -> Money:
     return Money(amount.amount, amount.currency)
 
@@ -120,6 +151,9 @@ class FulfilmentActivities:
             self.request_and_authorise_payment,
             self.confirm_paid_order,
             self.settle_shipped_order,
+            self.reserve_and_mark_stock,
+            self.ship_and_settle_order,
+            self.load_order_status,
         ]
 
     # ----------------------------------------------------------------- inventory
@@ -187,6 +221,14 @@ class FulfilmentActivities:
             lines=[Line(line.sku, line.quantity) for line in state.lines],
             amount=Amount(state.total.amount, state.total.currency),
         )
+
+    @activity.defn(name="load_order_status")
+    async def load_order_status(self, args: OrderArgs) -> str:
+        """The order's status as its stream has it (``shipped``, ...): how the
+        saga learns whether ``ship_and_settle_order`` shipped the order when
+        that activity's failure cannot tell (``workflow.said_shipped``)."""
+        loaded = await self.use_cases.handler.load(orders.decider, orders.stream_name(args.order_id))
+        return loaded.state.status or "unknown"
 
     @activity.defn(name="mark_stock_reserved")
     async def mark_stock_reserved(self, args: OrderArgs) -> None:
@@ -327,3 +369,28 @@ class FulfilmentActivities:
         await self.capture_payment(args.capture)
         for commit in args.commits:
             await self.commit_stock(commit)
+
+    # Since patch ``joined-reserve-and-ship``. A failure of one of their steps
+    # names that step in its details (:func:`at_step`), so that the workflow
+    # knows which steps before it were done.
+
+    @activity.defn(name="reserve_and_mark_stock")
+    async def reserve_and_mark_stock(self, args: ReserveSteps) -> None:
+        """Round 1 of the reservation: every line's ``reserve-stock/{sku}``, then
+        ``mark-stock-reserved`` (refused with ``LinesChanged`` when the lines
+        changed meanwhile; every line is held then)."""
+        for reserve in args.reserves:
+            await _in_step(reserve.ref.step, self.reserve_stock(reserve))
+        await _in_step(args.mark.ref.step, self.mark_stock_reserved(args.mark))
+
+    @activity.defn(name="ship_and_settle_order")
+    async def ship_and_settle_order(self, args: ShipSteps) -> None:
+        """``ship-order`` (the pivot), then ``settle_shipped_order``'s steps. Every
+        failure says whether this attempt got past ``ship-order`` (:data:`SHIPPED`):
+        the workflow settles when it did, compensates when ``ship-order`` failed
+        for good, and reads the order's status otherwise."""
+        await _in_step(args.ship.ref.step, self.ship_order(args.ship), **{SHIPPED: False})
+        settle = args.settle
+        await _in_step(settle.capture.ref.step, self.capture_payment(settle.capture), **{SHIPPED: True})
+        for commit in settle.commits:
+            await _in_step(commit.ref.step, self.commit_stock(commit), **{SHIPPED: True})

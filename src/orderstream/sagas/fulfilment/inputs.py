@@ -49,6 +49,15 @@ reserved stock; the saga reserves the current lines and marks again."""
 ERR_DOMAIN = "DomainError"
 """Any other broken business rule; final like the ones above."""
 
+# Keys an activity that runs several steps adds to the details of its failure
+# (``activities.at_step``), beside the error's own facts.
+FAILED_STEP = "step"
+"""The step (``StepRef.step``) that failed; the ones before it in the activity
+succeeded."""
+SHIPPED = "shipped"
+"""``ship_and_settle_order``: whether ``ship-order`` had succeeded (the order is
+shipped) when the activity failed."""
+
 ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
 CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
 """Set by the saga trigger at the start, when the cluster has them registered."""
@@ -191,6 +200,15 @@ class PaymentArgs:
 
 
 @dataclass(frozen=True)
+class ReserveSteps:
+    """``reserve_and_mark_stock``: ``reserve-stock/{sku}`` per line, then
+    ``mark-stock-reserved`` (round 1 of the reservation)."""
+
+    reserves: list[StockArgs]
+    mark: OrderArgs
+
+
+@dataclass(frozen=True)
 class PaymentSteps:
     """``request_and_authorise_payment``: ``request-payment``, then ``authorise-payment``."""
 
@@ -212,6 +230,14 @@ class SettleSteps:
 
     capture: PaymentArgs
     commits: list[StockArgs] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ShipSteps:
+    """``ship_and_settle_order``: ``ship-order``, then the steps of ``settle``."""
+
+    ship: OrderArgs
+    settle: SettleSteps
 
 
 @dataclass(frozen=True)

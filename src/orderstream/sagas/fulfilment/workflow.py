@@ -8,6 +8,22 @@ handler)::
     ->  mark-payment-authorised  ->  confirm-order  ->  ship-order      (pivot)
     ->  capture-payment  ->  commit-stock/{sku}
 
+Steps with nothing to decide between them run as one activity (a local one by
+default), each command still under its own step name and idempotency key, so a
+retried activity replays the commands already done. A shipped order runs four::
+
+    reserve_and_mark_stock          reserve-stock/{sku} (every line), mark-stock-reserved
+    request_and_authorise_payment   request-payment, authorise-payment
+                                    [wait for the payment_result signal]
+    confirm_paid_order              mark-payment-authorised, confirm-order
+    ship_and_settle_order           ship-order (pivot), capture-payment, commit-stock/{sku}
+
+(patches ``joined-steps``, then ``joined-reserve-and-ship`` for the first and
+the last; runs recorded before either replay their steps as they ran). A
+failure inside one names the step that failed, so the saga decides as if the
+steps had run one by one: see :meth:`OrderFulfilment._reserve_first_round` and
+:meth:`OrderFulfilment._ship_and_settle_joined`.
+
 The customer may change the lines while the order is ``placed``, i.e. while the
 saga reserves the lines of ``OrderPlaced``. ``mark-stock-reserved`` names the
 lines reserved and the order decider refuses it (``LinesChanged``) unless they
@@ -71,11 +87,13 @@ with workflow.unsafe.imports_passed_through():
         ERR_INSUFFICIENT_STOCK,
         ERR_LINES_CHANGED,
         ERR_NOT_FOUND,
+        FAILED_STEP,
         FAILURE_TYPES,
         MAX_RESERVE_ROUNDS,
         ORDER_ID_ATTRIBUTE,
         ORDER_OUTCOME_ATTRIBUTE,
         QUERY_STATUS,
+        SHIPPED,
         SIGNAL_CANCEL,
         SIGNAL_PAYMENT_RESULT,
         WORKFLOW_TYPE,
@@ -91,7 +109,9 @@ with workflow.unsafe.imports_passed_through():
         OutcomeStatus,
         PaymentArgs,
         PaymentSteps,
+        ReserveSteps,
         SettleSteps,
+        ShipSteps,
         StepRef,
         StockArgs,
         tracking_number_for,
@@ -108,6 +128,11 @@ PAYMENT_DEADLINE_CHECK = "payment-deadline-checks-the-payment"
 JOINED_STEPS = "joined-steps"
 """``workflow.patched`` id of running adjacent steps as one local activity
 (:meth:`OrderFulfilment._forward`); runs recorded before replay them one by one."""
+JOINED_STEPS_2 = "joined-reserve-and-ship"
+"""``workflow.patched`` id of two more joins: round 1 of the reservation
+(:meth:`OrderFulfilment._reserve_first_round`) and ``ship-order`` with the steps
+after it (:meth:`OrderFulfilment._ship_and_settle_joined`); runs recorded before
+replay those steps as they ran."""
 OUTCOME_COMPLETES = "outcome-completes"
 """``workflow.patched`` id of ending every business outcome as a completed run
 with the ``OrderOutcome`` search attribute (:meth:`OrderFulfilment._end`); runs
@@ -164,6 +189,36 @@ def _failure(err: ActivityError) -> tuple[str | None, dict[str, Any]]:
     return None, {}
 
 
+def failed_for_good_at(err: ActivityError, steps: Sequence[str]) -> int | None:
+    """The index in ``steps`` (a joined activity's, in order) of the step whose
+    final error (non-retryable) failed the activity; ``None`` for any other
+    failure. After a final error no attempt of the activity got past that step:
+    a step done in an earlier attempt answers from its idempotency record, it
+    does not fail for good. After a transient one (the last attempt's, once the
+    retry policy gave up) an earlier attempt may have got further."""
+    cause = err.cause
+    failed = _failure(err)[1].get(FAILED_STEP)
+    if isinstance(cause, ApplicationError) and cause.non_retryable and failed in steps:
+        return steps.index(failed)
+    return None
+
+
+def said_shipped(err: ActivityError) -> bool | None:
+    """What a failure of ``ship_and_settle_order`` says of the shipment: ``True``
+    when a step after ``ship-order`` failed (the order is shipped), ``False`` when
+    ``ship-order`` itself failed for good (a final error: not shipped, in any
+    attempt), ``None`` when it cannot tell: ``ship-order`` failed transiently on
+    the last attempt (an earlier attempt may have shipped; or the append may
+    have committed with its answer lost), or the activity gave no word at all
+    (it timed out)."""
+    shipped = _failure(err)[1].get(SHIPPED)
+    if shipped is True:
+        return True
+    if shipped is False and failed_for_good_at(err, ["ship-order"]) == 0:
+        return False
+    return None
+
+
 def _as_activity_error(fn: Callable[..., Any]) -> ActivityError:
     """A local activity's failure reaches the workflow as the bare error (an
     ``ApplicationError``, a timeout); a remote one's as an ``ActivityError``
@@ -218,6 +273,8 @@ class OrderFulfilment:
         """SKU -> quantity reserved for the order so far (every round)."""
         self._joined_steps = False
         """Adjacent steps run as one local activity (set at the start of the run)."""
+        self._joined_more = False
+        """... and so do round 1 of the reservation, and ship + settle (:data:`JOINED_STEPS_2`)."""
         self._lines: list[Line] = list(inp.lines)
         self._amount: Amount = inp.amount
         """The lines and total the order accepted with ``mark-stock-reserved``
@@ -278,6 +335,7 @@ class OrderFulfilment:
 
     async def _forward(self) -> None:
         self._joined_steps = workflow.patched(JOINED_STEPS)
+        self._joined_more = workflow.patched(JOINED_STEPS_2)
         # Closing the order is the last compensation, so it is registered first.
         self._register("close-order", self._close_order)
 
@@ -314,19 +372,15 @@ class OrderFulfilment:
 
     async def _ship_and_settle(self) -> None:
         """The pivot and the steps that must follow it (run shielded)."""
+        if self._joined_more:
+            await self._ship_and_settle_joined()
+            return
         step = "ship-order"
         await self._step(step, Acts.ship_order, self._order_args(step))
 
-        # The pivot: the parcel is on its way and nothing is undone from here on.
-        self._shipped = True
-        self._compensations.clear()
+        self._pivot()
         if self._joined_steps:
-            commits = [self._stock_args(f"commit-stock/{line.sku}", line.sku) for line in self._lines]
-            settle = SettleSteps(self._payment_args("capture-payment"), commits)
-            also = [c.ref.step for c in commits]
-            await self._step(
-                "capture-payment", Acts.settle_shipped_order, settle, retry=MUST_COMPLETE_RETRY, also=also
-            )
+            await self._settle(self._settle_steps())
             return
         step = "capture-payment"
         await self._step(step, Acts.capture_payment, self._payment_args(step), retry=MUST_COMPLETE_RETRY)
@@ -334,6 +388,74 @@ class OrderFulfilment:
             step = f"commit-stock/{line.sku}"
             args = self._stock_args(step, line.sku)
             await self._step(step, Acts.commit_stock, args, retry=MUST_COMPLETE_RETRY)
+
+    def _pivot(self) -> None:
+        """The parcel is on its way: nothing is undone from here on."""
+        self._shipped = True
+        self._compensations.clear()
+
+    def _settle_steps(self) -> SettleSteps:
+        commits = [self._stock_args(f"commit-stock/{line.sku}", line.sku) for line in self._lines]
+        return SettleSteps(self._payment_args("capture-payment"), commits)
+
+    async def _settle(self, settle: SettleSteps) -> None:
+        """Capture and commit, past the pivot: retried until they succeed."""
+        also = [c.ref.step for c in settle.commits]
+        await self._step(
+            "capture-payment", Acts.settle_shipped_order, settle, retry=MUST_COMPLETE_RETRY, also=also
+        )
+
+    async def _ship_and_settle_joined(self) -> None:
+        """``ship-order``, capture and commits as one activity (:data:`JOINED_STEPS_2`).
+
+        The activity has the forward retry policy, the pivot's: if it fails for
+        good before the order was shipped, the saga compensates as when
+        ``ship-order`` ran alone. If it fails after (the capture or a commit
+        failed past that policy, or for good), the order is shipped: the saga
+        passes the pivot and settles with the separate ``settle_shipped_order``
+        step and its retry-until-success policy, as before the join (a retry
+        replays the steps already done: their commands answer from their
+        idempotency records). Which of the two it was, the failure says
+        (:func:`~orderstream.sagas.fulfilment.activities.at_step`,
+        :func:`said_shipped`); when it cannot tell (``ship-order`` failed
+        transiently on the last attempt, or the activity timed out), the order's
+        status decides (``check-shipped``). The whole runs in :meth:`_shielded`,
+        so a cancellation through Temporal reaches none of these activities
+        either."""
+        ship = self._order_args("ship-order")
+        settle = self._settle_steps()
+        also = ["capture-payment", *(c.ref.step for c in settle.commits)]
+        try:
+            await self._step("ship-order", Acts.ship_and_settle_order, ShipSteps(ship, settle), also=also)
+        except ActivityError as err:
+            if not await self._was_shipped(err):
+                raise
+            workflow.logger.warning(
+                "shipped, but settling failed (%s): settling on its own, retried until it succeeds",
+                _message(err),
+            )
+            self._pivot()
+            await self._settle(settle)
+            return
+        self._pivot()
+
+    async def _was_shipped(self, err: ActivityError) -> bool:
+        """Whether ``ship_and_settle_order`` shipped the order before it failed:
+        from the failure (:func:`said_shipped`) or, when it cannot tell, from
+        the order's stream."""
+        shipped = said_shipped(err)
+        if shipped is not None:
+            return shipped
+        # Not through _step: a cancel signal must not stop this check.
+        self._state.step = step = "check-shipped"
+        status = await self._call(Acts.load_order_status, self._order_args(step), retry=MUST_COMPLETE_RETRY)
+        self._state.completed_steps.append(step)
+        if status == "shipped":
+            if "ship-order" not in self._state.completed_steps:
+                self._state.completed_steps.append("ship-order")
+            return True
+        self._state.step = "ship-order"  # what failed: the saga compensates
+        return False
 
     async def _shielded(self, steps: Awaitable[None]) -> None:
         """Run ``steps`` to their end even if the workflow is cancelled through
@@ -345,6 +467,9 @@ class OrderFulfilment:
         they run on (capture and commit retried until they succeed) and the saga
         ends ``shipped``. Only if ``ship-order`` itself failed (the order is not
         shipped) is the held-off cancellation honoured: compensate, end cancelled.
+        With ``ship_and_settle_order`` that is decided inside ``steps``
+        (:meth:`_was_shipped`, ``check-shipped`` included) before they end, so
+        ``_shipped`` is set by then whichever way the activity ended.
         """
         task = asyncio.ensure_future(steps)
         while True:
@@ -398,6 +523,8 @@ class OrderFulfilment:
     async def _reserve_round(self, round_: int, lines: Sequence[Line]) -> bool:
         """Reserve ``lines`` and mark the stock reserved; ``False`` when the order
         refused the mark because its lines are no longer ``lines``."""
+        if round_ == 1 and self._joined_more:
+            return await self._reserve_first_round(lines)
         for line in lines:
             if self._held.get(line.sku) == line.quantity:
                 continue  # held since an earlier round
@@ -414,6 +541,52 @@ class OrderFulfilment:
                 return False
             raise
         return True
+
+    async def _reserve_first_round(self, lines: Sequence[Line]) -> bool:
+        """Round 1 as one activity, ``reserve_and_mark_stock`` (:data:`JOINED_STEPS_2`):
+        every line's ``reserve-stock/{sku}``, then ``mark-stock-reserved``, each
+        command under its own key. Every line's ``release-stock/{sku}`` is
+        registered before it. When the activity fails for good at one of its
+        steps, the lines before that step are held and the later ones were never
+        tried: their compensations are dropped again, so the saga ends as when
+        the steps ran one by one (same ``_held``, same compensations, same
+        outcome). Any other failure compensates every line (a release of what
+        is not held is a no-op)."""
+        for line in lines:
+            self._register_once(f"release-stock/{line.sku}", self._releaser(line.sku))
+        reserves = [
+            self._stock_args(f"reserve-stock/{line.sku}", line.sku, quantity=line.quantity) for line in lines
+        ]
+        mark = self._order_args("mark-stock-reserved", lines=lines)
+        names = [r.ref.step for r in reserves] + [mark.ref.step]
+        try:
+            steps = ReserveSteps(reserves, mark)
+            await self._step(names[0], Acts.reserve_and_mark_stock, steps, also=names[1:])
+        except (ActivityError, SagaAborted) as exc:
+            err = exc if isinstance(exc, ActivityError) else exc.__cause__
+            if err is None:  # the customer cancelled before it started: nothing tried
+                self._reserved_before(lines, 0)
+            elif isinstance(err, ActivityError):
+                # Only a final error tells how far every attempt got; after a
+                # transient one the saga compensates every line registered.
+                done = failed_for_good_at(err, names)
+                if done is not None:
+                    self._reserved_before(lines, done)
+                if _failure(err)[0] == ERR_LINES_CHANGED and exc is err:
+                    return False
+            raise
+        self._reserved_before(lines, len(lines))
+        return True
+
+    def _reserved_before(self, lines: Sequence[Line], done: int) -> None:
+        """Round 1 reserved ``lines[:done]`` and stopped there (or before the
+        mark: ``done == len(lines)``); the lines after the one that failed were
+        not tried, so what compensates them goes (the steps one by one
+        registered a line's release just before its reservation)."""
+        for line in lines[:done]:
+            self._held[line.sku] = line.quantity
+        untried = {f"release-stock/{line.sku}" for line in lines[done + 1 :]}
+        self._compensations = [c for c in self._compensations if c.name not in untried]
 
     async def _load_lines(self, round_: int) -> OrderLines:
         step = _in_round("load-order-lines", round_)
@@ -507,17 +680,26 @@ class OrderFulfilment:
         """Run one forward step, unless the customer cancelled meanwhile.
 
         ``also``: the further steps the same activity runs after ``name`` (joined
-        steps, see :data:`JOINED_STEPS`); they are completed with it."""
+        steps, see :data:`JOINED_STEPS`); they are completed with it. When such
+        an activity fails naming the step that failed (:data:`FAILED_STEP`), the
+        steps before that one are completed, and the failure is that step's."""
         self._check_cancelled()
         self._state.step = name
         try:
             result = await self._call(fn, args, retry=retry)
         except ActivityError as err:
             kind, details = _failure(err)
-            if kind == ERR_ILLEGAL_TRANSITION and details.get("status") == "cancelled" and not self._shipped:
+            steps = [name, *also]
+            failed = details.get(FAILED_STEP)
+            if also and isinstance(failed, str) and failed in steps:
+                self._state.completed_steps += steps[: steps.index(failed)]
+                self._state.step = failed
+            shipped = self._shipped or details.get(SHIPPED) is True
+            if kind == ERR_ILLEGAL_TRANSITION and details.get("status") == "cancelled" and not shipped:
                 # The customer's cancellation landed before its signal reached us.
                 raise SagaAborted("cancelled", self._cancelled_reason()) from err
-            if kind in (ERR_INSUFFICIENT_STOCK, ERR_NOT_FOUND) and name.startswith("reserve-stock/"):
+            reserving = self._state.step.startswith("reserve-stock/")
+            if kind in (ERR_INSUFFICIENT_STOCK, ERR_NOT_FOUND) and reserving:
                 raise SagaAborted("rejected", _message(err)) from err
             raise
         self._state.completed_steps += [name, *also]
