@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -116,25 +116,25 @@ last one repeats) and starts over after it ran longer."""
 CHILD_STABLE_AFTER = 30.0
 
 
-def lower_priority(pid: int, by: int) -> None:
-    """Make process ``pid`` ``by`` steps nicer than this one (``by`` <= 0: leave it).
+def niced(argv: Sequence[str], by: int) -> list[str]:
+    """``argv`` run ``by`` nice steps below this process (``by`` <= 0: unchanged), through
+    coreutils' ``nice``: the program starts at that priority, and so does every thread it
+    starts (renicing a running process reaches only its main thread on Linux).
 
     Background work of ``serve`` (the saga worker processes, the embedded Temporal dev
     server) runs at a lower CPU priority than the API: under more load than the cores
-    carry, requests keep their latency and the sagas fall behind (saga lag, in
-    ``/ready`` and ``/metrics``) and catch up once the load drops, instead of every
-    process slowing down alike (issue 7: on 2 cores the dev server and the worker took
-    about 0.75 of a core from the API under ``POST /orders`` load). Raising a process's
-    niceness needs no privilege. Set after the start, so the child's first milliseconds
-    run at ours."""
+    carry, requests keep their latency and the sagas fall behind (saga lag, in ``/ready``
+    and ``/metrics``) and catch up once the load drops, instead of every process slowing
+    down alike (issue 7: on 2 cores the dev server and the worker took about 0.75 of a
+    core from the API under ``POST /orders`` load). Niceness is capped at 19, so a
+    ``serve`` that runs nice already keeps a smaller gap."""
     if by <= 0:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + by))
-    except ProcessLookupError:
-        pass  # exited already: its watcher sees that
-    except OSError as exc:  # a sandbox that forbids it: run at our priority
-        log.warning("could not lower the CPU priority of process %s: %s", pid, exc)
+        return list(argv)
+    nice = shutil.which("nice")
+    if nice is None:
+        log.warning("no 'nice' program on PATH: %s runs at the API's CPU priority", argv[0])
+        return list(argv)
+    return [nice, "-n", str(by), *argv]
 
 
 async def run_child_process(
@@ -154,7 +154,7 @@ async def run_child_process(
     a kill) is logged and started again after a delay (:data:`CHILD_RESTART_DELAYS`):
     the process set goes on without it meanwhile rather than exit with it.
     ``on_line`` gets each line the child prints (its stdout is piped then); ``nice``: how
-    much lower the child's CPU priority is than ours (:func:`lower_priority`)."""
+    much lower the child's CPU priority is than ours (:func:`niced`)."""
     quick_exits = 0
     while not stop.is_set():
         started = time.monotonic()
@@ -179,8 +179,7 @@ async def _run_child_once(
 ) -> int:
     """Until the child exits (after SIGTERM once ``stop`` is set); its status."""
     stdout = asyncio.subprocess.PIPE if on_line is not None else None
-    process = await asyncio.create_subprocess_exec(*argv, env=env, stdout=stdout)
-    lower_priority(process.pid, nice)
+    process = await asyncio.create_subprocess_exec(*niced(argv, nice), env=env, stdout=stdout)
     relay = None
     if on_line is not None:
         relay = asyncio.create_task(_relay_lines(process, on_line), name=f"{name}-output")

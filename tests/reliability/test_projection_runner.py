@@ -374,6 +374,8 @@ async def test_a_same_version_rebuild_is_followed_by_the_live_runner(stores: Sto
     async with running(runner):
         for _ in range(30):
             await add_stock(stores.events, "A", 1)
+        # The live runner is at the version the rebuild finds (else it builds the unsuffixed table).
+        assert await runner.wait_for_position(await head(stores.events), WAIT)
         result = await runner_for(stores).rebuild()
         assert result.physical.startswith("products_v1_r")
         assert await stores.reads.alias_target(PRODUCTS) == result.physical

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from orderstream.eventstore import sqlite as sqlite_store
 from orderstream.eventstore.base import (
     ANY,
     NO_STREAM,
@@ -545,30 +546,49 @@ async def test_a_lone_append_is_written_on_the_loop_thread_and_is_durable(tmp_pa
         assert conn.execute("SELECT count(*) FROM events WHERE stream = 'order-1'").fetchone()[0] == 32
 
 
-async def test_a_lone_writer_appends_without_a_loop_turn_but_yields_for_the_probe(tmp_path: Path) -> None:
+async def _turns_yielded_by_a_lone_writer(store: SqliteEventStore, appends: int) -> tuple[int, int]:
+    """Appends from one task: how many of them let another task run, and the probes due meanwhile."""
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    expected: Expected = NO_STREAM
+    started, yielded = time.monotonic(), 0
+    for n in range(appends):
+        before = turns
+        expected = (await store.append(f"order-{id(store)}", [event(n)], expected)).revision
+        yielded += turns != before  # the loop ran another task during this append
+    counter.cancel()
+    return yielded, 1 + int((time.monotonic() - started) / PROBE_SECONDS)
+
+
+async def test_a_lone_writer_appends_without_a_loop_turn_but_yields_for_the_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One task appending again and again is written at once, without waiting out a turn
     of the loop for others to join; the probe (every PROBE_SECONDS) still yields."""
+    monkeypatch.setattr(sqlite_store, "LONE_WRITER_HOLD_SECONDS", 60.0)
     async with opened(tmp_path / "events.db") as store:
-        turns = 0
+        yielded, probes = await _turns_yielded_by_a_lone_writer(store, 64)
+    # A turn per append would be 64; the first append and each probe yield.
+    assert 1 <= yielded <= probes + 1 < 64
 
-        async def count_turns() -> None:
-            nonlocal turns
-            while True:
-                await asyncio.sleep(0)
-                turns += 1
 
-        counter = asyncio.create_task(count_turns())
-        await asyncio.sleep(0)
-        expected: Expected = NO_STREAM
-        started, yielded = time.monotonic(), 0
-        for n in range(64):
-            before = turns
-            expected = (await store.append("order-1", [event(n)], expected)).revision
-            yielded += turns != before  # the loop ran another task during this append
-        probes = 1 + int((time.monotonic() - started) / PROBE_SECONDS)
-        counter.cancel()
-        # A turn per append would be 64; the first append and each probe yield.
-        assert 1 <= yielded <= probes + 1 < 64
+async def test_a_lone_writer_yields_the_loop_once_its_hold_is_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other tasks of the process wait for a lone writer at most LONE_WRITER_HOLD_SECONDS
+    (plus a commit): with no hold, every append takes its turn again."""
+    monkeypatch.setattr(sqlite_store, "LONE_WRITER_HOLD_SECONDS", 0.0)
+    async with opened(tmp_path / "events.db") as store:
+        yielded, _probes = await _turns_yielded_by_a_lone_writer(store, 64)
+    assert yielded == 64
 
 
 async def test_two_tasks_appending_one_after_another_share_commits(tmp_path: Path) -> None:

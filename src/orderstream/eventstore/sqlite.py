@@ -138,6 +138,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -187,6 +188,10 @@ READ_BATCH = 500
 
 CONCURRENT_SECONDS = 0.1
 """After writes were seen to be concurrent, how long every write goes to the writer thread."""
+
+LONE_WRITER_HOLD_SECONDS = 0.002
+"""A task writing append after append at once yields the loop after this long (see
+:meth:`SqliteEventStore._wrote_at_once`)."""
 
 PROBE_SECONDS = 0.02
 """At most this long between two lone writes that go to the writer thread to see whether
@@ -303,8 +308,11 @@ class SqliteEventStore:
         """Until when (``time.monotonic()``) writes count as concurrent: see :meth:`_flush_tick`."""
         self._next_probe = 0.0
         """When (``time.monotonic()``) the next lone write goes to the writer thread as a probe."""
-        self._last_writer: asyncio.Task[Any] | None = None
-        """The task of the last append that opened a tick or was written at once."""
+        self._last_writer: weakref.ref[asyncio.Task[Any]] | None = None
+        """The task of the last append that found no tick open (weakly: a finished task's
+        frames are not kept alive)."""
+        self._last_turn = 0.0
+        """When (``time.monotonic()``) an append last waited out a loop turn."""
         self._loop_reader: sqlite3.Connection | None = None
         row = connection.execute("SELECT up_to FROM idempotency_legacy").fetchone()
         self._legacy_up_to: int | None = None if row is None else row[0]
@@ -439,14 +447,20 @@ class SqliteEventStore:
         lone writer (a replay, an import, a script): its append is written here at once
         (issue 7: the turn was about 10 us of a lone append's 125 us of CPU). Another
         task's append takes the turn as before (the requests of an API are tasks of their
-        own), and so does the probe, due :data:`PROBE_SECONDS` after the last: it goes to
-        the writer thread, so a lone writer yields the loop at least that often."""
+        own), and so does the probe (due :data:`PROBE_SECONDS` after the last, it goes to
+        the writer thread). A lone writer still yields the loop once
+        :data:`LONE_WRITER_HOLD_SECONDS` passed since its last turn, so that other tasks
+        of the process (requests beside an import) wait at most that long plus one
+        commit."""
         now = time.monotonic()
         task = asyncio.current_task()
-        last_task, self._last_writer = self._last_writer, task
-        if task is not last_task or now >= self._next_probe or not self._may_write_here(job, now):
+        last = self._last_writer() if self._last_writer is not None else None
+        if task is not last:
+            self._last_writer = None if task is None else weakref.ref(task)
             return False
-        return self._write_here(job)
+        if now - self._last_turn >= LONE_WRITER_HOLD_SECONDS or now >= self._next_probe:
+            return False
+        return self._may_write_here(job, now) and self._write_here(job)
 
     async def _lead_tick(self, job: _Job[Any]) -> None:
         """Open this loop iteration's tick with an append and flush it from the appending
@@ -459,6 +473,7 @@ class SqliteEventStore:
         tick = self._tick = [job]
         try:
             await asyncio.sleep(0)  # the end of this iteration: did other writes come?
+            self._last_turn = time.monotonic()
         except asyncio.CancelledError:
             job.future.cancel()  # not written; the others in the tick still are
             raise

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from temporalio.common import SearchAttributeKey
 
 from orderstream.sagas.runtime import DEV_SERVER_SQLITE_PRAGMAS, NAMESPACE, temporal_cli_path
-from orderstream.services import lower_priority, retry_until_stopped
+from orderstream.services import niced, retry_until_stopped
 
 log = logging.getLogger("orderstream.temporal")
 
@@ -71,7 +71,7 @@ class DevServerConfig:
     search_attributes: Sequence[SearchAttributeKey[str]] = ()
     """Registered at every start (a saga's custom search attributes)."""
     nice: int = 0
-    """How much lower its CPU priority is than ours (:func:`~orderstream.services.lower_priority`)."""
+    """How much lower its CPU priority is than ours (:func:`~orderstream.services.niced`)."""
 
     @property
     def address(self) -> str:
@@ -131,12 +131,11 @@ class SupervisedDevServer:
             )
             raise DevServerExited(self.last_exit)
         self.process = await asyncio.create_subprocess_exec(
-            *self.config.argv(),
+            *niced(self.config.argv(), self.config.nice),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        lower_priority(self.process.pid, self.config.nice)
         self._relaying = asyncio.create_task(self._relay(self.process), name=f"{self.name}-output")
         try:
             await self._until_listening(self.process)

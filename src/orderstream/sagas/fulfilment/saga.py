@@ -238,13 +238,16 @@ class FulfilmentSaga:
                 await dev_server.stop_now()
                 raise
         self.link = link
-        # With worker processes, the trigger runs in the first of them: it starts the runs
-        # that worker executes (eager start, same client) at the worker's lower priority.
+        # With one worker process, the trigger runs in it: it starts the runs that worker
+        # executes (eager start, same client) at the worker's lower priority. With several,
+        # it stays here and the runs spread over them through the task queue (eager starts
+        # would hand nearly every run to the trigger's own worker).
+        trigger_in_worker = trigger and processes == 1
         service = SagaService(
             self,
             container,
             link,
-            with_trigger=trigger and not processes,
+            with_trigger=trigger and not trigger_in_worker,
             dev_server=dev_server,
             with_worker=not processes,
         )
@@ -256,7 +259,9 @@ class FulfilmentSaga:
                 await dev_server.stop_now()
             raise
         supervisor: list[BackgroundService] = [] if dev_server is None else [dev_server]
-        children = worker_processes(container, link.address, settings, processes, dev_server, trigger=trigger)
+        children = worker_processes(
+            container, link.address, settings, processes, dev_server, trigger=trigger_in_worker
+        )
         return [*supervisor, service, *children]
 
     @property
@@ -333,10 +338,10 @@ class SagaService:
 @dataclass(eq=False)
 class SagaWorkerProcess:
     """The saga worker in a process of its own: ``orderstream worker --worker-of
-    <our pid>`` against the Temporal server this process uses. The first of them
-    runs the trigger too (one consumer of the subscription group is enough): its
-    starts then come back with each run's first workflow task for the worker beside
-    it (eager start), and it runs at the worker's lower priority (``nice``).
+    <our pid>`` against the Temporal server this process uses. When it is the only
+    one, it runs the trigger too (one consumer of the subscription group is enough):
+    its starts then come back with each run's first workflow task for the worker
+    beside it (eager start), and it runs at the worker's lower priority (``nice``).
 
     Why: the workflow tasks and local steps are CPU-bound Python; in the process
     that also runs the projections they would share one GIL. A background

@@ -692,7 +692,7 @@ class OrderFulfilment:
             steps = [name, *also]
             failed = details.get(FAILED_STEP)
             if also and isinstance(failed, str) and failed in steps:
-                self._state.completed_steps += steps[: steps.index(failed)]
+                self._completed(steps[: steps.index(failed)])
                 self._state.step = failed
             shipped = self._shipped or details.get(SHIPPED) is True
             if kind == ERR_ILLEGAL_TRANSITION and details.get("status") == "cancelled" and not shipped:
@@ -702,8 +702,15 @@ class OrderFulfilment:
             if kind in (ERR_INSUFFICIENT_STOCK, ERR_NOT_FOUND) and reserving:
                 raise SagaAborted("rejected", _message(err)) from err
             raise
-        self._state.completed_steps += [name, *also]
+        self._completed([name, *also])
         return result
+
+    def _completed(self, steps: Sequence[str]) -> None:
+        """Record ``steps`` as completed, once each: a joined activity that failed part way
+        reported the steps before its failure, and the step that finishes its work (e.g.
+        ``settle_shipped_order`` after ``ship_and_settle_order``) runs some of them again."""
+        done = self._state.completed_steps
+        done += [step for step in steps if step not in done]
 
     def _check_cancelled(self) -> None:
         if self._cancel_reason is not None and not self._shipped:
