@@ -29,5 +29,7 @@ def standin_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def make_saga(make_saga: SagaFactory, standin_url: str) -> SagaFactory:
+def make_saga(standin_url: str, make_saga: SagaFactory) -> SagaFactory:
+    # standin_url first: set up before the harness, so torn down after it (the server
+    # outlives its clients: the trigger's subscription and the store are closed by then).
     return functools.partial(make_saga, event_store_url=standin_url)
