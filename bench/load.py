@@ -566,7 +566,7 @@ def scenario_burst(setup: Setup, args: argparse.Namespace, report: Report) -> No
     sku = "BENCH-BURST"
     with (
         running(service),
-        httpx.Client(base_url=service.url, timeout=30, headers=bench_auth.headers(service.url)) as client,
+        status_client(service.url) as client,
     ):
         seed(service.url, {sku: stock})
         threads = min(args.threads, orders)
@@ -599,6 +599,15 @@ def scenario_burst(setup: Setup, args: argparse.Namespace, report: Report) -> No
     report.sagas.append((label, f"shipped {shipped}, rejected {rejected}; {stock_now}; {timing}", target))
 
 
+def status_client(url: str) -> httpx.Client:
+    """The client that reads the order statuses while a saga scenario runs: a new
+    connection per request. It polls every PROGRESS_EVERY (5) seconds, the server's
+    keep-alive timeout (ORDERSTREAM_KEEP_ALIVE_TIMEOUT, 5 s): on a kept-alive connection
+    the server's close and the next poll could cross, and the poll was reset."""
+    limits = httpx.Limits(max_keepalive_connections=0)
+    return httpx.Client(base_url=url, timeout=30, headers=bench_auth.headers(url), limits=limits)
+
+
 def scenario_paced(setup: Setup, args: argparse.Namespace, report: Report) -> None:
     rate, seconds = args.rate, args.paced_seconds
     label = f"(d) {rate:.0f} orders/s for {seconds:.0f} s, tok_approve, `orderstream serve`"
@@ -606,7 +615,7 @@ def scenario_paced(setup: Setup, args: argparse.Namespace, report: Report) -> No
     service = serve(setup)
     with (
         running(service),
-        httpx.Client(base_url=service.url, timeout=30, headers=bench_auth.headers(service.url)) as client,
+        status_client(service.url) as client,
     ):
         seed(service.url, catalogue())
         console.print(f"  paced load for {seconds:.0f} s ...")
