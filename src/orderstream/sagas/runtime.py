@@ -28,6 +28,7 @@ from temporalio.common import SearchAttributeKey
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from orderstream import logging_setup, tracing
 from orderstream.config import env_int
@@ -108,6 +109,24 @@ async def connect(address: str, *, namespace: str = NAMESPACE) -> Client:
     """A client (and, through it, every worker built on it) with the tracing
     interceptor when tracing is on."""
     return await Client.connect(address, namespace=namespace, interceptors=client_interceptors())
+
+
+async def connect_when_healthy(address: str, within: float) -> Client:
+    """:func:`connect` to a dev server that has just started listening: its gRPC port
+    accepts connections before its frontend is healthy ("Frontend is not healthy yet",
+    a ``RuntimeError`` from the SDK), the more so when it starts at a lower CPU priority
+    on a busy machine; retried every 0.25 s for up to ``within`` seconds, then the last
+    error is raised."""
+    retrying = AsyncRetrying(
+        stop=stop_after_delay(within),
+        wait=wait_fixed(0.25),
+        retry=retry_if_exception_type(RuntimeError),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await connect(address)
+    raise AssertionError("AsyncRetrying ended without an outcome")  # reraise=True: never here
 
 
 def client_interceptors() -> list[ClientInterceptor]:

@@ -49,6 +49,7 @@ from orderstream.api.problems import ApiError
 from orderstream.api.schemas import DevServerReadiness, SagaReadiness, TemporalReadiness
 from orderstream.container import Container
 from orderstream.eventstore.base import SubscriptionGroupNotFound
+from orderstream.sagas.dev_server import STARTUP_TIMEOUT as DEV_SERVER_STARTUP_SECONDS
 from orderstream.sagas.dev_server import DevServerConfig, SupervisedDevServer
 from orderstream.sagas.fulfilment.client import FulfilmentClient
 from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES
@@ -61,7 +62,12 @@ from orderstream.sagas.fulfilment.routes import FulfilmentController
 from orderstream.sagas.fulfilment.settings import FulfilmentSettings
 from orderstream.sagas.fulfilment.trigger import GROUP, SagaTrigger
 from orderstream.sagas.fulfilment.worker import run_worker
-from orderstream.sagas.runtime import TemporalLink, TemporalSettings, connect, ensure_search_attributes
+from orderstream.sagas.runtime import (
+    TemporalLink,
+    TemporalSettings,
+    connect_when_healthy,
+    ensure_search_attributes,
+)
 from orderstream.services import BackgroundService, run_child_process
 
 log = logging.getLogger("orderstream.saga")
@@ -233,7 +239,7 @@ class FulfilmentSaga:
             await dev_server.start()
             link = TemporalLink(dev_server.address, dev_server=dev_server)
             try:
-                link.client = await connect(dev_server.address)
+                link.client = await connect_when_healthy(dev_server.address, DEV_SERVER_STARTUP_SECONDS)
             except BaseException:
                 await dev_server.stop_now()
                 raise
