@@ -433,6 +433,27 @@ async def test_sort_ties_are_broken_by_id_in_the_last_sort_direction(store: Read
     assert await ids(store, query) == ["c", "d", "a", "e", "b"]
 
 
+async def test_datetimes_sort_to_the_microsecond(store: ReadStore) -> None:
+    """Two orders placed within one millisecond keep their order: "newest first" must
+    not fall back to the id (Elasticsearch's ``date`` keeps only milliseconds)."""
+    await put(
+        store,
+        thing("a", made_at="2024-01-01T00:00:00.000900Z"),
+        thing("b", made_at="2024-01-01T00:00:00.000100Z"),
+        thing("c", made_at="2024-01-01T00:00:00.000500Z"),
+    )
+    newest_first = Query(sort=(SortField("made_at", descending=True),), limit=1)
+    assert await ids(store, msgspec.structs.replace(newest_first, limit=10)) == ["a", "c", "b"]
+    seen: list[str] = []
+    cursor = None
+    for _ in range(4):
+        page = await store.query(C, msgspec.structs.replace(newest_first, cursor=cursor))
+        seen += [d["id"] for d in page.items]
+        if (cursor := page.next_cursor) is None:
+            break
+    assert seen == ["a", "c", "b"]
+
+
 # ------------------------------------------------------------------------ pagination
 
 

@@ -59,7 +59,7 @@ ANALYST_FIELDS = {
         "shipping_address.country": "keyword",
         "shipping_address.city": "keyword",
         "status_history.status": "keyword",
-        "status_history.at": "date",
+        "status_history.at": "date_nanos",
         "placed_to_reserved_seconds": "long",
         "placed_to_shipped_seconds": "long",
         "cancel_reason": "text",
@@ -71,7 +71,7 @@ ANALYST_FIELDS = {
         "price.currency": "keyword",
         "reserved": "long",
         "available": "long",
-        "updated_at": "date",
+        "updated_at": "date_nanos",
     },
 }
 

@@ -94,7 +94,7 @@ _ES_TYPES = {
     FieldKind.KEYWORD: {"type": "keyword"},
     FieldKind.TEXT: {"type": "text", "analyzer": "standard"},
     FieldKind.INTEGER: {"type": "long"},
-    FieldKind.DATETIME: {"type": "date"},
+    FieldKind.DATETIME: {"type": "date_nanos"},  # µs timestamps sort apart (`date` keeps ms)
 }
 
 
