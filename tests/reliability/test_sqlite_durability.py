@@ -678,6 +678,33 @@ async def test_a_lone_append_waits_for_another_process_in_the_writer_thread(tmp_
         assert [e.revision for e in await store.read_stream("order-1")] == [0]
 
 
+async def test_appends_queued_while_another_process_commits_join_one_transaction(tmp_path: Path) -> None:
+    """The writer takes the lock before it gathers its batch: what queues during the wait
+    shares the commit after it, rather than waiting again for one of its own (issue 7:
+    under ``serve`` the API workers' writers waited for the lock half the time)."""
+    import fcntl
+
+    path = tmp_path / "events.db"
+    async with opened(path) as store:
+        other = os.open(f"{path}.writer-lock", os.O_WRONLY | os.O_CREAT)  # another open file: as a process
+        fcntl.flock(other, fcntl.LOCK_EX)
+        try:
+            before = store.stats.transactions
+            first = asyncio.ensure_future(store.append("order-first", [event()], NO_STREAM))
+            await asyncio.sleep(0.1)  # the writer thread has it and waits for the lock
+            later = [
+                asyncio.ensure_future(store.append(f"order-{n}", [event(n)], NO_STREAM)) for n in range(8)
+            ]
+            await asyncio.sleep(0.1)
+            assert not first.done()
+            fcntl.flock(other, fcntl.LOCK_UN)
+            results = await asyncio.wait_for(asyncio.gather(first, *later), WAIT)
+        finally:
+            os.close(other)
+        assert len({r.position for r in results}) == 9
+        assert store.stats.transactions - before == 1
+
+
 async def test_a_long_stream_reads_whole_across_the_loop_thread_page(tmp_path: Path) -> None:
     """The first INLINE_ROWS events are read on the loop's thread, the rest in the reader
     pool: every slice still comes back whole and in order."""

@@ -52,7 +52,10 @@ job inside its own ``SAVEPOINT`` (a job that fails, e.g. with
 :class:`WrongExpectedVersion`, is rolled back alone), then hands the outcomes
 to the event loop (``call_soon_threadsafe``), which resolves the futures. While
 one batch is written and fsynced, the next one gathers, so N concurrent
-writers share one fsync. A future is resolved only after COMMIT returned: an
+writers share one fsync. Several processes on one file (``--workers``,
+``serve``) take turns through a ``flock``; the writer thread takes it *before*
+gathering its batch, so the appends that queued while another process committed
+share one transaction after the wait. A future is resolved only after COMMIT returned: an
 acknowledged append is in the WAL on disk and survives a process crash.
 Persistent subscription bookkeeping (claims, acks, nacks) goes through the
 same writer; a batch holding no append runs with ``synchronous=NORMAL`` (in WAL
@@ -583,43 +586,57 @@ class SqliteEventStore:
 
     def _write_loop(self) -> None:
         """Writer thread: take everything queued, write it in one transaction, hand the outcomes
-        back to the event loop; until close() queues ``None``."""
+        back to the event loop; until close() queues ``None``.
+
+        The writer lock shared with other processes is taken *before* the batch is gathered:
+        while another process commits, this one's appends keep queueing, and they all join
+        the transaction that follows the wait instead of waiting for one of their own (issue
+        7: under ``serve`` each API worker's writer waited for the lock half the time, and
+        every transaction is an fsync)."""
         try:
             stopping = False
             while not stopping:
                 item = self._jobs.get()
-                batch: list[_Job[Any]] = []
-                handed = 0  # jobs taken off the queue, cancelled ones included
-                while True:
-                    if item is None:
-                        stopping = True  # queued last by close(): everything before it is in batch
-                        break
-                    handed += 1
-                    if not item.future.cancelled():  # a racy read, but only an optimisation
-                        batch.append(item)
-                    if len(batch) >= MAX_BATCH:
-                        break
-                    try:
-                        item = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                if not batch:
-                    if handed:
-                        self._loop.call_soon_threadsafe(self._finish, batch, [], False, handed)
-                    continue
+                if item is None:
+                    break  # queued last by close(): nothing before it is left
+                fcntl.flock(self._process_lock, fcntl.LOCK_EX)
                 try:
-                    outcomes, changed, commit_seconds = self._execute(batch)
-                except Exception as exc:  # the transaction as a whole failed: none of it was written
-                    self._loop.call_soon_threadsafe(self._failed, batch, exc, handed)
-                else:
-                    self._loop.call_soon_threadsafe(
-                        self._finish, batch, outcomes, changed, handed, commit_seconds
-                    )
+                    batch, handed, stopping = self._gather(item)
+                    if not batch:
+                        self._loop.call_soon_threadsafe(self._finish, batch, [], False, handed)
+                        continue
+                    try:
+                        outcomes, changed, commit_seconds = self._execute(batch)
+                    except Exception as exc:  # the transaction as a whole failed: none of it was written
+                        self._loop.call_soon_threadsafe(self._failed, batch, exc, handed)
+                        continue
+                finally:
+                    fcntl.flock(self._process_lock, fcntl.LOCK_UN)
+                written = (batch, outcomes, changed, handed, commit_seconds)
+                self._loop.call_soon_threadsafe(self._finish, *written)
         finally:
             self._connection.close()
             self._process_lock.close()
             with contextlib.suppress(RuntimeError):  # the event loop is gone already
                 self._loop.call_soon_threadsafe(_resolve, self._writer_done)
+
+    def _gather(self, item: _Job[Any] | None) -> tuple[list[_Job[Any]], int, bool]:
+        """``item`` and what else is queued, up to :data:`MAX_BATCH` jobs: the batch (cancelled
+        jobs left out), how many jobs were taken off the queue, and whether close()'s ``None``
+        came (everything queued before it is in the batch)."""
+        batch: list[_Job[Any]] = []
+        handed = 0
+        while item is not None:
+            handed += 1
+            if not item.future.cancelled():  # a racy read, but only an optimisation
+                batch.append(item)
+            if len(batch) >= MAX_BATCH:
+                return batch, handed, False
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return batch, handed, False
+        return batch, handed, True
 
     def _failed(self, batch: list[_Job[Any]], exc: Exception, handed: int = 0) -> None:
         self._handed_over -= handed
@@ -657,12 +674,10 @@ class SqliteEventStore:
         if changed or appended:
             self._changed.fire()
 
-    def _execute(
-        self, batch: list[_Job[Any]], *, locked: bool = False
-    ) -> tuple[list[tuple[bool, Any]], bool, float]:
-        """One transaction, one savepoint per job, one fsync (in the writer thread, or for
-        a lone job on the loop's thread). ``locked``: the caller holds the writer lock.
-        Returns the jobs' outcomes, whether anything changed, and the seconds COMMIT took."""
+    def _execute(self, batch: list[_Job[Any]]) -> tuple[list[tuple[bool, Any]], bool, float]:
+        """One transaction, one savepoint per job, one fsync, in the writer thread, which
+        holds the writer lock. Returns the jobs' outcomes, whether anything changed, and
+        the seconds COMMIT took."""
         conn = self._connection
         durable = any(job.appends for job in batch)
         if durable != self._sync_full:
@@ -671,8 +686,6 @@ class SqliteEventStore:
         before = conn.total_changes
         outcomes: list[tuple[bool, Any]] = []
         alone = len(batch) == 1  # no savepoint needed: a failure rolls the transaction back
-        if not locked:
-            fcntl.flock(self._process_lock, fcntl.LOCK_EX)
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
@@ -701,9 +714,6 @@ class SqliteEventStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        finally:
-            if not locked:
-                fcntl.flock(self._process_lock, fcntl.LOCK_UN)
         return outcomes, conn.total_changes != before, commit_seconds
 
     # ------------------------------------------------------------------ reading
