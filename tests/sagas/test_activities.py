@@ -319,6 +319,27 @@ async def test_joined_ship_and_settle_says_whether_it_shipped(acts: FulfilmentAc
     assert caught.value.message == "capture timed out"
     assert caught.value.details[0] == {"step": "capture-payment", "shipped": True}
     assert await acts.load_order_status(ship) == "shipped"
+    check = OrderArgs(_ref("check-shipped"), order_id, reason="ship-order failed: no answer")
+    assert await acts.cancel_unless_shipped(check) == "shipped"  # and nothing cancelled
     await acts.ship_and_settle_order(ShipSteps(ship, settle))  # the retry replays ship-order
     order = [e.type for e in await acts.use_cases.handler.event_store.read_stream(f"order-{order_id}")]
     assert order.count("OrderShipped") == 1
+
+
+async def test_cancel_unless_shipped_closes_the_order_to_a_late_shipment(acts: FulfilmentActivities) -> None:
+    """The fenced ``check-shipped``: once it answered "not shipped", a ``ShipOrder``
+    still on its way is refused; a retry of the check answers the same."""
+    order_id = await _order(acts)
+    check = OrderArgs(_ref("check-shipped"), order_id, reason="ship-order failed: no answer")
+    assert await acts.cancel_unless_shipped(check) == "cancelled"
+    assert await acts.cancel_unless_shipped(check) == "cancelled"  # its idempotency record
+    with pytest.raises(ApplicationError) as late:
+        await acts.ship_order(OrderArgs(_ref("ship-order"), order_id, tracking_number="T1"))
+    assert (late.value.type, late.value.details[0]["status"]) == ("IllegalTransition", "cancelled")
+    events = [e.type for e in await acts.use_cases.handler.event_store.read_stream(f"order-{order_id}")]
+    assert events.count("OrderCancelled") == 1
+    assert "OrderShipped" not in events
+    # An order someone else closed first stays as it is.
+    other = await _order(acts)
+    await acts.reject_order(OrderArgs(_ref("reject-order"), other, reason="short"))
+    assert await acts.cancel_unless_shipped(OrderArgs(_ref("check-shipped"), other)) == "rejected"

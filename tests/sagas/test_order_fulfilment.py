@@ -17,6 +17,7 @@ from orderstream.domain.common import IllegalTransition, Money
 from orderstream.sagas.fulfilment.activities import FulfilmentActivities
 from orderstream.sagas.fulfilment.inputs import (
     OrderArgs,
+    PaymentArgs,
     ShipSteps,
     payment_id_for,
     tracking_number_for,
@@ -436,7 +437,9 @@ async def test_a_capture_refused_for_good_after_ship_fails_the_run_and_undoes_no
 
 
 @pytest.mark.parametrize("ships", [True, False], ids=["shipped", "not-shipped"])
-async def test_no_word_from_the_ship_activity_reads_the_order(make_saga: SagaFactory, ships: bool) -> None:
+async def test_no_word_from_the_ship_activity_asks_the_order_by_cancelling_it(
+    make_saga: SagaFactory, ships: bool
+) -> None:
     saga = await make_saga(worker=False)
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
@@ -447,19 +450,69 @@ async def test_no_word_from_the_ship_activity_reads_the_order(make_saga: SagaFac
         status = await saga.status(order_id)
 
     steps = local_activities(await saga.handle(order_id).fetch_history())
-    assert steps[:5] == [*JOINED, "load_order_status"]
+    assert steps[:5] == [*JOINED, "cancel_unless_shipped"]
     if ships:
         assert (outcome.status, outcome.compensations) == ("shipped", [])
         assert steps[5:] == ["settle_shipped_order"]
         assert status["completed_steps"] == [*ONE_LINE_STEPS[:6], "check-shipped", *ONE_LINE_STEPS[6:]]
         assert (await saga.payment(order_id)).status == "captured"
         assert (await saga.stock("MUG")).on_hand == 8
+        assert (await saga.counts(f"order-{order_id}")).get("OrderCancelled", 0) == 0
     else:
         assert (outcome.status, outcome.reason) == ("compensated", "ship-order failed: no answer")
-        assert (await saga.order(order_id)).status == "cancelled"
+        order = await saga.order(order_id)
+        assert (order.status, order.cancel_reason) == ("cancelled", "ship-order failed: no answer")
         assert (await saga.payment(order_id)).status == "voided"
         assert steps[5:] == ["void_payment", "release_stock", "cancel_order"]
         assert status["completed_steps"] == [*ONE_LINE_STEPS[:6], "check-shipped"]
+        assert outcome.compensations[-1] == "close-order: already cancelled"
+    await _assert_replays(saga, order_id)
+
+
+class LateShipment(NoWordFromShipping):
+    """The failed ship activity's ``ShipOrder`` commits late: right after the saga
+    asked whether the order was shipped, before its compensations (as a command
+    queued behind a stalled disk would)."""
+
+    ships = False
+    late_ship: OrderArgs | None = None
+    late_ship_refused: str | None = None
+
+    @activity.defn(name="ship_and_settle_order")
+    async def ship_and_settle_order(self, args: ShipSteps) -> None:
+        self.late_ship = args.ship
+        await super().ship_and_settle_order(args)
+
+    @activity.defn(name="void_payment")
+    async def void_payment(self, args: PaymentArgs) -> str:
+        assert self.late_ship is not None
+        try:
+            await self.ship_order(self.late_ship)
+        except ApplicationError as refused:
+            self.late_ship_refused = refused.type
+        return await super().void_payment(args)
+
+
+async def test_a_shipment_committing_after_the_ship_check_cannot_ship_a_released_order(
+    make_saga: SagaFactory,
+) -> None:
+    """``check-shipped`` is a write: the order is cancelled before the saga voids and
+    releases, so the late ``ShipOrder`` is refused. (A read said "not shipped", the late
+    shipment then passed, and the saga released the stock of a shipped order.)"""
+    saga = await make_saga(worker=False)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    acts = LateShipment(saga.container.use_cases, saga.gateway)
+    async with _worker(saga, acts):
+        outcome = await saga.outcome(order_id)
+
+    assert acts.late_ship_refused == "IllegalTransition"
+    assert (outcome.status, outcome.error_type) == ("compensated", None)  # no compensation failed
+    assert (await saga.order(order_id)).status == "cancelled"
+    assert (await saga.counts(f"order-{order_id}")).get("OrderShipped", 0) == 0
+    mug = await saga.stock("MUG")
+    assert (mug.on_hand, mug.reserved) == (10, 0)
+    assert (await saga.payment(order_id)).status == "voided"
     await _assert_replays(saga, order_id)
 
 
@@ -608,6 +661,16 @@ RECORDED_LOCAL_ACTIVITIES = {
         "confirm_paid_order",
         "ship_order",
         "settle_shipped_order",
+    ],
+    # Runs whose ship activity gave no answer, recorded by session 16's code: the
+    # check-shipped read (before patch fenced-ship-check).
+    "shipped-read-ship-check": [*JOINED, "load_order_status", "settle_shipped_order"],
+    "compensated-read-ship-check": [
+        *JOINED,
+        "load_order_status",
+        "void_payment",
+        "release_stock",
+        "cancel_order",
     ],
     # ... and by this code, with patch joined-reserve-and-ship.
     "shipped-joined-reserve-and-ship": JOINED,

@@ -137,6 +137,7 @@ class FulfilmentActivities:
             self.release_stock,
             self.commit_stock,
             self.load_order_lines,
+            self.cancel_unless_shipped,
             self.mark_stock_reserved,
             self.mark_payment_authorised,
             self.confirm_order,
@@ -225,10 +226,31 @@ class FulfilmentActivities:
     @activity.defn(name="load_order_status")
     async def load_order_status(self, args: OrderArgs) -> str:
         """The order's status as its stream has it (``shipped``, ...): how the
-        saga learns whether ``ship_and_settle_order`` shipped the order when
-        that activity's failure cannot tell (``workflow.said_shipped``)."""
+        saga learned whether ``ship_and_settle_order`` shipped the order when
+        that activity's failure could not tell, before :meth:`cancel_unless_shipped`
+        (runs recorded then still call it when they replay, ``fenced-ship-check``)."""
         loaded = await self.use_cases.handler.load(orders.decider, orders.stream_name(args.order_id))
         return loaded.state.status or "unknown"
+
+    @activity.defn(name="cancel_unless_shipped")
+    async def cancel_unless_shipped(self, args: OrderArgs) -> str:
+        """Whether the order was shipped, answered by a write: ``CancelOrder``, which
+        the order refuses once it is shipped. Returns ``shipped``, or the closed
+        status the order is left in (``cancelled``, or ``rejected`` if it was
+        already). Once it answered anything but ``shipped``, no ``ShipOrder`` still
+        on its way (queued behind a stalled disk, say) can pass: the order is closed.
+        A read (``load_order_status``) could say "not shipped" just before such a
+        ``ShipOrder`` committed, and the saga would then release a shipped order."""
+        cmd = orders.CancelOrder(order_id=args.order_id, reason=args.reason, now=self._now())
+        try:
+            result = await self.use_cases.order_command(cmd, context_for(args.ref))
+        except IllegalTransition as exc:
+            if exc.status in ("shipped", "cancelled", "rejected"):
+                return exc.status
+            raise final_error(exc) from exc
+        except DomainError as exc:
+            raise final_error(exc) from exc
+        return result.state.status or "unknown"
 
     @activity.defn(name="mark_stock_reserved")
     async def mark_stock_reserved(self, args: OrderArgs) -> None:

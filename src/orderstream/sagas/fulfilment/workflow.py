@@ -133,6 +133,10 @@ JOINED_STEPS_2 = "joined-reserve-and-ship"
 (:meth:`OrderFulfilment._reserve_first_round`) and ``ship-order`` with the steps
 after it (:meth:`OrderFulfilment._ship_and_settle_joined`); runs recorded before
 replay those steps as they ran."""
+FENCED_SHIP_CHECK = "fenced-ship-check"
+"""``workflow.patched`` id of ``check-shipped`` as a write (``cancel_unless_shipped``)
+rather than a read (``load_order_status``); runs recorded before replay the read
+(:meth:`OrderFulfilment._was_shipped`)."""
 OUTCOME_COMPLETES = "outcome-completes"
 """``workflow.patched`` id of ending every business outcome as a completed run
 with the ``OrderOutcome`` search attribute (:meth:`OrderFulfilment._end`); runs
@@ -442,13 +446,21 @@ class OrderFulfilment:
     async def _was_shipped(self, err: ActivityError) -> bool:
         """Whether ``ship_and_settle_order`` shipped the order before it failed:
         from the failure (:func:`said_shipped`) or, when it cannot tell, from
-        the order's stream."""
+        the order itself: ``cancel_unless_shipped`` cancels it unless it is
+        shipped, so a ``ShipOrder`` of the failed activity that is still on its
+        way (a stalled disk, another process's writer lock) cannot commit after
+        the saga took "not shipped" for an answer and released the stock."""
         shipped = said_shipped(err)
         if shipped is not None:
             return shipped
         # Not through _step: a cancel signal must not stop this check.
         self._state.step = step = "check-shipped"
-        status = await self._call(Acts.load_order_status, self._order_args(step), retry=MUST_COMPLETE_RETRY)
+        if workflow.patched(FENCED_SHIP_CHECK):
+            args = self._order_args(step, reason=f"ship-order failed: {_message(err)}")
+            status = await self._call(Acts.cancel_unless_shipped, args, retry=MUST_COMPLETE_RETRY)
+        else:  # recorded before: the read, which a late ShipOrder could still overtake
+            args = self._order_args(step)
+            status = await self._call(Acts.load_order_status, args, retry=MUST_COMPLETE_RETRY)
         self._state.completed_steps.append(step)
         if status == "shipped":
             if "ship-order" not in self._state.completed_steps:
