@@ -705,6 +705,80 @@ async def test_appends_queued_while_another_process_commits_join_one_transaction
         assert store.stats.transactions - before == 1
 
 
+async def test_the_loop_hears_of_a_batch_only_once_the_writer_let_go_of_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the loop hears a batch is done it may write on its own thread, taking the
+    lock through the same open file, which succeeds while the writer thread still holds
+    it; the writer's unlock would then drop it under that transaction. So the outcome
+    reaches the loop after the unlock, for a batch of cancelled jobs too (a hostile
+    review found that one was told first). The writer's unlocks are slowed to show it."""
+    import fcntl
+    import threading
+
+    real_flock = fcntl.flock
+
+    def slow_unlock(file: Any, operation: int) -> None:
+        if operation == fcntl.LOCK_UN and threading.current_thread().name.startswith("sqlite-writer"):
+            time.sleep(0.05)
+        real_flock(file, operation)
+
+    monkeypatch.setattr(fcntl, "flock", slow_unlock)
+    path = tmp_path / "events.db"
+    async with opened(path) as store:
+        lock_free_when_told: list[bool] = []
+        finish = store._finish
+
+        def told(*args: Any) -> None:
+            other = os.open(f"{path}.writer-lock", os.O_WRONLY)  # another open file: as a process
+            try:
+                real_flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock_free_when_told.append(True)
+            except BlockingIOError:
+                lock_free_when_told.append(False)
+            finally:
+                os.close(other)  # lets go of it too
+            finish(*args)
+
+        monkeypatch.setattr(store, "_finish", told)
+        cancelled = asyncio.ensure_future(store.append("order-cancelled", [event()], NO_STREAM))
+        await asyncio.sleep(0)  # its task opened the loop turn's batch
+        cancelled.cancel()  # not written: handed to the writer thread as a cancelled job
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await until(lambda: len(lock_free_when_told) == 1)
+        await asyncio.gather(*(store.append(f"order-{n}", [event(n)], NO_STREAM) for n in range(4)))
+        assert len(lock_free_when_told) == 2
+        assert all(lock_free_when_told), lock_free_when_told
+        assert await store.stream_revision("order-cancelled") is None
+
+
+async def test_a_lock_that_fails_fails_the_batch_and_the_writer_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without locks (ENOLCK) fails the appends of that turn as an outage;
+    the writer thread lives on and writes once locking works again."""
+    import errno
+    import fcntl
+
+    real_flock = fcntl.flock
+    broken = True
+
+    def flock(file: Any, operation: int) -> None:
+        if broken and operation & fcntl.LOCK_EX:
+            raise OSError(errno.ENOLCK, "No locks available")
+        real_flock(file, operation)
+
+    async with opened(tmp_path / "events.db") as store:
+        monkeypatch.setattr(fcntl, "flock", flock)
+        with pytest.raises(EventStoreError):
+            await asyncio.wait_for(store.append("order-1", [event()], NO_STREAM), WAIT)
+        broken = False
+        result = await asyncio.wait_for(store.append("order-1", [event()], NO_STREAM), WAIT)
+        assert result.revision == 0
+        assert store._handed_over == 0
+
+
 async def test_a_long_stream_reads_whole_across_the_loop_thread_page(tmp_path: Path) -> None:
     """The first INLINE_ROWS events are read on the loop's thread, the rest in the reader
     pool: every slice still comes back whole and in order."""

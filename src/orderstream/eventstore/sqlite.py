@@ -537,7 +537,8 @@ class SqliteEventStore:
     def _write_here(self, job: _Job[Any]) -> bool:
         """Write one job on the loop's thread, unless another process holds the writer lock
         (then the writer thread waits for it, not the event loop). The writer thread has
-        nothing handed over, so it does not touch the connection meanwhile.
+        nothing handed over, so it neither touches the connection nor holds the lock
+        meanwhile (it lets go before the loop hears of its last batch, :meth:`_take_turn`).
 
         This is :meth:`_execute` and :meth:`_finish` for a batch of one, without the
         batch's loops and lists: their generality was 16k of the 197k instructions of a
@@ -545,7 +546,7 @@ class SqliteEventStore:
         :meth:`_finish`, so the bookkeeping of every outcome stays in one place."""
         try:
             fcntl.flock(self._process_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # held by another process (or no locks here: the writer thread says so)
             return False
         conn = self._connection
         try:
@@ -599,26 +600,40 @@ class SqliteEventStore:
                 item = self._jobs.get()
                 if item is None:
                     break  # queued last by close(): nothing before it is left
-                fcntl.flock(self._process_lock, fcntl.LOCK_EX)
-                try:
-                    batch, handed, stopping = self._gather(item)
-                    if not batch:
-                        self._loop.call_soon_threadsafe(self._finish, batch, [], False, handed)
-                        continue
-                    try:
-                        outcomes, changed, commit_seconds = self._execute(batch)
-                    except Exception as exc:  # the transaction as a whole failed: none of it was written
-                        self._loop.call_soon_threadsafe(self._failed, batch, exc, handed)
-                        continue
-                finally:
-                    fcntl.flock(self._process_lock, fcntl.LOCK_UN)
-                written = (batch, outcomes, changed, handed, commit_seconds)
-                self._loop.call_soon_threadsafe(self._finish, *written)
+                done, args, stopping = self._take_turn(item)
+                self._loop.call_soon_threadsafe(done, *args)
         finally:
             self._connection.close()
             self._process_lock.close()
             with contextlib.suppress(RuntimeError):  # the event loop is gone already
                 self._loop.call_soon_threadsafe(_resolve, self._writer_done)
+
+    def _take_turn(self, first: _Job[Any]) -> tuple[Callable[..., None], tuple[Any, ...], bool]:
+        """One turn at the writer lock: wait for it, gather the batch, write it, let go.
+
+        Returns the event loop's side of the outcome (:meth:`_finish` or :meth:`_failed`
+        and their arguments) for the caller to schedule *after* the lock is let go: once
+        the loop hears that the batch is done, it may write a lone append on its own
+        thread (:meth:`_write_here`), whose non-blocking ``flock`` on the same open file
+        would succeed while this thread still held the lock, and this thread's unlock
+        would then drop it under that transaction. Also returns whether close()'s
+        ``None`` came."""
+        try:
+            fcntl.flock(self._process_lock, fcntl.LOCK_EX)
+        except OSError as exc:  # no locks on this file system (ENOLCK): fail the batch, not the thread
+            batch, handed, stopping = self._gather(first)
+            return self._failed, (batch, exc, handed), stopping
+        try:
+            batch, handed, stopping = self._gather(first)
+            if not batch:
+                return self._finish, (batch, [], False, handed), stopping
+            try:
+                outcomes, changed, commit_seconds = self._execute(batch)
+            except Exception as exc:  # the transaction as a whole failed: none of it was written
+                return self._failed, (batch, exc, handed), stopping
+            return self._finish, (batch, outcomes, changed, handed, commit_seconds), stopping
+        finally:
+            fcntl.flock(self._process_lock, fcntl.LOCK_UN)
 
     def _gather(self, item: _Job[Any] | None) -> tuple[list[_Job[Any]], int, bool]:
         """``item`` and what else is queued, up to :data:`MAX_BATCH` jobs: the batch (cancelled
