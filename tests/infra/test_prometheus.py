@@ -184,8 +184,11 @@ def drive(service: Served) -> None:
 def test_every_dashboard_and_alert_expression_returns_data(service: Served, prometheus: Prometheus) -> None:
     prometheus.wait_for('up{job="orderstream-api"}', at_least=1)
     drive(service)
-    # Two scrapes after the traffic, so that rate() and increase() see it.
-    prometheus.wait_for("sum(orderstream_saga_outcomes_total)", at_least=0)
+    # A scrape that saw all the traffic, then two more, so that rate() and increase() see it.
+    for command in ("PlaceOrder", "ShipOrder"):
+        prometheus.wait_for(
+            f'sum(orderstream_commands_total{{command="{command}",result="accepted"}})', at_least=3
+        )
     prometheus.wait_for('count_over_time(up{job="orderstream-api"}[1m])', at_least=5)
     time.sleep(2.5)
 

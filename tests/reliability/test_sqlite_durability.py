@@ -443,7 +443,7 @@ async def test_keep_alive_renews_leases_without_counting_deliveries(tmp_path: Pa
     async with opened(tmp_path / "events.db") as store:
         group = "slow"
         settings = SubscriptionSettings(
-            filter=EventFilter(categories=("c",)), max_retry=2, ack_timeout_seconds=0.3
+            filter=EventFilter(categories=("c",)), max_retry=2, ack_timeout_seconds=1.0
         )
         await store.create_subscription_group(group, settings)
         await store.append("c-1", [event(0), event(1)], NO_STREAM)
@@ -453,8 +453,10 @@ async def test_keep_alive_renews_leases_without_counting_deliveries(tmp_path: Pa
         try:
             stream = slow.__aiter__()
             first = await asyncio.wait_for(anext(stream), WAIT)
-            # Held for ten ack timeouts, renewed all along: nobody else gets it, and the
-            # claimed event waiting in the consumer's buffer stays its own too.
+            # Held for three ack timeouts, renewed every 0.1 s: nobody else gets it, and the
+            # claimed event waiting in the consumer's buffer stays its own too. (A lease of
+            # 0.3 s left 0.2 s of slack, which a busy machine's stall could eat: a lapsed
+            # lease is never revived, by design.)
             others: list[RecordedEvent] = []
 
             async def consume_other() -> None:

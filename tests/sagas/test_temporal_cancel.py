@@ -10,6 +10,7 @@ steps; a chain of local activities is one workflow task."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -52,20 +53,30 @@ class SlowFlakyCapture(SandboxPaymentGateway):
 
 
 class SlowShipping(FulfilmentActivities):
-    """``ship-order`` takes a while (long enough to cancel the workflow meanwhile)."""
+    """``ship-order`` waits until the test has cancelled the workflow (:attr:`go`, at
+    most 20 s): the cancellation is recorded while the step is still running, however
+    slow the machine (a fixed 1 s sleep was the whole window before)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.go = asyncio.Event()
+
+    async def _held(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.go.wait(), 20)
 
     @activity.defn(name="ship_order")
     async def ship_order(self, args: OrderArgs) -> None:
-        await asyncio.sleep(1.0)
+        await self._held()
         await super().ship_order(args)
 
 
-class ShippingRefused(FulfilmentActivities):
-    """``ship-order`` takes a while, then fails for good: the order is not shipped."""
+class ShippingRefused(SlowShipping):
+    """``ship-order`` waits like :class:`SlowShipping`, then fails for good: the order is not shipped."""
 
     @activity.defn(name="ship_order")
     async def ship_order(self, args: OrderArgs) -> None:
-        await asyncio.sleep(1.0)
+        await self._held()
         raise ApplicationError("the carrier refused the parcel", {}, type="DomainError", non_retryable=True)
 
 
@@ -133,6 +144,7 @@ async def test_cancelled_while_shipping_ships_captures_and_commits(make_saga: Sa
     async with worker:
         await saga.reach_step(order_id, "ship-order")
         await saga.handle(order_id).cancel()
+        acts.go.set()
 
         await _assert_shipped_and_settled(saga, order_id)
 
@@ -153,6 +165,7 @@ async def test_cancelled_while_shipping_fails_compensates_and_ends_cancelled(mak
         await saga.reach_step(order_id, "ship-order")
         handle = saga.handle(order_id)
         await handle.cancel()
+        acts.go.set()
         with pytest.raises(WorkflowFailureError) as failed:
             await asyncio.wait_for(handle.result(), WAIT)
 
