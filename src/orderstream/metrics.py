@@ -88,7 +88,7 @@ from orderstream.application.commands import (
 )
 from orderstream.application.snapshots import SnapshotStore
 from orderstream.domain.common import Decider, DomainError
-from orderstream.eventstore.base import EventStore, WrongExpectedVersion, category_of
+from orderstream.eventstore.base import EventStore, IdempotencyRecord, WrongExpectedVersion, category_of
 from orderstream.eventstore.sqlite import SqliteEventStore
 from orderstream.logging_setup import bound
 
@@ -451,6 +451,9 @@ class MeteredCommandHandler:
 
     async def load(self, decider: Decider[C, E, S], stream: str, *, up_to: int | None = None) -> Loaded[S]:
         return await self.inner.load(decider, stream, up_to=up_to)
+
+    async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
+        return await self.inner.find_idempotency(actor, key, stream)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -326,16 +328,34 @@ async def test_joined_ship_and_settle_says_whether_it_shipped(acts: FulfilmentAc
     assert order.count("OrderShipped") == 1
 
 
+async def _confirmed(acts: FulfilmentActivities) -> str:
+    """An order the saga has taken up to ``confirm-order``: ``ship-order`` is next."""
+    order_id = await _order(acts)
+    pid = payment_id_for(order_id)
+    amount = Amount(1000, "EUR")
+    card = await acts.gateway.store("tok_approve")
+    await acts.reserve_stock(StockArgs(_ref("reserve-stock/MUG"), order_id, "MUG", quantity=2))
+    await acts.mark_stock_reserved(OrderArgs(_ref("mark-stock-reserved"), order_id, [Line("MUG", 2)]))
+    await acts.request_payment(PaymentArgs(_ref("request-payment"), pid, order_id, amount, card))
+    await acts.authorise_payment(PaymentArgs(_ref("authorise-payment"), pid, order_id, amount, card))
+    await acts.mark_payment_authorised(OrderArgs(_ref("mark-payment-authorised"), order_id, payment_id=pid))
+    await acts.confirm_order(OrderArgs(_ref("confirm-order"), order_id))
+    return order_id
+
+
 async def test_cancel_unless_shipped_closes_the_order_to_a_late_shipment(acts: FulfilmentActivities) -> None:
     """The fenced ``check-shipped``: once it answered "not shipped", a ``ShipOrder``
-    still on its way is refused; a retry of the check answers the same."""
-    order_id = await _order(acts)
+    still on its way is refused, and says that this saga's check closed the order (a
+    run re-executing after the check must not take it for the customer's doing); a
+    retry of the check answers the same."""
+    order_id = await _confirmed(acts)
     check = OrderArgs(_ref("check-shipped"), order_id, reason="ship-order failed: no answer")
     assert await acts.cancel_unless_shipped(check) == "cancelled"
     assert await acts.cancel_unless_shipped(check) == "cancelled"  # its idempotency record
     with pytest.raises(ApplicationError) as late:
         await acts.ship_order(OrderArgs(_ref("ship-order"), order_id, tracking_number="T1"))
     assert (late.value.type, late.value.details[0]["status"]) == ("IllegalTransition", "cancelled")
+    assert late.value.details[0]["cancelled_by"] == "check-shipped"
     events = [e.type for e in await acts.use_cases.handler.event_store.read_stream(f"order-{order_id}")]
     assert events.count("OrderCancelled") == 1
     assert "OrderShipped" not in events
@@ -343,3 +363,46 @@ async def test_cancel_unless_shipped_closes_the_order_to_a_late_shipment(acts: F
     other = await _order(acts)
     await acts.reject_order(OrderArgs(_ref("reject-order"), other, reason="short"))
     assert await acts.cancel_unless_shipped(OrderArgs(_ref("check-shipped"), other)) == "rejected"
+
+
+async def test_a_ship_refused_after_the_customer_cancelled_does_not_blame_the_check(
+    acts: FulfilmentActivities,
+) -> None:
+    order_id = await _confirmed(acts)
+    await acts.use_cases.cancel_order(order_id, "changed my mind", CommandContext(actor="customer"))
+    with pytest.raises(ApplicationError) as refused:
+        await acts.ship_order(OrderArgs(_ref("ship-order"), order_id, tracking_number="T1"))
+    assert refused.value.details[0]["status"] == "cancelled"
+    assert "cancelled_by" not in refused.value.details[0]
+
+
+async def test_a_ship_append_decided_before_the_check_and_committed_after_it_is_refused(
+    acts: FulfilmentActivities, store: SqliteEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hazard itself: ``ShipOrder`` was decided on the confirmed order, and its append
+    is held (a stalled disk, another process's writer lock) while ``check-shipped``
+    cancels the order. The held append carries the revision it was decided at, so the
+    store refuses it; the command's retry reloads and the order refuses the shipment."""
+    order_id = await _confirmed(acts)
+    release, held = asyncio.Event(), asyncio.Event()
+    append = store.append
+
+    async def held_shipment(stream: str, events: Any, expected: Any, **options: Any) -> Any:
+        if any(e.type == "OrderShipped" for e in events) and not release.is_set():
+            held.set()
+            await release.wait()
+        return await append(stream, events, expected, **options)
+
+    monkeypatch.setattr(store, "append", held_shipment)
+    shipping = OrderArgs(_ref("ship-order"), order_id, tracking_number="T1")
+    ship = asyncio.ensure_future(acts.ship_order(shipping))
+    await asyncio.wait_for(held.wait(), 10)
+    check = OrderArgs(_ref("check-shipped"), order_id, reason="ship-order failed: no answer")
+    assert await acts.cancel_unless_shipped(check) == "cancelled"
+    release.set()
+    with pytest.raises(ApplicationError) as refused:
+        await asyncio.wait_for(ship, 10)
+    assert (refused.value.type, refused.value.details[0]["status"]) == ("IllegalTransition", "cancelled")
+    events = [e.type for e in await store.read_stream(f"order-{order_id}")]
+    assert "OrderShipped" not in events
+    assert events[-1] == "OrderCancelled"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from temporalio import activity
-from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
@@ -16,6 +16,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from orderstream.domain.common import IllegalTransition, Money
 from orderstream.sagas.fulfilment.activities import FulfilmentActivities
 from orderstream.sagas.fulfilment.inputs import (
+    SIGNAL_PAYMENT_RESULT,
     OrderArgs,
     PaymentArgs,
     ShipSteps,
@@ -513,6 +514,57 @@ async def test_a_shipment_committing_after_the_ship_check_cannot_ship_a_released
     mug = await saga.stock("MUG")
     assert (mug.on_hand, mug.reserved) == (10, 0)
     assert (await saga.payment(order_id)).status == "voided"
+    await _assert_replays(saga, order_id)
+
+
+class RerunAfterTheCheck(NoWordFromShipping):
+    """The workflow task that ran the check and the compensations is thrown away: a
+    signal arrives meanwhile, so the server refuses its completion (a worker crash does
+    the same), and the run re-executes its local activities from the last recorded
+    point. This time ``ship_and_settle_order`` runs for real and is refused: the
+    order was cancelled, by the check of the attempt thrown away."""
+
+    ships = False
+    client: Client | None = None
+    attempts = 0
+    signalled = False
+
+    @activity.defn(name="ship_and_settle_order")
+    async def ship_and_settle_order(self, args: ShipSteps) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            await super().ship_and_settle_order(args)  # no word
+        await FulfilmentActivities.ship_and_settle_order(self, args)
+
+    @activity.defn(name="void_payment")
+    async def void_payment(self, args: PaymentArgs) -> str:
+        if not self.signalled and self.client is not None:
+            self.signalled = True
+            handle = self.client.get_workflow_handle(activity.info().workflow_id)
+            await handle.signal(SIGNAL_PAYMENT_RESULT, "authorised")  # ignored by then
+        return await super().void_payment(args)
+
+
+async def test_a_run_re_executing_after_its_check_does_not_blame_the_customer(make_saga: SagaFactory) -> None:
+    """The refusal of the re-run's ship-order says the saga's own check cancelled the
+    order (review: it ended ``cancelled by the customer``, counted as a cancellation)."""
+    saga = await make_saga(worker=False)
+    await saga.product("MUG", 10)
+    order_id = await saga.place("tok_approve", ("MUG", 2))
+    acts = RerunAfterTheCheck(saga.container.use_cases, saga.gateway)
+    acts.client = saga.env.client
+    async with _worker(saga, acts):
+        outcome = await saga.outcome(order_id)
+
+    assert acts.attempts == 2  # the re-run happened
+    assert outcome.status == "compensated", outcome
+    assert outcome.reason is not None
+    assert outcome.reason.startswith("ship-order failed: ")
+    order = await saga.order(order_id)
+    assert (order.status, order.cancel_reason) == ("cancelled", "ship-order failed: no answer")
+    assert (await saga.payment(order_id)).status == "voided"
+    mug = await saga.stock("MUG")
+    assert (mug.on_hand, mug.reserved) == (10, 0)
     await _assert_replays(saga, order_id)
 
 

@@ -220,6 +220,11 @@ class Commands(Protocol):
         self, decider: Decider[C, E, S], stream: str, command: C, *, context: CommandContext | None = None
     ) -> CommandResult[S]: ...
 
+    async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
+        """The record of ``actor``'s command with idempotency ``key`` on ``stream``, if
+        one was handled there (``None`` otherwise)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -246,6 +251,9 @@ class CommandHandler:
         """Base of the jittered exponential back-off after a lost race (seconds).
         Without it every loser reloads at the same moment and only one of them
         can win each round, so a burst larger than ``max_attempts`` fails."""
+
+    async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
+        return await self.event_store.find_idempotency(actor, key, stream)
 
     async def load(self, decider: Decider[C, E, S], stream: str, *, up_to: int | None = None) -> Loaded[S]:
         """Fold the stream (up to and including revision ``up_to``) into state,

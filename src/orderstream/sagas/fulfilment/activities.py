@@ -22,6 +22,7 @@ handler (no read model, so no projection lag); reading is idempotent by nature.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -35,6 +36,8 @@ from orderstream.domain import orders, payments
 from orderstream.domain.common import DomainError, IllegalTransition, Money, NotFound
 from orderstream.domain.inventory import InsufficientStock
 from orderstream.sagas.fulfilment.inputs import (
+    CANCELLED_BY,
+    CHECK_SHIPPED,
     ERR_DOMAIN,
     ERR_ILLEGAL_TRANSITION,
     ERR_INSUFFICIENT_STOCK,
@@ -273,8 +276,28 @@ class FulfilmentActivities:
 
     @activity.defn(name="ship_order")
     async def ship_order(self, args: OrderArgs) -> None:
+        """Refused with ``IllegalTransition`` once the order is closed; when this saga's
+        own ``check-shipped`` cancelled it, the details say so (:data:`CANCELLED_BY`):
+        a run that re-executes after its check (a worker crash, a workflow task the
+        server refused) must not take that cancellation for the customer's."""
         cmd = orders.ShipOrder(order_id=args.order_id, tracking_number=args.tracking_number, now=self._now())
-        await self._order(cmd, args.ref)
+        try:
+            await self.use_cases.order_command(cmd, context_for(args.ref))
+        except IllegalTransition as exc:
+            refused = final_error(exc)
+            if exc.status == "cancelled" and await self._checked_by_this_saga(args):
+                details = {**refused.details[0], CANCELLED_BY: CHECK_SHIPPED}
+                refused = ApplicationError(refused.message, details, type=refused.type, non_retryable=True)
+            raise refused from exc
+        except DomainError as exc:
+            raise final_error(exc) from exc
+
+    async def _checked_by_this_saga(self, args: OrderArgs) -> bool:
+        """Whether this saga's ``check-shipped`` wrote on the order: its idempotency
+        record is there."""
+        key = dataclasses.replace(args.ref, step=CHECK_SHIPPED).idempotency_key
+        stream = orders.stream_name(args.order_id)
+        return await self.use_cases.handler.find_idempotency(SAGA_ACTOR, key, stream) is not None
 
     async def _close(self, command: orders.RejectOrder | orders.CancelOrder, ref: StepRef) -> str:
         """Reject or cancel; an order already closed by someone else is left as it is."""
@@ -410,7 +433,7 @@ class FulfilmentActivities:
         """``ship-order`` (the pivot), then ``settle_shipped_order``'s steps. Every
         failure says whether this attempt got past ``ship-order`` (:data:`SHIPPED`):
         the workflow settles when it did, compensates when ``ship-order`` failed
-        for good, and reads the order's status otherwise."""
+        for good, and asks the order otherwise (``check-shipped``)."""
         await _in_step(args.ship.ref.step, self.ship_order(args.ship), **{SHIPPED: False})
         settle = args.settle
         await _in_step(settle.capture.ref.step, self.capture_payment(settle.capture), **{SHIPPED: True})

@@ -57,6 +57,13 @@ succeeded."""
 SHIPPED = "shipped"
 """``ship_and_settle_order``: whether ``ship-order`` had succeeded (the order is
 shipped) when the activity failed."""
+CHECK_SHIPPED = "check-shipped"
+"""The step that asks the order whether it was shipped by cancelling it unless it is
+(``cancel_unless_shipped``)."""
+CANCELLED_BY = "cancelled_by"
+"""``ship_order`` refused because the order is cancelled: :data:`CHECK_SHIPPED` when
+this saga's own check cancelled it (the workflow then compensates as for a failed
+``ship-order``), absent when someone else did (the customer)."""
 
 ORDER_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("OrderId")
 CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")

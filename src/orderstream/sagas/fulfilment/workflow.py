@@ -41,7 +41,9 @@ Each compensation is registered before its step runs; on a failure, a decline,
 a missed deadline or the customer's cancellation they run in reverse:
 ``void-payment``, ``release-stock/{sku}``..., then the order is closed
 (``reject-order`` when stock was short, ``cancel-order`` otherwise, nothing when
-the customer already cancelled it).
+the customer already cancelled it). One exception: when ``ship-order`` failed
+without saying whether it shipped, ``check-shipped`` cancels the order first
+(unless it is shipped) and the close then finds it cancelled.
 
 ``ship-order`` is the pivot: once the parcel is on its way nothing is undone,
 a late ``cancel`` signal is ignored (the order decider refuses it anyway) and
@@ -82,6 +84,8 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 with workflow.unsafe.imports_passed_through():
     from orderstream.sagas.fulfilment.activities import FulfilmentActivities
     from orderstream.sagas.fulfilment.inputs import (
+        CANCELLED_BY,
+        CHECK_SHIPPED,
         COMPENSATION_FAILED,
         ERR_ILLEGAL_TRANSITION,
         ERR_INSUFFICIENT_STOCK,
@@ -340,7 +344,8 @@ class OrderFulfilment:
     async def _forward(self) -> None:
         self._joined_steps = workflow.patched(JOINED_STEPS)
         self._joined_more = workflow.patched(JOINED_STEPS_2)
-        # Closing the order is the last compensation, so it is registered first.
+        # Closing the order is the last compensation, so it is registered first (after an
+        # unclear ship-order the order is already closed by then: _was_shipped).
         self._register("close-order", self._close_order)
 
         await self._reserve_stock()
@@ -422,8 +427,9 @@ class OrderFulfilment:
         idempotency records). Which of the two it was, the failure says
         (:func:`~orderstream.sagas.fulfilment.activities.at_step`,
         :func:`said_shipped`); when it cannot tell (``ship-order`` failed
-        transiently on the last attempt, or the activity timed out), the order's
-        status decides (``check-shipped``). The whole runs in :meth:`_shielded`,
+        transiently on the last attempt, or the activity timed out), the order
+        answers (``check-shipped``: cancelled unless shipped, :meth:`_was_shipped`).
+        The whole runs in :meth:`_shielded`,
         so a cancellation through Temporal reaches none of these activities
         either."""
         ship = self._order_args("ship-order")
@@ -454,7 +460,7 @@ class OrderFulfilment:
         if shipped is not None:
             return shipped
         # Not through _step: a cancel signal must not stop this check.
-        self._state.step = step = "check-shipped"
+        self._state.step = step = CHECK_SHIPPED
         if workflow.patched(FENCED_SHIP_CHECK):
             args = self._order_args(step, reason=f"ship-order failed: {_message(err)}")
             status = await self._call(Acts.cancel_unless_shipped, args, retry=MUST_COMPLETE_RETRY)
@@ -707,8 +713,10 @@ class OrderFulfilment:
                 self._completed(steps[: steps.index(failed)])
                 self._state.step = failed
             shipped = self._shipped or details.get(SHIPPED) is True
-            if kind == ERR_ILLEGAL_TRANSITION and details.get("status") == "cancelled" and not shipped:
-                # The customer's cancellation landed before its signal reached us.
+            # The customer's cancellation landed before its signal reached us; unless it was
+            # this saga's own check-shipped (a run re-executing after it): a failed ship-order.
+            cancelled = kind == ERR_ILLEGAL_TRANSITION and details.get("status") == "cancelled"
+            if cancelled and not shipped and details.get(CANCELLED_BY) != CHECK_SHIPPED:
                 raise SagaAborted("cancelled", self._cancelled_reason()) from err
             reserving = self._state.step.startswith("reserve-stock/")
             if kind in (ERR_INSUFFICIENT_STOCK, ERR_NOT_FOUND) and reserving:
