@@ -365,6 +365,25 @@ async def test_cancel_unless_shipped_closes_the_order_to_a_late_shipment(acts: F
     assert await acts.cancel_unless_shipped(OrderArgs(_ref("check-shipped"), other)) == "rejected"
 
 
+async def test_the_check_is_recognised_by_its_event_when_its_record_is_missing(
+    acts: FulfilmentActivities, store: SqliteEventStore
+) -> None:
+    """KurrentDB writes the idempotency record after the events, apart: a crash between
+    the two leaves the check's ``OrderCancelled`` without a record. (Made here by
+    deleting the SQLite row.) The refusal still names the check, from the metadata."""
+    order_id = await _confirmed(acts)
+    check = OrderArgs(_ref("check-shipped"), order_id, reason="ship-order failed: no answer")
+    assert await acts.cancel_unless_shipped(check) == "cancelled"
+    key = check.ref.idempotency_key
+    removed = await store._submit(
+        lambda conn: conn.execute("DELETE FROM idempotency WHERE key = ?", (key,)).rowcount
+    )
+    assert removed == 1
+    with pytest.raises(ApplicationError) as refused:
+        await acts.ship_order(OrderArgs(_ref("ship-order"), order_id, tracking_number="T1"))
+    assert refused.value.details[0]["cancelled_by"] == "check-shipped"
+
+
 async def test_a_ship_refused_after_the_customer_cancelled_does_not_blame_the_check(
     acts: FulfilmentActivities,
 ) -> None:

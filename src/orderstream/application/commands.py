@@ -253,7 +253,11 @@ class CommandHandler:
         can win each round, so a burst larger than ``max_attempts`` fails."""
 
     async def find_idempotency(self, actor: str, key: str, stream: str) -> IdempotencyRecord | None:
-        return await self.event_store.find_idempotency(actor, key, stream)
+        """By its record, else by its events' metadata: a record written apart from its
+        events (KurrentDB's ``idempotency-…`` stream) is missing after a crash between
+        the two writes, while the events carry the key."""
+        record = await self.event_store.find_idempotency(actor, key, stream)
+        return record if record is not None else await self._record_from_metadata(stream, actor, key)
 
     async def load(self, decider: Decider[C, E, S], stream: str, *, up_to: int | None = None) -> Loaded[S]:
         """Fold the stream (up to and including revision ``up_to``) into state,

@@ -294,7 +294,8 @@ class FulfilmentActivities:
 
     async def _checked_by_this_saga(self, args: OrderArgs) -> bool:
         """Whether this saga's ``check-shipped`` wrote on the order: its idempotency
-        record is there."""
+        record is there, or (KurrentDB, after a crash between its two writes) its
+        event's metadata carries the key."""
         key = dataclasses.replace(args.ref, step=CHECK_SHIPPED).idempotency_key
         stream = orders.stream_name(args.order_id)
         return await self.use_cases.handler.find_idempotency(SAGA_ACTOR, key, stream) is not None
