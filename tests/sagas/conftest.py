@@ -221,16 +221,17 @@ class SagaHarness:
         return (await self.container.handler.load(payments.decider, payments.stream_name(pid))).state
 
     async def webhook(self, order_id: str, body: dict[str, Any], *, payment_id: str | None = None) -> Any:
-        """A call from the payment provider: a new ``event_id`` unless ``body`` has
-        one, signed with the server's secret (the data dir's)."""
-        raw = json.dumps({"event_id": f"evt_{uuid.uuid4().hex}", **body}).encode()
+        """A call from the payment provider for the order's payment (``payment_id``:
+        another's URL): a new ``event_id`` unless ``body`` has one, signed with the
+        server's secret (the data dir's)."""
+        pid = payment_id or payment_id_for(order_id)
+        raw = json.dumps({"payment_id": pid, "event_id": f"evt_{uuid.uuid4().hex}", **body}).encode()
         settings = self.container.settings
         secrets = webhook_signature.webhook_secrets(settings.webhook_secrets, settings.data_dir)
         headers = {
             "content-type": "application/json",
             webhook_signature.HEADER: webhook_signature.sign(raw, secrets, int(time.time())),
         }
-        pid = payment_id or payment_id_for(order_id)
         return await self.http.post(f"/payments/{pid}/webhook", content=raw, headers=headers)
 
 

@@ -38,6 +38,11 @@ async def post(saga: SagaHarness, order_id: str, raw: bytes, signature: str | No
     return await saga.http.post(f"/payments/{payment_id_for(order_id)}/webhook", content=raw, headers=headers)
 
 
+def delivery(order_id: str, **fields: str) -> bytes:
+    """A webhook body for the order's payment, as the provider sends it."""
+    return json.dumps({"payment_id": payment_id_for(order_id), **fields}).encode()
+
+
 async def pending_order(saga: SagaHarness) -> str:
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_pending", ("MUG", 2))
@@ -50,7 +55,7 @@ async def test_an_unsigned_or_forged_call_is_401_and_appends_nothing(make_saga: 
     order_id = await pending_order(saga)
     stream = f"payment-{payment_id_for(order_id)}"
     before = await saga.types(stream)
-    raw = json.dumps({"event_id": "evt_1", "status": "authorised"}).encode()
+    raw = delivery(order_id, event_id="evt_1", status="authorised")
     now = int(time.time())
     secret = secrets_of(saga)[0]
     forged = {
@@ -59,7 +64,9 @@ async def test_an_unsigned_or_forged_call_is_401_and_appends_nothing(make_saga: 
         "malformed": "sha256=abc",
         "no v1": f"t={now}",
         "wrong secret": webhook_signature.sign(raw, ["not-the-shared-secret"], now),
-        "another body": webhook_signature.sign(b'{"event_id":"evt_1","status":"declined"}', [secret], now),
+        "another body": webhook_signature.sign(
+            delivery(order_id, event_id="evt_1", status="declined"), [secret], now
+        ),
         # Well past the 300 s window: `now` is truncated to the second and the server checks
         # a moment later, so `now + 301` passed whenever a second ticked over in between (the
         # exact boundary is tests/unit/test_webhook_signature.py's, at a fixed time).
@@ -85,10 +92,39 @@ async def test_an_unsigned_or_forged_call_is_401_and_appends_nothing(make_saga: 
     assert [e.metadata.actor for e in authorised] == ["payment-provider"]
 
 
+async def test_a_delivery_signed_for_one_payment_is_refused_at_another(make_saga: SagaFactory) -> None:
+    """The signature covers the body, not the URL: a delivery captured for one order's
+    payment, sent within its 300 s to another pending payment's URL, must not
+    authorise that one (and ship an unpaid order)."""
+    saga = await make_saga()
+    paid = await pending_order(saga)
+    unpaid = await saga.place("tok_pending", ("MUG", 1))
+    await saga.reach_step(unpaid, "await-payment-result")
+    unpaid_stream = f"payment-{payment_id_for(unpaid)}"
+    before = await saga.types(unpaid_stream)
+    raw = delivery(paid, event_id="evt_captured", status="authorised", authorisation_code="A-9")
+    signature = webhook_signature.sign(raw, secrets_of(saga), int(time.time()))
+
+    assert (await post(saga, paid, raw, signature)).status_code == 200
+    replayed = await post(saga, unpaid, raw, signature)
+
+    assert replayed.status_code == 422, replayed.text
+    assert replayed.headers["content-type"].startswith("application/problem+json")
+    assert replayed.json()["errors"][0]["path"] == "$.payment_id"
+    assert await saga.types(unpaid_stream) == before
+    assert (await saga.status(unpaid))["step"] == "await-payment-result"
+    assert (await saga.outcome(paid)).status == "shipped"
+    # A body without its payment is refused too (the old format could be replayed anywhere).
+    bare = json.dumps({"event_id": "evt_bare", "status": "authorised"}).encode()
+    without = await post(saga, unpaid, bare, webhook_signature.sign(bare, secrets_of(saga), int(time.time())))
+    assert without.status_code == 422, without.text
+    assert await saga.types(unpaid_stream) == before
+
+
 async def test_the_same_delivery_twice_has_one_effect(make_saga: SagaFactory) -> None:
     saga = await make_saga()
     order_id = await pending_order(saga)
-    raw = json.dumps({"event_id": "evt_twice", "status": "authorised", "authorisation_code": "A-1"}).encode()
+    raw = delivery(order_id, event_id="evt_twice", status="authorised", authorisation_code="A-1")
     signature = webhook_signature.sign(raw, secrets_of(saga), int(time.time()))
 
     first = await post(saga, order_id, raw, signature)
@@ -101,7 +137,7 @@ async def test_the_same_delivery_twice_has_one_effect(make_saga: SagaFactory) ->
     counts = await saga.counts(f"payment-{payment_id_for(order_id)}")
     assert counts["PaymentAuthorised"] == 1
     # The same event id with another body is not the same delivery: refused, nothing appended.
-    other = json.dumps({"event_id": "evt_twice", "status": "declined"}).encode()
+    other = delivery(order_id, event_id="evt_twice", status="declined")
     refused = await post(
         saga, order_id, other, webhook_signature.sign(other, secrets_of(saga), int(time.time()))
     )
@@ -194,7 +230,7 @@ async def test_no_usable_secret_is_a_503_not_a_500(tmp_path: Path) -> None:
     try:
         transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
         async with httpx.AsyncClient(transport=transport, base_url="http://orderstream.test") as http:
-            raw = b'{"event_id":"evt_1","status":"authorised"}'
+            raw = b'{"payment_id":"p1","event_id":"evt_1","status":"authorised"}'
             signature = webhook_signature.sign(raw, ["some-secret-we-cannot-have"], int(time.time()))
             response = await http.post(
                 "/payments/p1/webhook",

@@ -15,15 +15,18 @@ webhook works (and is recorded) even while Temporal is down.
 The webhook takes no bearer token: the provider is not one of our users. Its
 guard, :func:`require_webhook_signature`, checks the ``Orderstream-Signature``
 header over the raw body (``application/webhook_signature.py``) before anything
-decodes it. The provider's ``event_id`` is the command's idempotency key, so a
-delivery repeated (by the provider, or by someone who captured it) is answered
-as the first one was and appends nothing: the key is recorded in the same
-append as the effect.
+decodes it. The signature covers the body, not the URL, so the body names its
+payment (``payment_id``) and a delivery sent to another payment's URL is a 422.
+The provider's ``event_id`` is the command's idempotency key, so a delivery
+repeated (by the provider, or by someone who captured it) is answered as the
+first one was and appends nothing: the key is recorded in the same append as the
+effect.
 
 An authorisation for a payment the saga already voided (the webhook came after
 the payment deadline) means the provider holds money the order will never take:
-the webhook voids that hold at the gateway and records ``LateAuthorisationVoided``
-(a 200; a gateway outage is a 503 and the provider retries the webhook).
+the webhook voids that hold at the gateway and records
+``LateAuthorisationVoided`` (a 200; a gateway outage is a 503 and the provider
+retries the webhook).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from litestar.params import HeaderParameter, JSONBody, PathParameter
 
 from orderstream.api.common import CORRELATION_HEADER, ETAG_HEADER, REPLAYED_HEADER, OrderIdPath, written
 from orderstream.api.plumbing import command_context
-from orderstream.api.problems import ApiError, problem_responses
+from orderstream.api.problems import ApiError, FieldError, problem_responses, unprocessable
 from orderstream.api.schemas import WriteResult
 from orderstream.application import webhook_signature
 from orderstream.application.commands import CommandContext, CommandResult
@@ -63,6 +66,7 @@ PaymentIdPath = Annotated[
         description="The payment's id (`payment_id` in `GET /orders/{id}/fulfilment`).",
     ),
 ]
+PaymentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 Note = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 EventId = Annotated[str, msgspec.Meta(pattern=r"^[!-~]{1,200}$")]
 SignatureHeader = Annotated[
@@ -88,6 +92,10 @@ PROVIDER = Principal(subject="payment-provider", roles=frozenset())
 class PaymentWebhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """The payment provider's final answer for a pending authorisation."""
 
+    payment_id: PaymentId
+    """The payment this answer is for; it must be the path's. The signature covers the
+    body only, so without it a delivery captured for one payment could be replayed,
+    within its 300 s, to any other payment's URL and authorise that one."""
     event_id: EventId
     """The provider's id of this delivery: a repeated delivery has no second effect."""
     status: Literal["authorised", "declined"]
@@ -229,7 +237,8 @@ class FulfilmentController(Controller):
         summary="The payment provider's result for a pending authorisation",
         description=(
             "Called by the payment provider, signed with the secret shared with it (header "
-            "`Orderstream-Signature`; no bearer token). Records the result on the payment "
+            "`Orderstream-Signature`; no bearer token). The body's `payment_id` must be the path's (a "
+            "delivery signed for another payment is a 422). Records the result on the payment "
             "(`PaymentAuthorised` / `PaymentDeclined`); the order's fulfilment saga is told through "
             "the event. The same delivery (`event_id`) again is answered as the first time and has no "
             "second effect; a different result after the first is a 409. An authorisation for a "
@@ -251,6 +260,12 @@ class FulfilmentController(Controller):
         payment_gateway: NamedDependency[PaymentGateway],
     ) -> Response[WriteResult]:
         """``signature`` is checked by the guard; declared here for the OpenAPI document."""
+        if data.payment_id != payment_id:
+            raise unprocessable(
+                "invalid-body",
+                "The delivery is for another payment than the URL's.",
+                errors=[FieldError("must be the payment_id of the path", "$.payment_id", "body")],
+            )
         now = use_cases.handler.clock()
         context = command_context(request, idempotency_key=f"webhook:{data.event_id}", request_body=data)
         if data.status == "declined":
