@@ -40,6 +40,7 @@ import sys
 from typing import Any, Literal, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 from orderstream.eventstore.base import RecordedEvent
 
@@ -128,19 +129,30 @@ def _formatter(fmt: LogFormat, *, colors: bool) -> structlog.stdlib.ProcessorFor
         structlog.processors.CallsiteParameterAdder([structlog.processors.CallsiteParameter.PROCESS]),
     ]
     tail: list[Any]
+    # Tracebacks without the frames' local variables (structlog's and rich's default is
+    # to show them): a request's locals hold its bearer token, headers and body.
     if fmt == "json":
         tail = [
-            structlog.processors.dict_tracebacks,
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
             # "message", not structlog's "event": in this code base an event is a domain event.
             structlog.processors.EventRenamer("message"),
             structlog.processors.JSONRenderer(),
         ]
     else:
-        tail = [structlog.dev.ConsoleRenderer(colors=colors)]
+        tail = [structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=_console_traceback())]
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=pre_chain,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
     )
+
+
+def _console_traceback() -> structlog.typing.ExceptionRenderer:
+    """rich's traceback when rich is there (Litestar brings it), without locals."""
+    try:
+        import rich  # noqa: F401
+    except ImportError:  # pragma: no cover - rich comes with Litestar
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)
 
 
 # --------------------------------------------------------------------------------- context

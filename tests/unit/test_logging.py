@@ -255,3 +255,33 @@ async def test_a_command_outside_a_request_logs_its_own_correlation_and_causatio
         "corr-saga",
         "cause-saga",
     )
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_traceback_shows_no_local_variables(fmt: logging_setup.LogFormat) -> None:
+    """A request's frames hold its bearer token, headers and body: a logged traceback
+    names the frames, never their locals (structlog's and rich's default shows them)."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    out = io.StringIO()
+    logging_setup.configure(logging.INFO, fmt=fmt, stream=out)
+
+    def handle(authorization: str) -> None:
+        token = authorization.removeprefix("Bearer ")
+        raise ValueError(f"bad claims in a token of {len(token)} characters")
+
+    secret = uuid.uuid4().hex  # not in the source lines a traceback quotes
+    try:
+        try:
+            handle(f"Bearer eyJ{secret}")
+        except ValueError:
+            logging.getLogger("orderstream.api").exception("unhandled")
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    logged = out.getvalue()
+    assert "bad claims in a token of" in logged
+    assert "handle" in logged  # the frame is there
+    assert secret not in logged

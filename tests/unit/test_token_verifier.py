@@ -165,3 +165,17 @@ async def test_claims_are_checked(issuer: Issuer, tmp_path: Path) -> None:
             await verifier.verify(token)
     # within the 30 s leeway: accepted
     assert (await verifier.verify(issuer.token("k1", exp=now - 5))).subject == "ada"
+
+
+async def test_odd_claims_from_a_trusted_issuer_are_not_a_500(issuer: Issuer, tmp_path: Path) -> None:
+    """Claims a misconfigured mapper could produce, in a validly signed token: a role
+    that is a list or an object is no role; an expiry too large for a float is kept
+    (PyJWT accepted it) without an OverflowError."""
+    issuer.add_key("k1")
+    verifier = verifier_for(issuer, tmp_path)
+    nested = issuer.token("k1", realm_access={"roles": [["admin"], {"a": 1}, "support"]})
+    assert (await verifier.verify(nested)).roles == {Role.SUPPORT}
+    huge = issuer.token("k1", exp=10**400)
+    principal = await verifier.verify(huge)
+    assert principal.roles == {Role.ADMIN}
+    assert await verifier.verify(huge) is principal  # kept: the second call is the cache's

@@ -168,14 +168,20 @@ class TokenVerifier:
         principal = self._principal(claims)
         if len(self._verified) >= CACHE_SIZE:
             self._verified.clear()
-        self._verified[token] = (principal, float(claims["exp"]))
+        # Kept until its expiry, or an hour for an expiry no float can hold (an issuer's
+        # bug, 10**400: it would otherwise be a 500 here).
+        try:
+            expires = float(claims["exp"])
+        except (OverflowError, TypeError, ValueError):
+            expires = time.time() + 3600
+        self._verified[token] = (principal, expires)
         return principal
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         raw_roles = claim_at(claims, self._roles_claim)
-        roles = frozenset(
-            _KNOWN_ROLES[r] for r in (raw_roles if isinstance(raw_roles, list) else ()) if r in _KNOWN_ROLES
-        )
+        listed = raw_roles if isinstance(raw_roles, list) else ()
+        # Only strings can be roles: a list or object in the list (a mapper's mistake) is skipped.
+        roles = frozenset(_KNOWN_ROLES[r] for r in listed if isinstance(r, str) and r in _KNOWN_ROLES)
         customer = claim_at(claims, self._customer_claim)
         subject = str(claims["sub"])
         return Principal(
