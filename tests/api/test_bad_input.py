@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -183,6 +184,70 @@ async def test_bad_headers_and_changes(seeded: httpx.AsyncClient, container: Con
         await seeded.post("/orders", json=order_body(), headers={"Idempotency-Key": "x" * 300}), 400
     )
     assert_problem(await seeded.delete(url, params={"reason": "x" * 201}), 400, "invalid-parameter")
+    assert await container.event_store.head_position() == head
+
+
+async def test_a_header_sent_twice_is_refused_not_half_read(
+    seeded: httpx.AsyncClient, container: Container
+) -> None:
+    """Two If-Match lines are a list, and a list is refused: reading only the first
+    (``*``) let a write guarded by a stale tag go through unguarded. The same for the
+    other headers that must come once, and "01" is not the tag "1"."""
+    order_id = (await place_order(seeded))["id"]
+    changed = await seeded.patch(f"/orders/{order_id}", json={"shipping_address": ADDRESS})
+    assert changed.status_code == 200  # revision 1: the tag "0" is stale
+    head = await container.event_store.head_position()
+    url = f"/orders/{order_id}"
+    json_type = ("content-type", "application/json")
+    body = json.dumps({"shipping_address": ADDRESS}).encode()
+    for headers in (
+        [("If-Match", "*"), ("If-Match", '"0"')],
+        [("If-Match", '"1"'), ("If-Match", '"1"')],
+        [("content-type", "text/plain")],
+    ):
+        response = await seeded.patch(url, content=body, headers=[json_type, *headers])
+        assert_problem(response, 400, "invalid-header")
+    # A second token (httpx would merge it into the client's, so it is added to the request).
+    request = seeded.build_request("PATCH", url, content=body, headers=[json_type])
+    token = seeded.headers["authorization"].encode()
+    request.headers = httpx.Headers([*request.headers.raw, (b"authorization", token)])
+    assert_problem(await seeded.send(request), 400, "invalid-header")
+    placed = json.dumps(order_body()).encode()
+    twice = [json_type, ("Idempotency-Key", "k-1"), ("Idempotency-Key", "k-2")]
+    assert_problem(await seeded.post("/orders", content=placed, headers=twice), 400, "invalid-header")
+    leading_zero = await seeded.patch(url, content=body, headers=[json_type, ("If-Match", '"01"')])
+    assert_problem(leading_zero, 400, "invalid-header")
+    assert await container.event_store.head_position() == head
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["\x00", "\x1b[31mred", "\u202etxt.exe", "two\nlines", "\u200b", "   "],
+    ids=["nul", "escape", "rtl-override", "newline", "zero-width", "blank"],
+)
+async def test_a_cancel_reason_is_printable_text(
+    seeded: httpx.AsyncClient, container: Container, reason: str
+) -> None:
+    order_id = (await place_order(seeded))["id"]
+    head = await container.event_store.head_position()
+    assert_problem(
+        await seeded.delete(f"/orders/{order_id}", params={"reason": reason}), 400, "invalid-parameter"
+    )
+    assert await container.event_store.head_position() == head
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["\u200b", "\u200b\u200d", "a\u2028b", "a\u2029b"],
+    ids=["zwsp", "joiners", "line-sep", "para-sep"],
+)
+async def test_invisible_or_line_breaking_names_are_refused(
+    seeded: httpx.AsyncClient, container: Container, name: str
+) -> None:
+    head = await container.event_store.head_position()
+    body = order_body()
+    body["shipping_address"]["name"] = name
+    assert_problem(await seeded.post("/orders", json=body), 422, "invalid-body")
     assert await container.event_store.head_position() == head
 
 

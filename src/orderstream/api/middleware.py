@@ -4,7 +4,8 @@
 after routing, once per request, and in order:
 
 1. binds the request's correlation id to the logging context
-   (:func:`orderstream.api.correlation.correlation_id`);
+   (:func:`orderstream.api.correlation.correlation_id`), and refuses a header sent
+   twice that must come once (:func:`orderstream.api.plumbing.refuse_repeated_headers`);
 2. checks access (:meth:`orderstream.auth.policy.AccessPolicy.authorize`: the
    route table, the token, the roles, the write rate);
 3. times the request into the latency histogram of its method and route template.
@@ -32,6 +33,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from orderstream.api.correlation import correlation_id
+from orderstream.api.plumbing import refuse_repeated_headers
 from orderstream.auth.policy import AccessPolicy
 from orderstream.logging_setup import bound
 from orderstream.metrics import Metrics
@@ -56,6 +58,7 @@ class RequestMiddleware:
         started = time.perf_counter()
         try:
             with bound(correlation_id=correlation_id(scope)):
+                refuse_repeated_headers(scope["headers"])
                 await self.access.authorize(scope)
                 await self.app(scope, receive, send)
         finally:

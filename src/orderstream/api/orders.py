@@ -29,6 +29,7 @@ from orderstream.api.common import (
 from orderstream.api.plumbing import command_context, etag, parse_if_match, use_cases_of
 from orderstream.api.problems import problem_responses, unprocessable
 from orderstream.api.schemas import (
+    TEXT_PATTERN,
     EventView,
     OrderChange,
     OrderEvents,
@@ -50,7 +51,13 @@ from orderstream.domain import orders
 
 CancelReason = Annotated[
     str | None,
-    QueryParameter(required=False, min_length=1, max_length=200, description="Why the order is cancelled."),
+    QueryParameter(
+        required=False,
+        min_length=1,
+        max_length=200,
+        pattern=TEXT_PATTERN,
+        description="Why the order is cancelled (printable text, as the body's text fields).",
+    ),
 ]
 StatusFilter = Annotated[
     list[OrderStatus] | None,

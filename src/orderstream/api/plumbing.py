@@ -51,9 +51,10 @@ from orderstream.auth.policy import principal_of
 if TYPE_CHECKING:
     from orderstream.application.use_cases import UseCases
 
-IF_MATCH_PATTERN = r'^(\*|"[0-9]{1,18}"|[0-9]{1,18})$'
+IF_MATCH_PATTERN = r'^(\*|"(0|[1-9][0-9]{0,17})"|(0|[1-9][0-9]{0,17}))$'
 """What ``If-Match`` accepts (also written into the OpenAPI document); 18 digits keep
-every revision below the event stores' limits."""
+every revision below the event stores' limits. No leading zero: entity tags compare
+as strings (RFC 9110), so ``"01"`` is not the ``"1"`` we sent."""
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$"
 """1 to 255 visible ASCII characters (also written into the OpenAPI document)."""
 _IDEMPOTENCY_OK = re.compile(IDEMPOTENCY_KEY_PATTERN)
@@ -270,6 +271,28 @@ def _integral_floats_as_ints(value: Any, depth_left: int) -> Any:
 
 
 # -------------------------------------------------------------------------- headers
+
+
+SINGLE_HEADERS = frozenset({b"authorization", b"content-type", b"idempotency-key", b"if-match"})
+"""Headers a request may send once. Sent twice, a framework reads one of them (the
+first for some, the last for others), so ``If-Match: *`` followed by a stale tag went
+through unguarded, and the body's media type depended on the order of the lines."""
+
+
+def refuse_repeated_headers(headers: Any) -> None:
+    """400 when a header of :data:`SINGLE_HEADERS` comes more than once (the raw ASGI
+    headers: names are lower case there)."""
+    seen: set[bytes] = set()
+    for name, _ in headers:
+        if name in SINGLE_HEADERS:
+            if name in seen:
+                shown = name.decode("latin-1").title()
+                raise bad_request(
+                    "invalid-header",
+                    f"{shown} must be sent once.",
+                    errors=[FieldError(message="sent more than once", path=shown, source="header")],
+                )
+            seen.add(name)
 
 
 def parse_if_match(value: str | None) -> int | None:

@@ -35,11 +35,15 @@ Sku = Annotated[
         examples=["SKU-RED-42"],
     ),
 ]
-_NOT_IN_TEXT = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
-"""Control characters (NUL included) and the bidirectional controls (the right-to-left
-override among them) that make a name display as something else."""
-TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*[^\\s{_NOT_IN_TEXT}][^{_NOT_IN_TEXT}]*$"
-"""Printable text with at least one character that is not white space."""
+_NOT_IN_TEXT = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+"""Control characters (NUL included), the line and paragraph separators, and the
+bidirectional controls (the right-to-left override among them) that make a name
+display as something else."""
+_INVISIBLE = r"\u200b-\u200d\u2060\ufeff"
+"""Zero-width characters: allowed inside text (the joiners belong to some scripts
+and emoji), but not as its only content."""
+TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*[^\\s{_NOT_IN_TEXT}{_INVISIBLE}][^{_NOT_IN_TEXT}]*$"
+"""Printable text with at least one visible character (not white space, not zero-width)."""
 OPTIONAL_TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*$"
 
 Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=TEXT_PATTERN, examples=["Red mug"])]
