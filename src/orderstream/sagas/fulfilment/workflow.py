@@ -141,6 +141,10 @@ FENCED_SHIP_CHECK = "fenced-ship-check"
 """``workflow.patched`` id of ``check-shipped`` as a write (``cancel_unless_shipped``)
 rather than a read (``load_order_status``); runs recorded before replay the read
 (:meth:`OrderFulfilment._was_shipped`)."""
+REJECT_FINDS_CANCELLED = "reject-finds-cancelled"
+"""``workflow.patched`` id of ending ``cancelled`` when ``close-order`` went to
+reject the order and found the customer had cancelled it (between the failed
+reservation and the reject); runs recorded before end ``rejected`` there."""
 OUTCOME_COMPLETES = "outcome-completes"
 """``workflow.patched`` id of ending every business outcome as a completed run
 with the ``OrderOutcome`` search attribute (:meth:`OrderFulfilment._end`); runs
@@ -830,14 +834,30 @@ class OrderFulfilment:
             entry = f"{comp.name}: {note}" if note else comp.name
             self._state.compensations.append(entry)
             outcome.compensations.append(entry)
+            if self._cancelled_before_reject(comp.name, note, outcome):
+                outcome.status, outcome.reason = "cancelled", self._cancelled_reason()
         self._compensations.clear()
         self._finish(outcome)
         return outcome
+
+    def _cancelled_before_reject(self, step: str, note: str | None, outcome: FulfilmentOutcome) -> bool:
+        """``close-order`` went to reject the order and found it cancelled: the
+        customer's cancel landed between the failed reservation and the reject (its
+        signal not yet here), so the run ends as the order did, ``cancelled``. Only
+        after a rejection: the saga itself never cancels before it rejects, while
+        after a failed ship its own ``check-shipped`` may have cancelled the order."""
+        return (
+            step == "close-order"
+            and note == "already cancelled"
+            and outcome.status == "rejected"
+            and workflow.patched(REJECT_FINDS_CANCELLED)
+        )
 
     async def _compensate_and_end(self, status: OutcomeStatus, reason: str) -> FulfilmentOutcome:
         """Compensate; then complete with the outcome, unless a compensation
         failed (a human must finish it): then fail with ``CompensationFailed``."""
         outcome = await self._compensate(status, reason)
+        status, reason = outcome.status, outcome.reason or reason  # a reject may find the order cancelled
         completes = self._end(FAILED if outcome.compensation_failures else status)
         if completes and not outcome.compensation_failures:
             return outcome
