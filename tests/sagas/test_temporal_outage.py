@@ -10,7 +10,10 @@ the order ships.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +22,7 @@ import httpx
 import pytest
 
 from orderstream.api.app import create_app
+from orderstream.api.ops import PROBE_TIMEOUT
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
 from orderstream.bootstrap import build
@@ -38,6 +42,20 @@ pytestmark = [pytest.mark.temporal, pytest.mark.asyncio(loop_scope="session")]
 def _saga(port: int) -> FulfilmentSaga:
     temporal = TemporalSettings(address=f"127.0.0.1:{port}")
     return FulfilmentSaga(FulfilmentSettings(temporal=temporal, task_queue=f"test-{uuid.uuid4().hex}"))
+
+
+def _dev_server_pid(port: int) -> int:
+    """The pid of the dev server listening on ``port`` (``temporal server start-dev --port N``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "start-dev" in argv and "--port" in argv and argv[argv.index("--port") + 1 :][:1] == [str(port)]:
+            found.append(int(entry.name))
+    assert len(found) == 1, found
+    return found[0]
 
 
 def _free_port() -> int:
@@ -177,3 +195,62 @@ async def test_the_sagas_survive_temporal_going_away_and_coming_back(
         await container.close()
         if dev_server is not None:
             await dev_server.shutdown()
+
+
+async def test_a_hung_temporal_costs_ready_and_metrics_one_probe_timeout(tmp_path: Path) -> None:
+    """A Temporal that hangs (stopped, not gone: its port still accepts) made /ready and
+    /metrics wait for the connection check and then again for the count of running
+    sagas: twice the 2 s probe timeout. Found in a hostile run with SIGSTOP; made here
+    the same way."""
+    port = _free_port()
+    _address, dev_server = await start_dev_server(
+        tmp_path / "temporal", port=port, ui=False, search_attributes=SEARCH_ATTRIBUTES
+    )
+    saga = _saga(port)
+    container = await build(Settings(data_dir=tmp_path / "data"), saga=saga)
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_services(await saga.services(container), stop))
+    transport = httpx.ASGITransport(app=cast("Any", create_app(container)))
+    http = httpx.AsyncClient(
+        transport=transport, base_url="http://test", timeout=WAIT, headers=admin_headers(container.settings)
+    )
+    pid = _dev_server_pid(port)
+    try:
+
+        async def connected() -> bool:
+            body = (await http.get("/ready")).json()
+            return bool(body["sagas"]["temporal"]["status"] == "connected")
+
+        await eventually(connected, what="the saga services to connect")
+        client = cast("Any", saga.client)
+        counted = 0
+        count = client.running_workflows
+
+        async def counting() -> int:
+            nonlocal counted
+            counted += 1
+            return int(await count())
+
+        client.running_workflows = counting
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for path in ("/ready", "/metrics"):
+                started = time.monotonic()
+                answer = await http.get(path)
+                took = time.monotonic() - started
+                assert answer.status_code == 200, answer.text
+                assert took < PROBE_TIMEOUT + 1.5, (path, took)  # was twice the timeout, ~4 s
+            ready = (await http.get("/ready")).json()
+            assert ready["sagas"]["temporal"]["status"] == "unreachable"
+            assert ready["sagas"]["workflows_running"] is None
+            assert counted == 0  # the link failed its check: no second wait on it
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await eventually(connected, what="the link to come back after SIGCONT")
+        assert counted >= 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, WAIT)
+        await http.aclose()
+        await container.close()
+        await dev_server.shutdown()

@@ -167,11 +167,14 @@ class FulfilmentSaga:
             log.warning("saga trigger status failed: %s", exc)
             return SagaReadiness(error=type(exc).__name__, temporal=temporal)
         running: int | None = None
-        if self.client is not None:
+        # Counted only over a link just seen working: after a failed check (a Temporal
+        # that hangs rather than refuses) the count would wait ``within`` again, and
+        # /ready and /metrics took twice their probe timeout.
+        if self.client is not None and (temporal is None or temporal.status == "connected"):
             try:
                 running = await asyncio.wait_for(self.client.running_workflows(), within)
             except Exception as exc:  # Temporal down: the lag in the store is still worth reporting
-                log.warning("saga workflow count failed: %s", exc)
+                log.warning("saga workflow count failed: %s", repr(exc))
         container.metrics.set_saga(info.lag_events, info.in_flight, info.parked, running)
         oldest = None
         if info.parked:
