@@ -8,6 +8,7 @@ concurrency holds across processes); SIGTERM to the first process drains both wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -25,7 +26,7 @@ import pytest
 from orderstream.domain import orders
 from tests.api.helpers import order_body
 from tests.api.test_cli import _env
-from tests.tokens import admin_headers
+from tests.tokens import admin_headers, bearer, token_for
 
 PRODUCT = {"sku": "SKU-1", "name": "Mug", "price": {"amount": 100, "currency": "EUR"}}
 ACCESS_LINE = re.compile(r"\"(\w+) (\S+) HTTP/1\.1\" (\d+)")
@@ -34,6 +35,13 @@ ACCESS_LINE = re.compile(r"\"(\w+) (\S+) HTTP/1\.1\" (\d+)")
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
     """``orderstream api --workers 2`` with access logs (each line carries its pid)."""
+    with started_two_workers(tmp_path) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def started_two_workers(tmp_path: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+    """The process of :func:`two_workers`, with ``env`` added to its environment."""
     data_dir = tmp_path / "data"
     options = ["--data-dir", str(data_dir), "--access-log"]
     stderr = (tmp_path / "stderr.log").open("w")
@@ -42,7 +50,7 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Pa
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
-        env=_env(),
+        env={**_env(), **env},
     )
     assert process.stdout is not None
     url = None
@@ -198,3 +206,23 @@ def test_a_worker_stops_when_the_first_process_dies(
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, workers))
+
+
+async def test_the_write_rate_limit_holds_across_both_workers(tmp_path: Path) -> None:
+    """Counted in each process's memory, one identity got the limit once per worker:
+    240 writes a minute through the default two (a hostile run). The counts are the
+    data dir's now: 10 a minute means 10, whichever worker takes each connection."""
+    with started_two_workers(tmp_path, ORDERSTREAM_WRITE_RATE_LIMIT="10/minute") as (process, url, data_dir):
+        workers = workers_of(process.pid)
+        customer = bearer(token_for(data_dir, "customer", customer_id="cust-4"))
+        statuses = []
+        for _ in range(30):  # one connection per request: both workers take some
+            async with httpx.AsyncClient(base_url=url, timeout=60, headers=customer) as client:
+                statuses.append((await client.post("/orders", json={})).status_code)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+    assert statuses[:10] == [422] * 10  # counted, then refused for the body
+    assert statuses[10:] == [429] * 20
+    by_process = served_by(tmp_path / "stderr.log", "POST", "/orders")
+    assert set(by_process) == set(workers), f"one worker took every connection: {by_process}"

@@ -12,7 +12,9 @@ called by the API's request middleware (:mod:`orderstream.api.middleware`), and:
    role that lets the caller in is ``customer`` answers 404 for another
    customer's order, the same answer as for an order that does not exist, so
    order ids cannot be probed;
-5. counts the caller's writes against the per-identity rate limit (429).
+5. counts the caller's writes against the per-identity rate limit (429), in the
+   data dir's ``rate-limits.db``, which every API process serving it shares
+   (:mod:`orderstream.auth.rate_counts`).
 
 Why a middleware and not a Litestar guard: Litestar hands every guard call a
 ``copy()`` of the route handler (``BaseRouteHandler.authorize_connection``), which
@@ -43,6 +45,7 @@ from litestar.types import Scope
 from orderstream.api.problems import ApiError
 from orderstream.application.queries import Queries
 from orderstream.auth.principal import ANONYMOUS, Principal, Role
+from orderstream.auth.rate_counts import SharedRateCounts
 from orderstream.auth.verifier import InvalidToken, KeysUnavailable, TokenVerifier
 from orderstream.config import Settings, parse_rate
 from orderstream.domain.common import NotFound
@@ -107,7 +110,8 @@ class AccessPolicy:
             self.routes["metrics"] = PUBLIC
         self._queries = queries
         self._rate = _rate_item(settings.write_rate_limit)
-        self._limiter = limits.strategies.MovingWindowRateLimiter(limits.storage.MemoryStorage())
+        self._data_dir = settings.data_dir
+        self._limiter: limits.strategies.MovingWindowRateLimiter | None = None
 
     def needs_token(self, operation_id: str) -> bool:
         return self.enabled and self.routes.get(operation_id, ANYONE) != PUBLIC
@@ -181,7 +185,11 @@ class AccessPolicy:
             raise NotFound("order", order_id)
 
     def _count_write(self, principal: Principal) -> None:
-        if self._rate is None or self._limiter.hit(self._rate, principal.subject):
+        if self._rate is None:
+            return
+        if self._limiter is None:  # the shared counts, opened on the first write counted
+            self._limiter = limits.strategies.MovingWindowRateLimiter(SharedRateCounts(self._data_dir))
+        if self._limiter.hit(self._rate, principal.subject):
             return
         reset_at, _remaining = self._limiter.get_window_stats(self._rate, principal.subject)
         retry_after = max(1, math.ceil(reset_at - time.time()))
