@@ -121,6 +121,14 @@ async def test_customers_see_and_touch_only_their_own_orders(shop: Any) -> None:
         assert problem["type"] == missing.json()["type"]  # the same answer as a missing order
     assert len(await container.event_store.read_stream(orders.stream_name(theirs))) == 1
 
+    # A path that is no order id is the route's 400 for a customer as for support, not a 404
+    # from the ownership check (which echoed the raw id, NUL and newline included).
+    support = await idp.headers("sam")
+    for bad in ("a%20b", "%00", "a%0Ab", "x" * 101):
+        for who in (alice, support):
+            answer = await client.get(f"/orders/{bad}", headers=who)
+            assert_problem(answer, 400, "invalid-parameter")
+
     # placing an order for another customer: 403, nothing written
     head = await container.event_store.head_position()
     assert_problem(await client.post("/orders", json=order_body(customer_id="cust-alice"), headers=bob), 403)

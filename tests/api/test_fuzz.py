@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode, checks
 from schemathesis.generation.meta import negated_parameters
 
-from orderstream.api.common import ORDER_ID_PATTERN
+from orderstream.api.schemas import ORDER_ID_PATTERN
 from tests.api.helpers import order_body
 from tests.tokens import admin_headers
 

@@ -11,10 +11,9 @@ from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from orderstream.api.plumbing import IDEMPOTENCY_KEY_PATTERN, IF_MATCH_PATTERN, etag
-from orderstream.api.schemas import SKU_PATTERN, WriteResult
+from orderstream.api.schemas import ORDER_ID_PATTERN, SKU_PATTERN, WriteResult
 from orderstream.application.commands import CommandResult
 
-ORDER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]+={0,2}$"
 """Cursors are URL-safe base64 (the SQLite store drops the padding, Elasticsearch's keeps it)."""
 

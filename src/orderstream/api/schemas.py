@@ -19,6 +19,8 @@ from msgspec import Meta
 
 from orderstream.domain import inventory, orders
 
+ORDER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+"""An order id, as the path of every order route takes it."""
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_LINES = orders.MAX_LINES
 MAX_QUANTITY = orders.MAX_QUANTITY
