@@ -554,6 +554,9 @@ async def _started(server: EmbeddedServer, task: asyncio.Task[None]) -> int:
 @click.version_option(package_name="orderstream")
 def main() -> None:
     """orderstream: an event-sourced CQRS order service."""
+    # What orderstream writes (the event store, the read model, Temporal's state, the
+    # rate counts, secrets) holds customers' names and addresses: its user's alone.
+    os.umask(0o077)
 
 
 def _http_options(fn: F) -> F:

@@ -221,3 +221,16 @@ async def test_operator_commands(tmp_path: Path) -> None:
     unknown = orderstream("projections", "rebuild", "nope", *common)
     assert unknown.returncode == 2
     assert "known: orders, products" in unknown.stderr
+
+
+def test_what_orderstream_writes_is_its_users_alone(tmp_path: Path) -> None:
+    """The stores hold customers' names and addresses: no other user of the machine may
+    read them (they were created 0644 under the usual umask 022)."""
+    data_dir = tmp_path / "data"
+    result = orderstream("events", "read", "order-x", "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    written = [data_dir, *data_dir.iterdir()]
+    assert {p.name for p in written} >= {"data", "events.db", "read.db"}
+    for path in written:
+        mode = path.stat().st_mode & 0o777
+        assert mode & 0o077 == 0, (path.name, oct(mode))
