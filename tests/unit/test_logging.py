@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.exceptions import ApplicationError
 
 from orderstream import logging_setup
 from orderstream.application.commands import CommandContext
@@ -285,3 +286,28 @@ def test_a_traceback_shows_no_local_variables(fmt: logging_setup.LogFormat) -> N
     assert "bad claims in a token of" in logged
     assert "handle" in logged  # the frame is there
     assert secret not in logged
+
+
+def test_a_saga_steps_business_refusal_is_one_line_without_its_traceback(captured: Captured) -> None:
+    """The SDK logs each failed activity with its traceback; a non-retryable
+    ApplicationError (out of stock) is the step's answer: one line. A retryable
+    failure keeps its traceback."""
+    activity_log = logging.getLogger("temporalio.activity")
+    for error in (
+        ApplicationError(
+            "insufficient stock of TEA: 100% gone", type="InsufficientStock", non_retryable=True
+        ),
+        ApplicationError("gateway timed out", type="Unavailable"),
+    ):
+        try:
+            raise error
+        except ApplicationError:
+            activity_log.warning(
+                "Completing activity as failed (%s)", {"activity_type": "reserve"}, exc_info=True
+            )
+    refusal, retryable = [r for r in captured.records() if r["logger"] == "temporalio.activity"]
+    assert "exception" not in refusal
+    assert refusal["message"].endswith(": InsufficientStock: insufficient stock of TEA: 100% gone")
+    assert "'activity_type': 'reserve'" in refusal["message"]
+    assert retryable["exception"][0]["exc_value"].endswith("gateway timed out")  # the traceback is kept
+    assert retryable["exception"][0]["frames"]
