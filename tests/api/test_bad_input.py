@@ -157,6 +157,11 @@ async def test_bad_stock_additions(
 
 
 PRODUCT_CASES: list[tuple[str, Any]] = [
+    ("sku with a final newline", {"sku": "SKU-9\n", "name": "n", "price": {"amount": 1, "currency": "EUR"}}),
+    (
+        "name with a final newline",
+        {"sku": "SKU-9", "name": "Red mug\n", "price": {"amount": 1, "currency": "EUR"}},
+    ),
     ("bad currency", {"sku": "SKU-9", "name": "n", "price": {"amount": 1, "currency": "eur"}}),
     ("negative price", {"sku": "SKU-9", "name": "n", "price": {"amount": -1, "currency": "EUR"}}),
     ("bad sku", {"sku": "-x", "name": "n", "price": {"amount": 1, "currency": "EUR"}}),
@@ -222,8 +227,8 @@ async def test_a_header_sent_twice_is_refused_not_half_read(
 
 @pytest.mark.parametrize(
     "reason",
-    ["\x00", "\x1b[31mred", "\u202etxt.exe", "two\nlines", "\u200b", "   "],
-    ids=["nul", "escape", "rtl-override", "newline", "zero-width", "blank"],
+    ["\x00", "\x1b[31mred", "\u202etxt.exe", "two\nlines", "\u200b", "   ", "changed my mind\n"],
+    ids=["nul", "escape", "rtl-override", "newline", "zero-width", "blank", "final-newline"],
 )
 async def test_a_cancel_reason_is_printable_text(
     seeded: httpx.AsyncClient, container: Container, reason: str
@@ -275,6 +280,7 @@ async def test_bad_list_queries_are_400(seeded: httpx.AsyncClient, query: dict[s
 
 async def test_bad_path_and_query_values(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/orders/not%20an%20id"), 400, "invalid-parameter")
+    assert_problem(await client.get("/orders/abc%0A"), 400, "invalid-parameter")  # a final newline
     assert_problem(await client.get("/orders/x/state", params={"revision": "-1"}), 400, "invalid-parameter")
     assert_problem(await client.get("/no-such-route"), 404, "no-such-route")
     assert_problem(await client.put("/orders"), 405, "method-not-allowed")

@@ -609,6 +609,8 @@ async def test_webhook_validation(make_saga: SagaFactory) -> None:
     assert wrong.status_code == 422
     no_event_id = await saga.webhook("", {"event_id": "", "status": "authorised"}, payment_id="p1")
     assert no_event_id.status_code == 422
+    final_newline = await saga.webhook("", {"event_id": "evt-1\n", "status": "authorised"}, payment_id="p1")
+    assert final_newline.status_code == 422
 
 
 async def test_cancelled_right_after_placing_reserves_nothing_in_the_end(make_saga: SagaFactory) -> None:

@@ -14,7 +14,7 @@ from orderstream.api.plumbing import IDEMPOTENCY_KEY_PATTERN, IF_MATCH_PATTERN, 
 from orderstream.api.schemas import ORDER_ID_PATTERN, SKU_PATTERN, WriteResult
 from orderstream.application.commands import CommandResult
 
-CURSOR_PATTERN = r"^[A-Za-z0-9_-]+={0,2}$"
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+={0,2}$(?![\s\S])"
 """Cursors are URL-safe base64 (the SQLite store drops the padding, Elasticsearch's keeps it)."""
 
 IfMatch = Annotated[

@@ -51,11 +51,11 @@ from orderstream.auth.policy import principal_of
 if TYPE_CHECKING:
     from orderstream.application.use_cases import UseCases
 
-IF_MATCH_PATTERN = r'^(\*|"(0|[1-9][0-9]{0,17})"|(0|[1-9][0-9]{0,17}))$'
+IF_MATCH_PATTERN = r'^(\*|"(0|[1-9][0-9]{0,17})"|(0|[1-9][0-9]{0,17}))$(?![\s\S])'
 """What ``If-Match`` accepts (also written into the OpenAPI document); 18 digits keep
 every revision below the event stores' limits. No leading zero: entity tags compare
 as strings (RFC 9110), so ``"01"`` is not the ``"1"`` we sent."""
-IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$"
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$(?![\s\S])"
 """1 to 255 visible ASCII characters (also written into the OpenAPI document)."""
 _IDEMPOTENCY_OK = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _IF_MATCH = re.compile(IF_MATCH_PATTERN)

@@ -19,9 +19,13 @@ from msgspec import Meta
 
 from orderstream.domain import inventory, orders
 
-ORDER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# Every pattern ends ``$(?![\s\S])``, not ``$``: msgspec and Litestar match with
+# ``re.search``, where ``$`` also matches before a final newline, so "SKU-1\n" was
+# accepted as a SKU (and "Red mug\n" as a name). The lookahead means "the true end"
+# in Python's regex and in ECMA-262's alike, so the OpenAPI document keeps it.
+ORDER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$(?![\s\S])"
 """An order id, as the path of every order route takes it."""
-SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$(?![\s\S])"
 MAX_LINES = orders.MAX_LINES
 MAX_QUANTITY = orders.MAX_QUANTITY
 MAX_STOCK_ADD = inventory.MAX_STOCK_ADD
@@ -44,16 +48,16 @@ display as something else."""
 _INVISIBLE = r"\u200b-\u200d\u2060\ufeff"
 """Zero-width characters: allowed inside text (the joiners belong to some scripts
 and emoji), but not as its only content."""
-TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*[^\\s{_NOT_IN_TEXT}{_INVISIBLE}][^{_NOT_IN_TEXT}]*$"
+TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*[^\\s{_NOT_IN_TEXT}{_INVISIBLE}][^{_NOT_IN_TEXT}]*$(?![\\s\\S])"
 """Printable text with at least one visible character (not white space, not zero-width)."""
-OPTIONAL_TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*$"
+OPTIONAL_TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*$(?![\\s\\S])"
 
 Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=TEXT_PATTERN, examples=["Red mug"])]
 Text = Annotated[str, Meta(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
 OptionalText = Annotated[str, Meta(max_length=200, pattern=OPTIONAL_TEXT_PATTERN)]
 CustomerId = Annotated[
     str,
-    Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}$", max_length=100, examples=["cust-0001"]),
+    Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}$(?![\s\S])", max_length=100, examples=["cust-0001"]),
 ]
 Amount = Annotated[int, Meta(ge=0, le=10**12, description="Integer minor units (cents).", examples=[1250])]
 CURRENCY_CODES = tuple(sorted(c.code for c in iso4217.Currency if c.exponent is not None))

@@ -61,14 +61,14 @@ from orderstream.sagas.fulfilment.payment_gateway import (
 PaymentIdPath = Annotated[
     str,
     PathParameter(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$(?![\s\S])",
         max_length=100,
         description="The payment's id (`payment_id` in `GET /orders/{id}/fulfilment`).",
     ),
 ]
-PaymentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+PaymentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$(?![\s\S])")]
 Note = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-EventId = Annotated[str, msgspec.Meta(pattern=r"^[!-~]{1,200}$")]
+EventId = Annotated[str, msgspec.Meta(pattern=r"^[!-~]{1,200}$(?![\s\S])")]
 SignatureHeader = Annotated[
     str,
     HeaderParameter(
