@@ -47,7 +47,7 @@ from orderstream.api.problems import ApiError
 from orderstream.api.schemas import ORDER_ID_PATTERN
 from orderstream.application.queries import Queries
 from orderstream.auth.principal import ANONYMOUS, Principal, Role
-from orderstream.auth.rate_counts import SharedRateCounts
+from orderstream.auth.rate_counts import rate_counts
 from orderstream.auth.verifier import InvalidToken, KeysUnavailable, TokenVerifier
 from orderstream.config import Settings, parse_rate
 from orderstream.domain.common import NotFound
@@ -193,7 +193,7 @@ class AccessPolicy:
         if self._rate is None:
             return
         if self._limiter is None:  # the shared counts, opened on the first write counted
-            self._limiter = limits.strategies.MovingWindowRateLimiter(SharedRateCounts(self._data_dir))
+            self._limiter = limits.strategies.MovingWindowRateLimiter(rate_counts(self._data_dir))
         if self._limiter.hit(self._rate, principal.subject):
             return
         reset_at, _remaining = self._limiter.get_window_stats(self._rate, principal.subject)
