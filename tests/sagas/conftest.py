@@ -32,6 +32,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, Work
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 from orderstream.api.app import create_app
 from orderstream.application import webhook_signature
@@ -43,12 +44,14 @@ from orderstream.container import Container
 from orderstream.domain import inventory, orders, payments
 from orderstream.domain.common import Money
 from orderstream.eventstore.base import RecordedEvent
+from orderstream.sagas.fulfilment.activities import FulfilmentActivities
 from orderstream.sagas.fulfilment.client import FulfilmentClient
 from orderstream.sagas.fulfilment.inputs import SEARCH_ATTRIBUTES, payment_id_for, workflow_id_for
 from orderstream.sagas.fulfilment.payment_gateway import SandboxPaymentGateway
 from orderstream.sagas.fulfilment.saga import FulfilmentSaga
 from orderstream.sagas.fulfilment.trigger import SagaTrigger
-from orderstream.sagas.fulfilment.worker import run_worker
+from orderstream.sagas.fulfilment.worker import WORKFLOW_RUNNER, run_worker
+from orderstream.sagas.fulfilment.workflow import OrderFulfilment
 from orderstream.sagas.runtime import TemporalBinaryNotFound, start_dev_server, temporal_cli_path
 from tests.tokens import admin_headers
 
@@ -130,6 +133,19 @@ class SagaHarness:
         return self.container.settings.event_store_url
 
     # ------------------------------------------------------------------- setup
+
+    def worker_with(self, activities: FulfilmentActivities, **options: Any) -> Worker:
+        """A worker of this harness's task queue running ``activities`` (a test's
+        subclass that holds or fails a step); ``async with`` it. ``options``: more
+        :class:`~temporalio.worker.Worker` arguments (interceptors)."""
+        return Worker(
+            self.env.client,
+            task_queue=self.task_queue,
+            workflows=[OrderFulfilment],
+            workflow_runner=WORKFLOW_RUNNER,
+            activities=activities.all(),
+            **options,
+        )
 
     def start_worker(self, stop: asyncio.Event | None = None) -> asyncio.Task[None]:
         uc = self.container.use_cases

@@ -17,7 +17,7 @@ from collections import Counter
 import msgspec
 import pytest
 from temporalio import activity
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Replayer
 
 from orderstream.application.commands import CommandContext
 from orderstream.application.use_cases import LineRequest
@@ -202,13 +202,7 @@ async def test_lines_that_keep_changing_are_given_up_on_and_compensated(make_sag
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 1))
     acts = CustomerKeepsChangingTheLines(saga.container.use_cases, saga.gateway)
-    worker = Worker(
-        saga.env.client,
-        task_queue=saga.task_queue,
-        workflows=[OrderFulfilment],
-        workflow_runner=WORKFLOW_RUNNER,
-        activities=acts.all(),
-    )
+    worker = saga.worker_with(acts)
     async with worker:
         outcome = await asyncio.wait_for(saga.outcome(order_id), WAIT)
 

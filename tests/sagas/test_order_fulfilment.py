@@ -10,7 +10,7 @@ import pytest
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker, WorkflowRunner
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from orderstream.domain.common import IllegalTransition, Money
@@ -346,16 +346,6 @@ class NoWordFromShipping(FulfilmentActivities):
         raise ApplicationError("no answer", type="Timeout", non_retryable=True)
 
 
-def _worker(saga: SagaHarness, acts: FulfilmentActivities) -> Worker:
-    return Worker(
-        saga.env.client,
-        task_queue=saga.task_queue,
-        workflows=[OrderFulfilment],
-        workflow_runner=WORKFLOW_RUNNER,
-        activities=acts.all(),
-    )
-
-
 async def _assert_replays(saga: SagaHarness, order_id: str) -> None:
     history = await saga.handle(order_id).fetch_history()
     result = await Replayer(workflows=[OrderFulfilment], workflow_runner=WORKFLOW_RUNNER).replay_workflow(
@@ -368,7 +358,7 @@ async def test_ship_refused_for_good_compensates(make_saga: SagaFactory) -> None
     saga = await make_saga(worker=False)
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
-    async with _worker(saga, ShippingRefused(saga.container.use_cases, saga.gateway)):
+    async with saga.worker_with(ShippingRefused(saga.container.use_cases, saga.gateway)):
         outcome = await saga.outcome(order_id)
         status = await saga.status(order_id)
 
@@ -397,7 +387,7 @@ async def test_a_capture_failing_after_ship_still_ships(make_saga: SagaFactory, 
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
     gateway = CaptureFails(1, for_good=for_good)
-    async with _worker(saga, FulfilmentActivities(saga.container.use_cases, gateway)):
+    async with saga.worker_with(FulfilmentActivities(saga.container.use_cases, gateway)):
         outcome = await saga.outcome(order_id)
         status = await saga.status(order_id)
 
@@ -420,7 +410,7 @@ async def test_a_capture_refused_for_good_after_ship_fails_the_run_and_undoes_no
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
     gateway = CaptureFails(1_000, for_good=True)
-    async with _worker(saga, FulfilmentActivities(saga.container.use_cases, gateway)):
+    async with saga.worker_with(FulfilmentActivities(saga.container.use_cases, gateway)):
         handle = await saga.started(order_id)
         with pytest.raises(WorkflowFailureError) as failed:
             await asyncio.wait_for(handle.result(), WAIT)
@@ -446,7 +436,7 @@ async def test_no_word_from_the_ship_activity_asks_the_order_by_cancelling_it(
     order_id = await saga.place("tok_approve", ("MUG", 2))
     acts = NoWordFromShipping(saga.container.use_cases, saga.gateway)
     acts.ships = ships
-    async with _worker(saga, acts):
+    async with saga.worker_with(acts):
         outcome = await saga.outcome(order_id)
         status = await saga.status(order_id)
 
@@ -504,7 +494,7 @@ async def test_a_shipment_committing_after_the_ship_check_cannot_ship_a_released
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
     acts = LateShipment(saga.container.use_cases, saga.gateway)
-    async with _worker(saga, acts):
+    async with saga.worker_with(acts):
         outcome = await saga.outcome(order_id)
 
     assert acts.late_ship_refused == "IllegalTransition"
@@ -553,7 +543,7 @@ async def test_a_run_re_executing_after_its_check_does_not_blame_the_customer(ma
     order_id = await saga.place("tok_approve", ("MUG", 2))
     acts = RerunAfterTheCheck(saga.container.use_cases, saga.gateway)
     acts.client = saga.env.client
-    async with _worker(saga, acts):
+    async with saga.worker_with(acts):
         outcome = await saga.outcome(order_id)
 
     assert acts.attempts == 2  # the re-run happened

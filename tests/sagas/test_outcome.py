@@ -16,7 +16,7 @@ import pytest
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus, WorkflowHistory
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Replayer
 
 from orderstream.sagas.fulfilment.activities import FulfilmentActivities
 from orderstream.sagas.fulfilment.inputs import COMPENSATION_FAILED, ORDER_OUTCOME_ATTRIBUTE, StockArgs
@@ -130,14 +130,7 @@ async def test_a_failed_compensation_fails_the_run_for_a_human(make_saga: SagaFa
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_decline", ("MUG", 1))
     acts = ReleaseRefused(saga.container.use_cases, saga.gateway)
-    worker = Worker(
-        saga.env.client,
-        task_queue=saga.task_queue,
-        workflows=[OrderFulfilment],
-        workflow_runner=WORKFLOW_RUNNER,
-        activities=acts.all(),
-        interceptors=[SagaOutcomeMetrics(saga.container.metrics)],
-    )
+    worker = saga.worker_with(acts, interceptors=[SagaOutcomeMetrics(saga.container.metrics)])
     async with worker:
         outcome = await saga.outcome(order_id)
 

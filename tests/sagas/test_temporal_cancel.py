@@ -17,7 +17,7 @@ import pytest
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Replayer
 
 from orderstream.application.commands import CommandContext
 from orderstream.domain.common import Money
@@ -135,13 +135,7 @@ async def test_cancelled_while_shipping_ships_captures_and_commits(make_saga: Sa
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
     acts = SlowShipping(saga.container.use_cases, saga.gateway)
-    worker = Worker(
-        saga.env.client,
-        task_queue=saga.task_queue,
-        workflows=[OrderFulfilment],
-        workflow_runner=WORKFLOW_RUNNER,
-        activities=acts.all(),
-    )
+    worker = saga.worker_with(acts)
     async with worker:
         await saga.reach_step(order_id, "ship-order")
         await saga.handle(order_id).cancel()
@@ -155,13 +149,7 @@ async def test_cancelled_while_shipping_fails_compensates_and_ends_cancelled(mak
     await saga.product("MUG", 10)
     order_id = await saga.place("tok_approve", ("MUG", 2))
     acts = ShippingRefused(saga.container.use_cases, saga.gateway)
-    worker = Worker(
-        saga.env.client,
-        task_queue=saga.task_queue,
-        workflows=[OrderFulfilment],
-        workflow_runner=WORKFLOW_RUNNER,
-        activities=acts.all(),
-    )
+    worker = saga.worker_with(acts)
     async with worker:
         await saga.reach_step(order_id, "ship-order")
         handle = saga.handle(order_id)
@@ -203,13 +191,7 @@ async def test_a_reject_that_finds_the_order_cancelled_ends_cancelled(make_saga:
     await saga.product("TEA", 1)
     order_id = await saga.place("tok_approve", ("TEA", 3))
     acts = CustomerCancelsFirst(saga.container.use_cases, saga.gateway)
-    worker = Worker(
-        saga.env.client,
-        task_queue=saga.task_queue,
-        workflows=[OrderFulfilment],
-        workflow_runner=WORKFLOW_RUNNER,
-        activities=acts.all(),
-    )
+    worker = saga.worker_with(acts)
     async with worker:
         outcome = await saga.outcome(order_id)
 
