@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
+from orderstream.api.problems import problem_responses
 from orderstream.api.schemas import Health, ProjectionReadiness, Readiness, SagaReadiness
 from orderstream.application.group_status import state_of
 from orderstream.container import Container
@@ -68,7 +69,13 @@ class OpsController(Controller):
     path = "/"
     tags = ["operations"]
 
-    @get("/health", operation_id="health", summary="Liveness: the process answers")
+    # 400 on every route: a header that must come once, sent twice (api/plumbing.py).
+    @get(
+        "/health",
+        operation_id="health",
+        summary="Liveness: the process answers",
+        responses=problem_responses(400),
+    )
     async def health(self) -> Health:
         return Health("ok")
 
@@ -81,11 +88,12 @@ class OpsController(Controller):
         "projection's `state`, parked events and, while rebuilding, `rebuild_progress` say more. "
         "The sagas' lag is reported, not judged.",
         responses={
+            **problem_responses(400),
             503: ResponseSpec(
                 data_container=Readiness,
                 description="A store does not answer (same body).",
                 generate_examples=False,
-            )
+            ),
         },
     )
     async def ready(self, container: NamedDependency[Container]) -> Response[Readiness]:
@@ -123,6 +131,7 @@ class OpsController(Controller):
         operation_id="metrics",
         summary="Prometheus metrics (text exposition format)",
         media_type="text/plain; version=0.0.4; charset=utf-8",
+        responses=problem_responses(400),
     )
     async def metrics(self, container: NamedDependency[Container]) -> Response[bytes]:
         try:
