@@ -39,6 +39,8 @@ class Served:
     process: subprocess.Popen[bytes]
     token: str
     """An admin bearer token of the served process's local issuer; no log line may hold it."""
+    web_ui: str
+    """The Web UI of its embedded Temporal dev server."""
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {self.token}"})
@@ -76,14 +78,14 @@ def served(
     """Start ``orderstream serve``, yield once ``/health`` answers, then SIGTERM it and
     wait for its graceful shutdown (Temporal dev server included). ``workers=None``:
     serve's default (2 API worker processes and a saga worker process on 2+ cores)."""
-    port = free_port()
+    port, ui_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERSTREAM_", "TEMPORAL_"))}
     env.update(
         PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")]),
         PYTHONUNBUFFERED="1",
         ORDERSTREAM_LOG_FORMAT="json",
         ORDERSTREAM_TEMPORAL_DEV_PORT=str(free_port()),
-        ORDERSTREAM_TEMPORAL_UI_PORT=str(free_port()),
+        ORDERSTREAM_TEMPORAL_UI_PORT=str(ui_port),
         **(extra_env or {}),
     )
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def served(
                     break
             assert time.monotonic() < deadline, f"serve did not answer in 90 s; see {log}"
             time.sleep(0.3)
-        yield Served(url, log, process, token_for(tmp_path / "data"))
+        yield Served(url, log, process, token_for(tmp_path / "data"), f"http://localhost:{ui_port}")
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -351,9 +351,10 @@ class ApiWorkerProcess:
     meanwhile. The worker watches our pid and stops if we die without telling it.
     """
 
-    def __init__(self, index: int, argv: list[str]) -> None:
+    def __init__(self, index: int, argv: list[str], env: dict[str, str]) -> None:
         self.index = index
         self.argv = argv
+        self.env = env
         self.ready = asyncio.Event()
 
     @property
@@ -361,7 +362,7 @@ class ApiWorkerProcess:
         return f"api-worker-{self.index}"
 
     async def run(self, stop: asyncio.Event) -> None:
-        await run_child_process(self.name, self.argv, stop, on_line=self._line)
+        await run_child_process(self.name, self.argv, stop, env=self.env, on_line=self._line)
 
     def _line(self, line: str) -> None:
         """The worker's stdout into our log; its ``listening on`` line makes us ready."""
@@ -387,6 +388,16 @@ def worker_argv(
     if not settings.auth_enabled:
         argv.append("--no-auth")
     return argv
+
+
+def worker_env(saga: FulfilmentSaga) -> dict[str, str]:
+    """The environment of an API worker: ours, and the Web UI that our saga's status
+    links point to (a worker given only the dev server's address could not know that
+    its Web UI runs here too)."""
+    env = dict(os.environ)
+    if saga.web_ui_url is not None:
+        env["ORDERSTREAM_TEMPORAL_UI_URL"] = saga.web_ui_url
+    return env
 
 
 class ParentWatch:
@@ -449,7 +460,8 @@ async def run_process(
                 argv = worker_argv(
                     settings, *listen, access_log=access_log, temporal_address=saga.temporal_address
                 )
-                api_workers = [ApiWorkerProcess(i, argv) for i in range(1, workers + 1)]
+                env = worker_env(saga)
+                api_workers = [ApiWorkerProcess(i, argv, env) for i in range(1, workers + 1)]
                 services += api_workers
             elif listen is not None and worker_of is not None:
                 sock = shared_port_socket(*listen, listen=True)

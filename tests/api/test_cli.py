@@ -18,8 +18,10 @@ import pytest
 from orderstream.bootstrap import build
 from orderstream.config import Settings
 from orderstream.domain import orders
+from orderstream.sagas.fulfilment.inputs import workflow_id_for
 from projections import product_stock
 from tests.api.helpers import order_body
+from tests.served import served
 from tests.tokens import admin_headers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,3 +236,18 @@ def test_what_orderstream_writes_is_its_users_alone(tmp_path: Path) -> None:
     for path in written:
         mode = path.stat().st_mode & 0o777
         assert mode & 0o077 == 0, (path.name, oct(mode))
+
+
+@pytest.mark.temporal
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="serve runs one process below 2 cores")
+def test_every_api_worker_of_serve_links_to_the_dev_servers_web_ui(tmp_path: Path) -> None:
+    """``serve`` gives its API worker processes the dev server's address; they also
+    need to know that its Web UI runs here (they answered ``web_ui_url: null``)."""
+    with served(tmp_path, workers=None) as serve, serve.client() as client:
+        order_id = serve.place_and_ship(client)
+        links = set()
+        for _ in range(8):  # new connections: the kernel spreads them over the API workers
+            response = client.get(f"/orders/{order_id}/fulfilment", headers={"Connection": "close"})
+            assert response.status_code == 200, response.text
+            links.add(response.json()["web_ui_url"])
+    assert links == {f"{serve.web_ui}/namespaces/default/workflows/{workflow_id_for(order_id)}"}

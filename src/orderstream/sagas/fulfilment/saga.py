@@ -279,6 +279,13 @@ class FulfilmentSaga:
         configured one): what its API workers are given."""
         return self.link.address if self.link is not None else self.settings.temporal.address
 
+    @property
+    def web_ui_url(self) -> str | None:
+        """The Temporal Web UI its status links point to (the dev server's, if this
+        process started one): what its API workers are given too."""
+        dev_server = self.link is not None and self.link.dev_server is not None
+        return self.settings.temporal.ui_url(dev_server=dev_server)
+
 
 @dataclass(eq=False)
 class SagaService:
