@@ -243,8 +243,8 @@ async def test_a_cancel_reason_is_printable_text(
 
 @pytest.mark.parametrize(
     "name",
-    ["\u200b", "\u200b\u200d", "a\u2028b", "a\u2029b"],
-    ids=["zwsp", "joiners", "line-sep", "para-sep"],
+    ["\u200b", "\u200b\u200d", "a\u2028b", "a\u2029b", "\u3164", "\u2800\u2800", "\u115f\u1160", "\u200f"],
+    ids=["zwsp", "joiners", "line-sep", "para-sep", "hangul-filler", "braille-blank", "choseong", "rlm-only"],
 )
 async def test_invisible_or_line_breaking_names_are_refused(
     seeded: httpx.AsyncClient, container: Container, name: str
@@ -254,6 +254,27 @@ async def test_invisible_or_line_breaking_names_are_refused(
     body["shipping_address"]["name"] = name
     assert_problem(await seeded.post("/orders", json=body), 422, "invalid-body")
     assert await container.event_store.head_position() == head
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u05e9\u05e8\u05d4 \u05dc\u05d5\u05d9\u200f",  # Hebrew with a right-to-left mark, as copied
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian with a zero-width non-joiner
+        "Zo\u00eb \U0001f469\u200d\U0001f4bb",  # an emoji sequence joined by ZWJ
+        "\u2764\ufe0f Tea",  # a variation selector after an emoji
+        "\ud55c\uad6d \uc0ac\ub78c",  # Hangul syllables (not fillers)
+    ],
+    ids=["hebrew-rlm", "persian-zwnj", "emoji-zwj", "variation-selector", "hangul"],
+)
+async def test_names_in_any_script_are_kept_as_written(seeded: httpx.AsyncClient, name: str) -> None:
+    body = order_body()
+    body["shipping_address"]["name"] = name
+    placed = await seeded.post("/orders", json=body)
+    assert placed.status_code == 201, placed.text
+    order_id = placed.json()["id"]
+    events = (await seeded.get(f"/orders/{order_id}/events")).json()["events"]
+    assert events[0]["data"]["shipping_address"]["name"] == name
 
 
 @pytest.mark.parametrize(

@@ -41,13 +41,19 @@ Sku = Annotated[
         examples=["SKU-RED-42"],
     ),
 ]
-_NOT_IN_TEXT = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_NOT_IN_TEXT = r"\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
 """Control characters (NUL included), the line and paragraph separators, and the
-bidirectional controls (the right-to-left override among them) that make a name
-display as something else."""
-_INVISIBLE = r"\u200b-\u200d\u2060\ufeff"
-"""Zero-width characters: allowed inside text (the joiners belong to some scripts
-and emoji), but not as its only content."""
+bidirectional embeddings, overrides and isolates (the right-to-left override among
+them) that make a name display as something else."""
+_INVISIBLE = (
+    r"\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2060-\u2064"
+    r"\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0"
+)
+"""Characters that show nothing: allowed inside text, but not as its only content.
+The zero-width joiners belong to some scripts and to emoji; the left-to-right and
+right-to-left marks come with text copied from right-to-left scripts; variation
+selectors follow emoji. The Hangul fillers, the blank Braille pattern and the
+invisible operators draw nothing, so a name of them only would look empty."""
 TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*[^\\s{_NOT_IN_TEXT}{_INVISIBLE}][^{_NOT_IN_TEXT}]*$(?![\\s\\S])"
 """Printable text with at least one visible character (not white space, not zero-width)."""
 OPTIONAL_TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*$(?![\\s\\S])"
