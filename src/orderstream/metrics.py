@@ -301,7 +301,7 @@ class Metrics:
         )
         self.saga_workflows_running = Gauge(
             "orderstream_saga_workflows_running",
-            "Fulfilment workflows running, from Temporal's visibility store.",
+            "Fulfilment workflows running, from Temporal's visibility store (NaN: Temporal not reached).",
             registry=self.registry,
             multiprocess_mode="mostrecent",
         )
@@ -342,7 +342,10 @@ class Metrics:
         """A saga's workflow ended with ``outcome`` (one of :data:`SAGA_OUTCOMES`)."""
         self.saga_outcomes.labels(saga=saga, outcome=outcome).inc()
 
-    def set_saga(self, lag_events: int, in_flight: int, parked: int, running: int | None) -> None:
+    def set_saga(self, lag_events: int, in_flight: int, parked: int, running: float | None) -> None:
+        """``running``: NaN while Temporal cannot be asked (rather than the count from
+        before the outage); ``None`` from a process with no Temporal client, which
+        leaves the gauge to the processes that have one."""
         self.saga_trigger_lag.set(lag_events)
         self.saga_trigger_in_flight.set(in_flight)
         self.saga_trigger_parked.set(parked)

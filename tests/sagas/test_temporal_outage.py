@@ -240,6 +240,8 @@ async def test_a_hung_temporal_costs_ready_and_metrics_one_probe_timeout(tmp_pat
                 took = time.monotonic() - started
                 assert answer.status_code == 200, answer.text
                 assert took < PROBE_TIMEOUT + 1.5, (path, took)  # was twice the timeout, ~4 s
+            # Unknown, not the count from before the outage.
+            assert "orderstream_saga_workflows_running NaN" in (await http.get("/metrics")).text
             ready = (await http.get("/ready")).json()
             assert ready["sagas"]["temporal"]["status"] == "unreachable"
             assert ready["sagas"]["workflows_running"] is None
@@ -248,6 +250,7 @@ async def test_a_hung_temporal_costs_ready_and_metrics_one_probe_timeout(tmp_pat
             os.kill(pid, signal.SIGCONT)
         await eventually(connected, what="the link to come back after SIGCONT")
         assert counted >= 1
+        assert "orderstream_saga_workflows_running 0.0" in (await http.get("/metrics")).text
     finally:
         stop.set()
         await asyncio.wait_for(running, WAIT)

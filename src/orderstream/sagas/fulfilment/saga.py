@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -175,7 +176,8 @@ class FulfilmentSaga:
                 running = await asyncio.wait_for(self.client.running_workflows(), within)
             except Exception as exc:  # Temporal down: the lag in the store is still worth reporting
                 log.warning("saga workflow count failed: %s", repr(exc))
-        container.metrics.set_saga(info.lag_events, info.in_flight, info.parked, running)
+        gauge = None if self.client is None else math.nan if running is None else float(running)
+        container.metrics.set_saga(info.lag_events, info.in_flight, info.parked, gauge)
         oldest = None
         if info.parked:
             parked = await container.event_store.list_parked(self.group, limit=1000)
