@@ -6,6 +6,7 @@ The whole-order-flow check (no payment token, no bearer token in a real
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -39,23 +40,30 @@ class Captured:
         return [json.loads(line) for line in self.stream.getvalue().splitlines()]
 
 
-@pytest.fixture
-def captured() -> Iterator[Captured]:
-    """Logging configured as the CLI does it, in JSON at DEBUG, into a buffer."""
+@contextlib.contextmanager
+def configured(level: int, fmt: logging_setup.LogFormat, stream: io.StringIO) -> Iterator[None]:
+    """Logging configured as the CLI does it, into ``stream``; as it was afterwards."""
     root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
+    root_level, handlers = root.level, list(root.handlers)
     levels = {name: logging.getLogger(name).level for name in logging_setup.THIRD_PARTY_LEVELS}
-    out = Captured()
-    logging_setup.configure(logging.DEBUG, fmt="json", stream=out.stream)
+    logging_setup.configure(level, fmt=fmt, stream=stream)
     try:
-        yield out
+        yield
     finally:
         for handler in list(root.handlers):
             if handler not in handlers:
                 root.removeHandler(handler)
-        root.setLevel(level)
+        root.setLevel(root_level)
         for name, old in levels.items():
             logging.getLogger(name).setLevel(old)
+
+
+@pytest.fixture
+def captured() -> Iterator[Captured]:
+    """In JSON at DEBUG, into a buffer."""
+    out = Captured()
+    with configured(logging.DEBUG, "json", out.stream):
+        yield out
 
 
 def test_a_record_is_one_json_line_with_the_bound_and_the_extra_fields(captured: Captured) -> None:
@@ -148,36 +156,20 @@ def test_event_context_binds_what_a_consumer_knows(captured: Captured) -> None:
 
 
 def test_third_party_chatter_is_turned_down_at_info() -> None:
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
     out = io.StringIO()
-    try:
-        logging_setup.configure(logging.INFO, fmt="json", stream=out)
+    with configured(logging.INFO, "json", out):
         logging.getLogger("elastic_transport.transport").info("POST http://es:9200/_bulk [status:200]")
         logging.getLogger("temporalio.worker._worker").info("Beginning worker shutdown")
         logging.getLogger("temporalio.activity").info("activity says")
         logging.getLogger("elastic_transport.node_pool").warning("node is dead")
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
     messages = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
     assert messages == ["activity says", "node is dead"]
 
 
 def test_console_format_is_text_for_a_person() -> None:
-    root = logging.getLogger()
-    handlers = list(root.handlers)
     out = io.StringIO()
-    try:
-        logging_setup.configure(logging.INFO, fmt="console", stream=out)
-        with logging_setup.bound(stream="order-1"):
-            logging.getLogger("orderstream").info("hello")
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
+    with configured(logging.INFO, "console", out), logging_setup.bound(stream="order-1"):
+        logging.getLogger("orderstream").info("hello")
     (line,) = out.getvalue().splitlines()
     assert "hello" in line
     assert "stream=order-1" in line
@@ -262,26 +254,18 @@ async def test_a_command_outside_a_request_logs_its_own_correlation_and_causatio
 def test_a_traceback_shows_no_local_variables(fmt: logging_setup.LogFormat) -> None:
     """A request's frames hold its bearer token, headers and body: a logged traceback
     names the frames, never their locals (structlog's and rich's default shows them)."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    out = io.StringIO()
-    logging_setup.configure(logging.INFO, fmt=fmt, stream=out)
 
     def handle(authorization: str) -> None:
         token = authorization.removeprefix("Bearer ")
         raise ValueError(f"bad claims in a token of {len(token)} characters")
 
     secret = uuid.uuid4().hex  # not in the source lines a traceback quotes
-    try:
+    out = io.StringIO()
+    with configured(logging.INFO, fmt, out):
         try:
             handle(f"Bearer eyJ{secret}")
         except ValueError:
             logging.getLogger("orderstream.api").exception("unhandled")
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
     logged = out.getvalue()
     assert "bad claims in a token of" in logged
     assert "handle" in logged  # the frame is there
