@@ -129,12 +129,17 @@ class ConnectionLimits:
     keep_alive_timeout: float = 5.0
     max_connections: int = 0
     """Open connections per process; 0: the file-descriptor limit less a reserve."""
+    max_head_bytes: int = 32 * 1024
+    """A request head (request line and header lines) larger than this gets 431 and
+    the connection is closed: a bearer token of several KiB fits many times over."""
 
     def __post_init__(self) -> None:
         if not min(self.header_timeout, self.body_timeout, self.keep_alive_timeout) > 0:
             raise ConfigError("connection timeouts must be positive")
         if self.max_connections < 0:
             raise ConfigError("ORDERSTREAM_MAX_CONNECTIONS: must be 0 (auto) or positive")
+        if self.max_head_bytes < 4096:
+            raise ConfigError("ORDERSTREAM_MAX_HEAD_BYTES: at least 4096")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ConnectionLimits:
@@ -143,6 +148,7 @@ class ConnectionLimits:
             body_timeout=env_float(env, "ORDERSTREAM_BODY_TIMEOUT", cls.body_timeout),
             keep_alive_timeout=env_float(env, "ORDERSTREAM_KEEP_ALIVE_TIMEOUT", cls.keep_alive_timeout),
             max_connections=env_int(env, "ORDERSTREAM_MAX_CONNECTIONS", 0, minimum=0),
+            max_head_bytes=env_int(env, "ORDERSTREAM_MAX_HEAD_BYTES", cls.max_head_bytes, minimum=0),
         )
 
 

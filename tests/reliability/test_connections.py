@@ -297,6 +297,57 @@ async def test_an_oversized_content_length_is_413_before_the_body(server: str) -
     assert problem["type"] == "urn:orderstream:problem:body-too-large"
 
 
+async def _send_head(url: str, head: bytes) -> bytes:
+    """Send ``head`` on a new connection; what the server answers before it closes."""
+    (reader, writer), *_ = await _open(url, 1)
+    try:
+        with contextlib.suppress(ConnectionError):
+            writer.write(head)
+            await writer.drain()
+        async with asyncio.timeout(ANSWER_BOUND):
+            return await reader.read()  # to EOF: the server closes
+    finally:
+        writer.close()
+
+
+def _problem_type(answer: bytes) -> str:
+    return str(msgspec.json.decode(answer.split(b"\r\n\r\n", 1)[1])["type"])
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /health HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X%d: a\r\n" % i for i in range(200_000))
+        + b"\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2_000_000 + b"\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X%d: a\r\n" % i for i in range(101)) + b"\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Unfinished: " + b"a" * 40_000,  # no end: never completes
+    ],
+    ids=["200k-header-lines", "2-MB-header", "101-header-lines", "40-KB-unfinished"],
+)
+async def test_an_oversized_request_head_is_431_and_closed(server: str, head: bytes) -> None:
+    """httptools parses any head: 100,000 header lines or a 20 MB one were answered 200,
+    took a worker to 1 GB and stalled its event loop for seconds (hostile run). Past
+    32 KiB or 100 header lines the head is refused as it arrives, within the answer
+    bound (not the header timeout), and the connection closed."""
+    answer = await _send_head(server, head)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert _problem_type(answer) == "urn:orderstream:problem:head-too-large"
+    await _answers_promptly(server)
+
+
+async def test_a_large_head_within_the_limit_is_served(server: str) -> None:
+    """A 30 KiB header (a big token, many cookies) and 90 header lines are a request."""
+    pad = b"X-Pad: " + b"a" * 30_000 + b"\r\n"
+    lines = b"".join(b"X%d: a\r\n" % i for i in range(90))
+    for extra in (pad, lines):
+        answer = await _send_head(
+            server, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + extra + b"\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
 async def test_an_idle_kept_alive_connection_is_closed(server: str) -> None:
     """After an answer, a silent kept-alive connection is closed by the keep-alive
     timeout (1 s here), well before the header timeout."""

@@ -10,6 +10,11 @@ the two guards it lacks:
 - **Header timeout**: a connection must complete a request head within
   ``header_timeout`` seconds of opening (or of its previous answer); else it is
   closed. Trickling bytes does not extend it.
+- **Head size**: a request head (request line and header lines, counted as the
+  bytes arrive) over ``max_head_bytes``, or with more than :data:`MAX_HEADERS` header
+  lines, gets ``431`` and the connection is closed. httptools has no limit of its
+  own: a 20 MB head was parsed, answered 200, and stalled the event loop for
+  seconds, and an unfinished one held its bytes until the header timeout.
 - **Connection cap**: past ``max_connections`` open connections, a new one makes
   room by closing the connection that has waited longest for a request head (it
   costs the server nothing to drop, and a slow or idle client is the likeliest
@@ -30,6 +35,7 @@ import resource
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from orderstream.api.problems import PROBLEM_JSON, bare_problem
 from orderstream.config import ConnectionLimits
 
 log = logging.getLogger("orderstream.api.connections")
@@ -50,6 +56,12 @@ def connection_cap(limits: ConnectionLimits) -> int:
     return max(16, soft - FD_RESERVE)
 
 
+MAX_HEADERS = 100
+"""Header lines in one request head; a browser sends about 20."""
+
+LINGER_SECONDS = 2.0
+"""How long a connection refused for its head still has its input read and dropped."""
+
 SWEEP_INTERVAL = 0.5
 """Seconds between two looks for connections past the header timeout."""
 
@@ -65,6 +77,7 @@ class ConnectionGuard:
     def __init__(self, limits: ConnectionLimits) -> None:
         self.cap = connection_cap(limits)
         self.header_timeout = limits.header_timeout
+        self.max_head_bytes = limits.max_head_bytes
         self.waiting: dict[GuardedHttpToolsProtocol, float] = {}
         """Connection -> loop time it began waiting; insertion order is that order."""
         self.evicted = 0
@@ -121,15 +134,71 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     and the request cycle are uvicorn's."""
 
     guard: ConnectionGuard
+    head_bytes: int | None = 0
+    """Bytes received since the current request head began (``None``: it is complete)."""
+    header_lines = 0
+    head_refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.guard.wait_for_head(self, self.loop)
         self.guard.make_room(self, len(self.connections))
 
+    def data_received(self, data: bytes) -> None:
+        if self.head_refused:
+            return  # read and dropped until the linger ends (see refuse_head)
+        if self.head_bytes is not None:
+            self.head_bytes += len(data)
+        super().data_received(data)
+        # Still no whole head (a head completed in this read reset the count): over the
+        # limit, it will not become a request worth parsing. One read is at most 256 KiB.
+        if self.head_bytes is not None and self.head_bytes > self.guard.max_head_bytes:
+            self.refuse_head()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_lines += 1
+        if self.header_lines > MAX_HEADERS:
+            raise HeadTooLarge  # stops the parser; uvicorn answers the parser error
+        super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        if self.header_lines > MAX_HEADERS:
+            self.refuse_head()
+        else:
+            super().send_400_response(msg)
+
+    def refuse_head(self) -> None:
+        """431 with a problem body, then close. What the client still sends is read
+        and dropped for :data:`LINGER_SECONDS`: closing a socket with unread bytes
+        resets the connection, and the client would lose the answer."""
+        self.guard.waiting.pop(self, None)
+        if self.transport.is_closing() or self.head_refused:
+            return
+        self.head_refused = True
+        detail = (
+            f"The request head is over {self.guard.max_head_bytes} bytes "
+            f"or {MAX_HEADERS} header lines (ORDERSTREAM_MAX_HEAD_BYTES)."
+        )
+        body = bare_problem(431, "head-too-large", detail)
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            + f"content-type: {PROBLEM_JSON}\r\ncontent-length: {len(body)}\r\n".encode()
+            + b"connection: close\r\n\r\n"
+            + body
+        )
+        self.head_bytes = None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
     def on_headers_complete(self) -> None:
         self.guard.waiting.pop(self, None)
+        self.head_bytes, self.header_lines = None, 0
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.head_bytes = 0  # what follows on this connection is the next request's head
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         next_request_queued = bool(self.pipeline)  # uvicorn starts it now
@@ -146,3 +215,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.waiting.pop(self, None)
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class HeadTooLarge(Exception):
+    """Raised inside the parser's header callback to stop parsing a head with too many
+    header lines (:meth:`GuardedHttpToolsProtocol.on_header`)."""

@@ -14,7 +14,8 @@ with its traceback and answered with a plain 500.
 - 405: the method is not allowed on the route.
 - 409: :class:`IllegalTransition`, :class:`AlreadyExists`, a race lost too often.
 - 412: a stale ``If-Match`` (:class:`WrongExpectedVersion`), with ``current_revision``.
-- 413: the body is over the limit.
+- 413: the body is over the limit; 431: the request head is (answered by the server,
+  :mod:`orderstream.api.connections`).
 - 415: a body whose ``Content-Type`` is not JSON.
 - 422: wrong types, unknown fields, limits; :class:`InvalidCommand` and other business
   rules; an ``Idempotency-Key`` reused with another body.
@@ -145,6 +146,7 @@ _TITLES: dict[str, str] = {
     "concurrency-conflict": "Concurrent modification",
     "stale-revision": "Stale If-Match revision",
     "body-too-large": "Request body too large",
+    "head-too-large": "Request head too large",
     "body-timeout": "Request body too slow",
     "unsupported-media-type": "Unsupported media type",
     "idempotency-key-reused": "Idempotency-Key reused with a different request",
@@ -185,6 +187,13 @@ def problem_response(
         **{k: v for k, v in extras.items() if not (k == "errors" and v is None)},
     )
     return Response(problem, status_code=status, media_type=PROBLEM_JSON, headers=dict(headers or {}))
+
+
+def bare_problem(status: int, code: str, detail: str) -> bytes:
+    """A problem body for an answer the server gives before there is a request to hand
+    the app (:mod:`orderstream.api.connections`)."""
+    problem = Problem(type=problem_type(code), title=_title(code, status), status=status, detail=detail)
+    return msgspec.json.encode(problem)
 
 
 _MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.DOTALL)
