@@ -299,6 +299,14 @@ async def test_bad_list_queries_are_400(seeded: httpx.AsyncClient, query: dict[s
     assert_problem(await seeded.get("/orders", params=query), 400)
 
 
+@pytest.mark.parametrize("path", ["/orders", "/products"])
+@pytest.mark.parametrize("text", ["tea\x00x", "\x00tea", "tea\x1b[31m"], ids=["nul", "leading-nul", "escape"])
+async def test_control_characters_in_a_search_are_400(
+    seeded: httpx.AsyncClient, path: str, text: str
+) -> None:
+    assert_problem(await seeded.get(path, params={"q": text}), 400, "invalid-parameter")
+
+
 async def test_bad_path_and_query_values(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/orders/not%20an%20id"), 400, "invalid-parameter")
     assert_problem(await client.get("/orders/abc%0A"), 400, "invalid-parameter")  # a final newline

@@ -132,6 +132,14 @@ async def test_a_new_word_is_found_at_once_when_typed_in_full(sqlite_store: Sqli
     assert await ids(sqlite_store, Query(text="zebra")) == ["z"]
 
 
+async def test_a_nul_in_the_search_text_separates_words(sqlite_store: SqliteReadStore) -> None:
+    """FTS5 reads a quoted phrase only up to a NUL: ``"z\x00ebra"`` was an unterminated
+    string, a 500 at the API (found by a hostile caller)."""
+    await sqlite_store.write(C, [Upsert(id="z", version=1, document=thing("z", title="zebra crossing"))])
+    assert await ids(sqlite_store, Query(text="zebra\x00cross")) == ["z"]
+    assert await ids(sqlite_store, Query(text="\x00zebra")) == ["z"]
+
+
 async def test_maintained_counts_follow_updates_deletes_and_stale_writes(
     sqlite_store: SqliteReadStore,
 ) -> None:

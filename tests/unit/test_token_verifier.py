@@ -175,6 +175,9 @@ async def test_odd_claims_from_a_trusted_issuer_are_not_a_500(issuer: Issuer, tm
     verifier = verifier_for(issuer, tmp_path)
     nested = issuer.token("k1", realm_access={"roles": [["admin"], {"a": 1}, "support"]})
     assert (await verifier.verify(nested)).roles == {Role.SUPPORT}
+    for blank in ("", "  "):  # an empty identity would be every customer's (the list filter fell away)
+        with pytest.raises(InvalidToken, match="subject is empty"):
+            await verifier.verify(issuer.token("k1", sub=blank, roles=("customer",)))
     huge = issuer.token("k1", exp=10**400)
     principal = await verifier.verify(huge)
     assert principal.roles == {Role.ADMIN}

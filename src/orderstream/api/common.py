@@ -68,7 +68,13 @@ Cursor = Annotated[
     ),
 ]
 SearchText = Annotated[
-    str | None, QueryParameter(required=False, max_length=200, description="Full-text search.")
+    str | None,
+    QueryParameter(
+        required=False,
+        max_length=200,
+        pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$(?![\s\S])",
+        description="Full-text search (no control characters but tab and newline).",
+    ),
 ]
 SkuPath = Annotated[str, PathParameter(pattern=SKU_PATTERN, max_length=64, description="The product's SKU.")]
 OrderIdPath = Annotated[

@@ -218,7 +218,7 @@ class Queries:
         if unknown:
             raise InvalidQuery(f"unknown status {', '.join(unknown)}; known: {', '.join(sorted(STATUSES))}")
         filters: dict[str, Any] = {}
-        if customer_id:
+        if customer_id is not None:  # "" is a customer no order has, not "every customer"
             filters["customer_id"] = customer_id
         if status:
             filters["status"] = list(dict.fromkeys(status))

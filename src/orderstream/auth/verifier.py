@@ -184,10 +184,14 @@ class TokenVerifier:
         roles = frozenset(_KNOWN_ROLES[r] for r in listed if isinstance(r, str) and r in _KNOWN_ROLES)
         customer = claim_at(claims, self._customer_claim)
         subject = str(claims["sub"])
+        if not subject.strip():
+            # An identity no one else can have: an empty one would be every customer's
+            # filter left out (a mapper's mistake, but it must fail closed).
+            raise InvalidToken("the token's subject is empty")
         return Principal(
             subject=subject,
             roles=roles,
-            customer_id=customer if isinstance(customer, str) and customer else subject,
+            customer_id=customer if isinstance(customer, str) and customer.strip() else subject,
         )
 
 

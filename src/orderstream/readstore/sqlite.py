@@ -150,8 +150,9 @@ def fts_match_expression(text: str) -> str | None:
     """User text -> a safe FTS5 expression: every whitespace-separated chunk becomes
     a quoted phrase (so operators, quotes and punctuation are plain text; ``SKU-12``
     stays one phrase), all phrases must match, and the last one is a prefix
-    (typing ``blu`` finds ``blue``). ``None`` when nothing searchable is left."""
-    chunks = [chunk for chunk in text.split() if _WORD.search(chunk)]
+    (typing ``blu`` finds ``blue``). ``None`` when nothing searchable is left. A NUL
+    separates chunks too: FTS5 reads a quoted phrase only up to it."""
+    chunks = [chunk for chunk in text.replace("\x00", " ").split() if _WORD.search(chunk)]
     if not chunks:
         return None
     phrases = ['"' + chunk.replace('"', '""') + '"' for chunk in chunks]
