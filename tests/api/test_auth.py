@@ -184,6 +184,19 @@ async def test_roles_decide_what_each_caller_may_do(shop: Any) -> None:
         assert placed.actor != cancel.actor
 
 
+async def test_a_cancel_without_a_reason_says_who_cancelled(shop: Any) -> None:
+    """By role: a cancel by support was recorded as "cancelled by the customer"."""
+    client, _container, idp = shop
+    reasons = {}
+    for user in ("alice", "sam"):
+        order_id = await place_for(client, idp, "alice", "cust-alice")
+        cancelled = await client.delete(f"/orders/{order_id}", headers=await idp.headers(user))
+        assert cancelled.status_code == 200, cancelled.text
+        history = await client.get(f"/orders/{order_id}/events", headers=await idp.headers("sam"))
+        reasons[user] = history.json()["events"][-1]["data"]["reason"]
+    assert reasons == {"alice": "cancelled by the customer", "sam": "cancelled by support"}
+
+
 async def test_expired_tampered_and_foreign_tokens_never_reach_a_handler(shop: Any, tmp_path: Path) -> None:
     client, container, idp = shop
     good = await idp.token("ada")

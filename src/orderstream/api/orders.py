@@ -46,7 +46,7 @@ from orderstream.api.schemas import (
 )
 from orderstream.application.queries import ORDER_SORT_FIELDS, Queries, event_data
 from orderstream.application.use_cases import LineRequest
-from orderstream.auth.policy import check_customer, visible_customer
+from orderstream.auth.policy import check_customer, default_cancel_reason, visible_customer
 from orderstream.domain import orders
 
 CancelReason = Annotated[
@@ -97,8 +97,6 @@ RevisionQuery = Annotated[
         description="Fold the events up to and including this revision (default: all).",
     ),
 ]
-
-DEFAULT_CANCEL_REASON = "cancelled by the customer"
 
 
 def _address(a: ShippingAddress) -> orders.Address:
@@ -218,7 +216,7 @@ class OrderController(Controller):
     ) -> Response[WriteResult]:
         expected = parse_if_match(if_match)
         result = await use_cases_of(request).cancel_order(
-            order_id, reason or DEFAULT_CANCEL_REASON, command_context(request), expected=expected
+            order_id, reason or default_cancel_reason(request), command_context(request), expected=expected
         )
         return written(order_id, result)
 

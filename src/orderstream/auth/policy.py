@@ -246,6 +246,17 @@ def visible_customer(request: Request[Any, Any, Any], asked: str | None) -> str 
     return principal.customer_id if _customer_only(principal, _ORDER_READERS) else asked
 
 
+def default_cancel_reason(request: Request[Any, Any, Any]) -> str:
+    """The reason of a cancel sent without one: who cancelled, by role (the actor
+    itself is in the event's metadata)."""
+    principal = principal_of(request)
+    if principal is ANONYMOUS:
+        return "cancelled"
+    if _customer_only(principal, ROUTE_ROLES["cancelOrder"]):
+        return "cancelled by the customer"
+    return "cancelled by support" if Role.SUPPORT in principal.roles else "cancelled by an administrator"
+
+
 def check_customer(request: Request[Any, Any, Any], customer_id: str) -> None:
     """A customer places orders for itself only (403 otherwise)."""
     principal = principal_of(request)

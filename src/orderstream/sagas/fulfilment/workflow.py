@@ -310,7 +310,7 @@ class OrderFulfilment:
         if self._shipped:
             workflow.logger.info("order already shipped: ignoring cancel (%s)", reason)
         elif self._cancel_reason is None:
-            self._cancel_reason = reason or "cancelled by the customer"
+            self._cancel_reason = reason or "cancelled"
 
     @workflow.query(name=QUERY_STATUS)
     def status(self) -> FulfilmentStatus:
@@ -741,7 +741,10 @@ class OrderFulfilment:
             raise SagaAborted("cancelled", self._cancelled_reason())
 
     def _cancelled_reason(self) -> str:
-        return f"cancelled by the customer: {self._cancel_reason or 'the order was cancelled'}"
+        """The order's cancel reason, which the API makes say who cancelled when the
+        caller gave none (the saga cannot tell a customer's cancel from support's)."""
+        reason = self._cancel_reason or "cancelled"
+        return reason if reason.startswith("cancelled") else f"cancelled: {reason}"
 
     async def _payment_decision(self, answer: AuthorisationResult) -> None:
         if answer.status == "approved":
@@ -811,7 +814,7 @@ class OrderFulfilment:
 
     async def _close_order(self, reason: str) -> str:
         if self._abort_status == "cancelled":
-            return "already cancelled by the customer"
+            return "already cancelled"
         if self._abort_status == "rejected":
             args = self._order_args("reject-order", reason=reason)
             return await self._call(Acts.reject_order, args, retry=MUST_COMPLETE_RETRY)
