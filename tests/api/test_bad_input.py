@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import json
 from collections.abc import Callable
 from typing import Any
@@ -243,8 +244,30 @@ async def test_a_cancel_reason_is_printable_text(
 
 @pytest.mark.parametrize(
     "name",
-    ["\u200b", "\u200b\u200d", "a\u2028b", "a\u2029b", "\u3164", "\u2800\u2800", "\u115f\u1160", "\u200f"],
-    ids=["zwsp", "joiners", "line-sep", "para-sep", "hangul-filler", "braille-blank", "choseong", "rlm-only"],
+    [
+        "\u200b",
+        "\u200b\u200d",
+        "a\u2028b",
+        "a\u2029b",
+        "\u3164",
+        "\u2800\u2800",
+        "\u115f\u1160",
+        "\u200f",
+        "\u00ad",
+        "\ufff9",
+    ],
+    ids=[
+        "zwsp",
+        "joiners",
+        "line-sep",
+        "para-sep",
+        "hangul-filler",
+        "braille-blank",
+        "choseong",
+        "rlm-only",
+        "soft-hyphen",
+        "annotation-anchor",
+    ],
 )
 async def test_invisible_or_line_breaking_names_are_refused(
     seeded: httpx.AsyncClient, container: Container, name: str
@@ -451,6 +474,23 @@ async def test_a_body_without_content_type_is_415(seeded: httpx.AsyncClient, con
     stock = await seeded.post("/products/SKU-1/stock", content=b'{"quantity": 1}')
     assert_problem(stock, 415, "unsupported-media-type")
     assert await container.event_store.head_position() == head
+
+
+async def test_a_compressed_body_is_415(seeded: httpx.AsyncClient, container: Container) -> None:
+    """A body we do not decode is a 415 (RFC 9110), not a 400 for its gzip bytes, and
+    a plain body labelled ``br`` is not taken at its word either."""
+    head = await container.event_store.head_position()
+    body = msgspec.json.encode(order_body())
+    json_type = {"content-type": "application/json"}
+    for encoding, content in (("gzip", gzip.compress(body)), ("br", body), ("identity, gzip", body)):
+        response = await seeded.post(
+            "/orders", content=content, headers={**json_type, "content-encoding": encoding}
+        )
+        assert_problem(response, 415, "unsupported-media-type")
+        assert response.headers["accept-encoding"] == "identity"
+    assert await container.event_store.head_position() == head
+    plain = await seeded.post("/orders", content=body, headers={**json_type, "content-encoding": "identity"})
+    assert plain.status_code == 201, plain.text
 
 
 async def test_concurrent_replays_of_one_key_all_say_replayed(

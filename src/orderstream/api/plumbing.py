@@ -117,13 +117,20 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
     param = request.route_handler.parsed_fn_signature.parameters.get("data")
     if param is None:
         return
-    media_type, content_length = _body_headers(request.scope["headers"])
+    media_type, content_length, encoding = _body_headers(request.scope["headers"])
     if media_type != "application/json":
         sent = f"not {media_type[:80]!r}" if media_type else "but no Content-Type was sent"
         raise ApiError(
             415,
             "unsupported-media-type",
             f"The request body must be JSON (Content-Type: application/json), {sent}.",
+        )
+    if encoding not in ("", "identity"):  # RFC 9110 15.5.16: an encoding we do not decode is a 415
+        raise ApiError(
+            415,
+            "unsupported-media-type",
+            f"The request body must be sent uncompressed, not with Content-Encoding {encoding[:40]!r}.",
+            headers={"Accept-Encoding": "identity"},
         )
     body = await read_body(request, content_length)
     try:
@@ -144,20 +151,23 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
     ScopeState.from_scope(request.scope).json = data
 
 
-def _body_headers(headers: Any) -> tuple[str, str | None]:
-    """The ``Content-Type``'s media type, lower case (``""`` when none was sent), and
-    the ``Content-Length`` as sent, read straight from the ASGI headers: Litestar's
-    ``request.content_type`` and ``request.content_length`` build a ``Headers`` (every
-    header decoded into a multidict, a JWT among them) for two look-ups: about 5 us
-    of a ``POST /orders`` (py-spy, issue 7)."""
-    media_type, length = "", None
+def _body_headers(headers: Any) -> tuple[str, str | None, str]:
+    """The ``Content-Type``'s media type, lower case (``""`` when none was sent), the
+    ``Content-Length`` as sent and the ``Content-Encoding`` (``""``: none), read
+    straight from the ASGI headers: Litestar's ``request.content_type`` and
+    ``request.content_length`` build a ``Headers`` (every header decoded into a
+    multidict, a JWT among them) for two look-ups: about 5 us of a ``POST /orders``
+    (py-spy, issue 7)."""
+    media_type, length, encoding = "", None, ""
     for name, value in headers:
         name = name.lower()
         if name == b"content-type":
             media_type = value.decode("latin-1").split(";", 1)[0].strip().lower()
         elif name == b"content-length":
             length = value.decode("latin-1")
-    return media_type, length
+        elif name == b"content-encoding":
+            encoding = value.decode("latin-1").strip().lower()
+    return media_type, length, encoding
 
 
 async def read_body(request: Request[Any, Any, Any], content_length: str | None) -> bytes:
@@ -273,7 +283,9 @@ def _integral_floats_as_ints(value: Any, depth_left: int) -> Any:
 # -------------------------------------------------------------------------- headers
 
 
-SINGLE_HEADERS = frozenset({b"authorization", b"content-type", b"idempotency-key", b"if-match"})
+SINGLE_HEADERS = frozenset(
+    {b"authorization", b"content-encoding", b"content-type", b"idempotency-key", b"if-match"}
+)
 """Headers a request may send once. Sent twice, a framework reads one of them (the
 first for some, the last for others), so ``If-Match: *`` followed by a stale tag went
 through unguarded, and the body's media type depended on the order of the lines."""

@@ -47,13 +47,16 @@ bidirectional embeddings, overrides and isolates (the right-to-left override amo
 them) that make a name display as something else."""
 _INVISIBLE = (
     r"\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2060-\u2064"
-    r"\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0"
+    r"\u00ad\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb"
 )
 """Characters that show nothing: allowed inside text, but not as its only content.
 The zero-width joiners belong to some scripts and to emoji; the left-to-right and
 right-to-left marks come with text copied from right-to-left scripts; variation
-selectors follow emoji. The Hangul fillers, the blank Braille pattern and the
-invisible operators draw nothing, so a name of them only would look empty."""
+selectors follow emoji. The soft hyphen, the Hangul fillers, the blank Braille
+pattern, the invisible operators and the interlinear annotation marks draw nothing,
+so a name of them only would look empty. (Characters past U+FFFF, such as the tag
+characters, are not in this list: the pattern is also the OpenAPI document's, where
+an ECMA-262 pattern without the ``u`` flag cannot name them.)"""
 TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*[^\\s{_NOT_IN_TEXT}{_INVISIBLE}][^{_NOT_IN_TEXT}]*$(?![\\s\\S])"
 """Printable text with at least one visible character (not white space, not zero-width)."""
 OPTIONAL_TEXT_PATTERN = f"^[^{_NOT_IN_TEXT}]*$(?![\\s\\S])"
