@@ -174,3 +174,47 @@ async def test_a_deleted_elasticsearch_index_restarts_its_projection_from_the_be
             await reads.close()
     finally:
         await events.close()
+
+
+@pytest.mark.elasticsearch
+async def test_an_elasticsearch_index_deleted_while_projecting_is_filled_again(
+    tmp_path: Path, es_url: tuple[str, str]
+) -> None:
+    """Deleted under a running projector (hostile run): the runner made an empty index
+    in its place, wrote on, and kept a checkpoint for it, so the loss was never noticed,
+    not even after a restart: every earlier order answered 404 and /ready said ready."""
+    url, prefix = es_url
+    events = await SqliteEventStore.open(tmp_path / "events.db", poll_interval=0.05)
+    reads = await ElasticsearchReadStore.open(url, prefix=prefix)
+    runner = ProjectionRunner(events, reads, product_stock.projection)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        head = await register(events, PRODUCTS)
+        assert await runner.wait_for_position(head, WAIT)
+        physical = await reads.alias_target("products")
+        assert physical is not None
+        await reads._es.indices.delete(index=physical)  # the index is lost (its alias with it)
+        later = await register_more(events)
+
+        async def all_there() -> bool:
+            if not await runner.wait_for_position(later, 0.5):
+                return False
+            await reads.refresh("products")
+            found = await reads.get_many("products", [f"SKU-{i:03d}" for i in range(PRODUCTS)])
+            return len(found) == PRODUCTS and await reads.get("products", "LATE-1") is not None
+
+        await eventually(all_there, "every product in the read model again")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+        await reads.close()
+        await events.close()
+
+
+async def register_more(events: SqliteEventStore) -> int:
+    new = registry.to_new_event(
+        inventory.ProductRegistered(sku="LATE-1", name="Late", price=Money(100, "EUR"), at=NOW),
+        event_id=uuid.uuid4(),
+    )
+    return (await events.append(inventory.stream_name("LATE-1"), [new], ANY)).position

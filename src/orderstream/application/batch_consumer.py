@@ -65,6 +65,12 @@ class StopConsuming(Exception):
     (a projection runner superseded by a newer version)."""
 
 
+class PrepareAgain(Exception):
+    """Raised by a handler when what ``prepare`` set up is gone (a projection's read
+    model deleted while it runs): the consumer disconnects, leaving the batch
+    unsettled, and prepares again before it reconnects."""
+
+
 @dataclass(slots=True)
 class Outcome:
     """What became of each event of a batch (an event in none of the lists is
@@ -162,6 +168,10 @@ class BatchConsumer:
                         await subscription.close()
             except StopConsuming as exc:
                 log.warning("%s: %s; stopping", self.name, exc)
+            except PrepareAgain as exc:
+                log.warning("%s: %s; preparing again", self.name, exc)
+                prepared = self.prepare is None
+                raise
             except Exception as exc:
                 self._outage.failed(exc, traceback=not isinstance(exc, EventStoreError))
                 raise

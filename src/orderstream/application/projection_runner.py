@@ -50,7 +50,7 @@ import time
 from collections.abc import Sequence
 
 from orderstream.application import projection_plan
-from orderstream.application.batch_consumer import BatchConsumer, Outage, Outcome, StopConsuming
+from orderstream.application.batch_consumer import BatchConsumer, Outage, Outcome, PrepareAgain, StopConsuming
 from orderstream.application.projection_plan import EventView as EventView  # re-exported
 from orderstream.application.projection_plan import Plan
 from orderstream.application.projection_plan import fold_events as fold_events  # re-exported
@@ -173,10 +173,13 @@ class ProjectionRunner:
         return int(found.group(1)) if found else None
 
     async def _target(self) -> str:
-        """The physical name to write to: the alias target if it is this version."""
+        """The physical name to write to: the alias target if it is this version. No
+        alias while running: the read model was deleted under us (its index, and its
+        alias with it); creating an empty one here and writing on would hide the loss
+        for good, so the runner prepares again, which notices it and fills it again."""
         target = await self.read_store.alias_target(self.name)
         if target is None:
-            return await self.read_store.ensure_collection(self.projection.schema)
+            raise PrepareAgain(f"the read model {self.name} is gone")
         if self.version_of(target) != self.version:
             raise _Superseded(target)
         return target
@@ -260,7 +263,7 @@ class ProjectionRunner:
         try:
             target = await self._target()  # re-resolved: follows a same-version rebuild's switch
             plan = await self._plan(batch, target)
-        except StopConsuming:
+        except (StopConsuming, PrepareAgain):
             raise
         except Exception as exc:
             raise Outage(f"reading what the batch needs failed: {type(exc).__name__}: {exc}") from exc

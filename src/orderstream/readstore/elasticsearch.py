@@ -284,7 +284,8 @@ class ElasticsearchReadStore:
     def _checkpoints(self) -> str:
         """The meta index of the projections' checkpoints: one document per physical
         index (created on first write). A deleted projection index loses its alias, so
-        its runner notices even if this document outlived it."""
+        its runner notices (at its start or its next batch) even if this document
+        outlived it."""
         return f"{self._prefix}checkpoints"
 
     async def _ensure_checkpoints(self) -> None:
