@@ -296,6 +296,10 @@ class _RecordingClient:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
+    def options(self, **_options: Any) -> _RecordingClient:
+        """The store's reads go through ``client.options(request_timeout=...)``: still us."""
+        return self
+
     async def search(self, **params: Any) -> Any:
         self.searches.append(params)
         return await self._client.search(**params)
@@ -322,7 +326,7 @@ def es_reachable(url: str) -> bool:
 
 
 async def load_es(url: str, prefix: str, orders: int) -> float:
-    store = await ElasticsearchReadStore.open(url, prefix=prefix, request_timeout=120)
+    store = await ElasticsearchReadStore.open(url, prefix=prefix, read_timeout=120)
     try:
         seconds = await load(store, orders)
         await store.refresh(order_summary.NAME)

@@ -57,7 +57,7 @@ async def open_event_store(url: str) -> EventStore:
     raise ConfigError(f"unsupported event store URL: {url!r}")
 
 
-async def open_read_store(url: str) -> ReadStore:
+async def open_read_store(url: str, *, read_timeout: float | None = None) -> ReadStore:
     """``sqlite:///path`` (embedded) or ``http(s)://host:9200`` (Elasticsearch; an
     optional ``?prefix=name-`` query parameter sets the index prefix)."""
     scheme = scheme_of(url)
@@ -72,9 +72,10 @@ async def open_read_store(url: str) -> ReadStore:
         params = parse_qs(parts.query)
         prefix = params.pop("prefix", [None])[0]
         clean = urlunsplit(parts._replace(query=urlencode(params, doseq=True)))
+        options: dict[str, Any] = {} if read_timeout is None else {"read_timeout": read_timeout}
         if prefix is not None:
-            return await ElasticsearchReadStore.open(clean, prefix=prefix)
-        return await ElasticsearchReadStore.open(clean)
+            options["prefix"] = prefix
+        return await ElasticsearchReadStore.open(clean, **options)
     raise ConfigError(f"unsupported read store URL: {url!r}")
 
 
@@ -100,7 +101,7 @@ async def build(
         projections = ALL_PROJECTIONS
     event_store = await open_event_store(settings.event_store_url)
     try:
-        read_store = await open_read_store(settings.read_store_url)
+        read_store = await open_read_store(settings.read_store_url, read_timeout=settings.read_timeout)
     except BaseException:
         await event_store.close()
         raise

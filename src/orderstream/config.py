@@ -30,6 +30,8 @@
   ``application/webhook_signature.py``.
 - ``ORDERSTREAM_CONSISTENCY_TIMEOUT`` (``5``): seconds a query with ``min_position``
   waits for the projection.
+- ``ORDERSTREAM_READ_TIMEOUT`` (``5``): seconds a read from Elasticsearch (a search, a
+  document) may take; then it is an outage (503). Writes wait up to 30 s.
 - ``ORDERSTREAM_MAX_BODY_BYTES`` (``65536``): larger request bodies get 413.
 - ``ORDERSTREAM_HEADER_TIMEOUT`` (``10``), ``ORDERSTREAM_BODY_TIMEOUT`` (``10``),
   ``ORDERSTREAM_KEEP_ALIVE_TIMEOUT`` (``5``): seconds a connection may take to send a
@@ -64,6 +66,8 @@ from typing import Any
 
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_CONSISTENCY_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 5.0
+"""The Elasticsearch read store's own default too (``readstore/elasticsearch.py``)."""
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_SNAPSHOT_EVERY = 100
 AUTO_API_WORKERS = 0
@@ -213,6 +217,8 @@ class Settings:
     write_rate_limit: str = DEFAULT_WRITE_RATE_LIMIT
     """``N/second|minute|hour`` per identity on writes, or ``off``."""
     consistency_timeout: float = DEFAULT_CONSISTENCY_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    """Seconds a read from Elasticsearch may take before it is an outage."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
     """Events between aggregate snapshots; 0: no snapshots."""
@@ -240,6 +246,8 @@ class Settings:
             )
         if not self.consistency_timeout > 0:
             raise ConfigError("consistency timeout must be positive")
+        if not self.read_timeout > 0:
+            raise ConfigError("ORDERSTREAM_READ_TIMEOUT: must be positive")
         if self.max_body_bytes <= 0:
             raise ConfigError("max body bytes must be positive")
         if self.snapshot_every < 0:
@@ -294,6 +302,7 @@ class Settings:
             "consistency_timeout": env_float(
                 env, "ORDERSTREAM_CONSISTENCY_TIMEOUT", DEFAULT_CONSISTENCY_TIMEOUT
             ),
+            "read_timeout": env_float(env, "ORDERSTREAM_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
             "max_body_bytes": env_int(env, "ORDERSTREAM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             "snapshot_every": env_int(env, "ORDERSTREAM_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY, minimum=0),
             "api_workers": env_int(env, "ORDERSTREAM_API_WORKERS", AUTO_API_WORKERS, minimum=0),
@@ -313,6 +322,7 @@ class Settings:
             "read_store": _redact(self.read_store_url),
             "auth": self.auth_description(),
             "consistency_timeout": self.consistency_timeout,
+            "read_timeout": self.read_timeout,
             "max_body_bytes": self.max_body_bytes,
             "snapshot_every": self.snapshot_every,
             "api_workers": self.api_workers,

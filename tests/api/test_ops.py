@@ -37,7 +37,7 @@ async def test_ready_is_503_when_a_store_is_down(client: httpx.AsyncClient, cont
         # A closed Elasticsearch client reconnects on the next call; a node that does
         # not answer is what "down" means there: nothing listens on port 9.
         working = container.read_store
-        container.read_store = await ElasticsearchReadStore.open("http://127.0.0.1:9", request_timeout=2)
+        container.read_store = await ElasticsearchReadStore.open("http://127.0.0.1:9", read_timeout=2)
         await working.close()
     else:
         await container.read_store.close()

@@ -169,9 +169,22 @@ class MsgspecJsonSerializer(JsonSerializer):
         return msgspec.json.decode(data)
 
 
+DEFAULT_READ_TIMEOUT = 5.0
+"""Seconds a read (a search, a ``get``, an ``mget``, an alias look-up) may take."""
+WRITE_TIMEOUT = 30.0
+"""Seconds a write (a bulk, an index's creation, a refresh) may take."""
+
+
 class ElasticsearchReadStore:
-    def __init__(self, client: AsyncElasticsearch, prefix: str) -> None:
+    def __init__(
+        self, client: AsyncElasticsearch, prefix: str, *, read_timeout: float = DEFAULT_READ_TIMEOUT
+    ) -> None:
+        """``read_timeout``: what a read may take before it is an outage (a 503 at the
+        API). A node that hangs rather than refuses (stopped, swapping, in a long GC)
+        made every read wait the client's 30 s for its 503; writes keep the 30 s, as
+        a bulk that waits for a refresh may take long on a busy node."""
         self._es = client
+        self._reads = client.options(request_timeout=read_timeout)
         self._prefix = prefix.lower()
         self._schemas: dict[str, CollectionSchema] = {}
         """Schemas ensured by this process: authoritative."""
@@ -181,14 +194,14 @@ class ElasticsearchReadStore:
 
     @classmethod
     async def open(
-        cls, url: str, *, prefix: str = "orderstream-", request_timeout: float = 30.0
+        cls, url: str, *, prefix: str = "orderstream-", read_timeout: float = DEFAULT_READ_TIMEOUT
     ) -> ElasticsearchReadStore:
         if not logging.getLogger("orderstream").isEnabledFor(logging.DEBUG):
             logging.getLogger("elastic_transport").setLevel(logging.WARNING)
         client = AsyncElasticsearch(
-            url, request_timeout=request_timeout, serializers={"application/json": MsgspecJsonSerializer()}
+            url, request_timeout=WRITE_TIMEOUT, serializers={"application/json": MsgspecJsonSerializer()}
         )
-        return cls(client, prefix)
+        return cls(client, prefix, read_timeout=read_timeout)
 
     # ------------------------------------------------------------------ naming
 
@@ -208,7 +221,7 @@ class ElasticsearchReadStore:
             return cached[1]
         try:
             async with _reachable():
-                answer = await self._es.indices.get_mapping(index=self.alias(collection))
+                answer = await self._reads.indices.get_mapping(index=self.alias(collection))
         except NotFoundError:
             return None
         for mapping in answer.body.values():
@@ -260,7 +273,7 @@ class ElasticsearchReadStore:
     async def alias_target(self, collection: str) -> str | None:
         try:
             async with _reachable():
-                answer = await self._es.indices.get_alias(name=self.alias(collection))
+                answer = await self._reads.indices.get_alias(name=self.alias(collection))
         except NotFoundError:
             return None
         targets = sorted(answer.body)
@@ -307,7 +320,7 @@ class ElasticsearchReadStore:
     async def read_checkpoint(self, physical: str) -> ReadCheckpoint | None:
         try:
             async with _reachable():
-                answer = await self._es.get(index=self._checkpoints, id=physical)
+                answer = await self._reads.get(index=self._checkpoints, id=physical)
         except NotFoundError:
             return None
         return _checkpoint_decoder.decode(msgspec.json.encode(answer["_source"]))
@@ -326,7 +339,7 @@ class ElasticsearchReadStore:
     async def get(self, collection: str, doc_id: str, *, physical: str | None = None) -> Document | None:
         try:
             async with _reachable():
-                answer = await self._es.get(index=physical or self.alias(collection), id=doc_id)
+                answer = await self._reads.get(index=physical or self.alias(collection), id=doc_id)
         except NotFoundError:
             return None
         source: Document = answer["_source"]
@@ -340,7 +353,9 @@ class ElasticsearchReadStore:
     async def get_version(self, collection: str, doc_id: str, *, physical: str | None = None) -> int | None:
         try:
             async with _reachable():
-                answer = await self._es.get(index=physical or self.alias(collection), id=doc_id, source=False)
+                answer = await self._reads.get(
+                    index=physical or self.alias(collection), id=doc_id, source=False
+                )
         except NotFoundError:
             return None
         version: int = answer["_version"]
@@ -354,7 +369,7 @@ class ElasticsearchReadStore:
             return {}
         try:
             async with _reachable():
-                answer = await self._es.mget(
+                answer = await self._reads.mget(
                     index=physical or self.alias(collection), ids=list(dict.fromkeys(doc_ids))
                 )
         except NotFoundError:  # no such index yet, as get() answers
@@ -472,7 +487,7 @@ class ElasticsearchReadStore:
             params["search_after"] = decode_cursor(query.cursor, signature, len(sort))
         try:
             async with _reachable():
-                answer = await self._es.search(**params)
+                answer = await self._reads.search(**params)
         except BadRequestError as exc:  # a query the checks above let through
             raise InvalidQuery(str(exc.message)) from exc
         hits = answer["hits"]["hits"]
