@@ -145,6 +145,36 @@ async def test_the_same_delivery_twice_has_one_effect(make_saga: SagaFactory) ->
     assert await saga.counts(f"payment-{payment_id_for(order_id)}") == counts
 
 
+async def test_copies_of_an_authorisation_after_the_capture_are_200(make_saga: SagaFactory) -> None:
+    """Providers send a delivery more than once, sometimes under new event ids. A copy
+    that found the payment authorised changed nothing and kept no record, so the next
+    copy, after the saga captured, was a 409 "cannot authorise when captured" (hostile
+    run: 1-2 of 4 concurrent copies), which a provider may take as final."""
+    saga = await make_saga()
+    order_id = await pending_order(saga)
+    for event_id in ("evt_a", "evt_b"):
+        raw = delivery(order_id, event_id=event_id, status="authorised", authorisation_code="A-1")
+        answer = await post(
+            saga, order_id, raw, webhook_signature.sign(raw, secrets_of(saga), int(time.time()))
+        )
+        assert answer.status_code == 200, answer.text
+    assert (await saga.outcome(order_id)).status == "shipped"  # the payment is captured now
+    stream = f"payment-{payment_id_for(order_id)}"
+    counts = await saga.counts(stream)
+    assert counts["PaymentCaptured"] == 1
+    late = delivery(order_id, event_id="evt_b_resent", status="authorised", authorisation_code="A-1")
+    answer = await post(
+        saga, order_id, late, webhook_signature.sign(late, secrets_of(saga), int(time.time()))
+    )
+    assert answer.status_code == 200, answer.text
+    declined = delivery(order_id, event_id="evt_c", status="declined")
+    refused = await post(
+        saga, order_id, declined, webhook_signature.sign(declined, secrets_of(saga), int(time.time()))
+    )
+    assert refused.status_code == 409, refused.text  # news that contradicts the capture
+    assert await saga.counts(stream) == counts
+
+
 async def test_no_card_token_at_rest_after_a_full_order_flow(
     make_saga: SagaFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

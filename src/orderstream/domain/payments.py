@@ -221,7 +221,10 @@ def decide(command: PaymentCommand, state: Payment) -> Sequence[PaymentEvent]:
     status, pid, oid = state.status, state.payment_id, state.order_id
     match command:
         case AuthorisePayment():
-            if status == "authorised":
+            if status in ("authorised", "captured", "refunded"):
+                # Old news: it was authorised on the way here. The provider's delivery,
+                # sent again (or a second copy racing the first) after the capture, is
+                # answered as it was the first time, not with a 409 a provider may drop.
                 return []
             if status != "requested":
                 raise IllegalTransition(status, "authorise")
