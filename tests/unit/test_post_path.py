@@ -114,7 +114,7 @@ def _body_app() -> Litestar:
 
     @post("/ours", request_max_body_size=10, status_code=200)
     async def ours(request: Request[Any, Any, Any]) -> dict[str, str]:
-        _media_type, length = plumbing._body_headers(request.scope["headers"])
+        _media_type, length, _encoding = plumbing._body_headers(request.scope["headers"])
         body = await plumbing._receive_body(request, length)
         return {"body": body.decode(), "again": (await request.body()).decode()}
 
