@@ -438,6 +438,10 @@ async def run_process(
     runs ``workers`` :class:`ApiWorkerProcess` on it (beside the projections and
     sagas, for ``serve``: requests then never queue behind them on one event
     loop). ``worker_of``: this process is such a worker of that pid.
+
+    ``announce`` (stdout) is for the person who started it: where it listens (the
+    ``listening on`` line an :class:`ApiWorkerProcess`'s parent and the tests wait
+    for), how to get a token, and ``stopped``. The rest is logged.
     """
     several = worker_of is None and (workers > 1 or (sagas and saga_settings.worker_processes > 0))
     saga = FulfilmentSaga(saga_settings)
@@ -495,8 +499,10 @@ async def run_process(
                 announce(f"API docs: {url}/schema  (OpenAPI: {url}/schema/openapi.json)")
                 announce(how_to_get_a_token(settings))
                 announce(webhook_signature.describe_secret(settings.webhook_secrets, settings.data_dir))
-            names = ", ".join(s.name for s in services) or "none"
-            announce(f"background services: {names}")
+            # A record, not an ``announce``: every process (the API and saga worker processes
+            # too) says it, and its stdout may share the log (a container's, a child's
+            # inherited stdout) where a plain line breaks a JSON log.
+            log.info("background services: %s", ", ".join(s.name for s in services) or "none")
             try:
                 waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait()), services_task}
                 if server_task is not None:

@@ -24,6 +24,12 @@ a consumer handling an event binds the event's fields with
 ``correlation_id``, ``causation_id``). A single call can add its own with
 ``extra={"stream": ...}``: the keys of :data:`CONTEXT_KEYS` are picked up.
 
+Temporal's Rust core. What the SDK's core (its gRPC client, its worker machinery)
+logs is forwarded into the ``temporalio.sdk_core`` logger by the runtime that
+``orderstream.sagas.runtime.temporal_runtime`` makes, so it comes out here like any
+record; :func:`_temporal_core_fields` adds the core's ``core_target`` (the Rust
+module, ``temporalio_client::retry``) and ``core_fields`` (``error`` and the like).
+
 Secrets. Nothing here logs a request's headers or an event's data; the only
 values added are the ids above. Keep it so: never log a header, a body, or a
 token (see tests/unit/test_logging.py, which runs a whole order flow and looks
@@ -138,6 +144,7 @@ def _formatter(fmt: LogFormat, *, colors: bool) -> structlog.stdlib.ProcessorFor
     pre_chain: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.ExtraAdder(allow=CONTEXT_KEYS),
+        _temporal_core_fields,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -159,6 +166,24 @@ def _formatter(fmt: LogFormat, *, colors: bool) -> structlog.stdlib.ProcessorFor
         foreign_pre_chain=pre_chain,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
     )
+
+
+def _temporal_core_fields(
+    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """A record forwarded from Temporal's core carries the core's entry (``temporal_log``,
+    the SDK's ``LogForwardingConfig``): its target and fields become ``core_target`` and
+    ``core_fields``. (Duck-typed: no Temporal import for the API.)"""
+    entry = getattr(event_dict.get("_record"), "temporal_log", None)
+    if entry is not None:
+        event_dict["core_target"] = entry.target
+        try:
+            fields = entry.fields
+        except Exception:  # the SDK guards its conversion the same way; the record matters more
+            fields = None
+        if fields:
+            event_dict["core_fields"] = dict(fields)
+    return event_dict
 
 
 def _console_traceback() -> structlog.typing.ExceptionRenderer:

@@ -6,18 +6,23 @@ The whole-order-flow check (no payment token, no bearer token in a real
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import logging
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 from temporalio.exceptions import ApplicationError
 
@@ -25,6 +30,7 @@ from orderstream import logging_setup
 from orderstream.application.commands import CommandContext
 from orderstream.domain.common import Money
 from orderstream.eventstore.base import EventMetadata, RecordedEvent
+from orderstream.sagas import runtime as temporal
 from tests.api.helpers import order_body, register_product
 from tests.api.test_cli import _env
 from tests.conftest import MakeClient
@@ -295,3 +301,89 @@ def test_a_saga_steps_business_refusal_is_one_line_without_its_traceback(capture
     assert "'activity_type': 'reserve'" in refusal["message"]
     assert retryable["exception"][0]["exc_value"].endswith("gateway timed out")  # the traceback is kept
     assert retryable["exception"][0]["frames"]
+
+
+class _DownThenUp(grpc.GenericRpcHandler):
+    """A stand-in Temporal frontend: answers the client's connect (``GetSystemInfo``),
+    then refuses every other call ``failures`` times with UNAVAILABLE (what an outage
+    looks like to the SDK's core, which retries), then answers (empty responses)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.lock = threading.Lock()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = str(details.method).rsplit("/", 1)[-1]
+
+        def answer(_request: bytes, context: grpc.ServicerContext) -> bytes:
+            with self.lock:
+                down = method != "GetSystemInfo" and self.failures > 0
+                self.failures -= down
+            if down:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the stand-in is down")
+            return b""
+
+        return grpc.unary_unary_rpc_method_handler(answer)
+
+
+@contextlib.contextmanager
+def stand_in_frontend(failures: int) -> Iterator[str]:
+    server = grpc.server(ThreadPoolExecutor(4), handlers=[_DownThenUp(failures)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+async def test_what_temporals_core_logs_is_a_json_record(
+    captured: Captured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's Rust core wrote its warnings to stderr itself, in coloured text
+    (``WARN temporalio_client::retry: gRPC call ... retried``): lines that broke the
+    JSON log. On the runtime that ``connect`` uses they are records like any other."""
+    monkeypatch.setattr(temporal.CORE_RETRIES, "_last", {})  # another test's retries are not this one's
+    with stand_in_frontend(failures=5) as address:
+        client = await temporal.connect(address)
+        await client.count_workflows()  # retried 5 times: the core warns at the 5th (half of 10)
+
+        async def core_record() -> dict[str, Any]:
+            while True:  # the runtime forwards the core's lines every few milliseconds
+                found = [r for r in captured.records() if r["logger"] == temporal.CORE_LOGGER]
+                if found:
+                    return found[0]
+                await asyncio.sleep(0.02)
+
+        record = await asyncio.wait_for(core_record(), 10)
+    assert record["level"] == "warning"
+    assert record["message"] == "gRPC call count_workflow_executions retried 5 times"
+    assert record["core_target"] == "temporalio_client::retry"
+    assert "the stand-in is down" in record["core_fields"]["error"]
+    assert "\x1b[" not in captured.stream.getvalue()
+
+
+def test_the_cores_retry_lines_come_once_a_minute_per_call() -> None:
+    """During an outage every poll and call in flight retries and the core says so at
+    each attempt (976 lines in a fault run): one line per call per interval, with the
+    count of those left out since."""
+    now = [0.0]
+    throttle = temporal.CoreRetryThrottle(60.0, clock=lambda: now[0])
+
+    def passes(message: str, target: str = "temporalio_client::retry") -> bool:
+        record = logging.LogRecord(temporal.CORE_LOGGER, logging.WARNING, "(sdk-core)", 0, message, (), None)
+        record.temporal_log = SimpleNamespace(target=target)
+        passed = throttle.filter(record)
+        seen.append(record.getMessage())
+        return passed
+
+    seen: list[str] = []
+    assert passes("gRPC call poll_workflow_task_queue retried 6 times")
+    assert not passes("gRPC call poll_workflow_task_queue retried 7 times")
+    assert not passes("gRPC call poll_workflow_task_queue retried 6 times")
+    assert passes("gRPC call start_workflow_execution retried 5 times")  # another call: its own line
+    assert passes("Query not found", target="temporalio_sdk_core::worker::workflow")  # not a retry
+    now[0] = 61.0
+    assert passes("gRPC call poll_workflow_task_queue retried 16 times")
+    assert seen[-1] == "gRPC call poll_workflow_task_queue retried 16 times (2 more such lines left out)"
+    assert not passes("gRPC call poll_workflow_task_queue retried 17 times")

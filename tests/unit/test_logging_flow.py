@@ -34,6 +34,10 @@ def test_a_whole_order_flow_logs_no_secret_and_names_its_stream(tmp_path: Path) 
     assert service.token not in text
     assert "Bearer" not in text
     records = [json.loads(line) for line in text.splitlines()]
+    # A record of the process itself (it was a plain line on stdout, in every process's log).
+    started = [r for r in records if r["message"].startswith("background services: ")]
+    assert started, "no record of the process's background services"
+    assert all(r["logger"] == "orderstream" for r in started)
     stream = f"order-{order_id}"
     mine = [r for r in records if r.get("stream") == stream]
     loggers = {r["logger"] for r in mine}

