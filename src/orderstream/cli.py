@@ -71,8 +71,15 @@ from orderstream.auth.principal import Role
 from orderstream.bootstrap import build
 from orderstream.config import MAX_API_WORKERS, ConfigError, ConnectionLimits, Settings
 from orderstream.container import Container
-from orderstream.eventstore.base import EventFilter, ParkedEventNotFound, RecordedEvent, SkippedEvent
+from orderstream.eventstore.base import (
+    EventFilter,
+    EventStoreUnavailable,
+    ParkedEventNotFound,
+    RecordedEvent,
+    SkippedEvent,
+)
 from orderstream.metrics import metrics_shared_across_processes
+from orderstream.readstore.base import ReadStoreUnavailable
 from orderstream.sagas.fulfilment.saga import FulfilmentSaga
 from orderstream.sagas.fulfilment.settings import FulfilmentSettings
 from orderstream.sagas.fulfilment.trigger import GROUP as SAGA_GROUP
@@ -755,7 +762,10 @@ def projections_rebuild(name: str, **options: Any) -> None:
 
                 return await runner.rebuild(report)
 
-    result = run(go())
+    try:
+        result = run(go())
+    except (ReadStoreUnavailable, EventStoreUnavailable) as exc:  # an outage, not a bug: no traceback
+        raise click.ClickException(f"rebuilding {name} failed, the alias was left as it was: {exc}") from exc
     click.echo(
         f"{name}: rebuilt {result.physical} from {result.events} events "
         f"({result.failed} failed); previous: {result.previous}"

@@ -225,6 +225,16 @@ async def test_operator_commands(tmp_path: Path) -> None:
     assert "known: orders, products" in unknown.stderr
 
 
+def test_a_rebuild_with_the_read_store_down_says_so_in_a_line(tmp_path: Path) -> None:
+    """Not a 64-line traceback (hostile run, Elasticsearch stopped mid-rebuild)."""
+    down = "http://127.0.0.1:9"  # nothing listens on the discard port
+    args = ["projections", "rebuild", "products", "--data-dir", str(tmp_path / "d"), "--read-store", down]
+    failed = orderstream(*args)
+    assert failed.returncode == 1, failed.stderr
+    assert "rebuilding products failed, the alias was left as it was" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
 def test_what_orderstream_writes_is_its_users_alone(tmp_path: Path) -> None:
     """The stores hold customers' names and addresses: no other user of the machine may
     read them (they were created 0644 under the usual umask 022)."""

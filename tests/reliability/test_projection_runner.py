@@ -24,7 +24,15 @@ from orderstream.domain.common import Money
 from orderstream.events import registry
 from orderstream.eventstore.base import ANY, NewEvent, SubscriptionGroupNotFound
 from orderstream.eventstore.sqlite import SqliteEventStore
-from orderstream.readstore.base import CollectionSchema, Document, Query, Stored, WriteOp, WriteOutcome
+from orderstream.readstore.base import (
+    CollectionSchema,
+    Document,
+    Query,
+    ReadStoreUnavailable,
+    Stored,
+    WriteOp,
+    WriteOutcome,
+)
 from orderstream.readstore.sqlite import SqliteReadStore
 from projections import product_stock
 from projections.base import ProjectedEvent, Projection
@@ -385,6 +393,52 @@ async def test_a_same_version_rebuild_is_followed_by_the_live_runner(stores: Sto
         doc = await product(stores, "A")
         assert (doc["on_hand"], doc["revision"]) == (40, 40)
         assert (await runner.status()).physical == result.physical
+
+
+class FailingWrites:
+    """The real read store, whose writes fail from the second on (the node went down
+    in the middle of a rebuild); records the physical table the rebuild made."""
+
+    def __init__(self, inner: SqliteReadStore) -> None:
+        self.inner = inner
+        self.made: list[str] = []
+        self.writes = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def ensure_collection(self, schema: CollectionSchema, *, suffix: str | None = None) -> str:
+        physical = await self.inner.ensure_collection(schema, suffix=suffix)
+        self.made.append(physical)
+        return physical
+
+    async def write(
+        self, collection: str, ops: Sequence[WriteOp], *, physical: str | None = None
+    ) -> list[WriteOutcome]:
+        self.writes += 1
+        if self.writes > 1:
+            raise ReadStoreUnavailable("the read store (test)", ConnectionError("down"))
+        return await self.inner.write(collection, ops, physical=physical)
+
+
+async def test_a_rebuild_that_fails_halfway_leaves_no_half_filled_table(stores: Stores) -> None:
+    """It left its index behind (hostile run: 8,258 partial documents in an orphan
+    index after Elasticsearch stopped mid-rebuild); the alias stays where it was."""
+    runner = runner_for(stores)
+    for sku in ("A", "B", "C"):
+        await register(stores.events, sku)
+    async with running(runner):
+        assert await runner.wait_for_position(await head(stores.events), WAIT)
+    live = await stores.reads.alias_target(PRODUCTS)
+    failing = FailingWrites(stores.reads)
+    rebuilder = ProjectionRunner(stores.events, failing, PRODUCTS_V1)  # type: ignore[arg-type]
+    with pytest.raises(ReadStoreUnavailable):
+        await rebuilder.rebuild(page_size=1)
+    (made,) = failing.made
+    assert made != live
+    assert await stores.reads.alias_target(PRODUCTS) == live
+    assert stores.reads._table(made) is None  # dropped
+    assert (await product(stores, "A"))["sku"] == "A"  # the live table serves on
 
 
 class SlowSwitch:

@@ -91,15 +91,21 @@ class Rebuild:
         log.info("%s: rebuilding into %s (alias at %s)", self.name, physical, previous)
 
         state = _ReplayState()
-        await self._replay(physical, state, progress, page_size)
-        # The live group of this version continues after the replay. It starts at
-        # the event before the last one replayed so the low-water mark becomes
-        # defined as soon as that one (already applied: skipped) is acknowledged.
-        await self.event_store.ensure_subscription_group(self.group, self.group_settings(state.before_last))
-        await self.read_store.write_checkpoint(
-            physical, ReadCheckpoint(group=self.group, position=state.before_last)
-        )
-        old = await self.read_store.switch_alias(self.name, physical)
+        try:
+            await self._replay(physical, state, progress, page_size)
+            # The live group of this version continues after the replay. It starts at
+            # the event before the last one replayed so the low-water mark becomes
+            # defined as soon as that one (already applied: skipped) is acknowledged.
+            await self.event_store.ensure_subscription_group(
+                self.group, self.group_settings(state.before_last)
+            )
+            await self.read_store.write_checkpoint(
+                physical, ReadCheckpoint(group=self.group, position=state.before_last)
+            )
+            old = await self.read_store.switch_alias(self.name, physical)
+        except BaseException:
+            await self._drop_unfinished(physical)
+            raise
         await self._replay(physical, state, progress, page_size)
         for stale in {old, previous} - {None, physical}:
             if stale is not None and self.version_of(stale) is not None:
@@ -110,6 +116,20 @@ class Rebuild:
         return RebuildResult(
             physical=physical, previous=old, events=state.events, failed=state.failed, position=state.position
         )
+
+    async def _drop_unfinished(self, physical: str) -> None:
+        """A rebuild that failed or was interrupted (Ctrl-C, the read store down) before
+        its switch leaves no half-filled index behind, unless the alias points at it (the
+        first build of a collection makes its alias at once). A killed rebuild cannot
+        clean up: its index stays, unused, until dropped by hand (docs/read-models.md)."""
+        try:
+            if await self.read_store.alias_target(self.name) != physical:
+                await self.read_store.drop_physical(physical)
+                log.warning("%s: rebuild into %s did not finish; dropped it", self.name, physical)
+        except Exception as exc:  # the store that failed the rebuild may fail this too
+            log.warning(
+                "%s: rebuild into %s did not finish, and dropping it failed: %s", self.name, physical, exc
+            )
 
     async def _replay(
         self, physical: str, state: _ReplayState, progress: ProgressCallback | None, page_size: int

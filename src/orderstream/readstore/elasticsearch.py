@@ -394,7 +394,8 @@ class ElasticsearchReadStore:
                 body.append(op.document)
             else:
                 body.append({"delete": meta})
-        answer = await self._es.bulk(operations=body, refresh="wait_for")
+        async with _reachable():
+            answer = await self._es.bulk(operations=body, refresh="wait_for")
         outcomes = []
         for op, item in zip(ops, answer["items"], strict=True):
             result = item["index"] if isinstance(op, Upsert) else item["delete"]
