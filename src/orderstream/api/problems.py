@@ -349,7 +349,7 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
                 request,
                 503,
                 "unavailable",
-                f"{exc.service} cannot be reached; retry later.",
+                f"{exc.service} is not answering now (down, unreachable or too slow); retry later.",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         case EventStoreUnavailable():
