@@ -2,12 +2,16 @@
 
     orderstream serve [--host 127.0.0.1] [--port 8000] [--data-dir DIR]   API + projections (+ sagas)
     orderstream api                                                        the API only
-    orderstream project                                                    the projection runners only
-    orderstream worker                                                     the saga services only
+    orderstream project [--metrics-port 9100]                              the projection runners only
+    orderstream worker [--metrics-port 9100]                               the saga services only
     orderstream projections status | rebuild NAME | parked NAME | replay-parked NAME
                             | skip NAME POSITION --reason WHY | skipped NAME
     orderstream events read STREAM | tail
     orderstream webhook sign --body FILE|-                                 the payment provider's signature
+
+``project`` and ``worker`` serve no HTTP API; given ``--metrics-port`` (env
+``ORDERSTREAM_METRICS_PORT``) they answer ``GET /metrics`` there, on
+``--metrics-host`` (``127.0.0.1``): see :mod:`orderstream.metrics_port`.
 
 ``serve`` and ``api`` take ``--workers N`` (env ``ORDERSTREAM_API_WORKERS``): with
 N > 1 the first process serves no HTTP; it holds the port and starts N
@@ -327,6 +331,17 @@ def http_server_config(
     )
 
 
+def listening_socket(host: str, port: int, *, what: str) -> socket.socket:
+    """A socket of this process alone listening on ``host:port`` (0: a free port):
+    no ``SO_REUSEPORT``, so a second process given the same port fails here, with a
+    message that says which, instead of sharing its connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise click.ClickException(f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
 def shared_port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
     """A socket bound with ``SO_REUSEPORT``: every API worker binds and listens on
     its own, on one port, and the kernel spreads new connections over the
@@ -437,6 +452,7 @@ async def run_process(
     access_log: bool = False,
     workers: int = 1,
     worker_of: int | None = None,
+    metrics_port: tuple[str, int] | None = None,
     announce: Callable[[str], None] = click.echo,
 ) -> None:
     """The one process shape behind ``serve``, ``api``, ``project`` and ``worker``.
@@ -445,6 +461,9 @@ async def run_process(
     runs ``workers`` :class:`ApiWorkerProcess` on it (beside the projections and
     sagas, for ``serve``: requests then never queue behind them on one event
     loop). ``worker_of``: this process is such a worker of that pid.
+    ``metrics_port``: answer ``GET /metrics`` on that address too
+    (:mod:`orderstream.metrics_port`; for the processes with no API); bound first,
+    so that a port in use stops the process before it starts anything.
 
     ``announce`` (stdout) is for the person who started it: where it listens (the
     ``listening on`` line an :class:`ApiWorkerProcess`'s parent and the tests wait
@@ -453,7 +472,12 @@ async def run_process(
     several = worker_of is None and (workers > 1 or (sagas and saga_settings.worker_processes > 0))
     saga = FulfilmentSaga(saga_settings)
     stop = asyncio.Event()
-    with stop_on_signals(stop), metrics_shared_across_processes(several):  # before our metrics are built
+    metrics_sock = None if metrics_port is None else listening_socket(*metrics_port, what="metrics port")
+    with (
+        contextlib.closing(metrics_sock) if metrics_sock is not None else contextlib.nullcontext(),
+        stop_on_signals(stop),
+        metrics_shared_across_processes(several),  # before our metrics are built
+    ):
         async with opened(settings, saga) as container:
             services: list[BackgroundService] = []
             if projections:
@@ -496,6 +520,21 @@ async def run_process(
                 )
                 server_task = asyncio.create_task(server.serve(), name="orderstream-http")
                 listen = (listen[0], await _started(server, server_task))
+            metrics_server: EmbeddedServer | None = None
+            metrics_task: asyncio.Task[None] | None = None
+            if metrics_port is not None and metrics_sock is not None:
+                from orderstream.metrics_port import MetricsApp
+
+                metrics_server = EmbeddedServer(
+                    MetricsApp.for_settings(container),
+                    *metrics_port,
+                    access_log=False,
+                    limits=settings.connections,
+                    sock=metrics_sock,
+                )
+                metrics_task = asyncio.create_task(metrics_server.serve(), name="orderstream-metrics")
+                bound = await _started(metrics_server, metrics_task)
+                announce(f"metrics on http://{_url_host(metrics_port[0])}:{bound}/metrics")
             if listen is not None:
                 await _wait_for_workers(api_workers, services_task)
                 freeze_start_up_heap()
@@ -514,6 +553,8 @@ async def run_process(
                 waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait()), services_task}
                 if server_task is not None:
                     waiters.add(server_task)
+                if metrics_task is not None:
+                    waiters.add(metrics_task)
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 # 1. stop accepting, finish in-flight requests (API workers: SIGTERM, by step 2's stop)
@@ -526,7 +567,12 @@ async def run_process(
                 await services_task
                 if sock is not None:
                     sock.close()
-            # 3. ``opened`` closes the stores: the event store writes every acknowledged append
+                # 3. the metrics port, last: it answers while the services drain
+                if metrics_server is not None and metrics_task is not None:
+                    metrics_server.exit()
+                    with contextlib.suppress(Exception):
+                        await metrics_task
+            # 4. ``opened`` closes the stores: the event store writes every acknowledged append
         announce("stopped")
 
 
@@ -560,6 +606,10 @@ async def _wait_for_workers(workers: list[ApiWorkerProcess], services: asyncio.T
         if not ready.done():
             ready.cancel()
             raise click.ClickException(f"{worker.name} stopped during startup")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def _started(server: EmbeddedServer, task: asyncio.Task[None]) -> int:
@@ -656,17 +706,54 @@ def api(
     )
 
 
+def _metrics_options(fn: F) -> F:
+    """Where a process with no API answers ``GET /metrics`` (:mod:`orderstream.metrics_port`)."""
+    fn = click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        default=None,
+        help="Answer GET /metrics on this port (0: a free one) [env ORDERSTREAM_METRICS_PORT; none].",
+    )(fn)
+    fn = click.option(
+        "--metrics-host",
+        default=None,
+        help="The metrics port's address; 0.0.0.0 in a container [env ORDERSTREAM_METRICS_HOST; 127.0.0.1].",
+    )(fn)
+    return fn
+
+
+def metrics_address(settings: Settings, worker_of: int | None = None) -> tuple[str, int] | None:
+    """The metrics port to open, if any: never in a process another one started (it
+    inherits the variable, not the port: its values reach the first one's scrape
+    through the shared directory)."""
+    if settings.metrics_port is None or worker_of is not None:
+        return None
+    return settings.metrics_host, settings.metrics_port
+
+
 @main.command()
+@_metrics_options
 @store_options
 def project(**options: Any) -> None:
     """The projection runners only."""
     saga_settings = saga_settings_from(options)
     settings = settings_from(options)
-    run(run_process(settings, saga_settings, host=None, port=None, projections=True, sagas=False))
+    run(
+        run_process(
+            settings,
+            saga_settings,
+            host=None,
+            port=None,
+            projections=True,
+            sagas=False,
+            metrics_port=metrics_address(settings),
+        )
+    )
 
 
 @main.command()
 @click.option("--worker-of", type=int, default=None, hidden=True, help="Internal: a saga worker of PID.")
+@_metrics_options
 @store_options
 def worker(worker_of: int | None, **options: Any) -> None:
     """The saga services only (Temporal worker and saga trigger)."""
@@ -674,7 +761,14 @@ def worker(worker_of: int | None, **options: Any) -> None:
     settings = settings_from(options)
     run(
         run_process(
-            settings, saga_settings, host=None, port=None, projections=False, sagas=True, worker_of=worker_of
+            settings,
+            saga_settings,
+            host=None,
+            port=None,
+            projections=False,
+            sagas=True,
+            worker_of=worker_of,
+            metrics_port=metrics_address(settings, worker_of),
         )
     )
 

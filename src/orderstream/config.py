@@ -19,7 +19,13 @@
 - ``ORDERSTREAM_AUTH_ROLES_CLAIM`` (``realm_access.roles``) and
   ``ORDERSTREAM_AUTH_CUSTOMER_CLAIM`` (``customer_id``, else ``sub``): where the roles and
   the customer id sit in the token's claims (dotted paths).
-- ``ORDERSTREAM_METRICS_PUBLIC`` (``true``): ``false`` puts ``/metrics`` behind the admin role.
+- ``ORDERSTREAM_METRICS_PUBLIC`` (``true``): ``false`` puts ``/metrics`` behind the admin role
+  (on the API port and on the metrics port below alike).
+- ``ORDERSTREAM_METRICS_PORT`` (unset: none) and ``ORDERSTREAM_METRICS_HOST``
+  (``127.0.0.1``): where ``orderstream project`` and ``orderstream worker``, which
+  serve no API, answer ``GET /metrics`` (``--metrics-port``, ``--metrics-host``; ``0``:
+  a free port, announced). ``serve`` and ``api`` answer ``/metrics`` on their HTTP
+  port and ignore them. See :mod:`orderstream.metrics_port`.
 - ``ORDERSTREAM_WRITE_RATE_LIMIT`` (``120/minute``): writes one identity may make
   (admins are exempt: operators and load tools); ``off`` turns the limit off.
 - ``ORDERSTREAM_API_TOKENS`` is gone (static tokens gave no roles): setting it is an error
@@ -70,6 +76,7 @@ DEFAULT_READ_TIMEOUT = 5.0
 """The Elasticsearch read store's own default too (``readstore/elasticsearch.py``)."""
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_SNAPSHOT_EVERY = 100
+DEFAULT_METRICS_HOST = "127.0.0.1"
 AUTO_API_WORKERS = 0
 MAX_API_WORKERS = 64
 
@@ -197,6 +204,20 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1
     return value
 
 
+def env_port(env: Mapping[str, str], name: str) -> int | None:
+    """A TCP port (``0``: a free one), or ``None`` when unset or empty."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: not a port number: {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{name}: must be 0 to 65535, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     data_dir: Path = Path(DEFAULT_DATA_DIR)
@@ -214,6 +235,10 @@ class Settings:
     auth_roles_claim: str = DEFAULT_ROLES_CLAIM
     auth_customer_claim: str = DEFAULT_CUSTOMER_CLAIM
     metrics_public: bool = True
+    metrics_host: str = DEFAULT_METRICS_HOST
+    metrics_port: int | None = None
+    """The metrics port of a process that serves no API (``project``, ``worker``);
+    ``None``: none; 0: a free one."""
     write_rate_limit: str = DEFAULT_WRITE_RATE_LIMIT
     """``N/second|minute|hour`` per identity on writes, or ``off``."""
     consistency_timeout: float = DEFAULT_CONSISTENCY_TIMEOUT
@@ -257,6 +282,10 @@ class Settings:
             raise ConfigError("ORDERSTREAM_AUTH_AUDIENCE: must not be empty")
         if self.auth_issuer is not None and scheme_of(self.auth_issuer) not in ("http", "https"):
             raise ConfigError(f"ORDERSTREAM_AUTH_ISSUER: not an http(s) URL: {self.auth_issuer!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"ORDERSTREAM_METRICS_PORT: must be 0 to 65535, got {self.metrics_port}")
+        if not self.metrics_host.strip():
+            raise ConfigError("ORDERSTREAM_METRICS_HOST: must not be empty")
         if not 0 <= self.api_workers <= MAX_API_WORKERS:
             raise ConfigError(f"ORDERSTREAM_API_WORKERS: must be 0 (auto) to {MAX_API_WORKERS}")
 
@@ -298,6 +327,8 @@ class Settings:
             "auth_roles_claim": env.get("ORDERSTREAM_AUTH_ROLES_CLAIM") or DEFAULT_ROLES_CLAIM,
             "auth_customer_claim": env.get("ORDERSTREAM_AUTH_CUSTOMER_CLAIM") or DEFAULT_CUSTOMER_CLAIM,
             "metrics_public": env_switch(env, "ORDERSTREAM_METRICS_PUBLIC", True),
+            "metrics_host": (env.get("ORDERSTREAM_METRICS_HOST") or "").strip() or DEFAULT_METRICS_HOST,
+            "metrics_port": env_port(env, "ORDERSTREAM_METRICS_PORT"),
             "write_rate_limit": env.get("ORDERSTREAM_WRITE_RATE_LIMIT") or DEFAULT_WRITE_RATE_LIMIT,
             "consistency_timeout": env_float(
                 env, "ORDERSTREAM_CONSISTENCY_TIMEOUT", DEFAULT_CONSISTENCY_TIMEOUT
@@ -326,6 +357,7 @@ class Settings:
             "max_body_bytes": self.max_body_bytes,
             "snapshot_every": self.snapshot_every,
             "api_workers": self.api_workers,
+            "metrics_port": None if self.metrics_port is None else f"{self.metrics_host}:{self.metrics_port}",
             "webhook_secret": f"{len(self.webhook_secrets)} from the environment"
             if self.webhook_secrets
             else "the data dir's",

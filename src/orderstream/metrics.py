@@ -395,14 +395,20 @@ class Metrics:
         if snapshots is not None:
             snapshots.stats.observer = self.snapshot_counted
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type: this process's metrics, or with
-        ``PROMETHEUS_MULTIPROC_DIR`` set, those of every process of the service."""
+    def scraped(self) -> CollectorRegistry:
+        """What a scrape reads: this process's registry, or with
+        ``PROMETHEUS_MULTIPROC_DIR`` set, one that sums the files of every process of
+        the service (read again at each collection)."""
         if os.environ.get(MULTIPROCESS_ENV):
             merged = CollectorRegistry()
             multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-            return generate_latest(merged), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return merged
+        return self.registry
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type: this process's metrics, or with
+        ``PROMETHEUS_MULTIPROC_DIR`` set, those of every process of the service."""
+        return generate_latest(self.scraped()), CONTENT_TYPE_LATEST
 
 
 def command_result(outcome: str) -> str:
