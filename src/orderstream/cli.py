@@ -11,7 +11,7 @@
 
 ``project`` and ``worker`` serve no HTTP API; given ``--metrics-port`` (env
 ``ORDERSTREAM_METRICS_PORT``) they answer ``GET /metrics`` there, on
-``--metrics-host`` (``127.0.0.1``): see :mod:`orderstream.metrics_port`.
+``--metrics-host`` (``127.0.0.1``): see :mod:`orderstream.api.metrics_port`.
 
 ``serve`` and ``api`` take ``--workers N`` (env ``ORDERSTREAM_API_WORKERS``): with
 N > 1 the first process serves no HTTP; it holds the port and starts N
@@ -462,7 +462,7 @@ async def run_process(
     sagas, for ``serve``: requests then never queue behind them on one event
     loop). ``worker_of``: this process is such a worker of that pid.
     ``metrics_port``: answer ``GET /metrics`` on that address too
-    (:mod:`orderstream.metrics_port`; for the processes with no API); bound first,
+    (:mod:`orderstream.api.metrics_port`; for the processes with no API); bound first,
     so that a port in use stops the process before it starts anything.
 
     ``announce`` (stdout) is for the person who started it: where it listens (the
@@ -523,7 +523,7 @@ async def run_process(
             metrics_server: EmbeddedServer | None = None
             metrics_task: asyncio.Task[None] | None = None
             if metrics_port is not None and metrics_sock is not None:
-                from orderstream.metrics_port import MetricsApp
+                from orderstream.api.metrics_port import MetricsApp
 
                 metrics_server = EmbeddedServer(
                     MetricsApp.for_settings(container),
@@ -707,7 +707,7 @@ def api(
 
 
 def _metrics_options(fn: F) -> F:
-    """Where a process with no API answers ``GET /metrics`` (:mod:`orderstream.metrics_port`)."""
+    """Where a process with no API answers ``GET /metrics`` (:mod:`orderstream.api.metrics_port`)."""
     fn = click.option(
         "--metrics-port",
         type=click.IntRange(0, 65535),

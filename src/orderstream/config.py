@@ -25,7 +25,7 @@
   (``127.0.0.1``): where ``orderstream project`` and ``orderstream worker``, which
   serve no API, answer ``GET /metrics`` (``--metrics-port``, ``--metrics-host``; ``0``:
   a free port, announced). ``serve`` and ``api`` answer ``/metrics`` on their HTTP
-  port and ignore them. See :mod:`orderstream.metrics_port`.
+  port and ignore them. See :mod:`orderstream.api.metrics_port`.
 - ``ORDERSTREAM_WRITE_RATE_LIMIT`` (``120/minute``): writes one identity may make
   (admins are exempt: operators and load tools); ``off`` turns the limit off.
 - ``ORDERSTREAM_API_TOKENS`` is gone (static tokens gave no roles): setting it is an error

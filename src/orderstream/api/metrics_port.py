@@ -43,7 +43,7 @@ import msgspec
 from prometheus_client import make_asgi_app
 
 from orderstream.api.ops import refresh_projection_metrics, refresh_saga_metrics
-from orderstream.api.problems import PROBLEM_JSON, TYPE_PREFIX, Problem
+from orderstream.api.problems import PROBLEM_JSON, Problem, _title, problem_type
 from orderstream.auth.policy import REALM
 from orderstream.auth.principal import Role
 from orderstream.auth.verifier import InvalidToken, KeysUnavailable, TokenVerifier
@@ -63,11 +63,11 @@ METHODS = ("GET", "HEAD")
 class Refused(Exception):
     """A request the port does not answer with metrics: its problem and headers."""
 
-    def __init__(
-        self, status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.problem = Problem(type=TYPE_PREFIX + code, title=title, status=status, detail=detail)
+        self.problem = Problem(
+            type=problem_type(code), title=_title(code, status), status=status, detail=detail
+        )
         self.headers = headers or {}
 
 
@@ -94,12 +94,11 @@ class MetricsApp:
             return  # a websocket: uvicorn refuses it (403)
         try:
             if scope["path"] != METRICS_PATH:
-                raise Refused(404, "not-found", "Not found", f"Only {METRICS_PATH} is served on this port.")
+                raise Refused(404, "no-such-route", f"Only {METRICS_PATH} is served on this port.")
             if scope["method"] not in METHODS:
                 raise Refused(
                     405,
                     "method-not-allowed",
-                    "Method not allowed",
                     f"{METRICS_PATH} answers {' and '.join(METHODS)}.",
                     {"Allow": ", ".join(METHODS)},
                 )
@@ -125,7 +124,6 @@ class MetricsApp:
             raise Refused(
                 401,
                 "unauthorized",
-                "Unauthorized",
                 f"{METRICS_PATH} needs 'Authorization: Bearer <token>' of the admin role "
                 "(ORDERSTREAM_METRICS_PUBLIC=false).",
                 {"WWW-Authenticate": f'Bearer realm="{REALM}"'},
@@ -136,7 +134,6 @@ class MetricsApp:
             raise Refused(
                 503,
                 "identity-provider-unavailable",
-                "Identity provider unavailable",
                 f"{exc}; retry later.",
                 {"Retry-After": "5"},
             ) from None
@@ -144,7 +141,6 @@ class MetricsApp:
             raise Refused(
                 401,
                 "unauthorized",
-                "Unauthorized",
                 f"The bearer token is not valid: {exc}.",
                 {"WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_token"'},
             ) from None
@@ -152,7 +148,6 @@ class MetricsApp:
             raise Refused(
                 403,
                 "forbidden",
-                "Forbidden",
                 f"Your roles ({principal.roles_text or 'none'}) do not allow {METRICS_PATH}: admin only.",
                 {"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope"'},
             )
