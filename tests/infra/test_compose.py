@@ -502,6 +502,39 @@ def test_prometheus_scrapes_the_api() -> None:
     assert len(names) == len(set(names)), "duplicate job names"
 
 
+METRICS_PORTS = {"projector": 9100, "worker": 9100}
+"""The services with no API, and the metrics port each answers ``/metrics`` on."""
+
+
+@pytest.mark.parametrize(("name", "port"), sorted(METRICS_PORTS.items()))
+def test_the_services_with_no_api_are_scraped_on_their_metrics_port(
+    services: dict[str, dict[str, Any]], name: str, port: int
+) -> None:
+    """Without it the split stack showed no saga metrics at all: the sagas run in the
+    worker, which listened on no port, and Prometheus scraped the API only."""
+    env = _environment(services[name])
+    assert env.get("ORDERSTREAM_METRICS_PORT") == str(port)
+    assert env.get("ORDERSTREAM_METRICS_HOST") == "0.0.0.0", "127.0.0.1 is out of Prometheus' reach"
+    assert str(port) in [str(p) for p in services[name].get("expose") or []]
+    jobs = _load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]
+    found = [
+        job
+        for job in jobs
+        if any(name in sd.get("names", []) and sd.get("port") == port for sd in job.get("dns_sd_configs", []))
+        or any(f"{name}:{port}" in static.get("targets", []) for static in job.get("static_configs", []))
+    ]
+    assert found, f"no scrape job finds {name}:{port}"
+    (job,) = found
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    down = [
+        rule
+        for group in _load_yaml(ROOT / "infra" / "prometheus" / "alerts.yml")["groups"]
+        for rule in group["rules"]
+        if rule["alert"] == "OrderstreamDown"
+    ]
+    assert job["job_name"] in down[0]["expr"], f"OrderstreamDown does not watch {job['job_name']}"
+
+
 # -------------------------------------------------------------------- Grafana
 
 
