@@ -32,6 +32,56 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment without ORDERSTREAM_/TEMPORAL_ settings, able to import the
+    checkout's ``orderstream`` and ``tests``, logging JSON unbuffered; plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERSTREAM_", "TEMPORAL_"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")]),
+        PYTHONUNBUFFERED="1",
+        ORDERSTREAM_LOG_FORMAT="json",
+        **extra,
+    )
+    return env
+
+
+@contextlib.contextmanager
+def running(
+    argv: list[str],
+    log: Path,
+    ready_url: str,
+    *,
+    name: str,
+    env: dict[str, str],
+    wait: float = 90,
+    stdout_in_log: bool = True,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` with its stderr (and stdout, unless ``stdout_in_log`` is false: then
+    it is dropped) in ``log`` until ``ready_url`` answers 200; yield the process; then
+    SIGTERM it and wait for its graceful stop (60 s, else SIGKILL)."""
+    with log.open("wb") as out:
+        stdout = out if stdout_in_log else subprocess.DEVNULL
+        process = subprocess.Popen(argv, stdout=stdout, stderr=out, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            assert process.poll() is None, f"{name} exited with {process.returncode}; see {log}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"{name}: {ready_url} did not answer in {wait} s; see {log}"
+            time.sleep(0.3)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 @dataclass
 class Served:
     url: str
@@ -79,11 +129,7 @@ def served(
     wait for its graceful shutdown (Temporal dev server included). ``workers=None``:
     serve's default (2 API worker processes and a saga worker process on 2+ cores)."""
     port, ui_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERSTREAM_", "TEMPORAL_"))}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")]),
-        PYTHONUNBUFFERED="1",
-        ORDERSTREAM_LOG_FORMAT="json",
+    env = cli_env(
         ORDERSTREAM_TEMPORAL_DEV_PORT=str(free_port()),
         ORDERSTREAM_TEMPORAL_UI_PORT=str(ui_port),
         **(extra_env or {}),
@@ -93,24 +139,6 @@ def served(
     argv = [sys.executable, "-m", "orderstream.cli", "serve", "--port", str(port)]
     argv += [] if workers is None else ["--workers", str(workers)]
     argv += ["--data-dir", str(tmp_path / "data"), "--log-level", log_level]
-    with log.open("wb") as err:
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"serve exited with {process.returncode}; see {log}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, f"serve did not answer in 90 s; see {log}"
-            time.sleep(0.3)
+    with running(argv, log, f"{url}/health", name="serve", env=env, stdout_in_log=False) as process:
         yield Served(url, log, process, token_for(tmp_path / "data"), f"http://localhost:{ui_port}")
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()

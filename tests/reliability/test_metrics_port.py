@@ -20,9 +20,7 @@ again and again, and no saga would run).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -33,50 +31,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.served import ROOT, Served, free_port
+from tests.served import ROOT, Served, cli_env, free_port, running
 from tests.tokens import token_for
 
 WAIT = 90.0
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERSTREAM_", "TEMPORAL_"))}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")]),
-        PYTHONUNBUFFERED="1",
-        ORDERSTREAM_LOG_FORMAT="json",
-        **extra,
-    )
-    return env
 
 
 @contextlib.contextmanager
 def started(
     tmp_path: Path, name: str, args: list[str], ready_url: str, env: dict[str, str]
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``orderstream ARGS`` until ``ready_url`` answers 200; then SIGTERM and wait."""
-    log = tmp_path / f"{name}.log"
+    """``orderstream ARGS`` on the shared data dir until ``ready_url`` answers 200."""
     argv = [sys.executable, "-m", "orderstream.cli", *args, "--data-dir", str(tmp_path / "data")]
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            assert process.poll() is None, f"{name} exited with {process.returncode}; see {log}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, f"{name}: {ready_url} did not answer in {WAIT} s; see {log}"
-            time.sleep(0.3)
+    with running(argv, tmp_path / f"{name}.log", ready_url, name=name, env=env) as process:
         yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:
@@ -115,7 +83,7 @@ def test_the_worker_and_the_projector_count_on_their_ports(tmp_path: Path, saga_
     api_url = f"http://127.0.0.1:{api_port}"
     worker_metrics = f"http://127.0.0.1:{worker_port}/metrics"
     projector_metrics = f"http://127.0.0.1:{projector_port}/metrics"
-    worker_env = _env(
+    worker_env = cli_env(
         ORDERSTREAM_METRICS_PORT=str(worker_port),  # inherited by its saga worker process
         ORDERSTREAM_SAGA_WORKER_PROCESSES=saga_processes,
         ORDERSTREAM_TEMPORAL_DEV_PORT=str(free_port()),
@@ -128,10 +96,14 @@ def test_the_worker_and_the_projector_count_on_their_ports(tmp_path: Path, saga_
             "projector",
             ["project", "--metrics-port", str(projector_port)],
             projector_metrics,
-            _env(),
+            cli_env(),
         ),
         started(
-            tmp_path, "api", ["api", "--port", str(api_port), "--workers", "1"], f"{api_url}/health", _env()
+            tmp_path,
+            "api",
+            ["api", "--port", str(api_port), "--workers", "1"],
+            f"{api_url}/health",
+            cli_env(),
         ) as api,
     ):
         served = Served(api_url, tmp_path / "api.log", api, token_for(tmp_path / "data"), "")
@@ -181,7 +153,7 @@ def test_a_metrics_port_in_use_stops_the_process_before_it_starts(tmp_path: Path
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "orderstream.cli", "project", "--data-dir", str(tmp_path)],
-            env=_env(ORDERSTREAM_METRICS_PORT=str(port)),
+            env=cli_env(ORDERSTREAM_METRICS_PORT=str(port)),
             cwd=ROOT,
             capture_output=True,
             text=True,
