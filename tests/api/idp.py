@@ -116,3 +116,25 @@ async def rotate_keycloak_key(base_url: str, *, admin_password: str = "admin") -
         after.raise_for_status()
         active = after.json()["active"]
         return str(active["RS256"])
+
+
+async def delete_keycloak_key(base_url: str, kid: str, *, admin_password: str = "admin") -> None:
+    """Delete the realm's key ``kid`` (its key provider component): what an operator
+    does with a key that leaked."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        login = await http.post(
+            "/realms/master/protocol/openid-connect/token",
+            data={
+                "grant_type": "password",
+                "client_id": "admin-cli",
+                "username": "admin",
+                "password": admin_password,
+            },
+        )
+        login.raise_for_status()
+        admin = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        keys = await http.get(f"/admin/realms/{REALM}/keys", headers=admin)
+        keys.raise_for_status()
+        (provider,) = {k["providerId"] for k in keys.json()["keys"] if k.get("kid") == kid}
+        deleted = await http.delete(f"/admin/realms/{REALM}/components/{provider}", headers=admin)
+        deleted.raise_for_status()
