@@ -77,6 +77,7 @@ from orderstream.config import MAX_API_WORKERS, ConfigError, ConnectionLimits, S
 from orderstream.container import Container
 from orderstream.eventstore.base import (
     EventFilter,
+    EventStoreError,
     EventStoreUnavailable,
     ParkedEventNotFound,
     RecordedEvent,
@@ -84,6 +85,7 @@ from orderstream.eventstore.base import (
 )
 from orderstream.metrics import metrics_shared_across_processes
 from orderstream.readstore.base import ReadStoreUnavailable
+from orderstream.sagas.dev_server import DevServerExited
 from orderstream.sagas.fulfilment.saga import FulfilmentSaga
 from orderstream.sagas.fulfilment.settings import FulfilmentSettings
 from orderstream.sagas.fulfilment.trigger import GROUP as SAGA_GROUP
@@ -158,11 +160,28 @@ def saga_settings_from(options: dict[str, Any], *, serve: bool = False) -> Fulfi
         raise click.UsageError(str(exc)) from exc
 
 
+OPERATIONAL_ERRORS: tuple[type[Exception], ...] = (
+    EventStoreError,
+    ReadStoreUnavailable,
+    ConfigError,
+    DevServerExited,
+    OSError,
+)
+"""What a command can meet outside the code (a store down or full, a port in use, a
+data dir it cannot write, a wrong setting): one line on stderr and exit status 1,
+the traceback only at ``--log-level debug``."""
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on a uvloop event loop (measured faster than asyncio's for the
-    API's socket and thread hand-off work, issue 7)."""
+    API's socket and thread hand-off work, issue 7); an operational error ends it as
+    one line (:data:`OPERATIONAL_ERRORS`)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
+        try:
+            return runner.run(coro)
+        except OPERATIONAL_ERRORS as exc:
+            log.debug("stopped by %s", type(exc).__name__, exc_info=True)
+            raise click.ClickException(str(exc) or type(exc).__name__) from exc
 
 
 @contextlib.contextmanager
@@ -348,8 +367,15 @@ def shared_port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
     listening ones evenly (one socket shared by all would let whichever process
     wakes first accept a burst of keep-alive connections and keep them). The
     first process binds one without listening: it picks the port (port 0: a free
-    one) and holds it, but is given no connections."""
+    one) and holds it, but is given no connections.
+
+    ``SO_REUSEPORT`` would also let a second ``serve`` of the same user share the
+    port and half the traffic (two services on two data dirs behind one address),
+    so the first process checks first that nothing listens there: a plain
+    listening socket, opened and closed, fails as :func:`listening_socket` does."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not listen and port != 0:
+        listening_socket(host, port, what="API").close()
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -500,6 +526,8 @@ async def run_process(
                 services += api_workers
             elif listen is not None and worker_of is not None:
                 sock = shared_port_socket(*listen, listen=True)
+            elif listen is not None:
+                sock = listening_socket(*listen, what="API")
             if worker_of is not None:
                 services.append(ParentWatch(worker_of))
             services_task = asyncio.create_task(run_services(services, stop), name="orderstream-services")
@@ -616,8 +644,9 @@ async def _started(server: EmbeddedServer, task: asyncio.Task[None]) -> int:
     """Wait until the server listens; its port."""
     while not server.started:
         if task.done():
-            task.result()  # raises what stopped the server (e.g. the port is in use)
-            raise click.ClickException("the HTTP server stopped during startup")
+            with contextlib.suppress(SystemExit):  # uvicorn's, after it has logged why
+                task.result()  # what stopped the server
+            raise click.ClickException("the HTTP server stopped during startup (the log above says why)")
         await asyncio.sleep(0.02)
     return server.bound_port()
 
@@ -839,7 +868,7 @@ def projections_rebuild(name: str, **options: Any) -> None:
     settings = settings_from(options)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    async def go() -> Any:
+    async def rebuild() -> Any:
         async with opened(settings) as container:
             runner = _runner(container, name)
             with Progress(
@@ -856,10 +885,14 @@ def projections_rebuild(name: str, **options: Any) -> None:
 
                 return await runner.rebuild(report)
 
-    try:
-        result = run(go())
-    except (ReadStoreUnavailable, EventStoreUnavailable) as exc:  # an outage, not a bug: no traceback
-        raise click.ClickException(f"rebuilding {name} failed, the alias was left as it was: {exc}") from exc
+    async def go() -> Any:
+        try:
+            return await rebuild()
+        except (ReadStoreUnavailable, EventStoreUnavailable) as exc:  # an outage, not a bug: no traceback
+            failed = f"rebuilding {name} failed, the alias was left as it was: {exc}"
+            raise click.ClickException(failed) from exc
+
+    result = run(go())
     click.echo(
         f"{name}: rebuilt {result.physical} from {result.events} events "
         f"({result.failed} failed); previous: {result.previous}"

@@ -189,8 +189,11 @@ def env_float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
-    """An integer of at least ``minimum`` (``minimum=0``: ``0`` means "off")."""
+def env_int(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int = 1, maximum: int | None = None
+) -> int:
+    """An integer of at least ``minimum`` (``minimum=0``: ``0`` means "off") and at most
+    ``maximum``."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -201,6 +204,8 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1
     if value < minimum:
         wanted = "0 (off) or positive" if minimum == 0 else f"at least {minimum}"
         raise ConfigError(f"{name}: must be {wanted}, got {raw!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}: must be at most {maximum}, got {raw!r}")
     return value
 
 

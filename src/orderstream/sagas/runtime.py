@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import sysconfig
 import time
@@ -38,7 +39,7 @@ from temporalio.testing import WorkflowEnvironment
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from orderstream import logging_setup, tracing
-from orderstream.config import env_int
+from orderstream.config import ConfigError, env_int
 from orderstream.services import retry_until_stopped
 
 if TYPE_CHECKING:
@@ -351,6 +352,19 @@ async def ensure_search_attributes(
     return True
 
 
+_HOST_AND_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([0-9]{1,5})")
+
+
+def host_and_port(address: str | None) -> str | None:
+    """``TEMPORAL_ADDRESS`` / ``--temporal-address``: ``host:port`` (``[v6]:port``)."""
+    if address is None:
+        return None
+    found = _HOST_AND_PORT.fullmatch(address.strip())
+    if found is None or not 0 < int(found.group(2)) <= 65535:
+        raise ConfigError(f"TEMPORAL_ADDRESS: expected host:port (e.g. 127.0.0.1:7233), got {address!r}")
+    return address.strip()
+
+
 @dataclass(frozen=True, kw_only=True)
 class TemporalSettings:
     """Where the sagas' Temporal server is, the same for every saga of the process.
@@ -373,9 +387,9 @@ class TemporalSettings:
     def from_env(cls, env: Mapping[str, str], *, address: str | None = None) -> TemporalSettings:
         """``address``: the ``--temporal-address`` option, over the environment's."""
         return cls(
-            address=address or env.get("TEMPORAL_ADDRESS") or None,
-            dev_server_port=env_int(env, "ORDERSTREAM_TEMPORAL_DEV_PORT", DEV_SERVER_PORT),
-            ui_port=env_int(env, "ORDERSTREAM_TEMPORAL_UI_PORT", DEV_UI_PORT),
+            address=host_and_port(address or env.get("TEMPORAL_ADDRESS") or None),
+            dev_server_port=env_int(env, "ORDERSTREAM_TEMPORAL_DEV_PORT", DEV_SERVER_PORT, maximum=65535),
+            ui_port=env_int(env, "ORDERSTREAM_TEMPORAL_UI_PORT", DEV_UI_PORT, maximum=65535),
             web_ui_url=env.get("ORDERSTREAM_TEMPORAL_UI_URL") or None,
         )
 
