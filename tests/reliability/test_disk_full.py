@@ -363,3 +363,48 @@ async def test_a_projection_on_a_full_disk_logs_the_outage_once_then_a_summary(
         await running
         await reads.close()
         await events.close()
+
+
+async def test_a_read_store_on_a_full_disk_says_why_once_then_a_summary(
+    small_disk: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hostile run (stop 19): with the read store's disk full, every try logged
+    "projection orders: ; holding the events (attempt 9), again in 5.0s", with no
+    reason, and three "writing a batch failed" lines. Now: the first failure with its
+    reason, then one line when it works again."""
+    events = await SqliteEventStore.open(tmp_path / "events.db", poll_interval=0.05)
+    reads = await SqliteReadStore.open(small_disk / "read.db")
+    runner = ProjectionRunner(events, reads, product_stock.projection)
+    use_cases = UseCases(CommandHandler(events, registry))
+    ctx = CommandContext(actor="test")
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(stop))
+    try:
+        first = await use_cases.register_product("SKU-0", "Mug", Money(100, "EUR"), ctx)
+        assert await runner.wait_for_position(first.position, 30)
+        filler = small_disk / "filler"
+        _fill(filler, leave_mb=0)
+        with caplog.at_level(logging.DEBUG):
+            last = first
+            for n in range(1, 400):
+                last = await use_cases.register_product(f"SKU-{n}", "M" * 100, Money(100, "EUR"), ctx)
+            assert not await runner.wait_for_position(last.position, 3)  # held: the disk is full
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            held = [line for line in warnings if "holding the events" in line]
+            assert len(held) == 1, warnings
+            assert "the read store cannot take the writes" in held[0], held
+            assert "full" in held[0], held
+            assert not [line for line in warnings if "writing a batch failed" in line], warnings
+
+            filler.unlink()
+            assert await runner.wait_for_position(last.position, 60)
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len([line for line in warnings if "holding the events" in line]) == 1, warnings
+            summary = [line for line in warnings if "working again" in line]
+            assert len(summary) == 1, warnings
+        assert await reads.get("products", "SKU-399") is not None
+    finally:
+        stop.set()
+        await running
+        await reads.close()
+        await events.close()

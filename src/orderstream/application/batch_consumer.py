@@ -261,27 +261,28 @@ class BatchConsumer:
         again after a back-off until it goes through or ``stop`` is set (then it stays
         unsettled: closing the subscription hands it back)."""
         pending = batch
-        reason = ""
 
         async def handle_and_settle() -> None:
-            nonlocal pending, reason
-            with tracing.batch_span(f"consume {self.name}", pending):
-                outcome = await self.handler(pending)
+            nonlocal pending
+            try:
+                with tracing.batch_span(f"consume {self.name}", pending):
+                    outcome = await self.handler(pending)
+            except Outage as held:  # the handler holds the whole batch
+                self._outage.failed(held, detail="holding the events")
+                raise
             await self._settle(subscription, outcome)
-            pending, reason = outcome.unavailable, outcome.unavailable_reason or "downstream unavailable"
+            pending = outcome.unavailable
             if pending:
-                raise Outage(reason)
-
-        def log_outage(attempt: int, seconds: float) -> None:
-            log.warning(
-                "%s: %s; holding the events (attempt %d), again in %.1fs", self.name, reason, attempt, seconds
-            )
+                unavailable = Outage(outcome.unavailable_reason or "downstream unavailable")
+                self._outage.failed(unavailable, detail=f"holding {len(pending)} events")
+                raise unavailable
+            self._outage.succeeded()
 
         await retry_until_stopped(
             handle_and_settle,
             stop,
             errors=(Outage,),
-            log_retry=log_outage,
+            log_retry=lambda _attempt, _seconds: None,  # the outage log says when it starts and ends
             wait=wait_exponential_jitter(multiplier=self.backoff[0], max=self.backoff[1]),
         )
 
@@ -297,6 +298,5 @@ class BatchConsumer:
             *(subscription.nack(event, NackAction.PARK, reason[:500]) for event, reason in outcome.park),
             *(subscription.nack(event, NackAction.RETRY, HELD) for event in outcome.held),
         )
-        self._outage.succeeded()
         if self.on_settled is not None:
             self.on_settled()

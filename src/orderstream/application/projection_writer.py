@@ -53,7 +53,8 @@ class ProjectionWriter:
                 await self.write(plan, physical)
             except Exception as exc:
                 error = exc
-                log.warning("%s: writing a batch failed (attempt %d): %s", self.collection, attempt, exc)
+                # Debug only: when the tries run out the consumer's outage log says so, once.
+                log.debug("%s: writing a batch failed (attempt %d): %s", self.collection, attempt, exc)
                 if self._only_refused(plan):
                     self._fail_all(plan, f"read store refused the document again: {exc}")
                     return
