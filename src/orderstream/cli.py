@@ -84,6 +84,7 @@ from orderstream.eventstore.base import (
 )
 from orderstream.metrics import metrics_shared_across_processes
 from orderstream.readstore.base import ReadStoreUnavailable
+from orderstream.sagas.dev_server import DevServerExited
 from orderstream.sagas.fulfilment.saga import FulfilmentSaga
 from orderstream.sagas.fulfilment.settings import FulfilmentSettings
 from orderstream.sagas.fulfilment.trigger import GROUP as SAGA_GROUP
@@ -483,7 +484,10 @@ async def run_process(
             if projections:
                 services += container.projection_services
             if sagas:
-                services += await saga.services(container)
+                try:
+                    services += await saga.services(container)
+                except DevServerExited as exc:  # e.g. its port is taken: say so, no traceback
+                    raise click.ClickException(f"the Temporal dev server did not start: {exc}") from exc
             listen = (host, port) if host is not None and port is not None else None
             if listen is not None:
                 prepare_auth(settings)
