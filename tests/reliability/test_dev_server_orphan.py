@@ -153,6 +153,31 @@ def test_a_killed_worker_takes_its_dev_server_along(tmp_path: Path) -> None:
         assert pid_file.read_text() == f"{dev_server}\n"
         assert pid_file.stat().st_mode & 0o777 == 0o600
 
+    # What a supervisor's restart does next: it starts.
+    with (
+        _no_dev_server_left(data / "temporal.db"),
+        running(argv, tmp_path / "worker-again.log", metrics, name="worker", env=env),
+    ):
+        [again] = _dev_servers_on(data / "temporal.db")
+        assert again != dev_server
+        assert (data / PID_FILE).read_text() == f"{again}\n"
+
+
+def test_a_killed_serve_takes_its_dev_server_along(tmp_path: Path) -> None:
+    """An orphan dies by itself at its next line of output into serve's closed pipe
+    (SIGPIPE): on the old code it survived when it had nothing more to say. So the
+    saga worker runs in serve's own process (a worker process of its own outlives serve
+    for a moment, and the dev server may log its going), and serve is killed after the
+    dev server's start-up output."""
+    db_file = tmp_path / "data" / "temporal.db"
+    in_process = {"ORDERSTREAM_SAGA_WORKER_PROCESSES": "0"}
+    with _no_dev_server_left(db_file), served(tmp_path, extra_env=in_process) as serve:
+        [dev_server] = _dev_servers_on(db_file)
+        time.sleep(3)
+        serve.process.kill()
+        serve.process.wait()
+        _until_gone(dev_server, 5)
+
 
 def test_a_dev_server_left_behind_on_this_data_dir_is_stopped_and_orders_ship(tmp_path: Path) -> None:
     dev_port = free_port()
