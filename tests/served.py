@@ -124,13 +124,15 @@ def served(
     log_level: str = "info",
     workers: int | None = 1,
     extra_env: dict[str, str] | None = None,
+    temporal_port: int | None = None,
 ) -> Iterator[Served]:
     """Start ``orderstream serve``, yield once ``/health`` answers, then SIGTERM it and
     wait for its graceful shutdown (Temporal dev server included). ``workers=None``:
-    serve's default (2 API worker processes and a saga worker process on 2+ cores)."""
+    serve's default (2 API worker processes and a saga worker process on 2+ cores).
+    ``temporal_port``: its dev server's port (default: a free one)."""
     port, ui_port = free_port(), free_port()
     env = cli_env(
-        ORDERSTREAM_TEMPORAL_DEV_PORT=str(free_port()),
+        ORDERSTREAM_TEMPORAL_DEV_PORT=str(temporal_port or free_port()),
         ORDERSTREAM_TEMPORAL_UI_PORT=str(ui_port),
         **(extra_env or {}),
     )

@@ -509,7 +509,10 @@ async def run_process(
             if projections:
                 services += container.projection_services
             if sagas:
-                services += await saga.services(container)
+                try:
+                    services += await saga.services(container)
+                except DevServerExited as exc:  # e.g. its port is taken: say so, no traceback
+                    raise click.ClickException(f"the Temporal dev server did not start: {exc}") from exc
             listen = (host, port) if host is not None and port is not None else None
             if listen is not None:
                 prepare_auth(settings)

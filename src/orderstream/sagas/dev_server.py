@@ -15,6 +15,17 @@ full. The clients already connected to it (the saga worker, the trigger, the
 fulfilment route, in this process and the worker processes) reconnect by
 themselves when its port answers again.
 ``/ready`` shows its state (``sagas.temporal.dev_server``).
+
+A ``kill -9`` of ``serve`` itself (the OOM killer, a container runtime) must not
+leave the dev server running without it: that orphan holds the port and
+``temporal.db``, and every later start would be refused. Two defences:
+
+- On Linux the kernel sends the dev server SIGTERM when we die
+  (:func:`parent_death_signal`: ``PR_SET_PDEATHSIG``, set by util-linux's ``setpriv``).
+- Its pid is recorded in ``{data dir}/temporal-dev.pid`` (mode 0600), and a start
+  that finds the port taken stops the process that file names if, and only if, it
+  is provably a dev server of this data dir whose orderstream is gone
+  (:func:`left_behind`); anything else on the port is refused, as before.
 """
 
 from __future__ import annotations
@@ -22,7 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import select
+import shutil
 import signal
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -49,6 +65,15 @@ RELEASE_TIMEOUT = 7.0
 (the worker's graceful shutdown, 5 s, needs it) before it is stopped anyway;
 below ``run_services``'s 10 s for every service to stop."""
 OUTPUT_LINES_KEPT = 20
+PID_FILE = "temporal-dev.pid"
+"""Beside ``temporal.db``: the pid of the dev server started on it (mode 0600)."""
+PARENT_ENV = "ORDERSTREAM_DEV_SERVER_PARENT"
+"""In the dev server's environment: the pid of the orderstream process that started it
+(readable in ``/proc/<pid>/environ``), to tell whether that one is gone."""
+PARENT_DEATH_SIGNAL: str | None = "TERM"
+"""What the kernel sends the dev server when the thread that started it dies (Linux);
+``None``: nothing (the tests use it to leave an orphan, as an older orderstream did).
+SIGTERM: it closes ``temporal.db`` cleanly, in well under a second."""
 
 Status = Literal["starting", "running", "restarting", "stopped"]
 
@@ -76,6 +101,10 @@ class DevServerConfig:
     @property
     def address(self) -> str:
         return f"{self.ip}:{self.port}"
+
+    @property
+    def pid_file(self) -> Path | None:
+        return None if self.db_file is None else self.db_file.parent / PID_FILE
 
     def argv(self) -> list[str]:
         argv = [temporal_cli_path(), "server", "start-dev", "--ip", self.ip, "--port", str(self.port)]
@@ -125,22 +154,25 @@ class SupervisedDevServer:
         if self.config.db_file is not None:
             await asyncio.to_thread(self.config.db_file.parent.mkdir, parents=True, exist_ok=True)
         self.status = "starting"
-        if await self._answering():  # else we would take another server for ours
-            self.last_exit = (
-                f"{self.address} is in use by another process (a dev server left by a killed serve?)"
-            )
+        # Else we would take another server for ours; one left behind by a killed
+        # orderstream on this data dir is stopped first.
+        if await self._answering() and not await self._stop_left_behind():
             raise DevServerExited(self.last_exit)
         self.process = await asyncio.create_subprocess_exec(
-            *niced(self.config.argv(), self.config.nice),
+            *niced(parent_death_signal(self.config.argv()), self.config.nice),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, PARENT_ENV: str(os.getpid())},
         )
+        if self.config.pid_file is not None:
+            await asyncio.to_thread(_write_pid, self.config.pid_file, self.process.pid)
         self._relaying = asyncio.create_task(self._relay(self.process), name=f"{self.name}-output")
         try:
             await self._until_listening(self.process)
         except BaseException:
             await self._terminate(self.process)
+            self._forget_pid(self.process.pid)
             raise
         self.status = "running"
         log.info("Temporal dev server at %s (pid %d)", self.address, self.process.pid)
@@ -161,6 +193,7 @@ class SupervisedDevServer:
         """Stop it without supervision (start-up failed after it started)."""
         if self.process is not None:
             await self._terminate(self.process)
+            self._forget_pid(self.process.pid)
         self.status = "stopped"
 
     @contextlib.asynccontextmanager
@@ -240,6 +273,57 @@ class SupervisedDevServer:
                 raise DevServerExited(f"not listening on {self.address} after {STARTUP_TIMEOUT:.0f} s")
             await asyncio.sleep(0.1)
 
+    async def _stop_left_behind(self) -> bool:
+        """Stop the dev server our pid file names if it is provably one left behind by a
+        killed orderstream on this data dir (:func:`left_behind`); whether the port is free
+        now. Else :attr:`last_exit` says what holds it."""
+        self.last_exit = (
+            f"{self.address} is in use by another process, not a dev server left behind on "
+            f"this data dir: stop it or choose another port (ORDERSTREAM_TEMPORAL_DEV_PORT)"
+        )
+        pid_file, db_file = self.config.pid_file, self.config.db_file
+        pid = None if pid_file is None else await asyncio.to_thread(_read_pid, pid_file)
+        if pid is None or db_file is None:
+            return False
+        try:
+            pidfd = os.pidfd_open(pid)  # pins the process: its pid cannot be reused under us
+        except OSError:  # gone, or no pidfd (Linux < 5.3, other systems): not provably ours
+            return False
+        try:
+            found = left_behind(pid, db_file)
+            if found == "running" and not _exited(pidfd):
+                self.last_exit = (
+                    f"{self.address} is in use by the Temporal dev server (pid {pid}) of another "
+                    f"orderstream still running on this data dir"
+                )
+            if found != "left behind" or _exited(pidfd):  # exited: /proc was another's
+                return False
+            log.warning(
+                "Temporal dev server left by a killed orderstream (pid %d) holds %s and %s: stopping it",
+                pid,
+                self.address,
+                db_file,
+            )
+            for sig, within in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, sig)
+                if await _until_exited(pidfd, within):
+                    break
+        finally:
+            os.close(pidfd)
+        self._forget_pid(pid)
+        for _ in range(20):  # its port closes as its last threads exit
+            if not await self._answering():
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    def _forget_pid(self, pid: int) -> None:
+        """Remove the pid file if it names ``pid`` (a small file: no thread needed)."""
+        if self.config.pid_file is not None and _read_pid(self.config.pid_file) == pid:
+            with contextlib.suppress(FileNotFoundError):
+                self.config.pid_file.unlink()
+
     async def _answering(self) -> bool:
         """Whether something accepts connections on the port."""
         try:
@@ -287,3 +371,96 @@ async def _first(*waits: Awaitable[Any]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def parent_death_signal(argv: list[str]) -> list[str]:
+    """``argv`` run so that the kernel sends it :data:`PARENT_DEATH_SIGNAL` when we die
+    (``PR_SET_PDEATHSIG``), however we die: a ``kill -9`` of ``serve`` then takes its
+    dev server along instead of leaving it holding the port and ``temporal.db``.
+
+    Through util-linux's ``setpriv --pdeathsig``, which sets it and execs the program
+    (same pid; it survives the exec), rather than ``prctl`` in a ``preexec_fn``
+    (ctypes or python-prctl): that runs Python between fork and exec in a child of a
+    process with threads (the Temporal core's, the default executor's), where a lock
+    another thread held at the fork (malloc's, the import lock) can deadlock it, and
+    uvloop's spawn would need it too. ``setpriv`` is in every Debian-based image
+    (util-linux is essential), ours included.
+
+    The signal is sent when the *thread* that forked the child ends, not the process:
+    the child is started from the event loop's thread (``create_subprocess_exec``, never
+    ``asyncio.to_thread`` or a pool, whose threads end when idle), which runs until we
+    exit; where that is not the main thread, it is not set (the pid file covers it).
+    Not set on other systems either, or without ``setpriv``: then a dev server left
+    behind is stopped at the next start (:meth:`SupervisedDevServer.start`)."""
+    if PARENT_DEATH_SIGNAL is None or not sys.platform.startswith("linux"):
+        return argv
+    if threading.current_thread() is not threading.main_thread():
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("no 'setpriv' (util-linux) on PATH: a killed orderstream leaves %s running", argv[0])
+        return argv
+    return [setpriv, f"--pdeathsig={PARENT_DEATH_SIGNAL}", "--", *argv]
+
+
+def left_behind(pid: int, db_file: Path) -> Literal["left behind", "running", "not ours"]:
+    """Whether process ``pid`` is a Temporal dev server on ``db_file`` (its command line
+    names that file, resolved against its working directory) whose orderstream is gone
+    (its parent is no longer the pid in its :data:`PARENT_ENV`: it was re-parented to
+    init or a sub-reaper), one whose orderstream still runs, or anything else (also
+    whatever ``/proc`` does not tell: other systems)."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0")]
+        cwd = Path(os.readlink(proc / "cwd"))
+        env = (proc / "environ").read_bytes().split(b"\0")
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return "not ours"
+    if Path(argv[0]).name != "temporal" or argv[1:3] != ["server", "start-dev"]:
+        return "not ours"
+    try:
+        db = argv[argv.index("--db-filename") + 1]
+    except (ValueError, IndexError):
+        return "not ours"
+    if (cwd / db).resolve() != db_file.resolve():
+        return "not ours"
+    prefix = f"{PARENT_ENV}=".encode()
+    started_by = [entry[len(prefix) :] for entry in env if entry.startswith(prefix)]
+    if not started_by or not started_by[0].isdigit():
+        return "not ours"
+    ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+    return "running" if ppid == int(started_by[0]) else "left behind"
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process of this pidfd has exited (the pidfd polls readable then)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+async def _until_exited(pidfd: int, within: float) -> bool:
+    """Wait up to ``within`` seconds for the process of this pidfd to exit; whether it did."""
+    exited = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(pidfd, exited.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(exited.wait(), within)
+    finally:
+        loop.remove_reader(pidfd)
+    return _exited(pidfd)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _write_pid(path: Path, pid: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when an older file was there
+    with os.fdopen(fd, "w") as out:
+        out.write(f"{pid}\n")
