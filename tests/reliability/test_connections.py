@@ -458,3 +458,30 @@ async def test_a_client_gone_mid_answer_is_not_an_error(capped_server: str, tmp_
     log = (tmp_path / "stderr.log").read_text()
     errors = [line for line in log.splitlines() if '"level": "error"' in line or "Traceback" in line]
     assert not errors, errors[0][:2000]
+
+
+async def test_a_slow_client_that_keeps_reading_gets_every_answer(capped_server: str) -> None:
+    """The send timeout bounds a stall, not an answer: a client that reads 2.6 MB of
+    pipelined answers at 256 KB/s (about twice the send timeout in all) gets them all."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, _address(capped_server))
+        await loop.sock_sendall(sock, OPENAPI_BURST)
+        status = b"HTTP/1.1 200 "
+        received, answers, tail, started = 0, 0, b"", time.monotonic()
+        while answers < 40:
+            async with asyncio.timeout(SEND_TIMEOUT + CLOSE_MARGIN):
+                chunk = await loop.sock_recv(sock, 16384)
+            assert chunk, f"closed after {answers} answers"
+            received += len(chunk)
+            answers += (tail + chunk).count(status) - tail.count(status)
+            tail = (tail + chunk)[-len(status) + 1 :]  # a status line may straddle two reads
+            await asyncio.sleep(max(0.0, started + received / 256_000 - time.monotonic()))
+        took = time.monotonic() - started
+        print(f"{received} bytes in {took:.1f} s")
+        assert took > SEND_TIMEOUT
+    finally:
+        sock.close()
