@@ -139,7 +139,7 @@ class ConnectionGuard:
             self.send_timeouts += 1
             if self.send_timeouts == 1 or self.send_timeouts % 1000 == 0:
                 log.warning(
-                    "aborted a connection whose client read nothing of its answer for %g s "
+                    "aborted a connection whose client left its answer unread for %g s "
                     "(ORDERSTREAM_SEND_TIMEOUT); %d so far",
                     self.send_timeout,
                     self.send_timeouts,
@@ -187,8 +187,9 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header timeout, a send timeout and a
-    connection cap (see the module docstring). Only connection events are
-    overridden; parsing and the request cycle are uvicorn's."""
+    connection cap (see the module docstring). Only connection and flow-control
+    events are overridden (and the start of a request, to know which one is being
+    answered); parsing and the request cycle are uvicorn's."""
 
     guard: ConnectionGuard
     head_bytes: int | None = 0
