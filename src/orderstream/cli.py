@@ -329,10 +329,11 @@ def http_server_config(
     uvicorn with httptools (see the module docstring for why) and, against clients
     that hold connections without finishing requests (issue 12), its keep-alive
     timeout plus :mod:`orderstream.api.connections`' protocol, which adds the
-    header timeout and the connection cap that uvicorn lacks; the body timeout is
-    the application's (``strict_body``). uvicorn's own ``limit_concurrency`` is not
-    used: it answers 503 to every new request once that many connections are open,
-    idle ones included, which is what an attacker with idle connections wants."""
+    header timeout, the send timeout and the connection cap that uvicorn lacks; the
+    body timeout is the application's (``strict_body``). uvicorn's own
+    ``limit_concurrency`` is not used: it answers 503 to every new request once that
+    many connections are open, idle ones included, which is what an attacker with
+    idle connections wants."""
     import uvicorn
 
     from orderstream.api.connections import guarded_protocol

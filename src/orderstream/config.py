@@ -42,9 +42,11 @@
 - ``ORDERSTREAM_HEADER_TIMEOUT`` (``10``), ``ORDERSTREAM_BODY_TIMEOUT`` (``10``),
   ``ORDERSTREAM_KEEP_ALIVE_TIMEOUT`` (``5``): seconds a connection may take to send a
   request head, a request body, and to start its next request; then it is closed
-  (the body: 408). ``ORDERSTREAM_MAX_CONNECTIONS`` (``0``, auto: the file-descriptor
-  limit less 128): past it a new connection closes the longest-idle one. See
-  :mod:`orderstream.api.connections`.
+  (the body: 408). ``ORDERSTREAM_SEND_TIMEOUT`` (``15``): seconds an answer may wait
+  for the client to read it; then the connection is aborted.
+  ``ORDERSTREAM_MAX_CONNECTIONS`` (``0``, auto: the file-descriptor limit less 128):
+  past it a new connection closes the longest-idle one (or else the one whose client
+  has not read its answer for longest). See :mod:`orderstream.api.connections`.
 - ``ORDERSTREAM_SNAPSHOT_EVERY`` (``100``): write an aggregate snapshot when a command
   leaves its stream this many events past the latest one; ``0`` turns snapshots off
   (no writes, and loads fold whole streams). See ``docs/snapshots.md``.
@@ -138,6 +140,9 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     body_timeout: float = 10.0
     keep_alive_timeout: float = 5.0
+    send_timeout: float = 15.0
+    """Seconds what the server has written may wait unsent for the client to read it
+    (longer than the others: a slow link downloads, it does not only send a head)."""
     max_connections: int = 0
     """Open connections per process; 0: the file-descriptor limit less a reserve."""
     max_head_bytes: int = 32 * 1024
@@ -145,7 +150,7 @@ class ConnectionLimits:
     the connection is closed: a bearer token of several KiB fits many times over."""
 
     def __post_init__(self) -> None:
-        if not min(self.header_timeout, self.body_timeout, self.keep_alive_timeout) > 0:
+        if not min(self.header_timeout, self.body_timeout, self.keep_alive_timeout, self.send_timeout) > 0:
             raise ConfigError("connection timeouts must be positive")
         if self.max_connections < 0:
             raise ConfigError("ORDERSTREAM_MAX_CONNECTIONS: must be 0 (auto) or positive")
@@ -158,6 +163,7 @@ class ConnectionLimits:
             header_timeout=env_float(env, "ORDERSTREAM_HEADER_TIMEOUT", cls.header_timeout),
             body_timeout=env_float(env, "ORDERSTREAM_BODY_TIMEOUT", cls.body_timeout),
             keep_alive_timeout=env_float(env, "ORDERSTREAM_KEEP_ALIVE_TIMEOUT", cls.keep_alive_timeout),
+            send_timeout=env_float(env, "ORDERSTREAM_SEND_TIMEOUT", cls.send_timeout),
             max_connections=env_int(env, "ORDERSTREAM_MAX_CONNECTIONS", 0, minimum=0),
             max_head_bytes=env_int(env, "ORDERSTREAM_MAX_HEAD_BYTES", cls.max_head_bytes, minimum=0),
         )

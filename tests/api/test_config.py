@@ -76,6 +76,7 @@ def test_environment_and_overrides() -> None:
         {"ORDERSTREAM_API_WORKERS": "65"},
         {"ORDERSTREAM_HEADER_TIMEOUT": "0"},
         {"ORDERSTREAM_BODY_TIMEOUT": "slow"},
+        {"ORDERSTREAM_SEND_TIMEOUT": "0"},
         {"ORDERSTREAM_MAX_CONNECTIONS": "-5"},
     ],
 )
@@ -112,9 +113,12 @@ def test_connection_limits_from_the_environment() -> None:
         "ORDERSTREAM_HEADER_TIMEOUT": "3",
         "ORDERSTREAM_BODY_TIMEOUT": "2.5",
         "ORDERSTREAM_KEEP_ALIVE_TIMEOUT": "1",
+        "ORDERSTREAM_SEND_TIMEOUT": "7",
         "ORDERSTREAM_MAX_CONNECTIONS": "500",
     }
     limits = Settings.from_env(env).connections
     assert (limits.header_timeout, limits.body_timeout, limits.keep_alive_timeout) == (3, 2.5, 1)
+    assert limits.send_timeout == 7
+    assert Settings.from_env({}).connections.send_timeout == 15
     assert limits.max_connections == 500
     assert Settings.from_env({}).connections.max_connections == 0  # auto: from the fd limit

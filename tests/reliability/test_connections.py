@@ -2,8 +2,9 @@
 on loopback, started with ``ulimit -n 1024`` and short timeouts.
 
 Thousands of connections that never send a request, or trickle their request
-head, or announce more body than they send, must neither starve ``/health`` and
-a normal ``POST /orders`` nor stay open: each is closed within its timeout. The
+head, or announce more body than they send, or never read their answers, must
+neither starve ``/health`` and a normal ``POST /orders`` nor stay open: each is
+closed within its timeout. The
 answers under attack are asserted within a generous bound (:data:`ANSWER_BOUND`,
 20 times the issue's 100 ms, so a loaded machine does not fail it while a server
 that stalls, as before, for 30 s does); the measured times are printed.
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import re
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +34,9 @@ from tests.tokens import bearer, token_for
 HEADER_TIMEOUT = 3.0
 BODY_TIMEOUT = 2.0
 KEEP_ALIVE_TIMEOUT = 1.0
+SEND_TIMEOUT = 5.0
+CAP = 64
+"""``ORDERSTREAM_MAX_CONNECTIONS`` of :func:`capped_server`, as in the hostile run."""
 FD_LIMIT = 1024
 ATTACKERS = 2000
 ANSWER_BOUND = 2.0
@@ -68,10 +73,26 @@ def fds_for_attackers() -> None:
 @pytest.fixture
 def server(tmp_path: Path, fds_for_attackers: None) -> Iterator[str]:
     """``orderstream api`` with 1,024 file descriptors and the test's timeouts; its URL."""
+    with _api(tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def capped_server(tmp_path: Path) -> Iterator[str]:
+    """As :func:`server`, with a cap of :data:`CAP` connections; its log is
+    ``tmp_path / "stderr.log"``."""
+    with _api(tmp_path, ORDERSTREAM_MAX_CONNECTIONS=str(CAP)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _api(tmp_path: Path, **extra_env: str) -> Iterator[str]:
     env = _env() | {
         "ORDERSTREAM_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
         "ORDERSTREAM_BODY_TIMEOUT": str(BODY_TIMEOUT),
         "ORDERSTREAM_KEEP_ALIVE_TIMEOUT": str(KEEP_ALIVE_TIMEOUT),
+        "ORDERSTREAM_SEND_TIMEOUT": str(SEND_TIMEOUT),
+        **extra_env,
     }
     out = tmp_path / "stdout.log"
     with out.open("w") as stdout, (tmp_path / "stderr.log").open("w") as stderr:
@@ -359,3 +380,108 @@ async def test_an_idle_kept_alive_connection_is_closed(server: str) -> None:
     assert await _closed_by_server(reader, HEADER_TIMEOUT + CLOSE_MARGIN)
     writer.close()
     assert time.monotonic() - answered < HEADER_TIMEOUT
+
+
+OPENAPI_BURST = b"GET /schema/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 40
+"""40 pipelined requests for the public 65 KB OpenAPI document: 2.6 MB of answers,
+more than the kernel buffers for a client that reads nothing."""
+
+
+async def _non_readers(url: str, count: int) -> list[socket.socket]:
+    """``count`` connections with a 2 KiB receive buffer that each send
+    :data:`OPENAPI_BURST` and never read (those the server refuses are kept too)."""
+    loop = asyncio.get_running_loop()
+    opened = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before connect: the window
+        sock.setblocking(False)
+        await loop.sock_connect(sock, _address(url))
+        with contextlib.suppress(ConnectionError):
+            await loop.sock_sendall(sock, OPENAPI_BURST)
+        opened.append(sock)
+    return opened
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Whether the server has neither closed nor aborted this connection. Read from the
+    kernel (``TCP_INFO``'s state: 1 is ESTABLISHED), not by reading: a read would let
+    the stalled answers through."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == 1
+
+
+async def _open_after(socks: list[socket.socket], deadline: float) -> int:
+    """How many of ``socks`` the server has not closed by ``deadline`` (sooner if none)."""
+    for _ in range(1000):
+        left = sum(map(_still_open, socks))
+        if not left or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.1)
+    return left
+
+
+async def test_clients_that_never_read_neither_hold_the_cap_nor_stay_open(capped_server: str) -> None:
+    """The hostile run: 80 connections against a cap of 64, each with a 2 KiB receive
+    buffer, 40 pipelined requests for the OpenAPI document and nothing read. Before,
+    each sat in uvicorn's ``drain()`` beyond every timeout, and every newcomer
+    (``/health`` too) was closed at once for as long as they stayed. Now a stalled
+    connection makes room for a newcomer, and each is aborted within the send timeout."""
+    started = time.monotonic()
+    stalled = await _non_readers(capped_server, 80)
+    try:
+        await asyncio.sleep(2)  # their answers have filled the kernel's buffers: stalled
+        holding = sum(map(_still_open, stalled))
+        assert holding >= CAP - 4, f"only {holding} of them hold the server: not the attack"
+        await _answers_promptly(capped_server)
+        within = SEND_TIMEOUT + CLOSE_MARGIN
+        left = await _open_after(stalled, started + within)
+        print(f"{left} open; {time.monotonic() - started:.1f} s after the attack began")
+        assert not left, f"{left} connections that read nothing still open after {within} s"
+        await _answers_promptly(capped_server)
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+async def test_a_client_gone_mid_answer_is_not_an_error(capped_server: str, tmp_path: Path) -> None:
+    """Clients that leave while their answers wait for them to read: no ERROR. Before,
+    each such connection logged "Exception in ASGI application" with a three-exception
+    traceback (the pipelined request behind the stalled one wrote to the closed
+    transport): anyone could flood the error log."""
+    leaving = await _non_readers(capped_server, 20)
+    await asyncio.sleep(2)  # stalled, well within the send timeout
+    assert all(map(_still_open, leaving))
+    for sock in leaving:
+        sock.close()  # with unread bytes: the kernel resets the connection
+    await asyncio.sleep(1)
+    await _answers_promptly(capped_server)
+    log = (tmp_path / "stderr.log").read_text()
+    errors = [line for line in log.splitlines() if '"level": "error"' in line or "Traceback" in line]
+    assert not errors, errors[0][:2000]
+
+
+async def test_a_slow_client_that_keeps_reading_gets_every_answer(capped_server: str) -> None:
+    """The send timeout bounds a stall, not an answer: a client that reads 2.6 MB of
+    pipelined answers at 256 KB/s (about twice the send timeout in all) gets them all."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, _address(capped_server))
+        await loop.sock_sendall(sock, OPENAPI_BURST)
+        status = b"HTTP/1.1 200 "
+        received, answers, tail, started = 0, 0, b"", time.monotonic()
+        while answers < 40:
+            async with asyncio.timeout(SEND_TIMEOUT + CLOSE_MARGIN):
+                chunk = await loop.sock_recv(sock, 16384)
+            assert chunk, f"closed after {answers} answers"
+            received += len(chunk)
+            answers += (tail + chunk).count(status) - tail.count(status)
+            tail = (tail + chunk)[-len(status) + 1 :]  # a status line may straddle two reads
+            await asyncio.sleep(max(0.0, started + received / 256_000 - time.monotonic()))
+        took = time.monotonic() - started
+        print(f"{received} bytes in {took:.1f} s")
+        assert took > SEND_TIMEOUT
+    finally:
+        sock.close()

@@ -1,11 +1,13 @@
-"""Connections that hold the server without sending a request: closed, never waited on.
+"""Connections that hold the server without sending a request, or without reading
+its answer: closed, never waited on.
 
 uvicorn closes a kept-alive connection that stays silent for ``timeout_keep_alive``,
 but nothing else: a connection that never sends a byte, or sends its request head
-a byte at a time, stays open for as long as the client likes, and enough of them
-use up the process's file descriptors, after which even ``/health`` cannot be
-accepted. :class:`GuardedHttpToolsProtocol` is uvicorn's httptools protocol with
-the two guards it lacks:
+a byte at a time, or never reads what it asked for, stays open for as long as the
+client likes, and enough of them use up the process's file descriptors (or the
+connection cap), after which even ``/health`` cannot be accepted.
+:class:`GuardedHttpToolsProtocol` is uvicorn's httptools protocol with the guards
+it lacks:
 
 - **Header timeout**: a connection must complete a request head within
   ``header_timeout`` seconds of opening (or of its previous answer); else it is
@@ -15,13 +17,24 @@ the two guards it lacks:
   lines, gets ``431`` and the connection is closed. httptools has no limit of its
   own: a 20 MB head was parsed, answered 200, and stalled the event loop for
   seconds, and an unfinished one held its bytes until the header timeout.
+- **Send timeout**: bytes the server has written but the kernel would not take
+  (the client does not read, so its receive window is shut) may wait
+  ``send_timeout`` seconds; then the connection is aborted (a plain close would
+  wait for them forever). uvicorn's flow control otherwise parks the request on
+  ``drain()`` for good, beyond every other timeout: 80 clients with a 2 KiB
+  receive buffer, each sending 40 pipelined ``GET /schema/openapi.json`` and
+  reading nothing, held a cap of 64 until they let go (hostile run). The write
+  buffer's high-water mark is 0, so "paused for writing" means "holds unsent
+  bytes": the tail of a finished answer, on a connection being closed, counts too.
 - **Connection cap**: past ``max_connections`` open connections, a new one makes
   room by closing the connection that has waited longest for a request head (it
   costs the server nothing to drop, and a slow or idle client is the likeliest
-  to be holding many); if every connection is busy with a request, the new one is
-  closed instead. The default cap stays below the file-descriptor limit, so the
-  listening socket can always accept (an ``accept`` that fails with ``EMFILE``
-  makes the event loop stop accepting for a second at a time).
+  to be holding many), else by aborting the one whose unsent bytes have waited
+  longest for its client to read; if every connection is busy with a request that
+  is still moving, the new one is closed instead. The default cap stays below the
+  file-descriptor limit, so the listening socket can always accept (an ``accept``
+  that fails with ``EMFILE`` makes the event loop stop accepting for a second at
+  a time).
 
 The body timeout is the application's (:func:`orderstream.api.plumbing.strict_body`:
 408 and the connection closed), so it holds whatever server runs the app.
@@ -30,13 +43,20 @@ The body timeout is the application's (:func:`orderstream.api.plumbing.strict_bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
+import socket
+import struct
+from typing import TYPE_CHECKING
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from orderstream.api.problems import PROBLEM_JSON, bare_problem
 from orderstream.config import ConnectionLimits
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application
 
 log = logging.getLogger("orderstream.api.connections")
 
@@ -67,44 +87,76 @@ SWEEP_INTERVAL = 0.5
 
 
 class ConnectionGuard:
-    """What the connections of one server share: the cap, the header timeout, and
-    the connections now waiting for a request head with the time they started to.
+    """What the connections of one server share: the cap, the timeouts, the
+    connections now waiting for a request head and those whose unsent bytes wait
+    for their client, each with the time it started to.
 
-    One sweep every :data:`SWEEP_INTERVAL` closes those past the header timeout:
+    One sweep every :data:`SWEEP_INTERVAL` closes those past their timeout:
     cheaper than a timer per request (a request only moves its connection out of
     and back into an ordered dict), and a timeout is a bound, not an appointment."""
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.cap = connection_cap(limits)
         self.header_timeout = limits.header_timeout
+        self.send_timeout = limits.send_timeout
         self.max_head_bytes = limits.max_head_bytes
         self.waiting: dict[GuardedHttpToolsProtocol, float] = {}
         """Connection -> loop time it began waiting; insertion order is that order."""
+        self.stalled: dict[GuardedHttpToolsProtocol, float] = {}
+        """Connection -> loop time its unsent bytes began waiting for the client to
+        read (its transport paused writing); insertion order is that order."""
         self.evicted = 0
+        self.send_timeouts = 0
         self._sweeping: asyncio.TimerHandle | None = None
 
     def wait_for_head(self, connection: GuardedHttpToolsProtocol, loop: asyncio.AbstractEventLoop) -> None:
         self.waiting.pop(connection, None)
         self.waiting[connection] = loop.time()
+        self._sweep_soon(loop)
+
+    def stall(self, connection: GuardedHttpToolsProtocol, loop: asyncio.AbstractEventLoop) -> None:
+        self.stalled.pop(connection, None)
+        self.stalled[connection] = loop.time()
+        self._sweep_soon(loop)
+
+    def _sweep_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._sweeping is None:
             self._sweeping = loop.call_later(SWEEP_INTERVAL, self._sweep, loop)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Close every connection that has waited past the header timeout (the oldest
+        """Close every connection that has waited past the header timeout, and abort
+        every one whose unsent bytes have waited past the send timeout (the oldest
         come first: stop at the first that has not)."""
         deadline = loop.time() - self.header_timeout
         for connection, since in list(self.waiting.items()):
             if since > deadline:
                 break
             connection.close_idle()
-        self._sweeping = loop.call_later(SWEEP_INTERVAL, self._sweep, loop) if self.waiting else None
+        deadline = loop.time() - self.send_timeout
+        for connection, since in list(self.stalled.items()):
+            if since > deadline:
+                break
+            self.send_timeouts += 1
+            if self.send_timeouts == 1 or self.send_timeouts % 1000 == 0:
+                log.warning(
+                    "aborted a connection whose client left its answer unread for %g s "
+                    "(ORDERSTREAM_SEND_TIMEOUT); %d so far",
+                    self.send_timeout,
+                    self.send_timeouts,
+                )
+            connection.abort_stalled()
+        self._sweeping = None
+        if self.waiting or self.stalled:
+            self._sweep_soon(loop)
 
     def make_room(self, newcomer: GuardedHttpToolsProtocol, open_connections: int) -> None:
         """Past the cap, close the connection that has waited longest for a request
-        head (the newcomer itself when no other one is waiting)."""
+        head, else abort the one whose unsent bytes have waited longest for their
+        client (the newcomer itself when there is neither)."""
         if open_connections <= self.cap:
             return
-        victim = next((c for c in self.waiting if c is not newcomer), newcomer)
+        idle = next((c for c in self.waiting if c is not newcomer), None)
+        stalled = next(iter(self.stalled), None)
         self.evicted += 1
         if self.evicted == 1 or self.evicted % 1000 == 0:
             log.warning(
@@ -113,7 +165,12 @@ class ConnectionGuard:
                 self.cap,
                 self.evicted,
             )
-        victim.close_idle()
+        if idle is not None:
+            idle.close_idle()
+        elif stalled is not None:
+            stalled.abort_stalled()
+        else:
+            newcomer.close_idle()
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
@@ -129,18 +186,22 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header timeout and a connection cap
-    (see the module docstring). Only connection events are overridden; parsing
-    and the request cycle are uvicorn's."""
+    """uvicorn's httptools protocol with a header timeout, a send timeout and a
+    connection cap (see the module docstring). Only connection and flow-control
+    events are overridden (and the start of a request, to know which one is being
+    answered); parsing and the request cycle are uvicorn's."""
 
     guard: ConnectionGuard
     head_bytes: int | None = 0
     """Bytes received since the current request head began (``None``: it is complete)."""
     header_lines = 0
     head_refused = False
+    running: RequestResponseCycle | None = None
+    """The request whose answer is being sent (pipelined ones queue behind it)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        transport.set_write_buffer_limits(high=0)  # paused for writing = holds unsent bytes
         self.guard.wait_for_head(self, self.loop)
         self.guard.make_room(self, len(self.connections))
 
@@ -206,8 +267,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not next_request_queued and not self.transport.is_closing():
             self.guard.wait_for_head(self, self.loop)  # the next request's, on a kept-alive connection
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self.running = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.guard.stall(self, self.loop)
+
+    def resume_writing(self) -> None:
+        self.guard.stalled.pop(self, None)
+        super().resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.waiting.pop(self, None)
+        self.guard.stalled.pop(self, None)
+        # uvicorn tells only the newest request's cycle that the client is gone. With
+        # requests pipelined behind it, the one being answered then wrote to the closed
+        # transport: an ERROR "Exception in ASGI application" per connection, for a
+        # client that merely left.
+        if self.running is not None and not self.running.response_complete:
+            self.running.disconnected = True
         super().connection_lost(exc)
 
     def close_idle(self) -> None:
@@ -215,6 +295,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.waiting.pop(self, None)
         if not self.transport.is_closing():
             self.transport.close()
+
+    def abort_stalled(self) -> None:
+        """Abort this connection, whose client does not read what it was sent (closing
+        would wait for it to): a reset, and the unsent bytes dropped. Without the zero
+        linger the kernel would keep them (megabytes) behind its FIN for minutes, and
+        the client would never learn the connection is gone."""
+        self.guard.stalled.pop(self, None)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
 
 class HeadTooLarge(Exception):
