@@ -77,21 +77,21 @@ def keycloak_url() -> str | None:
     return url.rstrip("/") if url else None
 
 
+async def _admin(http: httpx.AsyncClient, password: str) -> dict[str, str]:
+    """``Authorization`` of Keycloak's ``admin`` (master realm) for the admin REST API."""
+    login = await http.post(
+        "/realms/master/protocol/openid-connect/token",
+        data={"grant_type": "password", "client_id": "admin-cli", "username": "admin", "password": password},
+    )
+    login.raise_for_status()
+    return {"Authorization": f"Bearer {login.json()['access_token']}"}
+
+
 async def rotate_keycloak_key(base_url: str, *, admin_password: str = "admin") -> str:
     """Add a new RS256 key to the realm with a higher priority than any other, so
     Keycloak signs new tokens with it (a key rotation); returns its ``kid``."""
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
-        login = await http.post(
-            "/realms/master/protocol/openid-connect/token",
-            data={
-                "grant_type": "password",
-                "client_id": "admin-cli",
-                "username": "admin",
-                "password": admin_password,
-            },
-        )
-        login.raise_for_status()
-        admin = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        admin = await _admin(http, admin_password)
         before = await http.get(f"/admin/realms/{REALM}/keys", headers=admin)
         before.raise_for_status()
         top = max(int(k.get("providerPriority", 0)) for k in before.json()["keys"])
@@ -122,17 +122,7 @@ async def delete_keycloak_key(base_url: str, kid: str, *, admin_password: str = 
     """Delete the realm's key ``kid`` (its key provider component): what an operator
     does with a key that leaked."""
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
-        login = await http.post(
-            "/realms/master/protocol/openid-connect/token",
-            data={
-                "grant_type": "password",
-                "client_id": "admin-cli",
-                "username": "admin",
-                "password": admin_password,
-            },
-        )
-        login.raise_for_status()
-        admin = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        admin = await _admin(http, admin_password)
         keys = await http.get(f"/admin/realms/{REALM}/keys", headers=admin)
         keys.raise_for_status()
         (provider,) = {k["providerId"] for k in keys.json()["keys"] if k.get("kid") == kid}
